@@ -1,0 +1,248 @@
+"""Build the local control plane's binaries with Go, at pinned versions, and cache them.
+
+Nothing is downloaded but Go modules from the module proxy: each component is built
+from a generated wrapper module, so the same command works on any machine with Go.
+A binary lives at ``<cache>/bin/<component>-<version>/<name>``; a finished build writes
+a ``.complete`` stamp last, so a build cut off half-way is redone, never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
+
+from dexorder.devenv.errors import PrerequisiteMissing, ServiceFailed
+
+KUBERNETES_VERSION = "v1.34.4"
+ETCD_VERSION = "v3.6.16"
+KWOK_VERSION = "v0.7.0"
+HELM_VERSION = "v3.19.0"
+
+KUBERNETES_COMMANDS = (
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+)
+
+
+def cache_root() -> Path:
+    """Where heavy builds are kept between runs (``DEXORDER_CACHE`` overrides)."""
+    configured = os.environ.get("DEXORDER_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "dexorder"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One cached build: its name, its pinned version and the binaries it yields."""
+
+    name: str
+    version: str
+    binaries: tuple[str, ...]
+
+    @property
+    def directory(self) -> Path:
+        return cache_root() / "bin" / f"{self.name}-{self.version}"
+
+    @property
+    def is_cached(self) -> bool:
+        return (self.directory / ".complete").exists() and all(
+            (self.directory / binary).exists() for binary in self.binaries
+        )
+
+    def path(self, binary: str) -> Path:
+        return self.directory / binary
+
+
+KUBERNETES = Component("kubernetes", KUBERNETES_VERSION, KUBERNETES_COMMANDS)
+ETCD = Component("etcd", ETCD_VERSION, ("etcd",))
+KWOK = Component("kwok", KWOK_VERSION, ("kwok",))
+HELM = Component("helm", HELM_VERSION, ("helm",))
+
+
+def go_binary() -> str:
+    found = shutil.which("go")
+    if found is None:
+        raise PrerequisiteMissing("go", "install Go 1.24 or newer (Debian package 'golang')")
+    return found
+
+
+def _go(args: list[str], cwd: Path, log: Path) -> None:
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod -buildvcs=false", "GOWORK": "off"}
+    with log.open("a") as out:
+        out.write(f"$ go {' '.join(args)}\n")
+        out.flush()
+        result = subprocess.run([go_binary(), *args], cwd=cwd, env=env, stdout=out, stderr=out)
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise ServiceFailed(f"go {args[0]} failed in {cwd} (log {log}):\n{tail}")
+
+
+def _module_go_mod(module: str, version: str, workdir: Path, log: Path) -> str:
+    """Fetch a module's own go.mod through the module proxy and return its text."""
+    env = {**os.environ, "GOFLAGS": "", "GOWORK": "off"}
+    result = subprocess.run(
+        [go_binary(), "mod", "download", "-json", f"{module}@{version}"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        with log.open("a") as out:
+            out.write(result.stdout + result.stderr)
+        raise ServiceFailed(f"cannot download {module}@{version}: {result.stderr.strip()}")
+    info = json.loads(result.stdout)
+    return Path(info["GoMod"]).read_text()
+
+
+_STAGING_REPLACE = re.compile(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", re.MULTILINE)
+
+
+def staging_modules(kubernetes_go_mod: str) -> list[str]:
+    """The staging modules that k8s.io/kubernetes replaces with its own source tree."""
+    return sorted(set(_STAGING_REPLACE.findall(kubernetes_go_mod)))
+
+
+def kubernetes_wrapper_go_mod(version: str, kubernetes_go_mod: str) -> str:
+    """A go.mod that builds k8s.io/kubernetes at ``version`` from the module proxy.
+
+    k8s.io/kubernetes replaces its staging modules with local paths, which a
+    dependent module cannot see; each is published as ``v0.<minor>.<patch>``.
+    """
+    staging_version = "v0." + version.removeprefix("v").split(".", 1)[1]
+    lines = [
+        "module dexorder.local/kubernetes-build",
+        "",
+        "go 1.24.0",
+        "",
+        f"require k8s.io/kubernetes {version}",
+        "",
+        "replace (",
+    ]
+    lines += [f"\t{module} => {module} {staging_version}" for module in staging_modules(kubernetes_go_mod)]
+    lines += [")", ""]
+    return "\n".join(lines)
+
+
+def kubernetes_ldflags(version: str) -> str:
+    major, minor = version.removeprefix("v").split(".")[:2]
+    stamp = {
+        "gitVersion": version,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "buildDate": "1970-01-01T00:00:00Z",
+    }
+    flags = ["-s", "-w"]
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {package}.{key}={value}" for key, value in stamp.items()]
+    return " ".join(flags)
+
+
+def _build(
+    component: Component,
+    prepare: Callable[[Path, Path], None],
+    packages: list[str],
+    ldflags: str,
+) -> Path:
+    if component.is_cached:
+        return component.directory
+    build_root = cache_root() / "build" / f"{component.name}-{component.version}"
+    build_root.mkdir(parents=True, exist_ok=True)
+    log = build_root / "build.log"
+    prepare(build_root, log)
+    staging = Path(tempfile.mkdtemp(prefix=f"{component.name}-", dir=cache_root() / "build"))
+    try:
+        _go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(staging) + "/", *packages], build_root, log)
+        component.directory.parent.mkdir(parents=True, exist_ok=True)
+        if component.directory.exists():
+            shutil.rmtree(component.directory)
+        staging.rename(component.directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    (component.directory / ".complete").write_text(component.version + "\n")
+    return component.directory
+
+
+def build_kubernetes(version: str = KUBERNETES_VERSION) -> Path:
+    component = Component("kubernetes", version, KUBERNETES_COMMANDS)
+
+    def prepare(root: Path, log: Path) -> None:
+        upstream = _module_go_mod("k8s.io/kubernetes", version, root, log)
+        (root / "go.mod").write_text(kubernetes_wrapper_go_mod(version, upstream))
+        (root / "tools.go").write_text("package main\n\nfunc main() {}\n")
+
+    packages = [f"k8s.io/kubernetes/cmd/{command}" for command in KUBERNETES_COMMANDS]
+    return _build(component, prepare, packages, kubernetes_ldflags(version))
+
+
+def build_etcd(version: str = ETCD_VERSION) -> Path:
+    component = Component("etcd", version, ("etcd",))
+
+    def prepare(root: Path, log: Path) -> None:
+        (root / "go.mod").write_text(
+            f"module dexorder.local/etcd\n\ngo 1.24.0\n\nrequire go.etcd.io/etcd/server/v3 {version}\n"
+        )
+        (root / "main.go").write_text(
+            "package main\n\n"
+            'import (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
+            "func main() { etcdmain.Main(os.Args) }\n"
+        )
+
+    # The binary takes the module path's last element, "etcd".
+    return _build(component, prepare, ["."], "-s -w")
+
+
+def build_kwok(version: str = KWOK_VERSION) -> Path:
+    component = Component("kwok", version, ("kwok",))
+
+    def prepare(root: Path, log: Path) -> None:
+        (root / "go.mod").write_text(
+            f"module dexorder.local/kwok-build\n\ngo 1.24.0\n\nrequire sigs.k8s.io/kwok {version}\n"
+        )
+        (root / "tools.go").write_text("package main\n\nfunc main() {}\n")
+
+    ldflags = f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={version}"
+    return _build(component, prepare, ["sigs.k8s.io/kwok/cmd/kwok"], ldflags)
+
+
+def build_helm(version: str = HELM_VERSION) -> Path:
+    component = Component("helm", version, ("helm",))
+
+    def prepare(root: Path, log: Path) -> None:
+        (root / "go.mod").write_text(
+            f"module dexorder.local/helm-build\n\ngo 1.24.0\n\nrequire helm.sh/helm/v3 {version}\n"
+        )
+        (root / "tools.go").write_text("package main\n\nfunc main() {}\n")
+
+    ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={version}"
+    return _build(component, prepare, ["helm.sh/helm/v3/cmd/helm"], ldflags)
+
+
+def ensure_control_plane() -> None:
+    """Build whatever of the control plane is not cached yet (a no-op when it all is)."""
+    build_etcd()
+    build_kwok()
+    build_kubernetes()
+
+
+def main() -> None:
+    targets = sys.argv[1:] or ["etcd", "kwok", "kubernetes"]
+    builders = {"etcd": build_etcd, "kwok": build_kwok, "kubernetes": build_kubernetes, "helm": build_helm}
+    for target in targets:
+        print(f"{target}: {builders[target]()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Shared pytest set-up: the real-service fixtures of ``dexorder.devenv``."""
+
+pytest_plugins = [
+    "dexorder.devenv.fixtures_data",
+    "dexorder.devenv.fixtures_kube",
+]
