@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dexorder.devenv.errors import PrerequisiteMissing, ServiceFailed
@@ -128,7 +128,9 @@ def kubernetes_wrapper_go_mod(version: str, kubernetes_go_mod: str) -> str:
         "",
         "replace (",
     ]
-    lines += [f"\t{module} => {module} {staging_version}" for module in staging_modules(kubernetes_go_mod)]
+    lines += [
+        f"\t{module} => {module} {staging_version}" for module in staging_modules(kubernetes_go_mod)
+    ]
     lines += [")", ""]
     return "\n".join(lines)
 
@@ -163,7 +165,11 @@ def _build(
     prepare(build_root, log)
     staging = Path(tempfile.mkdtemp(prefix=f"{component.name}-", dir=cache_root() / "build"))
     try:
-        _go(["build", "-trimpath", "-ldflags", ldflags, "-o", str(staging) + "/", *packages], build_root, log)
+        _go(
+            ["build", "-trimpath", "-ldflags", ldflags, "-o", str(staging) + "/", *packages],
+            build_root,
+            log,
+        )
         component.directory.parent.mkdir(parents=True, exist_ok=True)
         if component.directory.exists():
             shutil.rmtree(component.directory)
@@ -192,7 +198,8 @@ def build_etcd(version: str = ETCD_VERSION) -> Path:
 
     def prepare(root: Path, log: Path) -> None:
         (root / "go.mod").write_text(
-            f"module dexorder.local/etcd\n\ngo 1.24.0\n\nrequire go.etcd.io/etcd/server/v3 {version}\n"
+            "module dexorder.local/etcd\n\ngo 1.24.0\n\n"
+            f"require go.etcd.io/etcd/server/v3 {version}\n"
         )
         (root / "main.go").write_text(
             "package main\n\n"
@@ -239,7 +246,12 @@ def ensure_control_plane() -> None:
 
 def main() -> None:
     targets = sys.argv[1:] or ["etcd", "kwok", "kubernetes"]
-    builders = {"etcd": build_etcd, "kwok": build_kwok, "kubernetes": build_kubernetes, "helm": build_helm}
+    builders = {
+        "etcd": build_etcd,
+        "kwok": build_kwok,
+        "kubernetes": build_kubernetes,
+        "helm": build_helm,
+    }
     for target in targets:
         print(f"{target}: {builders[target]()}", flush=True)
 

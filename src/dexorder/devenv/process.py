@@ -60,7 +60,9 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.exited:
-            raise ServiceFailed(f"{what}: {process.name} exited with {process.returncode}\n{process.log_tail()}")
+            raise ServiceFailed(
+                f"{what}: {process.name} exited with {process.returncode}\n{process.log_tail()}"
+            )
         with contextlib.suppress(Exception):
             if check():
                 return

@@ -1,0 +1,39 @@
+"""``dexorder``: the developer commands (the local stack, the benchmarks, the chat client)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dexorder.devenv import stack
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dexorder", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stack.add_arguments(commands.add_parser("devenv", help="local real services: up, down, status"))
+    build = commands.add_parser(
+        "build", help="build and cache the Go binaries (control plane, helm)"
+    )
+    build.add_argument("targets", nargs="*", default=["etcd", "kwok", "kubernetes"])
+    args = parser.parse_args(argv)
+    if args.command == "devenv":
+        return stack.dispatch(args)
+    if args.command == "build":
+        from dexorder.devenv import binaries
+
+        builders = {
+            "etcd": binaries.build_etcd,
+            "kwok": binaries.build_kwok,
+            "kubernetes": binaries.build_kubernetes,
+            "helm": binaries.build_helm,
+        }
+        for target in args.targets:
+            print(f"{target}: {builders[target]()}", flush=True)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The children of a ``UserAgent``, built as plain dicts by pure functions.
+
+Each builder returns the full desired object, ready for server-side apply: what it
+leaves out, the operator does not own. Nothing here talks to a cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from dexorder.core import naming
+from dexorder.core.useragent import (
+    AGENT_LABEL,
+    API_VERSION,
+    KIND,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    TIER_LABEL,
+    USER_LABEL,
+    Sizing,
+    UserAgentSpec,
+)
+
+Manifest = dict[str, Any]
+
+TOKEN_KEY = "token"
+TOKEN_MOUNT = "/var/run/dexorder/token"
+DATA_MOUNT = "/data"
+AGENT_UID = 10001
+DEFAULT_ENDPOINT_TEMPLATE = "http://{service}.{namespace}.svc:{port}/mcp"
+
+
+@dataclass(frozen=True)
+class AgentTemplate:
+    """The operator-wide settings that shape every agent."""
+
+    default_image: str
+    port: int = 8000
+    endpoint_template: str = DEFAULT_ENDPOINT_TEMPLATE
+    progress_deadline_seconds: int = 300
+    storage_class: str | None = None
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The identity of the ``UserAgent`` that owns the children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def owner_reference(owner: Owner) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_labels(owner: Owner, spec: UserAgentSpec) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "dexorder-agent",
+        "app.kubernetes.io/instance": owner.name,
+        MANAGED_BY_LABEL: MANAGED_BY,
+        AGENT_LABEL: owner.name,
+        USER_LABEL: naming.label_value(spec.user_id),
+        TIER_LABEL: spec.tier,
+    }
+
+
+def _metadata(name: str, owner: Owner, spec: UserAgentSpec, *, owned: bool = True) -> Manifest:
+    metadata: Manifest = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": child_labels(owner, spec),
+    }
+    if owned:
+        metadata["ownerReferences"] = [owner_reference(owner)]
+    return metadata
+
+
+def token_secret(owner: Owner, spec: UserAgentSpec, token: str) -> Manifest:
+    """The bearer token the gateway presents to the agent; the user's JWT never reaches it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(naming.token_secret_name(owner.name), owner, spec),
+        "type": "Opaque",
+        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def persistent_volume_claim(
+    owner: Owner, spec: UserAgentSpec, sizing: Sizing, template: AgentTemplate
+) -> Manifest:
+    """The user's volume. Owned (and so collected with the agent) only under ``Delete``:
+    under ``Retain`` no owner reference exists that the garbage collector could follow.
+    """
+    pvc_spec: Manifest = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": sizing.storage}},
+    }
+    if template.storage_class:
+        pvc_spec["storageClassName"] = template.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(
+            naming.pvc_name(owner.name), owner, spec, owned=spec.storage.reclaim_policy == "Delete"
+        ),
+        "spec": pvc_spec,
+    }
+
+
+def deployment(
+    owner: Owner, spec: UserAgentSpec, sizing: Sizing, template: AgentTemplate
+) -> Manifest:
+    labels = child_labels(owner, spec)
+    selector = {AGENT_LABEL: owner.name}
+    resources = {"cpu": sizing.cpu, "memory": sizing.memory}
+    probe_action = {"httpGet": {"path": "/healthz", "port": "mcp"}}
+    container: Manifest = {
+        "name": "agent",
+        "image": spec.image or template.default_image,
+        "imagePullPolicy": template.image_pull_policy,
+        "ports": [{"name": "mcp", "containerPort": template.port, "protocol": "TCP"}],
+        "env": [
+            {"name": "DEXORDER_AGENT_USER_ID", "value": spec.user_id},
+            {"name": "DEXORDER_AGENT_TOKEN_FILE", "value": f"{TOKEN_MOUNT}/{TOKEN_KEY}"},
+            {"name": "DEXORDER_AGENT_DATA_DIR", "value": DATA_MOUNT},
+            {"name": "DEXORDER_AGENT_PORT", "value": str(template.port)},
+        ],
+        # Requests equal limits: the tier is a guarantee, not a best effort.
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "readinessProbe": {
+            **probe_action,
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            **probe_action,
+            "initialDelaySeconds": 10,
+            "periodSeconds": 20,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {**probe_action, "periodSeconds": 1, "failureThreshold": 60},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "data", "mountPath": DATA_MOUNT},
+            {"name": "token", "mountPath": TOKEN_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(naming.deployment_name(owner.name), owner, spec),
+        "spec": {
+            "replicas": 0 if spec.suspended else 1,
+            # One pod holds the ReadWriteOnce volume: the old pod must go before the new one starts.
+            "strategy": {"type": "Recreate"},
+            "revisionHistoryLimit": 2,
+            "progressDeadlineSeconds": template.progress_deadline_seconds,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": AGENT_UID,
+                        "runAsGroup": AGENT_UID,
+                        "fsGroup": AGENT_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "data",
+                            "persistentVolumeClaim": {"claimName": naming.pvc_name(owner.name)},
+                        },
+                        {
+                            "name": "token",
+                            "secret": {
+                                "secretName": naming.token_secret_name(owner.name),
+                                "defaultMode": 0o440,
+                            },
+                        },
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def service(owner: Owner, spec: UserAgentSpec, template: AgentTemplate) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(naming.service_name(owner.name), owner, spec),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {AGENT_LABEL: owner.name},
+            "ports": [
+                {"name": "mcp", "port": template.port, "targetPort": "mcp", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def endpoint(owner: Owner, template: AgentTemplate) -> str:
+    return template.endpoint_template.format(
+        service=naming.service_name(owner.name), namespace=owner.namespace, port=template.port
+    )

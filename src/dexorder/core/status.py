@@ -1,0 +1,210 @@
+"""A ``UserAgent``'s status, derived from what its children report.
+
+Pure: it takes the observed Deployment, pods and storage state as dicts and returns
+the status to write, keeping ``lastTransitionTime`` where a condition did not change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dexorder.core.useragent import Condition, Phase, UserAgentSpec
+
+# Container states that will not fix themselves: report them instead of waiting forever.
+FATAL_WAITING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CrashLoopBackOff",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+
+
+@dataclass(frozen=True)
+class StorageState:
+    """What the operator learnt applying the volume: ready, or why not."""
+
+    ready: bool
+    reason: str = "Bound"
+    message: str = ""
+    requested: str = ""
+    capacity: str = ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def deployment_failure(deployment: Mapping[str, Any]) -> Failure | None:
+    for condition in deployment.get("status", {}).get("conditions", []) or []:
+        kind, status = condition.get("type"), condition.get("status")
+        if kind == "ReplicaFailure" and status == "True":
+            message = condition.get("message", "")
+            reason = (
+                "QuotaExceeded"
+                if "exceeded quota" in message
+                else condition.get("reason", "FailedCreate")
+            )
+            return Failure(reason, message or "the agent's pod could not be created")
+        if (
+            kind == "Progressing"
+            and status == "False"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return Failure(
+                "ProgressDeadlineExceeded",
+                condition.get("message", "") or "the agent did not become ready in time",
+            )
+    return None
+
+
+def pod_failure(pods: Iterable[Mapping[str, Any]]) -> Failure | None:
+    for pod in pods:
+        for container in pod.get("status", {}).get("containerStatuses", []) or []:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in FATAL_WAITING_REASONS:
+                message = (
+                    waiting.get("message")
+                    or f"container {container.get('name', 'agent')} is in {reason}"
+                )
+                return Failure(reason, message)
+    return None
+
+
+def is_available(deployment: Mapping[str, Any]) -> bool:
+    """Available with the current template: rolled out, and at least one pod ready."""
+    status = deployment.get("status", {})
+    generation = deployment.get("metadata", {}).get("generation", 0)
+    rolled_out = status.get("observedGeneration", 0) >= generation
+    return bool(
+        rolled_out
+        and status.get("availableReplicas", 0) >= 1
+        and status.get("updatedReplicas", 0) >= 1
+    )
+
+
+def _condition(
+    kind: str,
+    ok: bool | None,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Mapping[str, Mapping[str, Any]],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    status: Literal["True", "False", "Unknown"] = (
+        "Unknown" if ok is None else ("True" if ok else "False")
+    )
+    before = previous.get(kind)
+    changed = before is None or before.get("status") != status
+    since = rfc3339(now) if changed or before is None else str(before.get("lastTransitionTime"))
+    return Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message,
+        observedGeneration=generation,
+        lastTransitionTime=since,
+    ).as_dict()
+
+
+def derive_status(
+    *,
+    spec: UserAgentSpec,
+    generation: int,
+    deployment: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    storage: StorageState,
+    endpoint: str,
+    token_secret: str,
+    previous_conditions: Iterable[Mapping[str, Any]],
+    now: dt.datetime,
+    spec_error: str | None = None,
+) -> dict[str, Any]:
+    previous = {c.get("type", ""): c for c in previous_conditions}
+    failure: Failure | None = Failure("InvalidSpec", spec_error) if spec_error else None
+    available = False
+    if deployment is not None and failure is None:
+        available = is_available(deployment)
+        if not available and not spec.suspended:
+            failure = deployment_failure(deployment) or pod_failure(pods)
+
+    if failure is not None:
+        phase, ready, reason, message = Phase.FAILED, False, failure.reason, failure.message
+    elif spec.suspended:
+        phase, ready, reason, message = (
+            Phase.SUSPENDED,
+            False,
+            "Suspended",
+            "the agent is idle: scaled to zero, storage kept",
+        )
+    elif deployment is None:
+        phase, ready, reason, message = (
+            Phase.PENDING,
+            False,
+            "Pending",
+            "the agent's resources are being created",
+        )
+    elif available:
+        phase, ready, reason, message = (
+            Phase.READY,
+            True,
+            "AgentAvailable",
+            "the agent is serving MCP requests",
+        )
+    else:
+        phase, ready, reason, message = (
+            Phase.PROVISIONING,
+            False,
+            "Starting",
+            "waiting for the agent's pod to become ready",
+        )
+
+    conditions = [
+        _condition("Ready", ready, reason, message, generation, previous, now),
+        _condition(
+            "DeploymentReady",
+            available if deployment is not None else None,
+            "Available" if available else ("Suspended" if spec.suspended else "NotAvailable"),
+            "",
+            generation,
+            previous,
+            now,
+        ),
+        _condition(
+            "StorageReady",
+            storage.ready,
+            storage.reason,
+            storage.message,
+            generation,
+            previous,
+            now,
+        ),
+    ]
+    status: dict[str, Any] = {
+        "phase": phase.value,
+        "endpoint": endpoint,
+        "tokenSecret": token_secret,
+        "observedGeneration": generation,
+        "conditions": conditions,
+    }
+    if storage.requested:
+        status["storage"] = {
+            "requested": storage.requested,
+            "capacity": storage.capacity or storage.requested,
+        }
+    return status

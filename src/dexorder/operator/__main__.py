@@ -1,0 +1,134 @@
+"""``dexorder-operator``: run the UserAgent operator (one replica, Recreate rollout)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from dexorder.adapters.kubernetes import KubeClient, load_credentials
+from dexorder.core.manifests import AgentTemplate
+from dexorder.core.tiers import TierCatalogError, parse_tier_catalog
+from dexorder.operator import metrics
+from dexorder.operator.handlers import OperatorState, register
+from dexorder.operator.reconcile import Reconciler
+from dexorder.operator.settings import OperatorSettings
+
+logger = logging.getLogger("dexorder.operator")
+
+
+def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    register(registry, config)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Watches that go silent must be noticed (kopf #585, #957): time out both ends.
+        settings.watching.server_timeout = config.watch_server_timeout_seconds
+        settings.watching.client_timeout = config.watch_client_timeout_seconds
+        settings.watching.connect_timeout = config.watch_connect_timeout_seconds
+        settings.networking.request_timeout = 30
+        # Progress in annotations: the status subresource is ours, and strictly typed.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="operator.dexorder.ai"
+        )
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="operator.dexorder.ai", key="last-handled-configuration"
+        )
+        settings.posting.level = logging.INFO
+        settings.execution.max_workers = 4
+        settings.batching.worker_limit = 2000
+
+        catalog = parse_tier_catalog(
+            config.tier_catalog_path.read_text(), source=str(config.tier_catalog_path)
+        )
+        client = KubeClient(load_credentials(config.kubeconfig), pool_size=100)
+        await client.__aenter__()
+        template = AgentTemplate(
+            default_image=config.default_image,
+            port=config.agent_port,
+            endpoint_template=config.endpoint_template,
+            progress_deadline_seconds=config.progress_deadline_seconds,
+            storage_class=config.storage_class,
+        )
+        state = OperatorState(config, Reconciler(client, template, catalog))
+        memo["state"] = state
+        metrics.REGISTRY.register(
+            metrics.AgentsCollector(
+                lambda: list(state.agents.values()), lambda: client.requests_made
+            )
+        )
+        memo["metrics_runner"] = await _serve_metrics(config)
+
+    @kopf.on.cleanup(registry=registry)
+    async def close(memo: kopf.Memo, **_: Any) -> None:
+        runner: web.AppRunner | None = memo.get("metrics_runner")
+        if runner is not None:
+            await runner.cleanup()
+        state: OperatorState | None = memo.get("state")
+        if state is not None:
+            await state.reconciler.client.close()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if config.kubeconfig is not None:
+            return kopf.login_with_kubeconfig(**kwargs)
+        return kopf.login_with_service_account(**kwargs)
+
+    return registry
+
+
+async def _serve_metrics(settings: OperatorSettings) -> web.AppRunner:
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+    return runner
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = OperatorSettings()
+        if not settings.tier_catalog_path.exists():
+            raise SystemExit(
+                f"DEXORDER_OPERATOR_TIER_CATALOG_PATH: no such file: {settings.tier_catalog_path}"
+            )
+        parse_tier_catalog(
+            settings.tier_catalog_path.read_text(), source=str(settings.tier_catalog_path)
+        )
+    except (ValidationError, TierCatalogError) as error:
+        raise SystemExit(f"dexorder-operator: bad configuration: {error}") from error
+    if settings.kubeconfig is not None:
+        # kopf's own watch connection reads the standard variable.
+        os.environ["KUBECONFIG"] = str(settings.kubeconfig)
+    registry = build_registry(settings)
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=f"http://{settings.metrics_host}:{settings.health_port}/healthz",
+        )
+    )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

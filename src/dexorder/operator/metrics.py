@@ -1,0 +1,61 @@
+"""Prometheus metrics of the operator, served with its liveness probe."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECONCILES = Counter(
+    "dexorder_operator_reconciles", "UserAgent reconciles by result.", ["result"], registry=REGISTRY
+)
+RECONCILE_SECONDS = Histogram(
+    "dexorder_operator_reconcile_duration_seconds",
+    "Time to apply one UserAgent's children and status.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+FAILURES = Counter(
+    "dexorder_operator_agent_failures",
+    "Agents that entered Failed, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+SUSPENSIONS = Counter(
+    "dexorder_operator_idle_suspensions", "Agents suspended for idleness.", registry=REGISTRY
+)
+
+
+class AgentsCollector(Collector):
+    """Agents by phase and tier, counted at scrape time from the operator's index."""
+
+    def __init__(
+        self, source: Callable[[], Iterable[Mapping[str, Any]]], api_requests: Callable[[], int]
+    ) -> None:
+        self._source = source
+        self._api_requests = api_requests
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        agents = GaugeMetricFamily(
+            "dexorder_operator_agents", "UserAgents by phase and tier.", labels=["phase", "tier"]
+        )
+        tally: Tally[tuple[str, str]] = Tally()
+        for body in self._source():
+            phase = (body.get("status") or {}).get("phase") or "Pending"
+            tier = (body.get("spec") or {}).get("tier") or "unknown"
+            tally[(phase, tier)] += 1
+        for (phase, tier), count in sorted(tally.items()):
+            agents.add_metric([phase, tier], count)
+        yield agents
+        requests = GaugeMetricFamily(
+            "dexorder_operator_api_requests",
+            "Requests made to the Kubernetes API by the reconciler.",
+        )
+        requests.add_metric([], self._api_requests())
+        yield requests

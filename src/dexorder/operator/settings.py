@@ -1,0 +1,54 @@
+"""The operator's one settings object, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from dexorder.core.manifests import DEFAULT_ENDPOINT_TEMPLATE
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEXORDER_OPERATOR_", extra="ignore")
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces to watch (comma-separated); empty watches the whole cluster.",
+    )
+    default_image: str = "ghcr.io/dexorder/agent:0.1.0"
+    agent_port: int = Field(default=8000, ge=1, le=65535)
+    tier_catalog_path: Path = Path("config/tiers.yaml")
+    endpoint_template: str = DEFAULT_ENDPOINT_TEMPLATE
+    storage_class: str | None = None
+    progress_deadline_seconds: int = Field(default=300, ge=10)
+    idle_check_interval_seconds: float = Field(default=30.0, gt=0)
+    kubeconfig: Path | None = Field(
+        default=None, description="Unset: the in-cluster service account."
+    )
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=8080, ge=0, le=65535)
+    health_port: int = Field(default=8081, ge=0, le=65535)
+    watch_server_timeout_seconds: int = Field(default=300, ge=10)
+    watch_client_timeout_seconds: int = Field(default=330, ge=10)
+    watch_connect_timeout_seconds: int = Field(default=10, ge=1)
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoint_template")
+    @classmethod
+    def _endpoint_fields(cls, value: str) -> str:
+        try:
+            value.format(service="s", namespace="n", port=1)
+        except (KeyError, IndexError) as error:
+            raise ValueError(
+                f"endpoint_template may use only {{service}}, {{namespace}} and {{port}}: {error}"
+            ) from error
+        return value

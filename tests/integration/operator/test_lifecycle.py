@@ -1,0 +1,223 @@
+"""The operator against the real local control plane (kwok plays the kubelet)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+from typing import Any
+
+from dexorder.adapters.kubernetes import KubeClient, resource_path
+from dexorder.devenv.fixtures_kube import Kubectl, OperatorProcess
+from tests.integration.operator.conftest import eventually, ua_path, user_agent, wait_phase
+
+
+async def get_deployment(kube: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+    return await kube.get(resource_path("apps/v1", "deployments", namespace, f"{name}-agent"))
+
+
+async def test_create_becomes_ready_with_endpoint_and_tier_resources(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("alice", namespace, "auth0|alice", tier="pro"))
+    body = await wait_phase(kube, namespace, "alice", "Ready")
+    assert body["status"]["endpoint"] == f"http://alice-agent.{namespace}.svc:8000/mcp"
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+
+    deployment = await get_deployment(kube, namespace, "alice")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
+    pvc = await kube.get(resource_path("v1", "persistentvolumeclaims", namespace, "alice-data"))
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    secret = await kube.get(resource_path("v1", "secrets", namespace, "alice-token"))
+    assert len(base64.b64decode(secret["data"]["token"])) >= 32
+    assert body["status"]["tokenSecret"] == "alice-token"
+
+
+async def test_tier_upgrade_resizes_and_storage_never_shrinks(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("bob", namespace, "bob", tier="free"))
+    await wait_phase(kube, namespace, "bob", "Ready")
+    secret_before = await kube.get(resource_path("v1", "secrets", namespace, "bob-token"))
+
+    await kube.merge_patch(ua_path(namespace, "bob"), {"spec": {"tier": "enterprise"}})
+    body = await wait_phase(kube, namespace, "bob", "Ready")
+    container = (await get_deployment(kube, namespace, "bob"))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "4Gi"}
+    # No provisioner binds claims here, so the API server refuses to grow an unbound claim:
+    # the operator keeps the volume and says why, instead of failing the agent.
+    storage = next(c for c in body["status"]["conditions"] if c["type"] == "StorageReady")
+    assert storage["reason"] in ("Bound", "ExpansionUnsupported"), storage
+    if storage["reason"] == "ExpansionUnsupported":
+        assert "1Gi" in storage["message"]
+        assert "50Gi" in storage["message"]
+
+    # The token survives every reconcile: the gateway must not be cut off.
+    secret_after = await kube.get(resource_path("v1", "secrets", namespace, "bob-token"))
+    assert secret_after["data"] == secret_before["data"]
+
+
+async def test_drift_is_put_back(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("carol", namespace, "carol"))
+    await wait_phase(kube, namespace, "carol", "Ready")
+
+    service_path = resource_path("v1", "services", namespace, "carol-agent")
+    old_uid = (await kube.get(service_path))["metadata"]["uid"]
+    await kube.delete(service_path)
+
+    async def service_back() -> bool:
+        service = await kube.get_or_none(service_path)
+        return service is not None and service["metadata"]["uid"] != old_uid
+
+    await eventually(service_back, timeout=30, what="the Service to come back")
+
+    deployment_path = resource_path("apps/v1", "deployments", namespace, "carol-agent")
+    patch = {
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "agent", "resources": {"limits": {"cpu": "8", "memory": "16Gi"}}}
+                    ]
+                }
+            }
+        }
+    }
+    await kube.request(
+        "PATCH", deployment_path, body=patch, content_type="application/strategic-merge-patch+json"
+    )
+
+    async def resources_back() -> bool:
+        container = (await kube.get(deployment_path))["spec"]["template"]["spec"]["containers"][0]
+        return bool(container["resources"]["limits"] == {"cpu": "500m", "memory": "512Mi"})
+
+    await eventually(resources_back, timeout=30, what="the Deployment's resources to be put back")
+
+
+async def test_idle_agent_is_suspended_and_woken(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    stale = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = user_agent("dave", namespace, "dave", overrides={"idleTimeoutSeconds": 3})
+    body["metadata"]["annotations"] = {"dexorder.ai/last-activity": stale}
+    await kube.create(ua_path(namespace), body)
+
+    suspended = await wait_phase(kube, namespace, "dave", "Suspended", timeout=60)
+    assert suspended["spec"]["suspended"] is True
+    assert suspended["status"]["lastActivity"] == stale
+    assert (await get_deployment(kube, namespace, "dave"))["spec"]["replicas"] == 0
+    assert await kube.get_or_none(
+        resource_path("v1", "persistentvolumeclaims", namespace, "dave-data")
+    )
+
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await kube.merge_patch(
+        ua_path(namespace, "dave"),
+        {
+            "metadata": {"annotations": {"dexorder.ai/last-activity": now}},
+            "spec": {"suspended": False},
+        },
+    )
+    await wait_phase(kube, namespace, "dave", "Ready", timeout=60)
+    assert (await get_deployment(kube, namespace, "dave"))["spec"]["replicas"] == 1
+
+
+async def test_enterprise_never_idles(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    body = user_agent("erin", namespace, "erin", tier="enterprise")
+    body["metadata"]["annotations"] = {"dexorder.ai/last-activity": "2020-01-01T00:00:00Z"}
+    await kube.create(ua_path(namespace), body)
+    await wait_phase(kube, namespace, "erin", "Ready")
+    # Several timer intervals (1 s in tests) pass without a suspension.
+    for _ in range(4):
+        current = await kube.get(ua_path(namespace, "erin"))
+        assert current["spec"].get("suspended") is False
+        await asyncio.sleep(1)
+
+
+async def test_delete_retain_keeps_volume_and_delete_removes_it(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("keep", namespace, "keep"))
+    await kube.create(
+        ua_path(namespace),
+        user_agent("drop", namespace, "drop", storage={"reclaimPolicy": "Delete"}),
+    )
+    await wait_phase(kube, namespace, "keep", "Ready")
+    await wait_phase(kube, namespace, "drop", "Ready")
+    await kube.delete(ua_path(namespace, "keep"))
+    await kube.delete(ua_path(namespace, "drop"))
+
+    async def gone(path: str) -> bool:
+        return await kube.get_or_none(path) is None
+
+    await eventually(lambda: gone(ua_path(namespace, "keep")), timeout=30, what="keep deleted")
+    await eventually(lambda: gone(ua_path(namespace, "drop")), timeout=30, what="drop deleted")
+    await eventually(
+        lambda: gone(resource_path("apps/v1", "deployments", namespace, "keep-agent")),
+        what="children collected",
+    )
+
+    async def drop_volume_gone() -> bool:
+        pvc = await kube.get_or_none(
+            resource_path("v1", "persistentvolumeclaims", namespace, "drop-data")
+        )
+        # A claim in use is held by its protection finalizer until the pod is gone.
+        return pvc is None or bool(pvc["metadata"].get("deletionTimestamp"))
+
+    await eventually(drop_volume_gone, timeout=30, what="drop's volume deleted")
+    kept = await kube.get_or_none(
+        resource_path("v1", "persistentvolumeclaims", namespace, "keep-data")
+    )
+    assert kept is not None
+    assert not kept["metadata"].get("deletionTimestamp")
+
+
+async def test_quota_refusal_is_reported_with_its_reason(
+    kube: KubeClient, kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods", "namespace": namespace},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    await kube.create(resource_path("v1", "resourcequotas", namespace), quota)
+    await kube.create(ua_path(namespace), user_agent("frank", namespace, "frank"))
+    body = await wait_phase(kube, namespace, "frank", "Failed", timeout=60)
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "QuotaExceeded"
+    assert "exceeded quota" in ready["message"]
+    events = kubectl.run(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=frank"
+    ).stdout
+    assert "QuotaExceeded" in events
+
+
+async def test_operator_restart_mid_provision_still_ends_ready(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    operator.kill()
+    try:
+        await kube.create(ua_path(namespace), user_agent("gina", namespace, "gina"))
+    finally:
+        operator.start()
+    await wait_phase(kube, namespace, "gina", "Ready", timeout=60)
+
+
+async def test_metrics_report_reconciles_and_agents(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("hank", namespace, "hank"))
+    await wait_phase(kube, namespace, "hank", "Ready")
+    text = operator.metrics()
+    assert 'dexorder_operator_reconciles_total{result="ok"}' in text
+    assert 'dexorder_operator_agents{phase="Ready",tier="free"}' in text
+    assert "dexorder_operator_reconcile_duration_seconds_bucket" in text

@@ -1,0 +1,60 @@
+"""Bad UserAgents are refused by the API server itself, with a message a person can act on."""
+
+from __future__ import annotations
+
+import pytest
+
+from dexorder.devenv.fixtures_kube import Kubectl
+
+BASE = """
+apiVersion: dexorder.ai/v1alpha1
+kind: UserAgent
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+{spec}
+"""
+
+
+def apply(kubectl: Kubectl, namespace: str, name: str, spec: str) -> str:
+    manifest = BASE.format(name=name, namespace=namespace, spec=spec)
+    result = kubectl.run("apply", "-f", "-", input=manifest, check=False)
+    return result.stderr if result.returncode else ""
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("  userId: u\n  tier: gold", 'Unsupported value: "gold"'),
+        ("  tier: free", "spec.userId: Required value"),
+        (
+            "  userId: u\n  tier: free\n  overrides:\n    idleTimeoutSeconds: -5",
+            "greater than or equal to 0",
+        ),
+        (
+            "  userId: u\n  tier: free\n  overrides:\n    memory: '-1Gi'",
+            "overrides.memory must be a positive quantity",
+        ),
+        (
+            "  userId: u\n  tier: free\n  overrides:\n    cpu: lots",
+            "overrides.cpu must be a positive quantity",
+        ),
+        (
+            "  userId: u\n  tier: free\n  storage:\n    reclaimPolicy: Keep",
+            'Unsupported value: "Keep"',
+        ),
+        ("  userId: ''\n  tier: free", "spec.userId"),
+    ],
+)
+def test_invalid_spec_is_refused(
+    kubectl: Kubectl, useragent_crd: object, namespace: str, spec: str, message: str
+) -> None:
+    error = apply(kubectl, namespace, "bad", spec)
+    assert message in error, error
+
+
+def test_user_id_is_immutable(kubectl: Kubectl, useragent_crd: object, namespace: str) -> None:
+    assert apply(kubectl, namespace, "same", "  userId: alice\n  tier: free") == ""
+    error = apply(kubectl, namespace, "same", "  userId: mallory\n  tier: free")
+    assert "userId is immutable" in error

@@ -1,0 +1,99 @@
+"""The children of a UserAgent, checked as plain dicts (no cluster)."""
+
+import base64
+
+from dexorder.core import manifests
+from dexorder.core.useragent import Sizing, UserAgentSpec
+
+OWNER = manifests.Owner(name="ua-alice-1234", namespace="agents", uid="uid-1")
+TEMPLATE = manifests.AgentTemplate(default_image="dexorder/agent:1", port=8000)
+SIZING = Sizing(memory="2Gi", cpu="2000m", storage="10Gi", idle_timeout=None)
+
+
+def spec(**overrides: object) -> UserAgentSpec:
+    return UserAgentSpec.model_validate({"userId": "auth0|alice", "tier": "pro", **overrides})
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    s = spec(storage={"reclaimPolicy": "Delete"})
+    children = [
+        manifests.token_secret(OWNER, s, "t0k3n"),
+        manifests.persistent_volume_claim(OWNER, s, SIZING, TEMPLATE),
+        manifests.deployment(OWNER, s, SIZING, TEMPLATE),
+        manifests.service(OWNER, s, TEMPLATE),
+    ]
+    for child in children:
+        metadata = child["metadata"]
+        assert metadata["namespace"] == "agents"
+        (ref,) = metadata["ownerReferences"]
+        assert ref == {
+            "apiVersion": "dexorder.ai/v1alpha1",
+            "kind": "UserAgent",
+            "name": OWNER.name,
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert metadata["labels"]["dexorder.ai/tier"] == "pro"
+        assert metadata["labels"]["dexorder.ai/user"].startswith("auth0-alice")
+
+
+def test_retained_volume_has_no_owner_for_the_garbage_collector_to_follow() -> None:
+    pvc = manifests.persistent_volume_claim(OWNER, spec(), SIZING, TEMPLATE)
+    assert "ownerReferences" not in pvc["metadata"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+
+
+def test_deployment_is_sized_by_tier_and_locked_down() -> None:
+    deployment = manifests.deployment(OWNER, spec(), SIZING, TEMPLATE)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"cpu": "2000m", "memory": "2Gi"}
+    assert container["resources"]["requests"] == {"cpu": "2000m", "memory": "2Gi"}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "mcp"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "mcp"}
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 1
+    assert container["image"] == "dexorder/agent:1"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["DEXORDER_AGENT_USER_ID"] == "auth0|alice"
+    assert env["DEXORDER_AGENT_TOKEN_FILE"] == "/var/run/dexorder/token/token"
+    assert "DEXORDER_AGENT_TOKEN" not in env
+
+
+def test_suspended_agent_scales_to_zero_and_image_override_wins() -> None:
+    deployment = manifests.deployment(
+        OWNER, spec(suspended=True, image="my/agent:2"), SIZING, TEMPLATE
+    )
+    assert deployment["spec"]["replicas"] == 0
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "my/agent:2"
+
+
+def test_token_secret_holds_the_token() -> None:
+    secret = manifests.token_secret(OWNER, spec(), "s3cr3t")
+    assert base64.b64decode(secret["data"]["token"]) == b"s3cr3t"
+
+
+def test_endpoint_template() -> None:
+    assert manifests.endpoint(OWNER, TEMPLATE) == "http://ua-alice-1234-agent.agents.svc:8000/mcp"
+    custom = manifests.AgentTemplate(
+        default_image="x", port=9000, endpoint_template="http://{service}:{port}/m"
+    )
+    assert manifests.endpoint(OWNER, custom) == "http://ua-alice-1234-agent:9000/m"
+
+
+def test_service_targets_the_agent_port() -> None:
+    service = manifests.service(OWNER, spec(), TEMPLATE)
+    assert service["spec"]["ports"] == [
+        {"name": "mcp", "port": 8000, "targetPort": "mcp", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == {"dexorder.ai/agent": OWNER.name}

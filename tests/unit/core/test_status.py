@@ -1,0 +1,122 @@
+import datetime as dt
+from typing import Any
+
+from dexorder.core.status import StorageState, derive_status
+from dexorder.core.useragent import UserAgentSpec
+
+NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
+SPEC = UserAgentSpec.model_validate({"userId": "u", "tier": "free"})
+
+
+def deployment(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"generation": 2}, "status": {"observedGeneration": 2, **status}}
+
+
+def derive(
+    spec: UserAgentSpec = SPEC, dep: dict[str, Any] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    return derive_status(
+        spec=spec,
+        generation=3,
+        deployment=dep,
+        pods=kwargs.pop("pods", []),
+        storage=kwargs.pop("storage", StorageState(ready=True)),
+        endpoint="http://x/mcp",
+        token_secret="x-token",
+        previous_conditions=kwargs.pop("previous", []),
+        now=NOW,
+        **kwargs,
+    )
+
+
+def ready_condition(status: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == "Ready")
+
+
+def test_available_deployment_is_ready() -> None:
+    status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1))
+    assert status["phase"] == "Ready"
+    assert status["observedGeneration"] == 3
+    assert ready_condition(status)["status"] == "True"
+    assert status["endpoint"] == "http://x/mcp"
+
+
+def test_stale_rollout_is_still_provisioning() -> None:
+    dep = deployment(availableReplicas=1, updatedReplicas=1)
+    dep["status"]["observedGeneration"] = 1
+    assert derive(dep=dep)["phase"] == "Provisioning"
+
+
+def test_no_deployment_yet_is_pending_and_suspended_wins() -> None:
+    assert derive()["phase"] == "Pending"
+    suspended = UserAgentSpec.model_validate({"userId": "u", "tier": "free", "suspended": True})
+    assert derive(spec=suspended, dep=deployment())["phase"] == "Suspended"
+
+
+def test_quota_refusal_is_a_failure_with_its_reason() -> None:
+    dep = deployment(
+        conditions=[
+            {
+                "type": "ReplicaFailure",
+                "status": "True",
+                "reason": "FailedCreate",
+                "message": 'pods "x" is forbidden: exceeded quota: q, requested: pods=1',
+            }
+        ]
+    )
+    status = derive(dep=dep)
+    assert status["phase"] == "Failed"
+    assert ready_condition(status)["reason"] == "QuotaExceeded"
+    assert "exceeded quota" in ready_condition(status)["message"]
+
+
+def test_image_pull_failure_from_pods() -> None:
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "agent",
+                    "state": {
+                        "waiting": {"reason": "ImagePullBackOff", "message": "no such image"}
+                    },
+                }
+            ]
+        }
+    }
+    status = derive(dep=deployment(), pods=[pod])
+    assert status["phase"] == "Failed"
+    assert ready_condition(status)["reason"] == "ImagePullBackOff"
+
+
+def test_progress_deadline() -> None:
+    dep = deployment(
+        conditions=[
+            {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+        ]
+    )
+    assert ready_condition(derive(dep=dep))["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_transition_time_is_kept_while_a_condition_holds() -> None:
+    earlier = "2026-11-01T00:00:00Z"
+    previous = [{"type": "Ready", "status": "True", "lastTransitionTime": earlier}]
+    status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1), previous=previous)
+    assert ready_condition(status)["lastTransitionTime"] == earlier
+    flipped = derive(dep=deployment(), previous=previous)
+    assert ready_condition(flipped)["lastTransitionTime"] == "2026-11-24T12:00:00Z"
+
+
+def test_spec_error_is_reported_as_failed() -> None:
+    status = derive(spec_error="unknown tier 'gold'")
+    assert status["phase"] == "Failed"
+    assert ready_condition(status)["reason"] == "InvalidSpec"
+
+
+def test_storage_state_is_reported() -> None:
+    storage = StorageState(
+        ready=True, reason="ExpansionUnsupported", message="cannot grow", requested="1Gi"
+    )
+    status = derive(dep=deployment(), storage=storage)
+    condition = next(c for c in status["conditions"] if c["type"] == "StorageReady")
+    assert condition["reason"] == "ExpansionUnsupported"
+    assert status["storage"] == {"requested": "1Gi", "capacity": "1Gi"}
