@@ -1,0 +1,316 @@
+"""The gateway's one settings object, read once at start-up and passed down.
+
+The Node gateway's variable names are kept as they were (``DATABASE_URL``,
+``ANTHROPIC_API_KEY``, ``DEFAULT_MODEL``, ...); everything new is prefixed ``DEXORDER_``.
+Values come from the environment, then from an optional ``.env`` file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dexorder.core.tiers import TierCatalog, TierCatalogError, parse_tier_catalog
+
+ENV_PREFIX = "DEXORDER_"
+# Set while GatewaySettings.from_values builds settings from explicit values only.
+_EXPLICIT_ONLY: ContextVar[bool] = ContextVar("explicit_settings_only", default=False)
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class SettingsError(ValueError):
+    """The configuration cannot start the gateway; each problem names its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid gateway configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+class ModelProvider(StrEnum):
+    ANTHROPIC = "anthropic"
+    OPENAI = "openai"
+    GEMINI = "gemini"
+    OPENROUTER = "openrouter"
+    OLLAMA = "ollama"
+
+
+class ProvisionerKind(StrEnum):
+    KUBERNETES = "kubernetes"
+    LOCAL = "local"
+
+
+def _empty_is_none(value: Any) -> Any:
+    # An empty line in .env (`REDIS_URL=`) means "not set", not "the empty string".
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _provider_name(value: Any) -> Any:
+    value = _empty_is_none(value)
+    # The seed calls Gemini by its key's name; LiteLLM calls it gemini.
+    if isinstance(value, str) and value.strip().lower() == "google":
+        return ModelProvider.GEMINI
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value
+
+
+def _database_url(value: str) -> str:
+    if "://" in value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+        raise ValueError("expected a postgresql:// URL or a libpq connection string")
+    return value
+
+
+EmptyIsNone = BeforeValidator(_empty_is_none)
+HttpUrlText = Annotated[str, AfterValidator(_http_url)]
+
+
+def _seed(name: str) -> Any:
+    """A variable the Node gateway already used: read without the prefix."""
+    return AliasChoices(name, name.lower())
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # --- the seed's variables --------------------------------------------------------
+    database_url: Annotated[str, AfterValidator(_database_url)] = Field(
+        # repr=False: connection URLs often carry a password.
+        validation_alias=_seed("DATABASE_URL"),
+        min_length=1,
+        repr=False,
+    )
+    anthropic_api_key: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("ANTHROPIC_API_KEY")
+    )
+    openai_api_key: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("OPENAI_API_KEY")
+    )
+    google_api_key: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("GOOGLE_API_KEY")
+    )
+    openrouter_api_key: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("OPENROUTER_API_KEY")
+    )
+    default_model_provider: Annotated[ModelProvider | None, BeforeValidator(_provider_name)] = (
+        Field(None, validation_alias=_seed("DEFAULT_MODEL_PROVIDER"))
+    )
+    default_model: Annotated[str | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("DEFAULT_MODEL")
+    )
+    ollama_url: Annotated[HttpUrlText | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("OLLAMA_URL")
+    )
+    redis_url: Annotated[str | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("REDIS_URL"), repr=False
+    )
+    kafka_bootstrap: Annotated[str | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("KAFKA_BOOTSTRAP")
+    )
+
+    # --- authentication --------------------------------------------------------------
+    jwks_url: Annotated[HttpUrlText | None, EmptyIsNone] = None
+    jwt_issuer: str = Field(min_length=1)
+    jwt_audience: str = Field(min_length=1)
+    jwt_leeway_seconds: int = Field(30, ge=0, le=300)
+    # An unknown `kid` refetches the JWKS at most this often, so junk tokens cannot
+    # turn the gateway into a load generator against the identity provider.
+    jwks_min_refetch_seconds: float = Field(30.0, gt=0)
+    # Known keys are refreshed this often, so a key the provider withdrew stops working.
+    jwks_cache_seconds: float = Field(600.0, gt=0)
+    # Development only: a shared HS256 secret instead of a JWKS. Never both.
+    dev_hs256_secret: Annotated[SecretStr | None, EmptyIsNone] = None
+
+    # --- licenses --------------------------------------------------------------------
+    auto_enroll: bool = True
+    license_cache_seconds: float = Field(30.0, ge=0)
+
+    # --- provisioning ----------------------------------------------------------------
+    provisioner: ProvisionerKind = ProvisionerKind.LOCAL
+    agents_namespace: str = Field("dexorder-agents", pattern=_DNS_LABEL)
+    # None: in-cluster configuration. The standard KUBECONFIG is honoured too.
+    kubeconfig: Annotated[Path | None, EmptyIsNone] = Field(
+        None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
+    )
+    provision_timeout_seconds: float = Field(120.0, gt=0)
+
+    # --- the harness -----------------------------------------------------------------
+    max_tool_rounds: int = Field(8, ge=1, le=50)
+
+    # --- serving ---------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    tiers_path: Path = Path("config/tiers.yaml")
+    models_path: Path = Path("config/models.yaml")
+    demo_mode: bool = False
+    # SIGTERM: running generations may finish for this long before sockets close with 1012.
+    drain_seconds: float = Field(20.0, ge=0, le=600)
+    max_queued_messages: int = Field(4, ge=1, le=100)
+
+    # --- local agents and agent addressing -------------------------------------------
+    local_agents_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "agents"
+    # Test and demo stand-in for cluster DNS: {"svc-host:8000": "127.0.0.1:54321"}.
+    agent_host_map: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _EXPLICIT_ONLY.get():
+            return (init_settings,)
+        return (init_settings, env_settings, dotenv_settings, file_secret_settings)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> GatewaySettings:
+        """Settings from ``values`` alone (field or variable names), ignoring the
+        environment and any .env file: for tests and for embedding the gateway."""
+        by_field = {
+            name[len(ENV_PREFIX) :].lower() if name.upper().startswith(ENV_PREFIX) else name: value
+            for name, value in values.items()
+        }
+        token = _EXPLICIT_ONLY.set(True)
+        try:
+            return cls.model_validate(by_field)
+        finally:
+            _EXPLICIT_ONLY.reset(token)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Self:
+        problems: list[str] = []
+        jwks, secret = env_name("jwks_url"), env_name("dev_hs256_secret")
+        if self.jwks_url is None and self.dev_hs256_secret is None:
+            problems.append(f"{jwks} is required (or, for development only, {secret})")
+        if self.jwks_url is not None and self.dev_hs256_secret is not None:
+            problems.append(f"{jwks} and {secret} are both set; set only one")
+        if self.dev_hs256_secret is not None and len(self.dev_hs256_secret) < 32:
+            problems.append(f"{secret} must be at least 32 characters")
+        provider = self.default_model_provider
+        if provider is not None:
+            needed = _PROVIDER_NEEDS[provider]
+            if getattr(self, needed) is None:
+                problems.append(
+                    f"DEFAULT_MODEL_PROVIDER={provider.value} needs {env_name(needed)} to be set"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def provider_settings(self) -> dict[str, str | None]:
+        """The provider settings a model list refers to, by their environment names."""
+        def secret(value: SecretStr | None) -> str | None:
+            return None if value is None else value.get_secret_value()
+
+        return {
+            "ANTHROPIC_API_KEY": secret(self.anthropic_api_key),
+            "OPENAI_API_KEY": secret(self.openai_api_key),
+            "GOOGLE_API_KEY": secret(self.google_api_key),
+            "OPENROUTER_API_KEY": secret(self.openrouter_api_key),
+            "OLLAMA_URL": self.ollama_url,
+        }
+
+    def provider_api_key(self, provider: ModelProvider) -> str | None:
+        """The API key for ``provider`` (None for Ollama, which needs a URL instead)."""
+        secret = {
+            ModelProvider.ANTHROPIC: self.anthropic_api_key,
+            ModelProvider.OPENAI: self.openai_api_key,
+            ModelProvider.GEMINI: self.google_api_key,
+            ModelProvider.OPENROUTER: self.openrouter_api_key,
+            ModelProvider.OLLAMA: None,
+        }[provider]
+        return None if secret is None else secret.get_secret_value()
+
+
+_PROVIDER_NEEDS: dict[ModelProvider, str] = {
+    ModelProvider.ANTHROPIC: "anthropic_api_key",
+    ModelProvider.OPENAI: "openai_api_key",
+    ModelProvider.GEMINI: "google_api_key",
+    ModelProvider.OPENROUTER: "openrouter_api_key",
+    ModelProvider.OLLAMA: "ollama_url",
+}
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    info = GatewaySettings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        first = info.validation_alias.choices[0]
+        if isinstance(first, str):
+            return first
+    return ENV_PREFIX + field.upper()
+
+
+def _problem_lines(error: ValidationError) -> list[str]:
+    lines = []
+    for problem in error.errors():
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if not problem["loc"]:
+            lines.extend(message.split("; "))
+            continue
+        where = str(problem["loc"][0])
+        name = env_name(where) if where in GatewaySettings.model_fields else where.upper()
+        lines.append(f"{name}: {message}")
+    return lines
+
+
+def load_settings(env_file: Path | None = Path(".env")) -> GatewaySettings:
+    """Read the environment (and ``env_file`` if it exists); raise ``SettingsError``."""
+    try:
+        return GatewaySettings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise SettingsError(_problem_lines(error)) from error
+
+
+def load_tier_catalog(settings: GatewaySettings) -> TierCatalog:
+    """The tier catalog named by ``DEXORDER_TIERS_PATH``."""
+    name = env_name("tiers_path")
+    try:
+        text = settings.tiers_path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SettingsError([f"{name}: cannot read {settings.tiers_path}: {error}"]) from error
+    try:
+        return parse_tier_catalog(text, source=str(settings.tiers_path))
+    except TierCatalogError as error:
+        raise SettingsError([f"{name}: {error}"]) from error
+
+
+__all__ = [
+    "ENV_PREFIX",
+    "GatewaySettings",
+    "ModelProvider",
+    "ProvisionerKind",
+    "SettingsError",
+    "env_name",
+    "load_settings",
+    "load_tier_catalog",
+]
