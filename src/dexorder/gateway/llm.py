@@ -1,0 +1,381 @@
+"""The LLM adapter: one streamed model round through litellm, read as typed events.
+
+``stream_chat`` yields ``TextDelta`` as text arrives; when the round ends it yields each
+complete ``ToolCall`` (reassembled from its streamed fragments), the ``Usage`` if the provider
+reported it, and a ``Finish``. Closing the generator early (``aclose()``, or cancelling the task
+that reads it) closes the upstream HTTP stream, so the provider stops generating and billing.
+Read it inside ``contextlib.aclosing`` so that happens at once rather than at garbage collection.
+
+Every failure is an ``LLMError`` with a stable code, raised ``from`` litellm's exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import ModuleType
+from typing import Any, Final
+
+from dexorder.core.routing import LLMTarget
+
+_litellm: ModuleType | None = None
+
+
+def load_litellm() -> ModuleType:
+    """Import litellm once, offline: its price list comes from the package, not the internet.
+
+    The import costs seconds and about 200 MB, so it happens here, at the gateway's start-up,
+    and never in a process that does not call a model.
+    """
+    global _litellm
+    if _litellm is None:
+        # litellm reads this once, at import; without it the import tries to download prices
+        # (an operator who wants the live price list can still set it to False).
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        with warnings.catch_warnings():
+            # litellm and its dependencies warn at import (deprecations, pydantic schema notes);
+            # they are not ours to fix, and must not fail a run with warnings as errors.
+            warnings.simplefilter("ignore")
+            import litellm
+
+            _warm_up(litellm)
+
+        litellm.suppress_debug_info = True  # no "Give Feedback" banners on every error
+        _litellm = litellm
+    return _litellm
+
+
+def _warm_up(litellm: ModuleType) -> None:
+    """One offline call through the whole streaming path (litellm's ``mock_response``).
+
+    litellm imports modules and builds pydantic models on its first call, and pydantic warns
+    about their types then; doing it here keeps those warnings, and that delay, out of the
+    first chat message.
+    """
+    reply = litellm.completion(
+        model="openai/warm-up",
+        messages=[{"role": "user", "content": "warm up"}],
+        mock_response="ok",
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for _ in reply:
+        pass
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    content: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete tool call; ``arguments_json`` is exactly what the model produced."""
+
+    id: str
+    name: str
+    arguments_json: str
+
+    def arguments(self) -> dict[str, Any]:
+        """The arguments as an object, or ``LLMError(invalid_tool_call)`` if they are not one."""
+        try:
+            parsed = json.loads(self.arguments_json or "{}")
+        except json.JSONDecodeError as error:
+            raise LLMError(
+                LLMErrorCode.INVALID_TOOL_CALL,
+                f"the model's arguments for {self.name} are not JSON: {error}",
+            ) from error
+        if not isinstance(parsed, dict):
+            raise LLMError(
+                LLMErrorCode.INVALID_TOOL_CALL,
+                f"the model's arguments for {self.name} are not a JSON object",
+            )
+        return parsed
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The round is over: ``reason`` is ``stop``, ``tool_calls``, ``length``, ..."""
+
+    reason: str
+    model: str
+
+
+LLMEvent = TextDelta | ToolCall | Usage | Finish
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class LLMErrorCode(StrEnum):
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    CONTEXT_WINDOW_EXCEEDED = "context_window_exceeded"
+    UPSTREAM_ERROR = "upstream_error"
+    CONNECTION_ERROR = "connection_error"
+    STREAM_BROKEN = "stream_broken"
+    AUTHENTICATION = "authentication"
+    BAD_REQUEST = "bad_request"
+    INVALID_TOOL_CALL = "invalid_tool_call"
+    UNKNOWN = "unknown"
+
+
+# Worth trying the next deployment: the failure belongs to this deployment, not to the request.
+RETRYABLE: Final = frozenset(
+    {
+        LLMErrorCode.RATE_LIMITED,
+        LLMErrorCode.TIMEOUT,
+        LLMErrorCode.CONTEXT_WINDOW_EXCEEDED,
+        LLMErrorCode.UPSTREAM_ERROR,
+        LLMErrorCode.CONNECTION_ERROR,
+        LLMErrorCode.STREAM_BROKEN,
+    }
+)
+
+
+class LLMError(Exception):
+    """A model call failed. ``after_output`` says whether text had already been yielded."""
+
+    def __init__(
+        self,
+        code: LLMErrorCode,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        after_output: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.after_output = after_output
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+
+def _status_of(error: BaseException) -> int | None:
+    status = getattr(error, "status_code", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _retry_after_of(error: BaseException) -> float | None:
+    headers = getattr(getattr(error, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        value = headers.get("retry-after")
+        return None if value is None else max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _code_of(error: BaseException, litellm: ModuleType) -> LLMErrorCode:
+    errors = litellm.exceptions
+    if isinstance(error, errors.MidStreamFallbackError):
+        # litellm wraps a failure after the stream began; the cause decides, else it is a break.
+        cause = error.original_exception
+        if cause is not None and isinstance(cause, errors.Timeout | errors.RateLimitError):
+            return _code_of(cause, litellm)
+        return LLMErrorCode.STREAM_BROKEN
+    ordered: list[tuple[type[BaseException] | tuple[type[BaseException], ...], LLMErrorCode]] = [
+        (errors.ContextWindowExceededError, LLMErrorCode.CONTEXT_WINDOW_EXCEEDED),
+        (errors.RateLimitError, LLMErrorCode.RATE_LIMITED),
+        (errors.Timeout, LLMErrorCode.TIMEOUT),
+        (
+            (errors.AuthenticationError, errors.PermissionDeniedError),
+            LLMErrorCode.AUTHENTICATION,
+        ),
+        (
+            (errors.BadRequestError, errors.NotFoundError, errors.UnprocessableEntityError),
+            LLMErrorCode.BAD_REQUEST,
+        ),
+        (errors.APIConnectionError, LLMErrorCode.CONNECTION_ERROR),
+        (
+            (errors.InternalServerError, errors.ServiceUnavailableError, errors.BadGatewayError),
+            LLMErrorCode.UPSTREAM_ERROR,
+        ),
+    ]
+    for kinds, code in ordered:
+        if isinstance(error, kinds):
+            found = code
+            break
+    else:
+        status = _status_of(error)
+        found = (
+            LLMErrorCode.UPSTREAM_ERROR
+            if status is not None and status >= 500
+            else LLMErrorCode.UNKNOWN
+        )
+    # litellm reports a refused connection as a 500; the cause chain tells the truth.
+    if found in (LLMErrorCode.UPSTREAM_ERROR, LLMErrorCode.UNKNOWN) and _never_connected(error):
+        return LLMErrorCode.CONNECTION_ERROR
+    return found
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or any(current is known for known in seen):
+            continue
+        seen.append(current)
+        original = getattr(current, "original_exception", None)
+        pending += [current.__cause__, current.__context__]
+        if isinstance(original, BaseException):
+            pending.append(original)
+    return seen
+
+
+def _never_connected(error: BaseException) -> bool:
+    return any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error))
+
+
+def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> LLMError:
+    """Our error for one of litellm's, keeping its status and Retry-After."""
+    if isinstance(error, LLMError):
+        return error
+    detail = getattr(error, "message", None) or str(error) or type(error).__name__
+    retry_after = next(
+        (seconds for cause in _causes(error) if (seconds := _retry_after_of(cause)) is not None),
+        None,
+    )
+    return LLMError(
+        _code_of(error, litellm),
+        str(detail),
+        status=_status_of(error),
+        retry_after=retry_after,
+        after_output=after_output,
+    )
+
+
+# --- the stream -----------------------------------------------------------------------------
+
+
+@dataclass
+class _ToolCallParts:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+def _tool_calls(parts: Mapping[int, _ToolCallParts], round_id: str) -> list[ToolCall]:
+    return [
+        ToolCall(
+            # A provider that sends no id still needs one, to pair the result with its call.
+            id=part.id or f"{round_id}-call-{index}",
+            name=part.name,
+            arguments_json="".join(part.arguments),
+        )
+        for index, part in sorted(parts.items())
+    ]
+
+
+def _collect_tool_call_fragments(delta: Any, parts: dict[int, _ToolCallParts]) -> None:
+    for fragment in getattr(delta, "tool_calls", None) or []:
+        index = getattr(fragment, "index", None)
+        part = parts.setdefault(index if isinstance(index, int) else len(parts), _ToolCallParts())
+        if getattr(fragment, "id", None):
+            part.id = fragment.id
+        function = getattr(fragment, "function", None)
+        if function is not None:
+            if getattr(function, "name", None):
+                part.name = function.name
+            if getattr(function, "arguments", None):
+                part.arguments.append(function.arguments)
+
+
+def _usage_of(chunk: Any) -> Usage | None:
+    usage = getattr(chunk, "usage", None)
+    if usage is None:
+        return None
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    total = int(getattr(usage, "total_tokens", 0) or prompt + completion)
+    return Usage(prompt, completion, total)
+
+
+async def stream_chat(
+    target: LLMTarget,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    timeout: float = 60.0,
+    max_retries: int = 0,
+) -> AsyncGenerator[LLMEvent, None]:
+    """Stream one model round; see the module docstring for the events and their order.
+
+    ``timeout`` bounds the connection and each wait for the next chunk. Retries default to
+    none: falling back to another deployment is the router's decision, not the SDK's.
+    """
+    litellm = load_litellm()
+    request: dict[str, Any] = {
+        **target.litellm_kwargs(),
+        "messages": list(messages),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "timeout": timeout,
+        "max_retries": max_retries,
+    }
+    if tools:
+        request["tools"] = list(tools)
+    try:
+        stream = await litellm.acompletion(**request)
+    except Exception as error:
+        raise wrap_error(error, litellm, after_output=False) from error
+
+    emitted = False
+    finish_reason = "stop"
+    model = target.model
+    round_id = "round"
+    usage: Usage | None = None
+    parts: dict[int, _ToolCallParts] = {}
+    try:
+        async for chunk in stream:
+            round_id = str(getattr(chunk, "id", None) or round_id)
+            usage = _usage_of(chunk) or usage
+            for choice in getattr(chunk, "choices", None) or []:
+                delta = getattr(choice, "delta", None)
+                _collect_tool_call_fragments(delta, parts)
+                if getattr(choice, "finish_reason", None):
+                    finish_reason = str(choice.finish_reason)
+                content = getattr(delta, "content", None)
+                if content:
+                    emitted = True
+                    yield TextDelta(content)
+    except Exception as error:
+        raise wrap_error(error, litellm, after_output=emitted) from error
+    finally:
+        # Runs on normal end, on error, on aclose() and on cancellation alike: this is what
+        # stops the provider's generation when the user presses Stop.
+        await stream.aclose()
+
+    for call in _tool_calls(parts, round_id):
+        yield call
+    if usage is not None:
+        yield usage
+    if parts and finish_reason == "stop":
+        finish_reason = "tool_calls"  # some providers say "stop" after a tool call
+    yield Finish(reason=finish_reason, model=model)
