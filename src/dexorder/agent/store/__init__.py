@@ -1,0 +1,1 @@
+"""The agent's SQLite state: one database file in the data directory."""

@@ -1,0 +1,272 @@
+"""The MCP surface: tools and resources, each a thin call into the agent's state.
+
+Work runs in a worker thread so the event loop keeps answering other sessions (and the
+health probe) during a large save or backtest. An :class:`AgentError` becomes a tool
+error result with its message; anything else is logged with its traceback and reported
+as an internal error, and the transaction it was in has rolled back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio.to_thread
+from mcp.server.fastmcp import FastMCP
+from pydantic import Field
+
+from dexorder.agent import analysis
+from dexorder.agent.errors import AgentError
+from dexorder.agent.state import AgentState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INSTRUCTIONS = (
+    "The personal agent of one Dexorder user. It keeps the user's memories, preferences, "
+    "conversation history, market datasets and trading strategies, computes indicators and "
+    "runs backtests. It never places trades."
+)
+
+
+async def _in_thread(work: Callable[[], T]) -> T:
+    try:
+        return await anyio.to_thread.run_sync(work)
+    except AgentError:
+        raise
+    except Exception as error:
+        logger.exception("a tool failed unexpectedly")
+        raise AgentError(
+            "internal error in the agent; nothing was changed. The agent's log has the details"
+        ) from error
+
+
+def register(server: FastMCP[Any], state: AgentState) -> None:
+    _register_memory(server, state)
+    _register_preferences(server, state)
+    _register_history(server, state)
+    _register_market(server, state)
+    _register_resources(server, state)
+
+
+def _register_memory(server: FastMCP[Any], state: AgentState) -> None:
+    @server.tool()
+    async def remember(
+        text: Annotated[str, Field(description="What to remember, up to 64 KiB")],
+        tags: Annotated[list[str] | None, Field(description="Up to 20 short tags")] = None,
+    ) -> dict[str, Any]:
+        """Store a memory about the user, with optional tags, for later recall."""
+        return await _in_thread(functools.partial(state.memory.remember, text, tags))
+
+    @server.tool()
+    async def recall(
+        query: Annotated[str, Field(description="Words to search for")],
+        k: Annotated[int, Field(description="How many memories to return, 1-50")] = 5,
+    ) -> dict[str, Any]:
+        """Full-text search of the memories, best matches first (BM25 ranking)."""
+        found = await _in_thread(functools.partial(state.memory.recall, query, k))
+        return {"memories": found}
+
+    @server.tool()
+    async def forget(
+        memory_id: Annotated[int, Field(description="The id that remember or recall returned")],
+    ) -> dict[str, Any]:
+        """Delete one memory for good."""
+        return await _in_thread(functools.partial(state.memory.forget, memory_id))
+
+
+def _register_preferences(server: FastMCP[Any], state: AgentState) -> None:
+    @server.tool()
+    async def get_preferences() -> dict[str, Any]:
+        """The user's preferences: preferred_model, language, risk_profile, reply_style."""
+        preferences = await _in_thread(state.preferences.get)
+        return preferences.model_dump()
+
+    @server.tool()
+    async def set_preference(
+        key: Annotated[
+            Literal["preferred_model", "language", "risk_profile", "reply_style"],
+            Field(description="Which preference to set"),
+        ],
+        value: Annotated[
+            str | None,
+            Field(
+                description=(
+                    "preferred_model: a model name, or null for the default; language: a "
+                    "BCP-47 tag such as en or pt-BR; risk_profile: conservative, moderate or "
+                    "aggressive; reply_style: concise or detailed"
+                )
+            ),
+        ],
+    ) -> dict[str, Any]:
+        """Set one preference; the value is checked against what the key allows."""
+        preferences = await _in_thread(functools.partial(state.preferences.set, key, value))
+        return preferences.model_dump()
+
+
+def _register_history(server: FastMCP[Any], state: AgentState) -> None:
+    @server.tool()
+    async def append_turns(
+        session_id: Annotated[str, Field(description="The chat session the turns belong to")],
+        turns: Annotated[
+            list[dict[str, Any]],
+            Field(
+                description=(
+                    "Turns in order, each {role: user|assistant|tool, content: str, "
+                    "tool_calls?: list, tool_call_id?: str}; up to 200 per call"
+                )
+            ),
+        ],
+    ) -> dict[str, Any]:
+        """Append turns to a session's history, all of them or none."""
+        return await _in_thread(functools.partial(state.history.append, session_id, turns))
+
+    @server.tool()
+    async def get_history(
+        session_id: Annotated[str, Field(description="The chat session")],
+        limit: Annotated[int, Field(description="How many turns, 1-500")] = 50,
+        before_id: Annotated[
+            int | None, Field(description="Only turns older than this id (next_before_id)")
+        ] = None,
+    ) -> dict[str, Any]:
+        """A page of a session's turns, oldest first; pass next_before_id for older ones."""
+        return await _in_thread(functools.partial(state.history.page, session_id, limit, before_id))
+
+
+def _register_market(server: FastMCP[Any], state: AgentState) -> None:
+    @server.tool()
+    async def save_dataset(
+        name: Annotated[str, Field(description="Dataset name; saving again replaces it")],
+        data: Annotated[
+            str | list[Any],
+            Field(
+                description=(
+                    "OHLCV bars, oldest first: CSV text with a header row (timestamp, open, "
+                    "high, low, close, volume), or JSON rows as objects or arrays"
+                )
+            ),
+        ],
+        format: Annotated[Literal["csv", "json"], Field(description="csv or json")] = "csv",
+    ) -> dict[str, Any]:
+        """Validate and save market data (at most 200,000 rows and 20 MB)."""
+        return await _in_thread(functools.partial(state.datasets.save, name, data, format))
+
+    @server.tool()
+    async def list_datasets() -> dict[str, Any]:
+        """The saved datasets with their row counts and time ranges."""
+        return {"datasets": await _in_thread(state.datasets.list_all)}
+
+    @server.tool()
+    async def indicators(
+        name: Annotated[str, Field(description="sma, ema, rsi, macd, bollinger or atr")],
+        dataset: Annotated[str | None, Field(description="A saved dataset's name")] = None,
+        prices: Annotated[
+            list[float] | None, Field(description="Inline prices, oldest first, instead")
+        ] = None,
+        period: Annotated[int | None, Field(description="Look-back period")] = None,
+        params: Annotated[
+            dict[str, float] | None,
+            Field(description="macd: fast, slow, signal; bollinger: k"),
+        ] = None,
+        source: Annotated[
+            Literal["open", "high", "low", "close", "volume"],
+            Field(description="Which dataset column to use"),
+        ] = "close",
+        last: Annotated[int, Field(description="Return only the last N values")] = 1000,
+    ) -> dict[str, Any]:
+        """Compute an indicator; values are null where it is not defined yet (warm-up)."""
+        if (dataset is None) == (prices is None):
+            raise AgentError("pass exactly one of dataset (a saved name) or prices (a list)")
+
+        def work() -> dict[str, Any]:
+            series = state.datasets.load(dataset) if dataset is not None else None
+            return analysis.compute_indicator(
+                name,
+                series=series,
+                prices=prices,
+                period=period,
+                params=params,
+                source=source,
+                last=last,
+            )
+
+        return await _in_thread(work)
+
+    @server.tool()
+    async def save_strategy(
+        name: Annotated[str, Field(description="Strategy name; saving again resets approval")],
+        strategy: Annotated[
+            dict[str, Any],
+            Field(
+                description=(
+                    "The strategy as data: {entry: rule, exit: rule, sizing?, fee_rate?, "
+                    "stop_loss?, initial_capital?}; a rule is {all: [...], any: [...]} of "
+                    "{left, op: gt|ge|lt|le|crosses_above|crosses_below, right}; an operand is "
+                    "{price: close}, {value: 30} or {indicator: sma, period: 20}"
+                )
+            ),
+        ],
+    ) -> dict[str, Any]:
+        """Validate and save a strategy as draft."""
+        return await _in_thread(functools.partial(state.strategies.save, name, strategy))
+
+    @server.tool()
+    async def list_strategies() -> dict[str, Any]:
+        """The saved strategies with their definitions and status (draft or approved)."""
+        return {"strategies": await _in_thread(state.strategies.list_all)}
+
+    @server.tool()
+    async def backtest(
+        dataset: Annotated[str, Field(description="A saved dataset's name")],
+        strategy: Annotated[
+            dict[str, Any] | None, Field(description="An inline strategy definition")
+        ] = None,
+        strategy_name: Annotated[str | None, Field(description="Or a saved strategy")] = None,
+        max_curve_points: Annotated[
+            int, Field(description="Thin the equity curve to this many points")
+        ] = 500,
+    ) -> dict[str, Any]:
+        """Backtest a strategy on a dataset: trades, equity curve, return, drawdown, Sharpe."""
+        return await _in_thread(
+            functools.partial(
+                analysis.backtest,
+                state.datasets,
+                state.strategies,
+                dataset=dataset,
+                strategy=strategy,
+                strategy_name=strategy_name,
+                max_curve_points=max_curve_points,
+            )
+        )
+
+    @server.tool()
+    async def approve_strategy(
+        name: Annotated[str, Field(description="A saved strategy's name")],
+    ) -> dict[str, Any]:
+        """Mark a saved strategy approved after review: a record of a decision, never a trade."""
+        return await _in_thread(functools.partial(state.strategies.approve, name))
+
+
+def _register_resources(server: FastMCP[Any], state: AgentState) -> None:
+    @server.resource("dexorder://preferences", name="preferences", mime_type="application/json")
+    async def preferences_resource() -> str:
+        """The user's preferences."""
+        preferences = await _in_thread(state.preferences.get)
+        return preferences.model_dump_json()
+
+    @server.resource("dexorder://profile", name="profile", mime_type="application/json")
+    async def profile_resource() -> str:
+        """A summary of the user: id, preferences, and how much is stored."""
+        return json.dumps(await _in_thread(state.profile))
+
+    @server.resource(
+        "dexorder://history/{session_id}", name="history", mime_type="application/json"
+    )
+    async def history_resource(session_id: str) -> str:
+        """The 50 most recent turns of a session, oldest first."""
+        page = await _in_thread(functools.partial(state.history.page, session_id, 50, None))
+        return json.dumps(page["turns"])
