@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import pytest
+
 from dexorder.devenv.kafka import (
     HEAP,
     KAFKA_VERSION,
+    ClassDataArchive,
     java_argv,
     kafka_jars,
     new_cluster_id,
@@ -83,3 +86,43 @@ def test_the_jar_set_pins_kafka_4_for_scala_2_13() -> None:
         a.coordinate == f"org.apache.kafka:kafka_2.13:{KAFKA_VERSION}" for a in jars.artifacts
     )
     assert jars.directory.name == f"kafka-{KAFKA_VERSION}"
+
+
+def _archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ClassDataArchive:
+    monkeypatch.setenv("DEXORDER_CACHE", str(tmp_path / "cache"))
+    java = tmp_path / "java"
+    java.write_text("")
+    jars = kafka_jars()
+    jars.directory.mkdir(parents=True)
+    return ClassDataArchive(jars, str(java))
+
+
+def _recording(options: list[str]) -> Path:
+    (option,) = options
+    assert option.startswith("-XX:ArchiveClassesAtExit=")
+    return Path(option.partition("=")[2])
+
+
+def test_without_an_archive_a_broker_records_one_and_a_clean_exit_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = _archive(tmp_path, monkeypatch)
+    assert archive.use_options() == []
+    recording = _recording(archive.record_options())
+    recording.write_bytes(b"classes")  # what the JVM writes as it exits
+    archive.settle(143)
+    assert archive.path.read_bytes() == b"classes"
+    assert not recording.exists()
+    assert archive.use_options() == [f"-XX:SharedArchiveFile={archive.path}"]
+    assert archive.record_options() == archive.use_options()
+
+
+def test_a_killed_broker_leaves_no_archive_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = _archive(tmp_path, monkeypatch)
+    recording = _recording(archive.record_options())
+    recording.write_bytes(b"half")
+    archive.settle(-9)
+    assert not archive.path.exists()
+    assert not recording.exists()
