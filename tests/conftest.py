@@ -3,4 +3,5 @@
 pytest_plugins = [
     "dexorder.devenv.fixtures_data",
     "dexorder.devenv.fixtures_kube",
+    "dexorder.devenv.fixtures_helm",
 ]

@@ -1,0 +1,457 @@
+"""The chart on the real local control plane (API server with RBAC, kwok for pods).
+
+What runs here: `helm template` with the defaults and with every option on, checked by the
+API server itself (`kubectl apply --dry-run=server`, with Pod Security warnings turned
+on); `helm install`, `upgrade` and `uninstall`; and the RBAC the chart grants, asked of
+the API server with `kubectl auth can-i` as each service account.
+
+What cannot run here: kwok's pods run no containers, so the operator installed by the
+chart cannot reconcile a UserAgent to Ready. That path is covered by the operator suite
+(tests/integration/operator), which runs the same `dexorder-operator` entry point the
+image's ENTRYPOINT runs, with the same DEXORDER_OPERATOR_* settings the chart sets; this
+suite proves the chart deploys it available, with the rights it needs and no more.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
+from dexorder.devenv.fixtures_kube import Kubectl
+from dexorder.devenv.kubernetes import ControlPlane
+from dexorder.devenv.paths import CRD_DIR
+
+CRD = "customresourcedefinition/useragents.dexorder.ai"
+RESTRICTED = [
+    "pod-security.kubernetes.io/enforce=restricted",
+    "pod-security.kubernetes.io/warn=restricted",
+]
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def cluster_helm(helm: Helm, control_plane: ControlPlane) -> Helm:
+    return helm.against(control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def release_namespace(kubectl: Kubectl) -> Iterator[str]:
+    """The release's namespace, enforcing Pod Security "restricted" like the agents'."""
+    name = _unique("dx")
+    kubectl.run("create", "namespace", name)
+    kubectl.run("label", "namespace", name, *RESTRICTED)
+    yield name
+    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _adopt_existing_crd(kubectl: Kubectl, release: str, namespace: str) -> None:
+    """Another suite may have applied crds/ with kubectl; Helm adopts an object only when
+    it carries the release's ownership metadata (the documented way to hand it to Helm)."""
+    if kubectl.run("get", CRD, check=False).returncode != 0:
+        return
+    kubectl.run("label", CRD, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+    kubectl.run(
+        "annotate",
+        CRD,
+        f"meta.helm.sh/release-name={release}",
+        f"meta.helm.sh/release-namespace={namespace}",
+        "--overwrite",
+    )
+
+
+def _hand_back_crd(kubectl: Kubectl) -> None:
+    """Leave the kept CRD as the other suites' `kubectl apply --server-side -f crds/` expects
+    it: without Helm's ownership, and with its fields owned by kubectl's field manager
+    (otherwise their apply reports a conflict with Helm's manager on .spec.versions)."""
+    kubectl.run(
+        "label",
+        CRD,
+        "app.kubernetes.io/managed-by-",
+        "helm.sh/chart-",
+        "app.kubernetes.io/part-of-",
+        "app.kubernetes.io/version-",
+        check=False,
+    )
+    kubectl.run(
+        "annotate",
+        CRD,
+        "meta.helm.sh/release-name-",
+        "meta.helm.sh/release-namespace-",
+        "helm.sh/resource-policy-",
+        check=False,
+    )
+    kubectl.run("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+
+
+# --- rendered manifests, validated by the API server --------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], ["-f", str(CHART_DIR / "ci" / "all-options-values.yaml")]],
+    ids=["defaults", "all-options"],
+)
+def test_the_rendered_chart_is_accepted_by_the_api_server(
+    helm: Helm, kubectl: Kubectl, release_namespace: str, values: list[str]
+) -> None:
+    agents = _unique("dxa")
+    # A dry run cannot create a namespace and then fill it: create it for real.
+    kubectl.run("create", "namespace", agents)
+    kubectl.run("label", "namespace", agents, *RESTRICTED)
+    try:
+        rendered = helm.template(
+            "dry",
+            *values,
+            "--set",
+            f"agents.namespace.name={agents}",
+            namespace=release_namespace,
+        ).stdout
+        result = kubectl.run(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "--field-manager=dexorder-chart-test",
+            "-f",
+            "-",
+            input=rendered,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        # Pod Security "warn" names any pod template that "restricted" would refuse.
+        assert "Warning" not in result.stderr, result.stderr
+        applied = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
+        assert len(applied) == rendered.count("\nkind: ")
+    finally:
+        kubectl.run("delete", "namespace", agents, "--wait=false", check=False)
+
+
+# --- install, RBAC, upgrade, uninstall ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    agents: str
+
+    def account(self, component: str) -> str:
+        return f"{self.name}-dexorder-{component}"
+
+
+@pytest.fixture(scope="module")
+def release(cluster_helm: Helm, kubectl: Kubectl, release_namespace: str) -> Iterator[Release]:
+    installed = Release("dx", release_namespace, _unique("dxa"))
+    _adopt_existing_crd(kubectl, installed.name, installed.namespace)
+    cluster_helm.run(
+        "install",
+        installed.name,
+        str(CHART_DIR),
+        f"--namespace={installed.namespace}",
+        "--set",
+        f"agents.namespace.name={installed.agents}",
+        "--set",
+        "ollama.mode=deployment",
+        "--wait",
+        "--timeout=150s",
+    )
+    yield installed
+    cluster_helm.run(
+        "uninstall", installed.name, f"--namespace={installed.namespace}", "--wait", check=False
+    )
+    kubectl.run("delete", "namespace", installed.agents, "--wait=false", check=False)
+    _hand_back_crd(kubectl)
+
+
+def _deployments(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
+    listed = json.loads(kubectl.run("get", "deployments", "-n", namespace, "-o", "json").stdout)
+    return {item["metadata"]["name"]: item for item in listed["items"]}
+
+
+def test_install_makes_every_deployment_available(kubectl: Kubectl, release: Release) -> None:
+    deployments = _deployments(kubectl, release.namespace)
+    assert sorted(deployments) == [
+        "dx-dexorder-gateway",
+        "dx-dexorder-ollama",
+        "dx-dexorder-operator",
+    ]
+    for name, deployment in deployments.items():
+        assert deployment["status"].get("availableReplicas") == deployment["spec"]["replicas"], name
+    assert deployments["dx-dexorder-operator"]["spec"]["replicas"] == 1
+
+
+def test_the_agents_namespace_enforces_restricted(kubectl: Kubectl, release: Release) -> None:
+    namespace = json.loads(kubectl.run("get", "namespace", release.agents, "-o", "json").stdout)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    privileged = kubectl.run(
+        "run",
+        "intruder",
+        f"-n={release.agents}",
+        "--image=busybox",
+        "--restart=Never",
+        "--overrides",
+        json.dumps(
+            {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "intruder",
+                            "image": "busybox",
+                            "securityContext": {"privileged": True},
+                        }
+                    ]
+                }
+            }
+        ),
+        check=False,
+    )
+    assert privileged.returncode != 0
+    assert "violates PodSecurity" in privileged.stderr
+
+
+def _can(
+    kubectl: Kubectl,
+    account: str,
+    account_namespace: str,
+    verb: str,
+    resource: str,
+    namespace: str | None,
+) -> bool:
+    resource, _, subresource = resource.partition("/")
+    args = [
+        "auth",
+        "can-i",
+        verb,
+        resource,
+        *([f"--subresource={subresource}"] if subresource else []),
+        f"--as=system:serviceaccount:{account_namespace}:{account}",
+        # What a real token of that account carries.
+        "--as-group=system:serviceaccounts",
+        f"--as-group=system:serviceaccounts:{account_namespace}",
+        "--as-group=system:authenticated",
+    ]
+    args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+    result = kubectl.run(*args, check=False)
+    answer = result.stdout.strip()
+    assert answer in ("yes", "no"), result.stderr
+    return answer == "yes"
+
+
+# (verb, resource, where): where is "agents", "release", "default", or "cluster".
+OPERATOR_MAY = [
+    *[(verb, "useragents.dexorder.ai", "agents") for verb in ("get", "list", "watch", "patch")],
+    ("patch", "useragents.dexorder.ai/status", "agents"),
+    ("update", "useragents.dexorder.ai/finalizers", "agents"),
+    *[(verb, "deployments.apps", "agents") for verb in ("get", "list", "watch", "create", "patch")],
+    *[(verb, "services", "agents") for verb in ("get", "list", "watch", "create", "patch")],
+    *[(verb, "persistentvolumeclaims", "agents") for verb in ("create", "patch", "delete")],
+    ("create", "secrets", "agents"),
+    ("get", "secrets", "agents"),
+    *[(verb, "pods", "agents") for verb in ("get", "list", "watch")],
+    ("create", "events", "agents"),
+    ("create", "events.events.k8s.io", "agents"),
+    ("list", "namespaces", "cluster"),
+    ("watch", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
+]
+OPERATOR_MAY_NOT = [
+    ("list", "secrets", "agents"),
+    ("update", "secrets", "agents"),
+    ("delete", "deployments.apps", "agents"),
+    ("create", "pods", "agents"),
+    ("create", "pods/exec", "agents"),
+    ("get", "secrets", "release"),
+    ("create", "deployments.apps", "default"),
+    ("get", "useragents.dexorder.ai", "default"),
+    ("get", "secrets", "cluster"),
+    ("patch", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", "cluster"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "agents"),
+    ("delete", "namespaces", "cluster"),
+]
+GATEWAY_MAY = [
+    *[
+        (verb, "useragents.dexorder.ai", "agents")
+        for verb in ("get", "list", "watch", "create", "patch")
+    ],
+    ("get", "secrets", "agents"),
+]
+GATEWAY_MAY_NOT = [
+    ("delete", "useragents.dexorder.ai", "agents"),
+    ("patch", "useragents.dexorder.ai/status", "agents"),
+    ("list", "secrets", "agents"),
+    ("create", "secrets", "agents"),
+    ("delete", "deployments.apps", "agents"),
+    ("patch", "deployments.apps", "agents"),
+    ("get", "pods", "agents"),
+    ("create", "pods/exec", "agents"),
+    ("get", "secrets", "release"),
+    ("get", "secrets", "default"),
+    ("get", "secrets", "kube-system"),
+    ("create", "useragents.dexorder.ai", "default"),
+    ("list", "namespaces", "cluster"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "agents"),
+]
+
+
+def _where(release: Release, where: str) -> str | None:
+    return {"agents": release.agents, "release": release.namespace, "cluster": None}.get(
+        where, where
+    )
+
+
+@pytest.mark.parametrize(
+    ("component", "verb", "resource", "where", "allowed"),
+    [
+        *[("operator", *check, True) for check in OPERATOR_MAY],
+        *[("operator", *check, False) for check in OPERATOR_MAY_NOT],
+        *[("gateway", *check, True) for check in GATEWAY_MAY],
+        *[("gateway", *check, False) for check in GATEWAY_MAY_NOT],
+    ],
+    ids=lambda value: str(value),
+)
+def test_service_account_rights(
+    kubectl: Kubectl,
+    release: Release,
+    component: str,
+    verb: str,
+    resource: str,
+    where: str,
+    allowed: bool,
+) -> None:
+    assert (
+        _can(
+            kubectl,
+            release.account(component),
+            release.namespace,
+            verb,
+            resource,
+            _where(release, where),
+        )
+        is allowed
+    )
+
+
+def test_an_agent_has_no_rights_at_all(kubectl: Kubectl, release: Release) -> None:
+    # Agent pods run as the agents namespace's default account (with no token mounted).
+    listed = kubectl.run(
+        "auth",
+        "can-i",
+        "--list",
+        f"--namespace={release.agents}",
+        f"--as=system:serviceaccount:{release.agents}:default",
+        "--as-group=system:serviceaccounts",
+        f"--as-group=system:serviceaccounts:{release.agents}",
+        "--as-group=system:authenticated",
+    ).stdout.splitlines()[1:]
+    resources = {line.split()[0] for line in listed if line.split() and not line.startswith(" ")}
+    # What every authenticated identity may do: ask who it is and what it may do.
+    assert resources <= {
+        "selfsubjectreviews.authentication.k8s.io",
+        "selfsubjectaccessreviews.authorization.k8s.io",
+        "selfsubjectrulesreviews.authorization.k8s.io",
+        "[]",
+    }, listed
+    for verb, resource in [
+        ("*", "*"),
+        ("get", "secrets"),
+        ("list", "useragents.dexorder.ai"),
+        ("get", "pods"),
+        ("create", "pods"),
+    ]:
+        assert not _can(kubectl, "default", release.agents, verb, resource, release.agents)
+
+
+def test_the_gateway_account_creates_a_useragent_and_reads_its_token(
+    kubectl: Kubectl, release: Release
+) -> None:
+    gateway = f"--as=system:serviceaccount:{release.namespace}:{release.account('gateway')}"
+    manifest = {
+        "apiVersion": "dexorder.ai/v1alpha1",
+        "kind": "UserAgent",
+        "metadata": {"name": "alice", "namespace": release.agents},
+        "spec": {"userId": "alice", "tier": "free"},
+    }
+    created = kubectl.run("create", gateway, "-f", "-", input=json.dumps(manifest), check=False)
+    assert created.returncode == 0, created.stderr
+    kubectl.run(
+        "create",
+        "secret",
+        "generic",
+        "alice-token",
+        f"-n={release.agents}",
+        "--from-literal=token=not-a-real-token",
+    )
+    token = kubectl.run(
+        "get",
+        "secret",
+        "alice-token",
+        f"-n={release.agents}",
+        gateway,
+        "-o",
+        "jsonpath={.data.token}",
+    )
+    assert token.stdout
+    deleting = kubectl.run(
+        "delete", "useragent", "alice", f"-n={release.agents}", gateway, check=False
+    )
+    assert "forbidden" in deleting.stderr
+
+
+def test_upgrade_then_uninstall_keeps_the_crd_and_the_agents(
+    cluster_helm: Helm, kubectl: Kubectl, release: Release
+) -> None:
+    def operator_pod() -> str:
+        return kubectl.run(
+            "get",
+            "pods",
+            f"-n={release.namespace}",
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ).stdout
+
+    before = operator_pod()
+    cluster_helm.run(
+        "upgrade",
+        release.name,
+        str(CHART_DIR),
+        f"--namespace={release.namespace}",
+        "--reuse-values",
+        "--set",
+        "gateway.replicas=3",
+        "--wait",
+        "--timeout=150s",
+    )
+    gateway = _deployments(kubectl, release.namespace)["dx-dexorder-gateway"]
+    assert gateway["status"]["availableReplicas"] == 3
+    # Nothing the operator reads changed, so it was not restarted.
+    assert operator_pod() == before
+    history = json.loads(
+        cluster_helm.run(
+            "history", release.name, f"--namespace={release.namespace}", "-o", "json"
+        ).stdout
+    )
+    assert [entry["status"] for entry in history] == ["superseded", "deployed"]
+
+    cluster_helm.run("uninstall", release.name, f"--namespace={release.namespace}", "--wait")
+    assert _deployments(kubectl, release.namespace) == {}
+    assert (
+        kubectl.run(
+            "get", "clusterrole", f"{release.namespace}-dx-dexorder-operator", check=False
+        ).returncode
+        != 0
+    )
+    # Kept: the CRD (deleting it would delete every UserAgent) and the users' namespace.
+    kubectl.run("get", CRD)
+    kubectl.run("get", "namespace", release.agents)
+    kubectl.run("get", "useragent", "alice", f"-n={release.agents}")

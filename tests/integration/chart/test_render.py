@@ -1,0 +1,196 @@
+"""The chart rendered by the real `helm` (lint, template, schema), without a cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
+from dexorder.devenv.paths import CRD_DIR
+from tests.integration.chart.manifests import Manifest, container, documents, env, of_kind, one
+
+ALL_OPTIONS = CHART_DIR / "ci" / "all-options-values.yaml"
+
+
+@pytest.fixture(scope="module")
+def defaults(helm: Helm) -> list[Manifest]:
+    return documents(helm.template("dx", namespace="dexorder").stdout)
+
+
+@pytest.fixture(scope="module")
+def everything(helm: Helm) -> list[Manifest]:
+    return documents(helm.template("dx", "-f", str(ALL_OPTIONS), namespace="dexorder").stdout)
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ALL_OPTIONS)]], ids=["defaults", "all-options"])
+def test_helm_lint_is_clean(helm: Helm, values: list[str]) -> None:
+    result = helm.run(
+        "lint",
+        str(CHART_DIR),
+        "--strict",
+        "--namespace=dexorder",
+        f"--kube-version={helm.kube_version}",
+        *values,
+    )
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_the_crd_is_the_one_in_crds_with_keep(defaults: list[Manifest]) -> None:
+    rendered = one(defaults, "CustomResourceDefinition")
+    source: dict[str, Any] = yaml.safe_load((CRD_DIR / "useragents.dexorder.ai.yaml").read_text())
+    assert rendered["spec"] == source["spec"]
+    assert rendered["metadata"]["name"] == source["metadata"]["name"]
+    assert rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_crds_install_false_leaves_the_crd_out(helm: Helm) -> None:
+    rendered = documents(helm.template("dx", "--set", "crds.install=false").stdout)
+    assert of_kind(rendered, "CustomResourceDefinition") == []
+
+
+def test_no_secret_and_no_secret_value_is_rendered(everything: list[Manifest], helm: Helm) -> None:
+    assert of_kind(everything, "Secret") == []
+    gateway = container(one(everything, "Deployment", "-gateway"), "gateway")
+    assert gateway["envFrom"] == [{"secretRef": {"name": "dexorder-gateway-secrets"}}]
+    assert not {"DATABASE_URL", "REDIS_URL", "ANTHROPIC_API_KEY"} & set(env(gateway))
+
+
+def test_the_operator_is_one_replica_rolled_by_recreate(defaults: list[Manifest]) -> None:
+    operator = one(defaults, "Deployment", "-operator")
+    assert operator["spec"]["replicas"] == 1
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    settings = env(container(operator, "operator"))
+    assert settings["DEXORDER_OPERATOR_NAMESPACES"] == "dexorder-agents"
+    assert settings["DEXORDER_OPERATOR_DEFAULT_IMAGE"] == "ghcr.io/dexorder/agent:0.1.0"
+    assert settings["DEXORDER_OPERATOR_TIER_CATALOG_PATH"] == "/etc/dexorder/tiers.yaml"
+
+
+def test_the_gateway_provisions_in_the_agents_namespace(defaults: list[Manifest]) -> None:
+    gateway = one(defaults, "Deployment", "-gateway")
+    assert gateway["spec"]["replicas"] == 2
+    settings = env(container(gateway, "gateway"))
+    assert settings["DEXORDER_PROVISIONER"] == "kubernetes"
+    assert settings["DEXORDER_AGENTS_NAMESPACE"] == "dexorder-agents"
+    assert "OLLAMA_URL" not in settings
+
+
+def test_every_pod_meets_the_restricted_profile(everything: list[Manifest]) -> None:
+    for deployment in of_kind(everything, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for spec in pod["containers"]:
+            context = spec["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_agents_namespace_enforces_restricted_and_survives_uninstall(
+    defaults: list[Manifest],
+) -> None:
+    namespace = one(defaults, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert namespace["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_agents_accept_only_the_gateway_and_reach_only_dns_and_the_allow_list(
+    everything: list[Manifest],
+) -> None:
+    deny = one(everything, "NetworkPolicy", "-default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    agents = one(everything, "NetworkPolicy", "-agents")
+    assert agents["metadata"]["namespace"] == "dexorder-agents-all"
+    assert agents["spec"]["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "dexorder-agent"}
+    }
+    [source] = agents["spec"]["ingress"]
+    assert source["ports"] == [{"port": "mcp", "protocol": "TCP"}]
+    [peer] = source["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "dexorder"}}
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    dns, web, single = agents["spec"]["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert web == {
+        "to": [{"ipBlock": {"cidr": "203.0.113.0/24", "except": ["203.0.113.128/25"]}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    assert single == {"to": [{"ipBlock": {"cidr": "198.51.100.7/32"}}]}
+
+
+def test_network_policies_can_be_turned_off(helm: Helm) -> None:
+    rendered = documents(helm.template("dx", "--set", "agents.networkPolicy.enabled=false").stdout)
+    assert of_kind(rendered, "NetworkPolicy") == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra", "url", "deployments"),
+    [
+        ("none", [], None, 2),
+        ("sidecar", [], "http://127.0.0.1:11434", 2),
+        ("deployment", [], "http://dx-dexorder-ollama.dexorder.svc:11434", 3),
+        (
+            "external",
+            ["--set", "ollama.externalUrl=http://ollama.ml:11434"],
+            "http://ollama.ml:11434",
+            2,
+        ),
+    ],
+)
+def test_each_ollama_mode(
+    helm: Helm, mode: str, extra: list[str], url: str | None, deployments: int
+) -> None:
+    rendered = documents(
+        helm.template("dx", "--set", f"ollama.mode={mode}", *extra, namespace="dexorder").stdout
+    )
+    gateway = one(rendered, "Deployment", "-gateway")
+    assert env(container(gateway, "gateway")).get("OLLAMA_URL") == url
+    names = [c["name"] for c in gateway["spec"]["template"]["spec"]["containers"]]
+    assert names == (["gateway", "ollama"] if mode == "sidecar" else ["gateway"])
+    assert len(of_kind(rendered, "Deployment")) == deployments
+
+
+def test_the_hpa_replaces_the_fixed_replica_count(everything: list[Manifest]) -> None:
+    assert "replicas" not in one(everything, "Deployment", "-gateway")["spec"]
+    hpa = one(everything, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
+    assert one(everything, "Ingress")["spec"]["tls"][0]["secretName"] == "chat-example-com-tls"
+
+
+def test_a_changed_tier_catalog_rolls_the_pods(helm: Helm, defaults: list[Manifest]) -> None:
+    changed = documents(helm.template("dx", "-f", str(ALL_OPTIONS), namespace="dexorder").stdout)
+    for suffix in ("-operator", "-gateway"):
+        before = one(defaults, "Deployment", suffix)["spec"]["template"]["metadata"]
+        after = one(changed, "Deployment", suffix)["spec"]["template"]["metadata"]
+        assert before["annotations"]["checksum/config"] != after["annotations"]["checksum/config"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "gateway.replicaz=3"], "additional properties 'replicaz' not allowed"),
+        (["--set", "ollama.mode=gpu"], "/ollama/mode"),
+        (["--set", "ollama.mode=external"], "/ollama/externalUrl"),
+        (["--set", "agents.namespace.name=dexorder"], "must differ from the release namespace"),
+        (["--set", "config.tiers=just text"], "config.tiers must be a tier catalog"),
+        (
+            [
+                "--set",
+                "gateway.autoscaling.enabled=true",
+                "--set",
+                "gateway.autoscaling.minReplicas=9",
+                "--set",
+                "gateway.autoscaling.maxReplicas=3",
+            ],
+            "minReplicas must not exceed",
+        ),
+    ],
+)
+def test_helm_refuses_a_bad_value_with_a_clear_message(
+    helm: Helm, args: list[str], message: str
+) -> None:
+    result = helm.template("dx", *args, namespace="dexorder", check=False)
+    assert result.returncode != 0
+    assert message in result.stderr

