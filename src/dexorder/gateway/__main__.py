@@ -1,0 +1,63 @@
+"""``dexorder-gateway``: serve the chat gateway, or run one of its admin commands.
+
+    dexorder-gateway [serve]     the HTTP and WebSocket server
+    dexorder-gateway migrate     apply the PostgreSQL migrations
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from dexorder.gateway.settings import SettingsError, load_settings
+
+
+def _serve() -> int:
+    # Import-time work of litellm (a price list fetch) must never reach the internet.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    from aiohttp import web
+
+    from dexorder.gateway.app import create_app
+    from dexorder.gateway.llm import load_litellm
+
+    settings = load_settings()
+    load_litellm()  # once, at start-up, not on the first message
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.drain_seconds + 5,
+        access_log=None,
+        print=lambda text: logging.getLogger("dexorder.gateway").info(text),
+    )
+    return 0
+
+
+def _migrate() -> int:
+    from dexorder.gateway.migrations import apply_migrations, describe_dsn
+
+    settings = load_settings()
+    applied = asyncio.run(apply_migrations(settings.database_url))
+    names = ", ".join(m.name for m in applied) or "nothing new"
+    print(f"migrated {describe_dsn(settings.database_url)}: {names}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="dexorder-gateway", description=__doc__)
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    args = parser.parse_args(argv)
+    try:
+        return _migrate() if args.command == "migrate" else _serve()
+    except SettingsError as error:
+        print(f"dexorder-gateway: bad configuration:\n  {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The gateway's app factory: routes, typed state, and every resource opened in ``cleanup_ctx``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dexorder.adapters.kubernetes import KubeClient, load_credentials
+from dexorder.gateway import metrics
+from dexorder.gateway.auth import TokenVerifier
+from dexorder.gateway.channels import websocket
+from dexorder.gateway.conversation import ChatServices
+from dexorder.gateway.licenses import LicenseStore, open_pool
+from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.models import load_model_list, model_targets
+from dexorder.gateway.provisioning import Provisioner
+from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
+from dexorder.gateway.provisioning.local import LocalProvisioner
+from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
+from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, SETTINGS, VERIFIER
+
+logger = logging.getLogger(__name__)
+
+Health = web.AppKey("health", list)  # probes for /ready: async callables returning bool
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = request.app[Health]
+    results: dict[str, bool] = {}
+    for name, check in checks:
+        try:
+            async with asyncio.timeout(2):
+                results[name] = await check()
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            results[name] = False
+    ok = all(results.values()) and not request.app[DRAINING].is_set()
+    return web.json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
+
+
+async def serve_metrics(_: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[DRAINING] = asyncio.Event()
+    app[LIVE_SOCKETS] = {}
+    app[Health] = []
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", serve_metrics)
+    app.router.add_get("/ws/chat", websocket.chat)
+    app.cleanup_ctx.append(_services)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+async def _drain(app: web.Application) -> None:
+    await websocket.drain(app, app[SETTINGS].drain_seconds)
+
+
+async def _open_provisioner(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Provisioner:
+    if settings.provisioner == ProvisionerKind.KUBERNETES:
+        client = await stack.enter_async_context(KubeClient(load_credentials(settings.kubeconfig)))
+        provisioner: Provisioner = KubernetesProvisioner(
+            client, settings.agents_namespace, timeout=settings.provision_timeout_seconds
+        )
+    else:
+        provisioner = LocalProvisioner(settings.local_agents_dir)
+    stack.push_async_callback(provisioner.close)
+    return provisioner
+
+
+async def _open_limiter(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Limiter:
+    if not settings.redis_url:
+        return MemoryLimiter()
+    from redis.asyncio import Redis
+
+    redis: Redis = Redis.from_url(settings.redis_url)
+    stack.push_async_callback(redis.aclose)
+    return RedisLimiter(redis)
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        catalog = load_tier_catalog(settings)
+        models = load_model_list(settings.models_path)
+        targets = model_targets(
+            models,
+            default_provider=settings.default_model_provider.value if settings.default_model_provider else None,
+            default_model=settings.default_model,
+            provider_settings=settings.provider_settings(),
+        )
+        http = await stack.enter_async_context(_client_session())
+        app[VERIFIER] = TokenVerifier.from_settings(settings, http)
+        pool = await open_pool(settings.database_url)
+        stack.push_async_callback(pool.close)
+        licenses = LicenseStore.from_settings(settings, pool)
+        provisioner = await _open_provisioner(settings, stack)
+        limiter = await _open_limiter(settings, stack)
+        app[CHAT_SERVICES] = ChatServices(
+            licenses=licenses,
+            catalog=catalog,
+            provisioner=provisioner,
+            limiter=limiter,
+            targets=targets,
+            default_group=models.default_group,
+            host_map=settings.agent_host_map,
+            max_tool_rounds=settings.max_tool_rounds,
+            max_queued=settings.max_queued_messages,
+        )
+
+        async def database_ok() -> bool:
+            async with pool.connection() as connection:
+                await connection.execute("SELECT 1")
+            return True
+
+        app[Health].extend([("database", database_ok), ("provisioner", provisioner.healthy)])
+        yield
+        # Sockets still open after the drain are closed before their services go.
+        for ws, conversation in list(app[LIVE_SOCKETS].items()):
+            await conversation.close()
+            with contextlib.suppress(Exception):
+                await ws.close(code=websocket.CLOSE_SERVICE_RESTART)
+
+
+@contextlib.asynccontextmanager
+async def _client_session() -> AsyncIterator[object]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session

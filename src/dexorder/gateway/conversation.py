@@ -1,0 +1,284 @@
+"""One chat session, whatever the channel: the user's agent, a bounded queue of messages,
+and one generation at a time.
+
+A channel (WebSocket, Telegram) feeds it text and receives protocol frames through
+``emit``. The conversation owns every task it starts and cancels them on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from dexorder.core import protocol
+from dexorder.core.licenses import EffectiveLicense, License, resolve_license
+from dexorder.core.routing import LLMTarget
+from dexorder.core.tiers import TierCatalog
+from dexorder.gateway import metrics
+from dexorder.gateway.harness import Harness, TurnResult
+from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
+from dexorder.gateway.limits import Limiter
+from dexorder.gateway.llm import LLMError
+from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
+from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[protocol.Frame], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ChatServices:
+    """What every conversation needs; built once per gateway process."""
+
+    licenses: LicenseStore
+    catalog: TierCatalog
+    provisioner: Provisioner
+    limiter: Limiter
+    targets: Mapping[str, list[LLMTarget]]
+    default_group: str
+    host_map: Mapping[str, str]
+    max_tool_rounds: int = 8
+    max_queued: int = 4
+
+
+class ConversationError(Exception):
+    def __init__(self, code: protocol.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def effective_license(services: ChatServices, user_id: str, email: str | None = None) -> EffectiveLicense:
+    """The user's license as it applies now (expired: the free tier, with a notice)."""
+    try:
+        license: License = await services.licenses.get_license(user_id, email=email)
+    except LicenseRefused as error:
+        raise ConversationError(protocol.ErrorCode.LICENSE_REFUSED, str(error)) from error
+    except LicenseError as error:
+        raise ConversationError(
+            protocol.ErrorCode.SERVICE_UNAVAILABLE, "the license service is unavailable; try again shortly"
+        ) from error
+    return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
+
+
+def choose_group(services: ChatServices, license: EffectiveLicense) -> tuple[str, str]:
+    """The model group for a message, with the reason shown to the user."""
+    allowed = [g for g in license.model_groups if g in services.targets]
+    if services.default_group in allowed:
+        return services.default_group, f"default group, allowed for the {license.tier.name} tier"
+    if allowed:
+        return allowed[-1], f"the best group the {license.tier.name} tier allows"
+    raise ConversationError(
+        protocol.ErrorCode.LLM_ERROR, f"no model is configured for the {license.tier.name} tier's groups"
+    )
+
+
+class Conversation:
+    def __init__(
+        self,
+        services: ChatServices,
+        license: EffectiveLicense,
+        *,
+        session_id: str,
+        emit: Emit,
+        channel: str,
+    ) -> None:
+        self.services = services
+        self.license = license
+        self.session_id = session_id
+        self.channel = channel
+        self._emit = emit
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=services.max_queued)
+        self._worker: asyncio.Task[None] | None = None
+        self._turn: asyncio.Task[TurnResult] | None = None
+        self._agent: AgentSession | None = None
+        self._endpoint: AgentEndpoint | None = None
+
+    @property
+    def user_id(self) -> str:
+        return self.license.user_id
+
+    @property
+    def generating(self) -> bool:
+        return self._turn is not None and not self._turn.done()
+
+    @property
+    def idle(self) -> bool:
+        return not self.generating and self._queue.empty()
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._work(), name=f"conversation:{self.session_id}")
+
+    def submit(self, text: str) -> bool:
+        """Queue a message; False when the queue is full."""
+        try:
+            self._queue.put_nowait(text)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def cancel_generation(self) -> bool:
+        if self._turn is not None and not self._turn.done():
+            self._turn.cancel()
+            return True
+        return False
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing runs or waits (for a graceful drain); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.idle
+
+    async def close(self) -> None:
+        self.cancel_generation()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+
+    async def _error(self, code: protocol.ErrorCode, message: str, retry_after: float | None = None) -> None:
+        metrics.ERRORS.labels(code=code.value).inc()
+        await self._emit(protocol.ErrorFrame(code=code, message=message, retry_after=retry_after))
+
+    async def _progress(self, stage: protocol.Stage, message: str) -> None:
+        await self._emit(protocol.StatusFrame(stage=stage, message=message))
+
+    async def _ensure_agent(self) -> AgentSession:
+        if self._agent is not None:
+            return self._agent
+        started = time.perf_counter()
+        endpoint = await self.services.provisioner.ensure_agent(self.license, self._progress)
+        metrics.PROVISIONING.observe(time.perf_counter() - started)
+        agent = AgentSession(endpoint, host_map=self.services.host_map)
+        self._endpoint, self._agent = endpoint, agent
+        return agent
+
+    async def prepare(self) -> None:
+        """Get the agent ready before the first message, showing progress; errors are frames."""
+        try:
+            await self._ensure_agent()
+        except ProvisioningError as error:
+            await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}")
+
+    async def _work(self) -> None:
+        await self.prepare()
+        while True:
+            text = await self._queue.get()
+            try:
+                await self._handle(text)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("turn failed in session %s", self.session_id)
+                await self._error(protocol.ErrorCode.INTERNAL, "something went wrong on our side; try again")
+
+    async def _handle(self, text: str) -> None:
+        limits = self.license.rate_limits
+        decision = await self.services.limiter.admit_message(self.user_id, limits)
+        if not decision.allowed:
+            await self._error(
+                protocol.ErrorCode.RATE_LIMITED,
+                f"limit of {decision.reason} reached; try again in {decision.retry_after:.0f}s",
+                retry_after=decision.retry_after,
+            )
+            return
+        generation = await self.services.limiter.admit_generation(self.user_id, limits)
+        if not generation.allowed:
+            await self._error(
+                protocol.ErrorCode.RATE_LIMITED,
+                f"limit of {generation.reason} reached; try again in {generation.retry_after:.0f}s",
+                retry_after=generation.retry_after,
+            )
+            return
+        try:
+            await self._generate(text)
+        finally:
+            await self.services.limiter.release_generation(self.user_id)
+
+    async def _generate(self, text: str) -> None:
+        metrics.MESSAGES.labels(channel=self.channel).inc()
+        try:
+            group, reason = choose_group(self.services, self.license)
+        except ConversationError as error:
+            await self._error(error.code, error.message)
+            return
+        metrics.ROUTES.labels(group=group).inc()
+        for attempt in (1, 2):
+            try:
+                agent = await self._ensure_agent()
+            except ProvisioningError as error:
+                await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}")
+                return
+            harness = Harness(
+                agent,
+                self.services.targets[group],
+                session_id=self.session_id,
+                max_tool_rounds=self.services.max_tool_rounds,
+                route_reason=reason,
+            )
+            self._turn = asyncio.create_task(harness.run_turn(text, self._emit), name=f"turn:{self.session_id}")
+            try:
+                result = await self._turn
+            except asyncio.CancelledError:
+                if self._worker is not None and self._worker.cancelling():
+                    raise
+                await self._emit(
+                    protocol.DoneFrame(
+                        usage=protocol.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+                        model="",
+                        cancelled=True,
+                        route=protocol.Route(group=group, reason=reason),
+                    )
+                )
+                return
+            except AgentUnavailable as error:
+                # The agent went away (idled, restarted elsewhere): forget it and provision again once.
+                await self._drop_agent()
+                if attempt == 2:
+                    await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
+                    return
+                continue
+            except LLMError as error:
+                await self._error(protocol.ErrorCode.LLM_ERROR, f"the model failed: {error}")
+                return
+            finally:
+                self._turn = None
+            await self._finish(result, group, reason)
+            return
+
+    async def _drop_agent(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
+        self._agent = None
+        self.services.provisioner.forget(self.user_id)
+
+    async def _finish(self, result: TurnResult, group: str, reason: str) -> None:
+        usage = result.usage
+        await self.services.limiter.add_tokens(self.user_id, usage.total_tokens)
+        await self.services.provisioner.record_activity(self.user_id)
+        metrics.TOKENS.inc(usage.completion_tokens)
+        if result.first_token_seconds is not None:
+            metrics.FIRST_TOKEN.observe(result.first_token_seconds)
+        await self._emit(
+            protocol.DoneFrame(
+                usage=protocol.Usage(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    total_tokens=usage.total_tokens,
+                ),
+                model=result.model,
+                cancelled=False,
+                route=protocol.Route(group=group, reason=reason),
+            )
+        )

@@ -1,0 +1,231 @@
+"""The agent harness: one chat turn, from the user's message to a streamed, tool-using reply.
+
+Stateless by design: everything it knows of the user (preferences, history, tools)
+comes from the user's MCP server at the start of the turn, and the turn is written
+back there at the end. A cancelled turn closes the upstream LLM stream at once (so
+billing stops) and is still recorded, marked as cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dexorder.core import protocol
+from dexorder.core.routing import LLMTarget
+from dexorder.gateway.llm import Finish, LLMError, TextDelta, ToolCall, Usage, stream_chat
+from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[protocol.Frame], Awaitable[None]]
+
+SYSTEM_PROMPT = (
+    "You are Dexorder, a personal AI trading assistant. You never place real trades. "
+    "Use the user's tools for memory, market data, indicators and backtests when they help, "
+    "and say which tool results your answer rests on."
+)
+HISTORY_TURNS = 20
+
+
+@dataclass
+class TurnResult:
+    content: str = ""
+    model: str = ""
+    cancelled: bool = False
+    usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
+    first_token_seconds: float | None = None
+    tool_calls: int = 0
+    route_reason: str = ""
+
+
+def system_message(preferences: dict[str, Any]) -> dict[str, str]:
+    details = [f"{key}: {value}" for key, value in sorted(preferences.items()) if value not in (None, "")]
+    text = SYSTEM_PROMPT
+    if details:
+        text += "\nThe user's preferences: " + "; ".join(details) + "."
+    return {"role": "system", "content": text}
+
+
+def history_messages(turns: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Past turns as chat messages; tool traffic is summarised, not replayed."""
+    messages: list[dict[str, Any]] = []
+    for turn in turns[-HISTORY_TURNS:]:
+        role, content = turn.get("role"), turn.get("content")
+        if role in ("user", "assistant") and isinstance(content, str) and content:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def _add_usage(total: Usage, more: Usage) -> Usage:
+    return Usage(
+        total.prompt_tokens + more.prompt_tokens,
+        total.completion_tokens + more.completion_tokens,
+        total.total_tokens + more.total_tokens,
+    )
+
+
+class Harness:
+    """Runs turns for one chat session against one agent."""
+
+    def __init__(
+        self,
+        agent: AgentSession,
+        targets: Sequence[LLMTarget],
+        *,
+        session_id: str,
+        max_tool_rounds: int = 8,
+        llm_timeout: float = 60.0,
+        route_reason: str = "",
+    ) -> None:
+        if not targets:
+            raise ValueError("the harness needs at least one model target")
+        self.agent = agent
+        self.targets = list(targets)
+        self.session_id = session_id
+        self.max_tool_rounds = max_tool_rounds
+        self.llm_timeout = llm_timeout
+        self.route_reason = route_reason
+
+    async def _context(self, user_message: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        preferences, history, tools = await asyncio.gather(
+            self.agent.read_json_resource("dexorder://preferences", {}),
+            self.agent.read_json_resource(f"dexorder://history/{self.session_id}", []),
+            self.agent.list_tools(),
+        )
+        turns = history.get("turns", []) if isinstance(history, dict) else history
+        messages = [
+            system_message(preferences if isinstance(preferences, dict) else {}),
+            *history_messages(turns if isinstance(turns, list) else []),
+            {"role": "user", "content": user_message},
+        ]
+        return messages, [tool.as_openai_tool() for tool in tools]
+
+    async def run_turn(self, user_message: str, emit: Emit) -> TurnResult:
+        result = TurnResult(route_reason=self.route_reason)
+        started = time.perf_counter()
+        record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
+        try:
+            messages, tools = await self._context(user_message)
+            for _ in range(self.max_tool_rounds):
+                calls, text = await self._round(messages, tools, emit, result, started)
+                if not calls:
+                    record.append({"role": "assistant", "content": text})
+                    break
+                assistant = {
+                    "role": "assistant",
+                    "content": text,
+                    "tool_calls": [
+                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+                        for c in calls
+                    ],
+                }
+                messages.append(assistant)
+                record.append(
+                    {"role": "assistant", "content": text, "tool_calls": [{"id": c.id, "name": c.name} for c in calls]}
+                )
+                for call in calls:
+                    outcome = await self._run_tool(call, emit)
+                    result.tool_calls += 1
+                    tool_message = {"role": "tool", "tool_call_id": call.id, "content": outcome}
+                    messages.append(tool_message)
+                    record.append(tool_message)
+            else:
+                note = f"\n\n(stopped after {self.max_tool_rounds} tool rounds)"
+                await emit(protocol.DeltaFrame(content=note))
+                result.content += note
+                record.append({"role": "assistant", "content": result.content})
+        except asyncio.CancelledError:
+            result.cancelled = True
+            record.append({"role": "assistant", "content": result.content + " [cancelled]"})
+            await self._write_back(record, shielded=True)
+            raise
+        await self._write_back(record, shielded=False)
+        return result
+
+    async def _round(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        emit: Emit,
+        result: TurnResult,
+        started: float,
+    ) -> tuple[list[ToolCall], str]:
+        """One model round, falling back to the next target when nothing was shown yet."""
+        last_error: LLMError | None = None
+        for target in self.targets:
+            calls: list[ToolCall] = []
+            text = ""
+            try:
+                # aclosing: a cancel closes the generator now, and with it the upstream stream.
+                async with contextlib.aclosing(
+                    stream_chat(target, messages, tools=tools, timeout=self.llm_timeout)
+                ) as stream:
+                    async for event in stream:
+                        if isinstance(event, TextDelta):
+                            if result.first_token_seconds is None:
+                                result.first_token_seconds = time.perf_counter() - started
+                            text += event.content
+                            result.content += event.content
+                            await emit(protocol.DeltaFrame(content=event.content))
+                        elif isinstance(event, ToolCall):
+                            calls.append(event)
+                        elif isinstance(event, Usage):
+                            result.usage = _add_usage(result.usage, event)
+                        elif isinstance(event, Finish):
+                            result.model = event.model
+                return calls, text
+            except LLMError as error:
+                last_error = error
+                if text or not error.retryable:
+                    raise
+                logger.warning("model %s failed (%s); trying the next one", target.model, error)
+        assert last_error is not None
+        raise last_error
+
+    async def _run_tool(self, call: ToolCall, emit: Emit) -> str:
+        try:
+            arguments = call.arguments()
+        except LLMError as error:
+            await emit(protocol.ToolCallFrame(id=call.id, name=call.name, arguments={}))
+            await emit(protocol.ToolResultFrame(id=call.id, content=str(error), is_error=True))
+            return f"error: {error}"
+        await emit(protocol.ToolCallFrame(id=call.id, name=call.name, arguments=arguments))
+        try:
+            outcome = await self.agent.call_tool(call.name, arguments)
+        except AgentUnavailable as error:
+            await emit(protocol.ToolResultFrame(id=call.id, content=str(error), is_error=True))
+            return f"error: {error}"
+        await emit(protocol.ToolResultFrame(id=call.id, content=outcome.content, is_error=outcome.is_error))
+        return outcome.content
+
+    async def _write_back(self, record: list[dict[str, Any]], *, shielded: bool) -> None:
+        write = self.agent.call_tool("append_turns", {"session_id": self.session_id, "turns": record})
+        try:
+            if shielded:
+                await asyncio.wait_for(asyncio.shield(write), timeout=5)
+            else:
+                await write
+        except (AgentUnavailable, TimeoutError) as error:
+            # The reply reached the user; losing its record is logged, never hidden.
+            logger.error("could not write the turn back to the agent of session %s: %s", self.session_id, error)
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def tool_result_preview(content: str, limit: int = 4000) -> str:
+    return content if len(content) <= limit else content[:limit] + "…"
+
+
+

@@ -1,0 +1,54 @@
+"""The provisioning interface: a user and a license in, an agent endpoint and token out."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from dexorder.core.licenses import EffectiveLicense
+from dexorder.core.protocol import Stage
+
+
+Progress = Callable[[Stage, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    """Where the user's MCP server is, and the per-agent token that opens it."""
+
+    user_id: str
+    url: str
+    token: str | None
+
+
+class ProvisioningError(Exception):
+    """No agent could be had; ``reason`` is the operator's (or the local runner's) reason."""
+
+    code = "agent_unavailable"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class Provisioner(Protocol):
+    async def ensure_agent(self, license: EffectiveLicense, progress: Progress) -> AgentEndpoint:
+        """Create or wake the user's agent and wait until it serves."""
+
+    def forget(self, user_id: str) -> None:
+        """Drop what is cached for the user (after the agent stopped answering)."""
+
+    async def record_activity(self, user_id: str) -> None:
+        """Tell the idle timer the user is active (rate-limited inside)."""
+
+    async def healthy(self) -> bool:
+        """False while the provisioner's backend cannot be reached (for ``/ready``)."""
+
+    async def close(self) -> None:
+        """Release what the provisioner holds; a local one stops its agents."""
+
+
+async def no_progress(stage: Stage, message: str) -> None:
+    """A progress sink for callers that do not show progress."""

@@ -1,0 +1,226 @@
+"""Agents as ``UserAgent`` resources, made real by the operator.
+
+Creates the user's UserAgent or patches its tier and overrides, wakes it when
+suspended, waits on a watch (not polling) for Ready, reads the token Secret, and
+records activity in the annotation the operator's idle timer reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import time
+from typing import Any
+
+from dexorder.adapters.kubernetes import (
+    Conflict,
+    Gone,
+    KubeClient,
+    KubernetesError,
+    NotFound,
+    resource_path,
+)
+from dexorder.core import naming
+from dexorder.core.licenses import EffectiveLicense
+from dexorder.core.manifests import TOKEN_KEY
+from dexorder.core.status import rfc3339
+from dexorder.core.useragent import API_VERSION, KIND, LAST_ACTIVITY_ANNOTATION, PLURAL, Phase
+from dexorder.gateway.provisioning.base import AgentEndpoint, Progress, ProvisioningError, Stage
+
+# A Ready agent is trusted for this long before its UserAgent is read again.
+_ENDPOINT_CACHE_SECONDS = 30.0
+
+
+def desired_spec(license: EffectiveLicense) -> dict[str, Any]:
+    """The UserAgent spec a license asks for (``suspended`` false: we want it running)."""
+    overrides: dict[str, Any] = {}
+    resources = license.resource_overrides
+    for field in ("memory", "cpu", "storage"):
+        value = getattr(resources, field)
+        if value is not None:
+            overrides[field] = value
+    if license.idle_timeout_override is not None:
+        overrides["idleTimeoutSeconds"] = license.idle_timeout_override * 60
+    spec: dict[str, Any] = {"userId": license.user_id, "tier": license.tier.name, "suspended": False}
+    if overrides:
+        spec["overrides"] = overrides
+    return spec
+
+
+def _needs_patch(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return any(current.get(key) != value for key, value in wanted.items()) or (
+        "overrides" not in wanted and bool(current.get("overrides"))
+    )
+
+
+def _is_ready(body: dict[str, Any]) -> bool:
+    status = body.get("status") or {}
+    return bool(
+        status.get("phase") == Phase.READY
+        and status.get("observedGeneration") == body["metadata"].get("generation")
+        and status.get("endpoint")
+    )
+
+
+def _failure(body: dict[str, Any]) -> ProvisioningError | None:
+    status = body.get("status") or {}
+    if status.get("phase") != Phase.FAILED:
+        return None
+    if status.get("observedGeneration") != body["metadata"].get("generation"):
+        return None
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return ProvisioningError(ready.get("reason", "Failed"), ready.get("message", "the agent failed"))
+
+
+class KubernetesProvisioner:
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        *,
+        timeout: float = 120.0,
+        activity_interval: float = 60.0,
+    ) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._timeout = timeout
+        self._activity_interval = activity_interval
+        self._endpoints: dict[str, tuple[float, AgentEndpoint]] = {}
+        self._activity: dict[str, float] = {}
+
+    def _path(self, name: str | None = None) -> str:
+        return resource_path(API_VERSION, PLURAL, self._namespace, name)
+
+    async def ensure_agent(self, license: EffectiveLicense, progress: Progress) -> AgentEndpoint:
+        cached = self._endpoints.get(license.user_id)
+        if cached is not None and time.monotonic() - cached[0] < _ENDPOINT_CACHE_SECONDS:
+            return cached[1]
+        try:
+            body = await self._create_or_update(license, progress)
+            if not _is_ready(body):
+                await progress(Stage.STARTING, "starting your agent")
+                body = await self._wait_ready(body)
+            endpoint = AgentEndpoint(
+                user_id=license.user_id,
+                url=str(body["status"]["endpoint"]),
+                token=await self._token(body),
+            )
+        except KubernetesError as error:
+            raise ProvisioningError("KubernetesUnavailable", str(error)) from error
+        self._endpoints[license.user_id] = (time.monotonic(), endpoint)
+        await progress(Stage.READY, "your agent is ready")
+        return endpoint
+
+    async def _create_or_update(self, license: EffectiveLicense, progress: Progress) -> dict[str, Any]:
+        name = naming.user_agent_name(license.user_id)
+        wanted = desired_spec(license)
+        now = rfc3339(dt.datetime.now(dt.UTC))
+        body = await self._client.get_or_none(self._path(name))
+        if body is None:
+            await progress(Stage.PROVISIONING, "creating your personal agent")
+            manifest = {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {
+                    "name": name,
+                    "namespace": self._namespace,
+                    "annotations": {LAST_ACTIVITY_ANNOTATION: now},
+                },
+                "spec": wanted,
+            }
+            try:
+                created: dict[str, Any] = await self._client.create(self._path(), manifest)
+            except Conflict:
+                # Another replica created it a moment ago: carry on with theirs.
+                return await self._create_or_update(license, progress)
+            self._activity[license.user_id] = time.monotonic()
+            return created
+        spec = body.get("spec") or {}
+        if spec.get("userId") != license.user_id:
+            raise ProvisioningError(
+                "NameCollision", f"UserAgent {name} belongs to another user; ask an operator to look"
+            )
+        if not _needs_patch(spec, wanted):
+            return body
+        if spec.get("suspended"):
+            await progress(Stage.WAKING, "waking your agent")
+        patch: dict[str, Any] = {"spec": {**wanted, "overrides": wanted.get("overrides")}}
+        patch["metadata"] = {"annotations": {LAST_ACTIVITY_ANNOTATION: now}}
+        self._activity[license.user_id] = time.monotonic()
+        patched: dict[str, Any] = await self._client.merge_patch(self._path(name), patch)
+        return patched
+
+    async def _wait_ready(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        deadline = time.monotonic() + self._timeout
+        version = body["metadata"].get("resourceVersion")
+        latest = body
+        while True:
+            failure = _failure(latest)
+            if failure is not None:
+                raise failure
+            if _is_ready(latest):
+                return latest
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProvisioningError(
+                    "Timeout", f"the agent was not ready within {self._timeout:.0f}s; try again shortly"
+                )
+            try:
+                async with asyncio.timeout(remaining):
+                    async for event in self._client.watch(
+                        self._path(),
+                        resource_version=version,
+                        field_selector=f"metadata.name={name}",
+                        timeout_seconds=max(1, int(remaining)),
+                    ):
+                        if event["type"] == "BOOKMARK":
+                            version = event["object"]["metadata"]["resourceVersion"]
+                            continue
+                        if event["type"] == "DELETED":
+                            raise ProvisioningError("Deleted", "the agent was deleted while starting")
+                        latest = event["object"]
+                        version = latest["metadata"]["resourceVersion"]
+                        if _is_ready(latest) or _failure(latest) is not None:
+                            break
+            except TimeoutError:
+                continue
+            except Gone:
+                # The watch fell too far behind: read the object afresh and watch again.
+                latest = await self._client.get(self._path(name))
+                version = latest["metadata"]["resourceVersion"]
+
+    async def _token(self, body: dict[str, Any]) -> str:
+        secret_name = (body.get("status") or {}).get("tokenSecret") or naming.token_secret_name(
+            body["metadata"]["name"]
+        )
+        try:
+            secret = await self._client.get(resource_path("v1", "secrets", self._namespace, secret_name))
+        except NotFound as error:
+            raise ProvisioningError("TokenMissing", f"the agent's token Secret {secret_name} is missing") from error
+        return base64.b64decode(secret["data"][TOKEN_KEY]).decode()
+
+    def forget(self, user_id: str) -> None:
+        self._endpoints.pop(user_id, None)
+
+    async def record_activity(self, user_id: str) -> None:
+        last = self._activity.get(user_id)
+        if last is not None and time.monotonic() - last < self._activity_interval:
+            return
+        self._activity[user_id] = time.monotonic()
+        patch = {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: rfc3339(dt.datetime.now(dt.UTC))}}}
+        try:
+            await self._client.merge_patch(self._path(naming.user_agent_name(user_id)), patch)
+        except NotFound:
+            self.forget(user_id)
+
+    async def healthy(self) -> bool:
+        try:
+            await self._client.get("/version")
+        except KubernetesError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self._endpoints.clear()

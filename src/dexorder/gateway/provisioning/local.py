@@ -1,0 +1,111 @@
+"""Agents as local child processes, for a machine without Kubernetes (the quick start).
+
+Like JupyterHub's local process spawner: one ``dexorder-agent`` per user, each with
+its own data directory (kept between runs) and port, stopped after the tier's idle
+timeout and all stopped when the gateway stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from dexorder.core import naming
+from dexorder.core.licenses import EffectiveLicense
+from dexorder.devenv.agent import AgentProcess
+from dexorder.devenv.errors import DevenvError
+from dexorder.gateway.provisioning.base import AgentEndpoint, Progress, ProvisioningError, Stage
+
+logger = logging.getLogger(__name__)
+
+
+class LocalProvisioner:
+    def __init__(self, root: Path, *, reap_interval: float = 30.0, start_timeout: float = 30.0) -> None:
+        self._root = root
+        self._reap_interval = reap_interval
+        self._start_timeout = start_timeout
+        self._agents: dict[str, AgentProcess] = {}
+        self._idle_limits: dict[str, float | None] = {}
+        self._last_activity: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def _data_dir(self, user_id: str) -> Path:
+        return self._root / naming.user_agent_name(user_id)
+
+    async def ensure_agent(self, license: EffectiveLicense, progress: Progress) -> AgentEndpoint:
+        user_id = license.user_id
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle(), name="local-agent-reaper")
+        timeout = license.idle_timeout_minutes
+        self._idle_limits[user_id] = timeout * 60.0 if timeout is not None else None
+        self._last_activity[user_id] = time.monotonic()
+        lock = self._locks.setdefault(user_id, asyncio.Lock())
+        async with lock:
+            agent = self._agents.get(user_id)
+            if agent is None or not agent.running:
+                data_dir = self._data_dir(user_id)
+                if data_dir.exists():
+                    await progress(Stage.WAKING, "waking your agent")
+                else:
+                    await progress(Stage.PROVISIONING, "creating your personal agent")
+                agent = AgentProcess(user_id, data_dir=data_dir, start_timeout=self._start_timeout)
+                await progress(Stage.STARTING, "starting your agent")
+                # The start runs in a thread that a cancel cannot stop: wait for it, then
+                # stop what it started, so no agent process outlives a cancelled request.
+                starting = asyncio.ensure_future(asyncio.to_thread(agent.start))
+                try:
+                    await asyncio.shield(starting)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await starting
+                    await asyncio.to_thread(agent.stop)
+                    raise
+                except DevenvError as error:
+                    await asyncio.to_thread(agent.stop)
+                    raise ProvisioningError("StartFailed", f"the agent did not start: {error}") from error
+                self._agents[user_id] = agent
+        await progress(Stage.READY, "your agent is ready")
+        return AgentEndpoint(user_id=user_id, url=agent.url, token=agent.token)
+
+    def forget(self, user_id: str) -> None:
+        agent = self._agents.get(user_id)
+        if agent is not None and not agent.running:
+            self._agents.pop(user_id, None)
+
+    async def record_activity(self, user_id: str) -> None:
+        self._last_activity[user_id] = time.monotonic()
+
+    async def healthy(self) -> bool:
+        return True
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self._reap_interval)
+            now = time.monotonic()
+            for user_id, agent in list(self._agents.items()):
+                limit = self._idle_limits.get(user_id)
+                if limit is None or now - self._last_activity.get(user_id, now) < limit:
+                    continue
+                async with self._locks[user_id]:
+                    logger.info("stopping idle agent of %s", user_id)
+                    self._agents.pop(user_id, None)
+                    await asyncio.to_thread(agent.stop)
+
+    async def stop_agent(self, user_id: str) -> None:
+        """Stop one user's agent now (the idle reaper's action, also for tests)."""
+        agent = self._agents.pop(user_id, None)
+        if agent is not None:
+            await asyncio.to_thread(agent.stop)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        agents, self._agents = list(self._agents.values()), {}
+        await asyncio.gather(*(asyncio.to_thread(agent.stop) for agent in agents))

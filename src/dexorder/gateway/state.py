@@ -1,0 +1,20 @@
+"""Typed application state of the gateway (aiohttp ``AppKey``s)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from dexorder.gateway.auth import TokenVerifier
+from dexorder.gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from dexorder.gateway.conversation import ChatServices, Conversation
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+CHAT_SERVICES: web.AppKey[ChatServices] = web.AppKey("chat_services")
+LIVE_SOCKETS: web.AppKey[dict[web.WebSocketResponse, Conversation]] = web.AppKey("live_sockets")
+DRAINING = web.AppKey("draining", asyncio.Event)

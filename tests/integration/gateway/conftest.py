@@ -1,0 +1,139 @@
+"""A real gateway on loopback: real PostgreSQL, a real JWKS server, real agent processes
+(local provisioner) and the scripted OpenAI-compatible server, with litellm pointed at it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
+from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.devenv.paths import TIER_CATALOG
+from dexorder.devenv.process import free_port
+from dexorder.gateway.app import create_app
+from dexorder.gateway.migrations import apply_migrations
+from dexorder.gateway.settings import GatewaySettings
+
+ISSUER = "https://id.test.dexorder"
+AUDIENCE = "dexorder-gateway"
+
+
+def models_yaml(base_url: str) -> str:
+    groups = {
+        group: [{"model": f"openai/{group}-model", "api_base": base_url, "api_key_env": "OPENAI_API_KEY"}]
+        for group in ("fast", "standard", "deep")
+    }
+    return json.dumps({"default_group": "standard", "groups": groups})
+
+
+@pytest.fixture(scope="module")
+async def migrated_dsn(postgres_dsn: str) -> str:
+    await apply_migrations(postgres_dsn)
+    return postgres_dsn
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[FakeLLMServer]:
+    server = FakeLLMServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[LocalJwksIssuer]:
+    async with LocalJwksIssuer(issuer=ISSUER, audience=AUDIENCE) as running:
+        yield running
+
+
+def gateway_settings(
+    dsn: str, issuer: LocalJwksIssuer, llm: FakeLLMServer, tmp_path: Path, **overrides: Any
+) -> GatewaySettings:
+    models = tmp_path / "models.yaml"
+    models.write_text(models_yaml(llm.base_url))
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "jwks_url": issuer.jwks_url,
+        "jwt_issuer": ISSUER,
+        "jwt_audience": AUDIENCE,
+        "openai_api_key": FAKE_API_KEY,
+        "provisioner": "local",
+        "local_agents_dir": str(tmp_path / "agents"),
+        "tiers_path": str(TIER_CATALOG),
+        "models_path": str(models),
+        "license_cache_seconds": 0,
+        "drain_seconds": 5,
+        **overrides,
+    }
+    return GatewaySettings.from_values(values)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/ws/chat"
+
+
+@pytest.fixture
+async def gateway(
+    migrated_dsn: str, issuer: LocalJwksIssuer, llm: FakeLLMServer, tmp_path: Path
+) -> AsyncIterator[RunningGateway]:
+    app = create_app(gateway_settings(migrated_dsn, issuer, llm, tmp_path))
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield RunningGateway(f"http://127.0.0.1:{port}", app, runner)
+    finally:
+        await runner.cleanup()
+
+
+class ChatClient:
+    """A protocol client for tests: send frames, read them, wait for a type."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_str(json.dumps(frame))
+
+    async def next(self, timeout: float = 30) -> dict[str, Any]:
+        message = await self.ws.receive(timeout=timeout)
+        if message.type != aiohttp.WSMsgType.TEXT:
+            raise AssertionError(f"expected a frame, got {message.type} {message.data!r} {message.extra!r}")
+        frame: dict[str, Any] = json.loads(message.data)
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, kind: str, timeout: float = 60) -> list[dict[str, Any]]:
+        """Frames up to and including the first of type ``kind``."""
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.next(timeout)
+                seen.append(frame)
+                if frame["type"] == kind:
+                    return seen
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"user-{uuid.uuid4().hex[:8]}"
