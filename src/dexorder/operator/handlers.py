@@ -100,7 +100,7 @@ async def refresh_status(
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
     ua = (GROUP, VERSION, PLURAL)
 
-    @kopf.index(*ua, registry=registry)
+    @kopf.index(*ua, id="user_agents", registry=registry)
     def user_agents(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
         return {_key(body): dict(body)}
 
@@ -115,13 +115,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 "status": dict(body.get("status") or {}),
             }
 
-    @kopf.index("apps", "v1", "deployments", labels=CHILDREN, registry=registry)
+    @kopf.index("apps", "v1", "deployments", labels=CHILDREN, id="agent_deployments", registry=registry)
     def agent_deployments(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
         return {
             (body["metadata"]["namespace"], body["metadata"]["labels"][AGENT_LABEL]): dict(body)
         }
 
-    @kopf.index("", "v1", "pods", labels=CHILDREN, registry=registry)
+    @kopf.index("", "v1", "pods", labels=CHILDREN, id="failing_pods", registry=registry)
     def failing_pods(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]] | None:
         failure = _pod_failure_entry(body)
         if failure is None:
@@ -177,17 +177,18 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         # The Deployment, Service and Secret go with their owner reference.
 
     @kopf.timer(*ua, interval=settings.idle_check_interval_seconds, registry=registry)
-    async def idle_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def idle_timer(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         state: OperatorState = memo["state"]
         try:
             desired = desired_state(body, state.reconciler.catalog)
         except InvalidUserAgent:
             return
-        namespace, name = _key(body)
-        status = body.get("status") or {}
-        activity = last_activity(body)
-        if activity is not None and status.get("lastActivity") != rfc3339(activity):
-            await state.reconciler.write_status(body, {"lastActivity": rfc3339(activity)})
+        key = namespace, name = _key(body)
+        # Re-derive the status from the latest children on every tick: a status write
+        # from a slower handler can land after a newer one, and no child event may follow.
+        deployment = _only(kwargs["agent_deployments"], key)
+        if deployment is not None and not body["metadata"].get("deletionTimestamp"):
+            await refresh_status(state, body, deployment, list(kwargs["failing_pods"].get(key, [])))
         if desired.spec.suspended:
             return
         if idle_deadline_passed(body, desired.sizing, dt.datetime.now(dt.UTC)):
