@@ -16,7 +16,20 @@ def main(argv: list[str] | None = None) -> int:
         "build", help="build and cache the Go binaries (control plane, helm)"
     )
     build.add_argument("targets", nargs="*", default=["etcd", "kwok", "kubernetes"])
+    demo = commands.add_parser("demo", help="a working chat on embedded defaults (Ctrl-C stops it)")
+    demo.add_argument("--port", type=int, default=8080)
+    chat = commands.add_parser("chat", help="a terminal chat client of the WebSocket protocol")
+    chat.add_argument("--url", help="gateway URL (default: the running demo's)")
+    chat.add_argument("--token", help="a JWT (default: the running demo's token)")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from dexorder import demo as demo_module
+
+        return demo_module.run(port=args.port)
+    if args.command == "chat":
+        from dexorder import chat_client
+
+        return chat_client.main(args.url, args.token)
     if args.command == "devenv":
         return stack.dispatch(args)
     if args.command == "build":

@@ -1,7 +1,7 @@
 """``dexorder-gateway``: serve the chat gateway, or run one of its admin commands.
 
-    dexorder-gateway [serve]     the HTTP and WebSocket server
-    dexorder-gateway migrate     apply the PostgreSQL migrations
+dexorder-gateway [serve]     the HTTP and WebSocket server
+dexorder-gateway migrate     apply the PostgreSQL migrations
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def _migrate() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     parser = argparse.ArgumentParser(prog="dexorder-gateway", description=__doc__)
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
     args = parser.parse_args(argv)

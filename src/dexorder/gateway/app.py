@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -40,14 +41,16 @@ async def ready(request: web.Request) -> web.Response:
         try:
             async with asyncio.timeout(2):
                 results[name] = await check()
-        except Exception:  # noqa: BLE001 - any failure means not ready
+        except Exception:
             results[name] = False
     ok = all(results.values()) and not request.app[DRAINING].is_set()
     return web.json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
 
 
 async def serve_metrics(_: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
@@ -69,7 +72,9 @@ async def _drain(app: web.Application) -> None:
     await websocket.drain(app, app[SETTINGS].drain_seconds)
 
 
-async def _open_provisioner(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Provisioner:
+async def _open_provisioner(
+    settings: GatewaySettings, stack: contextlib.AsyncExitStack
+) -> Provisioner:
     if settings.provisioner == ProvisionerKind.KUBERNETES:
         client = await stack.enter_async_context(KubeClient(load_credentials(settings.kubeconfig)))
         provisioner: Provisioner = KubernetesProvisioner(
@@ -98,7 +103,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         models = load_model_list(settings.models_path)
         targets = model_targets(
             models,
-            default_provider=settings.default_model_provider.value if settings.default_model_provider else None,
+            default_provider=settings.default_model_provider.value
+            if settings.default_model_provider
+            else None,
             default_model=settings.default_model,
             provider_settings=settings.provider_settings(),
         )
@@ -136,8 +143,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _client_session() -> AsyncIterator[object]:
-    import aiohttp
-
+async def _client_session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

@@ -54,7 +54,9 @@ class ConversationError(Exception):
         self.message = message
 
 
-async def effective_license(services: ChatServices, user_id: str, email: str | None = None) -> EffectiveLicense:
+async def effective_license(
+    services: ChatServices, user_id: str, email: str | None = None
+) -> EffectiveLicense:
     """The user's license as it applies now (expired: the free tier, with a notice)."""
     try:
         license: License = await services.licenses.get_license(user_id, email=email)
@@ -62,7 +64,8 @@ async def effective_license(services: ChatServices, user_id: str, email: str | N
         raise ConversationError(protocol.ErrorCode.LICENSE_REFUSED, str(error)) from error
     except LicenseError as error:
         raise ConversationError(
-            protocol.ErrorCode.SERVICE_UNAVAILABLE, "the license service is unavailable; try again shortly"
+            protocol.ErrorCode.SERVICE_UNAVAILABLE,
+            "the license service is unavailable; try again shortly",
         ) from error
     return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
 
@@ -75,7 +78,8 @@ def choose_group(services: ChatServices, license: EffectiveLicense) -> tuple[str
     if allowed:
         return allowed[-1], f"the best group the {license.tier.name} tier allows"
     raise ConversationError(
-        protocol.ErrorCode.LLM_ERROR, f"no model is configured for the {license.tier.name} tier's groups"
+        protocol.ErrorCode.LLM_ERROR,
+        f"no model is configured for the {license.tier.name} tier's groups",
     )
 
 
@@ -132,7 +136,7 @@ class Conversation:
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing runs or waits (for a graceful drain); False on timeout."""
         deadline = time.monotonic() + timeout
-        while not self.idle and time.monotonic() < deadline:
+        while not self.idle and time.monotonic() < deadline:  # noqa: ASYNC110 - two conditions
             await asyncio.sleep(0.05)
         return self.idle
 
@@ -147,7 +151,9 @@ class Conversation:
             await self._agent.close()
             self._agent = None
 
-    async def _error(self, code: protocol.ErrorCode, message: str, retry_after: float | None = None) -> None:
+    async def _error(
+        self, code: protocol.ErrorCode, message: str, retry_after: float | None = None
+    ) -> None:
         metrics.ERRORS.labels(code=code.value).inc()
         await self._emit(protocol.ErrorFrame(code=code, message=message, retry_after=retry_after))
 
@@ -169,7 +175,9 @@ class Conversation:
         try:
             await self._ensure_agent()
         except ProvisioningError as error:
-            await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}")
+            await self._error(
+                protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
+            )
 
     async def _work(self) -> None:
         await self.prepare()
@@ -181,7 +189,9 @@ class Conversation:
                 raise
             except Exception:
                 logger.exception("turn failed in session %s", self.session_id)
-                await self._error(protocol.ErrorCode.INTERNAL, "something went wrong on our side; try again")
+                await self._error(
+                    protocol.ErrorCode.INTERNAL, "something went wrong on our side; try again"
+                )
 
     async def _handle(self, text: str) -> None:
         limits = self.license.rate_limits
@@ -218,7 +228,9 @@ class Conversation:
             try:
                 agent = await self._ensure_agent()
             except ProvisioningError as error:
-                await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}")
+                await self._error(
+                    protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
+                )
                 return
             harness = Harness(
                 agent,
@@ -227,7 +239,9 @@ class Conversation:
                 max_tool_rounds=self.services.max_tool_rounds,
                 route_reason=reason,
             )
-            self._turn = asyncio.create_task(harness.run_turn(text, self._emit), name=f"turn:{self.session_id}")
+            self._turn = asyncio.create_task(
+                harness.run_turn(text, self._emit), name=f"turn:{self.session_id}"
+            )
             try:
                 result = await self._turn
             except asyncio.CancelledError:

@@ -45,7 +45,9 @@ class TurnResult:
 
 
 def system_message(preferences: dict[str, Any]) -> dict[str, str]:
-    details = [f"{key}: {value}" for key, value in sorted(preferences.items()) if value not in (None, "")]
+    details = [
+        f"{key}: {value}" for key, value in sorted(preferences.items()) if value not in (None, "")
+    ]
     text = SYSTEM_PROMPT
     if details:
         text += "\nThe user's preferences: " + "; ".join(details) + "."
@@ -92,7 +94,9 @@ class Harness:
         self.llm_timeout = llm_timeout
         self.route_reason = route_reason
 
-    async def _context(self, user_message: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def _context(
+        self, user_message: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         preferences, history, tools = await asyncio.gather(
             self.agent.read_json_resource("dexorder://preferences", {}),
             self.agent.read_json_resource(f"dexorder://history/{self.session_id}", []),
@@ -121,13 +125,21 @@ class Harness:
                     "role": "assistant",
                     "content": text,
                     "tool_calls": [
-                        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+                        {
+                            "id": c.id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments_json},
+                        }
                         for c in calls
                     ],
                 }
                 messages.append(assistant)
                 record.append(
-                    {"role": "assistant", "content": text, "tool_calls": [{"id": c.id, "name": c.name} for c in calls]}
+                    {
+                        "role": "assistant",
+                        "content": text,
+                        "tool_calls": [{"id": c.id, "name": c.name} for c in calls],
+                    }
                 )
                 for call in calls:
                     outcome = await self._run_tool(call, emit)
@@ -201,11 +213,15 @@ class Harness:
         except AgentUnavailable as error:
             await emit(protocol.ToolResultFrame(id=call.id, content=str(error), is_error=True))
             return f"error: {error}"
-        await emit(protocol.ToolResultFrame(id=call.id, content=outcome.content, is_error=outcome.is_error))
+        await emit(
+            protocol.ToolResultFrame(id=call.id, content=outcome.content, is_error=outcome.is_error)
+        )
         return outcome.content
 
     async def _write_back(self, record: list[dict[str, Any]], *, shielded: bool) -> None:
-        write = self.agent.call_tool("append_turns", {"session_id": self.session_id, "turns": record})
+        write = self.agent.call_tool(
+            "append_turns", {"session_id": self.session_id, "turns": record}
+        )
         try:
             if shielded:
                 await asyncio.wait_for(asyncio.shield(write), timeout=5)
@@ -213,7 +229,11 @@ class Harness:
                 await write
         except (AgentUnavailable, TimeoutError) as error:
             # The reply reached the user; losing its record is logged, never hidden.
-            logger.error("could not write the turn back to the agent of session %s: %s", self.session_id, error)
+            logger.error(  # noqa: TRY400 - the cause is in the message; no traceback needed
+                "could not write the turn back to the agent of session %s: %s",
+                self.session_id,
+                error,
+            )
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -226,6 +246,3 @@ def usage_dict(usage: Usage) -> dict[str, int]:
 
 def tool_result_preview(content: str, limit: int = 4000) -> str:
     return content if len(content) <= limit else content[:limit] + "…"
-
-
-

@@ -14,7 +14,14 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
-from dexorder.core.ratelimit import DAY, MINUTE, Decision, day_bucket, seconds_until_next_day, sliding_window
+from dexorder.core.ratelimit import (
+    DAY,
+    MINUTE,
+    Decision,
+    day_bucket,
+    seconds_until_next_day,
+    sliding_window,
+)
 from dexorder.core.tiers import RateLimits
 
 
@@ -46,7 +53,9 @@ class MemoryLimiter:
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
         now = time.time()
         if self._tokens[(user_id, day_bucket(now))] >= limits.tokens_per_day:
-            return Decision(False, seconds_until_next_day(now), f"{limits.tokens_per_day} tokens per day")
+            return Decision(
+                False, seconds_until_next_day(now), f"{limits.tokens_per_day} tokens per day"
+            )
         if self._running[user_id] >= limits.concurrent_generations:
             return Decision(False, 1.0, f"{limits.concurrent_generations} concurrent generations")
         self._running[user_id] += 1
@@ -94,7 +103,9 @@ return 0
 class RedisLimiter:
     """The same limits, held in Redis for every replica at once."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "dexorder:limits", generation_ttl: int = 600) -> None:
+    def __init__(
+        self, redis: Redis, *, prefix: str = "dexorder:limits", generation_ttl: int = 600
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._generation_ttl = generation_ttl
@@ -112,7 +123,9 @@ class RedisLimiter:
         )
         if allowed:
             return Decision(True)
-        return Decision(False, int(retry_ms) / 1000, f"{limits.messages_per_minute} messages per minute")
+        return Decision(
+            False, int(retry_ms) / 1000, f"{limits.messages_per_minute} messages per minute"
+        )
 
     def _tokens_key(self, user_id: str) -> str:
         return self._key(f"tokens:{day_bucket(time.time())}", user_id)
@@ -125,7 +138,11 @@ class RedisLimiter:
         if allowed:
             return Decision(True)
         if int(why) == 1:
-            return Decision(False, seconds_until_next_day(time.time()), f"{limits.tokens_per_day} tokens per day")
+            return Decision(
+                False,
+                seconds_until_next_day(time.time()),
+                f"{limits.tokens_per_day} tokens per day",
+            )
         return Decision(False, 1.0, f"{limits.concurrent_generations} concurrent generations")
 
     async def release_generation(self, user_id: str) -> None:

@@ -109,7 +109,10 @@ class AgentSession:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -119,7 +122,9 @@ class AgentSession:
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[ClientSession] = loop.create_future()
         closing = asyncio.Event()
-        task = asyncio.create_task(self._hold(opened, closing), name=f"mcp-session:{self.endpoint.user_id}")
+        task = asyncio.create_task(
+            self._hold(opened, closing), name=f"mcp-session:{self.endpoint.user_id}"
+        )
         try:
             session = await opened
         except BaseException:
@@ -134,7 +139,9 @@ class AgentSession:
         headers = {"Authorization": f"Bearer {self.endpoint.token}"} if self.endpoint.token else {}
         try:
             async with (
-                httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(self._timeout, read=300)) as http,
+                httpx.AsyncClient(
+                    headers=headers, timeout=httpx.Timeout(self._timeout, read=300)
+                ) as http,
                 streamable_http_client(self._url, http_client=http) as (read, write, _),
                 ClientSession(read, write) as session,
             ):
@@ -143,7 +150,9 @@ class AgentSession:
                 await closing.wait()
         except Exception as error:
             if not opened.done():
-                opened.set_exception(AgentUnavailable(f"cannot open an MCP session with the agent: {error}"))
+                opened.set_exception(
+                    AgentUnavailable(f"cannot open an MCP session with the agent: {error}")
+                )
             else:
                 logger.debug("MCP session of %s ended: %s", self.endpoint.user_id, error)
         finally:
@@ -162,7 +171,9 @@ class AgentSession:
         async with self._opening:
             if self._session is not lost and self._session is not None:
                 return self._session  # another call reopened it already
-            logger.info("agent of %s forgot our MCP session; opening a new one", self.endpoint.user_id)
+            logger.info(
+                "agent of %s forgot our MCP session; opening a new one", self.endpoint.user_id
+            )
             await self.close()
             await self._open()
             assert self._session is not None
@@ -193,12 +204,15 @@ class AgentSession:
         if self._tools is None:
             result = await self._call("list_tools", lambda s: s.list_tools())
             self._tools = [
-                ToolSpec(tool.name, tool.description or "", dict(tool.inputSchema or {})) for tool in result.tools
+                ToolSpec(tool.name, tool.description or "", dict(tool.inputSchema or {}))
+                for tool in result.tools
             ]
         return self._tools
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutcome:
-        result: CallToolResult = await self._call(f"call_tool {name}", lambda s: s.call_tool(name, dict(arguments)))
+        result: CallToolResult = await self._call(
+            f"call_tool {name}", lambda s: s.call_tool(name, dict(arguments))
+        )
         return ToolOutcome(content=_text_of(result), is_error=bool(result.isError))
 
     async def read_resource(self, uri: str) -> str:

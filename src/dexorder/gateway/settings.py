@@ -228,6 +228,7 @@ class GatewaySettings(BaseSettings):
 
     def provider_settings(self) -> dict[str, str | None]:
         """The provider settings a model list refers to, by their environment names."""
+
         def secret(value: SecretStr | None) -> str | None:
             return None if value is None else value.get_secret_value()
 

@@ -16,5 +16,7 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", GatewaySettings)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 CHAT_SERVICES: web.AppKey[ChatServices] = web.AppKey("chat_services")
-LIVE_SOCKETS: web.AppKey[dict[web.WebSocketResponse, Conversation]] = web.AppKey("live_sockets")
+LIVE_SOCKETS: web.AppKey[dict[web.WebSocketResponse[bool], Conversation]] = web.AppKey(
+    "live_sockets"
+)
 DRAINING = web.AppKey("draining", asyncio.Event)

@@ -16,8 +16,8 @@ import kopf
 
 from dexorder.adapters.kubernetes import KubernetesError, NotFound, resource_path
 from dexorder.core import quantity
-from dexorder.core.idle import idle_deadline_passed, last_activity
-from dexorder.core.status import FATAL_WAITING_REASONS, StorageState, rfc3339
+from dexorder.core.idle import idle_deadline_passed
+from dexorder.core.status import FATAL_WAITING_REASONS, StorageState
 from dexorder.core.useragent import (
     AGENT_LABEL,
     GROUP,
@@ -115,7 +115,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 "status": dict(body.get("status") or {}),
             }
 
-    @kopf.index("apps", "v1", "deployments", labels=CHILDREN, id="agent_deployments", registry=registry)
+    @kopf.index(
+        "apps", "v1", "deployments", labels=CHILDREN, id="agent_deployments", registry=registry
+    )
     def agent_deployments(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
         return {
             (body["metadata"]["namespace"], body["metadata"]["labels"][AGENT_LABEL]): dict(body)

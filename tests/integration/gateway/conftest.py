@@ -29,7 +29,13 @@ AUDIENCE = "dexorder-gateway"
 
 def models_yaml(base_url: str) -> str:
     groups = {
-        group: [{"model": f"openai/{group}-model", "api_base": base_url, "api_key_env": "OPENAI_API_KEY"}]
+        group: [
+            {
+                "model": f"openai/{group}-model",
+                "api_base": base_url,
+                "api_key_env": "OPENAI_API_KEY",
+            }
+        ]
         for group in ("fast", "standard", "deep")
     }
     return json.dumps({"default_group": "standard", "groups": groups})
@@ -118,7 +124,9 @@ class ChatClient:
     async def next(self, timeout: float = 30) -> dict[str, Any]:
         message = await self.ws.receive(timeout=timeout)
         if message.type != aiohttp.WSMsgType.TEXT:
-            raise AssertionError(f"expected a frame, got {message.type} {message.data!r} {message.extra!r}")
+            raise AssertionError(
+                f"expected a frame, got {message.type} {message.data!r} {message.extra!r}"
+            )
         frame: dict[str, Any] = json.loads(message.data)
         self.frames.append(frame)
         return frame

@@ -18,7 +18,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from dexorder.core import protocol
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import AuthError, Identity, TokenVerifier
-from dexorder.gateway.conversation import ChatServices, Conversation, ConversationError, effective_license
+from dexorder.gateway.conversation import (
+    ChatServices,
+    Conversation,
+    ConversationError,
+    effective_license,
+)
 from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, VERIFIER
 
 logger = logging.getLogger(__name__)
@@ -39,7 +44,9 @@ async def _send(ws: web.WebSocketResponse, frame: protocol.Frame) -> None:
         await ws.send_str(protocol.encode_frame(frame))
 
 
-async def _first_frame_identity(ws: web.WebSocketResponse, verifier: TokenVerifier) -> Identity | None:
+async def _first_frame_identity(
+    ws: web.WebSocketResponse, verifier: TokenVerifier
+) -> Identity | None:
     try:
         async with asyncio.timeout(AUTH_TIMEOUT):
             message = await ws.receive()
@@ -106,18 +113,29 @@ async def serve(
         except ConversationError as error:
             metrics.ERRORS.labels(code=error.code.value).inc()
             await _send(ws, protocol.ErrorFrame(code=error.code, message=error.message))
-            close_code = 4403 if error.code == protocol.ErrorCode.LICENSE_REFUSED else WSCloseCode.TRY_AGAIN_LATER
+            close_code = (
+                4403
+                if error.code == protocol.ErrorCode.LICENSE_REFUSED
+                else WSCloseCode.TRY_AGAIN_LATER
+            )
             await ws.close(code=close_code, message=error.code.value.encode())
             return
 
         async def emit(frame: protocol.Frame) -> None:
             await _send(ws, frame)
 
-        conversation = Conversation(services, license, session_id=session_id, emit=emit, channel="websocket")
+        conversation = Conversation(
+            services, license, session_id=session_id, emit=emit, channel="websocket"
+        )
         app[LIVE_SOCKETS][ws] = conversation
-        await _send(ws, protocol.ReadyFrame(session_id=session_id, user=identity.user, tier=license.tier.name))
+        await _send(
+            ws,
+            protocol.ReadyFrame(session_id=session_id, user=identity.user, tier=license.tier.name),
+        )
         if license.notice:
-            await _send(ws, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice))
+            await _send(
+                ws, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice)
+            )
         conversation.start()
         await _read_frames(ws, conversation)
     finally:
@@ -133,7 +151,12 @@ async def _read_frames(ws: web.WebSocketResponse, conversation: Conversation) ->
         if message.type == WSMsgType.ERROR:
             break
         if message.type != WSMsgType.TEXT:
-            await _send(ws, protocol.ErrorFrame(code=protocol.ErrorCode.BAD_REQUEST, message="frames are JSON text"))
+            await _send(
+                ws,
+                protocol.ErrorFrame(
+                    code=protocol.ErrorCode.BAD_REQUEST, message="frames are JSON text"
+                ),
+            )
             continue
         try:
             frame = protocol.parse_client_frame(message.data)
@@ -151,25 +174,40 @@ async def _read_frames(ws: web.WebSocketResponse, conversation: Conversation) ->
                     ),
                 )
             elif conversation.generating:
-                await _send(ws, protocol.StatusFrame(stage=protocol.Stage.QUEUED, message="queued after the reply"))
+                await _send(
+                    ws,
+                    protocol.StatusFrame(
+                        stage=protocol.Stage.QUEUED, message="queued after the reply"
+                    ),
+                )
         elif isinstance(frame, protocol.CancelFrame):
             conversation.cancel_generation()
         elif isinstance(frame, protocol.PingFrame):
             await _send(ws, protocol.PongFrame())
         elif isinstance(frame, protocol.AuthFrame):
-            await _send(ws, protocol.ErrorFrame(code=protocol.ErrorCode.BAD_REQUEST, message="already authenticated"))
+            await _send(
+                ws,
+                protocol.ErrorFrame(
+                    code=protocol.ErrorCode.BAD_REQUEST, message="already authenticated"
+                ),
+            )
         else:
             await _send(
                 ws,
-                protocol.ErrorFrame(code=protocol.ErrorCode.APPROVAL_INVALID, message="nothing is waiting for approval"),
+                protocol.ErrorFrame(
+                    code=protocol.ErrorCode.APPROVAL_INVALID,
+                    message="nothing is waiting for approval",
+                ),
             )
 
 
 async def drain(app: web.Application, deadline: float) -> None:
     """On SIGTERM: let running generations finish up to ``deadline`` seconds, then close 1012."""
     app[DRAINING].set()
-    sockets = dict(app[LIVE_SOCKETS])
+    sockets = app[LIVE_SOCKETS].copy()
     await asyncio.gather(*(conversation.wait_idle(deadline) for conversation in sockets.values()))
     for ws in sockets:
         with contextlib.suppress(Exception):
-            await ws.close(code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect")
+            await ws.close(
+                code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect"
+            )

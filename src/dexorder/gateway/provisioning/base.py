@@ -9,6 +9,7 @@ from typing import Protocol
 from dexorder.core.licenses import EffectiveLicense
 from dexorder.core.protocol import Stage
 
+__all__ = ["AgentEndpoint", "Progress", "Provisioner", "ProvisioningError", "Stage", "no_progress"]
 
 Progress = Callable[[Stage, str], Awaitable[None]]
 

@@ -42,7 +42,11 @@ def desired_spec(license: EffectiveLicense) -> dict[str, Any]:
             overrides[field] = value
     if license.idle_timeout_override is not None:
         overrides["idleTimeoutSeconds"] = license.idle_timeout_override * 60
-    spec: dict[str, Any] = {"userId": license.user_id, "tier": license.tier.name, "suspended": False}
+    spec: dict[str, Any] = {
+        "userId": license.user_id,
+        "tier": license.tier.name,
+        "suspended": False,
+    }
     if overrides:
         spec["overrides"] = overrides
     return spec
@@ -69,8 +73,12 @@ def _failure(body: dict[str, Any]) -> ProvisioningError | None:
         return None
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return None
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return ProvisioningError(ready.get("reason", "Failed"), ready.get("message", "the agent failed"))
+    ready: dict[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
+    return ProvisioningError(
+        ready.get("reason", "Failed"), ready.get("message", "the agent failed")
+    )
 
 
 class KubernetesProvisioner:
@@ -112,7 +120,9 @@ class KubernetesProvisioner:
         await progress(Stage.READY, "your agent is ready")
         return endpoint
 
-    async def _create_or_update(self, license: EffectiveLicense, progress: Progress) -> dict[str, Any]:
+    async def _create_or_update(
+        self, license: EffectiveLicense, progress: Progress
+    ) -> dict[str, Any]:
         name = naming.user_agent_name(license.user_id)
         wanted = desired_spec(license)
         now = rfc3339(dt.datetime.now(dt.UTC))
@@ -139,7 +149,8 @@ class KubernetesProvisioner:
         spec = body.get("spec") or {}
         if spec.get("userId") != license.user_id:
             raise ProvisioningError(
-                "NameCollision", f"UserAgent {name} belongs to another user; ask an operator to look"
+                "NameCollision",
+                f"UserAgent {name} belongs to another user; ask an operator to look",
             )
         if not _needs_patch(spec, wanted):
             return body
@@ -165,7 +176,8 @@ class KubernetesProvisioner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProvisioningError(
-                    "Timeout", f"the agent was not ready within {self._timeout:.0f}s; try again shortly"
+                    "Timeout",
+                    f"the agent was not ready within {self._timeout:.0f}s; try again shortly",
                 )
             try:
                 async with asyncio.timeout(remaining):
@@ -179,7 +191,9 @@ class KubernetesProvisioner:
                             version = event["object"]["metadata"]["resourceVersion"]
                             continue
                         if event["type"] == "DELETED":
-                            raise ProvisioningError("Deleted", "the agent was deleted while starting")
+                            raise ProvisioningError(
+                                "Deleted", "the agent was deleted while starting"
+                            )
                         latest = event["object"]
                         version = latest["metadata"]["resourceVersion"]
                         if _is_ready(latest) or _failure(latest) is not None:
@@ -196,9 +210,13 @@ class KubernetesProvisioner:
             body["metadata"]["name"]
         )
         try:
-            secret = await self._client.get(resource_path("v1", "secrets", self._namespace, secret_name))
+            secret = await self._client.get(
+                resource_path("v1", "secrets", self._namespace, secret_name)
+            )
         except NotFound as error:
-            raise ProvisioningError("TokenMissing", f"the agent's token Secret {secret_name} is missing") from error
+            raise ProvisioningError(
+                "TokenMissing", f"the agent's token Secret {secret_name} is missing"
+            ) from error
         return base64.b64decode(secret["data"][TOKEN_KEY]).decode()
 
     def forget(self, user_id: str) -> None:
@@ -209,7 +227,11 @@ class KubernetesProvisioner:
         if last is not None and time.monotonic() - last < self._activity_interval:
             return
         self._activity[user_id] = time.monotonic()
-        patch = {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: rfc3339(dt.datetime.now(dt.UTC))}}}
+        patch = {
+            "metadata": {
+                "annotations": {LAST_ACTIVITY_ANNOTATION: rfc3339(dt.datetime.now(dt.UTC))}
+            }
+        }
         try:
             await self._client.merge_patch(self._path(naming.user_agent_name(user_id)), patch)
         except NotFound:

@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 class LocalProvisioner:
-    def __init__(self, root: Path, *, reap_interval: float = 30.0, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, root: Path, *, reap_interval: float = 30.0, start_timeout: float = 30.0
+    ) -> None:
         self._root = root
         self._reap_interval = reap_interval
         self._start_timeout = start_timeout
@@ -66,7 +68,9 @@ class LocalProvisioner:
                     raise
                 except DevenvError as error:
                     await asyncio.to_thread(agent.stop)
-                    raise ProvisioningError("StartFailed", f"the agent did not start: {error}") from error
+                    raise ProvisioningError(
+                        "StartFailed", f"the agent did not start: {error}"
+                    ) from error
                 self._agents[user_id] = agent
         await progress(Stage.READY, "your agent is ready")
         return AgentEndpoint(user_id=user_id, url=agent.url, token=agent.token)
