@@ -11,7 +11,7 @@ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2
 command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
 command -v go >/dev/null || need_apt+=(golang)
-if [ "${DEXORDER_BROWSER:-1}" = "1" ]; then
+if [ "${DEXORDER_BROWSER:-0}" = "1" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -34,4 +34,4 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # Go binaries of the local control plane: built once, then served from the cache.
-.venv/bin/dexorder build etcd kwok kubernetes
+.venv/bin/dexorder build etcd kwok kubernetes helm

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -177,6 +178,11 @@ class GatewaySettings(BaseSettings):
     local_agents_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "agents"
     # Test and demo stand-in for cluster DNS: {"svc-host:8000": "127.0.0.1:54321"}.
     agent_host_map: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("local_agents_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @classmethod
     def settings_customise_sources(
