@@ -1,6 +1,6 @@
 """Median start time of the cached local control plane (etcd, API server, controllers, kwok).
 
-    .venv/bin/python bench/bench_control_plane.py --runs 3
+.venv/bin/python bench/bench_control_plane.py --runs 3
 """
 
 from __future__ import annotations
