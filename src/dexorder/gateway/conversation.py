@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from dexorder.core import protocol
 from dexorder.core.licenses import EffectiveLicense, License, resolve_license
+from dexorder.core.ratelimit import Decision
 from dexorder.core.routing import LLMTarget
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
@@ -193,23 +194,22 @@ class Conversation:
                     protocol.ErrorCode.INTERNAL, "something went wrong on our side; try again"
                 )
 
+    async def _refuse(self, decision: Decision) -> None:
+        await self._error(
+            protocol.ErrorCode.RATE_LIMITED,
+            f"limit of {decision.reason} reached; try again in {decision.retry_after:.0f}s",
+            retry_after=decision.retry_after,
+        )
+
     async def _handle(self, text: str) -> None:
         limits = self.license.rate_limits
         decision = await self.services.limiter.admit_message(self.user_id, limits)
         if not decision.allowed:
-            await self._error(
-                protocol.ErrorCode.RATE_LIMITED,
-                f"limit of {decision.reason} reached; try again in {decision.retry_after:.0f}s",
-                retry_after=decision.retry_after,
-            )
+            await self._refuse(decision)
             return
         generation = await self.services.limiter.admit_generation(self.user_id, limits)
         if not generation.allowed:
-            await self._error(
-                protocol.ErrorCode.RATE_LIMITED,
-                f"limit of {generation.reason} reached; try again in {generation.retry_after:.0f}s",
-                retry_after=generation.retry_after,
-            )
+            await self._refuse(generation)
             return
         try:
             await self._generate(text)
