@@ -89,8 +89,9 @@ async def test_tool_round_trip_is_visible(
         assert "likes ETH" in "".join(f["content"] for f in frames if f["type"] == "delta")
 
 
-async def test_cancel_closes_the_upstream_stream(
-    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+@pytest.mark.parametrize("how", ["cancel", "disconnect"])
+async def test_stopping_mid_stream_closes_the_upstream_stream(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str, how: str
 ) -> None:
     llm.queue(TextScript(text="word " * 400, tokens_per_second=20))
     async with aiohttp.ClientSession() as session:
@@ -98,23 +99,12 @@ async def test_cancel_closes_the_upstream_stream(
         await client.until("ready")
         await client.send({"type": "message", "content": "talk a lot"})
         await client.until("delta", timeout=60)
-        await client.send({"type": "cancel"})
-        done = (await client.until("done"))[-1]
-        assert done["cancelled"] is True
-        record = await llm.wait_for_end(within=5)
-        assert record.cut_by_client
-
-
-async def test_disconnect_mid_stream_closes_upstream(
-    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
-) -> None:
-    llm.queue(TextScript(text="word " * 400, tokens_per_second=20))
-    async with aiohttp.ClientSession() as session:
-        client = await connect(session, gateway, issuer.mint(user_id))
-        await client.until("ready")
-        await client.send({"type": "message", "content": "talk a lot"})
-        await client.until("delta", timeout=60)
-        await client.ws.close()
+        if how == "cancel":
+            await client.send({"type": "cancel"})
+            done = (await client.until("done"))[-1]
+            assert done["cancelled"] is True
+        else:
+            await client.ws.close()
     record = await llm.wait_for_end(within=5)
     assert record.cut_by_client
 
