@@ -28,7 +28,7 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[all,embedded]'
+  .venv/bin/pip install -q -e '.[all]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
