@@ -158,8 +158,8 @@ class ControlPlane(Service):
         )
         wait_until(lambda: tcp_answers(self.etcd_port), timeout=30, what="etcd", process=etcd)
 
-    def _start_apiserver(self, pki: ControlPlanePki, port: int | None = None) -> None:
-        self.api_port = port or free_port()
+    def _start_apiserver(self, pki: ControlPlanePki) -> None:
+        self.api_port = free_port()
         apiserver = self._spawn(
             "kube-apiserver",
             [
@@ -345,11 +345,3 @@ class ControlPlane(Service):
             if process.name == name:
                 return process
         raise KeyError(name)
-
-    def restart_apiserver(self) -> None:
-        """Stop the API server and start it again on the same port and etcd."""
-        apiserver = self.process("kube-apiserver")
-        apiserver.stop()
-        self._processes.remove(apiserver)
-        assert self._pki is not None
-        self._start_apiserver(self._pki, port=self.api_port)

@@ -234,15 +234,3 @@ class Harness:
                 self.session_id,
                 error,
             )
-
-
-def usage_dict(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def tool_result_preview(content: str, limit: int = 4000) -> str:
-    return content if len(content) <= limit else content[:limit] + "…"

@@ -14,10 +14,10 @@ from typing import Any, cast
 
 import kopf
 
-from dexorder.adapters.kubernetes import KubernetesError, NotFound, resource_path
+from dexorder.adapters.kubernetes import KubernetesError
 from dexorder.core import quantity
 from dexorder.core.idle import idle_deadline_passed
-from dexorder.core.status import FATAL_WAITING_REASONS, StorageState
+from dexorder.core.status import StorageState, pod_failure
 from dexorder.core.useragent import (
     AGENT_LABEL,
     GROUP,
@@ -52,11 +52,8 @@ def _key(body: Mapping[str, Any]) -> Key:
 
 
 def _pod_failure_entry(body: Mapping[str, Any]) -> dict[str, Any] | None:
-    for container in (body.get("status") or {}).get("containerStatuses") or []:
-        waiting = (container.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in FATAL_WAITING_REASONS:
-            return dict(body)
-    return None
+    """The pod itself when it is stuck in a state that will not fix itself, else None."""
+    return dict(body) if pod_failure([body]) is not None else None
 
 
 def _only(store: Any, key: Key) -> dict[str, Any] | None:
@@ -299,13 +296,3 @@ def _drifted(deployment: Mapping[str, Any], desired: Desired, state: OperatorSta
         or not same(resources.get("limits"))
         or not same(resources.get("requests"))
     )
-
-
-async def ensure_namespace_watchable(state: OperatorState, namespace: str) -> None:
-    """Fail early and clearly when the operator lacks access to a namespace it should watch."""
-    try:
-        await state.reconciler.client.list(resource_path(f"{GROUP}/{VERSION}", PLURAL, namespace))
-    except NotFound as error:
-        raise KubernetesError(
-            f"the UserAgent CRD is not installed (kubectl apply -f crds/): {error}"
-        ) from error

@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from dexorder.adapters.kubernetes import (
     Conflict,
-    Invalid,
     KubeClient,
     KubernetesError,
     resource_path,
@@ -119,7 +118,7 @@ class Reconciler:
         )
         try:
             await self.client.apply(path, body, field_manager=FIELD_MANAGER)
-        except (Invalid, KubernetesError) as error:
+        except KubernetesError as error:
             if current is None or error.status not in (403, 422):
                 raise
             have = current["spec"]["resources"]["requests"]["storage"]

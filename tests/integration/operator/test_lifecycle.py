@@ -51,10 +51,10 @@ async def test_tier_upgrade_resizes_and_storage_never_shrinks(
     # No provisioner binds claims here, so the API server refuses to grow an unbound claim:
     # the operator keeps the volume and says why, instead of failing the agent.
     storage = next(c for c in body["status"]["conditions"] if c["type"] == "StorageReady")
-    assert storage["reason"] in ("Bound", "ExpansionUnsupported"), storage
-    if storage["reason"] == "ExpansionUnsupported":
-        assert "1Gi" in storage["message"]
-        assert "50Gi" in storage["message"]
+    assert storage["reason"] == "ExpansionUnsupported", storage
+    assert "1Gi" in storage["message"]
+    assert "50Gi" in storage["message"]
+    assert body["status"]["storage"]["requested"] == "1Gi"
 
     # The token survives every reconcile: the gateway must not be cut off.
     secret_after = await kube.get(resource_path("v1", "secrets", namespace, "bob-token"))

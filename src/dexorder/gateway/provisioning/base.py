@@ -9,7 +9,7 @@ from typing import Protocol
 from dexorder.core.licenses import EffectiveLicense
 from dexorder.core.protocol import Stage
 
-__all__ = ["AgentEndpoint", "Progress", "Provisioner", "ProvisioningError", "Stage", "no_progress"]
+__all__ = ["AgentEndpoint", "Progress", "Provisioner", "ProvisioningError", "Stage"]
 
 Progress = Callable[[Stage, str], Awaitable[None]]
 
@@ -49,7 +49,3 @@ class Provisioner(Protocol):
 
     async def close(self) -> None:
         """Release what the provisioner holds; a local one stops its agents."""
-
-
-async def no_progress(stage: Stage, message: str) -> None:
-    """A progress sink for callers that do not show progress."""
