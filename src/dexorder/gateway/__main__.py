@@ -2,6 +2,8 @@
 
 dexorder-gateway [serve]     the HTTP and WebSocket server
 dexorder-gateway migrate     apply the PostgreSQL migrations
+dexorder-gateway set-webhook register the Telegram webhook URL and secret with the Bot API
+dexorder-gateway rag ...     the knowledge base: `rag ingest PATH [--user U]`
 """
 
 from __future__ import annotations
@@ -52,10 +54,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="dexorder-gateway", description=__doc__)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    parser.add_argument(
+        "command", nargs="?", default="serve", choices=["serve", "migrate", "set-webhook", "rag"]
+    )
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        return _migrate() if args.command == "migrate" else _serve()
+        if args.command == "migrate":
+            return _migrate()
+        if args.command == "set-webhook":
+            from dexorder.gateway.channels.telegram.cli import set_webhook
+
+            return set_webhook(load_settings())
+        if args.command == "rag":
+            from dexorder.gateway.rag.cli import main as rag_main
+
+            return rag_main(load_settings(), list(args.arguments))
+        return _serve()
     except SettingsError as error:
         print(f"dexorder-gateway: bad configuration:\n  {error}", file=sys.stderr)
         return 2

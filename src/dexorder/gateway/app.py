@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import TokenVerifier
-from dexorder.gateway.channels import websocket
+from dexorder.gateway.channels import telegram, web_page, websocket
 from dexorder.gateway.conversation import ChatServices
 from dexorder.gateway.licenses import LicenseStore, open_pool
 from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -64,6 +64,10 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/ws/chat", websocket.chat)
     app.cleanup_ctx.append(_services)
+    # Channels beyond the socket add their routes and their own cleanup_ctx after the
+    # shared services, so those are open first and closed last.
+    web_page.install(app)
+    telegram.install(app)
     app.on_shutdown.append(_drain)
     return app
 

@@ -179,7 +179,44 @@ class GatewaySettings(BaseSettings):
     # Test and demo stand-in for cluster DNS: {"svc-host:8000": "127.0.0.1:54321"}.
     agent_host_map: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("local_agents_dir")
+    # --- Telegram (issue 7) -----------------------------------------------------------
+    telegram_bot_token: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("TELEGRAM_BOT_TOKEN")
+    )
+    # The secret_token given to setWebhook; Telegram echoes it in a header on each update.
+    telegram_webhook_secret: Annotated[SecretStr | None, EmptyIsNone] = None
+    # Tests point aiogram at a local server speaking the Bot API.
+    telegram_api_url: HttpUrlText = "https://api.telegram.org"
+    # The gateway's public base URL, for `dexorder-gateway set-webhook`.
+    public_url: Annotated[HttpUrlText | None, EmptyIsNone] = None
+    link_code_ttl_seconds: float = Field(600.0, gt=0)
+
+    # --- shared sessions (issue 7) ----------------------------------------------------
+    session_ttl_seconds: float = Field(3600.0, gt=0)
+    # Frames kept per session so a reconnecting client gets what it missed.
+    resume_buffer_frames: int = Field(512, ge=0, le=100_000)
+
+    # --- usage and conversation events (issue 7) -------------------------------------
+    kafka_usage_topic: str = Field("dexorder.usage", min_length=1)
+    kafka_conversation_topic: str = Field("dexorder.conversations", min_length=1)
+    # Without KAFKA_BOOTSTRAP, events are appended here as JSON lines; with it, the
+    # spool of events the broker has not yet acknowledged lives here too.
+    events_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "events"
+    events_spool_max: int = Field(100_000, ge=1)
+
+    # --- RAG (issue 8) ----------------------------------------------------------------
+    qdrant_url: Annotated[HttpUrlText | None, EmptyIsNone] = Field(
+        None, validation_alias=_seed("QDRANT_URL")
+    )
+    # Qdrant's local mode (on disk) when no QDRANT_URL is set.
+    qdrant_path: Path = Path.home() / ".local" / "share" / "dexorder" / "qdrant"
+    rag_collection: str = Field("dexorder_knowledge", min_length=1)
+    # Ollama's embedding model when OLLAMA_URL is set; else the embedded all-MiniLM-L6-v2.
+    embedding_model: str = Field("all-minilm", min_length=1)
+    rag_top_k: int = Field(5, ge=0, le=50)
+    rag_score_threshold: float = Field(0.3, ge=-1.0, le=1.0)
+
+    @field_validator("local_agents_dir", "events_dir", "qdrant_path")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
@@ -228,6 +265,11 @@ class GatewaySettings(BaseSettings):
                 problems.append(
                     f"DEFAULT_MODEL_PROVIDER={provider.value} needs {env_name(needed)} to be set"
                 )
+        if (self.telegram_bot_token is None) != (self.telegram_webhook_secret is None):
+            problems.append(
+                f"{env_name('telegram_bot_token')} and {env_name('telegram_webhook_secret')}"
+                " must be set together"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

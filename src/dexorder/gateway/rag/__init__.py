@@ -1,0 +1,1 @@
+"""Retrieval over Qdrant: embeddings, a tenant-isolated collection, ingestion and search."""
