@@ -170,6 +170,8 @@ class GatewaySettings(BaseSettings):
     tiers_path: Path = Path("config/tiers.yaml")
     models_path: Path = Path("config/models.yaml")
     demo_mode: bool = False
+    # The user the demo-mode token endpoint signs for (demo mode only).
+    demo_user_id: str = Field("demo-user", min_length=1)
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
     drain_seconds: float = Field(20.0, ge=0, le=600)
     max_queued_messages: int = Field(4, ge=1, le=100)
