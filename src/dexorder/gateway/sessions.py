@@ -1,0 +1,354 @@
+"""Chat sessions that outlive a connection and a replica: who owns them, the frames sent
+(so a client that reconnects gets what it missed), the agent's MCP session id and the
+messages still queued.
+
+With Redis, a session is three keys that expire together after ``ttl`` seconds without
+activity: a hash (user, channel, MCP session id, frame counter, generating replica), a
+stream of the last ``buffer`` frames whose ids are their sequence numbers, and a list of
+queued messages. Any replica can therefore resume any session, and follow a reply that
+another replica is still generating. Without Redis, one process keeps the same in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+SessionFrame = tuple[int, str]
+"""A frame as sent, with its sequence number in its session (1, 2, ...)."""
+
+
+class SessionError(Exception):
+    """A session cannot be used as asked."""
+
+
+class SessionForbidden(SessionError):
+    """The session belongs to another user: resuming it would leak their conversation."""
+
+
+class SessionStoreUnavailable(SessionError):
+    """The session store (Redis) cannot be reached."""
+
+
+@dataclass(frozen=True)
+class SessionState:
+    session_id: str
+    user_id: str
+    channel: str
+    last_seq: int
+    mcp_session_id: str | None
+    # The replica generating a reply right now, if any (for a resumed client to follow).
+    generating_on: str | None
+    queued: tuple[str, ...]
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Frames after a client's last seen sequence number.
+
+    ``complete`` is False when some were already dropped from the bounded buffer, so the
+    client knows its view has a hole (it still has the history through the agent).
+    """
+
+    frames: list[SessionFrame]
+    complete: bool
+
+
+class SessionStore(Protocol):
+    async def claim(self, session_id: str, *, user_id: str, channel: str) -> SessionState:
+        """Open ``session_id`` for ``user_id``, creating it if it does not exist (or expired)."""
+        ...
+
+    async def append(self, session_id: str, frame: str) -> int:
+        """Record a frame as sent; returns its sequence number."""
+        ...
+
+    async def replay(self, session_id: str, after: int) -> Replay: ...
+
+    async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
+        """Frames after ``after``, waiting up to ``timeout`` seconds for the first one."""
+        ...
+
+    async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None: ...
+
+    async def set_generating(self, session_id: str, replica: str | None) -> None: ...
+
+    async def set_queued(self, session_id: str, messages: Sequence[str]) -> None: ...
+
+    async def sweep(self) -> list[str]:
+        """Forget sessions idle for longer than the TTL; returns their ids."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --- in memory -----------------------------------------------------------------------------
+
+
+@dataclass
+class _MemorySession:
+    user_id: str
+    channel: str
+    frames: deque[SessionFrame]
+    touched: float
+    last_seq: int = 0
+    mcp_session_id: str | None = None
+    generating_on: str | None = None
+    queued: tuple[str, ...] = ()
+    appended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MemorySessionStore:
+    """One process's sessions; expiry happens in ``sweep``, which the app runs on a schedule."""
+
+    def __init__(self, *, ttl: float, buffer: int) -> None:
+        self._ttl = ttl
+        self._buffer = buffer
+        self._sessions: dict[str, _MemorySession] = {}
+
+    def _live(self, session_id: str) -> _MemorySession | None:
+        session = self._sessions.get(session_id)
+        if session is not None and time.monotonic() - session.touched > self._ttl:
+            del self._sessions[session_id]
+            return None
+        return session
+
+    def _get(self, session_id: str) -> _MemorySession:
+        session = self._live(session_id)
+        if session is None:
+            raise SessionError(f"session {session_id} does not exist or has expired")
+        session.touched = time.monotonic()
+        return session
+
+    async def claim(self, session_id: str, *, user_id: str, channel: str) -> SessionState:
+        session = self._live(session_id)
+        resumed = session is not None
+        if session is None:
+            session = _MemorySession(
+                user_id=user_id,
+                channel=channel,
+                frames=deque(maxlen=self._buffer),
+                touched=time.monotonic(),
+            )
+            self._sessions[session_id] = session
+        elif session.user_id != user_id:
+            raise SessionForbidden(f"session {session_id} belongs to another user")
+        session.touched = time.monotonic()
+        return SessionState(
+            session_id=session_id,
+            user_id=session.user_id,
+            channel=session.channel,
+            last_seq=session.last_seq,
+            mcp_session_id=session.mcp_session_id,
+            generating_on=session.generating_on,
+            queued=session.queued,
+            resumed=resumed,
+        )
+
+    async def append(self, session_id: str, frame: str) -> int:
+        session = self._get(session_id)
+        session.last_seq += 1
+        if self._buffer:
+            session.frames.append((session.last_seq, frame))
+        # Wake every follower, then arm the event again for the next frame.
+        session.appended.set()
+        session.appended = asyncio.Event()
+        return session.last_seq
+
+    async def replay(self, session_id: str, after: int) -> Replay:
+        session = self._get(session_id)
+        frames = [item for item in session.frames if item[0] > after]
+        first_kept = session.frames[0][0] if session.frames else session.last_seq + 1
+        return Replay(frames=frames, complete=after + 1 >= first_kept or after >= session.last_seq)
+
+    async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
+        session = self._get(session_id)
+        if session.last_seq <= after:
+            waiter = session.appended
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter.wait()
+            except TimeoutError:
+                return []
+        return (await self.replay(session_id, after)).frames
+
+    async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None:
+        self._get(session_id).mcp_session_id = mcp_session_id
+
+    async def set_generating(self, session_id: str, replica: str | None) -> None:
+        self._get(session_id).generating_on = replica
+
+    async def set_queued(self, session_id: str, messages: Sequence[str]) -> None:
+        self._get(session_id).queued = tuple(messages)
+
+    async def sweep(self) -> list[str]:
+        now = time.monotonic()
+        expired = [sid for sid, s in self._sessions.items() if now - s.touched > self._ttl]
+        for session_id in expired:
+            del self._sessions[session_id]
+        return expired
+
+    async def close(self) -> None:
+        self._sessions.clear()
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+# Claim: create the hash if missing, refuse another user's, refresh every key's TTL.
+_CLAIM = """
+local existed = redis.call('EXISTS', KEYS[1])
+if existed == 0 then
+  redis.call('HSET', KEYS[1], 'user', ARGV[1], 'channel', ARGV[2], 'seq', 0)
+elseif redis.call('HGET', KEYS[1], 'user') ~= ARGV[1] then
+  return {-1}
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+local h = redis.call('HMGET', KEYS[1], 'channel', 'seq', 'mcp', 'generating')
+local queued = redis.call('LRANGE', KEYS[3], 0, -1)
+return {existed, h[1], h[2], h[3] or '', h[4] or '', queued}
+"""
+
+# Append: the next sequence number becomes the stream entry's id, so a reader asks for
+# "entries after <seq>-0" and a gap shows as a first id beyond seq + 1.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', ARGV[1])
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return seq
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _seq(entry_id: bytes | str) -> int:
+    return int(_text(entry_id).partition("-")[0])
+
+
+# A stream entry as redis-py returns it: (id, {field: value}); bytes unless the client
+# was made with decode_responses=True.
+_Entries = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]
+
+
+def _entries(raw: Any) -> list[SessionFrame]:
+    entries = cast(_Entries, raw or [])
+    return [
+        (_seq(entry_id), _text(fields[b"f"] if b"f" in fields else fields["f"]))
+        for entry_id, fields in entries
+    ]
+
+
+class RedisSessionStore:
+    """Sessions shared by every replica; Redis expires them (``sweep`` has nothing to do)."""
+
+    PREFIX = "dexorder:session:"
+
+    def __init__(self, redis: Redis, *, ttl: float, buffer: int) -> None:
+        self._redis = redis
+        self._ttl_ms = int(ttl * 1000)
+        self._buffer = buffer
+        self._claim = redis.register_script(_CLAIM)
+        self._append = redis.register_script(_APPEND)
+
+    def _keys(self, session_id: str) -> list[str]:
+        base = self.PREFIX + session_id
+        return [base, base + ":frames", base + ":queue"]
+
+    async def claim(self, session_id: str, *, user_id: str, channel: str) -> SessionState:
+        try:
+            reply = await self._claim(
+                keys=self._keys(session_id), args=[user_id, channel, self._ttl_ms]
+            )
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
+        if int(reply[0]) == -1:
+            raise SessionForbidden(f"session {session_id} belongs to another user")
+        existed, channel_name, seq, mcp, generating, queued = reply
+        return SessionState(
+            session_id=session_id,
+            user_id=user_id,
+            channel=_text(channel_name),
+            last_seq=int(seq),
+            mcp_session_id=_text(mcp) or None,
+            generating_on=_text(generating) or None,
+            queued=tuple(_text(item) for item in queued),
+            resumed=bool(int(existed)),
+        )
+
+    async def append(self, session_id: str, frame: str) -> int:
+        seq = int(
+            await self._append(
+                keys=self._keys(session_id), args=[frame, self._buffer, self._ttl_ms]
+            )
+        )
+        if seq < 0:
+            raise SessionError(f"session {session_id} does not exist or has expired")
+        return seq
+
+    async def replay(self, session_id: str, after: int) -> Replay:
+        base, frames_key, _ = self._keys(session_id)
+        frames = _entries(await self._redis.xrange(frames_key, min=f"({after}-0"))
+        last = int(await self._redis.hget(base, "seq") or 0)
+        complete = after >= last or bool(frames and frames[0][0] == after + 1)
+        return Replay(frames=frames, complete=complete)
+
+    async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
+        frames_key = self._keys(session_id)[1]
+        reply = await self._redis.xread(
+            {frames_key: f"{after}-0"}, block=max(1, int(timeout * 1000))
+        )
+        streams = cast(list[tuple[Any, Any]], reply or [])
+        return [frame for _stream, entries in streams for frame in _entries(entries)]
+
+    async def _set(self, session_id: str, name: str, value: str | None) -> None:
+        base = self._keys(session_id)[0]
+        if value is None:
+            await self._redis.hdel(base, name)
+        else:
+            await self._redis.hset(base, name, value)
+
+    async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None:
+        await self._set(session_id, "mcp", mcp_session_id)
+
+    async def set_generating(self, session_id: str, replica: str | None) -> None:
+        await self._set(session_id, "generating", replica)
+
+    async def set_queued(self, session_id: str, messages: Sequence[str]) -> None:
+        queue_key = self._keys(session_id)[2]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(queue_key)
+            if messages:
+                pipe.rpush(queue_key, *messages)
+                pipe.pexpire(queue_key, self._ttl_ms)
+            await pipe.execute()
+
+    async def sweep(self) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        """The Redis client belongs to the app, which closes it."""
+
+
+__all__ = [
+    "MemorySessionStore",
+    "RedisSessionStore",
+    "Replay",
+    "SessionError",
+    "SessionForbidden",
+    "SessionFrame",
+    "SessionState",
+    "SessionStore",
+    "SessionStoreUnavailable",
+]

@@ -1,0 +1,133 @@
+"""Session stores, in memory and in a real Redis: ownership, replay, follow, expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import pytest
+from redis.asyncio import Redis
+
+from dexorder.gateway.sessions import (
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionForbidden,
+    SessionStore,
+)
+
+TTL = 60.0
+
+
+class MakeStore(Protocol):
+    def __call__(self, ttl: float = TTL, buffer: int = 8) -> SessionStore: ...
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
+    clients: list[Redis] = []
+
+    def make(ttl: float = TTL, buffer: int = 8) -> SessionStore:
+        if request.param == "memory":
+            return MemorySessionStore(ttl=ttl, buffer=buffer)
+        client: Redis = Redis.from_url(request.getfixturevalue("redis_url"))
+        clients.append(client)
+        return RedisSessionStore(client, ttl=ttl, buffer=buffer)
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+def session_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_a_session_is_created_then_resumed_by_its_user_only(make_store: MakeStore) -> None:
+    store: SessionStore = make_store()
+    sid = session_id()
+
+    first = await store.claim(sid, user_id="alice", channel="websocket")
+    assert (first.resumed, first.last_seq, first.user_id) == (False, 0, "alice")
+    await store.append(sid, '{"type":"delta","content":"hi"}')
+    again = await store.claim(sid, user_id="alice", channel="websocket")
+    assert (again.resumed, again.last_seq, again.channel) == (True, 1, "websocket")
+
+    with pytest.raises(SessionForbidden, match="another user"):
+        await store.claim(sid, user_id="mallory", channel="websocket")
+
+
+async def test_replay_gives_the_missed_frames_and_says_when_the_buffer_lost_some(
+    make_store: MakeStore,
+) -> None:
+    store: SessionStore = make_store(buffer=3)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    seqs = [await store.append(sid, f"frame {n}") for n in range(1, 6)]
+    assert seqs == [1, 2, 3, 4, 5]
+
+    recent = await store.replay(sid, after=3)
+    assert recent.frames == [(4, "frame 4"), (5, "frame 5")]
+    assert recent.complete
+    caught_up = await store.replay(sid, after=5)
+    assert caught_up.frames == []
+    assert caught_up.complete
+    # Frames 1 and 2 fell out of the 3-frame buffer: the client is told its view has a hole.
+    old = await store.replay(sid, after=0)
+    assert old.frames == [(3, "frame 3"), (4, "frame 4"), (5, "frame 5")]
+    assert not old.complete
+
+
+async def test_a_follower_receives_frames_appended_after_it_started_waiting(
+    make_store: MakeStore,
+) -> None:
+    # With Redis, the writer and the follower use separate connections, as two replicas do.
+    writer: SessionStore = make_store()
+    follower = writer if isinstance(writer, MemorySessionStore) else make_store()
+    sid = session_id()
+    await writer.claim(sid, user_id="alice", channel="websocket")
+    await writer.append(sid, "before")
+
+    waiting = asyncio.create_task(follower.follow(sid, after=1, timeout=5))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await writer.append(sid, "after")
+    assert await waiting == [(2, "after")]
+    assert await follower.follow(sid, after=2, timeout=0.1) == []
+
+
+async def test_session_details_are_shared(make_store: MakeStore) -> None:
+    store: SessionStore = make_store()
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="telegram")
+    await store.set_mcp_session(sid, "mcp-123")
+    await store.set_generating(sid, "replica-a")
+    await store.set_queued(sid, ["second", "third"])
+
+    state = await store.claim(sid, user_id="alice", channel="telegram")
+    assert (state.mcp_session_id, state.generating_on, state.queued) == (
+        "mcp-123",
+        "replica-a",
+        ("second", "third"),
+    )
+    await store.set_generating(sid, None)
+    await store.set_queued(sid, [])
+    state = await store.claim(sid, user_id="alice", channel="telegram")
+    assert (state.generating_on, state.queued) == (None, ())
+
+
+async def test_an_idle_session_expires(make_store: MakeStore) -> None:
+    store: SessionStore = make_store(ttl=0.3)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    await store.append(sid, "frame")
+    await asyncio.sleep(0.5)
+
+    swept = await store.sweep()
+    if isinstance(store, MemorySessionStore):
+        assert swept == [sid]
+    fresh = await store.claim(sid, user_id="bob", channel="websocket")
+    # Expired means gone: the id is free again and nothing of alice's is replayed.
+    assert (fresh.resumed, fresh.last_seq) == (False, 0)
+    assert (await store.replay(sid, after=0)).frames == []
