@@ -1,0 +1,1 @@
+"""Stateful workflows that wait for people: the strategy review."""
