@@ -217,6 +217,15 @@ class ApprovalRequestFrame(Frame):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class ApprovalResultFrame(Frame):
+    """What became of an `approval`: the decision recorded, and what it means."""
+
+    type: Literal["approval_result"] = "approval_result"
+    request_id: str
+    decision: Literal["approved", "rejected"]
+    message: str
+
+
 class Source(Frame):
     """A retrieved chunk that was added to the model's context."""
 
@@ -241,6 +250,7 @@ GatewayFrame = Annotated[
     | ErrorFrame
     | PongFrame
     | ApprovalRequestFrame
+    | ApprovalResultFrame
     | SourcesFrame,
     Field(discriminator="type"),
 ]
@@ -259,6 +269,7 @@ GATEWAY_FRAME_TYPES: Final = (
     "error",
     "pong",
     "approval_request",
+    "approval_result",
     "sources",
 )
 
