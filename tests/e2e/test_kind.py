@@ -6,7 +6,7 @@ It needs a Docker engine, the `kind` extra (pytest-kind, which fetches the kind 
 and network access for the base images:
 
     pip install -e '.[all,kind]'
-    pytest -m kind tests/e2e/test_kind.py -p dexorder.devenv.fixtures_helm
+    pytest -m kind tests/e2e/test_kind.py
 
 The default run is `pytest -m "not kind"`. The chat uses the development HS256 secret
 instead of a JWKS, an in-cluster PostgreSQL, and no model key: the reply is an llm_error
@@ -41,6 +41,25 @@ SECRET = "e2e-development-secret-of-at-least-32-chars"
 RELEASE_NAMESPACE = "dexorder"
 AGENTS_NAMESPACE = "dexorder-agents"
 DATABASE_URL = "postgresql://dexorder:dexorder@postgres.dexorder.svc:5432/dexorder"
+
+# The chart's values for this suite; the default suite renders the chart with them too
+# (tests/integration/chart/test_render.py), so they cannot rot while nobody runs kind.
+HELM_VALUES = [
+    "--set",
+    f"agents.image.repository=dexorder/agent,agents.image.tag={TAG}",
+    "--set",
+    f"operator.image.repository=dexorder/operator,operator.image.tag={TAG}",
+    "--set",
+    "operator.image.pullPolicy=Never",
+    "--set",
+    f"gateway.image.repository=dexorder/gateway,gateway.image.tag={TAG}",
+    "--set",
+    "gateway.image.pullPolicy=Never",
+    "--set",
+    "gateway.replicas=1",
+    "--set",
+    "gateway.auth.issuer=e2e,gateway.auth.audience=e2e",
+]
 
 POSTGRES = f"""
 apiVersion: apps/v1
@@ -135,20 +154,7 @@ def installed(kind_cluster: Any, helm: Helm) -> Iterator[Any]:
         "dexorder",
         str(CHART_DIR),
         f"--namespace={RELEASE_NAMESPACE}",
-        "--set",
-        f"agents.image.repository=dexorder/agent,agents.image.tag={TAG}",
-        "--set",
-        f"operator.image.repository=dexorder/operator,operator.image.tag={TAG}",
-        "--set",
-        "operator.image.pullPolicy=Never",
-        "--set",
-        f"gateway.image.repository=dexorder/gateway,gateway.image.tag={TAG}",
-        "--set",
-        "gateway.image.pullPolicy=Never",
-        "--set",
-        "gateway.replicas=1",
-        "--set",
-        "gateway.auth.issuer=e2e,gateway.auth.audience=e2e",
+        *HELM_VALUES,
         "--wait",
         "--timeout=600s",
     )

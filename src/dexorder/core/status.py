@@ -141,7 +141,9 @@ def derive_status(
     if deployment is not None and failure is None:
         available = is_available(deployment)
         if not available and not spec.suspended:
-            failure = deployment_failure(deployment) or pod_failure(pods)
+            # A pod's own reason (the image, the crash) says more than the Deployment's
+            # symptom of it, such as its progress deadline passing.
+            failure = pod_failure(pods) or deployment_failure(deployment)
 
     if failure is not None:
         phase, ready, reason, message = Phase.FAILED, False, failure.reason, failure.message

@@ -20,6 +20,12 @@ from dexorder.devenv.process import LOOPBACK, ManagedProcess, free_port, tcp_ans
 from dexorder.devenv.service import Service
 
 FAKE_NODE_NAME = "kwok-node-0"
+# kwok's pod lifecycle: its fast stages, plus faults selected by the image's registry.
+KWOK_STAGES = Path(__file__).with_name("kwok-stages.yaml")
+# Images in this registry fail to pull (ErrImagePull, then ImagePullBackOff), never Ready.
+UNPULLABLE_REGISTRY = "registry.invalid"
+# Images in this registry run but never pass their readiness probe.
+NEVER_READY_REGISTRY = "never-ready.invalid"
 SERVICE_CIDR = "10.96.0.0/16"
 # The components' client rate limits would make a burst of a thousand agents crawl.
 _CLIENT_QPS = "1000"
@@ -158,8 +164,8 @@ class ControlPlane(Service):
         )
         wait_until(lambda: tcp_answers(self.etcd_port), timeout=30, what="etcd", process=etcd)
 
-    def _start_apiserver(self, pki: ControlPlanePki) -> None:
-        self.api_port = free_port()
+    def _start_apiserver(self, pki: ControlPlanePki, port: int | None = None) -> None:
+        self.api_port = port or free_port()
         apiserver = self._spawn(
             "kube-apiserver",
             [
@@ -268,6 +274,7 @@ class ControlPlane(Service):
             [
                 self.binary("kwok"),
                 f"--kubeconfig={kubeconfig}",
+                f"--config={KWOK_STAGES}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--cidr=10.244.0.0/16",
@@ -345,3 +352,14 @@ class ControlPlane(Service):
             if process.name == name:
                 return process
         raise KeyError(name)
+
+    def restart_apiserver(self) -> None:
+        """Stop kube-apiserver and start it again on the same port, certificates and etcd,
+        returning once it serves: what clients see when the API server is upgraded or
+        crashes. Everything else (etcd, controllers, kwok, clients) keeps running."""
+        if self._pki is None:
+            raise ServiceFailed("the control plane is not running")
+        apiserver = self.process("kube-apiserver")
+        apiserver.stop()
+        self._processes.remove(apiserver)
+        self._start_apiserver(self._pki, port=self.api_port)

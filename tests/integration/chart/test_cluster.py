@@ -5,27 +5,39 @@ API server itself (`kubectl apply --dry-run=server`, with Pod Security warnings 
 on); `helm install`, `upgrade` and `uninstall`; and the RBAC the chart grants, asked of
 the API server with `kubectl auth can-i` as each service account.
 
-What cannot run here: kwok's pods run no containers, so the operator installed by the
-chart cannot reconcile a UserAgent to Ready. That path is covered by the operator suite
-(tests/integration/operator), which runs the same `dexorder-operator` entry point the
-image's ENTRYPOINT runs, with the same DEXORDER_OPERATOR_* settings the chart sets; this
-suite proves the chart deploys it available, with the rights it needs and no more.
+kwok's pods run no containers, so the operator the chart installs cannot reconcile
+anything itself. Instead the real `dexorder-operator` runs out of the cluster with what its
+pod would have: a token of the chart's operator service account (TokenRequest API), and the
+settings and tier catalog read from the installed Deployment and ConfigMap; the gateway's
+KubernetesProvisioner likewise runs with a token of the gateway's account. A UserAgent
+applied with kubectl, and one the provisioner creates, become Ready through them: the
+chart's RBAC is enough for the real code, and `kubectl auth can-i` shows it is no more.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from dexorder.adapters.kubernetes import KubeClient, load_kubeconfig
+from dexorder.core.licenses import License, resolve_license
+from dexorder.core.naming import user_agent_name
+from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
-from dexorder.devenv.fixtures_kube import Kubectl
+from dexorder.devenv.fixtures_kube import Kubectl, OperatorProcess
 from dexorder.devenv.kubernetes import ControlPlane
-from dexorder.devenv.paths import CRD_DIR
+from dexorder.devenv.paths import CRD_DIR, TIER_CATALOG
+from dexorder.gateway.provisioning.base import Stage
+from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
 
 CRD = "customresourcedefinition/useragents.dexorder.ai"
 RESTRICTED = [
@@ -368,6 +380,147 @@ def test_an_agent_has_no_rights_at_all(kubectl: Kubectl, release: Release) -> No
         ("create", "pods"),
     ]:
         assert not _can(kubectl, "default", release.agents, verb, resource, release.agents)
+
+
+# --- the installed operator's and gateway's rights, exercised by the real code ------------
+#
+# kwok's pods run nothing, so the operator and the gateway's provisioner run here, out of
+# the cluster, with what the installed pods would have: a token of the chart's own service
+# account (minted with the TokenRequest API, as the kubelet does for a projected token),
+# and the operator's settings and tier catalog read from the installed Deployment and
+# ConfigMap. A right the chart forgot fails the reconcile or the provisioning.
+
+
+def _service_account_kubeconfig(
+    kubectl: Kubectl, control_plane: ControlPlane, release: Release, component: str, path: Path
+) -> Path:
+    token = kubectl.run(
+        "create", "token", release.account(component), f"--namespace={release.namespace}"
+    ).stdout.strip()
+    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": admin["clusters"],
+                "users": [{"name": component, "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": component,
+                        "context": {"cluster": admin["clusters"][0]["name"], "user": component},
+                    }
+                ],
+                "current-context": component,
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _installed_operator_settings(
+    kubectl: Kubectl, release: Release, directory: Path
+) -> dict[str, str]:
+    """The DEXORDER_OPERATOR_* environment the chart gives the operator's container, with
+    the tier catalog copied out of its ConfigMap; only the listening ports are changed."""
+    deployment = json.loads(
+        kubectl.run(
+            "get", "deployment", release.account("operator"), f"-n={release.namespace}", "-o=json"
+        ).stdout
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    env = {item["name"]: item["value"] for item in pod["containers"][0]["env"] if "value" in item}
+    config_map = next(v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v)
+    tiers = kubectl.run(
+        "get",
+        "configmap",
+        config_map,
+        f"-n={release.namespace}",
+        r"-o=jsonpath={.data.tiers\.yaml}",
+    ).stdout
+    catalog = directory / "tiers.yaml"
+    catalog.write_text(tiers)
+    assert env["DEXORDER_OPERATOR_TIER_CATALOG_PATH"] == "/etc/dexorder/tiers.yaml"
+    env["DEXORDER_OPERATOR_TIER_CATALOG_PATH"] = str(catalog)
+    for port in ("METRICS_HOST", "METRICS_PORT", "HEALTH_PORT"):
+        env.pop(f"DEXORDER_OPERATOR_{port}")
+    return env
+
+
+@pytest.fixture
+def operator_as_its_account(
+    kubectl: Kubectl, control_plane: ControlPlane, release: Release, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    settings = _installed_operator_settings(kubectl, release, tmp_path)
+    assert settings["DEXORDER_OPERATOR_NAMESPACES"] == release.agents
+    kubeconfig = _service_account_kubeconfig(
+        kubectl, control_plane, release, "operator", tmp_path / "operator.kubeconfig"
+    )
+    operator = OperatorProcess(kubeconfig, tmp_path, settings)
+    operator.start()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+async def test_the_installed_operator_and_gateway_accounts_bring_an_agent_up(
+    kubectl: Kubectl,
+    control_plane: ControlPlane,
+    release: Release,
+    operator_as_its_account: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    # A person applies a UserAgent with kubectl; the operator, with only the chart's
+    # rights, makes it Ready.
+    manifest = {
+        "apiVersion": "dexorder.ai/v1alpha1",
+        "kind": "UserAgent",
+        "metadata": {"name": "smoke", "namespace": release.agents},
+        "spec": {"userId": "smoke", "tier": "free"},
+    }
+    kubectl.run("apply", "-f", "-", input=json.dumps(manifest))
+    kubectl.run(
+        "wait",
+        "useragent/smoke",
+        f"-n={release.agents}",
+        "--for=jsonpath={.status.phase}=Ready",
+        "--timeout=60s",
+    )
+    listed = kubectl.run("get", "ua", f"-n={release.agents}").stdout
+    assert f"http://smoke-agent.{release.agents}.svc:8000/mcp" in listed, listed
+
+    # The gateway's provisioner, with only the chart's rights: create the user's
+    # UserAgent, watch it to Ready, read its token Secret.
+    gateway_kubeconfig = _service_account_kubeconfig(
+        kubectl, control_plane, release, "gateway", tmp_path / "gateway.kubeconfig"
+    )
+    catalog = parse_tier_catalog(TIER_CATALOG.read_text())
+    license = resolve_license(
+        License(user_id="auth0|carol", tier="pro"), catalog, dt.datetime.now(dt.UTC)
+    )
+    stages: list[Stage] = []
+
+    async def progress(stage: Stage, _: str) -> None:
+        stages.append(stage)
+
+    async with KubeClient(load_kubeconfig(gateway_kubeconfig)) as client:
+        provisioner = KubernetesProvisioner(client, release.agents, timeout=60)
+        endpoint = await provisioner.ensure_agent(license, progress)
+        await provisioner.record_activity("auth0|other-user-never-provisioned")
+    name = user_agent_name("auth0|carol")
+    assert endpoint.url == f"http://{name}-agent.{release.agents}.svc:8000/mcp"
+    secret = json.loads(
+        kubectl.run("get", "secret", f"{name}-token", f"-n={release.agents}", "-o=json").stdout
+    )
+    assert endpoint.token == base64.b64decode(secret["data"]["token"]).decode()
+    assert stages[0] == Stage.PROVISIONING
+    assert stages[-1] == Stage.READY
+
+    # Deleting is the operator's finalizer's work, also within its rights.
+    kubectl.run("delete", "useragent", "smoke", name, f"-n={release.agents}", "--timeout=60s")
+    assert "forbidden" not in operator_as_its_account.log().lower()
 
 
 def test_the_gateway_account_creates_a_useragent_and_reads_its_token(

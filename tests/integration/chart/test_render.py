@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
-from dexorder.devenv.paths import CRD_DIR
+from dexorder.devenv.paths import CRD_DIR, REPO_ROOT
+from tests.e2e.test_kind import AGENTS_NAMESPACE as KIND_AGENTS_NAMESPACE
+from tests.e2e.test_kind import HELM_VALUES as KIND_HELM_VALUES
+from tests.e2e.test_kind import RELEASE_NAMESPACE as KIND_RELEASE_NAMESPACE
 from tests.integration.chart.manifests import Manifest, container, documents, env, of_kind, one
 
 ALL_OPTIONS = CHART_DIR / "ci" / "all-options-values.yaml"
@@ -194,3 +199,51 @@ def test_helm_refuses_a_bad_value_with_a_clear_message(
     result = helm.template("dx", *args, namespace="dexorder", check=False)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def _documented_values_files() -> list[tuple[str, str]]:
+    """Every `# my-values.yaml` block the README and the install guide tell people to use."""
+    found = []
+    for document in ("README.md", "docs/install.md"):
+        text = (REPO_ROOT / document).read_text()
+        blocks = re.findall(r"^```yaml\n(# my-values\.yaml\n.*?)^```$", text, re.M | re.S)
+        found += [(document, block) for block in blocks]
+    return found
+
+
+DOCUMENTED_VALUES = _documented_values_files()
+
+
+@pytest.mark.parametrize(
+    ("document", "values"), DOCUMENTED_VALUES, ids=[document for document, _ in DOCUMENTED_VALUES]
+)
+def test_the_documented_minimal_values_install(
+    helm: Helm, tmp_path: Path, document: str, values: str
+) -> None:
+    values_file = tmp_path / "my-values.yaml"
+    values_file.write_text(values)
+    rendered = documents(helm.template("dexorder", "-f", str(values_file)).stdout)
+    gateway = container(one(rendered, "Deployment", "gateway"), "gateway")
+    assert gateway["image"].startswith("registry.example.com/dexorder/gateway:")
+    assert env(gateway)["DEXORDER_JWKS_URL"] == "https://auth.example.com/.well-known/jwks.json"
+    assert gateway["envFrom"] == [{"secretRef": {"name": "dexorder-gateway"}}]
+
+
+def test_both_documents_show_a_minimal_values_file() -> None:
+    assert {document for document, _ in DOCUMENTED_VALUES} == {
+        "README.md",
+        "docs/install.md",
+    }
+
+
+def test_the_kind_suites_values_render(helm: Helm) -> None:
+    """The opt-in kind suite cannot run here; its install values are checked here instead."""
+    rendered = documents(
+        helm.template("dexorder", *KIND_HELM_VALUES, namespace=KIND_RELEASE_NAMESPACE).stdout
+    )
+    gateway = container(one(rendered, "Deployment", "gateway"), "gateway")
+    assert gateway["image"] == "dexorder/gateway:e2e"
+    assert gateway["imagePullPolicy"] == "Never"
+    operator = container(one(rendered, "Deployment", "operator"), "operator")
+    assert env(operator)["DEXORDER_OPERATOR_DEFAULT_IMAGE"] == "dexorder/agent:e2e"
+    assert env(operator)["DEXORDER_OPERATOR_NAMESPACES"] == KIND_AGENTS_NAMESPACE

@@ -88,6 +88,26 @@ def test_image_pull_failure_from_pods() -> None:
     assert ready_condition(status)["reason"] == "ImagePullBackOff"
 
 
+def test_a_pods_reason_outranks_the_progress_deadline_it_causes() -> None:
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "agent",
+                    "state": {"waiting": {"reason": "ErrImagePull", "message": "no such host"}},
+                }
+            ]
+        }
+    }
+    dep = deployment(
+        conditions=[
+            {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+        ]
+    )
+    ready = ready_condition(derive(dep=dep, pods=[pod]))
+    assert (ready["reason"], ready["message"]) == ("ErrImagePull", "no such host")
+
+
 def test_progress_deadline() -> None:
     dep = deployment(
         conditions=[
