@@ -5,16 +5,22 @@ each an ordered list of deployments to try. A deployment names its API key by th
 variable that holds it; the caller passes the values in, so nothing here reads the environment.
 ``DEFAULT_MODEL_PROVIDER`` and ``DEFAULT_MODEL`` switch the model in one line: that deployment is
 tried first in the default group, and stands in for any group with no usable deployment.
+
+``choose_route`` then picks, per message, the group and the deployment that answer it: the
+groups the tier allows, the user's preferred model where allowed, else the message's
+complexity (``dexorder.core.complexity``), with the reason in words.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dexorder.core.complexity import Complexity, Level, classify
 
 
 class RoutingError(Exception):
@@ -61,8 +67,21 @@ PROVIDER_SETTINGS: Final = (
 )
 
 
+def provider_spec_for(model: str) -> ProviderSpec | None:
+    """The provider a litellm model string names by its prefix (``anthropic/...``), if known."""
+    prefix = model.split("/", 1)[0].lower()
+    if prefix == "ollama":
+        prefix = "ollama_chat"
+    return next((spec for spec in PROVIDERS.values() if spec.litellm_prefix == prefix), None)
+
+
 class Deployment(BaseModel):
-    """One way to reach a model: a litellm model string and where its key and base URL live."""
+    """One way to reach a model: a litellm model string and where its key and base URL live.
+
+    In the model list a deployment may be just its model string (``- openai/gpt-4.1``): the
+    provider prefix then names the setting that holds its key (or Ollama's URL), so switching
+    a deployment to another provider is a one-line edit.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +89,18 @@ class Deployment(BaseModel):
     api_base: str | None = None
     api_base_env: str | None = None
     api_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_from_the_provider(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"model": data}
+        where = {"api_base", "api_base_env", "api_key_env"}
+        if isinstance(data, dict) and not where & data.keys():
+            spec = provider_spec_for(str(data.get("model", "")))
+            if spec is not None:
+                data = {**data, "api_key_env": spec.api_key_env, "api_base_env": spec.api_base_env}
+        return data
 
     @model_validator(mode="after")
     def _one_base(self) -> Deployment:
@@ -199,3 +230,150 @@ def resolve_groups(
     # group's), so any group the router picks can answer.
     stand_in = resolved[models.default_group] or usable[0]
     return {group: targets or list(stand_in) for group, targets in resolved.items()}
+
+
+# --- choosing a group and a deployment for one message -----------------------------------
+
+
+class RouteSource(StrEnum):
+    """What decided a route: the user's preferred model, or the message's complexity."""
+
+    PREFERENCE = "preference"
+    COMPLEXITY = "complexity"
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """The model group and deployment for one message, and why, in words for the user.
+
+    ``order`` indexes the group's targets (as ``resolve_groups`` returned them) in the order to
+    try them: the first answers, the rest are the fallbacks.
+    """
+
+    group: str
+    deployment: str
+    order: tuple[int, ...]
+    reason: str
+    source: RouteSource
+    complexity: Complexity | None = None
+
+    def summary(self) -> dict[str, str]:
+        """The ``route`` of the ``done`` frame: group, model and reason."""
+        return {"group": self.group, "model": self.deployment, "reason": self.reason}
+
+
+def allowed_groups(licensed: Sequence[str], configured: Iterable[str]) -> tuple[str, ...]:
+    """The groups a user may get: the license's (the tier's, or its features' override) that
+    the model list defines, in the license's order."""
+    known = set(configured)
+    return tuple(group for group in licensed if group in known)
+
+
+def _ladder_rank(group: str) -> int | None:
+    try:
+        return Level(group).rank
+    except ValueError:
+        return None
+
+
+def group_for_level(level: Level, allowed: Sequence[str]) -> tuple[str, str]:
+    """The allowed group nearest a complexity level, and a note when it is not the level's own.
+
+    A harder message than the tier allows gets the strongest group allowed below it; an easier
+    one than the tier's weakest group gets that weakest group.
+    """
+    if level.value in allowed:
+        return level.value, ""
+    ranked = sorted((rank, group) for group in allowed if (rank := _ladder_rank(group)) is not None)
+    below = [group for rank, group in ranked if rank < level.rank]
+    if below:
+        return below[-1], f"capped at {below[-1]}, the strongest group allowed"
+    if ranked:
+        return ranked[0][1], f"raised to {ranked[0][1]}, the lightest group allowed"
+    return allowed[0], f"{allowed[0]} is the only kind of group allowed"
+
+
+def _model_matches(model: str, wanted: str) -> bool:
+    model, wanted = model.lower(), wanted.lower()
+    return model == wanted or model.split("/", 1)[-1] == wanted or model.endswith("/" + wanted)
+
+
+def _find_preferred(
+    wanted: str, groups: Mapping[str, Sequence[LLMTarget]], search: Sequence[str]
+) -> tuple[str, int] | None:
+    for group in search:
+        for index, target in enumerate(groups.get(group, ())):
+            if _model_matches(target.model, wanted):
+                return group, index
+    return None
+
+
+def _order_from(first: int, size: int) -> tuple[int, ...]:
+    return (first, *(index for index in range(size) if index != first))
+
+
+def choose_route(
+    text: str,
+    *,
+    groups: Mapping[str, Sequence[LLMTarget]],
+    allowed: Sequence[str],
+    tier: str,
+    preferred_model: str | None = None,
+) -> RouteChoice:
+    """The route for one user message.
+
+    In order: the tier (``allowed``, already narrowed by the license's features) decides which
+    groups may answer; the user's preferred model (a group name, or a deployment's model with or
+    without its provider prefix) is used when one of those groups holds it; otherwise the
+    message's complexity picks the group. Raises ``RoutingError`` when no group is allowed.
+    """
+    usable = [group for group in allowed if groups.get(group)]
+    if not usable:
+        raise RoutingError(
+            f"no model group is allowed for the {tier} tier: it allows "
+            f"{', '.join(allowed) or 'none'}, the model list has {', '.join(groups) or 'none'}"
+        )
+    note = ""
+    wanted = (preferred_model or "").strip()
+    if wanted:
+        if wanted.lower() in usable:
+            group = wanted.lower()
+            return RouteChoice(
+                group=group,
+                deployment=groups[group][0].model,
+                order=_order_from(0, len(groups[group])),
+                reason=f"your preferred model group {group}, allowed for the {tier} tier",
+                source=RouteSource.PREFERENCE,
+            )
+        found = _find_preferred(wanted, groups, usable)
+        if found is not None:
+            group, index = found
+            targets = groups[group]
+            return RouteChoice(
+                group=group,
+                deployment=targets[index].model,
+                order=_order_from(index, len(targets)),
+                reason=f"your preferred model {wanted}, in the {group} group allowed for the "
+                f"{tier} tier",
+                source=RouteSource.PREFERENCE,
+            )
+        elsewhere = _find_preferred(wanted, groups, [g for g in groups if g not in usable])
+        if elsewhere is not None or wanted.lower() in groups:
+            home = elsewhere[0] if elsewhere is not None else wanted.lower()
+            note = f"your preferred model {wanted} is in the {home} group, not allowed for the "
+            note += f"{tier} tier; "
+        else:
+            note = f"your preferred model {wanted} is not configured; "
+    complexity = classify(text)
+    group, adjusted = group_for_level(complexity.level, usable)
+    reason = f"{note}complexity {complexity.explain()}"
+    if adjusted:
+        reason += f"; {adjusted} for the {tier} tier"
+    return RouteChoice(
+        group=group,
+        deployment=groups[group][0].model,
+        order=_order_from(0, len(groups[group])),
+        reason=reason,
+        source=RouteSource.COMPLEXITY,
+        complexity=complexity,
+    )

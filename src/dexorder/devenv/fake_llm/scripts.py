@@ -45,11 +45,20 @@ class ToolScript(_Script):
     answer_prefix: str = "The tool returned: "
 
 
-FailureKind = Literal["rate_limit", "server_error", "hang", "context_window", "break_midway"]
+FailureKind = Literal[
+    "rate_limit", "server_error", "hang", "context_window", "break_midway", "stall_midway"
+]
 
 
 class FailureScript(_Script):
-    """Fail the way real providers do, for fallback tests."""
+    """Fail the way real providers do, for fallback tests.
+
+    ``rate_limit`` is a 429 with ``Retry-After``; ``server_error`` a 500; ``context_window``
+    OpenAI's 400 ``context_length_exceeded``; ``hang`` never answers. ``break_midway`` streams
+    ``chunks_before_break`` chunks of ``text`` and drops the connection; ``stall_midway``
+    streams as many and then sends nothing more, keeping the connection open, until the client
+    gives up (its read timeout) or the server stops.
+    """
 
     kind: Literal["failure"] = "failure"
     failure: FailureKind

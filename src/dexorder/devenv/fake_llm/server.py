@@ -65,6 +65,9 @@ def _error_body(message: str, kind: str, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
+#: The failures that answer 200 and fail while streaming.
+MIDSTREAM_FAILURES: Final = frozenset({"break_midway", "stall_midway"})
+
 CONTEXT_WINDOW_MESSAGE: Final = (
     "This model's maximum context length is 8192 tokens. However, your messages resulted in "
     "9001 tokens. Please reduce the length of the messages."
@@ -84,6 +87,7 @@ class RecordedRequest:
     completed: bool = False
     cut_by_client: bool = False
     broken_by_server: bool = False
+    stalled: bool = False
     started_at: float = field(default_factory=time.monotonic)
     ended_at: float | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -103,6 +107,7 @@ class RecordedRequest:
             "completed": self.completed,
             "cut_by_client": self.cut_by_client,
             "broken_by_server": self.broken_by_server,
+            "stalled": self.stalled,
             "ended": self.ended_at is not None,
         }
 
@@ -243,7 +248,7 @@ class FakeLLMServer:
         self, request: web.Request, record: RecordedRequest, script: Script
     ) -> web.StreamResponse:
         if isinstance(script, FailureScript):
-            if script.failure != "break_midway":
+            if script.failure not in MIDSTREAM_FAILURES:
                 return await self._fail(script)
             plan: Plan = TextPlan(script.text)
         else:
@@ -254,7 +259,8 @@ class FakeLLMServer:
             record.completed = True
             return web.json_response(self._whole_reply(record, plan))
         breaks_after = script.chunks_before_break if isinstance(script, FailureScript) else None
-        return await self._stream(request, record, plan, rate, breaks_after)
+        stalls = isinstance(script, FailureScript) and script.failure == "stall_midway"
+        return await self._stream(request, record, plan, rate, breaks_after, stalls=stalls)
 
     async def _fail(self, script: FailureScript) -> web.Response:
         if script.failure == "rate_limit":
@@ -328,6 +334,8 @@ class FakeLLMServer:
         plan: Plan,
         tokens_per_second: float | None,
         breaks_after: int | None,
+        *,
+        stalls: bool = False,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -339,6 +347,11 @@ class FakeLLMServer:
         deltas = self._stream_deltas(record, plan)
         for position, delta in enumerate(deltas):
             if breaks_after is not None and record.chunks_sent >= breaks_after:
+                if stalls:
+                    # Silent but open: only the client's read timeout (or a stop) ends it.
+                    record.stalled = True
+                    await self._stopping.wait()
+                    return response
                 record.broken_by_server = True
                 if request.transport is not None:
                     request.transport.abort()

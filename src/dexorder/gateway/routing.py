@@ -1,0 +1,385 @@
+"""Each message to a model through LiteLLM's Router, with fallbacks that never repeat text.
+
+The model list's groups become one Router: every deployment is its own Router model named
+``<group>:<index>`` (``standard:0``, ``standard:1``...), so the order a route tries them in is
+exact, and each call names its fallbacks (the rest of the route). ``ModelRouter.choose`` picks
+the route of a message (``dexorder.core.routing.choose_route``: tier, then preference, then
+complexity) and counts it; ``ModelRouter.stream`` streams one model round along that route.
+
+What fails over, and how:
+- A timeout, a 429, a 5xx, a refused connection or an overflowing context window before the
+  reply's first token: the Router moves to the next deployment at once (another deployment is
+  another server, so there is nothing to wait for). The failed one cools down: for
+  ``cooldown_seconds`` (or its Retry-After, if longer) the next messages try it last, never
+  skip it, so a route never loses capacity. When every deployment of the route has failed, the
+  whole route is walked again after an exponential backoff (honouring a provider's Retry-After
+  up to the cap), ``rounds`` times at most. Other errors (a bad request, a bad key) are raised.
+- The same failures after text was streamed (the connection breaks, or the stream stalls past
+  the timeout): **the text already shown stays, and is never sent again.** The next deployment
+  of the route is asked to continue it: it gets the partial reply as the assistant's message and
+  an instruction to go on from exactly where it stopped, and its tokens are appended. A
+  ``Fallback`` event (``continued=True``) comes first, so the caller can tell the user, e.g. a
+  ``status`` frame: "the connection to X broke; Y continues the reply". If no deployment is left,
+  the ``LLMError`` is raised with ``after_output=True``: the partial text stays as shown and the
+  caller reports the failure after it.
+- A stream that breaks after tool-call fragments but before any text has shown the user
+  nothing: the round restarts on the next deployment (``Fallback`` with ``continued=False``).
+
+Usage is summed over the attempts that reported it; ``Finish.model`` names the deployment
+that finished the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prometheus_client import Counter
+
+from dexorder.core.routing import LLMTarget, RouteChoice, allowed_groups, choose_route
+from dexorder.gateway import metrics
+from dexorder.gateway.llm import (
+    Finish,
+    LLMError,
+    LLMErrorCode,
+    LLMEvent,
+    TextDelta,
+    Usage,
+    _collect_tool_call_fragments,
+    _tool_calls,
+    _ToolCallParts,
+    _usage_of,
+    load_litellm,
+    wrap_error,
+)
+
+ROUTE_CHOICES = Counter(
+    "dexorder_gateway_route_choices",
+    "Routes chosen, by model group and by what decided them (preference or complexity).",
+    ["group", "source"],
+    registry=metrics.REGISTRY,
+)
+FALLBACKS = Counter(
+    "dexorder_gateway_llm_fallbacks",
+    "Model rounds taken over by another deployment, by the failed deployment and how.",
+    ["deployment", "mode"],
+    registry=metrics.REGISTRY,
+)
+
+CONTINUE_INSTRUCTION: Final = (
+    "Your previous reply was cut off by a connection failure. Continue it from exactly where it "
+    "stopped, without repeating anything already written and without mentioning the interruption."
+)
+
+
+@dataclass(frozen=True)
+class RouterPolicy:
+    """How patiently a route is walked."""
+
+    timeout: float = 60.0
+    """Bounds the connection and each wait for the next chunk, per deployment."""
+    rounds: int = 2
+    """Walks of the whole route before giving up, when every deployment fails before output."""
+    backoff_seconds: float = 0.5
+    """The wait before the second walk; it doubles for each further walk."""
+    backoff_cap_seconds: float = 8.0
+    cooldown_seconds: float = 30.0
+    """How long a deployment that failed is tried last (a longer Retry-After wins)."""
+
+    def backoff(self, walk: int, error: LLMError) -> float:
+        """The wait after the ``walk``-th failed walk (0-based); a Retry-After lengthens it."""
+        delay: float = self.backoff_seconds * 2.0**walk
+        if error.retry_after is not None:
+            delay = max(delay, error.retry_after)
+        return min(delay, self.backoff_cap_seconds)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Another deployment took over the round.
+
+    ``continued``: text had been shown, and the next deployment continues it (nothing is
+    repeated); otherwise nothing had been shown and the round started over. ``code`` is the
+    failure's, when this process saw it (the Router's own fallbacks before the first token
+    report none).
+    """
+
+    failed: str
+    replacement: str | None
+    continued: bool
+    code: LLMErrorCode | None
+
+    def notice(self) -> str:
+        """What the user is told, when the caller shows it (a ``status`` frame)."""
+        who = self.replacement or "another model"
+        if self.continued:
+            return f"The connection to {self.failed} broke; {who} continues the reply."
+        return f"{self.failed} did not answer; {who} answers instead."
+
+
+RoutedEvent = LLMEvent | Fallback
+
+
+def deployment_name(group: str, index: int) -> str:
+    return f"{group}:{index}"
+
+
+def router_model_list(
+    groups: Mapping[str, Sequence[LLMTarget]], timeout: float
+) -> list[dict[str, Any]]:
+    """The Router's ``model_list``: one entry per deployment, named ``<group>:<index>``."""
+    entries = []
+    for group, targets in groups.items():
+        for index, target in enumerate(targets):
+            name = deployment_name(group, index)
+            params: dict[str, Any] = {
+                **target.litellm_kwargs(),
+                "timeout": timeout,
+                "stream_timeout": timeout,
+            }
+            entries.append(
+                {"model_name": name, "litellm_params": params, "model_info": {"id": name}}
+            )
+    return entries
+
+
+class ModelRouter:
+    """The gateway's one LiteLLM Router over the model list, and the routes through it."""
+
+    def __init__(
+        self, groups: Mapping[str, Sequence[LLMTarget]], policy: RouterPolicy | None = None
+    ) -> None:
+        if not any(groups.values()):
+            raise ValueError("the router needs at least one deployment")
+        self.groups = {group: list(targets) for group, targets in groups.items()}
+        self.policy = policy or RouterPolicy()
+        litellm = load_litellm()
+        with warnings.catch_warnings():
+            # litellm's types warn while pydantic builds them; they are not ours to fix.
+            warnings.simplefilter("ignore")
+            self._router = litellm.Router(
+                model_list=router_model_list(self.groups, self.policy.timeout),
+                num_retries=0,  # the next deployment is the retry; walks are ours (backoff)
+                timeout=self.policy.timeout,
+                # Each Router model is one deployment, which the Router never cools down;
+                # cooling is ours, by reordering the route (see ``chain``).
+                disable_cooldowns=True,
+            )
+        self._litellm = litellm
+        self._cooling: dict[str, float] = {}  # Router model name -> when it is fresh again
+
+    def choose(
+        self,
+        text: str,
+        *,
+        licensed_groups: Sequence[str],
+        tier: str,
+        preferred_model: str | None = None,
+    ) -> RouteChoice:
+        """The route of one message (see ``choose_route``), counted in the metrics.
+
+        ``licensed_groups`` is the effective license's ``model_groups``: the tier's, or what
+        the license's features set instead. Raises ``RoutingError`` when none is configured.
+        """
+        choice = choose_route(
+            text,
+            groups=self.groups,
+            allowed=allowed_groups(licensed_groups, self.groups),
+            tier=tier,
+            preferred_model=preferred_model,
+        )
+        ROUTE_CHOICES.labels(group=choice.group, source=choice.source.value).inc()
+        return choice
+
+    def chain(self, choice: RouteChoice) -> list[str]:
+        """The Router model names of a route, in the order they are tried: the route's order,
+        with the deployments that are cooling down after a failure moved to the end."""
+        names = [deployment_name(choice.group, index) for index in choice.order]
+        now = time.monotonic()
+        fresh = [name for name in names if self._cooling.get(name, 0.0) <= now]
+        return fresh + [name for name in names if name not in fresh]
+
+    def cool(self, names: Sequence[str], retry_after: float | None = None) -> None:
+        """Try these deployments last for a while, after they failed."""
+        seconds = max(self.policy.cooldown_seconds, retry_after or 0.0)
+        if seconds <= 0:
+            return
+        until = time.monotonic() + seconds
+        for name in names:
+            self._cooling[name] = max(self._cooling.get(name, 0.0), until)
+
+    def model_of(self, name: str) -> str:
+        group, _, index = name.rpartition(":")
+        return self.groups[group][int(index)].model
+
+    async def _open(
+        self,
+        chain: Sequence[str],
+        messages: list[dict[str, Any]],
+        tools: Sequence[Any] | None,
+        *,
+        after_output: bool,
+    ) -> Any:
+        """Open a stream on the first deployment of ``chain`` that answers, with backoff.
+
+        ``after_output``: the caller has already shown text of this round (a continuation).
+        """
+        request: dict[str, Any] = {
+            "model": chain[0],
+            "messages": messages,
+            "fallbacks": list(chain[1:]),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if tools:
+            request["tools"] = list(tools)
+        for walk in range(self.policy.rounds):
+            try:
+                return await self._router.acompletion(**request)
+            except Exception as error:
+                wrapped = wrap_error(error, self._litellm, after_output=after_output)
+                if not wrapped.retryable:
+                    raise wrapped from error
+                # A Retry-After belongs to one deployment, known only when there was one.
+                self.cool(chain, wrapped.retry_after if len(chain) == 1 else None)
+                if walk + 1 >= self.policy.rounds:
+                    models = ", ".join(self.model_of(name) for name in chain)
+                    first_line = wrapped.message.strip().splitlines()[0]
+                    raise LLMError(
+                        wrapped.code,
+                        f"no model of the route answered ({models}); the first said: {first_line}",
+                        status=wrapped.status,
+                        retry_after=wrapped.retry_after,
+                        after_output=after_output,
+                    ) from error
+                await asyncio.sleep(self.policy.backoff(walk, wrapped))
+        raise AssertionError("unreachable: the last walk returns or raises")  # pragma: no cover
+
+    async def stream(
+        self,
+        choice: RouteChoice,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncGenerator[RoutedEvent, None]:
+        """Stream one model round along a route; see the module docstring for what is shown.
+
+        Events as ``llm.stream_chat``'s (``TextDelta``..., then ``ToolCall``s, ``Usage``,
+        ``Finish``), with a ``Fallback`` before any takeover. Closing the generator closes the
+        upstream stream.
+        """
+        remaining = self.chain(choice)
+        base = [dict(message) for message in messages]
+        shown = ""  # the text the caller has received in this round, over every attempt
+        usage = Usage(0, 0, 0)
+        reported_usage = False
+        while True:
+            request = base
+            if shown:
+                request = [
+                    *base,
+                    {"role": "assistant", "content": shown},
+                    {"role": "user", "content": CONTINUE_INSTRUCTION},
+                ]
+            stream = await self._open(remaining, request, tools, after_output=bool(shown))
+            tried, answered = remaining[0], _deployment_of(stream, remaining) or remaining[0]
+            self.cool(remaining[: remaining.index(answered)])
+            parts: dict[int, _ToolCallParts] = {}
+            finish_reason = "stop"
+            round_id = "round"
+            try:
+                async for chunk in stream:
+                    # The Router may have taken over before the first token, when opening the
+                    # stream or after it opened; the chunks say which deployment answers.
+                    answered = _deployment_of(chunk, remaining) or answered
+                    if answered != tried:
+                        self.cool(remaining[remaining.index(tried) : remaining.index(answered)])
+                        FALLBACKS.labels(deployment=self.model_of(tried), mode="restart").inc()
+                        yield Fallback(
+                            failed=self.model_of(tried),
+                            replacement=self.model_of(answered),
+                            continued=False,
+                            code=None,
+                        )
+                        tried = answered
+                    round_id = str(getattr(chunk, "id", None) or round_id)
+                    chunk_usage = _usage_of(chunk)
+                    if chunk_usage is not None:
+                        usage = _plus(usage, chunk_usage)
+                        reported_usage = True
+                    for part in getattr(chunk, "choices", None) or []:
+                        delta = getattr(part, "delta", None)
+                        _collect_tool_call_fragments(delta, parts)
+                        if getattr(part, "finish_reason", None):
+                            finish_reason = str(part.finish_reason)
+                        content = getattr(delta, "content", None)
+                        if content:
+                            shown += content
+                            yield TextDelta(content)
+            except Exception as error:
+                failure = wrap_error(error, self._litellm, after_output=bool(shown))
+                rest = remaining[remaining.index(answered) + 1 :]
+                if failure.retryable:
+                    self.cool([answered], failure.retry_after)
+                if not failure.retryable or not rest:
+                    raise failure from error
+                continued = bool(shown)
+                FALLBACKS.labels(
+                    deployment=self.model_of(answered),
+                    mode="continue" if continued else "restart",
+                ).inc()
+                yield Fallback(
+                    failed=self.model_of(answered),
+                    replacement=self.model_of(rest[0]),
+                    continued=continued,
+                    code=failure.code,
+                )
+                remaining = rest
+                continue
+            finally:
+                await _close(stream)
+            for call in _tool_calls(parts, round_id):
+                yield call
+            if reported_usage:
+                yield usage
+            if parts and finish_reason == "stop":
+                finish_reason = "tool_calls"  # some providers say "stop" after a tool call
+            yield Finish(reason=finish_reason, model=self.model_of(answered))
+            return
+
+
+def _deployment_of(response: Any, chain: Sequence[str]) -> str | None:
+    """The Router model name that produced a stream or chunk (its ``model_info`` id)."""
+    hidden = getattr(response, "_hidden_params", None)
+    name = hidden.get("model_id") if isinstance(hidden, dict) else None
+    return name if isinstance(name, str) and name in chain else None
+
+
+def _plus(total: Usage, more: Usage) -> Usage:
+    return Usage(
+        total.prompt_tokens + more.prompt_tokens,
+        total.completion_tokens + more.completion_tokens,
+        total.total_tokens + more.total_tokens,
+    )
+
+
+async def _close(stream: Any) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+
+
+__all__ = [
+    "CONTINUE_INSTRUCTION",
+    "FALLBACKS",
+    "ROUTE_CHOICES",
+    "Fallback",
+    "ModelRouter",
+    "RoutedEvent",
+    "RouterPolicy",
+    "deployment_name",
+]
