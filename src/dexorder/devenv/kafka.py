@@ -268,8 +268,15 @@ class KafkaService(Service):
 
     def restart(self) -> None:
         """Stop the broker and start it again on the same ports and data."""
-        self._stop_processes()
+        self.stop_broker()
         self.start()
+
+    def stop_broker(self) -> None:
+        """Stop the broker but keep its ports and data: ``start()`` brings it back as it was.
+
+        For outage tests: clients see the broker go away and come back at the same address.
+        """
+        self._stop_processes()
 
     def _stop_processes(self) -> None:
         if self._process is not None:

@@ -1,45 +1,113 @@
 """Per-user limits: messages per minute, tokens per day, concurrent generations.
 
-With Redis, every check is one atomic Lua script, so a limit holds across any number
-of gateway replicas (per-pod limits multiply with the replica count, as LiteLLM's
-users found). Without Redis, one process keeps them in memory.
+With Redis, every check is one atomic Lua script that reads Redis's own clock, so a
+limit holds across any number of gateway replicas (per-pod limits multiply with the
+replica count, as LiteLLM's users found). Without Redis, one process keeps them in memory.
+
+A generation holds a lease: a slot with an expiry, renewed by the process that holds it
+while the generation runs. When a replica dies mid-generation its slots expire within
+``lease_seconds`` instead of blocking the user for good.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections import defaultdict
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from dexorder.core.ratelimit import (
     DAY,
+    LEASE_SECONDS,
     MINUTE,
     Decision,
     day_bucket,
-    seconds_until_next_day,
+    refuse_concurrency,
+    refuse_messages,
+    refuse_tokens,
     sliding_window,
 )
 from dexorder.core.tiers import RateLimits
 
+logger = logging.getLogger(__name__)
+
+
+class LimiterUnavailable(Exception):
+    """The limit store cannot be reached; the message is refused, not let through."""
+
 
 class Limiter(Protocol):
-    async def admit_message(self, user_id: str, limits: RateLimits) -> Decision: ...
+    async def admit_message(self, user_id: str, limits: RateLimits) -> Decision:
+        """Count one message against the minute's window, or refuse it."""
 
-    async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision: ...
+    async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
+        """Take a generation slot (``Decision.lease``) if today's tokens and the slots allow."""
 
-    async def release_generation(self, user_id: str) -> None: ...
+    async def release_generation(self, user_id: str, lease: str | None = None) -> None:
+        """Give a slot back; without ``lease``, one this process holds for the user."""
 
-    async def add_tokens(self, user_id: str, tokens: int) -> None: ...
+    async def add_tokens(self, user_id: str, tokens: int) -> None:
+        """Count tokens a turn used against today's budget."""
+
+    async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
+        """``admit_message`` and ``admit_generation`` in one atomic step (one round trip).
+
+        The message is counted only when the generation is admitted too, so a user
+        refused for concurrency does not also spend their messages on retries."""
+
+    async def end_generation(self, user_id: str, lease: str | None, tokens: int) -> None:
+        """``release_generation`` and ``add_tokens`` in one step."""
+
+    async def tokens_today(self, user_id: str) -> int:
+        """Tokens counted today (UTC) for the user."""
+
+    async def seed_tokens(self, user_id: str, tokens: int) -> bool:
+        """Start today's count at ``tokens`` (from the durable daily usage) unless it has
+        one already; True when it was seeded. A limiter that lost its state (a restart
+        without Redis, a flushed Redis) thus keeps the day's budget."""
+
+    async def close(self) -> None:
+        """Stop renewing leases; those still held expire by themselves."""
+
+
+class _HeldLeases:
+    """The leases this process holds, by lease id, and one user's ids to release."""
+
+    def __init__(self) -> None:
+        self.by_lease: dict[str, str] = {}
+
+    def add(self, user_id: str, lease: str) -> None:
+        self.by_lease[lease] = user_id
+
+    def take(self, user_id: str, lease: str | None) -> str | None:
+        """Forget ``lease`` (or any lease of the user) and return it; None if none is held."""
+        if lease is None:
+            lease = next((held for held, user in self.by_lease.items() if user == user_id), None)
+        if lease is None or self.by_lease.get(lease) != user_id:
+            return None
+        del self.by_lease[lease]
+        return lease
+
+    def by_user(self) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = defaultdict(list)
+        for lease, user in self.by_lease.items():
+            users[user].append(lease)
+        return users
 
 
 class MemoryLimiter:
+    """The same limits in one process, for running without Redis."""
+
     def __init__(self) -> None:
         self._messages: dict[str, list[float]] = defaultdict(list)
         self._tokens: dict[tuple[str, int], int] = defaultdict(int)
-        self._running: dict[str, int] = defaultdict(int)
+        self._held = _HeldLeases()
 
     async def admit_message(self, user_id: str, limits: RateLimits) -> Decision:
         now = time.time()
@@ -53,50 +121,121 @@ class MemoryLimiter:
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
         now = time.time()
         if self._tokens[(user_id, day_bucket(now))] >= limits.tokens_per_day:
-            return Decision(
-                False, seconds_until_next_day(now), f"{limits.tokens_per_day} tokens per day"
-            )
-        if self._running[user_id] >= limits.concurrent_generations:
-            return Decision(False, 1.0, f"{limits.concurrent_generations} concurrent generations")
-        self._running[user_id] += 1
-        return Decision(True)
+            return refuse_tokens(limits.tokens_per_day, now)
+        running = sum(1 for user in self._held.by_lease.values() if user == user_id)
+        if running >= limits.concurrent_generations:
+            return refuse_concurrency(limits.concurrent_generations)
+        lease = uuid.uuid4().hex
+        self._held.add(user_id, lease)
+        return Decision(True, lease=lease)
 
-    async def release_generation(self, user_id: str) -> None:
-        self._running[user_id] = max(0, self._running[user_id] - 1)
+    async def release_generation(self, user_id: str, lease: str | None = None) -> None:
+        self._held.take(user_id, lease)
+
+    async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
+        now = time.time()
+        window = [t for t in self._messages[user_id] if t > now - MINUTE]
+        self._messages[user_id] = window
+        decision = sliding_window(window, now, limits.messages_per_minute)
+        if not decision.allowed:
+            return decision
+        generation = await self.admit_generation(user_id, limits)
+        if generation.allowed:
+            window.append(now)
+        return generation
+
+    async def end_generation(self, user_id: str, lease: str | None, tokens: int) -> None:
+        await self.add_tokens(user_id, tokens)
+        await self.release_generation(user_id, lease)
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative: {tokens}")
         self._tokens[(user_id, day_bucket(time.time()))] += tokens
 
+    async def tokens_today(self, user_id: str) -> int:
+        return self._tokens.get((user_id, day_bucket(time.time())), 0)
 
-# KEYS[1] window zset; ARGV: now, window, limit, member. Returns {allowed, retry_after_ms}.
+    async def seed_tokens(self, user_id: str, tokens: int) -> bool:
+        key = (user_id, day_bucket(time.time()))
+        if key in self._tokens:
+            return False
+        self._tokens[key] = tokens
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS[1] the user's message window (zset of ms timestamps); ARGV: window ms, limit, member.
+# Returns {allowed, retry_after_ms}.
 _MESSAGE_SCRIPT = """
-local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 if count < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
   return {1, 0}
 end
 local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-return {0, math.ceil((tonumber(oldest[2]) + window - now) * 1000)}
+return {0, math.max(0, tonumber(oldest[2]) + window - now)}
 """
 
-# KEYS[1] tokens today, KEYS[2] running count; ARGV: token limit, concurrency limit, ttl.
+# KEYS[1] tokens today, KEYS[2] leases (zset: lease id -> expiry ms);
+# ARGV: token limit, concurrency limit, lease ms, lease id. Returns {allowed, why}:
+# why 1 is the token budget, 2 the concurrency.
 _GENERATION_SCRIPT = """
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 if used >= tonumber(ARGV[1]) then return {0, 1} end
-local running = tonumber(redis.call('GET', KEYS[2]) or '0')
-if running >= tonumber(ARGV[2]) then return {0, 2} end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {0, 2} end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+-- Every lease lasts as long, so the newest expiry is the set's.
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 return {1, 0}
 """
 
-_RELEASE_SCRIPT = """
-local running = tonumber(redis.call('GET', KEYS[1]) or '0')
-if running > 0 then return redis.call('DECR', KEYS[1]) end
-return 0
+# KEYS[1] message window, KEYS[2] tokens today, KEYS[3] leases; ARGV: window ms, message
+# limit, token limit, concurrency limit, lease ms, lease id (also the window's member).
+# Returns {allowed, why, retry_after_ms}: why 0 the messages, 1 the tokens, 2 the concurrency.
+_TURN_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+  return {0, 0, math.max(0, tonumber(oldest[2]) + window - now)}
+end
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if used >= tonumber(ARGV[3]) then return {0, 1, 0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return {0, 2, 0} end
+redis.call('ZADD', KEYS[1], now, ARGV[6])
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[6])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[5]))
+return {1, 0, 0}
+"""
+
+# KEYS[1] leases; ARGV: lease ms, lease ids. Extends the leases still held; returns how many.
+_RENEW_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local renewed = 0
+for i = 2, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease_ms, ARGV[i])
+end
+if renewed > 0 then redis.call('PEXPIRE', KEYS[1], lease_ms) end
+return renewed
 """
 
 
@@ -104,53 +243,187 @@ class RedisLimiter:
     """The same limits, held in Redis for every replica at once."""
 
     def __init__(
-        self, redis: Redis, *, prefix: str = "dexorder:limits", generation_ttl: int = 600
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "dexorder:limits",
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive: {lease_seconds}")
         self._redis = redis
         self._prefix = prefix
-        self._generation_ttl = generation_ttl
+        self._lease_ms = max(1, round(lease_seconds * 1000))
         self._message = redis.register_script(_MESSAGE_SCRIPT)
         self._generation = redis.register_script(_GENERATION_SCRIPT)
-        self._release = redis.register_script(_RELEASE_SCRIPT)
+        self._renew = redis.register_script(_RENEW_SCRIPT)
+        self._turn = redis.register_script(_TURN_SCRIPT)
+        self._held = _HeldLeases()
+        self._renewer: asyncio.Task[None] | None = None
+        # Set when the last lease is released, so the renewer ends at once.
+        self._none_held = asyncio.Event()
 
     def _key(self, kind: str, user_id: str) -> str:
-        return f"{self._prefix}:{kind}:{user_id}"
-
-    async def admit_message(self, user_id: str, limits: RateLimits) -> Decision:
-        allowed, retry_ms = await self._message(
-            keys=[self._key("messages", user_id)],
-            args=[time.time(), MINUTE, limits.messages_per_minute, uuid.uuid4().hex],
-        )
-        if allowed:
-            return Decision(True)
-        return Decision(
-            False, int(retry_ms) / 1000, f"{limits.messages_per_minute} messages per minute"
-        )
+        # The braces make a user's keys one Redis Cluster hash slot, as a script needs.
+        return f"{self._prefix}:{{{user_id}}}:{kind}"
 
     def _tokens_key(self, user_id: str) -> str:
         return self._key(f"tokens:{day_bucket(time.time())}", user_id)
 
-    async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
-        allowed, why = await self._generation(
-            keys=[self._tokens_key(user_id), self._key("running", user_id)],
-            args=[limits.tokens_per_day, limits.concurrent_generations, self._generation_ttl],
-        )
+    async def admit_message(self, user_id: str, limits: RateLimits) -> Decision:
+        try:
+            allowed, retry_ms = await self._message(
+                keys=[self._key("messages", user_id)],
+                args=[round(MINUTE * 1000), limits.messages_per_minute, uuid.uuid4().hex],
+            )
+        except RedisError as error:
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
         if allowed:
             return Decision(True)
-        if int(why) == 1:
-            return Decision(
-                False,
-                seconds_until_next_day(time.time()),
-                f"{limits.tokens_per_day} tokens per day",
-            )
-        return Decision(False, 1.0, f"{limits.concurrent_generations} concurrent generations")
+        return refuse_messages(limits.messages_per_minute, int(retry_ms) / 1000)
 
-    async def release_generation(self, user_id: str) -> None:
-        await self._release(keys=[self._key("running", user_id)])
+    async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
+        lease = uuid.uuid4().hex
+        try:
+            allowed, why = await self._generation(
+                keys=[self._tokens_key(user_id), self._key("leases", user_id)],
+                args=[
+                    limits.tokens_per_day,
+                    limits.concurrent_generations,
+                    self._lease_ms,
+                    lease,
+                ],
+            )
+        except RedisError as error:
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        if not allowed:
+            if int(why) == 1:
+                return refuse_tokens(limits.tokens_per_day, time.time())
+            return refuse_concurrency(limits.concurrent_generations)
+        self._held.add(user_id, lease)
+        self._ensure_renewer()
+        return Decision(True, lease=lease)
+
+    async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
+        lease = uuid.uuid4().hex
+        try:
+            allowed, why, retry_ms = await self._turn(
+                keys=[
+                    self._key("messages", user_id),
+                    self._tokens_key(user_id),
+                    self._key("leases", user_id),
+                ],
+                args=[
+                    round(MINUTE * 1000),
+                    limits.messages_per_minute,
+                    limits.tokens_per_day,
+                    limits.concurrent_generations,
+                    self._lease_ms,
+                    lease,
+                ],
+            )
+        except RedisError as error:
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        if not allowed:
+            if int(why) == 0:
+                return refuse_messages(limits.messages_per_minute, int(retry_ms) / 1000)
+            if int(why) == 1:
+                return refuse_tokens(limits.tokens_per_day, time.time())
+            return refuse_concurrency(limits.concurrent_generations)
+        self._held.add(user_id, lease)
+        self._ensure_renewer()
+        return Decision(True, lease=lease)
+
+    def _take_held(self, user_id: str, lease: str | None) -> str | None:
+        taken = self._held.take(user_id, lease)
+        if taken is not None and not self._held.by_lease:
+            self._none_held.set()
+        return taken
+
+    async def release_generation(self, user_id: str, lease: str | None = None) -> None:
+        taken = self._take_held(user_id, lease)
+        if taken is None:
+            return
+        try:
+            await self._redis.zrem(self._key("leases", user_id), taken)
+        except RedisError as error:
+            # Not fatal: the lease is no longer renewed, so it expires by itself.
+            logger.warning("could not release a generation slot of %s: %s", user_id, error)
+
+    async def end_generation(self, user_id: str, lease: str | None, tokens: int) -> None:
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative: {tokens}")
+        taken = self._take_held(user_id, lease)
+        key = self._tokens_key(user_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, tokens)
+                pipe.expire(key, int(DAY * 2))
+                if taken is not None:
+                    pipe.zrem(self._key("leases", user_id), taken)
+                await pipe.execute()
+        except RedisError as error:
+            # The slot expires by itself; the tokens are lost to today's budget, so say so.
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative: {tokens}")
         key = self._tokens_key(user_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(key, tokens)
-            pipe.expire(key, int(DAY * 2))
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, tokens)
+                pipe.expire(key, int(DAY * 2))
+                await pipe.execute()
+        except RedisError as error:
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+
+    async def tokens_today(self, user_id: str) -> int:
+        try:
+            value = await self._redis.get(self._tokens_key(user_id))
+        except RedisError as error:
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        return int(value or 0)
+
+    async def seed_tokens(self, user_id: str, tokens: int) -> bool:
+        try:
+            seeded = await self._redis.set(
+                self._tokens_key(user_id), tokens, nx=True, ex=int(DAY * 2)
+            )
+        except RedisError as error:
+            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        return bool(seeded)
+
+    def _ensure_renewer(self) -> None:
+        # The renewer runs only while leases are held, so nothing outlives the last release.
+        self._none_held.clear()
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_held(), name="limiter:leases")
+
+    async def _renew_held(self) -> None:
+        interval = self._lease_ms / 1000 / 3
+        while self._held.by_lease:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._none_held.wait()
+            if not self._held.by_lease:
+                return
+            for user_id, leases in self._held.by_user().items():
+                try:
+                    renewed = await self._renew(
+                        keys=[self._key("leases", user_id)], args=[self._lease_ms, *leases]
+                    )
+                except RedisError as error:
+                    logger.warning("could not renew generation slots of %s: %s", user_id, error)
+                    continue
+                if int(renewed) < len(leases):
+                    # Renewed too late: another generation may have the slot now. The running
+                    # one is not stopped, and its release is harmless.
+                    logger.warning("a generation slot of %s expired before renewal", user_id)
+
+    async def close(self) -> None:
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer

@@ -1,0 +1,267 @@
+"""Usage and conversation events through a real KRaft broker: exactly once per turn, no loss
+across a broker outage or a restart of the sink, and the JSON-lines fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+
+from dexorder.core import protocol
+from dexorder.core.events import Event, EventStream, UsageEvent, UserMessageEvent, event_from_json
+from dexorder.devenv.kafka import KafkaService
+from dexorder.devenv.process import free_port
+from dexorder.gateway.events import EventsRefused, JsonlSink, KafkaSink, open_event_sink
+from dexorder.gateway.settings import GatewaySettings
+from dexorder.gateway.spool import Spool
+from dexorder.gateway.usage import UsageRecorder
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Received:
+    key: str
+    event_id_header: str
+    event: Event
+
+
+def topics() -> dict[EventStream, str]:
+    run = uuid.uuid4().hex[:8]
+    return {EventStream.USAGE: f"usage-{run}", EventStream.CONVERSATION: f"conv-{run}"}
+
+
+def consume(bootstrap: str, topic: str, expected: int, *, settle: float = 2.0) -> list[Received]:
+    """Read ``topic`` from the start until ``expected`` records came and ``settle`` seconds
+    passed without more, so extra copies would be seen too."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    received: list[Received] = []
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 90
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None:
+                if len(received) >= expected and time.monotonic() - quiet_since > settle:
+                    break
+                continue
+            error = message.error()
+            if error is not None:
+                # The topic may not exist yet when the consumer first asks.
+                assert error.retriable() or "UNKNOWN_TOPIC" in error.name(), error
+                continue
+            quiet_since = time.monotonic()
+            key, value = message.key(), message.value()
+            assert key is not None
+            assert value is not None
+            event_id = dict(message.headers() or [])["event_id"]
+            assert isinstance(key, bytes)
+            assert isinstance(event_id, bytes)
+            received.append(Received(key.decode(), event_id.decode(), event_from_json(value)))
+    finally:
+        consumer.close()
+    return received
+
+
+def kafka_sink(
+    bootstrap: str, spool_dir: Path, chosen: dict[EventStream, str], **options: int
+) -> KafkaSink:
+    return KafkaSink(bootstrap, chosen, Spool(spool_dir, max_records=10_000), **options)
+
+
+async def run_turns(recorder: UsageRecorder, users: list[str], turns: int) -> list[str]:
+    """Each turn: a user message, a tool call with its result, a streamed reply, usage."""
+
+    async def shown(_: protocol.Frame) -> None:
+        return None
+
+    turn_ids = []
+    for n in range(turns):
+        user = users[n % len(users)]
+        turn = await recorder.start_turn(
+            user_id=user, tier="pro", channel="websocket", session_id=f"s-{user}", text=f"q{n}"
+        )
+        emit = turn.observe(shown)
+        await emit(protocol.ToolCallFrame(id=f"c{n}", name="get_price", arguments={"n": n}))
+        await emit(protocol.ToolResultFrame(id=f"c{n}", content="42"))
+        await emit(protocol.DeltaFrame(content=f"answer {n}"))
+        await turn.finish(model="gpt-4o", prompt_tokens=10 + n, completion_tokens=5)
+        turn_ids.append(turn.turn_id)
+    return turn_ids
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_usage_events_arrive_exactly_once_per_turn(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    chosen = topics()
+    sink = kafka_sink(kafka_bootstrap, tmp_path / "spool", chosen)
+    await sink.start()
+    recorder = UsageRecorder(sink, None)
+    users = ["alice", "bob", "carol"]
+    try:
+        turn_ids = await run_turns(recorder, users, 30)
+    finally:
+        await recorder.close()
+    assert sink.backlog == 0
+
+    usage = await asyncio.to_thread(consume, kafka_bootstrap, chosen[EventStream.USAGE], 30)
+    assert sorted(r.event.turn_id for r in usage) == sorted(turn_ids)
+    for record in usage:
+        assert isinstance(record.event, UsageEvent)
+        assert record.key == record.event.user_id
+        assert record.event_id_header == record.event.event_id
+        assert record.event.cost_usd is not None  # gpt-4o is in LiteLLM's price list
+    assert sum(r.event.prompt_tokens for r in usage if isinstance(r.event, UsageEvent)) == sum(
+        10 + n for n in range(30)
+    )
+
+    conversation = await asyncio.to_thread(
+        consume, kafka_bootstrap, chosen[EventStream.CONVERSATION], 90
+    )
+    kinds: dict[str, list[str]] = {}
+    for record in conversation:
+        kinds.setdefault(record.event.turn_id, []).append(record.event.type)
+    assert set(kinds) == set(turn_ids)
+    # A user's events share a partition, so each turn's arrive in the order they happened.
+    assert all(k == ["user_message", "tool_call", "assistant_reply"] for k in kinds.values())
+    assert not list((tmp_path / "spool").glob("*.ack"))  # every segment acknowledged
+
+
+async def test_events_sent_while_the_broker_is_down_arrive_after_it_returns(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    chosen = topics()
+    bootstrap = kafka_service.bootstrap
+    # A short delivery timeout: events sent during the outage fail in the client and
+    # must be produced again from the spool.
+    sink = kafka_sink(bootstrap, tmp_path / "spool", chosen, message_timeout_ms=3000)
+    await sink.start()
+    recorder = UsageRecorder(sink, None)
+    try:
+        before = await run_turns(recorder, ["dora"], 5)
+        await wait_for(lambda: sink.backlog == 0, 30, "the first turns to be delivered")
+
+        await asyncio.to_thread(kafka_service.stop_broker)
+        during = await run_turns(recorder, ["dora", "emil"], 10)
+        assert sink.backlog == 10 * 4
+        assert await sink.healthy()  # spooled safely: the gateway stays ready
+        await asyncio.sleep(4)  # past the delivery timeout: the client gave up on them once
+        assert sink.backlog == 10 * 4
+
+        await asyncio.to_thread(kafka_service.start)
+        await wait_for(lambda: sink.backlog == 0, 90, "the spooled events to be delivered")
+        after = await run_turns(recorder, ["emil"], 5)
+    finally:
+        await recorder.close()
+    assert sink.backlog == 0
+
+    usage = await asyncio.to_thread(consume, bootstrap, chosen[EventStream.USAGE], 20)
+    ids = [r.event.event_id for r in usage]
+    assert sorted(r.event.turn_id for r in usage) == sorted(before + during + after)
+    assert len(ids) == len(set(ids))  # nothing twice, though produced again
+
+
+async def test_a_spool_left_by_a_stopped_sink_is_replayed_at_start(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    chosen = topics()
+    spool_dir = tmp_path / "spool"
+    # No broker at all at first: everything stays in the spool.
+    unreachable = kafka_sink(f"127.0.0.1:{free_port()}", spool_dir, chosen)
+    await unreachable.start()
+    recorder = UsageRecorder(unreachable, None)
+    turn_ids = await run_turns(recorder, ["fay"], 8)
+    assert unreachable.backlog == 8 * 4
+    await unreachable.close(timeout=0.5)
+
+    sink = kafka_sink(kafka_bootstrap, spool_dir, chosen)
+    await sink.start()
+    assert sink.backlog == 8 * 4
+    try:
+        await wait_for(lambda: sink.backlog == 0, 60, "the replay")
+    finally:
+        await sink.close()
+    usage = await asyncio.to_thread(consume, kafka_bootstrap, chosen[EventStream.USAGE], 8)
+    assert sorted(r.event.turn_id for r in usage) == sorted(turn_ids)
+    assert list(spool_dir.glob("*.seg")) == []
+
+
+async def test_without_kafka_events_go_to_json_lines(tmp_path: Path) -> None:
+    settings = GatewaySettings.from_values(
+        {
+            "database_url": "postgresql://localhost/unused",
+            "dev_hs256_secret": "x" * 32,
+            "jwt_issuer": "issuer",
+            "jwt_audience": "audience",
+            "events_dir": str(tmp_path / "events"),
+        }
+    )
+    sink = await open_event_sink(settings)
+    assert isinstance(sink, JsonlSink)
+    recorder = UsageRecorder(sink, None)
+    try:
+        turn_ids = await run_turns(recorder, ["gus"], 3)
+    finally:
+        await recorder.close()
+    path = tmp_path / "events" / f"events-{dt.datetime.now(dt.UTC).date().isoformat()}.jsonl"
+    events = [event_from_json(line) for line in path.read_bytes().splitlines()]
+    assert [e.turn_id for e in events if isinstance(e, UsageEvent)] == turn_ids
+    assert len([e for e in events if isinstance(e, UserMessageEvent)]) == 3
+    assert len(events) == 3 * 4
+
+
+async def test_a_full_spool_refuses_events_and_reports_not_ready(tmp_path: Path) -> None:
+    chosen = topics()
+    spool = Spool(tmp_path / "spool", max_records=4)
+    sink = KafkaSink(f"127.0.0.1:{free_port()}", chosen, spool)
+    await sink.start()
+    try:
+        recorder = UsageRecorder(sink, None)
+        await run_turns(recorder, ["hal"], 1)  # four events: the spool is full
+        assert sink.backlog == 4
+        assert not await sink.healthy()
+        with pytest.raises(EventsRefused, match="at most 4"):
+            await sink.publish([usage_event("hal")])
+        # The recorder logs and counts a refusal; the turn itself goes on.
+        await run_turns(recorder, ["hal"], 1)
+        assert sink.backlog == 4
+    finally:
+        await sink.close(timeout=0.2)
+
+
+def usage_event(user_id: str) -> UsageEvent:
+    return UsageEvent(
+        occurred_at=dt.datetime.now(dt.UTC),
+        user_id=user_id,
+        session_id="s",
+        turn_id="t",
+        channel="websocket",
+        tier="free",
+        model="m",
+        prompt_tokens=1,
+        completion_tokens=1,
+        cost_usd=None,
+        latency_ms=1.0,
+    )
