@@ -1,5 +1,5 @@
 # The commands the README names. `make demo` and `make test` install what is missing first.
-.PHONY: setup demo test lint unit integration bench clean
+.PHONY: setup demo chat test lint unit integration bench clean
 
 VENV := .venv/bin
 export LITELLM_LOCAL_MODEL_COST_MAP := True
@@ -7,8 +7,13 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 setup:
 	@scripts/bootstrap.sh
 
-demo: setup
-	$(VENV)/dexorder demo
+# The demo needs PostgreSQL and the Python package only: its own lighter bootstrap.
+demo:
+	@scripts/bootstrap.sh demo
+	$(VENV)/dexorder demo $(DEMO_ARGS)
+
+chat:
+	$(VENV)/dexorder chat
 
 lint: setup
 	$(VENV)/ruff check src tests bench

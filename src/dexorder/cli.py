@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dexorder.devenv import stack
 
@@ -17,19 +18,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     build.add_argument("targets", nargs="*", default=["etcd", "kwok", "kubernetes"])
     demo = commands.add_parser("demo", help="a working chat on embedded defaults (Ctrl-C stops it)")
-    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--port", type=int, default=8080, help="the gateway's port (0: any free one)")
+    demo.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the demo keeps agents, logs, the URL and the token"
+        " (default: ~/.local/share/dexorder/demo)",
+    )
     chat = commands.add_parser("chat", help="a terminal chat client of the WebSocket protocol")
     chat.add_argument("--url", help="gateway URL (default: the running demo's)")
-    chat.add_argument("--token", help="a JWT (default: the running demo's token)")
+    chat.add_argument(
+        "--token",
+        help="a JWT (default: the running demo's token, else the gateway's demo token endpoint)",
+    )
+    chat.add_argument(
+        "--demo-dir", type=Path, default=None, help="the running demo's state directory"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from dexorder import demo as demo_module
 
-        return demo_module.run(port=args.port)
+        return demo_module.run(port=args.port, state_dir=args.state_dir)
     if args.command == "chat":
         from dexorder import chat_client
 
-        return chat_client.main(args.url, args.token)
+        return chat_client.main(args.url, args.token, args.demo_dir or chat_client.DEMO_DIR)
     if args.command == "devenv":
         return stack.dispatch(args)
     if args.command == "build":

@@ -22,13 +22,15 @@ from pathlib import Path
 import jwt
 
 from dexorder.devenv.fake_llm import FakeLLMProcess
-from dexorder.devenv.paths import TIER_CATALOG
+from dexorder.devenv.paths import MODEL_LIST, TIER_CATALOG
 from dexorder.devenv.postgres import PostgresService
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
+from dexorder.gateway.channels.web_page import OFFLINE_MODEL
 
 DEMO_USER = "demo-user"
 ISSUER = "dexorder-demo"
 AUDIENCE = "dexorder-gateway"
+DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "dexorder" / "demo"
 PROVIDER_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GOOGLE_API_KEY", "OPENROUTER_API_KEY")
 
 
@@ -60,95 +62,135 @@ async def _seed(dsn: str) -> None:
         )
 
 
-def run(port: int = 8080, state_dir: Path | None = None) -> int:
-    state = state_dir or Path.home() / ".local" / "share" / "dexorder" / "demo"
-    state.mkdir(parents=True, exist_ok=True)
-    stop = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DEXORDER_")}
-    with contextlib.ExitStack() as stack:
-        print("starting PostgreSQL …", flush=True)
-        postgres = stack.enter_context(PostgresService())
-        asyncio.run(_seed(postgres.dsn))
-        models = state / "models.yaml"
-        if any(os.environ.get(key) for key in PROVIDER_KEYS) and os.environ.get(
-            "DEFAULT_MODEL_PROVIDER"
-        ):
-            label = f"configured provider {os.environ['DEFAULT_MODEL_PROVIDER']}"
-            models_path = Path("config/models.yaml").resolve()
-        elif _ollama_answers():
-            label = "Ollama on localhost"
-            env.setdefault("OLLAMA_URL", "http://127.0.0.1:11434")
-            models_path = Path("config/models.yaml").resolve()
-        else:
-            fake = stack.enter_context(FakeLLMProcess(default="offline"))
-            label = "the built-in OFFLINE SCRIPTED model (no provider key, no Ollama)"
-            group = [
-                {
-                    "model": "openai/offline",
-                    "api_base": fake.base_url,
-                    "api_key_env": "OPENAI_API_KEY",
-                }
-            ]
-            models.write_text(
-                json.dumps(
-                    {
-                        "default_group": "standard",
-                        "groups": dict.fromkeys(("fast", "standard", "deep"), group),
-                    }
-                )
-            )
-            env["OPENAI_API_KEY"] = "FAKE_API_KEY"
-            models_path = models
-        secret = secrets.token_urlsafe(32)
-        env.update(
+def _choose_model(
+    stack: contextlib.ExitStack, state: Path, env: dict[str, str]
+) -> tuple[str, Path]:
+    """The model, in the documented order: a configured provider, a local Ollama, else the
+    built-in offline scripted model. Returns its label and the model list to use."""
+    if any(os.environ.get(key) for key in PROVIDER_KEYS) and os.environ.get(
+        "DEFAULT_MODEL_PROVIDER"
+    ):
+        return f"configured provider {os.environ['DEFAULT_MODEL_PROVIDER']}", MODEL_LIST
+    if _ollama_answers():
+        env.setdefault("OLLAMA_URL", "http://127.0.0.1:11434")
+        return "Ollama on localhost", MODEL_LIST
+    fake = stack.enter_context(FakeLLMProcess(default="offline"))
+    group = [{"model": OFFLINE_MODEL, "api_base": fake.base_url, "api_key_env": "OPENAI_API_KEY"}]
+    models = state / "models.yaml"
+    models.write_text(
+        json.dumps(
             {
-                "DATABASE_URL": postgres.dsn,
-                "DEXORDER_DEV_HS256_SECRET": secret,
-                "DEXORDER_JWT_ISSUER": ISSUER,
-                "DEXORDER_JWT_AUDIENCE": AUDIENCE,
-                "DEXORDER_PROVISIONER": "local",
-                "DEXORDER_LOCAL_AGENTS_DIR": str(state / "agents"),
-                "DEXORDER_TIERS_PATH": str(TIER_CATALOG),
-                "DEXORDER_MODELS_PATH": str(models_path),
-                "DEXORDER_PORT": str(port or free_port()),
-                "DEXORDER_DEMO_MODE": "true",
-                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "default_group": "standard",
+                "groups": dict.fromkeys(("fast", "standard", "deep"), group),
             }
         )
-        gateway = ManagedProcess(
-            "dexorder-gateway",
-            [sys.executable, "-m", "dexorder.gateway"],
-            log_path=state / "gateway.log",
-            env=env,
-        ).start()
-        stack.callback(gateway.stop)
-        url = f"http://127.0.0.1:{env['DEXORDER_PORT']}"
+    )
+    env["OPENAI_API_KEY"] = "FAKE_API_KEY"
+    return (
+        "the built-in OFFLINE SCRIPTED model (no provider key, no Ollama): replies are canned",
+        models,
+    )
 
-        def healthy() -> bool:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                return bool(response.status == 200)
 
-        wait_until(healthy, timeout=120, what="the gateway", process=gateway)
-        token = demo_token(secret)
-        print(
-            f"\nDexorder demo is up. Redis and Kafka are not configured: sessions, limits and events are"
-            f" in-process.\nModel: {label}\n\n  WebSocket: {url.replace('http', 'ws')}/ws/chat\n"
-            f"  Token:     {token}\n\nChat in this terminal:  .venv/bin/dexorder chat --url {url} --token {token}\n"
-            f"Gateway log: {state / 'gateway.log'}\nStop with Ctrl-C.\n",
-            flush=True,
-        )
-        (state / "token").write_text(token)
-        (state / "url").write_text(url)
-        try:
-            while not stop and not gateway.exited:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        print("stopping …", flush=True)
-    return 0
+def _in_process_note() -> str:
+    external = [name for name in ("REDIS_URL", "KAFKA_BOOTSTRAP") if os.environ.get(name)]
+    if not external:
+        return "Redis and Kafka are not configured: sessions, limits and events are in-process."
+    return f"Using {' and '.join(external)} from the environment."
+
+
+def run(port: int = 8080, state_dir: Path | None = None) -> int:
+    """Start the demo and block until Ctrl-C or SIGTERM; everything started is stopped."""
+    started = time.monotonic()
+    state = state_dir or DEFAULT_STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    for stale in ("token", "url"):
+        (state / stale).unlink(missing_ok=True)
+
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        # Only the first Ctrl-C or SIGTERM interrupts; a second one (a terminal's repeated
+        # Ctrl-C, or `make` passing its own signal on) must not cut the clean-up short and
+        # leave PostgreSQL or an agent behind.
+        nonlocal stopping
+        if stopping:
+            print("still stopping …", flush=True)
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DEXORDER_")}
+    try:
+        with contextlib.ExitStack() as stack:
+            print(f"dexorder demo: {_in_process_note()}", flush=True)
+            print("starting PostgreSQL …", flush=True)
+            postgres = stack.enter_context(PostgresService())
+            asyncio.run(_seed(postgres.dsn))
+            label, models_path = _choose_model(stack, state, env)
+            print(f"model: {label}", flush=True)
+            secret = secrets.token_urlsafe(32)
+            gateway_port = port or free_port()
+            env.update(
+                {
+                    "DATABASE_URL": postgres.dsn,
+                    "DEXORDER_DEV_HS256_SECRET": secret,
+                    "DEXORDER_JWT_ISSUER": ISSUER,
+                    "DEXORDER_JWT_AUDIENCE": AUDIENCE,
+                    "DEXORDER_PROVISIONER": "local",
+                    "DEXORDER_LOCAL_AGENTS_DIR": str(state / "agents"),
+                    "DEXORDER_EVENTS_DIR": str(state / "events"),
+                    "DEXORDER_TIERS_PATH": str(TIER_CATALOG),
+                    "DEXORDER_MODELS_PATH": str(models_path),
+                    "DEXORDER_PORT": str(gateway_port),
+                    "DEXORDER_DEMO_MODE": "true",
+                    "DEXORDER_DEMO_USER_ID": DEMO_USER,
+                    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                }
+            )
+            print("starting the gateway …", flush=True)
+            gateway = ManagedProcess(
+                "dexorder-gateway",
+                [sys.executable, "-m", "dexorder.gateway"],
+                log_path=state / "gateway.log",
+                env=env,
+            ).start()
+            stack.callback(gateway.stop)
+            url = f"http://127.0.0.1:{gateway_port}"
+
+            def healthy() -> bool:
+                with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                    return bool(response.status == 200)
+
+            wait_until(healthy, timeout=120, what="the gateway", process=gateway)
+            token = demo_token(secret)
+            (state / "token").write_text(token)
+            (state / "url").write_text(url)
+            print(
+                f"\nDexorder demo is up in {time.monotonic() - started:.1f} s.\n"
+                f"Model: {label}\n\n"
+                f"  Open the chat:  {url}/\n"
+                f"  WebSocket:      {url.replace('http', 'ws', 1)}/ws/chat\n"
+                f"  Demo token:     {token}\n\n"
+                f"Chat in a terminal:  .venv/bin/dexorder chat\n"
+                f"Gateway log: {state / 'gateway.log'}\n"
+                "Stop with Ctrl-C.\n",
+                flush=True,
+            )
+            try:
+                while not gateway.exited:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("stopping …", flush=True)
+                return 0
+            print(f"the gateway exited; see {state / 'gateway.log'}", file=sys.stderr, flush=True)
+            return 1
+    except KeyboardInterrupt:
+        print("interrupted while starting; everything started is stopped.", flush=True)
+        return 130
+    finally:
+        for stale in ("token", "url"):
+            (state / stale).unlink(missing_ok=True)
+        print("stopped.", flush=True)
