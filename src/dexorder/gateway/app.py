@@ -130,6 +130,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             host_map=settings.agent_host_map,
             max_tool_rounds=settings.max_tool_rounds,
             max_queued=settings.max_queued_messages,
+            agent_connect_seconds=settings.agent_connect_seconds,
         )
 
         async def database_ok() -> bool:

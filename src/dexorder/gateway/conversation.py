@@ -46,6 +46,8 @@ class ChatServices:
     host_map: Mapping[str, str]
     max_tool_rounds: int = 8
     max_queued: int = 4
+    # How long a just-provisioned agent may take to answer its first MCP request.
+    agent_connect_seconds: float = 10.0
 
 
 class ConversationError(Exception):
@@ -167,7 +169,11 @@ class Conversation:
         started = time.perf_counter()
         endpoint = await self.services.provisioner.ensure_agent(self.license, self._progress)
         metrics.PROVISIONING.observe(time.perf_counter() - started)
-        agent = AgentSession(endpoint, host_map=self.services.host_map)
+        agent = AgentSession(
+            endpoint,
+            host_map=self.services.host_map,
+            connect_grace=self.services.agent_connect_seconds,
+        )
         self._endpoint, self._agent = endpoint, agent
         return agent
 

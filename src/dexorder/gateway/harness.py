@@ -31,6 +31,7 @@ SYSTEM_PROMPT = (
     "and say which tool results your answer rests on."
 )
 HISTORY_TURNS = 20
+WRITE_BACK_SECONDS = 30.0
 
 
 @dataclass
@@ -226,7 +227,9 @@ class Harness:
             if shielded:
                 await asyncio.wait_for(asyncio.shield(write), timeout=5)
             else:
-                await write
+                # Bounded: the MCP SDK can lose a reply when the agent drops the stream, and
+                # the user's `done` must not wait on the record of the turn.
+                await asyncio.wait_for(write, timeout=WRITE_BACK_SECONDS)
         except (AgentUnavailable, TimeoutError) as error:
             # The reply reached the user; losing its record is logged, never hidden.
             logger.error(  # noqa: TRY400 - the cause is in the message; no traceback needed

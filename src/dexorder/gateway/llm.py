@@ -12,6 +12,7 @@ Every failure is an ``LLMError`` with a stable code, raised ``from`` litellm's e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -45,6 +46,10 @@ def load_litellm() -> ModuleType:
             _warm_up(litellm)
 
         litellm.suppress_debug_info = True  # no "Give Feedback" banners on every error
+        # litellm logs every call at INFO ("completion() model=..."): a log line per message
+        # on the relay path, and noise. Its warnings and errors still come through.
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         _litellm = litellm
     return _litellm
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -27,6 +29,10 @@ from pydantic import AnyUrl
 from dexorder.gateway.provisioning.base import AgentEndpoint
 
 logger = logging.getLogger(__name__)
+
+# Idle connections are dropped before the agent's server (uvicorn: 5 s) closes them, so a
+# request never goes out on a connection the agent is closing at that moment.
+_AGENT_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 class AgentUnavailable(Exception):
@@ -92,10 +98,18 @@ class AgentSession:
         *,
         host_map: Mapping[str, str] | None = None,
         timeout: float = 30.0,
+        connect_grace: float = 0.0,
+        read_timeout: float = 30.0,
+        tool_timeout: float = 300.0,
     ) -> None:
         self.endpoint = endpoint
         self._url = map_host(endpoint.url, host_map or {})
         self._timeout = timeout
+        self._connect_grace = connect_grace
+        # Without these the SDK waits forever for a reply that a broken stream never brings;
+        # tools (a backtest) may legitimately take longer than reading a resource.
+        self._read_timeout = dt.timedelta(seconds=read_timeout)
+        self._tool_timeout = dt.timedelta(seconds=tool_timeout)
         self._session: ClientSession | None = None
         self._closing: asyncio.Event | None = None
         self._holder: asyncio.Task[None] | None = None
@@ -140,10 +154,12 @@ class AgentSession:
         try:
             async with (
                 httpx.AsyncClient(
-                    headers=headers, timeout=httpx.Timeout(self._timeout, read=300)
+                    headers=headers,
+                    timeout=httpx.Timeout(self._timeout, read=300),
+                    limits=_AGENT_LIMITS,
                 ) as http,
                 streamable_http_client(self._url, http_client=http) as (read, write, _),
-                ClientSession(read, write) as session,
+                ClientSession(read, write, read_timeout_seconds=self._read_timeout) as session,
             ):
                 await session.initialize()
                 opened.set_result(session)
@@ -158,6 +174,26 @@ class AgentSession:
         finally:
             if not opened.done():
                 opened.set_exception(AgentUnavailable("the MCP session was closed while opening"))
+
+    async def _first_open(self) -> None:
+        """Open the first session, retrying for ``connect_grace`` seconds.
+
+        An agent reported Ready may not answer yet: its Service's endpoints lag the pod's
+        readiness, and a process may still be binding its port. Later opens do not wait:
+        an agent that answered once and stopped answering is really gone.
+        """
+        deadline = time.monotonic() + self._connect_grace
+        delay = 0.05
+        while True:
+            try:
+                await self._open()
+            except AgentUnavailable:
+                if self.sessions_opened or time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            else:
+                return
 
     async def close(self) -> None:
         closing, holder = self._closing, self._holder
@@ -183,7 +219,7 @@ class AgentSession:
         if self._session is None:
             async with self._opening:
                 if self._session is None:
-                    await self._open()
+                    await self._first_open()
         current = self._session
         assert current is not None
         try:
@@ -211,7 +247,8 @@ class AgentSession:
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutcome:
         result: CallToolResult = await self._call(
-            f"call_tool {name}", lambda s: s.call_tool(name, dict(arguments))
+            f"call_tool {name}",
+            lambda s: s.call_tool(name, dict(arguments), read_timeout_seconds=self._tool_timeout),
         )
         return ToolOutcome(content=_text_of(result), is_error=bool(result.isError))
 

@@ -160,6 +160,8 @@ class GatewaySettings(BaseSettings):
         None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
     )
     provision_timeout_seconds: float = Field(120.0, gt=0)
+    # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
+    agent_connect_seconds: float = Field(10.0, ge=0, le=120)
 
     # --- the harness -----------------------------------------------------------------
     max_tool_rounds: int = Field(8, ge=1, le=50)

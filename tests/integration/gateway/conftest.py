@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -96,11 +97,10 @@ class RunningGateway:
         return self.url.replace("http", "ws", 1) + "/ws/chat"
 
 
-@pytest.fixture
-async def gateway(
-    migrated_dsn: str, issuer: LocalJwksIssuer, llm: FakeLLMServer, tmp_path: Path
-) -> AsyncIterator[RunningGateway]:
-    app = create_app(gateway_settings(migrated_dsn, issuer, llm, tmp_path))
+@contextlib.asynccontextmanager
+async def serve_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway]:
+    """A gateway app in this event loop on a free loopback port, cleaned up on exit."""
+    app = create_app(settings)
     runner = web.AppRunner(app, shutdown_timeout=5)
     await runner.setup()
     port = free_port()
@@ -109,6 +109,14 @@ async def gateway(
         yield RunningGateway(f"http://127.0.0.1:{port}", app, runner)
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def gateway(
+    migrated_dsn: str, issuer: LocalJwksIssuer, llm: FakeLLMServer, tmp_path: Path
+) -> AsyncIterator[RunningGateway]:
+    async with serve_gateway(gateway_settings(migrated_dsn, issuer, llm, tmp_path)) as running:
+        yield running
 
 
 class ChatClient:
@@ -140,6 +148,23 @@ class ChatClient:
                 seen.append(frame)
                 if frame["type"] == kind:
                     return seen
+
+
+async def connect(
+    session: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    token: str,
+    *,
+    header: bool = True,
+    query: str = "",
+) -> ChatClient:
+    """Open a chat socket, with the token in the upgrade's header or as the first frame."""
+    headers = {"Authorization": f"Bearer {token}"} if header else {}
+    ws = await session.ws_connect(gateway.ws_url + query, headers=headers)
+    client = ChatClient(ws)
+    if not header:
+        await client.send({"type": "auth", "token": token})
+    return client
 
 
 @pytest.fixture

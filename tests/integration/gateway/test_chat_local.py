@@ -9,23 +9,7 @@ import pytest
 
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
-from tests.integration.gateway.conftest import ChatClient, RunningGateway
-
-
-async def connect(
-    session: aiohttp.ClientSession,
-    gateway: RunningGateway,
-    token: str,
-    *,
-    header: bool = True,
-    query: str = "",
-) -> ChatClient:
-    headers = {"Authorization": f"Bearer {token}"} if header else {}
-    ws = await session.ws_connect(gateway.ws_url + query, headers=headers)
-    client = ChatClient(ws)
-    if not header:
-        await client.send({"type": "auth", "token": token})
-    return client
+from tests.integration.gateway.conftest import RunningGateway, connect
 
 
 async def test_first_chat_provisions_streams_and_writes_history(

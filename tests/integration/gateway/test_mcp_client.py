@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +46,29 @@ async def test_wrong_token_is_agent_unavailable(agent: AgentProcess) -> None:
     with pytest.raises(AgentUnavailable):
         await session.list_tools()
     await session.close()
+
+
+async def test_an_agent_that_answers_late_is_waited_for_on_the_first_open(
+    tmp_path: Path,
+) -> None:
+    # Ready in Kubernetes comes before the Service routes to the pod: the first open retries.
+    late = AgentProcess("late-user", data_dir=tmp_path / "late")
+    impatient = AgentSession(AgentEndpoint(late.user_id, late.url, late.token))
+    with pytest.raises(AgentUnavailable):
+        await impatient.list_tools()
+    await impatient.close()
+
+    patient = AgentSession(AgentEndpoint(late.user_id, late.url, late.token), connect_grace=60)
+    starting = asyncio.create_task(asyncio.to_thread(late.start))
+    try:
+        assert "recall" in {tool.name for tool in await patient.list_tools()}
+        assert patient.sessions_opened == 1
+    finally:
+        await patient.close()
+        try:
+            await starting
+        finally:
+            late.stop()
 
 
 def test_host_map_rewrites_only_mapped_hosts() -> None:

@@ -67,7 +67,9 @@ async def _first_frame_identity(
     try:
         return await verifier.verify(frame.token)
     except AuthError as error:
-        await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=str(error.reason).encode()[:120])
+        # Keys we cannot fetch are our fault: "try again later", not "your token is bad".
+        code = WSCloseCode.TRY_AGAIN_LATER if error.is_server_fault else protocol.CLOSE_UNAUTHORIZED
+        await ws.close(code=code, message=str(error.reason).encode()[:120])
         return None
 
 
@@ -82,6 +84,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         try:
             identity = await verifier.verify(token)
         except AuthError as error:
+            if error.is_server_fault:
+                raise web.HTTPServiceUnavailable(
+                    text="cannot verify tokens right now; try again shortly",
+                    headers={"Retry-After": "5"},
+                ) from error
             raise web.HTTPUnauthorized(text=f"unauthorized: {error.reason}") from error
 
     session_id = request.query.get("session") or uuid.uuid4().hex

@@ -34,12 +34,21 @@ class LocalProvisioner:
         self._last_activity: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Agents whose start is under way: close() must stop them too, or they outlive us.
+        self._starting: dict[str, AgentProcess] = {}
+        self._closed = False
+
+    def is_closed(self) -> bool:
+        # A method, not an attribute test: the answer changes across awaits.
+        return self._closed
 
     def _data_dir(self, user_id: str) -> Path:
         return self._root / naming.user_agent_name(user_id)
 
     async def ensure_agent(self, license: EffectiveLicense, progress: Progress) -> AgentEndpoint:
         user_id = license.user_id
+        if self.is_closed():
+            raise ProvisioningError("ShuttingDown", "the gateway is stopping; reconnect shortly")
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle(), name="local-agent-reaper")
         timeout = license.idle_timeout_minutes
@@ -59,6 +68,7 @@ class LocalProvisioner:
                 # The start runs in a thread that a cancel cannot stop: wait for it, then
                 # stop what it started, so no agent process outlives a cancelled request.
                 starting = asyncio.ensure_future(asyncio.to_thread(agent.start))
+                self._starting[user_id] = agent
                 try:
                     await asyncio.shield(starting)
                 except asyncio.CancelledError:
@@ -71,6 +81,14 @@ class LocalProvisioner:
                     raise ProvisioningError(
                         "StartFailed", f"the agent did not start: {error}"
                     ) from error
+                finally:
+                    self._starting.pop(user_id, None)
+                if self.is_closed():
+                    # close() ran while this agent was starting: it must not outlive us.
+                    await asyncio.to_thread(agent.stop)
+                    raise ProvisioningError(
+                        "ShuttingDown", "the gateway is stopping; reconnect shortly"
+                    )
                 self._agents[user_id] = agent
         await progress(Stage.READY, "your agent is ready")
         return AgentEndpoint(user_id=user_id, url=agent.url, token=agent.token)
@@ -106,6 +124,7 @@ class LocalProvisioner:
             await asyncio.to_thread(agent.stop)
 
     async def close(self) -> None:
+        self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

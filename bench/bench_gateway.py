@@ -1,0 +1,567 @@
+"""What the gateway adds to a streamed reply, against reading the model directly.
+
+    .venv/bin/python bench/bench_gateway.py                # 1, 100 and 1,000 sessions
+    .venv/bin/python bench/bench_gateway.py --levels 1 100 --idle 200 --out /tmp/x.md
+
+Everything is real and on loopback: PostgreSQL, a JWKS issuer, the ``dexorder-gateway``
+process (local provisioner, its warm agent process), and a model server that streams at a
+fixed token rate. Each token the model server sends carries two ``time.monotonic()``
+stamps, when the request arrived and when the token left (CLOCK_MONOTONIC is one clock for
+every process on the machine), so a reader knows, for each token:
+
+- relay delay: its arrival minus its departure from the model server;
+- added first-token latency: (first token's arrival - the message's send) minus the model
+  server's own time to first token (first departure - request arrival).
+
+The same stream is read three ways in one run, at the same concurrency: through the gateway
+(a WebSocket chat session per reader), with litellm's SDK directly (``acompletion``,
+streamed), and with a raw aiohttp SSE reader (the floor). Idle RSS is the gateway process's
+VmRSS with N authenticated, ready, idle sessions, minus before, over N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from dexorder.core.licenses import License, LicenseLimits, RateLimitOverrides
+from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.devenv.paths import TIER_CATALOG
+from dexorder.devenv.postgres import PostgresService
+from dexorder.devenv.process import ManagedProcess, free_port, wait_until
+
+ISSUER = "https://id.bench.dexorder"
+AUDIENCE = "dexorder-gateway"
+API_KEY = "bench-key"
+USER = "bench-user"
+
+# --- the model server: a fixed token rate, each token stamped -------------------------------
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def model_server_app(rate: float, tokens: int) -> web.Application:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
+        body = await request.json()
+        model = str(body.get("model", "bench"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(tokens):
+            wait = arrived + index / rate - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            delta: dict[str, Any] = {"content": f"{arrived:.6f}:{time.monotonic():.6f}|"}
+            if index == 0:
+                delta["role"] = "assistant"
+            await response.write(_sse(_chunk(model, delta, None)))
+        await response.write(_sse(_chunk(model, {}, "stop")))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens}
+            await response.write(_sse({**_chunk(model, {}, None), "choices": [], "usage": usage}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "bench"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def serve_model(port: int, rate: float, tokens: int) -> None:
+    web.run_app(model_server_app(rate, tokens), host="127.0.0.1", port=port, print=None)
+
+
+# --- samples --------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    added_first_token: list[float] = field(default_factory=list)
+    relay: list[float] = field(default_factory=list)
+    failures: int = 0
+
+
+class StreamReader:
+    """Turns stamped text into samples, whatever way it was chunked."""
+
+    def __init__(self, samples: Samples, sent_at: float) -> None:
+        self._samples = samples
+        self._sent_at = sent_at
+        self._pending = ""
+        self._first = True
+
+    def feed(self, text: str, arrived: float) -> None:
+        self._pending += text
+        *complete, self._pending = self._pending.split("|")
+        for stamp in complete:
+            request_arrived, token_left = (float(part) for part in stamp.split(":"))
+            self._samples.relay.append(arrived - token_left)
+            if self._first:
+                self._first = False
+                own_first_token = token_left - request_arrived
+                self._samples.added_first_token.append((arrived - self._sent_at) - own_first_token)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def stop_agents_under(root: Path) -> None:
+    """SIGKILL agent processes whose data directory is under ``root``."""
+    marker = f"DEXORDER_AGENT_DATA_DIR={root}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environment = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(entry.startswith(marker) for entry in environment):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+# --- the three readers ----------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "stream please"}]
+
+
+async def read_raw(http: aiohttp.ClientSession, base_url: str, samples: Samples) -> None:
+    sent = time.monotonic()
+    reader = StreamReader(samples, sent)
+    payload = {"model": "bench", "messages": MESSAGES, "stream": True}
+    async with http.post(
+        f"{base_url}/chat/completions",
+        json=payload,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as response:
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            arrived = time.monotonic()
+            for choice in json.loads(line[6:])["choices"]:
+                content = choice["delta"].get("content")
+                if content:
+                    reader.feed(content, arrived)
+
+
+async def read_litellm(litellm: Any, base_url: str, samples: Samples) -> None:
+    sent = time.monotonic()
+    reader = StreamReader(samples, sent)
+    stream = await litellm.acompletion(
+        model="openai/bench",
+        api_base=base_url,
+        api_key=API_KEY,
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        arrived = time.monotonic()
+        for choice in chunk.choices:
+            content = choice.delta.content
+            if content:
+                reader.feed(content, arrived)
+
+
+class ChatSession:
+    """One chat socket, read all the time (as a browser does, which also answers pings)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._frames: asyncio.Queue[tuple[float, dict[str, Any] | None]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    self._frames.put_nowait((time.monotonic(), json.loads(message.data)))
+        finally:
+            self._frames.put_nowait((time.monotonic(), None))
+
+    async def next(self) -> tuple[float, dict[str, Any]]:
+        arrived, frame = await asyncio.wait_for(self._frames.get(), timeout=300)
+        if frame is None:
+            raise RuntimeError(f"the gateway closed the session ({self.ws.close_code})")
+        return arrived, frame
+
+    async def until(self, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        while True:
+            _, frame = await self.next()
+            if wanted(frame):
+                return frame
+
+    async def turn(self, samples: Samples | None) -> None:
+        sent = time.monotonic()
+        reader = StreamReader(samples or Samples(), sent)
+        await self.ws.send_str(json.dumps({"type": "message", "content": "stream please"}))
+        while True:
+            arrived, frame = await self.next()
+            if frame["type"] == "delta":
+                reader.feed(frame["content"], arrived)
+            elif frame["type"] == "done":
+                return
+            elif frame["type"] == "error":
+                if samples is not None:
+                    samples.failures += 1
+                return
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+class SessionPool:
+    """Hands each concurrent turn a session of its own."""
+
+    def __init__(self, sessions: list[ChatSession]) -> None:
+        self._free = list(sessions)
+
+    async def turn(self, samples: Samples) -> None:
+        session = self._free.pop()
+        try:
+            await session.turn(samples)
+        finally:
+            self._free.append(session)
+
+
+async def open_sessions(
+    http: aiohttp.ClientSession, ws_url: str, token: str, count: int
+) -> list[ChatSession]:
+    async def one() -> ChatSession:
+        ws = await http.ws_connect(ws_url, headers={"Authorization": f"Bearer {token}"})
+        session = ChatSession(ws)
+        await session.until(lambda f: f["type"] == "ready")
+        # The agent is ready for the session once the `ready` status arrives.
+        await session.until(lambda f: f["type"] == "status" and f["stage"] == "ready")
+        return session
+
+    sessions: list[ChatSession] = []
+    for start in range(0, count, 100):  # in batches, as a fleet's clients arrive
+        sessions += await asyncio.gather(*(one() for _ in range(min(100, count - start))))
+    return sessions
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def models_yaml(base_url: str) -> str:
+    target = {"model": "openai/bench", "api_base": base_url, "api_key_env": "OPENAI_API_KEY"}
+    groups = {group: [target] for group in ("fast", "standard", "deep")}
+    return json.dumps({"default_group": "standard", "groups": groups})
+
+
+@dataclass
+class Stack:
+    model_url: str
+    gateway_url: str
+    gateway_pid: int
+    token: str
+
+
+async def save_license(dsn: str) -> None:
+    from dexorder.gateway.licenses import LicenseStore, open_pool
+    from dexorder.gateway.migrations import apply_migrations
+
+    await apply_migrations(dsn)
+    pool = await open_pool(dsn)
+    try:
+        unlimited = RateLimitOverrides(
+            messages_per_minute=1_000_000,
+            tokens_per_day=1_000_000_000,
+            concurrent_generations=100_000,
+        )
+        await LicenseStore(pool, auto_enroll=False, cache_seconds=0).save_license(
+            License(user_id=USER, tier="enterprise", limits=LicenseLimits(rate_limits=unlimited))
+        )
+    finally:
+        await pool.close()
+
+
+def gateway_process(
+    workdir: Path, dsn: str, jwks_url: str, model_url: str, port: int
+) -> ManagedProcess:
+    models = workdir / "models.yaml"
+    models.write_text(models_yaml(model_url))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DEXORDER_")}
+    env.update(
+        {
+            "DATABASE_URL": dsn,
+            "OPENAI_API_KEY": API_KEY,
+            "DEXORDER_JWKS_URL": jwks_url,
+            "DEXORDER_JWT_ISSUER": ISSUER,
+            "DEXORDER_JWT_AUDIENCE": AUDIENCE,
+            "DEXORDER_PROVISIONER": "local",
+            "DEXORDER_LOCAL_AGENTS_DIR": str(workdir / "agents"),
+            "DEXORDER_TIERS_PATH": str(TIER_CATALOG),
+            "DEXORDER_MODELS_PATH": str(models),
+            "DEXORDER_HOST": "127.0.0.1",
+            "DEXORDER_PORT": str(port),
+            "DEXORDER_DRAIN_SECONDS": "1",
+        }
+    )
+    return ManagedProcess(
+        "dexorder-gateway",
+        [sys.executable, "-m", "dexorder.gateway", "serve"],
+        log_path=workdir / "gateway.log",
+        env=env,
+        cwd=workdir,
+    ).start()
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+@dataclass
+class Level:
+    sessions: int
+    rounds: int
+    paths: dict[str, Samples] = field(default_factory=dict)
+
+
+async def run_rounds(
+    count: int, rounds: int, one: Callable[[Samples], Awaitable[None]], samples: Samples
+) -> None:
+    for _ in range(rounds):
+        await asyncio.gather(*(one(samples) for _ in range(count)))
+
+
+async def measure(stack: Stack, levels: list[int], idle: int) -> tuple[list[Level], float]:
+    from dexorder.gateway.llm import load_litellm
+
+    litellm = load_litellm()
+    ws_url = stack.gateway_url.replace("http", "ws", 1) + "/ws/chat"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        # Warm every path once: the agent, litellm's first call, the JWKS fetch.
+        warm = await open_sessions(http, ws_url, stack.token, 1)
+        await warm[0].turn(None)
+        await read_litellm(litellm, stack.model_url, Samples())
+        await read_raw(http, stack.model_url, Samples())
+
+        # Idle RSS first: Python keeps freed memory, so later turns would blur it.
+        before = rss_kib(stack.gateway_pid)
+        idle_sessions = await open_sessions(http, ws_url, stack.token, idle)
+        await asyncio.sleep(1)
+        after = rss_kib(stack.gateway_pid)
+        per_connection_kib = (after - before) / idle
+        await asyncio.gather(*(s.close() for s in idle_sessions))
+        await warm[0].close()
+
+        results: list[Level] = []
+        for count in levels:
+            level = Level(count, rounds=max(1, 30 // count))
+            print(f"  {count} sessions x {level.rounds} rounds", flush=True)
+            sessions = await open_sessions(http, ws_url, stack.token, count)
+            # Warm: each session's MCP session to the agent and its tool list.
+            await asyncio.gather(*(s.turn(None) for s in sessions))
+            for name, one in (
+                ("raw SSE", lambda s: read_raw(http, stack.model_url, s)),
+                ("litellm SDK", lambda s: read_litellm(litellm, stack.model_url, s)),
+                ("gateway", SessionPool(sessions).turn),
+            ):
+                level.paths[name] = Samples()
+                await run_rounds(count, level.rounds, one, level.paths[name])
+            await asyncio.gather(*(s.close() for s in sessions))
+            results.append(level)
+    return results, per_connection_kib
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.2f}"
+
+
+def report(
+    levels: list[Level], per_connection_kib: float, idle: int, args: argparse.Namespace
+) -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    lines = [
+        "# Gateway benchmark",
+        "",
+        f"Command: `.venv/bin/python bench/bench_gateway.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Machine: {os.cpu_count()} cores ({cpu}), load average before the run "
+        f"{args.load_before}; Python {platform.python_version()}.",
+        f"Model server: {args.rate:g} tokens/s, {args.tokens} tokens a reply, first token at "
+        "once; the agent is warm (each session ran one turn first).",
+        "",
+        "Added first-token latency = first token at the reader minus the message's send, "
+        "minus the model server's own time to first token. Relay delay = a token's arrival "
+        "minus its departure from the model server. Times in ms.",
+        "",
+        "| sessions | path | added first token p50 | p99 | relay p50 | relay p99 | replies |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for level in levels:
+        for name, samples in level.paths.items():
+            first, relay = samples.added_first_token, samples.relay
+            lines.append(
+                f"| {level.sessions} | {name} | {ms(percentile(first, 0.5))} | "
+                f"{ms(percentile(first, 0.99))} | {ms(percentile(relay, 0.5))} | "
+                f"{ms(percentile(relay, 0.99))} | {len(first)}"
+                + (f" ({samples.failures} failed)" if samples.failures else "")
+                + " |"
+            )
+    lines += [
+        "",
+        "Ratios, gateway over litellm SDK read directly (same run, same concurrency):",
+        "",
+        "| sessions | added first token p50 | p99 | relay p50 | relay p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for level in levels:
+        gateway, direct = level.paths["gateway"], level.paths["litellm SDK"]
+
+        def ratio(values: list[float], base: list[float], share: float) -> str:
+            denominator = percentile(base, share)
+            return f"{percentile(values, share) / denominator:.2f}" if denominator > 0 else "n/a"
+
+        lines.append(
+            f"| {level.sessions} | {ratio(gateway.added_first_token, direct.added_first_token, 0.5)}"
+            f" | {ratio(gateway.added_first_token, direct.added_first_token, 0.99)}"
+            f" | {ratio(gateway.relay, direct.relay, 0.5)} | {ratio(gateway.relay, direct.relay, 0.99)} |"
+        )
+    lines += [
+        "",
+        f"RSS per idle connection (gateway process, {idle} authenticated ready sessions): "
+        f"{per_connection_kib:.1f} KiB.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> str:
+    workdir = Path(tempfile.mkdtemp(prefix="dexorder-bench-gateway-"))
+    processes: list[ManagedProcess] = []
+    try:
+        with PostgresService() as postgres:
+            await save_license(postgres.dsn)
+            async with LocalJwksIssuer(issuer=ISSUER, audience=AUDIENCE) as issuer:
+                model_port = free_port()
+                model = ManagedProcess(
+                    "bench-model",
+                    [
+                        sys.executable,
+                        __file__,
+                        "serve-model",
+                        "--port",
+                        str(model_port),
+                        "--rate",
+                        str(args.rate),
+                        "--tokens",
+                        str(args.tokens),
+                    ],
+                    log_path=workdir / "model.log",
+                ).start()
+                processes.append(model)
+                model_url = f"http://127.0.0.1:{model_port}/v1"
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: _answers(model_url + "/models"),
+                    timeout=60,
+                    what="model server",
+                    process=model,
+                )
+                port = free_port()
+                gateway = gateway_process(workdir, postgres.dsn, issuer.jwks_url, model_url, port)
+                processes.append(gateway)
+                gateway_url = f"http://127.0.0.1:{port}"
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: _answers(gateway_url + "/ready"),
+                    timeout=120,
+                    what="gateway",
+                    process=gateway,
+                )
+                stack = Stack(
+                    model_url, gateway_url, gateway.pid, issuer.mint(USER, expires_in=7200)
+                )
+                levels, per_connection = await measure(stack, args.levels, args.idle)
+                for process in reversed(processes):
+                    await asyncio.to_thread(process.stop, 30)
+                processes.clear()
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    finally:
+        for process in reversed(processes):
+            process.stop(30)
+        # A gateway killed after its stop timeout leaves its agents (own sessions) behind.
+        stop_agents_under(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return report(levels, per_connection, args.idle, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "serve-model"])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=20.0, help="model tokens per second")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens in each reply")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--idle", type=int, default=1000, help="idle sessions for the RSS figure")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-gateway.md"))
+    args = parser.parse_args(argv)
+    if args.command == "serve-model":
+        serve_model(args.port, args.rate, args.tokens)
+        return
+    args.load_before = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    text = asyncio.run(run(args))
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Chat end to end on the Kubernetes provisioner: the real control plane, the real operator,
+and agent processes run locally in place of kwok's empty pods (see ``kube_agents``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dexorder.adapters.kubernetes import KubeClient, load_kubeconfig, resource_path
+from dexorder.core import naming
+from dexorder.core.useragent import API_VERSION, KIND, LAST_ACTIVITY_ANNOTATION, PLURAL
+from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
+from dexorder.devenv.fixtures_kube import OperatorProcess
+from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.devenv.kubernetes import UNPULLABLE_REGISTRY, ControlPlane
+from tests.integration.gateway.conftest import (
+    ChatClient,
+    RunningGateway,
+    connect,
+    gateway_settings,
+    serve_gateway,
+)
+from tests.integration.gateway.kube_agents import AgentRunner
+
+
+@dataclass
+class KubeChat:
+    gateway: RunningGateway
+    runner: AgentRunner
+    kube: KubeClient
+    namespace: str
+    user: str
+
+    @property
+    def agent_path(self) -> str:
+        return resource_path(API_VERSION, PLURAL, self.namespace, naming.user_agent_name(self.user))
+
+
+@pytest.fixture
+async def kube_chat(
+    control_plane: ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    user_id: str,
+) -> AsyncIterator[KubeChat]:
+    async with KubeClient(load_kubeconfig(control_plane.kubeconfig)) as kube:
+        runner = AgentRunner(kube, namespace, [user_id], tmp_path / "kube-agents")
+        settings = gateway_settings(
+            migrated_dsn,
+            issuer,
+            llm,
+            tmp_path,
+            provisioner="kubernetes",
+            kubeconfig=str(control_plane.kubeconfig),
+            agents_namespace=namespace,
+            agent_host_map=runner.host_map(),
+            provision_timeout_seconds=60,
+            agent_connect_seconds=30,
+        )
+        async with runner, serve_gateway(settings) as gateway:
+            yield KubeChat(gateway, runner, kube, namespace, user_id)
+
+
+async def statuses_until_settled(client: ChatClient) -> list[dict[str, Any]]:
+    """Frames after `ready` up to the `ready` status or an error."""
+    frames: list[dict[str, Any]] = []
+    while True:
+        frame = await client.next(timeout=90)
+        frames.append(frame)
+        if frame["type"] == "error" or (frame["type"] == "status" and frame["stage"] == "ready"):
+            return frames
+
+
+async def chat_once(client: ChatClient, llm: FakeLLMServer, text: str) -> str:
+    llm.queue(TextScript(text=text))
+    await client.send({"type": "message", "content": "hello"})
+    frames = await client.until("done", timeout=90)
+    assert not [f for f in frames if f["type"] == "error"], frames
+    return "".join(f["content"] for f in frames if f["type"] == "delta")
+
+
+async def test_from_nothing_the_chat_shows_provisioning_then_ready_then_streams(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer, llm: FakeLLMServer
+) -> None:
+    assert await kube_chat.kube.get_or_none(kube_chat.agent_path) is None
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        stages = [f.get("stage") for f in await statuses_until_settled(client)]
+        assert stages[0] == "provisioning", stages
+        assert stages[-1] == "ready", stages
+        assert await chat_once(client, llm, "Your agent runs in the cluster.") == (
+            "Your agent runs in the cluster."
+        )
+        await client.ws.close()
+
+    body = await kube_chat.kube.get(kube_chat.agent_path)
+    assert body["spec"]["userId"] == kube_chat.user
+    assert body["spec"]["tier"] == "free"
+    assert body["metadata"]["annotations"][LAST_ACTIVITY_ANNOTATION]
+    # The reply came through the agent the operator made: its token opened it.
+    assert kube_chat.runner.starts[kube_chat.user] == 1
+
+
+async def test_a_suspended_agent_is_woken(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer, llm: FakeLLMServer
+) -> None:
+    name = naming.user_agent_name(kube_chat.user)
+    await kube_chat.kube.create(
+        resource_path(API_VERSION, PLURAL, kube_chat.namespace),
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": kube_chat.namespace},
+            "spec": {"userId": kube_chat.user, "tier": "free", "suspended": True},
+        },
+    )
+    await wait_phase(kube_chat, "Suspended")
+    assert kube_chat.runner.starts[kube_chat.user] == 0
+
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        stages = [f.get("stage") for f in await statuses_until_settled(client)]
+        assert stages[0] == "waking", stages
+        assert stages[-1] == "ready", stages
+        assert await chat_once(client, llm, "Good morning.") == "Good morning."
+        await client.ws.close()
+    assert (await kube_chat.kube.get(kube_chat.agent_path))["spec"]["suspended"] is False
+
+
+async def test_a_failed_agent_shows_the_operators_reason(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer
+) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods", "namespace": kube_chat.namespace},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    await kube_chat.kube.create(resource_path("v1", "resourcequotas", kube_chat.namespace), quota)
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        frames = await statuses_until_settled(client)
+        error = frames[-1]
+        assert error["type"] == "error", frames
+        assert error["code"] == "agent_unavailable"
+        assert error["message"].startswith("QuotaExceeded:"), error
+        assert "exceeded quota" in error["message"]
+        assert [f.get("stage") for f in frames[:-1]] == ["provisioning", "starting"]
+        await client.ws.close()
+
+
+async def test_an_image_that_cannot_be_pulled_reaches_the_user_with_its_reason(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer
+) -> None:
+    image = f"{UNPULLABLE_REGISTRY}/agent:0"
+    await kube_chat.kube.create(
+        resource_path(API_VERSION, PLURAL, kube_chat.namespace),
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": naming.user_agent_name(kube_chat.user),
+                "namespace": kube_chat.namespace,
+            },
+            "spec": {"userId": kube_chat.user, "tier": "free", "image": image},
+        },
+    )
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        frames = await statuses_until_settled(client)
+        error = frames[-1]
+        assert error["type"] == "error", frames
+        assert error["code"] == "agent_unavailable"
+        reason = error["message"].split(":", 1)[0]
+        assert reason in ("ErrImagePull", "ImagePullBackOff"), error
+        assert image in error["message"]
+        await client.ws.close()
+    assert kube_chat.runner.starts[kube_chat.user] == 0
+
+
+async def wait_phase(chat: KubeChat, phase: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        last = await chat.kube.get_or_none(chat.agent_path)
+        status = (last or {}).get("status") or {}
+        if (
+            last
+            and status.get("phase") == phase
+            and status.get("observedGeneration") == last["metadata"]["generation"]
+        ):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the agent never reached {phase}: {last}")
