@@ -175,9 +175,10 @@ class Usage(Frame):
 
 
 class Route(Frame):
-    """Which model group answered, and why, so routing is explainable to the user."""
+    """Which model group and deployment answered, and why, so routing is explainable."""
 
     group: str
+    model: str | None = None
     reason: str
 
 

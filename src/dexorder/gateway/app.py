@@ -22,6 +22,7 @@ from dexorder.gateway.models import load_model_list, model_targets
 from dexorder.gateway.provisioning import Provisioner
 from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
 from dexorder.gateway.provisioning.local import LocalProvisioner
+from dexorder.gateway.routing import ModelRouter, RouterPolicy
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
 from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, SETTINGS, VERIFIER
 
@@ -127,6 +128,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             limiter=limiter,
             targets=targets,
             default_group=models.default_group,
+            router=ModelRouter(
+                targets,
+                RouterPolicy(
+                    timeout=settings.llm_timeout_seconds,
+                    rounds=settings.llm_fallback_rounds,
+                    backoff_seconds=settings.llm_backoff_seconds,
+                    backoff_cap_seconds=settings.llm_backoff_cap_seconds,
+                    cooldown_seconds=settings.llm_cooldown_seconds,
+                ),
+            ),
             host_map=settings.agent_host_map,
             max_tool_rounds=settings.max_tool_rounds,
             max_queued=settings.max_queued_messages,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from dexorder.core import protocol
 from dexorder.core.licenses import EffectiveLicense, License, resolve_license
 from dexorder.core.ratelimit import Decision
-from dexorder.core.routing import LLMTarget
+from dexorder.core.routing import LLMTarget, RouteChoice, RoutingError
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
 from dexorder.gateway.harness import Harness, TurnResult
@@ -27,6 +27,7 @@ from dexorder.gateway.limits import Limiter
 from dexorder.gateway.llm import LLMError
 from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
 from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
+from dexorder.gateway.routing import ModelRouter
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class ChatServices:
     limiter: Limiter
     targets: Mapping[str, list[LLMTarget]]
     default_group: str
+    router: ModelRouter
     host_map: Mapping[str, str]
     max_tool_rounds: int = 8
     max_queued: int = 4
@@ -73,17 +75,11 @@ async def effective_license(
     return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
 
 
-def choose_group(services: ChatServices, license: EffectiveLicense) -> tuple[str, str]:
-    """The model group for a message, with the reason shown to the user."""
-    allowed = [g for g in license.model_groups if g in services.targets]
-    if services.default_group in allowed:
-        return services.default_group, f"default group, allowed for the {license.tier.name} tier"
-    if allowed:
-        return allowed[-1], f"the best group the {license.tier.name} tier allows"
-    raise ConversationError(
-        protocol.ErrorCode.LLM_ERROR,
-        f"no model is configured for the {license.tier.name} tier's groups",
-    )
+def route_frame(route: RouteChoice | None) -> protocol.Route | None:
+    """The ``done`` frame's ``route``: the group, the deployment tried first, and why."""
+    if route is None:
+        return None
+    return protocol.Route(**route.summary())
 
 
 class Conversation:
@@ -224,12 +220,6 @@ class Conversation:
 
     async def _generate(self, text: str) -> None:
         metrics.MESSAGES.labels(channel=self.channel).inc()
-        try:
-            group, reason = choose_group(self.services, self.license)
-        except ConversationError as error:
-            await self._error(error.code, error.message)
-            return
-        metrics.ROUTES.labels(group=group).inc()
         for attempt in (1, 2):
             try:
                 agent = await self._ensure_agent()
@@ -240,10 +230,11 @@ class Conversation:
                 return
             harness = Harness(
                 agent,
-                self.services.targets[group],
+                self.services.router,
                 session_id=self.session_id,
+                licensed_groups=self.license.model_groups,
+                tier=self.license.tier.name,
                 max_tool_rounds=self.services.max_tool_rounds,
-                route_reason=reason,
             )
             self._turn = asyncio.create_task(
                 harness.run_turn(text, self._emit), name=f"turn:{self.session_id}"
@@ -258,7 +249,7 @@ class Conversation:
                         usage=protocol.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
                         model="",
                         cancelled=True,
-                        route=protocol.Route(group=group, reason=reason),
+                        route=route_frame(harness.route),
                     )
                 )
                 return
@@ -272,9 +263,12 @@ class Conversation:
             except LLMError as error:
                 await self._error(protocol.ErrorCode.LLM_ERROR, f"the model failed: {error}")
                 return
+            except RoutingError as error:
+                await self._error(protocol.ErrorCode.LLM_ERROR, str(error))
+                return
             finally:
                 self._turn = None
-            await self._finish(result, group, reason)
+            await self._finish(result)
             return
 
     async def _drop_agent(self) -> None:
@@ -283,7 +277,9 @@ class Conversation:
         self._agent = None
         self.services.provisioner.forget(self.user_id)
 
-    async def _finish(self, result: TurnResult, group: str, reason: str) -> None:
+    async def _finish(self, result: TurnResult) -> None:
+        if result.route is not None:
+            metrics.ROUTES.labels(group=result.route.group).inc()
         usage = result.usage
         await self.services.limiter.add_tokens(self.user_id, usage.total_tokens)
         await self.services.provisioner.record_activity(self.user_id)
@@ -299,6 +295,6 @@ class Conversation:
                 ),
                 model=result.model,
                 cancelled=False,
-                route=protocol.Route(group=group, reason=reason),
+                route=route_frame(result.route),
             )
         )

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dexorder.core import protocol
-from dexorder.core.routing import LLMTarget
-from dexorder.gateway.llm import Finish, LLMError, TextDelta, ToolCall, Usage, stream_chat
+from dexorder.core.routing import RouteChoice
+from dexorder.gateway.llm import Finish, LLMError, TextDelta, ToolCall, Usage
 from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
+from dexorder.gateway.routing import Fallback, ModelRouter
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class TurnResult:
     usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
     first_token_seconds: float | None = None
     tool_calls: int = 0
-    route_reason: str = ""
+    route: RouteChoice | None = None
+    fallbacks: int = 0
 
 
 def system_message(preferences: dict[str, Any]) -> dict[str, str]:
@@ -79,46 +81,59 @@ class Harness:
     def __init__(
         self,
         agent: AgentSession,
-        targets: Sequence[LLMTarget],
+        router: ModelRouter,
         *,
         session_id: str,
+        licensed_groups: Sequence[str],
+        tier: str,
         max_tool_rounds: int = 8,
-        llm_timeout: float = 60.0,
-        route_reason: str = "",
     ) -> None:
-        if not targets:
-            raise ValueError("the harness needs at least one model target")
         self.agent = agent
-        self.targets = list(targets)
+        self.router = router
         self.session_id = session_id
+        self.licensed_groups = tuple(licensed_groups)
+        self.tier = tier
         self.max_tool_rounds = max_tool_rounds
-        self.llm_timeout = llm_timeout
-        self.route_reason = route_reason
+        #: The current turn's route, once chosen; kept for a cancelled turn's ``done`` frame.
+        self.route: RouteChoice | None = None
 
     async def _context(
         self, user_message: str
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
         preferences, history, tools = await asyncio.gather(
             self.agent.read_json_resource("dexorder://preferences", {}),
             self.agent.read_json_resource(f"dexorder://history/{self.session_id}", []),
             self.agent.list_tools(),
         )
         turns = history.get("turns", []) if isinstance(history, dict) else history
+        preferences = preferences if isinstance(preferences, dict) else {}
         messages = [
-            system_message(preferences if isinstance(preferences, dict) else {}),
+            system_message(preferences),
             *history_messages(turns if isinstance(turns, list) else []),
             {"role": "user", "content": user_message},
         ]
-        return messages, [tool.as_openai_tool() for tool in tools]
+        return messages, [tool.as_openai_tool() for tool in tools], preferences
+
+    def _choose_route(self, user_message: str, preferences: dict[str, Any]) -> RouteChoice:
+        """Tier, then the user's preferred model, then the message's complexity."""
+        preferred = preferences.get("preferred_model")
+        self.route = self.router.choose(
+            user_message,
+            licensed_groups=self.licensed_groups,
+            tier=self.tier,
+            preferred_model=preferred if isinstance(preferred, str) else None,
+        )
+        return self.route
 
     async def run_turn(self, user_message: str, emit: Emit) -> TurnResult:
-        result = TurnResult(route_reason=self.route_reason)
+        result = TurnResult()
         started = time.perf_counter()
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
-            messages, tools = await self._context(user_message)
+            messages, tools, preferences = await self._context(user_message)
+            route = result.route = self._choose_route(user_message, preferences)
             for _ in range(self.max_tool_rounds):
-                calls, text = await self._round(messages, tools, emit, result, started)
+                calls, text = await self._round(route, messages, tools, emit, result, started)
                 if not calls:
                     record.append({"role": "assistant", "content": text})
                     break
@@ -163,43 +178,38 @@ class Harness:
 
     async def _round(
         self,
+        route: RouteChoice,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         emit: Emit,
         result: TurnResult,
         started: float,
     ) -> tuple[list[ToolCall], str]:
-        """One model round, falling back to the next target when nothing was shown yet."""
-        last_error: LLMError | None = None
-        for target in self.targets:
-            calls: list[ToolCall] = []
-            text = ""
-            try:
-                # aclosing: a cancel closes the generator now, and with it the upstream stream.
-                async with contextlib.aclosing(
-                    stream_chat(target, messages, tools=tools, timeout=self.llm_timeout)
-                ) as stream:
-                    async for event in stream:
-                        if isinstance(event, TextDelta):
-                            if result.first_token_seconds is None:
-                                result.first_token_seconds = time.perf_counter() - started
-                            text += event.content
-                            result.content += event.content
-                            await emit(protocol.DeltaFrame(content=event.content))
-                        elif isinstance(event, ToolCall):
-                            calls.append(event)
-                        elif isinstance(event, Usage):
-                            result.usage = _add_usage(result.usage, event)
-                        elif isinstance(event, Finish):
-                            result.model = event.model
-                return calls, text
-            except LLMError as error:
-                last_error = error
-                if text or not error.retryable:
-                    raise
-                logger.warning("model %s failed (%s); trying the next one", target.model, error)
-        assert last_error is not None
-        raise last_error
+        """One model round along the route; the router falls back, never repeating text."""
+        calls: list[ToolCall] = []
+        text = ""
+        # aclosing: a cancel closes the generator now, and with it the upstream stream.
+        async with contextlib.aclosing(self.router.stream(route, messages, tools=tools)) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    if result.first_token_seconds is None:
+                        result.first_token_seconds = time.perf_counter() - started
+                    text += event.content
+                    result.content += event.content
+                    await emit(protocol.DeltaFrame(content=event.content))
+                elif isinstance(event, ToolCall):
+                    calls.append(event)
+                elif isinstance(event, Usage):
+                    result.usage = _add_usage(result.usage, event)
+                elif isinstance(event, Finish):
+                    result.model = event.model
+                elif isinstance(event, Fallback):
+                    result.fallbacks += 1
+                    logger.warning("model round fell back: %s", event.notice())
+                    await emit(
+                        protocol.StatusFrame(stage=protocol.Stage.RETRYING, message=event.notice())
+                    )
+        return calls, text
 
     async def _run_tool(self, call: ToolCall, emit: Emit) -> str:
         try:

@@ -160,6 +160,12 @@ class GatewaySettings(BaseSettings):
         None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
     )
     provision_timeout_seconds: float = Field(120.0, gt=0)
+    # Model routing (gateway/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
+    llm_timeout_seconds: float = Field(60.0, gt=0)
+    llm_fallback_rounds: int = Field(2, ge=1, le=10)
+    llm_backoff_seconds: float = Field(0.5, ge=0)
+    llm_backoff_cap_seconds: float = Field(8.0, ge=0)
+    llm_cooldown_seconds: float = Field(30.0, ge=0)
     # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
     agent_connect_seconds: float = Field(10.0, ge=0, le=120)
 
