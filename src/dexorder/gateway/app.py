@@ -16,6 +16,7 @@ from dexorder.gateway import metrics
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
 from dexorder.gateway.conversation import ChatServices
+from dexorder.gateway.events import EventSink, open_event_sink
 from dexorder.gateway.licenses import LicenseStore, open_pool
 from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
 from dexorder.gateway.models import load_model_list, model_targets
@@ -25,10 +26,13 @@ from dexorder.gateway.provisioning.local import LocalProvisioner
 from dexorder.gateway.routing import ModelRouter, RouterPolicy
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
 from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, SETTINGS, VERIFIER
+from dexorder.gateway.usage import UsageRecorder, UsageStore
+from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 logger = logging.getLogger(__name__)
 
 Health = web.AppKey("health", list)  # probes for /ready: async callables returning bool
+EVENT_SINK = web.AppKey("event_sink", EventSink)
 
 
 async def health(_: web.Request) -> web.Response:
@@ -45,7 +49,12 @@ async def ready(request: web.Request) -> web.Response:
         except Exception:
             results[name] = False
     ok = all(results.values()) and not request.app[DRAINING].is_set()
-    return web.json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
+    body: dict[str, object] = {"ready": ok, "checks": results}
+    sink = request.app.get(EVENT_SINK)
+    if sink is not None:
+        # Events spooled on disk while the broker is away: safe, but worth watching.
+        body["events_backlog"] = sink.backlog
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def serve_metrics(_: web.Request) -> web.Response:
@@ -64,6 +73,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/ws/chat", websocket.chat)
+    app.router.add_get(USAGE_PATH, get_usage)
     app.cleanup_ctx.append(_services)
     # Channels beyond the socket add their routes and their own cleanup_ctx after the
     # shared services, so those are open first and closed last.
@@ -98,7 +108,10 @@ async def _open_limiter(settings: GatewaySettings, stack: contextlib.AsyncExitSt
 
     redis: Redis = Redis.from_url(settings.redis_url)
     stack.push_async_callback(redis.aclose)
-    return RedisLimiter(redis)
+    limiter = RedisLimiter(redis)
+    # Pushed after the client's close, so it runs first: leases stop renewing, then Redis goes.
+    stack.push_async_callback(limiter.close)
+    return limiter
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -121,6 +134,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         licenses = LicenseStore.from_settings(settings, pool)
         provisioner = await _open_provisioner(settings, stack)
         limiter = await _open_limiter(settings, stack)
+        sink = await open_event_sink(settings)
+        usage = UsageRecorder(sink, UsageStore(pool))
+        # Pushed after the pool's close, so it runs first: the last daily totals are written.
+        stack.push_async_callback(usage.close)
+        app[EVENT_SINK] = sink
         app[CHAT_SERVICES] = ChatServices(
             licenses=licenses,
             catalog=catalog,
@@ -142,6 +160,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_tool_rounds=settings.max_tool_rounds,
             max_queued=settings.max_queued_messages,
             agent_connect_seconds=settings.agent_connect_seconds,
+            usage=usage,
         )
 
         async def database_ok() -> bool:
@@ -149,7 +168,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 await connection.execute("SELECT 1")
             return True
 
-        app[Health].extend([("database", database_ok), ("provisioner", provisioner.healthy)])
+        app[Health].extend(
+            [
+                ("database", database_ok),
+                ("provisioner", provisioner.healthy),
+                ("events", sink.healthy),
+            ]
+        )
         yield
         # Sockets still open after the drain are closed before their services go.
         for ws, conversation in list(app[LIVE_SOCKETS].items()):

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from dexorder.core import protocol
+from dexorder.core.events import TurnOutcome
 from dexorder.core.licenses import EffectiveLicense, License, resolve_license
 from dexorder.core.ratelimit import Decision
 from dexorder.core.routing import LLMTarget, RouteChoice, RoutingError
@@ -23,11 +24,12 @@ from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
 from dexorder.gateway.harness import Harness, TurnResult
 from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
-from dexorder.gateway.limits import Limiter
+from dexorder.gateway.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.llm import LLMError
 from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
 from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
 from dexorder.gateway.routing import ModelRouter
+from dexorder.gateway.usage import Turn, UsageRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class ChatServices:
     host_map: Mapping[str, str]
     max_tool_rounds: int = 8
     max_queued: int = 4
+    # Records each turn's events and daily usage; None records nothing (unit tests).
+    usage: UsageRecorder | None = None
     # How long a just-provisioned agent may take to answer its first MCP request.
     agent_connect_seconds: float = 10.0
 
@@ -102,6 +106,7 @@ class Conversation:
         self._turn: asyncio.Task[TurnResult] | None = None
         self._agent: AgentSession | None = None
         self._endpoint: AgentEndpoint | None = None
+        self._lease_open = False
 
     @property
     def user_id(self) -> str:
@@ -183,6 +188,9 @@ class Conversation:
             )
 
     async def _work(self) -> None:
+        if self.services.usage is not None:
+            # A limiter that lost today's count (restart without Redis) gets it from PostgreSQL.
+            await self.services.usage.seed_budget(self.services.limiter, self.user_id)
         await self.prepare()
         while True:
             text = await self._queue.get()
@@ -204,22 +212,56 @@ class Conversation:
         )
 
     async def _handle(self, text: str) -> None:
-        limits = self.license.rate_limits
-        decision = await self.services.limiter.admit_message(self.user_id, limits)
+        limiter = self.services.limiter
+        try:
+            # One atomic step for the message and the generation slot (one Redis round trip).
+            decision = await limiter.admit_turn(self.user_id, self.license.rate_limits)
+        except LimiterUnavailable:
+            logger.exception("rate limiter unavailable for session %s", self.session_id)
+            await self._error(
+                protocol.ErrorCode.SERVICE_UNAVAILABLE,
+                "the rate limiter is unavailable; try again shortly",
+            )
+            return
         if not decision.allowed:
             await self._refuse(decision)
             return
-        generation = await self.services.limiter.admit_generation(self.user_id, limits)
-        if not generation.allowed:
-            await self._refuse(generation)
-            return
+        self._lease_open = True
         try:
-            await self._generate(text)
+            await self._generate(text, decision.lease)
         finally:
-            await self.services.limiter.release_generation(self.user_id)
+            if self._lease_open:
+                await self._end_generation(decision.lease, 0)
 
-    async def _generate(self, text: str) -> None:
+    async def _end_generation(self, lease: str | None, tokens: int) -> None:
+        """Free the generation slot and count the tokens, once per turn."""
+        self._lease_open = False
+        try:
+            await self.services.limiter.end_generation(self.user_id, lease, tokens)
+        except LimiterUnavailable as error:
+            # The slot expires by itself; the tokens are missing from today's budget.
+            logger.warning("tokens of %s not counted: %s", self.user_id, error)
+
+    async def _start_turn(self, text: str) -> Turn | None:
+        if self.services.usage is None:
+            return None
+        return await self.services.usage.start_turn(
+            user_id=self.user_id,
+            tier=self.license.tier.name,
+            channel=self.channel,
+            session_id=self.session_id,
+            text=text,
+        )
+
+    @staticmethod
+    async def _end_turn(turn: Turn | None, outcome: TurnOutcome) -> None:
+        if turn is not None:
+            await turn.finish(model="", prompt_tokens=0, completion_tokens=0, outcome=outcome)
+
+    async def _generate(self, text: str, lease: str | None) -> None:
         metrics.MESSAGES.labels(channel=self.channel).inc()
+        turn = await self._start_turn(text)
+        emit = self._emit if turn is None else turn.observe(self._emit)
         for attempt in (1, 2):
             try:
                 agent = await self._ensure_agent()
@@ -227,6 +269,7 @@ class Conversation:
                 await self._error(
                     protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
                 )
+                await self._end_turn(turn, TurnOutcome.FAILED)
                 return
             harness = Harness(
                 agent,
@@ -237,11 +280,12 @@ class Conversation:
                 max_tool_rounds=self.services.max_tool_rounds,
             )
             self._turn = asyncio.create_task(
-                harness.run_turn(text, self._emit), name=f"turn:{self.session_id}"
+                harness.run_turn(text, emit), name=f"turn:{self.session_id}"
             )
             try:
                 result = await self._turn
             except asyncio.CancelledError:
+                await self._end_turn(turn, TurnOutcome.CANCELLED)
                 if self._worker is not None and self._worker.cancelling():
                     raise
                 await self._emit(
@@ -258,17 +302,20 @@ class Conversation:
                 await self._drop_agent()
                 if attempt == 2:
                     await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
+                    await self._end_turn(turn, TurnOutcome.FAILED)
                     return
                 continue
             except LLMError as error:
                 await self._error(protocol.ErrorCode.LLM_ERROR, f"the model failed: {error}")
+                await self._end_turn(turn, TurnOutcome.FAILED)
                 return
             except RoutingError as error:
                 await self._error(protocol.ErrorCode.LLM_ERROR, str(error))
+                await self._end_turn(turn, TurnOutcome.FAILED)
                 return
             finally:
                 self._turn = None
-            await self._finish(result)
+            await self._finish(result, turn, lease)
             return
 
     async def _drop_agent(self) -> None:
@@ -277,11 +324,12 @@ class Conversation:
         self._agent = None
         self.services.provisioner.forget(self.user_id)
 
-    async def _finish(self, result: TurnResult) -> None:
+    async def _finish(self, result: TurnResult, turn: Turn | None, lease: str | None) -> None:
         if result.route is not None:
             metrics.ROUTES.labels(group=result.route.group).inc()
         usage = result.usage
-        await self.services.limiter.add_tokens(self.user_id, usage.total_tokens)
+        # Counted before `done`, so the next message, on any channel, sees the budget spent.
+        await self._end_generation(lease, usage.total_tokens)
         await self.services.provisioner.record_activity(self.user_id)
         metrics.TOKENS.inc(usage.completion_tokens)
         if result.first_token_seconds is not None:
@@ -298,3 +346,10 @@ class Conversation:
                 route=route_frame(result.route),
             )
         )
+        # After the reply is complete on the user's side: recording never delays it.
+        if turn is not None:
+            await turn.finish(
+                model=result.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )

@@ -77,6 +77,8 @@ def gateway_settings(
         "openai_api_key": FAKE_API_KEY,
         "provisioner": "local",
         "local_agents_dir": str(tmp_path / "agents"),
+        # Without KAFKA_BOOTSTRAP, turn events go to JSON lines: here, not in the home directory.
+        "events_dir": str(tmp_path / "events"),
         "tiers_path": str(TIER_CATALOG),
         "models_path": str(models),
         "license_cache_seconds": 0,

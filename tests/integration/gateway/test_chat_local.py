@@ -159,7 +159,8 @@ async def test_health_ready_metrics(gateway: RunningGateway) -> None:
         async with session.get(gateway.url + "/ready") as response:
             body = await response.json()
             assert response.status == 200, body
-            assert body["checks"] == {"database": True, "provisioner": True}
+            assert body["checks"] == {"database": True, "provisioner": True, "events": True}
+            assert body["events_backlog"] == 0
         async with session.get(gateway.url + "/metrics") as response:
             assert "dexorder_gateway_connections" in await response.text()
 

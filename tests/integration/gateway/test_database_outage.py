@@ -88,7 +88,7 @@ async def test_ready_and_chat_follow_the_database_down_and_back(
         await asyncio.to_thread(own_postgres.go_down)
         status, body = await readiness(session, outage_gateway)
         assert status == 503
-        assert body["checks"] == {"database": False, "provisioner": True}
+        assert body["checks"] == {"database": False, "provisioner": True, "events": True}
 
         client = await connect(session, outage_gateway, issuer.mint(user_id))
         error = await client.next(timeout=30)
