@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
 
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
 from dexorder.gateway import metrics
@@ -24,8 +25,16 @@ from dexorder.gateway.provisioning import Provisioner
 from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
 from dexorder.gateway.provisioning.local import LocalProvisioner
 from dexorder.gateway.routing import ModelRouter, RouterPolicy
+from dexorder.gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
-from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, SETTINGS, VERIFIER
+from dexorder.gateway.state import (
+    CHAT_SERVICES,
+    DRAINING,
+    LIVE_SOCKETS,
+    SESSIONS,
+    SETTINGS,
+    VERIFIER,
+)
 from dexorder.gateway.usage import UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
@@ -101,13 +110,35 @@ async def _open_provisioner(
     return provisioner
 
 
-async def _open_limiter(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Limiter:
+async def _open_redis(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Redis | None:
     if not settings.redis_url:
-        return MemoryLimiter()
-    from redis.asyncio import Redis
-
+        return None
     redis: Redis = Redis.from_url(settings.redis_url)
     stack.push_async_callback(redis.aclose)
+    return redis
+
+
+def _session_store(settings: GatewaySettings, redis: Redis | None) -> SessionStore:
+    ttl, buffer = settings.session_ttl_seconds, settings.resume_buffer_frames
+    if redis is None:
+        return MemorySessionStore(ttl=ttl, buffer=buffer)
+    return RedisSessionStore(redis, ttl=ttl, buffer=buffer)
+
+
+async def _sweep_sessions(app: web.Application) -> None:
+    """Expire idle sessions on a schedule, with whatever still runs for them."""
+    period = min(60.0, max(0.05, app[SETTINGS].session_ttl_seconds / 4))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await websocket.sweep_sessions(app)
+        except Exception:
+            logger.exception("sweeping idle sessions failed; trying again next period")
+
+
+async def _open_limiter(redis: Redis | None, stack: contextlib.AsyncExitStack) -> Limiter:
+    if redis is None:
+        return MemoryLimiter()
     limiter = RedisLimiter(redis)
     # Pushed after the client's close, so it runs first: leases stop renewing, then Redis goes.
     stack.push_async_callback(limiter.close)
@@ -133,7 +164,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(pool.close)
         licenses = LicenseStore.from_settings(settings, pool)
         provisioner = await _open_provisioner(settings, stack)
-        limiter = await _open_limiter(settings, stack)
+        redis = await _open_redis(settings, stack)
+        limiter = await _open_limiter(redis, stack)
+        app[SESSIONS] = _session_store(settings, redis)
+        stack.push_async_callback(app[SESSIONS].close)
+        sweeper = asyncio.create_task(_sweep_sessions(app), name="sweep-sessions")
+        stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)
         usage = UsageRecorder(sink, UsageStore(pool))
         # Pushed after the pool's close, so it runs first: the last daily totals are written.
@@ -181,6 +217,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await conversation.close()
             with contextlib.suppress(Exception):
                 await ws.close(code=websocket.CLOSE_SERVICE_RESTART)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from dexorder.gateway.auth import TokenVerifier
+from dexorder.gateway.sessions import SessionStore
 from dexorder.gateway.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -20,3 +21,4 @@ LIVE_SOCKETS: web.AppKey[dict[web.WebSocketResponse[bool], Conversation]] = web.
     "live_sockets"
 )
 DRAINING = web.AppKey("draining", asyncio.Event)
+SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")

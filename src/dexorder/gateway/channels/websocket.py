@@ -24,7 +24,7 @@ from dexorder.gateway.conversation import (
     ConversationError,
     effective_license,
 )
-from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, VERIFIER
+from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, SESSIONS, VERIFIER
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +218,8 @@ async def drain(app: web.Application, deadline: float) -> None:
             await ws.close(
                 code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect"
             )
+
+
+async def sweep_sessions(app: web.Application) -> None:
+    """Forget sessions idle past their TTL (run on a schedule by the app)."""
+    await app[SESSIONS].sweep()
