@@ -1,9 +1,174 @@
-"""The Telegram channel: ``POST /webhook/telegram`` through aiogram, with account linking."""
+"""The Telegram channel: ``POST /webhook/telegram`` through aiogram, with account linking.
+
+Installed only when ``TELEGRAM_BOT_TOKEN`` (and its webhook secret) are set. It adds:
+
+- ``POST /webhook/telegram``: the secret checked in constant time, each update persisted
+  (a Redis stream with a consumer group, or in memory without ``REDIS_URL``) before 200;
+- ``POST /api/link-codes``: a single-use linking code for the bearer token's user;
+- workers that process updates (``chat.TelegramChat``), a janitor that closes idle
+  conversations, and, with Redis, a listener that carries ``/stop`` and ``/new`` to the
+  replica whose worker is writing the reply.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiogram.exceptions import TelegramAPIError
 from aiohttp import web
+
+from dexorder.gateway.channels.telegram.bot import WEBHOOK_PATH, make_bot
+from dexorder.gateway.channels.telegram.chat import SessionDirectory, TelegramChat
+from dexorder.gateway.channels.telegram.inbox import Inbox, InboxOptions, MemoryInbox, RedisInbox
+from dexorder.gateway.channels.telegram.reply import Pace
+from dexorder.gateway.channels.telegram.webhook import INBOX, WEBHOOK_SECRET, receive
+from dexorder.gateway.licenses import open_pool
+from dexorder.gateway.linking import (
+    LINK_CODES,
+    AttemptLimiter,
+    LinkCodeStore,
+    MemoryAttemptLimiter,
+    RedisAttemptLimiter,
+    create_link_code,
+)
+from dexorder.gateway.state import CHAT_SERVICES, SETTINGS
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+CONTROL_CHANNEL = "dexorder:telegram:control"
+LINK_CODES_PATH = "/api/link-codes"
+
+
+@dataclass(frozen=True)
+class TelegramOptions:
+    """Tuning that is not configuration: defaults for production, shorter in tests."""
+
+    inbox: InboxOptions = field(default_factory=InboxOptions)
+    pace: Pace = field(default_factory=Pace)
+    janitor_seconds: float = 60.0
+
+
+TELEGRAM_OPTIONS = web.AppKey("telegram_options", TelegramOptions)
+TELEGRAM_CHAT = web.AppKey("telegram_chat", TelegramChat)
 
 
 def install(app: web.Application) -> None:
     """Add the webhook and its workers to ``app`` when Telegram is configured."""
+    settings = app[SETTINGS]
+    if settings.telegram_bot_token is None or settings.telegram_webhook_secret is None:
+        return
+    app[WEBHOOK_SECRET] = settings.telegram_webhook_secret.get_secret_value().encode()
+    app.router.add_post(WEBHOOK_PATH, receive)
+    app.router.add_post(LINK_CODES_PATH, create_link_code)
+    app.cleanup_ctx.append(_telegram)
+
+
+async def _telegram(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    options = app.get(TELEGRAM_OPTIONS) or TelegramOptions()
+    async with contextlib.AsyncExitStack() as stack:
+        bot = make_bot(settings)
+        stack.push_async_callback(bot.session.close)
+        pool = await open_pool(settings.database_url, max_size=4)
+        stack.push_async_callback(pool.close)
+        app[LINK_CODES] = LinkCodeStore(pool, settings.link_code_ttl_seconds)
+        redis: Redis | None = None
+        inbox: Inbox
+        attempts: AttemptLimiter
+        if settings.redis_url:
+            from redis.asyncio import Redis
+
+            redis = Redis.from_url(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+            inbox = RedisInbox(redis, options.inbox)
+            attempts = RedisAttemptLimiter(redis)
+            log.info("Telegram updates: durable in a Redis stream, shared by every replica")
+        else:
+            inbox, attempts = MemoryInbox(options.inbox), MemoryAttemptLimiter()
+            log.info(
+                "Telegram updates: no REDIS_URL, so they are queued in this process only and "
+                "are lost if it stops (repeated update ids are still dropped)"
+            )
+        app[INBOX] = inbox
+        chat = TelegramChat(
+            bot=bot,
+            services=app[CHAT_SERVICES],
+            link_codes=app[LINK_CODES],
+            attempts=attempts,
+            sessions=SessionDirectory(redis, settings.session_ttl_seconds),
+            pace=options.pace,
+            idle_seconds=settings.session_ttl_seconds,
+            broadcast=_publisher(redis) if redis is not None else None,
+        )
+        app[TELEGRAM_CHAT] = chat
+        stack.push_async_callback(chat.close)
+        try:
+            await chat.start()
+        except TelegramAPIError as error:
+            # Not fatal: only group mentions need the bot's name, and it is fetched again.
+            log.warning("Telegram getMe failed at start: %s", error)
+        tasks = [
+            asyncio.create_task(inbox.run(chat.handle), name="telegram-inbox"),
+            asyncio.create_task(_janitor(chat, options.janitor_seconds), name="telegram-janitor"),
+        ]
+        if redis is not None:
+            tasks.append(asyncio.create_task(_listen(redis, chat), name="telegram-control"))
+        try:
+            yield
+        finally:
+            inbox.stop()
+            # The inbox returns within one blocking read; then everything is cancelled.
+            await asyncio.wait(tasks[:1], timeout=options.inbox.block_ms / 1000 + 5)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("Telegram task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def _publisher(redis: Redis) -> Callable[[str, int, int], Awaitable[None]]:
+    async def publish(action: str, chat_id: int, user_id: int) -> None:
+        await redis.publish(CONTROL_CHANNEL, f"{action}:{chat_id}:{user_id}")
+
+    return publish
+
+
+async def _listen(redis: Redis, chat: TelegramChat) -> None:
+    """Carry ``/stop`` and ``/new`` to the replica that holds the conversation."""
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(CONTROL_CHANNEL)
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                action, chat_id, user_id = bytes(message["data"]).decode().split(":")
+                await chat.control(action, int(chat_id), int(user_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("Telegram control channel failed, resubscribing: %s", error)
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _janitor(chat: TelegramChat, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        closed = await chat.close_idle()
+        if closed:
+            log.info("closed %d idle Telegram conversations", closed)
+
+
+__all__ = ["TELEGRAM_CHAT", "TELEGRAM_OPTIONS", "TelegramOptions", "install"]

@@ -1,0 +1,414 @@
+"""What the bot does with one update: commands, linking, and chat through the user's agent.
+
+A linked user's message runs through the same ``Conversation`` as the WebSocket channel
+(same license, provisioning, agent, harness and history); its frames drive a
+``ReplyStream``. Handling an update returns only when its reply is finished, so the
+inbox acknowledges an update once it was really answered, and a replica that dies
+mid-reply leaves it for another to finish.
+
+An unlinked Telegram account gets a short explanation and never reaches an agent. In
+groups the bot answers only when mentioned (``@bot``), replied to, or given a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiogram import Bot
+from aiogram.types import Message, Update
+
+from dexorder.core import protocol
+from dexorder.core.telegram_format import escape
+from dexorder.gateway.channels.telegram.reply import Pace, ReplyStream, send_text
+from dexorder.gateway.conversation import (
+    ChatServices,
+    Conversation,
+    ConversationError,
+    effective_license,
+)
+from dexorder.gateway.licenses import LicenseError
+from dexorder.gateway.linking import (
+    AttemptLimiter,
+    LinkCodeStore,
+    LinkError,
+    normalize_code,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "telegram"
+TURN_TIMEOUT = 900.0  # a reply that takes longer than this is abandoned
+
+HELP = (
+    "I am the Dexorder assistant. Link this Telegram account to your Dexorder account "
+    "first: in the web app, choose <b>Link Telegram</b> to get a code, then send "
+    "<code>/link CODE</code> here.\n\n"
+    "Commands: /link CODE, /unlink, /new (a fresh session), /stop (stop the reply)."
+)
+NOT_LINKED = (
+    "This Telegram account is not linked to a Dexorder account yet. In the web app, "
+    "choose <b>Link Telegram</b> to get a one-time code, then send <code>/link CODE</code> "
+    "here."
+)
+_STAGE_LINES = {
+    protocol.Stage.PROVISIONING: "Setting up your agent…",
+    protocol.Stage.WAKING: "Waking your agent…",
+    protocol.Stage.STARTING: "Starting your agent…",
+    protocol.Stage.READY: "Thinking…",
+    protocol.Stage.RETRYING: "Retrying…",
+    protocol.Stage.QUEUED: "Queued after the current reply…",
+}
+
+
+class SessionDirectory:
+    """The chat session id of each (chat, user), shared by replicas when Redis is there,
+    so every replica continues the same history; ``/new`` replaces it."""
+
+    def __init__(self, redis: Redis | None, ttl_seconds: float) -> None:
+        self._redis = redis
+        self._ttl = int(ttl_seconds)
+        self._local: dict[str, str] = {}
+
+    @staticmethod
+    def _key(chat_id: int, user_id: int) -> str:
+        return f"dexorder:telegram:session:{chat_id}:{user_id}"
+
+    async def current(self, chat_id: int, user_id: int) -> str:
+        key = self._key(chat_id, user_id)
+        if self._redis is None:
+            return self._local.setdefault(key, f"tg-{uuid.uuid4().hex}")
+        fresh = f"tg-{uuid.uuid4().hex}"
+        await self._redis.set(key, fresh, nx=True, ex=self._ttl)
+        value = await self._redis.getex(key, ex=self._ttl)
+        return value.decode() if isinstance(value, bytes) else str(value or fresh)
+
+    async def renew(self, chat_id: int, user_id: int) -> str:
+        key, fresh = self._key(chat_id, user_id), f"tg-{uuid.uuid4().hex}"
+        if self._redis is None:
+            self._local[key] = fresh
+        else:
+            await self._redis.set(key, fresh, ex=self._ttl)
+        return fresh
+
+
+@dataclass
+class _Turn:
+    stream: ReplyStream
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class _ChatSession:
+    """One (chat, user) in this replica: a conversation and the replies it is writing."""
+
+    def __init__(self, bot: Bot, chat_id: int) -> None:
+        self.bot = bot
+        self.chat_id = chat_id
+        self.conversation: Conversation | None = None
+        self.session_id = ""
+        self.turns: deque[_Turn] = deque()
+        self.lock = asyncio.Lock()
+        self.last_used = time.monotonic()
+
+    async def emit(self, frame: protocol.Frame) -> None:
+        turn = self.turns[0] if self.turns else None
+        if turn is None:
+            if isinstance(frame, protocol.ErrorFrame):
+                await send_text(self.bot, self.chat_id, f"⚠️ {escape(frame.message)}")
+            return
+        if isinstance(frame, protocol.StatusFrame):
+            turn.stream.status(_STAGE_LINES.get(frame.stage, frame.message))
+        elif isinstance(frame, protocol.DeltaFrame):
+            turn.stream.append(frame.content)
+        elif isinstance(frame, protocol.ToolCallFrame):
+            turn.stream.status(f"Using {frame.name}…")
+        elif isinstance(frame, protocol.DoneFrame):
+            self.turns.popleft()
+            try:
+                await turn.stream.finish(cancelled=frame.cancelled)
+            finally:
+                _resolve(turn)
+        elif isinstance(frame, protocol.ErrorFrame):
+            self.turns.popleft()
+            try:
+                await turn.stream.fail(frame.message)
+            finally:
+                _resolve(turn)
+
+    async def close(self) -> None:
+        if self.conversation is not None:
+            await self.conversation.close()
+            self.conversation = None
+        while self.turns:
+            turn = self.turns.popleft()
+            with contextlib.suppress(Exception):
+                await turn.stream.finish(cancelled=True)
+            _resolve(turn)
+
+
+def _resolve(turn: _Turn) -> None:
+    if not turn.done.done():
+        turn.done.set_result(None)
+
+
+@dataclass
+class TelegramChat:
+    """The bot's behaviour; ``handle`` processes one update's JSON."""
+
+    bot: Bot
+    services: ChatServices
+    link_codes: LinkCodeStore
+    attempts: AttemptLimiter
+    sessions: SessionDirectory
+    pace: Pace = field(default_factory=Pace)
+    idle_seconds: float = 3600.0
+    # Tells every replica to stop or reset a chat (Redis pub/sub), else acts locally.
+    broadcast: Callable[[str, int, int], Awaitable[None]] | None = None
+    bot_username: str = ""
+    bot_id: int = 0
+    _chats: dict[tuple[int, int], _ChatSession] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        me = await self.bot.get_me()
+        self.bot_username, self.bot_id = (me.username or "").lower(), me.id
+
+    async def close(self) -> None:
+        chats, self._chats = list(self._chats.values()), {}
+        for chat in chats:
+            await chat.close()
+
+    async def close_idle(self) -> int:
+        """Close conversations unused for ``idle_seconds``; returns how many."""
+        cutoff = time.monotonic() - self.idle_seconds
+        idle = [
+            key for key, chat in self._chats.items() if chat.last_used < cutoff and not chat.turns
+        ]
+        for key in idle:
+            await self._chats.pop(key).close()
+        return len(idle)
+
+    # --- control across replicas --------------------------------------------------------
+
+    async def control(self, action: str, chat_id: int, user_id: int) -> None:
+        """``stop`` or ``new`` for a chat, however it reached this replica."""
+        chat = self._chats.get((chat_id, user_id))
+        if chat is None:
+            return
+        if action == "stop" and chat.conversation is not None:
+            chat.conversation.cancel_generation()
+        elif action == "new":
+            self._chats.pop((chat_id, user_id), None)
+            await chat.close()
+
+    async def _control_everywhere(self, action: str, chat_id: int, user_id: int) -> None:
+        if self.broadcast is not None:
+            await self.broadcast(action, chat_id, user_id)
+        else:
+            await self.control(action, chat_id, user_id)
+
+    # --- updates ------------------------------------------------------------------------
+
+    async def handle(self, update_id: int, body: bytes) -> None:
+        update = Update.model_validate_json(body, context={"bot": self.bot})
+        message = update.message
+        if message is None:
+            if update.callback_query is not None:
+                await self.bot.answer_callback_query(update.callback_query.id)
+            return
+        await self.handle_message(message)
+
+    def _addressed(self, message: Message) -> tuple[bool, str]:
+        """Whether a group message is for the bot, and its text without the mention."""
+        text = message.text or ""
+        if message.chat.type == "private":
+            return True, text
+        mention = f"@{self.bot_username}"
+        if self.bot_username and mention in text.lower():
+            start = text.lower().index(mention)
+            return True, (text[:start] + text[start + len(mention) :]).strip()
+        reply = message.reply_to_message
+        if reply is not None and reply.from_user is not None and reply.from_user.id == self.bot_id:
+            return True, text
+        command = text.split(maxsplit=1)[0] if text.startswith("/") else ""
+        if command and ("@" not in command or command.lower().endswith(mention)):
+            return True, text
+        return False, text
+
+    async def handle_message(self, message: Message) -> None:
+        if message.from_user is None or message.from_user.is_bot:
+            return
+        addressed, text = self._addressed(message)
+        if not addressed:
+            return
+        chat_id, user_id = message.chat.id, message.from_user.id
+        reply_to = None if message.chat.type == "private" else message.message_id
+        if not text.strip():
+            await send_text(self.bot, chat_id, "I can only read text messages.", reply_to)
+            return
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            name = command[1:].split("@", 1)[0].lower()
+            if await self._command(name, argument.strip(), message, reply_to):
+                return
+        user = await self._linked_user(user_id)
+        if user is None:
+            await send_text(self.bot, chat_id, NOT_LINKED, reply_to)
+            return
+        await self._chat(message, user, text, reply_to)
+
+    async def _linked_user(self, telegram_user: int) -> str | None:
+        return await self.services.licenses.find_user_by_channel(CHANNEL, str(telegram_user))
+
+    async def _command(
+        self, name: str, argument: str, message: Message, reply_to: int | None
+    ) -> bool:
+        chat_id = message.chat.id
+        assert message.from_user is not None
+        user_id = message.from_user.id
+        if name in ("start", "help"):
+            await send_text(self.bot, chat_id, HELP, reply_to)
+        elif name == "link":
+            await send_text(self.bot, chat_id, await self._link(user_id, argument), reply_to)
+        elif name == "unlink":
+            removed = await self.services.licenses.unlink_channel(CHANNEL, str(user_id))
+            await self._control_everywhere("new", chat_id, user_id)
+            note = (
+                "Unlinked. This Telegram account no longer reaches your agent."
+                if removed
+                else "This Telegram account was not linked."
+            )
+            await send_text(self.bot, chat_id, note, reply_to)
+        elif name == "stop":
+            await self._control_everywhere("stop", chat_id, user_id)
+            await send_text(self.bot, chat_id, "Stopping the reply.", reply_to)
+        elif name == "new":
+            await self._control_everywhere("new", chat_id, user_id)
+            await self.sessions.renew(chat_id, user_id)
+            await send_text(self.bot, chat_id, "Started a fresh session.", reply_to)
+        else:
+            return False  # an unknown command is a message like any other
+        return True
+
+    async def _link(self, telegram_user: int, argument: str) -> str:
+        key = f"{CHANNEL}:{telegram_user}"
+        wait = await self.attempts.retry_after(key)
+        if wait is not None:
+            minutes = max(1, round(wait / 60))
+            return f"Too many wrong codes. Try again in about {minutes} min."
+        code = normalize_code(argument)
+        if code is None:
+            await self.attempts.failed(key)
+            return "Send the code from the web app like this: <code>/link ABCDE-FGHJK</code>"
+        try:
+            await self.link_codes.redeem(code, CHANNEL, str(telegram_user))
+        except LinkError as error:
+            if error.reason in ("unknown", "expired", "used"):
+                await self.attempts.failed(key)
+            return f"Not linked: {escape(error.message)}."
+        return "Linked. Send me a message to talk to your Dexorder agent."
+
+    # --- chat ---------------------------------------------------------------------------
+
+    async def _session(self, chat_id: int, user_id: int) -> _ChatSession:
+        key = (chat_id, user_id)
+        chat = self._chats.get(key)
+        if chat is None:
+            chat = self._chats[key] = _ChatSession(self.bot, chat_id)
+        chat.last_used = time.monotonic()
+        return chat
+
+    async def _chat(self, message: Message, user: str, text: str, reply_to: int | None) -> None:
+        assert message.from_user is not None
+        chat_id, user_id = message.chat.id, message.from_user.id
+        chat = await self._session(chat_id, user_id)
+        stream = ReplyStream(
+            self.bot,
+            chat_id,
+            private=message.chat.type == "private",
+            draft_id=secrets.randbelow(2**31 - 1) + 1,
+            reply_to=reply_to,
+            pace=self.pace,
+        )
+        turn = _Turn(stream)
+        chat.turns.append(turn)
+        stream.start()
+        submitted = False
+        try:
+            async with chat.lock:
+                if chat.conversation is None and not await self._open(chat, user, chat_id, user_id):
+                    return
+            assert chat.conversation is not None
+            if not chat.conversation.submit(text):
+                chat.turns.remove(turn)
+                await stream.fail("too many messages waiting; wait for the reply or send /stop")
+                return
+            submitted = True
+            if chat.conversation.generating:
+                stream.status(_STAGE_LINES[protocol.Stage.QUEUED])
+            async with asyncio.timeout(TURN_TIMEOUT):
+                await asyncio.shield(turn.done)
+        finally:
+            if not turn.done.done():
+                if not submitted:
+                    with contextlib.suppress(ValueError):
+                        chat.turns.remove(turn)
+                    _resolve(turn)
+                elif chat.conversation is not None:
+                    # Timed out or shut down: the turn stays queued so the conversation's
+                    # frames stay in step; cancelling ends it with a `done` frame.
+                    chat.conversation.cancel_generation()
+            await stream.close()
+            chat.last_used = time.monotonic()
+
+    async def _open(self, chat: _ChatSession, user: str, chat_id: int, user_id: int) -> bool:
+        """Start the chat's conversation, showing progress in the first turn; False when
+        it failed (the failure is shown in that turn)."""
+        try:
+            license = await effective_license(self.services, user)
+        except (ConversationError, LicenseError) as error:
+            message = error.message if isinstance(error, ConversationError) else str(error)
+            await chat.emit(
+                protocol.ErrorFrame(code=protocol.ErrorCode.SERVICE_UNAVAILABLE, message=message)
+            )
+            return False
+        session_id = await self.sessions.current(chat_id, user_id)
+        conversation = Conversation(
+            self.services, license, session_id=session_id, emit=chat.emit, channel=CHANNEL
+        )
+        turns_before = len(chat.turns)
+        if license.notice:
+            chat.turns[0].stream.status(license.notice)
+        # Provisioning here, before the worker starts, so its progress and any failure
+        # land in the first turn and nowhere else.
+        try:
+            await conversation.prepare()
+        except Exception as error:
+            log.exception("preparing the agent of a Telegram chat failed")
+            await chat.emit(
+                protocol.ErrorFrame(
+                    code=protocol.ErrorCode.AGENT_UNAVAILABLE,
+                    message=f"your agent cannot be reached right now ({type(error).__name__})",
+                )
+            )
+        if len(chat.turns) < turns_before:
+            await conversation.close()
+            return False
+        chat.conversation, chat.session_id = conversation, session_id
+        conversation.start()
+        return True
+
+
+__all__ = ["CHANNEL", "HELP", "NOT_LINKED", "SessionDirectory", "TelegramChat"]

@@ -1,0 +1,362 @@
+"""Telegram updates between the webhook and the workers: durable, shared, processed once.
+
+With Redis, ``RedisInbox`` appends each update to a stream before the webhook answers
+200, and workers in every replica read it through one consumer group:
+
+- a worker renews its claim on the entry while it works (``XCLAIM ... JUSTID`` resets the
+  idle time), so a long reply is not taken over by another replica;
+- entries a crashed replica left pending are idle, and ``XAUTOCLAIM`` hands them to a
+  live worker after ``claim_idle_seconds``;
+- a key per ``update_id`` (``SET NX`` with a TTL) says who processes it and when it is
+  done, so Telegram's redelivery of an update, or two entries of it, is processed once.
+
+Without Redis, ``MemoryInbox`` queues in the process and still drops repeated ids; what
+is queued dies with the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dexorder.core.ratelimit import LEASE_SECONDS
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int, bytes], Awaitable[None]]
+
+
+class InboxUnavailable(Exception):
+    """The update could not be persisted; the webhook answers 503 and Telegram retries."""
+
+
+class Inbox(Protocol):
+    durable: bool
+
+    async def put(self, update_id: int, body: bytes) -> None:
+        """Keep the update; returns once it is persisted (or queued, in memory)."""
+
+    async def run(self, handle: Handler) -> None:
+        """Process updates with ``handle`` until ``stop()`` (or a cancel)."""
+
+    def stop(self) -> None:
+        """Ask ``run`` to return; updates in progress are left for another worker."""
+
+
+@dataclass(frozen=True)
+class InboxOptions:
+    concurrency: int = 32
+    # Longer than a generation slot's lease: by the time an update of a dead replica is
+    # taken over, the slot that replica held has expired, so a free-tier user (one
+    # concurrent generation) is not refused. Claims are renewed every third of this.
+    claim_idle_seconds: float = LEASE_SECONDS + 5.0
+    dedupe_ttl_seconds: float = 86_400.0
+    stream_max_length: int = 100_000
+    block_ms: int = 1000
+
+
+def consumer_name() -> str:
+    """Unique per process: a restarted replica must not inherit a dead one's entries."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _Workers:
+    """Bounded concurrency with every task owned and cancelled on exit."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def free(self) -> int:
+        return max(self._limit - len(self._tasks), 0)
+
+    async def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            work.close()
+            raise
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            self._slots.release()
+
+        task.add_done_callback(done)
+
+    async def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _run_handler(handle: Handler, update_id: int, body: bytes) -> None:
+    try:
+        await handle(update_id, body)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # A poison update must not be retried forever: it counts as processed.
+        log.exception("processing Telegram update %d failed", update_id)
+
+
+class MemoryInbox:
+    """One process, no Redis: an in-memory queue that still processes each id once."""
+
+    durable = False
+
+    def __init__(self, options: InboxOptions | None = None, *, remember: int = 100_000) -> None:
+        self.options = options or InboxOptions()
+        self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self._seen: OrderedDict[int, float] = OrderedDict()
+        self._remember = remember
+
+    def _first_time(self, update_id: int) -> bool:
+        now = time.monotonic()
+        while self._seen and (
+            len(self._seen) > self._remember
+            or next(iter(self._seen.values())) < now - self.options.dedupe_ttl_seconds
+        ):
+            self._seen.popitem(last=False)
+        if update_id in self._seen:
+            return False
+        self._seen[update_id] = now
+        return True
+
+    async def put(self, update_id: int, body: bytes) -> None:
+        if self._first_time(update_id):
+            self._queue.put_nowait((update_id, body))
+        else:
+            log.info("Telegram update %d repeated; already taken", update_id)
+
+    def stop(self) -> None:
+        """Nothing to do: cancelling ``run`` stops it."""
+
+    async def run(self, handle: Handler) -> None:
+        workers = _Workers(self.options.concurrency)
+        try:
+            while True:
+                update_id, body = await self._queue.get()
+                await workers.spawn(
+                    _run_handler(handle, update_id, body), f"telegram-update:{update_id}"
+                )
+        finally:
+            await workers.cancel_all()
+
+
+_DONE = b"done"
+
+
+class RedisInbox:
+    """A Redis stream and consumer group shared by every replica."""
+
+    durable = True
+
+    def __init__(
+        self,
+        redis: Redis,
+        options: InboxOptions | None = None,
+        *,
+        stream: str = "dexorder:telegram:updates",
+        group: str = "dexorder-gateway",
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.options = options or InboxOptions()
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer or consumer_name()
+        self._in_flight: set[bytes] = set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        # A flag, not only a cancel: a cancel that lands inside the Redis client's blocking
+        # read can be absorbed by its retry logic, and the loop would read on forever.
+        self._stopping.set()
+
+    def _key(self, update_id: int) -> str:
+        return f"{self.stream}:update:{update_id}"
+
+    async def ensure_group(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        await self.forget_departed_consumers()
+
+    async def forget_departed_consumers(self) -> int:
+        """Remove consumers of replicas long gone (nothing pending, silent for the dedupe
+        TTL): each process has its own name, so they would pile up in the group."""
+        departed = 0
+        consumers: Any = await self.redis.xinfo_consumers(self.stream, self.group)
+        for consumer in consumers:
+            name, pending, idle_ms = consumer["name"], consumer["pending"], consumer["idle"]
+            if pending == 0 and idle_ms > self.options.dedupe_ttl_seconds * 1000:
+                await self.redis.xgroup_delconsumer(self.stream, self.group, name)
+                departed += 1
+        return departed
+
+    async def put(self, update_id: int, body: bytes) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            await self.redis.xadd(
+                self.stream,
+                {"update_id": str(update_id), "body": body},
+                maxlen=self.options.stream_max_length,
+                approximate=True,
+            )
+        except RedisError as error:
+            raise InboxUnavailable(f"the update queue is unavailable: {error}") from error
+
+    async def run(self, handle: Handler) -> None:
+        from redis.exceptions import RedisError
+
+        await self.ensure_group()
+        workers = _Workers(self.options.concurrency)
+        claim_every = max(self.options.claim_idle_seconds / 2, 0.1)
+        next_claim = 0.0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if time.monotonic() >= next_claim:
+                        next_claim = time.monotonic() + claim_every
+                        for entry_id, fields in await self._claim_abandoned(workers.free):
+                            await workers.spawn(
+                                self._process(handle, entry_id, fields, reclaimed=True),
+                                f"telegram-entry:{entry_id!r}",
+                            )
+                    for entry_id, fields in await self._read_new(max(workers.free, 1)):
+                        await workers.spawn(
+                            self._process(handle, entry_id, fields, reclaimed=False),
+                            f"telegram-entry:{entry_id!r}",
+                        )
+                except RedisError as error:
+                    if self._stopping.is_set():
+                        break
+                    log.warning("reading Telegram updates from Redis failed: %s", error)
+                    await asyncio.sleep(1.0)
+        finally:
+            await workers.cancel_all()
+
+    async def _read_new(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        block = self.options.block_ms
+        if self.options.claim_idle_seconds < block / 1000:
+            block = max(int(self.options.claim_idle_seconds * 500), 10)
+        answer: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block
+        )
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for _stream, items in answer or []:
+            entries.extend(items)
+        return entries
+
+    async def _claim_abandoned(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        if count <= 0:
+            return []
+        answer: Any = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=int(self.options.claim_idle_seconds * 1000),
+            start_id="0-0",
+            count=count,
+        )
+        # An entry of ours whose renewal was late (a loop blocked for a while) comes back
+        # too: it is still being processed here, so it is not started again.
+        claimed = [
+            (entry_id, fields)
+            for entry_id, fields in answer[1]
+            if fields and entry_id not in self._in_flight
+        ]
+        if claimed:
+            log.info("took over %d Telegram updates another worker left pending", len(claimed))
+        return claimed
+
+    async def _begin(self, update_id: int, reclaimed: bool) -> bool:
+        """True when this worker should process the update now."""
+        owner = f"processing:{self.consumer}".encode()
+        ttl = int(self.options.dedupe_ttl_seconds)
+        if not reclaimed:
+            return bool(await self.redis.set(self._key(update_id), owner, nx=True, ex=ttl))
+        state = await self.redis.get(self._key(update_id))
+        if state == _DONE:
+            return False
+        # The previous owner went silent for claim_idle_seconds: it is gone; take over.
+        await self.redis.set(self._key(update_id), owner, ex=ttl)
+        return True
+
+    async def _renew(self, entry_id: bytes) -> None:
+        """Keep the entry's idle time low while it is processed, so no one takes it over."""
+        while True:
+            await asyncio.sleep(self.options.claim_idle_seconds / 3)
+            with contextlib.suppress(Exception):
+                await self.redis.xclaim(
+                    self.stream, self.group, self.consumer, 0, [entry_id], justid=True
+                )
+
+    async def _finish(self, entry_id: bytes, update_id: int | None) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if update_id is not None:
+                pipe.set(self._key(update_id), _DONE, ex=int(self.options.dedupe_ttl_seconds))
+            pipe.xack(self.stream, self.group, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            await pipe.execute()
+
+    async def _process(
+        self, handle: Handler, entry_id: bytes, fields: dict[bytes, bytes], *, reclaimed: bool
+    ) -> None:
+        try:
+            update_id = int(fields[b"update_id"])
+            body = fields[b"body"]
+        except (KeyError, ValueError):
+            log.warning("dropping a malformed Telegram stream entry %r", entry_id)
+            await self._finish(entry_id, None)
+            return
+        if not await self._begin(update_id, reclaimed):
+            log.info("Telegram update %d is processed elsewhere or done; skipped", update_id)
+            await self.redis.xack(self.stream, self.group, entry_id)
+            await self.redis.xdel(self.stream, entry_id)
+            return
+        renewal = asyncio.create_task(self._renew(entry_id), name=f"renew:{entry_id!r}")
+        self._in_flight.add(entry_id)
+        try:
+            await _run_handler(handle, update_id, body)
+        finally:
+            self._in_flight.discard(entry_id)
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+        # Cancelled above (shutdown): no ack, so another replica finishes the update.
+        await self._finish(entry_id, update_id)
+
+
+__all__ = [
+    "Handler",
+    "Inbox",
+    "InboxOptions",
+    "InboxUnavailable",
+    "MemoryInbox",
+    "RedisInbox",
+    "consumer_name",
+]
