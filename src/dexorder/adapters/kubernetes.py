@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import os
 import ssl
@@ -173,6 +174,17 @@ def resource_path(
     return "/".join(parts)
 
 
+def _resource_of(path: str) -> str:
+    """``services`` for ``/api/v1/namespaces/ns/services/x``; ``useragents/status`` likewise."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    parts = parts[2:] if parts[0] == "api" else parts[3:]
+    if len(parts) >= 2 and parts[0] == "namespaces":
+        parts = parts[2:]
+    if not parts:
+        return "namespaces"
+    return parts[0] + (f"/{parts[2]}" if len(parts) > 2 else "")
+
+
 def _raise_for(status: int, body: Any, method: str, path: str) -> None:
     message = body.get("message") if isinstance(body, dict) else str(body)
     reason = body.get("reason", "") if isinstance(body, dict) else ""
@@ -190,13 +202,22 @@ class KubeClient:
         self, credentials: ClusterCredentials, *, request_timeout: float = 30.0, pool_size: int = 50
     ) -> None:
         self.credentials = credentials
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout, connect=10)
+        # sock_connect, not connect: aiohttp's connect timeout also covers the wait for a
+        # free pooled connection, which under a burst is queueing, not a dead server.
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=10)
         self._pool_size = pool_size
+        # Requests beyond the pool wait here, before their timeout starts: a burst of a
+        # thousand calls queues instead of timing out in aiohttp's pool.
+        self._slots = asyncio.Semaphore(pool_size)
         self._session: aiohttp.ClientSession | None = None
         self.requests_made = 0
+        # "VERB resource[/subresource]" -> count, to see where a reconcile's requests go.
+        self.requests_by_kind: collections.Counter[str] = collections.Counter()
 
     async def __aenter__(self) -> Self:
-        connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context, limit=self._pool_size)
+        # No limit in aiohttp itself: requests are bounded by ``_slots``, and long-lived
+        # watches must not take pooled connections away from them.
+        connector = aiohttp.TCPConnector(ssl=self.credentials.ssl_context, limit=0)
         self._session = aiohttp.ClientSession(connector=connector, base_url=self.credentials.server)
         return self
 
@@ -239,14 +260,18 @@ class KubeClient:
     ) -> Json:
         url = path + ("?" + urlencode(params) if params else "")
         self.requests_made += 1
+        self.requests_by_kind[f"{method} {_resource_of(path)}"] += 1
         try:
-            async with self.session.request(
-                method,
-                url,
-                data=json.dumps(body) if body is not None else None,
-                headers=self._headers(content_type if body is not None else None),
-                timeout=self._timeout,
-            ) as response:
+            async with (
+                self._slots,
+                self.session.request(
+                    method,
+                    url,
+                    data=json.dumps(body) if body is not None else None,
+                    headers=self._headers(content_type if body is not None else None),
+                    timeout=self._timeout,
+                ) as response,
+            ):
                 payload = await response.read()
                 parsed = json.loads(payload) if payload else {}
                 if response.status >= 400:

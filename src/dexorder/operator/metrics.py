@@ -36,10 +36,14 @@ class AgentsCollector(Collector):
     """Agents by phase and tier, counted at scrape time from the operator's index."""
 
     def __init__(
-        self, source: Callable[[], Iterable[Mapping[str, Any]]], api_requests: Callable[[], int]
+        self,
+        source: Callable[[], Iterable[Mapping[str, Any]]],
+        api_requests: Callable[[], int],
+        api_requests_by_kind: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._source = source
         self._api_requests = api_requests
+        self._api_requests_by_kind = api_requests_by_kind
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         agents = GaugeMetricFamily(
@@ -59,3 +63,11 @@ class AgentsCollector(Collector):
         )
         requests.add_metric([], self._api_requests())
         yield requests
+        by_kind = GaugeMetricFamily(
+            "dexorder_operator_api_requests_by_kind",
+            "Requests made to the Kubernetes API by the reconciler, by verb and resource.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._api_requests_by_kind().items()):
+            by_kind.add_metric([kind], count)
+        yield by_kind

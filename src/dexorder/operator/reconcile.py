@@ -7,6 +7,7 @@ rotating it on every pass would cut the gateway off from the agent.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import secrets
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from dexorder.adapters.kubernetes import (
     Conflict,
+    Invalid,
     KubeClient,
     KubernetesError,
     resource_path,
@@ -28,6 +30,7 @@ from dexorder.core.status import StorageState, derive_status, rfc3339
 from dexorder.core.tiers import TierCatalog, UnknownTier
 from dexorder.core.useragent import (
     API_VERSION,
+    KIND,
     PLURAL,
     Sizing,
     UserAgentSpec,
@@ -69,11 +72,17 @@ class Reconciler:
     """Applies children and writes status through one Kubernetes client."""
 
     def __init__(
-        self, client: KubeClient, template: manifests.AgentTemplate, catalog: TierCatalog
+        self,
+        client: KubeClient,
+        template: manifests.AgentTemplate,
+        catalog: TierCatalog,
+        *,
+        headless_services: bool = False,
     ) -> None:
         self.client = client
         self.template = template
         self.catalog = catalog
+        self.headless_services = headless_services
 
     # --- children ------------------------------------------------------------------
 
@@ -86,57 +95,55 @@ class Reconciler:
             )
 
     async def apply_storage(self, desired: Desired) -> StorageState:
-        """Apply the volume; storage only ever grows, and a refused expansion is reported."""
+        """Apply the volume; storage only ever grows, and a refused expansion is reported.
+
+        The common case (a new volume, or one of the right size) costs one request; only
+        when the API server refuses the size is the current claim read.
+        """
         owner, wanted = desired.owner, desired.sizing.storage
         path = resource_path(
             "v1", "persistentvolumeclaims", owner.namespace, naming.pvc_name(owner.name)
         )
-        current = await self.client.get_or_none(path)
-        size = wanted
-        state = StorageState(ready=True, reason="Bound", requested=wanted)
-        if current is not None:
-            have = current["spec"]["resources"]["requests"]["storage"]
+        try:
+            applied = await self.client.apply(
+                path, self._claim(desired, wanted), field_manager=FIELD_MANAGER
+            )
+        except KubernetesError as error:
+            if error.status not in (403, 422):
+                raise
+            current = await self.client.get_or_none(path)
+            if current is None:
+                raise
+            have = str(current["spec"]["resources"]["requests"]["storage"])
             capacity = (current.get("status") or {}).get("capacity", {}).get("storage", "")
+            # Keep the volume as it is, and say why.
+            await self.client.apply(path, self._claim(desired, have), field_manager=FIELD_MANAGER)
             if quantity.parse(wanted) < quantity.parse(have):
-                size = have
-                state = StorageState(
+                return StorageState(
                     ready=True,
                     reason="ShrinkNotAllowed",
                     message=f"storage only grows: keeping {have} although {wanted} was asked for",
                     requested=have,
                     capacity=capacity,
                 )
-            else:
-                state = StorageState(
-                    ready=True, reason="Bound", requested=wanted, capacity=capacity
-                )
-        sized = Desired(
-            desired.owner, desired.spec, desired.sizing.model_copy(update={"storage": size})
-        )
-        body = manifests.persistent_volume_claim(
-            sized.owner, sized.spec, sized.sizing, self.template
-        )
-        try:
-            await self.client.apply(path, body, field_manager=FIELD_MANAGER)
-        except KubernetesError as error:
-            if current is None or error.status not in (403, 422):
-                raise
-            have = current["spec"]["resources"]["requests"]["storage"]
-            # The storage class cannot expand: keep the volume as it is, and say so.
-            kept = manifests.persistent_volume_claim(
-                owner,
-                desired.spec,
-                desired.sizing.model_copy(update={"storage": have}),
-                self.template,
-            )
-            await self.client.apply(path, kept, field_manager=FIELD_MANAGER)
             return StorageState(
                 ready=True,
                 reason="ExpansionUnsupported",
                 message=f"cannot grow the volume from {have} to {wanted}: {error}",
                 requested=have,
             )
-        return state
+        capacity = (applied.get("status") or {}).get("capacity", {}).get("storage", "")
+        return StorageState(ready=True, reason="Bound", requested=wanted, capacity=capacity)
+
+    def _claim(self, desired: Desired, size: str) -> dict[str, Any]:
+        sizing = desired.sizing.model_copy(update={"storage": size})
+        body = manifests.persistent_volume_claim(desired.owner, desired.spec, sizing, self.template)
+        if desired.spec.storage.reclaim_policy == "Delete":
+            # Owned, the claim goes with its UserAgent through garbage collection: no
+            # finalizer (and no patch to add it) is needed. Retain leaves it unowned, and
+            # a later switch to Retain drops the reference, since apply owns that field.
+            body["metadata"]["ownerReferences"] = [manifests.owner_reference(desired.owner)]
+        return body
 
     async def apply_deployment(self, desired: Desired) -> dict[str, Any]:
         owner = desired.owner
@@ -150,13 +157,32 @@ class Reconciler:
         owner = desired.owner
         body = manifests.service(owner, desired.spec, self.template)
         path = resource_path("v1", "services", owner.namespace, naming.service_name(owner.name))
-        await self.client.apply(path, body, field_manager=FIELD_MANAGER)
+        if not self.headless_services:
+            await self.client.apply(path, body, field_manager=FIELD_MANAGER)
+            return
+        # Headless: the name resolves straight to the agent's pod, and no cluster IP is
+        # allocated. The API server allocates those one at a time (measured: 300 Services
+        # took 11.5 s with cluster IPs and 2.1 s headless), and in a burst of a thousand
+        # agents that allocation was the slowest step of a reconcile.
+        try:
+            await self.client.apply(
+                path,
+                {**body, "spec": {**body["spec"], "clusterIP": "None"}},
+                field_manager=FIELD_MANAGER,
+            )
+        except Invalid:
+            # An older Service already has a cluster IP, which cannot be changed: keep it.
+            await self.client.apply(path, body, field_manager=FIELD_MANAGER)
 
     async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], StorageState]:
-        await self.ensure_token_secret(desired)
-        storage = await self.apply_storage(desired)
-        deployment = await self.apply_deployment(desired)
-        await self.apply_service(desired)
+        # The four writes do not depend on each other (a pod waits for its volume and
+        # Secret anyway), so one round trip of latency instead of four.
+        _, storage, deployment, _ = await asyncio.gather(
+            self.ensure_token_secret(desired),
+            self.apply_storage(desired),
+            self.apply_deployment(desired),
+            self.apply_service(desired),
+        )
         return deployment, storage
 
     # --- status ----------------------------------------------------------------------
@@ -196,23 +222,51 @@ class Reconciler:
             status["lastActivity"] = rfc3339(activity)
         return status
 
-    async def write_status(self, body: Mapping[str, Any], status: dict[str, Any]) -> bool:
-        """Patch the status subresource when it changed; True when it was written."""
+    async def write_status(
+        self, body: Mapping[str, Any], status: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Patch the status subresource when it changed; the updated object, or None."""
         current = dict(body.get("status") or {})
         if all(current.get(key) == value for key, value in status.items()):
-            return False
+            return None
         metadata = body["metadata"]
-        await self.client.merge_patch(
+        return await self.client.merge_patch(
             user_agent_path(metadata["namespace"], metadata["name"], "status"), {"status": status}
         )
-        return True
 
-    async def suspend(self, namespace: str, name: str) -> None:
-        await self.client.merge_patch(
+    async def post_event(
+        self, body: Mapping[str, Any], *, warning: bool, reason: str, message: str
+    ) -> None:
+        """A Kubernetes Event on the UserAgent, so ``kubectl describe ua`` shows what happened."""
+        metadata = body["metadata"]
+        now = rfc3339(dt.datetime.now(dt.UTC))
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{metadata['name']}.",
+                "namespace": metadata["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata["uid"],
+            },
+            "type": "Warning" if warning else "Normal",
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.client.create(resource_path("v1", "events", metadata["namespace"]), event)
+
+    async def suspend(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self.client.merge_patch(
             user_agent_path(namespace, name), {"spec": {"suspended": True}}
-        )
-
-    async def delete_volume(self, namespace: str, name: str) -> None:
-        await self.client.delete(
-            resource_path("v1", "persistentvolumeclaims", namespace, naming.pvc_name(name))
         )

@@ -25,6 +25,14 @@ class OperatorSettings(BaseSettings):
     storage_class: str | None = None
     progress_deadline_seconds: int = Field(default=300, ge=10)
     idle_check_interval_seconds: float = Field(default=30.0, gt=0)
+    headless_services: bool = Field(
+        default=True,
+        description="Agent Services without a cluster IP (DNS resolves to the pod): no IP "
+        "allocation, the slowest step of a burst of creates.",
+    )
+    reconcile_workers: int = Field(
+        default=100, ge=1, description="Agents reconciled at once; their API calls share one pool."
+    )
     kubeconfig: Path | None = Field(
         default=None, description="Unset: the in-cluster service account."
     )

@@ -1,0 +1,117 @@
+"""A coalescing work queue: each key is processed by one worker at a time.
+
+Events for an agent only mark it dirty; a worker then does the work once for all the
+marks that arrived meanwhile (controller-runtime's model). Two events never write the
+same agent's status concurrently, so a slow pass cannot overwrite a newer one, and a
+burst of child events costs one pass instead of one each. A failed pass is retried with
+a growing delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+Process = Callable[[K, bool], Awaitable[None]]
+RetryDelay = Callable[[BaseException, int], float]
+
+
+def backoff(error: BaseException, attempt: int) -> float:
+    """0.5 s, 1 s, 2 s, ... up to 30 s."""
+    return float(min(0.5 * 2 ** max(attempt - 1, 0), 30.0))
+
+
+class WorkQueue(Generic[K]):
+    """Marks keys dirty (``apply`` or status only) and runs ``process(key, apply)`` on them."""
+
+    def __init__(
+        self, process: Process[K], *, workers: int, retry_delay: RetryDelay = backoff
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"a work queue needs at least one worker, not {workers}")
+        self._process = process
+        self._workers = workers
+        self._retry_delay = retry_delay
+        self._pending: dict[K, bool] = {}
+        self._ready: asyncio.Queue[K] = asyncio.Queue()
+        self._active: set[K] = set()
+        self._failures: dict[K, int] = {}
+        self._retries: dict[K, asyncio.TimerHandle] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, key: K, *, apply: bool = False) -> None:
+        """Mark ``key``; ``apply`` asks for its children to be applied, not only its status."""
+        if key in self._pending:
+            self._pending[key] = self._pending[key] or apply
+            return
+        self._pending[key] = apply
+        if key not in self._active:
+            self._ready.put_nowait(key)
+
+    def forget(self, key: K) -> None:
+        """Drop pending work and retries for ``key`` (its object is gone)."""
+        self._pending.pop(key, None)
+        self._failures.pop(key, None)
+        retry = self._retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self._active
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+
+    async def stop(self) -> None:
+        for retry in self._retries.values():
+            retry.cancel()
+        self._retries.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._ready.get()
+            if key not in self._pending:
+                continue  # forgotten while it waited
+            apply = self._pending.pop(key)
+            self._active.add(key)
+            try:
+                await self._process(key, apply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self._schedule_retry(key, apply, error)
+            else:
+                self._failures.pop(key, None)
+            finally:
+                self._active.discard(key)
+            if key in self._pending:
+                self._ready.put_nowait(key)
+
+    def _schedule_retry(self, key: K, apply: bool, error: Exception) -> None:
+        attempt = self._failures.get(key, 0) + 1
+        self._failures[key] = attempt
+        delay = self._retry_delay(error, attempt)
+        logger.warning("%s failed (attempt %d), retrying in %.1fs: %s", key, attempt, delay, error)
+        previous = self._retries.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+
+        def retry() -> None:
+            self._retries.pop(key, None)
+            self.add(key, apply=apply)
+
+        self._retries[key] = asyncio.get_running_loop().call_later(delay, retry)

@@ -1,0 +1,118 @@
+import asyncio
+
+import pytest
+
+from dexorder.adapters.kubernetes import Conflict, KubernetesError
+from dexorder.operator.handlers import retry_delay
+from dexorder.operator.workqueue import WorkQueue, backoff
+
+
+async def wait_idle(queue: WorkQueue[str]) -> None:
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if queue.idle:
+            return
+    raise AssertionError("the queue did not drain")
+
+
+async def test_marks_arriving_during_a_pass_are_coalesced_into_one_more_pass() -> None:
+    calls: list[tuple[str, bool]] = []
+    release = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append((key, apply))
+        if len(calls) == 1:
+            await release.wait()
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=4)
+    queue.start()
+    try:
+        queue.add("a")
+        await asyncio.sleep(0.01)
+        # Three marks while "a" is being processed: no concurrent pass, one follow-up,
+        # and the follow-up applies because one of the marks asked for it.
+        queue.add("a")
+        queue.add("a", apply=True)
+        queue.add("a")
+        await asyncio.sleep(0.01)
+        assert calls == [("a", False)]
+        release.set()
+        await wait_idle(queue)
+        assert calls == [("a", False), ("a", True)]
+    finally:
+        await queue.stop()
+
+
+async def test_a_failed_pass_is_retried_with_its_apply_flag() -> None:
+    calls: list[bool] = []
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(apply)
+        if len(calls) < 3:
+            raise KubernetesError("boom", status=500)
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1, retry_delay=lambda e, n: 0.01)
+    queue.start()
+    try:
+        queue.add("a", apply=True)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(calls) >= 3 and queue.idle:
+                break
+        assert calls == [True, True, True]
+    finally:
+        await queue.stop()
+
+
+async def test_forgotten_keys_are_not_processed_or_retried() -> None:
+    calls: list[str] = []
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        raise KubernetesError("boom", status=500)
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1, retry_delay=lambda e, n: 0.05)
+    queue.start()
+    try:
+        queue.add("a")
+        await asyncio.sleep(0.02)
+        queue.forget("a")
+        await asyncio.sleep(0.1)
+        assert calls == ["a"]
+    finally:
+        await queue.stop()
+
+
+async def test_different_keys_run_concurrently() -> None:
+    running = 0
+    peak = 0
+
+    async def process(key: str, apply: bool) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=3)
+    queue.start()
+    try:
+        for key in "abcde":
+            queue.add(key)
+        await wait_idle(queue)
+        assert peak == 3
+    finally:
+        await queue.stop()
+
+
+def test_a_queue_needs_a_worker() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        WorkQueue(lambda key, apply: asyncio.sleep(0), workers=0)
+
+
+def test_retry_delays() -> None:
+    error = KubernetesError("x", status=500)
+    assert [backoff(error, n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert backoff(error, 20) == 30.0
+    assert retry_delay(Conflict("x", status=409), 5) == 0.2
+    assert retry_delay(error, 2) == 1.0
