@@ -19,6 +19,7 @@ from dexorder.core.risk import RiskAssessment
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.postgres import PostgresService
 from dexorder.gateway.mcp_client import AgentSession
+from dexorder.gateway.migrations import apply_migrations
 from dexorder.gateway.provisioning import AgentEndpoint
 from dexorder.gateway.workflows.strategy_review import (
     ReviewContext,
@@ -61,11 +62,11 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(reviews_count: int, bars: int) -> None:
     with PostgresService() as postgres, AgentProcess(user_id=USER) as agent:
+        await apply_migrations(postgres.dsn)
         async with (
             StrategyReviews.open(postgres.dsn) as reviews,
             AgentSession(AgentEndpoint(USER, agent.url, agent.token)) as tools,
         ):
-            await reviews.setup()
             await tools.call_tool(
                 "save_dataset", {"name": "d", "data": dataset(bars), "format": "csv"}
             )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -13,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
+from dexorder.core.routing import LLMTarget
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
@@ -37,6 +39,10 @@ from dexorder.gateway.state import (
 )
 from dexorder.gateway.usage import UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
+
+if TYPE_CHECKING:
+    from dexorder.gateway.rag.retriever import Retriever
+    from dexorder.gateway.workflows.chat import ReviewChat
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +151,37 @@ async def _open_limiter(redis: Redis | None, stack: contextlib.AsyncExitStack) -
     return limiter
 
 
+async def _open_retriever(
+    settings: GatewaySettings, stack: contextlib.AsyncExitStack
+) -> Retriever | None:
+    if not settings.rag_enabled:
+        return None
+    from dexorder.gateway.rag.retriever import Retriever
+
+    # A RagError (an embedding model whose dimension is not the collection's, a locked
+    # local store) stops start-up here, with its message.
+    retriever = await Retriever.open(settings)
+    stack.push_async_callback(retriever.aclose)
+    return retriever
+
+
+async def _open_reviews(
+    settings: GatewaySettings,
+    targets: Mapping[str, list[LLMTarget]],
+    default_group: str,
+    stack: contextlib.AsyncExitStack,
+) -> ReviewChat:
+    from dexorder.gateway.workflows.chat import ReviewChat
+    from dexorder.gateway.workflows.strategy_review import StrategyReviews
+    from dexorder.gateway.workflows.summary import llm_summarizer
+
+    reviews = await stack.enter_async_context(StrategyReviews.open(settings.database_url))
+    # The risk summary is short work: the lightest configured group writes it.
+    group = next((g for g in ("fast", default_group) if targets.get(g)), None)
+    summarize = llm_summarizer(targets[group] if group else [])
+    return ReviewChat(reviews, summarize)
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with contextlib.AsyncExitStack() as stack:
@@ -175,6 +212,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         # Pushed after the pool's close, so it runs first: the last daily totals are written.
         stack.push_async_callback(usage.close)
         app[EVENT_SINK] = sink
+        retriever = await _open_retriever(settings, stack)
+        reviews = await _open_reviews(settings, targets, models.default_group, stack)
         app[CHAT_SERVICES] = ChatServices(
             licenses=licenses,
             catalog=catalog,
@@ -197,6 +236,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_queued=settings.max_queued_messages,
             agent_connect_seconds=settings.agent_connect_seconds,
             usage=usage,
+            retriever=retriever,
+            reviews=reviews,
         )
 
         async def database_ok() -> bool:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dexorder.core import protocol
 from dexorder.core.events import TurnOutcome
@@ -30,6 +31,11 @@ from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
 from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
 from dexorder.gateway.routing import ModelRouter
 from dexorder.gateway.usage import Turn, UsageRecorder
+
+if TYPE_CHECKING:
+    # Both are opened only when configured; their imports (Qdrant, LangGraph) are heavy.
+    from dexorder.gateway.rag.retriever import Retriever
+    from dexorder.gateway.workflows.chat import ReviewChat
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,10 @@ class ChatServices:
     usage: UsageRecorder | None = None
     # How long a just-provisioned agent may take to answer its first MCP request.
     agent_connect_seconds: float = 10.0
+    # Knowledge-base search added to each turn's context (DEXORDER_RAG_ENABLED).
+    retriever: Retriever | None = None
+    # The strategy review: a tool for the model, approvals from the user.
+    reviews: ReviewChat | None = None
 
 
 class ConversationError(Exception):
@@ -179,13 +189,37 @@ class Conversation:
         return agent
 
     async def prepare(self) -> None:
-        """Get the agent ready before the first message, showing progress; errors are frames."""
+        """Get the agent ready before the first message, showing progress; errors are frames.
+
+        Reviews still waiting for this user's approval, from any replica and however old,
+        are asked again once the agent is ready."""
         try:
             await self._ensure_agent()
         except ProvisioningError as error:
             await self._error(
                 protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
             )
+            return
+        if self.services.reviews is not None:
+            await self.services.reviews.remind(self.user_id, self._emit)
+
+    async def answer_approval(self, frame: protocol.ApprovalFrame) -> None:
+        """The user's answer to an `approval_request`; the outcome or the refusal is a frame."""
+        if self.services.reviews is None:
+            await self._error(
+                protocol.ErrorCode.APPROVAL_INVALID, "nothing is waiting for approval"
+            )
+            return
+        try:
+            agent = await self._ensure_agent()
+        except ProvisioningError as error:
+            await self._error(
+                protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
+            )
+            return
+        await self.services.reviews.answer(
+            frame, user_id=self.user_id, agent=agent, emit=self._emit
+        )
 
     async def _work(self) -> None:
         if self.services.usage is not None:
@@ -278,6 +312,9 @@ class Conversation:
                 licensed_groups=self.license.model_groups,
                 tier=self.license.tier.name,
                 max_tool_rounds=self.services.max_tool_rounds,
+                user_id=self.user_id,
+                retriever=self.services.retriever,
+                gateway_tools=self.services.reviews,
             )
             self._turn = asyncio.create_task(
                 harness.run_turn(text, emit), name=f"turn:{self.session_id}"

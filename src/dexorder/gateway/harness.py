@@ -12,15 +12,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dexorder.core import protocol
 from dexorder.core.routing import RouteChoice
 from dexorder.gateway.llm import Finish, LLMError, TextDelta, ToolCall, Usage
-from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
+from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
 from dexorder.gateway.routing import Fallback, ModelRouter
+
+if TYPE_CHECKING:
+    # Imported only where RAG is on: Qdrant's client alone takes a second to import.
+    from dexorder.gateway.rag.retriever import Retriever, TurnContext
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,19 @@ def _add_usage(total: Usage, more: Usage) -> Usage:
     )
 
 
+class GatewayTools(Protocol):
+    """Tools the gateway serves itself, beside the agent's (the strategy review)."""
+
+    @property
+    def tools(self) -> list[ToolSpec]: ...
+
+    def handles(self, tool_name: str) -> bool: ...
+
+    async def call(
+        self, arguments: Mapping[str, Any], *, user_id: str, agent: AgentSession, emit: Emit
+    ) -> ToolOutcome: ...
+
+
 class Harness:
     """Runs turns for one chat session against one agent."""
 
@@ -87,8 +104,14 @@ class Harness:
         licensed_groups: Sequence[str],
         tier: str,
         max_tool_rounds: int = 8,
+        user_id: str = "",
+        retriever: Retriever | None = None,
+        gateway_tools: GatewayTools | None = None,
     ) -> None:
         self.agent = agent
+        self.user_id = user_id
+        self.retriever = retriever
+        self.gateway_tools = gateway_tools
         self.router = router
         self.session_id = session_id
         self.licensed_groups = tuple(licensed_groups)
@@ -97,21 +120,35 @@ class Harness:
         #: The current turn's route, once chosen; kept for a cancelled turn's ``done`` frame.
         self.route: RouteChoice | None = None
 
+    async def _retrieve(self, user_message: str) -> TurnContext | None:
+        if self.retriever is None:
+            return None
+        # Never raises: a failed search is logged and the turn goes on without it.
+        return await self.retriever.for_turn(self.user_id, user_message)
+
     async def _context(
-        self, user_message: str
+        self, user_message: str, emit: Emit
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-        preferences, history, tools = await asyncio.gather(
+        preferences, history, tools, retrieved = await asyncio.gather(
             self.agent.read_json_resource("dexorder://preferences", {}),
             self.agent.read_json_resource(f"dexorder://history/{self.session_id}", []),
             self.agent.list_tools(),
+            self._retrieve(user_message),
         )
         turns = history.get("turns", []) if isinstance(history, dict) else history
         preferences = preferences if isinstance(preferences, dict) else {}
         messages = [
             system_message(preferences),
             *history_messages(turns if isinstance(turns, list) else []),
-            {"role": "user", "content": user_message},
         ]
+        if retrieved is not None and retrieved.message is not None:
+            messages.append(retrieved.message)
+        messages.append({"role": "user", "content": user_message})
+        if retrieved is not None and retrieved.frame is not None:
+            # The sources come first, numbered as the reply's [1], [2] citations.
+            await emit(retrieved.frame)
+        if self.gateway_tools is not None:
+            tools = [*tools, *self.gateway_tools.tools]
         return messages, [tool.as_openai_tool() for tool in tools], preferences
 
     def _choose_route(self, user_message: str, preferences: dict[str, Any]) -> RouteChoice:
@@ -130,7 +167,7 @@ class Harness:
         started = time.perf_counter()
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
-            messages, tools, preferences = await self._context(user_message)
+            messages, tools, preferences = await self._context(user_message, emit)
             route = result.route = self._choose_route(user_message, preferences)
             for _ in range(self.max_tool_rounds):
                 calls, text = await self._round(route, messages, tools, emit, result, started)
@@ -220,7 +257,12 @@ class Harness:
             return f"error: {error}"
         await emit(protocol.ToolCallFrame(id=call.id, name=call.name, arguments=arguments))
         try:
-            outcome = await self.agent.call_tool(call.name, arguments)
+            if self.gateway_tools is not None and self.gateway_tools.handles(call.name):
+                outcome = await self.gateway_tools.call(
+                    arguments, user_id=self.user_id, agent=self.agent, emit=emit
+                )
+            else:
+                outcome = await self.agent.call_tool(call.name, arguments)
         except AgentUnavailable as error:
             await emit(protocol.ToolResultFrame(id=call.id, content=str(error), is_error=True))
             return f"error: {error}"

@@ -215,6 +215,9 @@ class GatewaySettings(BaseSettings):
     events_spool_max: int = Field(100_000, ge=1)
 
     # --- RAG (issue 8) ----------------------------------------------------------------
+    # Off by default: Qdrant's local mode locks its folder to one process, and the
+    # embedded model costs ~90 MB per gateway. With QDRANT_URL, turn it on everywhere.
+    rag_enabled: bool = False
     qdrant_url: Annotated[HttpUrlText | None, EmptyIsNone] = Field(
         None, validation_alias=_seed("QDRANT_URL")
     )

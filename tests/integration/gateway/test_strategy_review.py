@@ -84,9 +84,8 @@ async def llm() -> AsyncIterator[FakeLLMServer]:
 
 
 @pytest.fixture
-async def reviews(postgres_dsn: str) -> AsyncIterator[StrategyReviews]:
-    async with StrategyReviews.open(postgres_dsn) as service:
-        await service.setup()
+async def reviews(migrated_dsn: str) -> AsyncIterator[StrategyReviews]:
+    async with StrategyReviews.open(migrated_dsn) as service:
         yield service
 
 
@@ -152,12 +151,12 @@ async def test_a_rejection_leaves_the_strategy_a_draft_and_a_second_answer_is_re
 
 
 async def test_two_replicas_answering_at_once_decide_once(
-    postgres_dsn: str, reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    migrated_dsn: str, reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
 ) -> None:
     asked = await reviews.start(
         user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, llm)
     )
-    async with StrategyReviews.open(postgres_dsn) as other_replica:
+    async with StrategyReviews.open(migrated_dsn) as other_replica:
         results = await asyncio.gather(
             reviews.decide(
                 user_id=USER, review_id=asked.review_id, approve=True, context=context(tools, llm)
@@ -238,7 +237,7 @@ WAIT_IN_ANOTHER_PROCESS = textwrap.dedent(
 
 
 async def test_a_review_waiting_in_a_killed_gateway_is_approved_through_another(
-    postgres_dsn: str,
+    migrated_dsn: str,
     reviews: StrategyReviews,
     agent: AgentProcess,
     tools: AgentSession,
@@ -248,7 +247,7 @@ async def test_a_review_waiting_in_a_killed_gateway_is_approved_through_another(
         sys.executable,
         "-c",
         WAIT_IN_ANOTHER_PROCESS,
-        postgres_dsn,
+        migrated_dsn,
         agent.url,
         agent.token,
         stdout=asyncio.subprocess.PIPE,

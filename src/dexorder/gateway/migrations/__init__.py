@@ -87,6 +87,10 @@ async def apply_migrations(dsn: str) -> list[Migration]:
             for migration in load_migrations():
                 if await _apply_one(connection, migration):
                     applied.append(migration)
+        # The strategy review's LangGraph checkpoints: their own versioned migrations.
+        from dexorder.gateway.workflows.strategy_review import setup_checkpoints
+
+        await setup_checkpoints(dsn)
     except psycopg.Error as error:
         raise MigrationError(f"migrating {describe_dsn(dsn)} failed: {error}") from error
     return applied

@@ -13,6 +13,7 @@ made that move resumes the graph. A second answer is refused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -40,22 +41,6 @@ Decision = Literal["approved", "rejected"]
 
 # A decision left half-made by a replica that died may be finished after this long.
 STALE_DECISION_SECONDS = 60
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS strategy_reviews (
-    review_id     text PRIMARY KEY,
-    user_id       text NOT NULL CHECK (user_id <> ''),
-    strategy_name text NOT NULL,
-    dataset       text NOT NULL,
-    status        text NOT NULL CHECK (status IN
-                    ('running', 'awaiting_approval', 'deciding', 'approved', 'rejected', 'failed')),
-    decision      text CHECK (decision IN ('approved', 'rejected')),
-    detail        jsonb NOT NULL DEFAULT '{}'::jsonb,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS strategy_reviews_by_user ON strategy_reviews (user_id, status);
-"""
 
 
 class ReviewError(Exception):
@@ -222,6 +207,31 @@ def build_graph() -> StateGraph[ReviewState, ReviewContext, ReviewState, ReviewS
 
 # --- the service the channels call ---------------------------------------------------------
 
+# Serialises the checkpointer's own migrations when several replicas start at once.
+_SETUP_LOCK_KEY = 0x6465786F72646572 - 2
+
+
+async def setup_checkpoints(dsn: str) -> None:
+    """LangGraph's checkpoint tables, created once (idempotent, safe to run concurrently)."""
+    # Its migrations run CREATE INDEX CONCURRENTLY, so autocommit, and dict rows.
+    async with await AsyncConnection.connect(
+        dsn, autocommit=True, prepare_threshold=None, row_factory=dict_row
+    ) as connection:
+        # Polled, not waited for: its migrations run CREATE INDEX CONCURRENTLY, which waits
+        # for every open transaction, and a replica blocked in pg_advisory_lock is one.
+        while True:
+            cursor = await connection.execute(
+                "SELECT pg_try_advisory_lock(%s) AS locked", (_SETUP_LOCK_KEY,)
+            )
+            row = await cursor.fetchone()
+            if row is not None and row["locked"]:
+                break
+            await asyncio.sleep(0.1)
+        try:
+            await AsyncPostgresSaver(connection).setup()
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK_KEY,))
+
 
 ReviewPool = AsyncConnectionPool[AsyncConnection[DictRow]]
 
@@ -257,13 +267,9 @@ class StrategyReviews:
             await pool.close()
 
     async def setup(self) -> None:
-        """Create the checkpoint tables and ``strategy_reviews`` if missing (idempotent)."""
-        # The checkpointer's own migrations run CREATE INDEX CONCURRENTLY: autocommit.
-        async with await AsyncConnection.connect(
-            self._dsn, autocommit=True, prepare_threshold=None, row_factory=dict_row
-        ) as connection:
-            await AsyncPostgresSaver(connection).setup()
-            await connection.execute(SCHEMA)
+        """Create LangGraph's checkpoint tables if missing (``strategy_reviews`` is in the
+        gateway's migrations; ``dexorder-gateway migrate`` runs both)."""
+        await setup_checkpoints(self._dsn)
 
     @staticmethod
     def _config(review_id: str) -> RunnableConfig:
@@ -408,4 +414,5 @@ __all__ = [
     "StrategyReviews",
     "Summarizer",
     "build_graph",
+    "setup_checkpoints",
 ]
