@@ -6,7 +6,7 @@ own process (``replica.py``) and the local Bot API server and scripted LLM in th
 2. Latency from the webhook POST to the first draft with text, and to the final message,
    for a linked user whose agent is warm.
 
-    .venv/bin/python -m tests.integration.gateway.telegram.bench_telegram [--updates 5000]
+    .venv/bin/python -m bench.bench_telegram [--updates 5000]
 """
 
 from __future__ import annotations
