@@ -24,6 +24,9 @@ from pathlib import Path
 import aiohttp
 import psycopg
 from redis.asyncio import Redis
+from tests.integration.gateway.gateway_process import gateway_env
+from tests.integration.gateway.telegram.conftest import WEBHOOK_SECRET, issue_code
+from tests.integration.gateway.telegram.test_replicas import Replica
 
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.fake_telegram import SECRET_HEADER, FakeTelegram
@@ -31,9 +34,6 @@ from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.postgres import PostgresService
 from dexorder.devenv.redis import RedisService
 from dexorder.gateway.migrations import apply_migrations
-from tests.integration.gateway.gateway_process import gateway_env
-from tests.integration.gateway.telegram.conftest import WEBHOOK_SECRET, issue_code
-from tests.integration.gateway.telegram.test_replicas import Replica
 
 ISSUER_URL = "https://id.test.dexorder"
 
