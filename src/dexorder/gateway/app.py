@@ -238,6 +238,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             usage=usage,
             retriever=retriever,
             reviews=reviews,
+            external_mcp_token=(
+                settings.external_mcp_token.get_secret_value()
+                if settings.external_mcp_token
+                else None
+            ),
         )
 
         async def database_ok() -> bool:

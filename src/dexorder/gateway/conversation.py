@@ -60,6 +60,8 @@ class ChatServices:
     usage: UsageRecorder | None = None
     # How long a just-provisioned agent may take to answer its first MCP request.
     agent_connect_seconds: float = 10.0
+    # Presented to MCP servers that a license names (mcp_server_url); never the user's JWT.
+    external_mcp_token: str | None = None
     # Knowledge-base search added to each turn's context (DEXORDER_RAG_ENABLED).
     retriever: Retriever | None = None
     # The strategy review: a tool for the model, approvals from the user.
@@ -177,9 +179,15 @@ class Conversation:
     async def _ensure_agent(self) -> AgentSession:
         if self._agent is not None:
             return self._agent
-        started = time.perf_counter()
-        endpoint = await self.services.provisioner.ensure_agent(self.license, self._progress)
-        metrics.PROVISIONING.observe(time.perf_counter() - started)
+        if self.license.mcp_server_url:
+            # The license names the user's own MCP server: nothing to provision or wake.
+            endpoint = AgentEndpoint(
+                self.user_id, self.license.mcp_server_url, self.services.external_mcp_token
+            )
+        else:
+            started = time.perf_counter()
+            endpoint = await self.services.provisioner.ensure_agent(self.license, self._progress)
+            metrics.PROVISIONING.observe(time.perf_counter() - started)
         agent = AgentSession(
             endpoint,
             host_map=self.services.host_map,
@@ -359,7 +367,8 @@ class Conversation:
         if self._agent is not None:
             await self._agent.close()
         self._agent = None
-        self.services.provisioner.forget(self.user_id)
+        if not self.license.mcp_server_url:
+            self.services.provisioner.forget(self.user_id)
 
     async def _finish(self, result: TurnResult, turn: Turn | None, lease: str | None) -> None:
         if result.route is not None:
@@ -367,7 +376,8 @@ class Conversation:
         usage = result.usage
         # Counted before `done`, so the next message, on any channel, sees the budget spent.
         await self._end_generation(lease, usage.total_tokens)
-        await self.services.provisioner.record_activity(self.user_id)
+        if not self.license.mcp_server_url:  # an agent the provisioner runs, kept awake
+            await self.services.provisioner.record_activity(self.user_id)
         metrics.TOKENS.inc(usage.completion_tokens)
         if result.first_token_seconds is not None:
             metrics.FIRST_TOKEN.observe(result.first_token_seconds)

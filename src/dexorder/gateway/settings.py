@@ -166,6 +166,9 @@ class GatewaySettings(BaseSettings):
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
     llm_cooldown_seconds: float = Field(30.0, ge=0)
+    # The bearer token the gateway presents to an MCP server that a license names in
+    # mcp_server_url (the user's own server, not provisioned). The user's JWT is never sent.
+    external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = None
     # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
     agent_connect_seconds: float = Field(10.0, ge=0, le=120)
 
