@@ -23,6 +23,8 @@ AUTH_FRAME_TIMEOUT_SECONDS: Final = 10.0
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_UNAUTHORIZED: Final = 4401
+CLOSE_FORBIDDEN: Final = 4403
+"""The session (or the user's license) is not this user's to open."""
 
 SCHEMA_ID: Final = "https://dexorder.ai/schemas/ws-protocol.schema.json"
 
@@ -51,6 +53,7 @@ class Stage(StrEnum):
     READY = "ready"
     QUEUED = "queued"
     RETRYING = "retrying"
+    RESUMED = "resumed"
 
 
 class ProtocolError(Exception):
@@ -124,16 +127,36 @@ ClientFrame = Annotated[
 # --- gateway to client ---------------------------------------------------------------------
 
 
-class ReadyFrame(Frame):
+class GatewayFrameBase(Frame):
+    """What every gateway frame may carry."""
+
+    seq: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "The frame's sequence number in its session, on every frame recorded for a "
+            "reconnecting client (not on per-connection frames such as `ready` and `pong`). "
+            "Reconnect with `?session=<id>&after=<last seq seen>` to get the missed ones."
+        ),
+    )
+
+
+class ReadyFrame(GatewayFrameBase):
     """Authentication succeeded; the session is open."""
 
     type: Literal["ready"] = "ready"
     session_id: str
     user: str
     tier: str
+    resumed: bool | None = Field(
+        default=None, description="True when the session existed already (within its TTL)."
+    )
+    last_seq: int | None = Field(
+        default=None, ge=0, description="The session's last recorded sequence number."
+    )
 
 
-class StatusFrame(Frame):
+class StatusFrame(GatewayFrameBase):
     """Progress while the user waits, such as an agent being provisioned or woken."""
 
     type: Literal["status"] = "status"
@@ -141,14 +164,14 @@ class StatusFrame(Frame):
     message: str
 
 
-class DeltaFrame(Frame):
+class DeltaFrame(GatewayFrameBase):
     """The next piece of the assistant's reply text."""
 
     type: Literal["delta"] = "delta"
     content: str
 
 
-class ToolCallFrame(Frame):
+class ToolCallFrame(GatewayFrameBase):
     """The model called a tool on the user's agent."""
 
     type: Literal["tool_call"] = "tool_call"
@@ -157,7 +180,7 @@ class ToolCallFrame(Frame):
     arguments: dict[str, Any]
 
 
-class ToolResultFrame(Frame):
+class ToolResultFrame(GatewayFrameBase):
     """What a tool call returned; `id` matches its `tool_call`."""
 
     type: Literal["tool_result"] = "tool_result"
@@ -182,7 +205,7 @@ class Route(Frame):
     reason: str
 
 
-class DoneFrame(Frame):
+class DoneFrame(GatewayFrameBase):
     """The turn is over, finished or cancelled."""
 
     type: Literal["done"] = "done"
@@ -192,7 +215,7 @@ class DoneFrame(Frame):
     route: Route | None = None
 
 
-class ErrorFrame(Frame):
+class ErrorFrame(GatewayFrameBase):
     """Something failed; the connection stays open unless a close frame follows."""
 
     type: Literal["error"] = "error"
@@ -203,13 +226,13 @@ class ErrorFrame(Frame):
     )
 
 
-class PongFrame(Frame):
+class PongFrame(GatewayFrameBase):
     """The answer to `ping`."""
 
     type: Literal["pong"] = "pong"
 
 
-class ApprovalRequestFrame(Frame):
+class ApprovalRequestFrame(GatewayFrameBase):
     """A workflow waits for the user to approve or reject; answered by an `approval` frame."""
 
     type: Literal["approval_request"] = "approval_request"
@@ -218,7 +241,7 @@ class ApprovalRequestFrame(Frame):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class ApprovalResultFrame(Frame):
+class ApprovalResultFrame(GatewayFrameBase):
     """What became of an `approval`: the decision recorded, and what it means."""
 
     type: Literal["approval_result"] = "approval_result"
@@ -236,7 +259,7 @@ class Source(Frame):
     excerpt: str | None = None
 
 
-class SourcesFrame(Frame):
+class SourcesFrame(GatewayFrameBase):
     type: Literal["sources"] = "sources"
     items: list[Source]
 
@@ -354,6 +377,7 @@ def protocol_json_schema() -> dict[str, Any]:
             "Frames on GET /ws/chat, one JSON object per text message, told apart by `type`. "
             f"A frame over {MAX_FRAME_BYTES} bytes closes the socket with "
             f"{CLOSE_MESSAGE_TOO_BIG}; a bad token closes it with {CLOSE_UNAUTHORIZED}; "
+            f"another user's session id or a refused license closes it with {CLOSE_FORBIDDEN}; "
             f"a gateway shutting down closes it with {CLOSE_SERVICE_RESTART}. Generated from "
             "dexorder.core.protocol: python -m dexorder.core.protocol > "
             "schemas/ws-protocol.schema.json"

@@ -228,6 +228,11 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return seq
 """
 
+_SET_IF_LIVE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"""
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -261,6 +266,7 @@ class RedisSessionStore:
         self._buffer = buffer
         self._claim = redis.register_script(_CLAIM)
         self._append = redis.register_script(_APPEND)
+        self._set_live = redis.register_script(_SET_IF_LIVE)
 
     def _keys(self, session_id: str) -> list[str]:
         base = self.PREFIX + session_id
@@ -288,36 +294,52 @@ class RedisSessionStore:
         )
 
     async def append(self, session_id: str, frame: str) -> int:
-        seq = int(
-            await self._append(
+        try:
+            reply = await self._append(
                 keys=self._keys(session_id), args=[frame, self._buffer, self._ttl_ms]
             )
-        )
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
+        seq = int(reply)
         if seq < 0:
             raise SessionError(f"session {session_id} does not exist or has expired")
         return seq
 
     async def replay(self, session_id: str, after: int) -> Replay:
         base, frames_key, _ = self._keys(session_id)
-        frames = _entries(await self._redis.xrange(frames_key, min=f"({after}-0"))
-        last = int(await self._redis.hget(base, "seq") or 0)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xrange(frames_key, min=f"({after}-0")
+                pipe.hget(base, "seq")
+                raw_frames, raw_last = await pipe.execute()
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
+        frames = _entries(raw_frames)
+        last = int(raw_last or 0)
         complete = after >= last or bool(frames and frames[0][0] == after + 1)
         return Replay(frames=frames, complete=complete)
 
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         frames_key = self._keys(session_id)[1]
-        reply = await self._redis.xread(
-            {frames_key: f"{after}-0"}, block=max(1, int(timeout * 1000))
-        )
+        try:
+            reply = await self._redis.xread(
+                {frames_key: f"{after}-0"}, block=max(1, int(timeout * 1000))
+            )
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
         streams = cast(list[tuple[Any, Any]], reply or [])
         return [frame for _stream, entries in streams for frame in _entries(entries)]
 
     async def _set(self, session_id: str, name: str, value: str | None) -> None:
         base = self._keys(session_id)[0]
-        if value is None:
-            await self._redis.hdel(base, name)
-        else:
-            await self._redis.hset(base, name, value)
+        try:
+            if value is None:
+                await self._redis.hdel(base, name)
+            else:
+                # Only on a live session: an expired one is not brought back without a TTL.
+                await self._set_live(keys=[base], args=[name, value])
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
 
     async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None:
         await self._set(session_id, "mcp", mcp_session_id)
@@ -327,12 +349,15 @@ class RedisSessionStore:
 
     async def set_queued(self, session_id: str, messages: Sequence[str]) -> None:
         queue_key = self._keys(session_id)[2]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(queue_key)
-            if messages:
-                pipe.rpush(queue_key, *messages)
-                pipe.pexpire(queue_key, self._ttl_ms)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(queue_key)
+                if messages:
+                    pipe.rpush(queue_key, *messages)
+                    pipe.pexpire(queue_key, self._ttl_ms)
+                await pipe.execute()
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
 
     async def sweep(self) -> list[str]:
         return []

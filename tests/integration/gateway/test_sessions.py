@@ -10,11 +10,13 @@ from typing import Protocol
 import pytest
 from redis.asyncio import Redis
 
+from dexorder.devenv.process import free_port
 from dexorder.gateway.sessions import (
     MemorySessionStore,
     RedisSessionStore,
     SessionForbidden,
     SessionStore,
+    SessionStoreUnavailable,
 )
 
 TTL = 60.0
@@ -131,3 +133,36 @@ async def test_an_idle_session_expires(make_store: MakeStore) -> None:
     # Expired means gone: the id is free again and nothing of alice's is replayed.
     assert (fresh.resumed, fresh.last_seq) == (False, 0)
     assert (await store.replay(sid, after=0)).frames == []
+
+
+async def test_marking_an_expired_redis_session_does_not_bring_it_back(redis_url: str) -> None:
+    client: Redis = Redis.from_url(redis_url)
+    try:
+        store = RedisSessionStore(client, ttl=0.2, buffer=8)
+        sid = session_id()
+        await store.claim(sid, user_id="alice", channel="websocket")
+        await asyncio.sleep(0.4)
+        await store.set_generating(sid, "replica-a")
+        # A key without the session's TTL would live for ever; there must be no key at all.
+        assert await client.exists(RedisSessionStore.PREFIX + sid) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreachable_redis_is_reported_as_such() -> None:
+    client: Redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
+    try:
+        store = RedisSessionStore(client, ttl=TTL, buffer=8)
+        sid = session_id()
+        for call in (
+            store.claim(sid, user_id="alice", channel="websocket"),
+            store.append(sid, "frame"),
+            store.replay(sid, 0),
+            store.follow(sid, 0, 0.1),
+            store.set_generating(sid, "replica-a"),
+            store.set_queued(sid, ["waiting"]),
+        ):
+            with pytest.raises(SessionStoreUnavailable, match="unreachable"):
+                await call
+    finally:
+        await client.aclose()

@@ -2,7 +2,9 @@
 
 The token comes in ``Authorization: Bearer`` on the upgrade (a bad one gets 401 before
 the upgrade), or, for browsers, as the first frame ``{"type":"auth"}`` within 10 s (a
-bad one closes with 4401). ``?session=<id>`` resumes a session's history.
+bad one closes with 4401). ``?session=<id>`` resumes a session: its history (kept by the
+agent) and, with ``&after=<seq>``, the frames the client missed (see ``resume``). Another
+user's session id is refused with 4403.
 """
 
 from __future__ import annotations
@@ -14,17 +16,35 @@ import re
 import uuid
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketError
 
 from dexorder.core import protocol
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import AuthError, Identity, TokenVerifier
+from dexorder.gateway.channels.resume import (
+    DETACHED_GRACE_SECONDS,
+    Detached,
+    FollowState,
+    SessionOutbox,
+    detached_conversations,
+    follow_elsewhere,
+    replica_id,
+)
 from dexorder.gateway.conversation import (
     ChatServices,
     Conversation,
     ConversationError,
     effective_license,
 )
-from dexorder.gateway.state import CHAT_SERVICES, DRAINING, LIVE_SOCKETS, SESSIONS, VERIFIER
+from dexorder.gateway.sessions import SessionError, SessionForbidden, SessionState, SessionStore
+from dexorder.gateway.state import (
+    CHAT_SERVICES,
+    DRAINING,
+    LIVE_SOCKETS,
+    SESSIONS,
+    SETTINGS,
+    VERIFIER,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +93,15 @@ async def _first_frame_identity(
         return None
 
 
+def _after(request: web.Request) -> int | None:
+    raw = request.query.get("after")
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise web.HTTPBadRequest(text="after must be a sequence number (0 or more)")
+    return int(raw)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     if app[DRAINING].is_set():
@@ -94,6 +123,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     session_id = request.query.get("session") or uuid.uuid4().hex
     if not _SESSION_ID.match(session_id):
         raise web.HTTPBadRequest(text="session must be 8 to 64 characters of A-Z a-z 0-9 _ -")
+    after = _after(request)
 
     ws = web.WebSocketResponse(max_msg_size=protocol.MAX_FRAME_BYTES, heartbeat=30)
     await ws.prepare(request)
@@ -101,8 +131,40 @@ async def chat(request: web.Request) -> web.StreamResponse:
         identity = await _first_frame_identity(ws, verifier)
         if identity is None:
             return ws
-    await serve(ws, app[CHAT_SERVICES], identity, session_id, app)
+    await serve(ws, app[CHAT_SERVICES], identity, session_id, app, after=after)
     return ws
+
+
+async def _refuse(
+    ws: web.WebSocketResponse, code: protocol.ErrorCode, message: str, close: int
+) -> None:
+    metrics.ERRORS.labels(code=code.value).inc()
+    await _send(ws, protocol.ErrorFrame(code=code, message=message))
+    await ws.close(code=close, message=code.value.encode())
+
+
+async def _claim(
+    ws: web.WebSocketResponse, store: SessionStore, session_id: str, user: str
+) -> SessionState | None:
+    """The session, or None once the socket is refused and closed."""
+    try:
+        return await store.claim(session_id, user_id=user, channel="websocket")
+    except SessionForbidden:
+        await _refuse(
+            ws,
+            protocol.ErrorCode.UNAUTHORIZED,
+            "this session belongs to another user; open a new one",
+            protocol.CLOSE_FORBIDDEN,
+        )
+    except SessionError as error:
+        logger.warning("session %s cannot be opened: %s", session_id, error)
+        await _refuse(
+            ws,
+            protocol.ErrorCode.SERVICE_UNAVAILABLE,
+            "sessions are unavailable right now; try again shortly",
+            WSCloseCode.TRY_AGAIN_LATER,
+        )
+    return None
 
 
 async def serve(
@@ -111,52 +173,142 @@ async def serve(
     identity: Identity,
     session_id: str,
     app: web.Application,
+    *,
+    after: int | None = None,
 ) -> None:
     metrics.CONNECTIONS.labels(channel="websocket").inc()
     conversation: Conversation | None = None
+    outbox: SessionOutbox | None = None
+    follower: asyncio.Task[None] | None = None
+    clean = True
     try:
         try:
             license = await effective_license(services, identity.user, identity.email)
         except ConversationError as error:
-            metrics.ERRORS.labels(code=error.code.value).inc()
-            await _send(ws, protocol.ErrorFrame(code=error.code, message=error.message))
             close_code = (
-                4403
+                protocol.CLOSE_FORBIDDEN
                 if error.code == protocol.ErrorCode.LICENSE_REFUSED
                 else WSCloseCode.TRY_AGAIN_LATER
             )
-            await ws.close(code=close_code, message=error.code.value.encode())
+            await _refuse(ws, error.code, error.message, close_code)
             return
-
-        async def emit(frame: protocol.Frame) -> None:
-            await _send(ws, frame)
-
-        conversation = Conversation(
-            services, license, session_id=session_id, emit=emit, channel="websocket"
-        )
-        app[LIVE_SOCKETS][ws] = conversation
+        store = app[SESSIONS]
+        session = await _claim(ws, store, session_id, identity.user)
+        if session is None:
+            return
         await _send(
             ws,
-            protocol.ReadyFrame(session_id=session_id, user=identity.user, tier=license.tier.name),
+            protocol.ReadyFrame(
+                session_id=session_id,
+                user=identity.user,
+                tier=license.tier.name,
+                resumed=session.resumed,
+                last_seq=session.last_seq,
+            ),
         )
         if license.notice:
             await _send(
                 ws, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice)
             )
-        conversation.start()
-        await _read_frames(ws, conversation)
+        since = session.last_seq if after is None else after
+        following = FollowState()
+        taken = detached_conversations(app).take(session_id)
+        if taken is not None:
+            # This replica still runs the conversation of a socket that dropped: take it over.
+            conversation, outbox = taken.conversation, taken.outbox
+            app[LIVE_SOCKETS][ws] = conversation
+            await outbox.attach(ws, since)
+        else:
+            outbox = SessionOutbox(store, session_id, replica_id(app))
+            conversation = Conversation(
+                services, license, session_id=session_id, emit=outbox.emit, channel="websocket"
+            )
+            outbox.conversation = conversation
+            app[LIVE_SOCKETS][ws] = conversation
+            if session.generating_on is not None:
+                following.active = True
+                follower = asyncio.create_task(
+                    follow_elsewhere(ws, outbox, identity.user, since, following),
+                    name=f"follow:{session_id}",
+                )
+            else:
+                await outbox.attach(ws, since)
+            conversation.start()
+        clean = await _read_frames(ws, conversation, outbox, following)
     finally:
-        app[LIVE_SOCKETS].pop(ws, None)
         metrics.CONNECTIONS.labels(channel="websocket").dec()
-        if conversation is not None:
-            # The client went away: stop the generation (and its billing) now.
-            await conversation.close()
+        try:
+            if follower is not None:
+                await _stop(follower)
+            if conversation is not None and outbox is not None:
+                await _let_go(app, ws, session_id, identity.user, conversation, outbox, clean=clean)
+        finally:
+            app[LIVE_SOCKETS].pop(ws, None)
 
 
-async def _read_frames(ws: web.WebSocketResponse, conversation: Conversation) -> None:
-    async for message in ws:
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        logger.exception("following another replica's reply failed")
+
+
+async def _let_go(
+    app: web.Application,
+    ws: web.WebSocketResponse,
+    session_id: str,
+    user_id: str,
+    conversation: Conversation,
+    outbox: SessionOutbox,
+    *,
+    clean: bool,
+) -> None:
+    """The socket is gone. A client that closed it stops the generation (and its billing)
+    now; one that dropped gets a grace period to resume, on this replica or another."""
+    outbox.detach(ws)
+    close = True
+    try:
+        if not clean and not app[DRAINING].is_set():
+            detached = Detached(conversation=conversation, outbox=outbox, user_id=user_id)
+            settings = app[SETTINGS]
+            close = await detached_conversations(app).linger(
+                session_id,
+                detached,
+                # A session the store has forgotten cannot be resumed: no point waiting longer.
+                grace=min(DETACHED_GRACE_SECONDS, settings.session_ttl_seconds),
+                limit=settings.session_ttl_seconds,
+                draining=app[DRAINING],
+            )
+    finally:
+        # Also when the handler is cancelled (a server shutting down): nothing leaks.
+        if close:
+            try:
+                await conversation.close()
+            finally:
+                await outbox.clear_generating()
+
+
+async def _read_frames(
+    ws: web.WebSocketResponse,
+    conversation: Conversation,
+    outbox: SessionOutbox,
+    following: FollowState,
+) -> bool:
+    """Serve the client's frames until the socket ends; True if the client closed it (a
+    close frame), False if it dropped (EOF, reset, missed heartbeats)."""
+    while True:
+        message = await ws.receive()
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING):
+            return True
+        if message.type == WSMsgType.CLOSED:
+            return False
         if message.type == WSMsgType.ERROR:
-            break
+            # A protocol violation (such as an oversized frame) is the client's doing, a
+            # lost connection is not.
+            return isinstance(message.data, WebSocketError)
         if message.type != WSMsgType.TEXT:
             await _send(
                 ws,
@@ -172,21 +324,7 @@ async def _read_frames(ws: web.WebSocketResponse, conversation: Conversation) ->
             await _send(ws, protocol.ErrorFrame(code=error.code, message=error.message))
             continue
         if isinstance(frame, protocol.MessageFrame):
-            if not conversation.submit(frame.content):
-                await _send(
-                    ws,
-                    protocol.ErrorFrame(
-                        code=protocol.ErrorCode.QUEUE_FULL,
-                        message="too many messages waiting; wait for the reply or cancel it",
-                    ),
-                )
-            elif conversation.generating:
-                await _send(
-                    ws,
-                    protocol.StatusFrame(
-                        stage=protocol.Stage.QUEUED, message="queued after the reply"
-                    ),
-                )
+            await _take_message(ws, conversation, outbox, following, frame.content)
         elif isinstance(frame, protocol.CancelFrame):
             conversation.cancel_generation()
         elif isinstance(frame, protocol.PingFrame):
@@ -199,13 +337,46 @@ async def _read_frames(ws: web.WebSocketResponse, conversation: Conversation) ->
                 ),
             )
         else:
-            await _send(
-                ws,
-                protocol.ErrorFrame(
-                    code=protocol.ErrorCode.APPROVAL_INVALID,
-                    message="nothing is waiting for approval",
-                ),
-            )
+            await conversation.answer_approval(frame)
+
+
+async def _take_message(
+    ws: web.WebSocketResponse,
+    conversation: Conversation,
+    outbox: SessionOutbox,
+    following: FollowState,
+    text: str,
+) -> None:
+    queue_full = protocol.ErrorFrame(
+        code=protocol.ErrorCode.QUEUE_FULL,
+        message="too many messages waiting; wait for the reply or cancel it",
+    )
+    if following.active:
+        # The reply in progress is another replica's: this one takes the message after it.
+        if len(following.pending) >= conversation.services.max_queued:
+            await _send(ws, queue_full)
+            return
+        following.pending.append(text)
+        try:
+            await outbox.store.set_queued(outbox.session_id, following.pending)
+        except SessionError as error:
+            logger.warning("queue of session %s not recorded: %s", outbox.session_id, error)
+        await _send(
+            ws,
+            protocol.StatusFrame(
+                stage=protocol.Stage.QUEUED,
+                message="queued after the reply being generated on another replica",
+            ),
+        )
+        return
+    if not conversation.submit(text):
+        await _send(ws, queue_full)
+        return
+    await outbox.mark_generating()
+    if conversation.generating:
+        await _send(
+            ws, protocol.StatusFrame(stage=protocol.Stage.QUEUED, message="queued after the reply")
+        )
 
 
 async def drain(app: web.Application, deadline: float) -> None:
@@ -221,5 +392,9 @@ async def drain(app: web.Application, deadline: float) -> None:
 
 
 async def sweep_sessions(app: web.Application) -> None:
-    """Forget sessions idle past their TTL (run on a schedule by the app)."""
-    await app[SESSIONS].sweep()
+    """Forget sessions idle past their TTL, and close the detached conversations past their
+    grace or whose session expired (run on a schedule by the app)."""
+    expired = await app[SESSIONS].sweep()
+    closed = await detached_conversations(app).sweep(set(expired))
+    if closed:
+        logger.info("closed %d detached conversations: %s", len(closed), ", ".join(closed))

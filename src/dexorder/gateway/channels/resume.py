@@ -1,0 +1,313 @@
+"""Resumable WebSocket sessions: frames recorded with their sequence numbers, conversations
+that outlive a dropped socket for a grace period, and following a reply generated elsewhere.
+
+A session's frames go through its ``SessionOutbox``: each is appended to the session store
+(which numbers it) and then sent to the socket attached, if one is. A client that comes
+back with ``?session=<id>&after=<seq>`` gets what it missed from the store's bounded buffer:
+
+- on the replica that still runs its conversation (detached after an abnormal drop), it
+  takes the conversation over (``DetachedConversations.take``);
+- elsewhere, while the session's reply is generating on another replica (or on another
+  socket), it follows the store's stream until that reply is ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import weakref
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from dexorder.core import protocol
+from dexorder.gateway.conversation import Conversation
+from dexorder.gateway.sessions import SessionError, SessionFrame, SessionStore
+
+logger = logging.getLogger(__name__)
+
+DETACHED_GRACE_SECONDS = 30.0
+"""How long a conversation whose socket dropped (no close frame) waits, after its reply
+is over, for the client to resume before it is closed."""
+
+FOLLOW_POLL_SECONDS = 1.0
+"""How long one blocking read of another replica's stream waits before re-checking it."""
+
+FOLLOW_QUIET_LIMIT_SECONDS = 120.0
+"""A followed reply silent for this long is given up (its replica probably died)."""
+
+_POLL_SECONDS = 0.1
+_TERMINAL_TYPES = frozenset({"done", "error"})
+
+
+def replica_id(app: web.Application) -> str:
+    """This gateway app's name in ``generating_on``: unique across hosts, processes and apps."""
+    return f"{socket.gethostname()}:{os.getpid()}:{id(app):x}"
+
+
+def with_seq(text: str, seq: int) -> str:
+    """A recorded frame's wire text: the frame as recorded, with its sequence number."""
+    loaded = json.loads(text)
+    loaded["seq"] = seq
+    return json.dumps(loaded, separators=(",", ":"), ensure_ascii=False)
+
+
+def frame_type(text: str) -> str:
+    loaded = json.loads(text)
+    return str(loaded.get("type", "")) if isinstance(loaded, dict) else ""
+
+
+async def send_text(ws: web.WebSocketResponse, text: str) -> bool:
+    """Send if the socket is open; False when it is gone (the frame stays in the store)."""
+    if ws.closed:
+        return False
+    try:
+        await ws.send_str(text)
+    except (ConnectionError, RuntimeError):
+        return False
+    return True
+
+
+class SessionOutbox:
+    """A session's frames on this replica: recorded in order, then sent to the socket attached.
+
+    It also keeps the session's ``generating_on`` mark: set when this replica takes a
+    message, cleared just before the frame that ends the last reply is recorded, so a
+    follower that sees ``done`` and reads the mark finds it cleared.
+    """
+
+    def __init__(self, store: SessionStore, session_id: str, replica: str) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.replica = replica
+        self.conversation: Conversation | None = None
+        self._ws: web.WebSocketResponse | None = None
+        self._lock = asyncio.Lock()
+        self._generating = False
+
+    async def emit(self, frame: protocol.Frame) -> None:
+        async with self._lock:
+            text = protocol.encode_frame(frame)
+            ends_turn = isinstance(frame, protocol.DoneFrame | protocol.ErrorFrame)
+            if ends_turn and (self.conversation is None or self.conversation.idle):
+                await self.clear_generating()
+            try:
+                text = with_seq(text, await self.store.append(self.session_id, text))
+            except SessionError as error:
+                # The live reply matters more than its copy for a later resume.
+                logger.warning("frame of session %s not recorded: %s", self.session_id, error)
+            if self._ws is not None and not await send_text(self._ws, text):
+                self._ws = None
+
+    async def attach(self, ws: web.WebSocketResponse, after: int) -> None:
+        """Send ``ws`` the frames recorded after ``after``, then every new one."""
+        async with self._lock:
+            await replay(ws, self.store, self.session_id, after)
+            self._ws = ws
+
+    def detach(self, ws: web.WebSocketResponse) -> None:
+        if self._ws is ws:
+            self._ws = None
+
+    async def mark_generating(self) -> None:
+        if self._generating:
+            return
+        self._generating = True
+        try:
+            await self.store.set_generating(self.session_id, self.replica)
+        except SessionError as error:
+            logger.warning("session %s: generation not marked: %s", self.session_id, error)
+
+    async def clear_generating(self) -> None:
+        if not self._generating:
+            return
+        self._generating = False
+        try:
+            await self.store.set_generating(self.session_id, None)
+        except SessionError as error:
+            logger.warning("session %s: generation mark kept: %s", self.session_id, error)
+
+
+async def replay(
+    ws: web.WebSocketResponse, store: SessionStore, session_id: str, after: int
+) -> int:
+    """Send the frames recorded after ``after`` (saying so if the buffer lost some); returns
+    the last sequence number sent, or ``after``."""
+    try:
+        missed = await store.replay(session_id, after)
+    except SessionError as error:
+        logger.warning("session %s: nothing replayed: %s", session_id, error)
+        await _notice(ws, "the frames missed cannot be fetched right now; the history is kept")
+        return after
+    if not missed.complete:
+        first = missed.frames[0][0] if missed.frames else None
+        lost = f"frames {after + 1} to {first - 1}" if first else f"frames after {after}"
+        await _notice(ws, f"{lost} are no longer buffered; the history is still kept")
+    return await _send_frames(ws, missed.frames, after)
+
+
+async def _notice(ws: web.WebSocketResponse, message: str) -> None:
+    """A ``resumed`` status for this socket only (not recorded: it has no ``seq``)."""
+    frame = protocol.StatusFrame(stage=protocol.Stage.RESUMED, message=message)
+    await send_text(ws, protocol.encode_frame(frame))
+
+
+async def _send_frames(ws: web.WebSocketResponse, frames: list[SessionFrame], last: int) -> int:
+    for seq, text in frames:
+        await send_text(ws, with_seq(text, seq))
+        last = max(last, seq)
+    return last
+
+
+@dataclass
+class FollowState:
+    """A socket following a reply generated elsewhere; its messages wait in ``pending``."""
+
+    active: bool = False
+    pending: list[str] = field(default_factory=list)
+
+
+async def follow_elsewhere(
+    ws: web.WebSocketResponse,
+    outbox: SessionOutbox,
+    user_id: str,
+    after: int,
+    state: FollowState,
+) -> None:
+    """Forward the session's frames until the reply generated elsewhere is over, then
+    attach ``ws`` to this replica's outbox and hand it the messages that waited."""
+    store, session_id = outbox.store, outbox.session_id
+    await _notice(ws, "a reply is still being generated; following it")
+    last = await replay(ws, store, session_id, after)
+    quiet_since = time.monotonic()
+    try:
+        while True:
+            frames = await store.follow(session_id, last, FOLLOW_POLL_SECONDS)
+            last = await _send_frames(ws, frames, last)
+            if frames:
+                quiet_since = time.monotonic()
+                if not any(frame_type(text) in _TERMINAL_TYPES for _seq, text in frames):
+                    continue
+            session = await store.claim(session_id, user_id=user_id, channel="websocket")
+            if session.generating_on in (None, outbox.replica):
+                break
+            if time.monotonic() - quiet_since > FOLLOW_QUIET_LIMIT_SECONDS:
+                await _notice(ws, "the reply being followed went silent; carrying on here")
+                break
+    except SessionError as error:
+        logger.warning("session %s: stopped following: %s", session_id, error)
+        await _notice(ws, "cannot follow the reply right now; carrying on here")
+    await outbox.attach(ws, last)
+    state.active = False
+    conversation = outbox.conversation
+    assert conversation is not None
+    for text in state.pending:
+        conversation.submit(text)
+    if state.pending:
+        state.pending.clear()
+        await outbox.mark_generating()
+        try:
+            await store.set_queued(session_id, [])
+        except SessionError as error:
+            logger.warning("session %s: queue not cleared: %s", session_id, error)
+
+
+# --- conversations whose socket dropped ----------------------------------------------------
+
+
+@dataclass
+class Detached:
+    """A conversation kept after its socket dropped without a close frame."""
+
+    conversation: Conversation
+    outbox: SessionOutbox
+    user_id: str
+    since: float = field(default_factory=time.monotonic)
+    # When its grace ends: set once the conversation is idle (its reply over).
+    deadline: float | None = None
+    taken: asyncio.Event = field(default_factory=asyncio.Event)
+    expired: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class DetachedConversations:
+    """This app's detached conversations by session id."""
+
+    def __init__(self) -> None:
+        self._by_session: dict[str, Detached] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_session)
+
+    def take(self, session_id: str) -> Detached | None:
+        """Hand a detached conversation to a resuming socket; its lingering handler lets go."""
+        detached = self._by_session.pop(session_id, None)
+        if detached is not None:
+            detached.taken.set()
+        return detached
+
+    async def linger(
+        self,
+        session_id: str,
+        detached: Detached,
+        *,
+        grace: float,
+        limit: float,
+        draining: asyncio.Event,
+    ) -> bool:
+        """Keep ``detached`` until it is taken (False) or should be closed (True): its
+        reply is over and ``grace`` has passed, the sweeper expired it, the gateway is
+        draining, or it has been detached for ``limit`` seconds."""
+        self._by_session[session_id] = detached
+        try:
+            while not detached.taken.is_set():
+                now = time.monotonic()
+                if detached.expired.is_set() or now - detached.since > limit:
+                    return True
+                if detached.conversation.idle:
+                    if draining.is_set():
+                        return True
+                    if detached.deadline is None:
+                        detached.deadline = now + grace
+                    elif now >= detached.deadline:
+                        return True
+                else:
+                    detached.deadline = None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_POLL_SECONDS):
+                        await detached.taken.wait()
+            return False
+        finally:
+            if self._by_session.get(session_id) is detached:
+                del self._by_session[session_id]
+
+    async def sweep(self, expired_sessions: set[str]) -> list[str]:
+        """Close the conversations past their grace or whose session expired."""
+        now = time.monotonic()
+        closed = []
+        for session_id, detached in list(self._by_session.items()):
+            past_grace = detached.deadline is not None and now >= detached.deadline
+            if session_id in expired_sessions or past_grace:
+                del self._by_session[session_id]
+                detached.expired.set()
+                await detached.conversation.close()
+                closed.append(session_id)
+        return closed
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[web.Application, DetachedConversations] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def detached_conversations(app: web.Application) -> DetachedConversations:
+    """The app's registry, made on first use. Kept beside the app rather than in it: a
+    started app's state is frozen, and this must not need a line in the app factory."""
+    registry = _REGISTRIES.get(app)
+    if registry is None:
+        registry = _REGISTRIES[app] = DetachedConversations()
+    return registry

@@ -1,0 +1,343 @@
+"""Resumable WebSocket sessions: a client that drops (no close frame) comes back, on the same
+gateway or on another one sharing Redis, and gets what it missed and the rest of the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from asyncio.trsock import TransportSocket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
+from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway.channels.resume import detached_conversations
+from dexorder.gateway.sessions import SessionError
+from dexorder.gateway.state import SESSIONS
+from tests.integration.gateway.conftest import (
+    ChatClient,
+    RunningGateway,
+    connect,
+    gateway_settings,
+    serve_gateway,
+)
+from tests.integration.gateway.gateway_process import GatewayProcess, gateway_env
+
+REPLY = " ".join(f"w{index}" for index in range(60))  # 60 chunks: 3 s at 20 a second
+OWN_TASKS = ("conversation:", "turn:", "mcp-session:", "follow:")
+
+
+async def drop(client: ChatClient) -> None:
+    """Lose the connection the way a phone does: no close frame, the TCP stream just ends."""
+    sock = client.ws.get_extra_info("socket")
+    assert isinstance(sock, TransportSocket)
+    sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        await client.ws.close()
+
+
+def text_of(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["content"] for f in frames if f["type"] == "delta")
+
+
+def seqs(frames: list[dict[str, Any]]) -> list[int]:
+    return [f["seq"] for f in frames if "seq" in f]
+
+
+async def start_slow_reply(
+    session: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    token: str,
+    llm: FakeLLMServer,
+) -> tuple[ChatClient, str, list[dict[str, Any]]]:
+    """Open a session, ask for a slow reply, read its first deltas; returns what was seen."""
+    llm.queue(TextScript(text=REPLY, tokens_per_second=20))
+    client = await connect(session, gateway, token)
+    ready = await client.next()
+    assert ready["type"] == "ready"
+    assert (ready["resumed"], ready["last_seq"]) == (False, 0)
+    await client.send({"type": "message", "content": "talk for a while"})
+    seen = await client.until("delta", timeout=60)
+    seen += [await client.next() for _ in range(3)]
+    assert all(frame["type"] == "delta" for frame in seen[-4:])
+    return client, ready["session_id"], seen
+
+
+async def polled(condition: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - the condition is plain state, polled
+            await asyncio.sleep(0.02)
+
+
+def own_tasks() -> set[asyncio.Task[Any]]:
+    return {task for task in asyncio.all_tasks() if task.get_name().startswith(OWN_TASKS)}
+
+
+async def test_every_recorded_frame_carries_its_seq_and_pong_does_not(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    llm.queue(TextScript(text="one two three"))
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, gateway, issuer.mint(user_id))
+        ready = await client.next()
+        assert "seq" not in ready
+        await client.send({"type": "message", "content": "count"})
+        frames = await client.until("done")
+        numbered = seqs(frames)
+        assert len(numbered) == len(frames)  # statuses, deltas and done alike
+        assert numbered == list(range(numbered[0], numbered[0] + len(numbered)))
+        await client.send({"type": "ping"})
+        assert await client.next() == {"type": "pong"}
+        await client.ws.close()
+
+
+async def test_resume_after_a_drop_gets_the_missed_frames_and_the_rest_of_the_reply(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        client, session_id, seen = await start_slow_reply(
+            session, gateway, issuer.mint(user_id), llm
+        )
+        await drop(client)
+        await asyncio.sleep(0.5)  # frames go on being generated while nobody listens
+        last = max(seqs(seen))
+
+        again = await connect(
+            session,
+            gateway,
+            issuer.mint(user_id),
+            query=f"?session={session_id}&after={last}",
+        )
+        ready = await again.next()
+        assert ready["resumed"] is True
+        assert ready["last_seq"] > last
+        rest = await again.until("done", timeout=60)
+        numbered = seqs(rest)
+        assert numbered == list(range(last + 1, last + 1 + len(numbered)))
+        assert text_of(seen) + text_of(rest) == REPLY
+        assert rest[-1]["cancelled"] is False
+        # One generation, never cut: the drop did not stop it.
+        record = await llm.wait_for_end(within=5)
+        assert not record.cut_by_client
+        assert len(llm.requests) == 1
+        await again.ws.close()
+    assert len(detached_conversations(gateway.app)) == 0
+
+
+async def test_a_lost_part_of_the_buffer_is_reported(
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    user_id: str,
+) -> None:
+    settings = gateway_settings(migrated_dsn, issuer, llm, tmp_path, resume_buffer_frames=4)
+    async with serve_gateway(settings) as gateway, aiohttp.ClientSession() as session:
+        llm.queue(TextScript(text="a b c d e f g h"))
+        client = await connect(session, gateway, issuer.mint(user_id))
+        session_id = (await client.next())["session_id"]
+        await client.send({"type": "message", "content": "letters"})
+        done = (await client.until("done"))[-1]
+        await client.ws.close()
+
+        again = await connect(
+            session, gateway, issuer.mint(user_id), query=f"?session={session_id}&after=0"
+        )
+        await again.until("ready")
+        notice = await again.next()
+        assert notice["type"] == "status"
+        assert notice["stage"] == "resumed"
+        assert "no longer buffered" in notice["message"]
+        kept = [await again.next() for _ in range(4)]
+        assert seqs(kept) == list(range(done["seq"] - 3, done["seq"] + 1))
+        assert kept[-1]["type"] == "done"
+        await again.ws.close()
+
+
+async def test_another_users_session_is_refused_with_4403(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        owner = await connect(session, gateway, issuer.mint(user_id))
+        session_id = (await owner.next())["session_id"]
+        await owner.ws.close()
+
+        intruder = await connect(
+            session, gateway, issuer.mint("someone-else"), query=f"?session={session_id}&after=0"
+        )
+        error = await intruder.next()
+        assert error["type"] == "error"
+        assert "another user" in error["message"]
+        closing = await intruder.ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert intruder.ws.close_code == 4403
+
+
+async def test_a_bad_after_is_refused_before_the_upgrade(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await connect(session, gateway, issuer.mint(user_id), query="?session=abcdefgh&after=x")
+        assert refused.value.status == 400
+
+
+async def test_dropped_idle_sessions_are_swept_with_no_task_left_behind(
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    user_id: str,
+) -> None:
+    before = own_tasks()
+    # A TTL of 1 s: the sweeper runs every 0.25 s and the grace shrinks to the TTL.
+    settings = gateway_settings(migrated_dsn, issuer, llm, tmp_path, session_ttl_seconds=1)
+    async with serve_gateway(settings) as gateway, aiohttp.ClientSession() as session:
+        llm.queue(TextScript(text="short answer"))
+        client = await connect(session, gateway, issuer.mint(user_id))
+        session_id = (await client.next())["session_id"]
+        await client.send({"type": "message", "content": "hi"})
+        await client.until("done")
+        await drop(client)
+        registry = detached_conversations(gateway.app)
+        await polled(lambda: len(registry) == 1, timeout=5)
+        assert own_tasks() - before  # the conversation still runs, detached
+
+        await polled(lambda: not registry and not own_tasks() - before, timeout=10)
+        with pytest.raises(SessionError):
+            await gateway.app[SESSIONS].replay(session_id, 0)
+
+        again = await connect(
+            session, gateway, issuer.mint(user_id), query=f"?session={session_id}&after=0"
+        )
+        ready = await again.next()
+        assert (ready["resumed"], ready["last_seq"]) == (False, 0)
+        await again.ws.close()
+
+
+@pytest.fixture
+async def two_gateways(
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    redis_url: str,
+) -> AsyncIterator[tuple[RunningGateway, RunningGateway]]:
+    """Two gateways, each on its own port with its own agents, sharing one Redis."""
+
+    def settings(name: str) -> Any:
+        return gateway_settings(
+            migrated_dsn,
+            issuer,
+            llm,
+            tmp_path / name,
+            redis_url=redis_url,
+            local_agents_dir=str(tmp_path / name / "agents"),
+        )
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with serve_gateway(settings("a")) as first, serve_gateway(settings("b")) as second:
+        yield first, second
+
+
+async def test_resume_on_a_second_gateway_follows_the_reply_generating_on_the_first(
+    two_gateways: tuple[RunningGateway, RunningGateway],
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    user_id: str,
+) -> None:
+    first, second = two_gateways
+    async with aiohttp.ClientSession() as session:
+        client, session_id, seen = await start_slow_reply(session, first, issuer.mint(user_id), llm)
+        await drop(client)
+        last = max(seqs(seen))
+
+        llm.queue(TextScript(text="Answered on the second gateway."))
+        again = await connect(
+            session, second, issuer.mint(user_id), query=f"?session={session_id}&after={last}"
+        )
+        ready = await again.next()
+        assert ready["resumed"] is True
+        following = await again.next()
+        assert (following["type"], following["stage"]) == ("status", "resumed")
+        # A message sent while the first gateway still generates waits for that reply.
+        await again.send({"type": "message", "content": "and then?"})
+        rest = await again.until("done", timeout=60)
+        queued = [f for f in rest if f["type"] == "status" and f["stage"] == "queued"]
+        assert queued
+        assert "another replica" in queued[0]["message"]
+        assert text_of(seen) + text_of(rest) == REPLY
+        numbered = seqs(rest)
+        assert numbered == sorted(set(numbered))  # in order, none twice
+        assert numbered[0] == last + 1
+
+        # Then the queued message is answered here, on the second gateway.
+        after = await again.until("done", timeout=90)
+        assert text_of(after) == "Answered on the second gateway."
+        assert len(llm.requests) == 2
+        assert not llm.requests[0].cut_by_client
+        await again.ws.close()
+
+    # The first gateway keeps its dropped conversation for the grace period only (the
+    # fixture's shutdown closes it sooner); the second never had one.
+    assert len(detached_conversations(first.app)) == 1
+    assert len(detached_conversations(second.app)) == 0
+
+
+@pytest.fixture
+def started() -> Iterator[list[GatewayProcess]]:
+    """Every gateway process a test starts, stopped at the end whatever happened."""
+    processes: list[GatewayProcess] = []
+    yield processes
+    for process in processes:
+        process.stop()
+
+
+@pytest.mark.slow
+async def test_a_second_gateway_process_resumes_a_reply_still_generating_on_the_first(
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    redis_url: str,
+    user_id: str,
+    started: list[GatewayProcess],
+) -> None:
+    gateways = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        root.mkdir()
+        env = gateway_env(migrated_dsn, issuer, llm, root, REDIS_URL=redis_url)
+        gateways.append(GatewayProcess(env, root / "work", name=f"gateway-{name}"))
+    started.extend(gateways)  # stopped at the end even if one fails to start
+    await asyncio.gather(*(asyncio.to_thread(gateway.start) for gateway in gateways))
+    first, second = gateways
+    llm.queue(TextScript(text=REPLY, tokens_per_second=20))
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {issuer.mint(user_id)}"}
+        client = ChatClient(await session.ws_connect(first.ws_url, headers=headers))
+        session_id = (await client.next())["session_id"]
+        await client.send({"type": "message", "content": "talk for a while"})
+        seen = await client.until("delta", timeout=60)
+        seen += [await client.next() for _ in range(3)]
+        await drop(client)
+        last = max(seqs(seen))
+
+        again = ChatClient(
+            await session.ws_connect(
+                f"{second.ws_url}?session={session_id}&after={last}", headers=headers
+            )
+        )
+        ready = await again.next()
+        assert ready["resumed"] is True
+        rest = await again.until("done", timeout=60)
+        assert text_of(seen) + text_of(rest) == REPLY
+        assert seqs(rest)[0] == last + 1
+        assert len(llm.requests) == 1
+        await again.ws.close()
