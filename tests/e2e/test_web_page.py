@@ -13,6 +13,7 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from dexorder.devenv.fake_llm import FailureScript, FakeLLMServer, TextScript, ToolScript
+from dexorder.gateway.settings import GatewaySettings
 from dexorder.gateway.state import LIVE_SOCKETS
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS
 from tests.e2e.conftest import (
@@ -29,6 +30,9 @@ pytestmark = pytest.mark.slow
 
 # Records how long the streamed text of the pending reply is, each time the DOM changes,
 # so the test sees the reply grow before it is done.
+# The router walks the route this many times before the user sees the model fail.
+LLM_FALLBACK_ROUNDS: int = GatewaySettings.model_fields["llm_fallback_rounds"].default
+
 RECORD_STREAM = """() => {
   window.__lengths = [];
   new MutationObserver(() => {
@@ -171,7 +175,8 @@ async def test_chat_in_the_browser(
     await expect(page.locator("#conn")).to_have_attribute("data-state", "connected", timeout=20_000)
 
     # A model failure is a readable message, and the page goes on working.
-    llm.queue(FailureScript(failure="server_error"))
+    # Every walk of the route fails: each of its rounds meets a server error.
+    llm.queue(*[FailureScript(failure="server_error")] * LLM_FALLBACK_ROUNDS)
     await page.locator("#input").fill("this one fails")
     await page.locator("#input").press("Enter")
     error = page.locator(".msg.error").last
