@@ -107,6 +107,7 @@ class Conversation:
         session_id: str,
         emit: Emit,
         channel: str,
+        on_mcp_session: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.services = services
         self.license = license
@@ -119,6 +120,9 @@ class Conversation:
         self._agent: AgentSession | None = None
         self._endpoint: AgentEndpoint | None = None
         self._lease_open = False
+        # Told the agent's MCP session id when one opens and None when it is dropped, so a
+        # shared session store can keep it with the rest of the session.
+        self._on_mcp_session = on_mcp_session
 
     @property
     def user_id(self) -> str:
@@ -192,6 +196,7 @@ class Conversation:
             endpoint,
             host_map=self.services.host_map,
             connect_grace=self.services.agent_connect_seconds,
+            on_session=self._on_mcp_session,
         )
         self._endpoint, self._agent = endpoint, agent
         return agent
@@ -367,6 +372,9 @@ class Conversation:
         if self._agent is not None:
             await self._agent.close()
         self._agent = None
+        if self._on_mcp_session is not None:
+            with contextlib.suppress(Exception):
+                await self._on_mcp_session(None)
         if not self.license.mcp_server_url:
             self.services.provisioner.forget(self.user_id)
 

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -101,6 +101,7 @@ class AgentSession:
         connect_grace: float = 0.0,
         read_timeout: float = 30.0,
         tool_timeout: float = 300.0,
+        on_session: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._url = map_host(endpoint.url, host_map or {})
@@ -117,6 +118,9 @@ class AgentSession:
         self._opening = asyncio.Lock()
         self._tools: list[ToolSpec] | None = None
         self.sessions_opened = 0
+        #: The agent's id for the current MCP session (the ``mcp-session-id`` header).
+        self.mcp_session_id: str | None = None
+        self._on_session = on_session
 
     async def __aenter__(self) -> Self:
         await self._open()
@@ -148,6 +152,12 @@ class AgentSession:
             raise
         self._session, self._closing, self._holder = session, closing, task
         self.sessions_opened += 1
+        if self._on_session is not None:
+            try:
+                await self._on_session(self.mcp_session_id)
+            except Exception:
+                # Recording the id (in the shared session store) must never break the chat.
+                logger.warning("could not record MCP session of %s", self.endpoint.user_id)
 
     async def _hold(self, opened: asyncio.Future[ClientSession], closing: asyncio.Event) -> None:
         headers = {"Authorization": f"Bearer {self.endpoint.token}"} if self.endpoint.token else {}
@@ -158,10 +168,11 @@ class AgentSession:
                     timeout=httpx.Timeout(self._timeout, read=300),
                     limits=_AGENT_LIMITS,
                 ) as http,
-                streamable_http_client(self._url, http_client=http) as (read, write, _),
+                streamable_http_client(self._url, http_client=http) as (read, write, session_id),
                 ClientSession(read, write, read_timeout_seconds=self._read_timeout) as session,
             ):
                 await session.initialize()
+                self.mcp_session_id = session_id()
                 opened.set_result(session)
                 await closing.wait()
         except Exception as error:

@@ -94,6 +94,11 @@ async def test_every_recorded_frame_carries_its_seq_and_pong_does_not(
         await client.send({"type": "ping"})
         assert await client.next() == {"type": "pong"}
         await client.ws.close()
+    # The agent's MCP session id is kept with the session, for any replica to see.
+    state = await gateway.app[SESSIONS].claim(
+        ready["session_id"], user_id=user_id, channel="websocket"
+    )
+    assert state.mcp_session_id
 
 
 async def test_resume_after_a_drop_gets_the_missed_frames_and_the_rest_of_the_reply(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import uuid
@@ -221,7 +222,12 @@ async def serve(
         else:
             outbox = SessionOutbox(store, session_id, replica_id(app))
             conversation = Conversation(
-                services, license, session_id=session_id, emit=outbox.emit, channel="websocket"
+                services,
+                license,
+                session_id=session_id,
+                emit=outbox.emit,
+                channel="websocket",
+                on_mcp_session=functools.partial(store.set_mcp_session, session_id),
             )
             outbox.conversation = conversation
             app[LIVE_SOCKETS][ws] = conversation
