@@ -3,6 +3,11 @@
 Starts a private PostgreSQL (migrated), picks the model (a provider key in the
 environment, else an Ollama on localhost, else the built-in offline scripted model),
 seeds a demo user on the pro tier, and runs the gateway with the local provisioner.
+With ``kubernetes=True`` (``dexorder demo --kubernetes``) the agent comes from the
+operator instead: a local control plane with kwok's fake node, the CRD applied, the
+operator reconciling the demo user's ``UserAgent``, and an agent runner playing the
+kubelet (kwok's pods run nothing), whose local agent the gateway reaches through
+``agent_host_map`` in place of cluster DNS, as in the gateway's Kubernetes tests.
 It prints the URL and a demo token; Ctrl-C stops everything.
 """
 
@@ -10,28 +15,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jwt
 
+from dexorder.core import naming
+from dexorder.devenv.errors import DevenvError, PrerequisiteMissing, ServiceFailed
 from dexorder.devenv.fake_llm import FakeLLMProcess
-from dexorder.devenv.paths import MODEL_LIST, TIER_CATALOG
+from dexorder.devenv.paths import CRD_DIR, MODEL_LIST, TIER_CATALOG
 from dexorder.devenv.postgres import PostgresService
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
 from dexorder.gateway.channels.web_page import OFFLINE_MODEL
+
+if TYPE_CHECKING:
+    from dexorder.devenv.kubernetes import ControlPlane
 
 DEMO_USER = "demo-user"
 ISSUER = "dexorder-demo"
 AUDIENCE = "dexorder-gateway"
 DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "dexorder" / "demo"
 PROVIDER_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GOOGLE_API_KEY", "OPENROUTER_API_KEY")
+AGENTS_NAMESPACE = "dexorder-agents"
 
 
 def _ollama_answers(url: str = "http://127.0.0.1:11434") -> bool:
@@ -92,6 +107,19 @@ def _choose_model(
     )
 
 
+def _provisioner_note(kube: KubernetesDemo | None, state: Path) -> str:
+    if kube is None:
+        return "the local provisioner: one agent process per user on this machine."
+    agent = naming.user_agent_name(DEMO_USER)
+    return (
+        "on Kubernetes: a local control plane with a fake kwok node; the operator makes each"
+        f" user's UserAgent ({agent} for the demo user), and its pod runs here as a local"
+        " process.\n"
+        f"  See it:         {kube.get_ua_command()}\n"
+        f"Operator log: {state / 'operator.log'}"
+    )
+
+
 def _in_process_note() -> str:
     external = [name for name in ("REDIS_URL", "KAFKA_BOOTSTRAP") if os.environ.get(name)]
     if not external:
@@ -99,7 +127,99 @@ def _in_process_note() -> str:
     return f"Using {' and '.join(external)} from the environment."
 
 
-def run(port: int = 8080, state_dir: Path | None = None) -> int:
+@dataclass(frozen=True)
+class KubernetesDemo:
+    """What ``--kubernetes`` started, as the gateway's settings and the printout need it."""
+
+    kubeconfig: Path
+    kubectl: str
+    operator: ManagedProcess
+    host_map: dict[str, str]
+
+    def gateway_env(self) -> dict[str, str]:
+        return {
+            "DEXORDER_PROVISIONER": "kubernetes",
+            "DEXORDER_KUBECONFIG": str(self.kubeconfig),
+            "DEXORDER_AGENTS_NAMESPACE": AGENTS_NAMESPACE,
+            "DEXORDER_AGENT_HOST_MAP": json.dumps(self.host_map),
+            # The agent runner starts the agent only once its Deployment is Ready.
+            "DEXORDER_AGENT_CONNECT_SECONDS": "30",
+        }
+
+    def get_ua_command(self) -> str:
+        return f"{self.kubectl} --kubeconfig {self.kubeconfig} get ua -n {AGENTS_NAMESPACE}"
+
+
+def _kubectl(plane: ControlPlane, *args: str) -> None:
+    result = subprocess.run(
+        [plane.binary("kubectl"), f"--kubeconfig={plane.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ServiceFailed(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def _start_kubernetes(
+    stack: contextlib.ExitStack, state: Path, env: dict[str, str]
+) -> KubernetesDemo:
+    """The control plane with the CRD and the agents' namespace, the operator, and the agent
+    runner; each is stopped by ``stack``."""
+    # Imported here: the local demo needs neither the operator nor the control plane's
+    # dependencies, so `make demo` does not install them.
+    if importlib.util.find_spec("kopf") is None:
+        raise PrerequisiteMissing(
+            "the operator (kopf)",
+            "install the operator extra: .venv/bin/pip install -e '.[operator]'",
+        )
+    from dexorder.devenv.kube_agents import BackgroundAgentRunner
+    from dexorder.devenv.kubernetes import ControlPlane
+
+    print("starting the local Kubernetes control plane (etcd, kube-apiserver, kwok) …", flush=True)
+    plane = stack.enter_context(ControlPlane())
+    _kubectl(plane, "apply", "--server-side", "-f", str(CRD_DIR))
+    _kubectl(
+        plane, "wait", "--for=condition=Established", "--timeout=60s", "crd/useragents.dexorder.ai"
+    )
+    _kubectl(plane, "create", "namespace", AGENTS_NAMESPACE)
+
+    print("starting the operator …", flush=True)
+    metrics_port = free_port()
+    operator = ManagedProcess(
+        "dexorder-operator",
+        [sys.executable, "-m", "dexorder.operator"],
+        log_path=state / "operator.log",
+        env={
+            **env,
+            "DEXORDER_OPERATOR_KUBECONFIG": str(plane.kubeconfig),
+            "DEXORDER_OPERATOR_NAMESPACES": AGENTS_NAMESPACE,
+            "DEXORDER_OPERATOR_TIER_CATALOG_PATH": str(TIER_CATALOG),
+            "DEXORDER_OPERATOR_METRICS_HOST": "127.0.0.1",
+            "DEXORDER_OPERATOR_METRICS_PORT": str(metrics_port),
+            "DEXORDER_OPERATOR_HEALTH_PORT": str(free_port()),
+        },
+    )
+    stack.callback(operator.stop)
+    operator.start()
+
+    def metrics_answer() -> bool:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+
+    wait_until(metrics_answer, timeout=60, what="the operator", process=operator)
+
+    runner = BackgroundAgentRunner(
+        plane.kubeconfig, AGENTS_NAMESPACE, [DEMO_USER], state / "kube-agents"
+    )
+    stack.callback(runner.stop)
+    runner.start()
+    return KubernetesDemo(plane.kubeconfig, plane.binary("kubectl"), operator, runner.host_map())
+
+
+def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = False) -> int:
     """Start the demo and block until Ctrl-C or SIGTERM; everything started is stopped."""
     started = time.monotonic()
     state = state_dir or DEFAULT_STATE_DIR
@@ -131,6 +251,7 @@ def run(port: int = 8080, state_dir: Path | None = None) -> int:
             asyncio.run(_seed(postgres.dsn))
             label, models_path = _choose_model(stack, state, env)
             print(f"model: {label}", flush=True)
+            kube = _start_kubernetes(stack, state, env) if kubernetes else None
             secret = secrets.token_urlsafe(32)
             gateway_port = port or free_port()
             env.update(
@@ -150,6 +271,8 @@ def run(port: int = 8080, state_dir: Path | None = None) -> int:
                     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                 }
             )
+            if kube is not None:
+                env.update(kube.gateway_env())
             print("starting the gateway …", flush=True)
             gateway = ManagedProcess(
                 "dexorder-gateway",
@@ -170,7 +293,8 @@ def run(port: int = 8080, state_dir: Path | None = None) -> int:
             (state / "url").write_text(url)
             print(
                 f"\nDexorder demo is up in {time.monotonic() - started:.1f} s.\n"
-                f"Model: {label}\n\n"
+                f"Model: {label}\n"
+                f"Agents: {_provisioner_note(kube, state)}\n\n"
                 f"  Open the chat:  {url}/\n"
                 f"  WebSocket:      {url.replace('http', 'ws', 1)}/ws/chat\n"
                 f"  Demo token:     {token}\n\n"
@@ -179,14 +303,19 @@ def run(port: int = 8080, state_dir: Path | None = None) -> int:
                 "Stop with Ctrl-C.\n",
                 flush=True,
             )
+            watched = [gateway] if kube is None else [gateway, kube.operator]
             try:
-                while not gateway.exited:
+                while not any(process.exited for process in watched):
                     time.sleep(0.5)
             except KeyboardInterrupt:
                 print("stopping …", flush=True)
                 return 0
-            print(f"the gateway exited; see {state / 'gateway.log'}", file=sys.stderr, flush=True)
+            [exited] = [process for process in watched if process.exited][:1]
+            print(f"{exited.name} exited; see {exited.log_path}", file=sys.stderr, flush=True)
             return 1
+    except DevenvError as error:
+        print(f"dexorder demo: {error}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("interrupted while starting; everything started is stopped.", flush=True)
         return 130

@@ -19,6 +19,7 @@ from dexorder.core.useragent import API_VERSION, KIND, LAST_ACTIVITY_ANNOTATION,
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.fixtures_kube import OperatorProcess
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.devenv.kube_agents import AgentRunner
 from dexorder.devenv.kubernetes import UNPULLABLE_REGISTRY, ControlPlane
 from tests.integration.gateway.conftest import (
     ChatClient,
@@ -27,7 +28,6 @@ from tests.integration.gateway.conftest import (
     gateway_settings,
     serve_gateway,
 )
-from tests.integration.gateway.kube_agents import AgentRunner
 
 
 @dataclass
