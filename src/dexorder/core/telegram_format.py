@@ -17,9 +17,11 @@ tg-spoiler``) and refuses a message whose tags are unknown or badly nested, so:
 from __future__ import annotations
 
 import html
+import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 TELEGRAM_MESSAGE_LIMIT: Final = 4096
 
@@ -341,11 +343,89 @@ def split_markdown(markdown: str, limit: int = TELEGRAM_MESSAGE_LIMIT) -> list[s
     return split_html(markdown_to_html(markdown), limit)
 
 
+# --- notices the channel writes itself -------------------------------------------------
+
+
+def wait_phrase(seconds: float) -> str:
+    """How long to wait, rounded up, as people say it: "1 second", "3 minutes", "2 hours"."""
+    whole = max(1, math.ceil(seconds))
+    count, unit = whole, "second"
+    if whole >= 3600:
+        count, unit = math.ceil(whole / 3600), "hour"
+    elif whole >= 60:
+        count, unit = math.ceil(whole / 60), "minute"
+    return f"{count} {unit}{'s' if count != 1 else ''}"
+
+
+_LIMIT_REASON = re.compile(r"limit of (?P<reason>.+?) reached")
+
+
+def rate_limited_html(message: str, retry_after: float | None) -> str:
+    """A polite refusal of a message over the user's limits, saying when to try again."""
+    found = _LIMIT_REASON.search(message)
+    limit = f"your plan's limit of {escape(found['reason'])}" if found else "your plan's limit"
+    when = (
+        f"Please try again in {wait_phrase(retry_after)}."
+        if retry_after is not None
+        else "Please try again a little later."
+    )
+    return f"You have reached {limit}, so I did not send that message to your agent. {when}"
+
+
+def _percent(value: object) -> str | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.1%}"
+    return None
+
+
+def approval_html(summary: str, strategy_name: str, risk: Mapping[str, Any]) -> str:
+    """The message that asks the user to approve or reject a strategy review."""
+    lines = [f"<b>Strategy review: {escape(strategy_name or 'your strategy')}</b>"]
+    facts = [
+        f"{label} {shown}"
+        for label, key in (
+            ("return", "total_return"),
+            ("max drawdown", "max_drawdown"),
+            ("volatility", "volatility"),
+        )
+        if (shown := _percent(risk.get(key))) is not None
+    ]
+    profile = risk.get("profile")
+    if isinstance(profile, str) and profile:
+        facts.append(f"{profile} profile")
+    if facts:
+        lines.append("<i>" + escape(", ".join(facts)) + "</i>")
+    if risk.get("verdict") == "exceeds_limits":
+        breaches = risk.get("breaches")
+        listed = ", ".join(str(b) for b in breaches) if isinstance(breaches, list) else ""
+        lines.append("⚠️ Exceeds your risk profile" + (f": {escape(listed)}" if listed else "."))
+    lines.append("")
+    lines.append(markdown_to_html(summary.strip()) or "<i>(no summary)</i>")
+    lines.append("")
+    lines.append("Approve to mark the strategy approved on your agent. Nothing is traded.")
+    return "\n".join(lines)
+
+
+def sources_html(items: Sequence[tuple[str | None, str]]) -> str:
+    """A reply's sources (title, source), numbered as the model cites them; "" if none."""
+    if not items:
+        return ""
+    lines = ["<b>Sources:</b>"]
+    for number, (title, source) in enumerate(items, start=1):
+        label = f"{title} ({source})" if title and title != source else source
+        lines.append(f"[{number}] {escape(label)}")
+    return "\n".join(lines)
+
+
 __all__ = [
     "TELEGRAM_MESSAGE_LIMIT",
+    "approval_html",
     "escape",
     "inline_to_html",
     "markdown_to_html",
+    "rate_limited_html",
+    "sources_html",
     "split_html",
     "split_markdown",
+    "wait_phrase",
 ]

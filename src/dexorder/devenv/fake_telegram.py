@@ -8,6 +8,11 @@ nesting, the 4,096-character limit, "message is not modified" on an unchanged ed
 records every call with a monotonic timestamp, answers 429 with ``retry_after`` on
 request, and delivers updates to the webhook registered with ``setWebhook``, with the
 ``X-Telegram-Bot-Api-Secret-Token`` header Telegram sends.
+
+Inline keyboards are kept per message (``buttons``), with Telegram's 64-byte limit on
+``callback_data``; ``editMessageReplyMarkup`` or an edit without markup removes them,
+``callback_update`` builds the update of a tap, and ``answerCallbackQuery`` answers a
+query once (``answered_callbacks``).
 """
 
 from __future__ import annotations
@@ -124,9 +129,13 @@ class FakeTelegram:
     webhook_secret: str | None = None
     chat_types: dict[int, str] = field(default_factory=dict)
     messages: dict[tuple[int, int], str] = field(default_factory=dict)
+    # The inline keyboard of each message that has one: rows of (text, callback_data).
+    keyboards: dict[tuple[int, int], list[list[tuple[str, str]]]] = field(default_factory=dict)
+    answered_callbacks: dict[str, Mapping[str, str]] = field(default_factory=dict)
     _failures: dict[str, _Failure] = field(default_factory=dict)
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
+    _callback_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(5000))
     _runner: web.AppRunner | None = None
     _client: aiohttp.ClientSession | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -236,6 +245,35 @@ class FakeTelegram:
             "message": message,
         }
 
+    def callback_update(
+        self,
+        data: str,
+        *,
+        chat_id: int,
+        user_id: int,
+        message_id: int,
+        update_id: int | None = None,
+        first_name: str = "Tester",
+    ) -> dict[str, Any]:
+        """An update for a tap on an inline button of the bot's message ``message_id``."""
+        key = (chat_id, message_id)
+        if key not in self.messages:
+            raise KeyError(f"the bot sent no message {message_id} in chat {chat_id}")
+        return {
+            "update_id": update_id if update_id is not None else self.next_update_id(),
+            "callback_query": {
+                "id": str(next(self._callback_ids)),
+                "from": {"id": user_id, "is_bot": False, "first_name": first_name},
+                "message": self._message(chat_id, message_id, self.messages[key]),
+                "chat_instance": str(chat_id),
+                "data": data,
+            },
+        }
+
+    def buttons(self, chat_id: int, message_id: int) -> list[tuple[str, str]]:
+        """The inline buttons the message shows now, (text, callback_data), row by row."""
+        return [button for row in self.keyboards.get((chat_id, message_id), []) for button in row]
+
     async def deliver(
         self, update: Mapping[str, Any], *, secret: str | None = None, url: str | None = None
     ) -> int:
@@ -316,7 +354,8 @@ class FakeTelegram:
             "editMessageText": lambda: self._edit_message_text(params),
             "sendMessageDraft": lambda: self._send_draft(params),
             "sendChatAction": lambda: self._require(params, "chat_id", "action") and True,
-            "answerCallbackQuery": lambda: self._require(params, "callback_query_id") and True,
+            "answerCallbackQuery": lambda: self._answer_callback(params),
+            "editMessageReplyMarkup": lambda: self._edit_reply_markup(params),
             "deleteMessage": lambda: self._require(params, "chat_id", "message_id") and True,
         }.get(method)
         if handler is None:
@@ -359,17 +398,20 @@ class FakeTelegram:
     def _send_message(self, params: Mapping[str, str]) -> dict[str, Any]:
         self._require(params, "chat_id")
         text = self._checked_text(params)
+        keyboard = _inline_keyboard(params)
         chat_id, message_id = int(params["chat_id"]), next(self._message_ids)
         self.messages[(chat_id, message_id)] = text
+        self._set_keyboard((chat_id, message_id), keyboard)
         return self._message(chat_id, message_id, text)
 
     def _edit_message_text(self, params: Mapping[str, str]) -> dict[str, Any]:
         self._require(params, "chat_id", "message_id")
         text = self._checked_text(params)
+        keyboard = _inline_keyboard(params)
         key = (int(params["chat_id"]), int(params["message_id"]))
         if key not in self.messages:
             raise BotApiError(400, "Bad Request: message to edit not found")
-        if self.messages[key] == text:
+        if self.messages[key] == text and self.keyboards.get(key) == keyboard:
             raise BotApiError(
                 400,
                 "Bad Request: message is not modified: specified new message content and "
@@ -377,7 +419,43 @@ class FakeTelegram:
                 "of the message",
             )
         self.messages[key] = text
+        self._set_keyboard(key, keyboard)  # an edit without reply_markup removes the buttons
         return self._message(key[0], key[1], text)
+
+    def _set_keyboard(
+        self, key: tuple[int, int], keyboard: list[list[tuple[str, str]]] | None
+    ) -> None:
+        if keyboard:
+            self.keyboards[key] = keyboard
+        else:
+            self.keyboards.pop(key, None)
+
+    def _edit_reply_markup(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self._require(params, "chat_id", "message_id")
+        key = (int(params["chat_id"]), int(params["message_id"]))
+        if key not in self.messages:
+            raise BotApiError(400, "Bad Request: message to edit not found")
+        keyboard = _inline_keyboard(params)
+        if self.keyboards.get(key) == keyboard:
+            raise BotApiError(
+                400,
+                "Bad Request: message is not modified: specified new message content and "
+                "reply markup are exactly the same as a current content and reply markup "
+                "of the message",
+            )
+        self._set_keyboard(key, keyboard)
+        return self._message(key[0], key[1], self.messages[key])
+
+    def _answer_callback(self, params: Mapping[str, str]) -> bool:
+        self._require(params, "callback_query_id")
+        query_id = params["callback_query_id"]
+        if query_id in self.answered_callbacks:
+            raise BotApiError(
+                400,
+                "Bad Request: query is too old and response timeout expired or query ID is invalid",
+            )
+        self.answered_callbacks[query_id] = params
+        return True
 
     def _send_draft(self, params: Mapping[str, str]) -> bool:
         self._require(params, "chat_id", "draft_id")
@@ -388,6 +466,35 @@ class FakeTelegram:
             raise BotApiError(400, "Bad Request: draft_id must be non-zero")
         self._checked_text(params, allow_empty=True)
         return True
+
+
+CALLBACK_DATA_LIMIT: Final = 64  # bytes, Telegram's limit on a button's callback_data
+
+
+def _inline_keyboard(params: Mapping[str, str]) -> list[list[tuple[str, str]]] | None:
+    """The ``reply_markup``'s inline keyboard, checked as Telegram checks it; None if none."""
+    raw = params.get("reply_markup")
+    if not raw:
+        return None
+    try:
+        markup = json.loads(raw)
+        rows = markup.get("inline_keyboard")
+    except (ValueError, AttributeError) as error:
+        raise BotApiError(400, "Bad Request: can't parse reply keyboard markup JSON") from error
+    if rows is None:
+        return None
+    keyboard: list[list[tuple[str, str]]] = []
+    for row in rows:
+        buttons: list[tuple[str, str]] = []
+        for button in row:
+            text, data = button.get("text", ""), button.get("callback_data")
+            if not text:
+                raise BotApiError(400, "Bad Request: BUTTON_TEXT_EMPTY")
+            if data is None or not 1 <= len(data.encode()) <= CALLBACK_DATA_LIMIT:
+                raise BotApiError(400, "Bad Request: BUTTON_DATA_INVALID")
+            buttons.append((text, data))
+        keyboard.append(buttons)
+    return keyboard
 
 
 async def _read_params(request: web.Request) -> dict[str, str]:

@@ -10,11 +10,15 @@ import pytest
 
 from dexorder.core.telegram_format import (
     TELEGRAM_MESSAGE_LIMIT,
+    approval_html,
     escape,
     inline_to_html,
     markdown_to_html,
+    rate_limited_html,
+    sources_html,
     split_html,
     split_markdown,
+    wait_phrase,
 )
 
 ALLOWED_TAGS = {"b", "i", "u", "s", "code", "pre", "a", "blockquote", "tg-spoiler"}
@@ -286,3 +290,61 @@ def test_every_piece_of_a_mixed_reply_is_valid_and_complete() -> None:
 def test_a_tiny_limit_is_refused() -> None:
     with pytest.raises(ValueError, match="no room"):
         split_html("text", limit=10)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "phrase"),
+    [
+        (0.0, "1 second"),
+        (0.2, "1 second"),
+        (1.0, "1 second"),
+        (1.01, "2 seconds"),
+        (41.3, "42 seconds"),
+        (59.5, "1 minute"),
+        (60.0, "1 minute"),
+        (61.0, "2 minutes"),
+        (3600.0, "1 hour"),
+        (7201.0, "3 hours"),
+    ],
+)
+def test_a_wait_is_rounded_up_and_said_as_people_say_it(seconds: float, phrase: str) -> None:
+    assert wait_phrase(seconds) == phrase
+
+
+def test_a_rate_limited_message_gets_a_polite_reply_with_the_wait() -> None:
+    text = rate_limited_html("limit of 10 messages per minute reached; try again in 42s", 41.2)
+    assert text == (
+        "You have reached your plan's limit of 10 messages per minute, so I did not send "
+        "that message to your agent. Please try again in 42 seconds."
+    )
+    assert rate_limited_html("<odd>", None).endswith("Please try again a little later.")
+    assert "<odd>" not in rate_limited_html("limit of <odd> reached", 5.0)
+
+
+def test_an_approval_question_shows_the_facts_and_escapes_the_model() -> None:
+    risk = {
+        "profile": "moderate",
+        "total_return": 0.12,
+        "max_drawdown": 0.05,
+        "volatility": 0.4,
+        "verdict": "exceeds_limits",
+        "breaches": ["volatility 40.0% over the 35% limit"],
+    }
+    text = approval_html("Volatility is **high** <script>.", "cross<x>", risk)
+    shown = assert_valid(text)
+    assert text.startswith("<b>Strategy review: cross&lt;x&gt;</b>")
+    assert "return 12.0%, max drawdown 5.0%, volatility 40.0%, moderate profile" in shown
+    assert "Exceeds your risk profile: volatility 40.0% over the 35% limit" in shown
+    assert "<b>high</b> &lt;script&gt;." in text
+    assert shown.endswith("Nothing is traded.")
+    calm = approval_html("", "", {"verdict": "within_limits", "total_return": "n/a"})
+    assert "Exceeds" not in calm
+    assert "return" not in calm
+    assert "(no summary)" in assert_valid(calm)
+
+
+def test_sources_are_numbered_with_titles_and_escaped() -> None:
+    assert sources_html([]) == ""
+    assert sources_html([("Stops & trails", "notes/stops.md"), (None, "kb/a<b>.md")]) == (
+        "<b>Sources:</b>\n[1] Stops &amp; trails (notes/stops.md)\n[2] kb/a&lt;b&gt;.md"
+    )

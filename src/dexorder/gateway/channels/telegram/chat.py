@@ -8,12 +8,19 @@ mid-reply leaves it for another to finish.
 
 An unlinked Telegram account gets a short explanation and never reaches an agent. In
 groups the bot answers only when mentioned (``@bot``), replied to, or given a command.
+
+A strategy review's ``approval_request`` (asked by the review tool, or again when a
+conversation starts) is a message with Approve and Reject buttons (``approvals``); a tap
+is a ``callback_query`` update, answered through the tapping user's own conversation, so
+only the linked owner's answer counts. A message refused by the rate limits gets a
+polite reply that says when to try again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
@@ -24,10 +31,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiogram import Bot
-from aiogram.types import Message, Update
+from aiogram.exceptions import TelegramAPIError
+from aiogram.types import CallbackQuery, Message, Update
 
 from dexorder.core import protocol
-from dexorder.core.telegram_format import escape
+from dexorder.core.telegram_format import escape, rate_limited_html, sources_html
+from dexorder.gateway.channels.telegram.approvals import (
+    ask_approval,
+    outcome_html,
+    parse_review_callback,
+    remove_buttons,
+)
 from dexorder.gateway.channels.telegram.reply import Pace, ReplyStream, send_text
 from dexorder.gateway.conversation import (
     ChatServices,
@@ -70,6 +84,19 @@ _STAGE_LINES = {
     protocol.Stage.RETRYING: "Retrying…",
     protocol.Stage.QUEUED: "Queued after the current reply…",
 }
+
+# Set while a button tap is answered: the frames ``answer_approval`` emits (in the tap's
+# own task) are collected for its reply instead of reaching the turn being written.
+_TAP_FRAMES: contextvars.ContextVar[list[protocol.Frame] | None] = contextvars.ContextVar(
+    "telegram_tap_frames", default=None
+)
+
+
+def notice_html(frame: protocol.ErrorFrame) -> str:
+    """An error as the user reads it; a refused message says politely when to retry."""
+    if frame.code == protocol.ErrorCode.RATE_LIMITED:
+        return rate_limited_html(frame.message, frame.retry_after)
+    return f"⚠️ {escape(frame.message)}"
 
 
 class SessionDirectory:
@@ -122,12 +149,29 @@ class _ChatSession:
         self.turns: deque[_Turn] = deque()
         self.lock = asyncio.Lock()
         self.last_used = time.monotonic()
+        # Reviews asked in this session: a reminder repeats none of them.
+        self.asked: set[str] = set()
 
     async def emit(self, frame: protocol.Frame) -> None:
+        collected = _TAP_FRAMES.get()
+        if collected is not None:
+            collected.append(frame)
+            return
+        if isinstance(frame, protocol.ApprovalRequestFrame):
+            # Asked during a turn (the review tool) or when the conversation starts (a
+            # reminder): a message of its own, with buttons, beside the reply.
+            if frame.request_id not in self.asked:
+                self.asked.add(frame.request_id)
+                await ask_approval(self.bot, self.chat_id, frame)
+            return
+        if isinstance(frame, protocol.ApprovalResultFrame):
+            text, _ = outcome_html([frame])
+            await send_text(self.bot, self.chat_id, text)
+            return
         turn = self.turns[0] if self.turns else None
         if turn is None:
             if isinstance(frame, protocol.ErrorFrame):
-                await send_text(self.bot, self.chat_id, f"⚠️ {escape(frame.message)}")
+                await send_text(self.bot, self.chat_id, notice_html(frame))
             return
         if isinstance(frame, protocol.StatusFrame):
             turn.stream.status(_STAGE_LINES.get(frame.stage, frame.message))
@@ -135,6 +179,10 @@ class _ChatSession:
             turn.stream.append(frame.content)
         elif isinstance(frame, protocol.ToolCallFrame):
             turn.stream.status(f"Using {frame.name}…")
+        elif isinstance(frame, protocol.SourcesFrame):
+            turn.stream.add_footer(
+                sources_html([(item.title, item.source) for item in frame.items])
+            )
         elif isinstance(frame, protocol.DoneFrame):
             self.turns.popleft()
             try:
@@ -144,7 +192,7 @@ class _ChatSession:
         elif isinstance(frame, protocol.ErrorFrame):
             self.turns.popleft()
             try:
-                await turn.stream.fail(frame.message)
+                await turn.stream.fail(notice_html(frame))
             finally:
                 _resolve(turn)
 
@@ -226,9 +274,80 @@ class TelegramChat:
         message = update.message
         if message is None:
             if update.callback_query is not None:
-                await self.bot.answer_callback_query(update.callback_query.id)
+                await self.handle_callback(update.callback_query)
             return
         await self.handle_message(message)
+
+    async def handle_callback(self, query: CallbackQuery) -> None:
+        """A tap on an Approve or Reject button; only the linked owner's answer counts."""
+        parsed = parse_review_callback(query.data)
+        if parsed is None or query.message is None:
+            await self._answer_tap(query, "This button is no longer in use.")
+            return
+        user = await self._linked_user(query.from_user.id)
+        if user is None:
+            await self._answer_tap(query, "Link this Telegram account first: send /help.", True)
+            return
+        await self._answer_tap(query)  # ends the button's spinner while the answer runs
+        request_id, approve = parsed
+        chat_id, message_id = query.message.chat.id, query.message.message_id
+        frames = await self._answer_review(
+            user,
+            chat_id,
+            query.from_user.id,
+            protocol.ApprovalFrame(request_id=request_id, approve=approve),
+        )
+        text, outcome = outcome_html(frames)
+        # In a group the buttons stay for their owner when someone else's tap is refused.
+        private = query.message.chat.type == "private"
+        if outcome == "decided" or (outcome == "refused" and private):
+            await remove_buttons(self.bot, chat_id, message_id)
+        await send_text(self.bot, chat_id, text, reply_to=message_id)
+
+    async def _answer_tap(self, query: CallbackQuery, text: str = "", alert: bool = False) -> None:
+        try:
+            await self.bot.answer_callback_query(query.id, text=text or None, show_alert=alert)
+        except TelegramAPIError as error:
+            # A query answered late (a redelivered update) is refused; the tap still counts.
+            log.warning("answering a Telegram button tap failed: %s", error)
+
+    async def _answer_review(
+        self, user: str, chat_id: int, user_id: int, answer: protocol.ApprovalFrame
+    ) -> list[protocol.Frame]:
+        """The frames ``answer_approval`` emits, through the chat's conversation when this
+        replica has it open, else through one made for this answer alone."""
+        frames: list[protocol.Frame] = []
+        token = _TAP_FRAMES.set(frames)
+        try:
+            chat = self._chats.get((chat_id, user_id))
+            conversation = chat.conversation if chat is not None else None
+            if conversation is not None and conversation.user_id == user:
+                await conversation.answer_approval(answer)
+                return frames
+            try:
+                license = await effective_license(self.services, user)
+            except (ConversationError, LicenseError) as error:
+                message = error.message if isinstance(error, ConversationError) else str(error)
+                code = protocol.ErrorCode.SERVICE_UNAVAILABLE
+                return [protocol.ErrorFrame(code=code, message=message)]
+
+            async def collect(frame: protocol.Frame) -> None:
+                frames.append(frame)
+
+            once = Conversation(
+                self.services,
+                license,
+                session_id=f"tg-approval-{uuid.uuid4().hex}",
+                emit=collect,
+                channel=CHANNEL,
+            )
+            try:
+                await once.answer_approval(answer)
+            finally:
+                await once.close()
+        finally:
+            _TAP_FRAMES.reset(token)
+        return frames
 
     def _addressed(self, message: Message) -> tuple[bool, str]:
         """Whether a group message is for the bot, and its text without the mention."""
@@ -353,7 +472,9 @@ class TelegramChat:
             assert chat.conversation is not None
             if not chat.conversation.submit(text):
                 chat.turns.remove(turn)
-                await stream.fail("too many messages waiting; wait for the reply or send /stop")
+                await stream.fail(
+                    "⚠️ Too many messages are waiting. Wait for the reply, or send /stop."
+                )
                 return
             submitted = True
             if chat.conversation.generating:

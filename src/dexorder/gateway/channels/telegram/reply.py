@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramRetryAfter
-from aiogram.types import ReplyParameters
+from aiogram.types import InlineKeyboardMarkup, ReplyParameters
 
 from dexorder.core.telegram_format import TELEGRAM_MESSAGE_LIMIT, escape, split_markdown
 
@@ -67,6 +67,7 @@ class ReplyStream:
         self._clock = clock
         self._text = ""
         self._status = ""
+        self._footer = ""
         self._changed = asyncio.Event()
         self._not_before = 0.0  # no call before this time (429 back-off, edit pace)
         self._committed = 0  # pieces already sent as final messages
@@ -90,6 +91,11 @@ class ReplyStream:
         self._text += delta
         self._changed.set()
 
+    def add_footer(self, html_text: str) -> None:
+        """HTML that ends the final reply (its sources), never shown in the preview."""
+        if html_text:
+            self._footer = f"{self._footer}\n{html_text}" if self._footer else html_text
+
     @property
     def text(self) -> str:
         return self._text
@@ -101,13 +107,20 @@ class ReplyStream:
         if cancelled:
             text = (text.rstrip() + "\n\n_(stopped)_") if text.strip() else "_(stopped)_"
         pieces = split_markdown(text, self.pace.limit) or ["<i>(no reply)</i>"]
+        if self._footer:
+            # The sources close the last message when they fit in it, else follow it.
+            joined = f"{pieces[-1]}\n\n{self._footer}"
+            if len(joined.encode("utf-16-le")) // 2 <= self.pace.limit:
+                pieces[-1] = joined
+            else:
+                pieces.append(self._footer)
         await self._send_final(pieces)
 
-    async def fail(self, message: str) -> None:
-        """End with an error the user can read (after whatever text was written)."""
+    async def fail(self, notice_html: str) -> None:
+        """End with a notice (HTML) the user can read, after whatever text was written."""
         await self._stop_tasks()
         pieces = split_markdown(self._text, self.pace.limit) if self._text.strip() else []
-        pieces.append(f"⚠️ {escape(message)}")
+        pieces.append(notice_html)
         await self._send_final(pieces)
 
     async def close(self) -> None:
@@ -249,8 +262,16 @@ class ReplyStream:
         log.warning("gave up on a reply in chat %d after repeated 429s", self.chat_id)
 
 
-async def send_text(bot: Bot, chat_id: int, html_text: str, reply_to: int | None = None) -> None:
-    """A short notice (commands, refusals), retried once on 429."""
+async def send_text(
+    bot: Bot,
+    chat_id: int,
+    html_text: str,
+    reply_to: int | None = None,
+    *,
+    reply_markup: InlineKeyboardMarkup | None = None,
+) -> int | None:
+    """A short notice (commands, refusals, approvals), retried once on 429; returns the
+    message id, or None when Telegram did not take it."""
     parameters = (
         ReplyParameters(message_id=reply_to, allow_sending_without_reply=True)
         if reply_to is not None
@@ -258,13 +279,16 @@ async def send_text(bot: Bot, chat_id: int, html_text: str, reply_to: int | None
     )
     for _ in range(2):
         try:
-            await bot.send_message(chat_id, html_text, reply_parameters=parameters)
-            return
+            sent = await bot.send_message(
+                chat_id, html_text, reply_parameters=parameters, reply_markup=reply_markup
+            )
+            return sent.message_id
         except TelegramRetryAfter as error:
             await asyncio.sleep(error.retry_after)
         except TelegramAPIError as error:
             log.warning("Telegram notice failed in chat %d: %s", chat_id, error)
-            return
+            return None
+    return None
 
 
 __all__ = ["Pace", "ReplyStream", "send_text"]
