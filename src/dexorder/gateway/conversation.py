@@ -120,6 +120,7 @@ class Conversation:
         self._agent: AgentSession | None = None
         self._endpoint: AgentEndpoint | None = None
         self._lease_open = False
+        self._prepared = False
         # Told the agent's MCP session id when one opens and None when it is dropped, so a
         # shared session store can keep it with the rest of the session.
         self._on_mcp_session = on_mcp_session
@@ -205,7 +206,11 @@ class Conversation:
         """Get the agent ready before the first message, showing progress; errors are frames.
 
         Reviews still waiting for this user's approval, from any replica and however old,
-        are asked again once the agent is ready."""
+        are asked again once the agent is ready. A channel may call it before ``start``;
+        then the worker does not run it again."""
+        if self._prepared:
+            return
+        self._prepared = True
         try:
             await self._ensure_agent()
         except ProvisioningError as error:
