@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from dexorder.core import protocol
 from dexorder.devenv.fake_llm.scripts import TextScript, ToolScript
@@ -25,9 +26,9 @@ async def no_progress(stage: protocol.Stage, message: str) -> None:
     """Provisioning progress is not what this test looks at."""
 
 
-async def prepare_agent(gateway: RunningGateway, user_id: str) -> AgentSession:
-    """The user's own agent (the one the chat uses), with a dataset and a strategy."""
-    services = gateway.app[CHAT_SERVICES]
+async def prepare_agent(app: web.Application, user_id: str) -> AgentSession:
+    """The user's own agent (the one the gateway's chat uses), with a dataset and a strategy."""
+    services = app[CHAT_SERVICES]
     license = await effective_license(services, user_id)
     endpoint = await services.provisioner.ensure_agent(license, no_progress)
     agent = AgentSession(endpoint)
@@ -50,7 +51,7 @@ async def test_a_review_is_asked_in_the_chat_answered_after_reconnecting_and_onc
     gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
 ) -> None:
     token = issuer.mint(user_id)
-    agent = await prepare_agent(gateway, user_id)
+    agent = await prepare_agent(gateway.app, user_id)
     try:
         # The model calls the gateway's review tool; the review's summary is the second
         # request; the model then answers quoting the tool's result.

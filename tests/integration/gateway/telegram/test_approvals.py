@@ -5,48 +5,20 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 from dexorder.core.licenses import License, LicenseLimits, RateLimitOverrides
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.fake_llm.scripts import ToolScript
 from dexorder.devenv.fake_telegram import FakeTelegram
 from dexorder.devenv.jwks import LocalJwksIssuer
-from dexorder.gateway.conversation import effective_license
-from dexorder.gateway.mcp_client import AgentSession
 from dexorder.gateway.state import CHAT_SERVICES
 from tests.integration.gateway.telegram.conftest import TelegramGateway
 from tests.integration.gateway.telegram.test_chat import final_messages, send
-from tests.integration.gateway.test_strategy_review import CROSSOVER, trending_csv
+from tests.integration.gateway.test_chat_review import prepare_agent, strategy_status
 
 REVIEW = {"strategy_name": "crossover", "dataset": "trend"}
 SUMMARY = "Drawdown is modest; volatility is above your profile."
 REQUEST_ID = re.compile(r"^review:(?P<id>[0-9a-f]{32}):1$")
-
-
-async def no_progress(stage: object, message: str) -> None:
-    """Provisioning progress is not what these tests look at."""
-
-
-async def prepare_agent(gateway: TelegramGateway, user_id: str) -> AgentSession:
-    """The user's own agent (the one the chat uses), with a dataset and a strategy."""
-    services = gateway.app[CHAT_SERVICES]
-    license = await effective_license(services, user_id)
-    endpoint = await services.provisioner.ensure_agent(license, no_progress)
-    agent = AgentSession(endpoint)
-    setup: list[tuple[str, dict[str, Any]]] = [
-        ("save_dataset", {"name": "trend", "data": trending_csv(), "format": "csv"}),
-        ("save_strategy", {"name": "crossover", "strategy": CROSSOVER}),
-    ]
-    for name, arguments in setup:
-        outcome = await agent.call_tool(name, arguments)
-        assert not outcome.is_error, outcome.content
-    return agent
-
-
-async def strategy_status(agent: AgentSession) -> str:
-    listing = json.loads((await agent.call_tool("list_strategies", {})).content)
-    return str(next(s["status"] for s in listing["strategies"] if s["name"] == "crossover"))
 
 
 def questions(fake: FakeTelegram, chat_id: int) -> list[int]:
@@ -120,7 +92,7 @@ async def test_a_review_is_approved_with_a_button_asked_again_and_a_second_tap_r
     fake = tg_gateway.fake
     chat_id, telegram_user = telegram_ids
     await tg_gateway.link(issuer.mint(user_id), chat_id, telegram_user)
-    agent = await prepare_agent(tg_gateway, user_id)
+    agent = await prepare_agent(tg_gateway.app, user_id)
     try:
         first, request_id = await ask_for_review(tg_gateway, llm, chat_id, telegram_user)
         assert await strategy_status(agent) == "draft"
@@ -180,7 +152,7 @@ async def test_a_review_is_rejected_with_a_button(
     fake = tg_gateway.fake
     chat_id, telegram_user = telegram_ids
     await tg_gateway.link(issuer.mint(user_id), chat_id, telegram_user)
-    agent = await prepare_agent(tg_gateway, user_id)
+    agent = await prepare_agent(tg_gateway.app, user_id)
     try:
         question, request_id = await ask_for_review(tg_gateway, llm, chat_id, telegram_user)
         # A fresh session closes the chat's conversation: the tap is answered without one,
