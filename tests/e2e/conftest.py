@@ -4,7 +4,6 @@ Chromium driven by Playwright."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -12,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
 from dexorder.devenv.paths import TIER_CATALOG
-from dexorder.devenv.process import free_port
-from dexorder.gateway.app import create_app
 from dexorder.gateway.channels.web_page import OFFLINE_MODEL
 from dexorder.gateway.settings import GatewaySettings
-from tests.integration.gateway.conftest import RunningGateway, llm, migrated_dsn, user_id
+from tests.integration.gateway.conftest import (
+    RunningGateway,
+    llm,
+    migrated_dsn,
+    serve_gateway,
+    user_id,
+)
 
 __all__ = ["llm", "migrated_dsn", "user_id"]
 
@@ -65,25 +67,11 @@ def demo_settings(
     return GatewaySettings.from_values(values)
 
 
-@contextlib.asynccontextmanager
-async def serving(settings: GatewaySettings) -> AsyncIterator[RunningGateway]:
-    """The gateway app on a free loopback port, cleaned up on exit."""
-    app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield RunningGateway(f"http://127.0.0.1:{port}", app, runner)
-    finally:
-        await runner.cleanup()
-
-
 @pytest.fixture
 async def demo_gateway(
     migrated_dsn: str, llm: FakeLLMServer, tmp_path: Path, user_id: str
 ) -> AsyncIterator[RunningGateway]:
-    async with serving(demo_settings(migrated_dsn, llm, tmp_path, user_id)) as running:
+    async with serve_gateway(demo_settings(migrated_dsn, llm, tmp_path, user_id)) as running:
         yield running
 
 

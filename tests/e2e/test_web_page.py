@@ -22,9 +22,8 @@ from tests.e2e.conftest import (
     DEMO_SECRET,
     demo_settings,
     save_artifact,
-    serving,
 )
-from tests.integration.gateway.conftest import RunningGateway
+from tests.integration.gateway.conftest import RunningGateway, serve_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +234,7 @@ async def test_demo_routes_only_in_demo_mode(
     migrated_dsn: str, llm: FakeLLMServer, tmp_path: Path, user_id: str
 ) -> None:
     async with aiohttp.ClientSession() as http:
-        async with serving(demo_settings(migrated_dsn, llm, tmp_path, user_id)) as demo:
+        async with serve_gateway(demo_settings(migrated_dsn, llm, tmp_path, user_id)) as demo:
             async with http.post(demo.url + "/api/demo-token") as response:
                 assert response.status == 200
                 token = (await response.json())["token"]
@@ -251,7 +250,7 @@ async def test_demo_routes_only_in_demo_mode(
                 "offline": True,
             }
         settings = demo_settings(migrated_dsn, llm, tmp_path, user_id, demo_mode=False)
-        async with serving(settings) as production:
+        async with serve_gateway(settings) as production:
             for method, path in (("POST", "/api/demo-token"), ("GET", "/api/info")):
                 async with http.request(method, production.url + path) as response:
                     assert response.status == 404, path
