@@ -48,8 +48,11 @@ def load_litellm() -> ModuleType:
         litellm.suppress_debug_info = True  # no "Give Feedback" banners on every error
         # litellm logs every call at INFO ("completion() model=..."): a log line per message
         # on the relay path, and noise. Its warnings and errors still come through.
-        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+        for name in ("LiteLLM", "LiteLLM Proxy"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # The Router logs an ERROR for every failed walk of a route even when we handle it
+        # (fall back, retry, or tell the user); dexorder.gateway.routing logs what matters.
+        logging.getLogger("LiteLLM Router").setLevel(logging.CRITICAL)
         _litellm = litellm
     return _litellm
 

@@ -32,6 +32,7 @@ that finished the round.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -56,6 +57,8 @@ from dexorder.gateway.llm import (
     load_litellm,
     wrap_error,
 )
+
+logger = logging.getLogger(__name__)
 
 ROUTE_CHOICES = Counter(
     "dexorder_gateway_route_choices",
@@ -244,6 +247,13 @@ class ModelRouter:
                 wrapped = wrap_error(error, self._litellm, after_output=after_output)
                 if not wrapped.retryable:
                     raise wrapped from error
+                logger.warning(
+                    "walk %d of %d over %s failed: %s",
+                    walk + 1,
+                    self.policy.rounds,
+                    ", ".join(self.model_of(name) for name in chain),
+                    wrapped.message.strip().splitlines()[0] if wrapped.message.strip() else "",
+                )
                 # A Retry-After belongs to one deployment, known only when there was one.
                 self.cool(chain, wrapped.retry_after if len(chain) == 1 else None)
                 if walk + 1 >= self.policy.rounds:
@@ -328,6 +338,13 @@ class ModelRouter:
                 if not failure.retryable or not rest:
                     raise failure from error
                 continued = bool(shown)
+                logger.warning(
+                    "%s broke (%s); %s %s",
+                    self.model_of(answered),
+                    failure.code,
+                    self.model_of(rest[0]),
+                    "continues the reply" if continued else "takes the round",
+                )
                 FALLBACKS.labels(
                     deployment=self.model_of(answered),
                     mode="continue" if continued else "restart",
