@@ -55,8 +55,9 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
         settings.watching.client_timeout = config.watch_client_timeout_seconds
         settings.watching.connect_timeout = config.watch_connect_timeout_seconds
         settings.networking.request_timeout = 30
-        # No kopf change handlers, hence no progress or diff-base annotations and no
-        # finalizer: the work queue tracks generations itself (see handlers.py).
+        # No kopf change handlers, hence no progress or diff-base annotations and no kopf
+        # finalizer: the work queue tracks generations itself, and the operator holds
+        # its own finalizer for deletion (see handlers.py).
         settings.persistence.diffbase_storage = NoDiffBaseStorage()
         settings.batching.worker_limit = 2000
 
@@ -71,10 +72,11 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
             endpoint_template=config.endpoint_template,
             progress_deadline_seconds=config.progress_deadline_seconds,
             storage_class=config.storage_class,
+            headless_service=config.headless_services,
         )
         state = OperatorState(
             config,
-            Reconciler(client, template, catalog, headless_services=config.headless_services),
+            Reconciler(client, template, catalog),
         )
         memo["state"] = state
         state.start()

@@ -47,6 +47,7 @@ def slim_agent(body: Mapping[str, Any]) -> Json:
             "resourceVersion",
             "creationTimestamp",
             "deletionTimestamp",
+            "finalizers",
         )
         if key in metadata
     }

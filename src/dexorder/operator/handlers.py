@@ -10,8 +10,10 @@ progress and diff-base annotation patches on every UserAgent, and a burst of a t
 paid for those several thousand extra writes on a control plane that is the bottleneck.
 ``metadata.generation`` against the generation last applied says the same as kopf's
 diff base (the spec changed), and the first sight of each object after a start is the
-resume. A ``Delete`` reclaim policy is served by an owner reference on the volume, so no
-finalizer is needed either.
+resume. Deletion is served by the operator's own finalizer (:data:`FINALIZER`), added once
+per agent in the same pass as its first children (one write per lifetime, in parallel
+with them): while the agent is being deleted, a pass deletes or keeps its volume as
+``storage.reclaimPolicy`` says, then removes the finalizer.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import kopf
 
-from dexorder.adapters.kubernetes import KubernetesError
-from dexorder.core import quantity
+from dexorder.adapters.kubernetes import Conflict, Invalid, KubernetesError
+from dexorder.core import manifests, quantity
 from dexorder.core.idle import idle_deadline_passed, last_activity
 from dexorder.core.status import StorageState, rfc3339
 from dexorder.core.useragent import (
@@ -41,7 +43,13 @@ from dexorder.core.useragent import (
 )
 from dexorder.operator import metrics
 from dexorder.operator.cache import ClusterCache, Json, Key, failing_pod
-from dexorder.operator.reconcile import Desired, InvalidUserAgent, Reconciler, desired_state
+from dexorder.operator.reconcile import (
+    FINALIZER,
+    Desired,
+    InvalidUserAgent,
+    Reconciler,
+    desired_state,
+)
 from dexorder.operator.settings import OperatorSettings
 from dexorder.operator.workqueue import WorkQueue, backoff
 
@@ -67,6 +75,20 @@ def _child_key(body: Mapping[str, Any]) -> Key | None:
 def _generation(agent: Mapping[str, Any]) -> tuple[str, int]:
     metadata = agent["metadata"]
     return (str(metadata.get("uid", "")), int(metadata.get("generation", 0)))
+
+
+def _finalizers(agent: Mapping[str, Any]) -> list[str]:
+    return list(agent["metadata"].get("finalizers") or [])
+
+
+def _reclaim_policy(agent: Mapping[str, Any]) -> str:
+    """Read from the raw spec: a spec the catalog refuses must not block deletion.
+
+    The API server defaults it to Retain; absent, Retain too, since keeping data by
+    mistake is recoverable and deleting it is not.
+    """
+    storage = (agent.get("spec") or {}).get("storage") or {}
+    return str(storage.get("reclaimPolicy") or "Retain")
 
 
 def retry_delay(error: BaseException, attempt: int) -> float:
@@ -113,23 +135,90 @@ class OperatorState:
         self.applied.pop(key, None)
         self.queue.forget(key)
 
+    def agent_event(self, type: str, body: Mapping[str, Any]) -> None:
+        """A watch event on a UserAgent: update the cache and mark what needs doing."""
+        key = _key(body)
+        if type == "DELETED":
+            # Children go with their owner references; the finalizer dealt with the volume.
+            self.forget(key)
+            return
+        agent = self.cache.put_agent(body)
+        if agent["metadata"].get("deletionTimestamp"):
+            if FINALIZER in _finalizers(agent):
+                self.queue.add(key)
+            return
+        # Not ``apply=True`` for a new generation: the pass compares generations itself.
+        # Forcing it would apply twice when an event lands while the first apply is in
+        # flight (the finalizer patch's own event does, for every new agent).
+        if self.applied.get(key) != _generation(agent) or _status_behind(agent):
+            self.queue.add(key)
+
     # --- one pass over one agent ---------------------------------------------------------
 
     async def process(self, key: Key, apply: bool) -> None:
         agent = self.cache.agents.get(key)
-        if agent is None or agent["metadata"].get("deletionTimestamp"):
+        if agent is None:
             return
+        if agent["metadata"].get("deletionTimestamp"):
+            await self._finalize(key, agent)
+            return
+        work = [] if FINALIZER in _finalizers(agent) else [self._add_finalizer(key, agent)]
         try:
             desired = desired_state(agent, self.reconciler.catalog)
         except InvalidUserAgent as error:
+            await self._together(*work)
             await self._write_status(key, spec_error=str(error))
             metrics.RECONCILES.labels(result="invalid").inc()
             return
         applied = _generation(agent)
-        if apply or self.applied.get(key) != applied:
-            await self._apply(key, desired)
+        needs_apply = apply or self.applied.get(key) != applied
+        if needs_apply:
+            work.append(self._apply(key, desired))
+        # The finalizer patch rides along with the children's writes: no extra round trip.
+        await self._together(*work)
+        if needs_apply:
             self.applied[key] = applied
         await self._write_status(key)
+
+    @staticmethod
+    async def _together(*steps: Awaitable[None]) -> None:
+        """Run ``steps`` concurrently, let every one finish, then raise the first failure."""
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _add_finalizer(self, key: Key, agent: Json) -> None:
+        try:
+            updated = await self.reconciler.add_finalizer(agent)
+        except (Conflict, Invalid) as error:
+            # The finalizers changed since we read them (or the agent is being deleted):
+            # read them again and retry soon.
+            await self._refresh(key)
+            raise Conflict(f"finalizers of {key} changed: {error}", status=409) from error
+        self.cache.put_agent(updated)
+
+    async def _finalize(self, key: Key, agent: Json) -> None:
+        """The agent is being deleted: release its volume as its policy says, then let go."""
+        if FINALIZER not in _finalizers(agent):
+            return  # never added (deleted before its first pass), or already removed
+        metadata = agent["metadata"]
+        owner = manifests.Owner(metadata["name"], metadata["namespace"], metadata["uid"])
+        policy = _reclaim_policy(agent)
+        await self.reconciler.release_volume(owner, policy)
+        try:
+            await self.reconciler.remove_finalizer(agent)
+        except (Conflict, Invalid) as error:
+            await self._refresh(key)
+            raise Conflict(f"finalizers of {key} changed: {error}", status=409) from error
+        logger.info("released %s/%s (volume: %s)", *key, policy)
+
+    async def _refresh(self, key: Key) -> None:
+        current = await self.reconciler.get_user_agent(*key)
+        if current is None:
+            self.forget(key)
+        else:
+            self.cache.put_agent(current)
 
     async def _apply(self, key: Key, desired: Desired) -> None:
         started = time.perf_counter()
@@ -242,18 +331,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     @kopf.on.event(*ua, registry=registry)
     async def agent_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         state: OperatorState = memo["state"]
-        key = _key(body)
-        if type == "DELETED":
-            # Children go with their owner references (the volume too, under Delete).
-            state.forget(key)
-            return
-        agent = state.cache.put_agent(body)
-        if agent["metadata"].get("deletionTimestamp"):
-            return
-        if state.applied.get(key) != _generation(agent):
-            state.queue.add(key, apply=True)
-        elif _status_behind(agent):
-            state.queue.add(key)
+        state.agent_event(type, body)
 
     @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN, registry=registry)
     async def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

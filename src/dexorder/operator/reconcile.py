@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import secrets
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,7 @@ from dexorder.adapters.kubernetes import (
     Invalid,
     KubeClient,
     KubernetesError,
+    NotFound,
     resource_path,
 )
 from dexorder.core import manifests, naming, quantity
@@ -38,6 +40,9 @@ from dexorder.core.useragent import (
 )
 
 FIELD_MANAGER = "dexorder-operator"
+# Held on every UserAgent until its volume has been dealt with as reclaimPolicy says.
+FINALIZER = "dexorder.ai/cleanup"
+JSON_PATCH = "application/json-patch+json"
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,10 @@ class Reconciler:
         client: KubeClient,
         template: manifests.AgentTemplate,
         catalog: TierCatalog,
-        *,
-        headless_services: bool = False,
     ) -> None:
         self.client = client
         self.template = template
         self.catalog = catalog
-        self.headless_services = headless_services
 
     # --- children ------------------------------------------------------------------
 
@@ -138,11 +140,12 @@ class Reconciler:
     def _claim(self, desired: Desired, size: str) -> dict[str, Any]:
         sizing = desired.sizing.model_copy(update={"storage": size})
         body = manifests.persistent_volume_claim(desired.owner, desired.spec, sizing, self.template)
-        if desired.spec.storage.reclaim_policy == "Delete":
-            # Owned, the claim goes with its UserAgent through garbage collection: no
-            # finalizer (and no patch to add it) is needed. Retain leaves it unowned, and
-            # a later switch to Retain drops the reference, since apply owns that field.
-            body["metadata"]["ownerReferences"] = [manifests.owner_reference(desired.owner)]
+        # Under Delete the claim keeps its owner reference (the builder adds it) even though
+        # the finalizer deletes it: belt and braces for the moments the finalizer cannot
+        # act, an agent deleted before its first pass added the finalizer, or a finalizer
+        # removed by hand with the operator gone. Garbage collection then still removes
+        # the volume, as the policy asks. Under Retain the claim is never owned, and a
+        # switch to Retain drops the reference, since server-side apply owns that field.
         return body
 
     async def apply_deployment(self, desired: Desired) -> dict[str, Any]:
@@ -157,22 +160,16 @@ class Reconciler:
         owner = desired.owner
         body = manifests.service(owner, desired.spec, self.template)
         path = resource_path("v1", "services", owner.namespace, naming.service_name(owner.name))
-        if not self.headless_services:
-            await self.client.apply(path, body, field_manager=FIELD_MANAGER)
-            return
-        # Headless: the name resolves straight to the agent's pod, and no cluster IP is
-        # allocated. The API server allocates those one at a time (measured: 300 Services
-        # took 11.5 s with cluster IPs and 2.1 s headless), and in a burst of a thousand
-        # agents that allocation was the slowest step of a reconcile.
         try:
-            await self.client.apply(
-                path,
-                {**body, "spec": {**body["spec"], "clusterIP": "None"}},
-                field_manager=FIELD_MANAGER,
-            )
-        except Invalid:
-            # An older Service already has a cluster IP, which cannot be changed: keep it.
             await self.client.apply(path, body, field_manager=FIELD_MANAGER)
+        except Invalid:
+            if not self.template.headless_service:
+                raise
+            # An older Service already has a cluster IP, which cannot be changed: keep it.
+            with_ip = dataclasses.replace(self.template, headless_service=False)
+            await self.client.apply(
+                path, manifests.service(owner, desired.spec, with_ip), field_manager=FIELD_MANAGER
+            )
 
     async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], StorageState]:
         # The four writes do not depend on each other (a pod waits for its volume and
@@ -265,6 +262,87 @@ class Reconciler:
             "count": 1,
         }
         await self.client.create(resource_path("v1", "events", metadata["namespace"]), event)
+
+    # --- deletion ----------------------------------------------------------------------
+
+    async def add_finalizer(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Add :data:`FINALIZER`, keeping everyone else's; the updated object.
+
+        A JSON patch that tests the list it extends: if another writer changed the
+        finalizers meanwhile, the API server refuses it (422) instead of losing theirs.
+        """
+        metadata = body["metadata"]
+        current = list(metadata.get("finalizers") or [])
+        patch: list[dict[str, Any]]
+        if current:
+            patch = [
+                {"op": "test", "path": "/metadata/finalizers", "value": current},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+            ]
+        else:
+            # ``test`` against null passes only while the list is absent.
+            patch = [
+                {"op": "test", "path": "/metadata/finalizers", "value": None},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ]
+        return await self.client.request(
+            "PATCH",
+            user_agent_path(metadata["namespace"], metadata["name"]),
+            body=patch,
+            content_type=JSON_PATCH,
+        )
+
+    async def remove_finalizer(self, body: Mapping[str, Any]) -> None:
+        """Remove :data:`FINALIZER` only, if the list is still the one we saw."""
+        metadata = body["metadata"]
+        current = list(metadata.get("finalizers") or [])
+        patch = [
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {
+                "op": "replace",
+                "path": "/metadata/finalizers",
+                "value": [name for name in current if name != FINALIZER],
+            },
+        ]
+        with contextlib.suppress(NotFound):  # already gone: nothing left to hold
+            await self.client.request(
+                "PATCH",
+                user_agent_path(metadata["namespace"], metadata["name"]),
+                body=patch,
+                content_type=JSON_PATCH,
+            )
+
+    async def release_volume(self, owner: manifests.Owner, reclaim_policy: str) -> None:
+        """Deal with a deleted agent's volume as its reclaim policy says.
+
+        Delete: delete the claim. The API server's answer confirms it: 404 (gone), or the
+        claim with a deletionTimestamp, held by ``kubernetes.io/pvc-protection`` only until
+        the agent's pod is gone. Retain: the claim stays, and an owner reference to this
+        agent (left by a switch to Retain that no pass applied yet) is removed, so the
+        garbage collector cannot delete the volume after the agent.
+        """
+        path = resource_path(
+            "v1", "persistentvolumeclaims", owner.namespace, naming.pvc_name(owner.name)
+        )
+        if reclaim_policy == "Delete":
+            await self.client.delete(path)
+            return
+        claim = await self.client.get_or_none(path)
+        if claim is None:
+            return
+        references = claim["metadata"].get("ownerReferences") or []
+        index = next((i for i, r in enumerate(references) if r.get("uid") == owner.uid), None)
+        if index is None:
+            return
+        patch = [
+            {"op": "test", "path": f"/metadata/ownerReferences/{index}/uid", "value": owner.uid},
+            {"op": "remove", "path": f"/metadata/ownerReferences/{index}"},
+        ]
+        with contextlib.suppress(NotFound):
+            await self.client.request("PATCH", path, body=patch, content_type=JSON_PATCH)
+
+    async def get_user_agent(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self.client.get_or_none(user_agent_path(namespace, name))
 
     async def suspend(self, namespace: str, name: str) -> dict[str, Any]:
         return await self.client.merge_patch(

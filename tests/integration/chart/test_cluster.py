@@ -478,7 +478,7 @@ async def test_the_installed_operator_and_gateway_accounts_bring_an_agent_up(
         "apiVersion": "dexorder.ai/v1alpha1",
         "kind": "UserAgent",
         "metadata": {"name": "smoke", "namespace": release.agents},
-        "spec": {"userId": "smoke", "tier": "free"},
+        "spec": {"userId": "smoke", "tier": "free", "storage": {"reclaimPolicy": "Delete"}},
     }
     kubectl.run("apply", "-f", "-", input=json.dumps(manifest))
     kubectl.run(
@@ -518,9 +518,15 @@ async def test_the_installed_operator_and_gateway_accounts_bring_an_agent_up(
     assert stages[0] == Stage.PROVISIONING
     assert stages[-1] == Stage.READY
 
-    # Deleting is the operator's finalizer's work, also within its rights.
+    # Deleting is the operator's finalizer's work, also within its rights: smoke's volume
+    # (reclaimPolicy Delete) is deleted, carol's (Retain, the default) is kept.
     kubectl.run("delete", "useragent", "smoke", name, f"-n={release.agents}", "--timeout=60s")
-    assert "forbidden" not in operator_as_its_account.log().lower()
+    kubectl.run("wait", "--for=delete", "pvc/smoke-data", f"-n={release.agents}", "--timeout=60s")
+    kept = kubectl.run("get", "pvc", f"{name}-data", f"-n={release.agents}", "-o=json").stdout
+    assert not json.loads(kept)["metadata"].get("deletionTimestamp")
+    log = operator_as_its_account.log()
+    assert f"released {release.agents}/smoke (volume: Delete)" in log
+    assert "forbidden" not in log.lower()
 
 
 def test_the_gateway_account_creates_a_useragent_and_reads_its_token(

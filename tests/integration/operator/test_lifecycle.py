@@ -9,6 +9,7 @@ from typing import Any
 
 from dexorder.adapters.kubernetes import KubeClient, resource_path
 from dexorder.devenv.fixtures_kube import Kubectl, OperatorProcess
+from dexorder.operator.reconcile import FINALIZER
 from tests.integration.operator.conftest import eventually, ua_path, user_agent, wait_phase
 
 
@@ -150,34 +151,61 @@ async def test_delete_retain_keeps_volume_and_delete_removes_it(
         ua_path(namespace),
         user_agent("drop", namespace, "drop", storage={"reclaimPolicy": "Delete"}),
     )
-    await wait_phase(kube, namespace, "keep", "Ready")
-    await wait_phase(kube, namespace, "drop", "Ready")
+    keep = await wait_phase(kube, namespace, "keep", "Ready")
+    drop = await wait_phase(kube, namespace, "drop", "Ready")
+
+    # While they live, each carries the operator's finalizer.
+    async def finalized(name: str) -> bool:
+        body = await kube.get(ua_path(namespace, name))
+        return FINALIZER in (body["metadata"].get("finalizers") or [])
+
+    await eventually(lambda: finalized("keep"), timeout=30, what="keep's finalizer")
+    await eventually(lambda: finalized("drop"), timeout=30, what="drop's finalizer")
+    keep_path = resource_path("v1", "persistentvolumeclaims", namespace, "keep-data")
+    drop_path = resource_path("v1", "persistentvolumeclaims", namespace, "drop-data")
+    assert not (await kube.get(keep_path))["metadata"].get("ownerReferences")
+    (drop_owner,) = (await kube.get(drop_path))["metadata"]["ownerReferences"]
+    assert drop_owner["uid"] == drop["metadata"]["uid"]
+
+    # A Retain claim that still holds an owner reference (as after a switch from Delete
+    # that no pass applied yet) must not be collected with its agent either.
+    owner = {
+        "apiVersion": "dexorder.ai/v1alpha1",
+        "kind": "UserAgent",
+        "name": "keep",
+        "uid": keep["metadata"]["uid"],
+    }
+    await kube.merge_patch(keep_path, {"metadata": {"ownerReferences": [owner]}})
+
     await kube.delete(ua_path(namespace, "keep"))
     await kube.delete(ua_path(namespace, "drop"))
 
     async def gone(path: str) -> bool:
         return await kube.get_or_none(path) is None
 
+    # The UserAgents themselves go: the operator removed its finalizer.
     await eventually(lambda: gone(ua_path(namespace, "keep")), timeout=30, what="keep deleted")
     await eventually(lambda: gone(ua_path(namespace, "drop")), timeout=30, what="drop deleted")
     await eventually(
         lambda: gone(resource_path("apps/v1", "deployments", namespace, "keep-agent")),
         what="children collected",
     )
-
-    async def drop_volume_gone() -> bool:
-        pvc = await kube.get_or_none(
-            resource_path("v1", "persistentvolumeclaims", namespace, "drop-data")
-        )
-        # A claim in use is held by its protection finalizer until the pod is gone.
-        return pvc is None or bool(pvc["metadata"].get("deletionTimestamp"))
-
-    await eventually(drop_volume_gone, timeout=30, what="drop's volume deleted")
-    kept = await kube.get_or_none(
-        resource_path("v1", "persistentvolumeclaims", namespace, "keep-data")
+    await eventually(
+        lambda: gone(resource_path("apps/v1", "deployments", namespace, "drop-agent")),
+        what="children collected",
     )
+    # Delete: the claim is gone once its pod is (pvc-protection holds it until then).
+    await eventually(lambda: gone(drop_path), timeout=30, what="drop's volume deleted")
+    # Retain: the claim stays, unowned, and nothing is deleting it.
+    await asyncio.sleep(1)  # give the garbage collector time to act, if it were to
+    kept = await kube.get_or_none(keep_path)
     assert kept is not None
     assert not kept["metadata"].get("deletionTimestamp")
+    assert not kept["metadata"].get("ownerReferences")
+    # Both were released by the finalizer, not only by the garbage collector.
+    log = operator.log()
+    assert f"released {namespace}/drop (volume: Delete)" in log
+    assert f"released {namespace}/keep (volume: Retain)" in log
 
 
 async def test_quota_refusal_is_reported_with_its_reason(

@@ -1,6 +1,7 @@
 """The children of a UserAgent, checked as plain dicts (no cluster)."""
 
 import base64
+import dataclasses
 
 from dexorder.core import manifests
 from dexorder.core.useragent import Sizing, UserAgentSpec
@@ -97,3 +98,14 @@ def test_service_targets_the_agent_port() -> None:
         {"name": "mcp", "port": 8000, "targetPort": "mcp", "protocol": "TCP"}
     ]
     assert service["spec"]["selector"] == {"dexorder.ai/agent": OWNER.name}
+
+
+def test_service_is_headless_only_when_the_template_asks() -> None:
+    assert "clusterIP" not in manifests.service(OWNER, spec(), TEMPLATE)["spec"]
+    headless = dataclasses.replace(TEMPLATE, headless_service=True)
+    service = manifests.service(OWNER, spec(), headless)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["type"] == "ClusterIP"
+    # Headless, the Service still selects the agent's pod on its port.
+    assert service["spec"]["selector"] == {"dexorder.ai/agent": OWNER.name}
+    assert service["spec"]["ports"][0]["port"] == 8000

@@ -54,6 +54,16 @@ def test_only_the_fields_read_are_kept() -> None:
     assert held["metadata"]["annotations"] == {"dexorder.ai/last-activity": "2026-11-24T00:00:00Z"}
     assert "managedFields" not in held["metadata"]
     assert held["status"] == {"phase": "Ready"}
+    assert "finalizers" not in held["metadata"]
+
+
+def test_finalizers_and_deletion_are_kept_for_the_finalizer_pass() -> None:
+    body = agent("2")
+    body["metadata"]["finalizers"] = ["dexorder.ai/cleanup"]
+    body["metadata"]["deletionTimestamp"] = "2026-11-24T12:00:00Z"
+    held = ClusterCache().put_agent(body)
+    assert held["metadata"]["finalizers"] == ["dexorder.ai/cleanup"]
+    assert held["metadata"]["deletionTimestamp"] == "2026-11-24T12:00:00Z"
 
 
 def test_slim_deployment_keeps_what_drift_and_availability_read() -> None:

@@ -1,11 +1,15 @@
+import asyncio
+import copy
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dexorder.adapters.kubernetes import ClusterCredentials, KubeClient
-from dexorder.core.manifests import AgentTemplate
+from dexorder.core.manifests import AgentTemplate, Owner
+from dexorder.core.status import StorageState
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.paths import TIER_CATALOG
-from dexorder.operator.handlers import OperatorState, _drifted, _status_behind
-from dexorder.operator.reconcile import Reconciler
+from dexorder.operator.handlers import OperatorState, _drifted, _reclaim_policy, _status_behind
+from dexorder.operator.reconcile import FINALIZER, Desired, Reconciler
 from dexorder.operator.settings import OperatorSettings
 
 
@@ -68,3 +72,111 @@ def test_status_is_behind_on_a_new_generation_or_new_activity() -> None:
     active = agent()
     active["metadata"]["annotations"] = {"dexorder.ai/last-activity": "2026-11-24T11:00:00Z"}
     assert _status_behind(active)
+
+
+class RecordingReconciler(Reconciler):
+    """Records the writes a pass would make, instead of making them."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            KubeClient(ClusterCredentials(server="https://127.0.0.1:1", ssl_context=False)),
+            AgentTemplate(default_image="agent:1"),
+            parse_tier_catalog(TIER_CATALOG.read_text()),
+        )
+        self.calls: list[str] = []
+        self.during_apply: Callable[[], None] = lambda: None
+
+    async def add_finalizer(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append("add finalizer")
+        updated = copy.deepcopy(dict(body))
+        updated["metadata"]["finalizers"] = [*body["metadata"].get("finalizers", []), FINALIZER]
+        updated["metadata"]["resourceVersion"] = "2"
+        return updated
+
+    async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], StorageState]:
+        self.calls.append("apply children")
+        self.during_apply()
+        await asyncio.sleep(0.01)
+        return {"metadata": {"resourceVersion": "1"}, "spec": {}, "status": {}}, StorageState(
+            ready=True
+        )
+
+    async def write_status(
+        self, body: Mapping[str, Any], status: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        self.calls.append("status")
+        return None
+
+    async def release_volume(self, owner: Owner, reclaim_policy: str) -> None:
+        self.calls.append(f"release volume ({reclaim_policy}) of {owner.name}")
+
+    async def remove_finalizer(self, body: Mapping[str, Any]) -> None:
+        self.calls.append("remove finalizer")
+
+
+def recording_state() -> tuple[OperatorState, RecordingReconciler]:
+    reconciler = RecordingReconciler()
+    return OperatorState(OperatorSettings(tier_catalog_path=TIER_CATALOG), reconciler), reconciler
+
+
+def live_agent(**metadata: Any) -> dict[str, Any]:
+    body = agent()
+    body["metadata"].update(resourceVersion="1", **metadata)
+    return body
+
+
+async def test_the_finalizer_is_added_once_alongside_the_first_children() -> None:
+    operator, reconciler = recording_state()
+    operator.cache.put_agent(live_agent(finalizers=["someone.else/keep"]))
+    await operator.process(("ns", "a"), apply=True)
+    assert sorted(reconciler.calls) == ["add finalizer", "apply children", "status"]
+    held = operator.cache.agents[("ns", "a")]["metadata"]["finalizers"]
+    assert held == ["someone.else/keep", FINALIZER]
+
+    reconciler.calls.clear()
+    await operator.process(("ns", "a"), apply=True)
+    assert reconciler.calls == ["apply children", "status"]  # no second finalizer write
+
+
+async def test_a_deleted_agent_releases_its_volume_then_its_finalizer() -> None:
+    for policy in ("Delete", "Retain"):
+        operator, reconciler = recording_state()
+        body = live_agent(deletionTimestamp="2026-11-24T12:00:00Z", finalizers=[FINALIZER])
+        body["spec"]["storage"] = {"reclaimPolicy": policy}
+        operator.cache.put_agent(body)
+        await operator.process(("ns", "a"), apply=False)
+        assert reconciler.calls == [f"release volume ({policy}) of a", "remove finalizer"]
+
+
+async def test_a_deleted_agent_without_the_finalizer_is_left_alone() -> None:
+    operator, reconciler = recording_state()
+    operator.cache.put_agent(live_agent(deletionTimestamp="2026-11-24T12:00:00Z"))
+    await operator.process(("ns", "a"), apply=True)
+    assert reconciler.calls == []
+
+
+def test_the_reclaim_policy_defaults_to_retain() -> None:
+    assert _reclaim_policy({"spec": {}}) == "Retain"
+    assert _reclaim_policy({"spec": {"storage": {"reclaimPolicy": "Delete"}}}) == "Delete"
+    # An invalid spec must not block deletion, nor delete data by accident.
+    assert _reclaim_policy({"spec": {"tier": 3, "storage": None}}) == "Retain"
+
+
+async def test_an_event_during_the_first_apply_does_not_apply_again() -> None:
+    operator, reconciler = recording_state()
+    body = live_agent()
+    # The finalizer patch's own watch event lands while the children are being applied.
+    with_finalizer = copy.deepcopy(body)
+    with_finalizer["metadata"].update(finalizers=[FINALIZER], resourceVersion="2")
+    reconciler.during_apply = lambda: operator.agent_event("MODIFIED", with_finalizer)
+    operator.start()
+    try:
+        operator.agent_event("ADDED", body)
+        for _ in range(200):  # at most 2 s
+            await asyncio.sleep(0.01)
+            if operator.queue.idle:
+                break
+    finally:
+        await operator.stop()
+    assert reconciler.calls.count("apply children") == 1
+    assert reconciler.calls.count("add finalizer") == 1
