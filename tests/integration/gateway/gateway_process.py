@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -15,6 +16,28 @@ from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
 from tests.integration.gateway.conftest import AUDIENCE, ISSUER, models_yaml
+
+
+def stop_orphaned_agents(root: Path) -> list[int]:
+    """SIGKILL agent processes whose data lives under ``root``; returns their pids.
+
+    A gateway killed with SIGKILL cannot stop the local agents it started (each runs in its
+    own session, as a pod would), so a test that kills one cleans up after it here.
+    """
+    marker = f"DEXORDER_AGENT_DATA_DIR={root}".encode()
+    killed: list[int] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environment = (proc / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if any(item.startswith(marker) for item in environment.split(b"\0")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+    return killed
 
 
 def gateway_env(

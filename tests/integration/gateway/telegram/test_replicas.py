@@ -18,7 +18,7 @@ from dexorder.devenv.fake_telegram import FakeTelegram
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
 from dexorder.gateway.channels.telegram.chat import HELP
-from tests.integration.gateway.gateway_process import gateway_env
+from tests.integration.gateway.gateway_process import gateway_env, stop_orphaned_agents
 from tests.integration.gateway.telegram.conftest import WEBHOOK_SECRET, issue_code
 
 REPO = Path(__file__).resolve().parents[4]
@@ -110,6 +110,8 @@ async def start_replica(
     finally:
         for replica in started:
             await asyncio.to_thread(replica.process.stop, 30)
+            # The killed replica's agents outlive it, as pods outlive a gateway.
+            stop_orphaned_agents(replica.workdir)
 
 
 @pytest.mark.slow
