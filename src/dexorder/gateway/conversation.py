@@ -394,6 +394,14 @@ class Conversation:
         metrics.TOKENS.inc(usage.completion_tokens)
         if result.first_token_seconds is not None:
             metrics.FIRST_TOKEN.observe(result.first_token_seconds)
+        # Recorded before `done`: a client that closes on `done` cancels this worker, and
+        # the turn's events and daily total must not be lost with it.
+        if turn is not None:
+            await turn.finish(
+                model=result.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
         await self._emit(
             protocol.DoneFrame(
                 usage=protocol.Usage(
@@ -406,10 +414,3 @@ class Conversation:
                 route=route_frame(result.route),
             )
         )
-        # After the reply is complete on the user's side: recording never delays it.
-        if turn is not None:
-            await turn.finish(
-                model=result.model,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-            )
