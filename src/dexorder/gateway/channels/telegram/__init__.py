@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -80,6 +81,8 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
         pool = await open_pool(settings.database_url, max_size=4)
         stack.push_async_callback(pool.close)
         app[LINK_CODES] = LinkCodeStore(pool, settings.link_code_ttl_seconds)
+        # Names this replica on the control channel, so it skips its own commands' echo.
+        replica = uuid.uuid4().hex
         redis: Redis | None = None
         inbox: Inbox
         attempts: AttemptLimiter
@@ -106,7 +109,7 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
             sessions=SessionDirectory(redis, settings.session_ttl_seconds),
             pace=options.pace,
             idle_seconds=settings.session_ttl_seconds,
-            broadcast=_publisher(redis) if redis is not None else None,
+            broadcast=_publisher(redis, replica) if redis is not None else None,
         )
         app[TELEGRAM_CHAT] = chat
         stack.push_async_callback(chat.close)
@@ -120,7 +123,9 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(_janitor(chat, options.janitor_seconds), name="telegram-janitor"),
         ]
         if redis is not None:
-            tasks.append(asyncio.create_task(_listen(redis, chat), name="telegram-control"))
+            tasks.append(
+                asyncio.create_task(_listen(redis, chat, replica), name="telegram-control")
+            )
         try:
             yield
         finally:
@@ -135,15 +140,18 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
                     log.error("Telegram task %s failed", task.get_name(), exc_info=task.exception())
 
 
-def _publisher(redis: Redis) -> Callable[[str, int, int], Awaitable[None]]:
+def _publisher(redis: Redis, replica: str) -> Callable[[str, int, int], Awaitable[None]]:
     async def publish(action: str, chat_id: int, user_id: int) -> None:
-        await redis.publish(CONTROL_CHANNEL, f"{action}:{chat_id}:{user_id}")
+        await redis.publish(CONTROL_CHANNEL, f"{replica}:{action}:{chat_id}:{user_id}")
 
     return publish
 
 
-async def _listen(redis: Redis, chat: TelegramChat) -> None:
-    """Carry ``/stop`` and ``/new`` to the replica that holds the conversation."""
+async def _listen(redis: Redis, chat: TelegramChat, replica: str) -> None:
+    """Carry ``/stop`` and ``/new`` to the replica that holds the conversation.
+
+    The replica that got the command applied it at once; it ignores its own echo, which
+    could otherwise arrive after the user's next message and close its fresh session."""
     while True:
         pubsub = redis.pubsub()
         try:
@@ -151,8 +159,9 @@ async def _listen(redis: Redis, chat: TelegramChat) -> None:
             async for message in pubsub.listen():
                 if message.get("type") != "message":
                     continue
-                action, chat_id, user_id = bytes(message["data"]).decode().split(":")
-                await chat.control(action, int(chat_id), int(user_id))
+                sender, action, chat_id, user_id = bytes(message["data"]).decode().split(":")
+                if sender != replica:
+                    await chat.control(action, int(chat_id), int(user_id))
         except asyncio.CancelledError:
             raise
         except Exception as error:

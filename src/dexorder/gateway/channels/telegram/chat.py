@@ -262,10 +262,10 @@ class TelegramChat:
             await chat.close()
 
     async def _control_everywhere(self, action: str, chat_id: int, user_id: int) -> None:
+        # Here first, so the user's next message already finds the command applied.
+        await self.control(action, chat_id, user_id)
         if self.broadcast is not None:
             await self.broadcast(action, chat_id, user_id)
-        else:
-            await self.control(action, chat_id, user_id)
 
     # --- updates ------------------------------------------------------------------------
 
