@@ -282,14 +282,17 @@ def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> 
 # --- the stream -----------------------------------------------------------------------------
 
 
+# Chunk parsing, shared by the direct stream below and the Router's (gateway.routing).
+
+
 @dataclass
-class _ToolCallParts:
+class ToolCallParts:
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
 
 
-def _tool_calls(parts: Mapping[int, _ToolCallParts], round_id: str) -> list[ToolCall]:
+def tool_calls_from(parts: Mapping[int, ToolCallParts], round_id: str) -> list[ToolCall]:
     return [
         ToolCall(
             # A provider that sends no id still needs one, to pair the result with its call.
@@ -301,10 +304,10 @@ def _tool_calls(parts: Mapping[int, _ToolCallParts], round_id: str) -> list[Tool
     ]
 
 
-def _collect_tool_call_fragments(delta: Any, parts: dict[int, _ToolCallParts]) -> None:
+def collect_tool_call_fragments(delta: Any, parts: dict[int, ToolCallParts]) -> None:
     for fragment in getattr(delta, "tool_calls", None) or []:
         index = getattr(fragment, "index", None)
-        part = parts.setdefault(index if isinstance(index, int) else len(parts), _ToolCallParts())
+        part = parts.setdefault(index if isinstance(index, int) else len(parts), ToolCallParts())
         if getattr(fragment, "id", None):
             part.id = fragment.id
         function = getattr(fragment, "function", None)
@@ -315,7 +318,7 @@ def _collect_tool_call_fragments(delta: Any, parts: dict[int, _ToolCallParts]) -
                 part.arguments.append(function.arguments)
 
 
-def _usage_of(chunk: Any) -> Usage | None:
+def usage_of(chunk: Any) -> Usage | None:
     usage = getattr(chunk, "usage", None)
     if usage is None:
         return None
@@ -359,14 +362,14 @@ async def stream_chat(
     model = target.model
     round_id = "round"
     usage: Usage | None = None
-    parts: dict[int, _ToolCallParts] = {}
+    parts: dict[int, ToolCallParts] = {}
     try:
         async for chunk in stream:
             round_id = str(getattr(chunk, "id", None) or round_id)
-            usage = _usage_of(chunk) or usage
+            usage = usage_of(chunk) or usage
             for choice in getattr(chunk, "choices", None) or []:
                 delta = getattr(choice, "delta", None)
-                _collect_tool_call_fragments(delta, parts)
+                collect_tool_call_fragments(delta, parts)
                 if getattr(choice, "finish_reason", None):
                     finish_reason = str(choice.finish_reason)
                 content = getattr(delta, "content", None)
@@ -380,7 +383,7 @@ async def stream_chat(
         # stops the provider's generation when the user presses Stop.
         await stream.aclose()
 
-    for call in _tool_calls(parts, round_id):
+    for call in tool_calls_from(parts, round_id):
         yield call
     if usage is not None:
         yield usage

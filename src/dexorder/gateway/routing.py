@@ -49,12 +49,12 @@ from dexorder.gateway.llm import (
     LLMErrorCode,
     LLMEvent,
     TextDelta,
+    ToolCallParts,
     Usage,
-    _collect_tool_call_fragments,
-    _tool_calls,
-    _ToolCallParts,
-    _usage_of,
+    collect_tool_call_fragments,
     load_litellm,
+    tool_calls_from,
+    usage_of,
     wrap_error,
 )
 
@@ -298,7 +298,7 @@ class ModelRouter:
             stream = await self._open(remaining, request, tools, after_output=bool(shown))
             tried, answered = remaining[0], _deployment_of(stream, remaining) or remaining[0]
             self.cool(remaining[: remaining.index(answered)])
-            parts: dict[int, _ToolCallParts] = {}
+            parts: dict[int, ToolCallParts] = {}
             finish_reason = "stop"
             round_id = "round"
             try:
@@ -317,13 +317,13 @@ class ModelRouter:
                         )
                         tried = answered
                     round_id = str(getattr(chunk, "id", None) or round_id)
-                    chunk_usage = _usage_of(chunk)
+                    chunk_usage = usage_of(chunk)
                     if chunk_usage is not None:
                         usage = _plus(usage, chunk_usage)
                         reported_usage = True
                     for part in getattr(chunk, "choices", None) or []:
                         delta = getattr(part, "delta", None)
-                        _collect_tool_call_fragments(delta, parts)
+                        collect_tool_call_fragments(delta, parts)
                         if getattr(part, "finish_reason", None):
                             finish_reason = str(part.finish_reason)
                         content = getattr(delta, "content", None)
@@ -359,7 +359,7 @@ class ModelRouter:
                 continue
             finally:
                 await _close(stream)
-            for call in _tool_calls(parts, round_id):
+            for call in tool_calls_from(parts, round_id):
                 yield call
             if reported_usage:
                 yield usage
