@@ -205,7 +205,6 @@ class KubeClient:
         # sock_connect, not connect: aiohttp's connect timeout also covers the wait for a
         # free pooled connection, which under a burst is queueing, not a dead server.
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=10)
-        self._pool_size = pool_size
         # Requests beyond the pool wait here, before their timeout starts: a burst of a
         # thousand calls queues instead of timing out in aiohttp's pool.
         self._slots = asyncio.Semaphore(pool_size)

@@ -118,7 +118,6 @@ class Conversation:
         self._worker: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[TurnResult] | None = None
         self._agent: AgentSession | None = None
-        self._endpoint: AgentEndpoint | None = None
         self._lease_open = False
         self._prepared = False
         # Told the agent's MCP session id when one opens and None when it is dropped, so a
@@ -199,7 +198,7 @@ class Conversation:
             connect_grace=self.services.agent_connect_seconds,
             on_session=self._on_mcp_session,
         )
-        self._endpoint, self._agent = endpoint, agent
+        self._agent = agent
         return agent
 
     async def prepare(self) -> None:

@@ -71,14 +71,6 @@ def history_messages(turns: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def _add_usage(total: Usage, more: Usage) -> Usage:
-    return Usage(
-        total.prompt_tokens + more.prompt_tokens,
-        total.completion_tokens + more.completion_tokens,
-        total.total_tokens + more.total_tokens,
-    )
-
-
 class GatewayTools(Protocol):
     """Tools the gateway serves itself, beside the agent's (the strategy review)."""
 
@@ -237,7 +229,7 @@ class Harness:
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, Usage):
-                    result.usage = _add_usage(result.usage, event)
+                    result.usage = result.usage + event
                 elif isinstance(event, Finish):
                     result.model = event.model
                 elif isinstance(event, Fallback):

@@ -114,6 +114,13 @@ class Usage:
     completion_tokens: int
     total_tokens: int
 
+    def __add__(self, more: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + more.prompt_tokens,
+            self.completion_tokens + more.completion_tokens,
+            self.total_tokens + more.total_tokens,
+        )
+
 
 @dataclass(frozen=True)
 class Finish:

@@ -247,18 +247,19 @@ class ModelRouter:
                 wrapped = wrap_error(error, self._litellm, after_output=after_output)
                 if not wrapped.retryable:
                     raise wrapped from error
+                lines = wrapped.message.strip().splitlines()
+                first_line = lines[0] if lines else wrapped.code.value
                 logger.warning(
                     "walk %d of %d over %s failed: %s",
                     walk + 1,
                     self.policy.rounds,
                     ", ".join(self.model_of(name) for name in chain),
-                    wrapped.message.strip().splitlines()[0] if wrapped.message.strip() else "",
+                    first_line,
                 )
                 # A Retry-After belongs to one deployment, known only when there was one.
                 self.cool(chain, wrapped.retry_after if len(chain) == 1 else None)
                 if walk + 1 >= self.policy.rounds:
                     models = ", ".join(self.model_of(name) for name in chain)
-                    first_line = wrapped.message.strip().splitlines()[0]
                     raise LLMError(
                         wrapped.code,
                         f"no model of the route answered ({models}); the first said: {first_line}",
@@ -319,7 +320,7 @@ class ModelRouter:
                     round_id = str(getattr(chunk, "id", None) or round_id)
                     chunk_usage = usage_of(chunk)
                     if chunk_usage is not None:
-                        usage = _plus(usage, chunk_usage)
+                        usage = usage + chunk_usage
                         reported_usage = True
                     for part in getattr(chunk, "choices", None) or []:
                         delta = getattr(part, "delta", None)
@@ -374,14 +375,6 @@ def _deployment_of(response: Any, chain: Sequence[str]) -> str | None:
     hidden = getattr(response, "_hidden_params", None)
     name = hidden.get("model_id") if isinstance(hidden, dict) else None
     return name if isinstance(name, str) and name in chain else None
-
-
-def _plus(total: Usage, more: Usage) -> Usage:
-    return Usage(
-        total.prompt_tokens + more.prompt_tokens,
-        total.completion_tokens + more.completion_tokens,
-        total.total_tokens + more.total_tokens,
-    )
 
 
 async def _close(stream: Any) -> None:

@@ -125,6 +125,7 @@ async def test_a_limit_is_exact_across_two_processes(
             if len(blocked) >= len(workers):
                 break
             await asyncio.sleep(0.05)
+        assert len(blocked) >= len(workers), blocked
         await redis.rpush(start, *["go"] * len(workers))
         async with asyncio.timeout(60):
             outputs = [await worker.communicate() for worker in workers]

@@ -232,11 +232,14 @@ async def test_quota_refusal_is_reported_with_its_reason(
 async def test_operator_restart_mid_provision_still_ends_ready(
     kube: KubeClient, namespace: str, operator: OperatorProcess
 ) -> None:
+    await kube.create(ua_path(namespace), user_agent("gina", namespace, "gina"))
+    # Killed (SIGKILL) once it has started the children, before it reports Ready.
+    deployment = resource_path("apps/v1", "deployments", namespace, "gina-agent")
+    async with asyncio.timeout(60):
+        while await kube.get_or_none(deployment) is None:  # noqa: ASYNC110 - polled API state
+            await asyncio.sleep(0.02)
     operator.kill()
-    try:
-        await kube.create(ua_path(namespace), user_agent("gina", namespace, "gina"))
-    finally:
-        operator.start()
+    operator.start()
     await wait_phase(kube, namespace, "gina", "Ready", timeout=60)
 
 

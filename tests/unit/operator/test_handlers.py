@@ -176,6 +176,7 @@ async def test_an_event_during_the_first_apply_does_not_apply_again() -> None:
             await asyncio.sleep(0.01)
             if operator.queue.idle:
                 break
+        assert operator.queue.idle, "a second pass was still queued"
     finally:
         await operator.stop()
     assert reconciler.calls.count("apply children") == 1

@@ -51,10 +51,11 @@ def replica_id(app: web.Application) -> str:
 
 
 def with_seq(text: str, seq: int) -> str:
-    """A recorded frame's wire text: the frame as recorded, with its sequence number."""
-    loaded = json.loads(text)
-    loaded["seq"] = seq
-    return json.dumps(loaded, separators=(",", ":"), ensure_ascii=False)
+    """A recorded frame's wire text: the frame as recorded, with its sequence number.
+
+    Spliced, not parsed and encoded again: this runs for every streamed token, and a
+    recorded frame is always one JSON object from ``protocol.encode_frame``."""
+    return f'{text[:-1]},"seq":{seq}}}'
 
 
 def frame_type(text: str) -> str:
@@ -226,7 +227,6 @@ class Detached:
 
     conversation: Conversation
     outbox: SessionOutbox
-    user_id: str
     since: float = field(default_factory=time.monotonic)
     # When its grace ends: set once the conversation is idle (its reply over).
     deadline: float | None = None

@@ -278,7 +278,7 @@ async def _let_go(
     close = True
     try:
         if not clean and not app[DRAINING].is_set():
-            detached = Detached(conversation=conversation, outbox=outbox, user_id=user_id)
+            detached = Detached(conversation=conversation, outbox=outbox)
             settings = app[SETTINGS]
             close = await detached_conversations(app).linger(
                 session_id,

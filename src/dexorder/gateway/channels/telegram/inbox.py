@@ -335,8 +335,7 @@ class RedisInbox:
             return
         if not await self._begin(update_id, reclaimed):
             log.info("Telegram update %d is processed elsewhere or done; skipped", update_id)
-            await self.redis.xack(self.stream, self.group, entry_id)
-            await self.redis.xdel(self.stream, entry_id)
+            await self._finish(entry_id, None)
             return
         renewal = asyncio.create_task(self._renew(entry_id), name=f"renew:{entry_id!r}")
         self._in_flight.add(entry_id)
