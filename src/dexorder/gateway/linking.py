@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 import psycopg
 from aiohttp import web
 
-from dexorder.gateway.auth import AuthError
+from dexorder.core import protocol
+from dexorder.gateway.bearer import request_identity
 from dexorder.gateway.conversation import ConversationError, effective_license
 from dexorder.gateway.licenses import Pool
-from dexorder.gateway.state import CHAT_SERVICES, SETTINGS, VERIFIER
+from dexorder.gateway.state import CHAT_SERVICES, SETTINGS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -237,19 +238,12 @@ LINK_CODES = web.AppKey("link_codes", LinkCodeStore)
 
 async def create_link_code(request: web.Request) -> web.Response:
     """Issue a code to the user of the bearer token."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise web.HTTPUnauthorized(text="unauthorized: a bearer token is required")
-    try:
-        identity = await request.app[VERIFIER].verify(token.strip())
-    except AuthError as error:
-        raise web.HTTPUnauthorized(text=f"unauthorized: {error.reason}") from error
+    identity = await request_identity(request)
     try:
         # Enrols a new user (or refuses one), so the link has a license to point at.
         await effective_license(request.app[CHAT_SERVICES], identity.user, identity.email)
     except ConversationError as error:
-        status = 403 if error.code.value == "license_refused" else 503
+        status = 403 if error.code == protocol.ErrorCode.LICENSE_REFUSED else 503
         return web.json_response(
             {"error": error.code.value, "message": error.message}, status=status
         )

@@ -10,25 +10,15 @@ import datetime as dt
 
 from aiohttp import web
 
-from dexorder.gateway.auth import AuthError, Identity
+from dexorder.gateway.bearer import request_identity
 from dexorder.gateway.conversation import ConversationError, effective_license
 from dexorder.gateway.limits import LimiterUnavailable
-from dexorder.gateway.state import CHAT_SERVICES, VERIFIER
+from dexorder.gateway.state import CHAT_SERVICES
 from dexorder.gateway.usage import UsageUnavailable
 
 USAGE_PATH = "/api/usage"
 DEFAULT_DAYS = 30
 MAX_DAYS = 90
-
-
-async def _identity(request: web.Request) -> Identity:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise web.HTTPUnauthorized(text="unauthorized: a bearer token is required")
-    try:
-        return await request.app[VERIFIER].verify(token.strip())
-    except AuthError as error:
-        raise web.HTTPUnauthorized(text=f"unauthorized: {error.reason}") from error
 
 
 def _days(request: web.Request) -> int:
@@ -43,7 +33,7 @@ def _unavailable(message: str) -> web.Response:
 
 
 async def get_usage(request: web.Request) -> web.Response:
-    identity = await _identity(request)
+    identity = await request_identity(request)
     days = _days(request)
     services = request.app[CHAT_SERVICES]
     try:

@@ -22,6 +22,7 @@ from aiohttp.http_websocket import WebSocketError
 from dexorder.core import protocol
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import AuthError, Identity, TokenVerifier
+from dexorder.gateway.bearer import bearer_token, verified
 from dexorder.gateway.channels.resume import (
     DETACHED_GRACE_SECONDS,
     Detached,
@@ -52,12 +53,6 @@ logger = logging.getLogger(__name__)
 AUTH_TIMEOUT = 10.0
 CLOSE_SERVICE_RESTART = 1012
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-
-
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 async def _send(ws: web.WebSocketResponse, frame: protocol.Frame) -> None:
@@ -109,17 +104,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise web.HTTPServiceUnavailable(text="the gateway is shutting down; reconnect")
     verifier = app[VERIFIER]
     identity: Identity | None = None
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is not None:
-        try:
-            identity = await verifier.verify(token)
-        except AuthError as error:
-            if error.is_server_fault:
-                raise web.HTTPServiceUnavailable(
-                    text="cannot verify tokens right now; try again shortly",
-                    headers={"Retry-After": "5"},
-                ) from error
-            raise web.HTTPUnauthorized(text=f"unauthorized: {error.reason}") from error
+        identity = await verified(request, token)
 
     session_id = request.query.get("session") or uuid.uuid4().hex
     if not _SESSION_ID.match(session_id):

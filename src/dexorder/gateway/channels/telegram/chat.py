@@ -49,7 +49,6 @@ from dexorder.gateway.conversation import (
     ConversationError,
     effective_license,
 )
-from dexorder.gateway.licenses import LicenseError
 from dexorder.gateway.linking import (
     AttemptLimiter,
     LinkCodeStore,
@@ -326,10 +325,8 @@ class TelegramChat:
                 return frames
             try:
                 license = await effective_license(self.services, user)
-            except (ConversationError, LicenseError) as error:
-                message = error.message if isinstance(error, ConversationError) else str(error)
-                code = protocol.ErrorCode.SERVICE_UNAVAILABLE
-                return [protocol.ErrorFrame(code=code, message=message)]
+            except ConversationError as error:
+                return [protocol.ErrorFrame(code=error.code, message=error.message)]
 
             async def collect(frame: protocol.Frame) -> None:
                 frames.append(frame)
@@ -499,11 +496,8 @@ class TelegramChat:
         it failed (the failure is shown in that turn)."""
         try:
             license = await effective_license(self.services, user)
-        except (ConversationError, LicenseError) as error:
-            message = error.message if isinstance(error, ConversationError) else str(error)
-            await chat.emit(
-                protocol.ErrorFrame(code=protocol.ErrorCode.SERVICE_UNAVAILABLE, message=message)
-            )
+        except ConversationError as error:  # what effective_license raises, license faults too
+            await chat.emit(protocol.ErrorFrame(code=error.code, message=error.message))
             return False
         session_id = await self.sessions.current(chat_id, user_id)
         conversation = Conversation(
