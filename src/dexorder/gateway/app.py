@@ -31,8 +31,10 @@ from dexorder.gateway.sessions import MemorySessionStore, RedisSessionStore, Ses
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
 from dexorder.gateway.state import (
     CHAT_SERVICES,
+    DB_POOL,
     DRAINING,
     LIVE_SOCKETS,
+    REDIS,
     SESSIONS,
     SETTINGS,
     VERIFIER,
@@ -202,6 +204,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         licenses = LicenseStore.from_settings(settings, pool)
         provisioner = await _open_provisioner(settings, stack)
         redis = await _open_redis(settings, stack)
+        app[DB_POOL] = pool
+        if redis is not None:
+            app[REDIS] = redis
         limiter = await _open_limiter(redis, stack)
         app[SESSIONS] = _session_store(settings, redis)
         stack.push_async_callback(app[SESSIONS].close)

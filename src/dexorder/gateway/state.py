@@ -6,8 +6,10 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from dexorder.gateway.auth import TokenVerifier
+from dexorder.gateway.licenses import Pool
 from dexorder.gateway.sessions import SessionStore
 from dexorder.gateway.settings import GatewaySettings
 
@@ -22,3 +24,6 @@ LIVE_SOCKETS: web.AppKey[dict[web.WebSocketResponse[bool], Conversation]] = web.
 )
 DRAINING = web.AppKey("draining", asyncio.Event)
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
+# Opened once by the app's shared services, for every channel to use.
+DB_POOL: web.AppKey[Pool] = web.AppKey("db_pool")
+REDIS = web.AppKey("redis", Redis)  # set only with REDIS_URL

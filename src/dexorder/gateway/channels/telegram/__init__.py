@@ -28,7 +28,6 @@ from dexorder.gateway.channels.telegram.chat import SessionDirectory, TelegramCh
 from dexorder.gateway.channels.telegram.inbox import Inbox, InboxOptions, MemoryInbox, RedisInbox
 from dexorder.gateway.channels.telegram.reply import Pace
 from dexorder.gateway.channels.telegram.webhook import INBOX, WEBHOOK_SECRET, receive
-from dexorder.gateway.licenses import open_pool
 from dexorder.gateway.linking import (
     LINK_CODES,
     AttemptLimiter,
@@ -37,7 +36,7 @@ from dexorder.gateway.linking import (
     RedisAttemptLimiter,
     create_link_code,
 )
-from dexorder.gateway.state import CHAT_SERVICES, SETTINGS
+from dexorder.gateway.state import CHAT_SERVICES, DB_POOL, REDIS, SETTINGS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -78,19 +77,14 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         bot = make_bot(settings)
         stack.push_async_callback(bot.session.close)
-        pool = await open_pool(settings.database_url, max_size=4)
-        stack.push_async_callback(pool.close)
-        app[LINK_CODES] = LinkCodeStore(pool, settings.link_code_ttl_seconds)
+        # The app's shared services (opened first) own the database pool and Redis client.
+        app[LINK_CODES] = LinkCodeStore(app[DB_POOL], settings.link_code_ttl_seconds)
         # Names this replica on the control channel, so it skips its own commands' echo.
         replica = uuid.uuid4().hex
-        redis: Redis | None = None
+        redis = app.get(REDIS)
         inbox: Inbox
         attempts: AttemptLimiter
-        if settings.redis_url:
-            from redis.asyncio import Redis
-
-            redis = Redis.from_url(settings.redis_url)
-            stack.push_async_callback(redis.aclose)
+        if redis is not None:
             inbox = RedisInbox(redis, options.inbox)
             attempts = RedisAttemptLimiter(redis)
             log.info("Telegram updates: durable in a Redis stream, shared by every replica")
