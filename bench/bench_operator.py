@@ -217,8 +217,10 @@ async def burst(
 
         async def create(i: int) -> None:
             name = f"u{i:04d}"
-            created[name] = time.monotonic()
+            # The clock starts when the API server has accepted the object: before that
+            # no operator can see it, and the bench's own client queue is not its latency.
             body = await kube.create(ua_path, user_agent(name))
+            created[name] = time.monotonic()
             if baseline:
                 await create_children(kube, body, headless)
 

@@ -150,8 +150,10 @@ class OperatorState:
         # Not ``apply=True`` for a new generation: the pass compares generations itself.
         # Forcing it would apply twice when an event lands while the first apply is in
         # flight (the finalizer patch's own event does, for every new agent).
-        if self.applied.get(key) != _generation(agent) or _status_behind(agent):
-            self.queue.add(key)
+        # Urgent though: a spec not applied yet goes before agents that only need a status.
+        unapplied = self.applied.get(key) != _generation(agent)
+        if unapplied or _status_behind(agent):
+            self.queue.add(key, urgent=unapplied)
 
     # --- one pass over one agent ---------------------------------------------------------
 

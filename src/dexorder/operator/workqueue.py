@@ -5,6 +5,12 @@ marks that arrived meanwhile (controller-runtime's model). Two events never writ
 same agent's status concurrently, so a slow pass cannot overwrite a newer one, and a
 burst of child events costs one pass instead of one each. A failed pass is retried with
 a growing delay.
+
+Urgent marks (a new spec to apply, drift to undo) are served before status-only ones.
+In a burst of new agents that puts every agent's children on the API server first, so
+the controllers downstream (Deployment, ReplicaSet, scheduler) start on all of them as
+early as possible; a status pass that waits meanwhile often finds the agent Ready already
+and writes once instead of twice (Provisioning, then Ready).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -40,24 +47,55 @@ class WorkQueue(Generic[K]):
         self._workers = workers
         self._retry_delay = retry_delay
         self._pending: dict[K, bool] = {}
-        self._ready: asyncio.Queue[K] = asyncio.Queue()
+        # Two lanes of keys waiting for a worker; ``_waiting`` counts their entries. A key
+        # made urgent while it waits in the normal lane is queued again in the urgent one;
+        # whichever entry comes second finds it no longer pending and is skipped.
+        self._urgent: deque[K] = deque()
+        self._normal: deque[K] = deque()
+        self._in_urgent: set[K] = set()
+        self._marked_urgent: set[K] = set()  # pending keys that asked to be served first
+        self._waiting = asyncio.Semaphore(0)
         self._active: set[K] = set()
         self._failures: dict[K, int] = {}
         self._retries: dict[K, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    def add(self, key: K, *, apply: bool = False) -> None:
-        """Mark ``key``; ``apply`` asks for its children to be applied, not only its status."""
-        if key in self._pending:
-            self._pending[key] = self._pending[key] or apply
-            return
-        self._pending[key] = apply
-        if key not in self._active:
-            self._ready.put_nowait(key)
+    def add(self, key: K, *, apply: bool = False, urgent: bool = False) -> None:
+        """Mark ``key``; ``apply`` asks for its children to be applied, not only its status.
+
+        ``urgent`` (implied by ``apply``) serves it before keys that need a status pass only.
+        """
+        urgent = urgent or apply
+        waiting = key in self._pending
+        self._pending[key] = self._pending.get(key, False) or apply
+        if urgent:
+            self._marked_urgent.add(key)
+        if key in self._active:
+            return  # its worker queues it again when the pass ends
+        if urgent and key not in self._in_urgent:
+            self._enqueue(key, urgent=True)
+        elif not waiting:
+            self._enqueue(key, urgent=False)
+
+    def _enqueue(self, key: K, *, urgent: bool) -> None:
+        if urgent:
+            self._in_urgent.add(key)
+            self._urgent.append(key)
+        else:
+            self._normal.append(key)
+        self._waiting.release()
+
+    def _next(self) -> K:
+        if self._urgent:
+            key = self._urgent.popleft()
+            self._in_urgent.discard(key)
+            return key
+        return self._normal.popleft()
 
     def forget(self, key: K) -> None:
         """Drop pending work and retries for ``key`` (its object is gone)."""
         self._pending.pop(key, None)
+        self._marked_urgent.discard(key)
         self._failures.pop(key, None)
         retry = self._retries.pop(key, None)
         if retry is not None:
@@ -83,10 +121,13 @@ class WorkQueue(Generic[K]):
 
     async def _work(self) -> None:
         while True:
-            key = await self._ready.get()
-            if key not in self._pending:
-                continue  # forgotten while it waited
+            await self._waiting.acquire()
+            key = self._next()
+            if key not in self._pending or key in self._active:
+                # Forgotten while it waited, or a second entry of a key queued in both lanes.
+                continue
             apply = self._pending.pop(key)
+            self._marked_urgent.discard(key)
             self._active.add(key)
             try:
                 await self._process(key, apply)
@@ -99,7 +140,7 @@ class WorkQueue(Generic[K]):
             finally:
                 self._active.discard(key)
             if key in self._pending:
-                self._ready.put_nowait(key)
+                self._enqueue(key, urgent=key in self._marked_urgent)
 
     def _schedule_retry(self, key: K, apply: bool, error: Exception) -> None:
         attempt = self._failures.get(key, 0) + 1

@@ -116,3 +116,53 @@ def test_retry_delays() -> None:
     assert backoff(error, 20) == 30.0
     assert retry_delay(Conflict("x", status=409), 5) == 0.2
     assert retry_delay(error, 2) == 1.0
+
+
+async def test_urgent_marks_are_served_before_status_only_ones() -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "busy":
+            await release.wait()
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1)
+    queue.start()
+    try:
+        queue.add("busy")
+        await asyncio.sleep(0.01)  # the one worker is held by "busy"
+        queue.add("status-1")
+        queue.add("status-2")
+        queue.add("new", urgent=True)
+        queue.add("drift", apply=True)
+        # Made urgent while it waits in the normal lane: served with the urgent ones, once.
+        queue.add("status-2", urgent=True)
+        release.set()
+        await wait_idle(queue)
+        assert calls == ["busy", "new", "drift", "status-2", "status-1"]
+    finally:
+        await queue.stop()
+
+
+async def test_urgency_marked_during_a_pass_is_kept_for_the_next_pass() -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "a" and calls.count("a") == 1:
+            await release.wait()
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1)
+    queue.start()
+    try:
+        queue.add("a")
+        await asyncio.sleep(0.01)
+        queue.add("b")
+        queue.add("a", urgent=True)  # while "a" runs: its next pass jumps ahead of "b"
+        release.set()
+        await wait_idle(queue)
+        assert calls == ["a", "a", "b"]
+    finally:
+        await queue.stop()
