@@ -132,7 +132,9 @@ def _catalog() -> TierCatalog:
     return parse_tier_catalog(TIER_CATALOG.read_text(), source=str(TIER_CATALOG))
 
 
-async def create_children(kube: KubeClient, created: Mapping[str, Any], headless: bool) -> None:
+async def create_children(
+    kube: KubeClient, created: Mapping[str, Any], headless: bool, post: bool = False
+) -> None:
     """What the operator's first reconcile writes, written directly (the baseline)."""
     metadata = created["metadata"]
     owner = manifests.Owner(metadata["name"], metadata["namespace"], metadata["uid"])
@@ -150,25 +152,31 @@ async def create_children(kube: KubeClient, created: Mapping[str, Any], headless
                 manifests.token_secret(owner, spec, secrets.token_urlsafe(32)),
             )
 
-    # Concurrently, as the operator does.
-    await asyncio.gather(
-        secret(),
-        kube.apply(
-            resource_path("v1", "persistentvolumeclaims", NAMESPACE, naming.pvc_name(owner.name)),
+    children = [
+        (
+            "v1",
+            "persistentvolumeclaims",
+            naming.pvc_name(owner.name),
             manifests.persistent_volume_claim(owner, spec, sizing, template),
-            field_manager=FIELD_MANAGER,
         ),
-        kube.apply(
-            resource_path("apps/v1", "deployments", NAMESPACE, naming.deployment_name(owner.name)),
+        (
+            "apps/v1",
+            "deployments",
+            naming.deployment_name(owner.name),
             manifests.deployment(owner, spec, sizing, template),
-            field_manager=FIELD_MANAGER,
         ),
-        kube.apply(
-            resource_path("v1", "services", NAMESPACE, naming.service_name(owner.name)),
-            service,
-            field_manager=FIELD_MANAGER,
-        ),
-    )
+        ("v1", "services", naming.service_name(owner.name), service),
+    ]
+
+    async def write(api: str, plural: str, name: str, body: dict[str, Any]) -> None:
+        if post:  # a plain create, to weigh server-side apply's own cost
+            await kube.create(resource_path(api, plural, NAMESPACE), body)
+        else:
+            path = resource_path(api, plural, NAMESPACE, name)
+            await kube.apply(path, body, field_manager=FIELD_MANAGER)
+
+    # Concurrently, as the operator does.
+    await asyncio.gather(secret(), *(write(*child) for child in children))
 
 
 async def burst(
@@ -177,6 +185,7 @@ async def burst(
     operator: OperatorProcess | None,
     timeout: float,
     headless: bool = True,
+    post: bool = False,
 ) -> dict[str, str]:
     baseline = operator is None
     async with KubeClient(load_kubeconfig(kubeconfig), pool_size=100) as kube:
@@ -222,7 +231,7 @@ async def burst(
             body = await kube.create(ua_path, user_agent(name))
             created[name] = time.monotonic()
             if baseline:
-                await create_children(kube, body, headless)
+                await create_children(kube, body, headless, post)
 
         load_before = load_average()
         operator_cpu_before = (
@@ -248,7 +257,7 @@ async def burst(
             return f"{statistics.median(values):.2f} / {percentile(values, 0.99):.2f} s"
 
         results = {
-            "mode": "baseline: no operator, children created by the bench"
+            "mode": f"baseline: no operator, children {'created' if post else 'applied'} by the bench"
             if baseline
             else "operator",
             "agent Services": "headless" if headless else "with a cluster IP",
@@ -325,6 +334,11 @@ def main() -> None:
         action="store_true",
         help="agent Services with a cluster IP (the operator's default is headless)",
     )
+    parser.add_argument(
+        "--post",
+        action="store_true",
+        help="with --baseline: plain creates instead of server-side apply for the children",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this long (s)")
     args = parser.parse_args()
     with ControlPlane() as plane:
@@ -350,6 +364,7 @@ def main() -> None:
                     operator,
                     args.timeout,
                     headless=not args.cluster_ip_services,
+                    post=args.post,
                 )
             )
         finally:

@@ -11,9 +11,12 @@ paid for those several thousand extra writes on a control plane that is the bott
 ``metadata.generation`` against the generation last applied says the same as kopf's
 diff base (the spec changed), and the first sight of each object after a start is the
 resume. Deletion is served by the operator's own finalizer (:data:`FINALIZER`), added once
-per agent in the same pass as its first children (one write per lifetime, in parallel
-with them): while the agent is being deleted, a pass deletes or keeps its volume as
-``storage.reclaimPolicy`` says, then removes the finalizer.
+per agent, in parallel with the children of the first spec that says
+``storage.reclaimPolicy: Delete`` (one write per lifetime): while the agent is being
+deleted, a pass deletes or keeps its volume as the policy now says, then removes the
+finalizer. An agent that has only ever said ``Retain`` (the default) needs none: its claim
+was never owned, so deleting the agent leaves it, and a burst of new agents is spared a
+thousand writes.
 """
 
 from __future__ import annotations
@@ -164,7 +167,10 @@ class OperatorState:
         if agent["metadata"].get("deletionTimestamp"):
             await self._finalize(key, agent)
             return
-        work = [] if FINALIZER in _finalizers(agent) else [self._add_finalizer(key, agent)]
+        needs_finalizer = (
+            _reclaim_policy(agent) == "Delete" and FINALIZER not in _finalizers(agent)
+        )
+        work = [self._add_finalizer(key, agent)] if needs_finalizer else []
         try:
             desired = desired_state(agent, self.reconciler.catalog)
         except InvalidUserAgent as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+from functools import partial
 from typing import Any
 
 from dexorder.adapters.kubernetes import KubeClient, resource_path
@@ -151,61 +152,75 @@ async def test_delete_retain_keeps_volume_and_delete_removes_it(
         ua_path(namespace),
         user_agent("drop", namespace, "drop", storage={"reclaimPolicy": "Delete"}),
     )
+    await kube.create(
+        ua_path(namespace),
+        user_agent("switch", namespace, "switch", storage={"reclaimPolicy": "Delete"}),
+    )
     keep = await wait_phase(kube, namespace, "keep", "Ready")
     drop = await wait_phase(kube, namespace, "drop", "Ready")
+    await wait_phase(kube, namespace, "switch", "Ready")
 
-    # While they live, each carries the operator's finalizer.
     async def finalized(name: str) -> bool:
         body = await kube.get(ua_path(namespace, name))
         return FINALIZER in (body["metadata"].get("finalizers") or [])
 
-    await eventually(lambda: finalized("keep"), timeout=30, what="keep's finalizer")
+    # An agent whose policy is (or was) Delete carries the operator's finalizer; one that
+    # only ever retained its volume needs none.
     await eventually(lambda: finalized("drop"), timeout=30, what="drop's finalizer")
-    keep_path = resource_path("v1", "persistentvolumeclaims", namespace, "keep-data")
-    drop_path = resource_path("v1", "persistentvolumeclaims", namespace, "drop-data")
-    assert not (await kube.get(keep_path))["metadata"].get("ownerReferences")
-    (drop_owner,) = (await kube.get(drop_path))["metadata"]["ownerReferences"]
+    await eventually(lambda: finalized("switch"), timeout=30, what="switch's finalizer")
+    assert FINALIZER not in (keep["metadata"].get("finalizers") or [])
+
+    def claim(name: str) -> str:
+        return resource_path("v1", "persistentvolumeclaims", namespace, f"{name}-data")
+
+    assert not (await kube.get(claim("keep")))["metadata"].get("ownerReferences")
+    (drop_owner,) = (await kube.get(claim("drop")))["metadata"]["ownerReferences"]
     assert drop_owner["uid"] == drop["metadata"]["uid"]
 
-    # A Retain claim that still holds an owner reference (as after a switch from Delete
-    # that no pass applied yet) must not be collected with its agent either.
+    # Delete -> Retain: the next pass drops the claim's owner reference (server-side apply
+    # owns it), and the finalizer stays, so a reference left over is still removed at
+    # deletion: here one put back by hand, as after a switch no pass has applied yet.
+    switched = await kube.merge_patch(
+        ua_path(namespace, "switch"), {"spec": {"storage": {"reclaimPolicy": "Retain"}}}
+    )
+
+    async def unowned() -> bool:
+        return not (await kube.get(claim("switch")))["metadata"].get("ownerReferences")
+
+    await eventually(unowned, timeout=30, what="switch's claim unowned after Retain")
     owner = {
         "apiVersion": "dexorder.ai/v1alpha1",
         "kind": "UserAgent",
-        "name": "keep",
-        "uid": keep["metadata"]["uid"],
+        "name": "switch",
+        "uid": switched["metadata"]["uid"],
     }
-    await kube.merge_patch(keep_path, {"metadata": {"ownerReferences": [owner]}})
+    await kube.merge_patch(claim("switch"), {"metadata": {"ownerReferences": [owner]}})
 
-    await kube.delete(ua_path(namespace, "keep"))
-    await kube.delete(ua_path(namespace, "drop"))
+    for name in ("keep", "drop", "switch"):
+        await kube.delete(ua_path(namespace, name))
 
     async def gone(path: str) -> bool:
         return await kube.get_or_none(path) is None
 
-    # The UserAgents themselves go: the operator removed its finalizer.
-    await eventually(lambda: gone(ua_path(namespace, "keep")), timeout=30, what="keep deleted")
-    await eventually(lambda: gone(ua_path(namespace, "drop")), timeout=30, what="drop deleted")
-    await eventually(
-        lambda: gone(resource_path("apps/v1", "deployments", namespace, "keep-agent")),
-        what="children collected",
-    )
-    await eventually(
-        lambda: gone(resource_path("apps/v1", "deployments", namespace, "drop-agent")),
-        what="children collected",
-    )
+    # The UserAgents themselves go: the operator removed its finalizer where it had one.
+    for name in ("keep", "drop", "switch"):
+        agent_path = ua_path(namespace, name)
+        deployment_path = resource_path("apps/v1", "deployments", namespace, f"{name}-agent")
+        await eventually(partial(gone, agent_path), timeout=30, what=f"{name} deleted")
+        await eventually(partial(gone, deployment_path), what=f"{name}'s children collected")
     # Delete: the claim is gone once its pod is (pvc-protection holds it until then).
-    await eventually(lambda: gone(drop_path), timeout=30, what="drop's volume deleted")
-    # Retain: the claim stays, unowned, and nothing is deleting it.
+    await eventually(lambda: gone(claim("drop")), timeout=30, what="drop's volume deleted")
+    # Retain: the claims stay, unowned, and nothing is deleting them.
     await asyncio.sleep(1)  # give the garbage collector time to act, if it were to
-    kept = await kube.get_or_none(keep_path)
-    assert kept is not None
-    assert not kept["metadata"].get("deletionTimestamp")
-    assert not kept["metadata"].get("ownerReferences")
-    # Both were released by the finalizer, not only by the garbage collector.
+    for name in ("keep", "switch"):
+        kept = await kube.get_or_none(claim(name))
+        assert kept is not None, name
+        assert not kept["metadata"].get("deletionTimestamp"), name
+        assert not kept["metadata"].get("ownerReferences"), name
+    # The finalizer released the two that held it, not only the garbage collector.
     log = operator.log()
     assert f"released {namespace}/drop (volume: Delete)" in log
-    assert f"released {namespace}/keep (volume: Retain)" in log
+    assert f"released {namespace}/switch (volume: Retain)" in log
 
 
 async def test_quota_refusal_is_reported_with_its_reason(

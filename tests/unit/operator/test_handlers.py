@@ -127,7 +127,9 @@ def live_agent(**metadata: Any) -> dict[str, Any]:
 
 async def test_the_finalizer_is_added_once_alongside_the_first_children() -> None:
     operator, reconciler = recording_state()
-    operator.cache.put_agent(live_agent(finalizers=["someone.else/keep"]))
+    body = live_agent(finalizers=["someone.else/keep"])
+    body["spec"]["storage"] = {"reclaimPolicy": "Delete"}
+    operator.cache.put_agent(body)
     await operator.process(("ns", "a"), apply=True)
     assert sorted(reconciler.calls) == ["add finalizer", "apply children", "status"]
     held = operator.cache.agents[("ns", "a")]["metadata"]["finalizers"]
@@ -136,6 +138,14 @@ async def test_the_finalizer_is_added_once_alongside_the_first_children() -> Non
     reconciler.calls.clear()
     await operator.process(("ns", "a"), apply=True)
     assert reconciler.calls == ["apply children", "status"]  # no second finalizer write
+
+
+async def test_an_agent_that_retains_its_volume_needs_no_finalizer() -> None:
+    operator, reconciler = recording_state()
+    operator.cache.put_agent(live_agent())  # reclaimPolicy: Retain, by default
+    await operator.process(("ns", "a"), apply=True)
+    assert reconciler.calls == ["apply children", "status"]
+    assert FINALIZER not in operator.cache.agents[("ns", "a")]["metadata"].get("finalizers", [])
 
 
 async def test_a_deleted_agent_releases_its_volume_then_its_finalizer() -> None:
@@ -165,6 +175,7 @@ def test_the_reclaim_policy_defaults_to_retain() -> None:
 async def test_an_event_during_the_first_apply_does_not_apply_again() -> None:
     operator, reconciler = recording_state()
     body = live_agent()
+    body["spec"]["storage"] = {"reclaimPolicy": "Delete"}
     # The finalizer patch's own watch event lands while the children are being applied.
     with_finalizer = copy.deepcopy(body)
     with_finalizer["metadata"].update(finalizers=[FINALIZER], resourceVersion="2")
