@@ -2,9 +2,10 @@
 fallbacks add to a streamed reply.
 
 Run with ``.venv/bin/python bench/bench_routing.py``; prints Markdown. The streams come from the
-scripted OpenAI-style server (``dexorder.devenv.fake_llm``) on loopback, read three ways,
-interleaved: litellm directly (``llm.stream_chat``), through ``ModelRouter`` with a healthy
-first deployment, and through ``ModelRouter`` whose first deployment answers 429.
+scripted OpenAI-style server (``dexorder.devenv.fake_llm``) on loopback, read interleaved:
+litellm directly (``llm.stream_chat``), and through ``ModelRouter`` with a healthy first
+deployment and with one whose first deployment answers 429, each over both transports (the
+wire path OpenAI-compatible deployments take by default, and LiteLLM's Router).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import statistics
 import time
 from collections import Counter
@@ -78,22 +80,34 @@ async def streams_section(requests: int) -> list[str]:
     limited = FakeLLMServer(default=FailureScript(failure="rate_limit", retry_after=1))
     for server in (healthy, limited):
         await server.start()
+    routers: list[ModelRouter] = []
     try:
         policy = RouterPolicy(timeout=10, cooldown_seconds=0)
         direct_target = healthy.target("text")
-        routed = ModelRouter({"standard": [healthy.target("text")]}, policy)
-        falling = ModelRouter(
-            {"standard": [limited.target("busy"), healthy.target("text")]}, policy
-        )
         choice = RouteChoice("standard", "openai/text", (0,), "bench", RouteSource.COMPLEXITY)
         fallback_choice = RouteChoice(
             "standard", "openai/busy", (0, 1), "bench", RouteSource.COMPLEXITY
         )
         paths: dict[str, Callable[[], AsyncGenerator[Any, None]]] = {
             "litellm direct (stream_chat)": lambda: stream_chat(direct_target, QUESTION),
-            "ModelRouter, healthy first": lambda: routed.stream(choice, QUESTION),
-            "ModelRouter, first 429 -> second": lambda: falling.stream(fallback_choice, QUESTION),
         }
+        for transport in ("auto", "litellm"):
+            label = "wire" if transport == "auto" else "LiteLLM Router"
+            routed = ModelRouter(
+                {"standard": [healthy.target("text")]}, policy, transport=transport
+            )
+            falling = ModelRouter(
+                {"standard": [limited.target("busy"), healthy.target("text")]},
+                policy,
+                transport=transport,
+            )
+            routers += [routed, falling]
+            paths[f"ModelRouter ({label}), healthy first"] = functools.partial(
+                routed.stream, choice, QUESTION
+            )
+            paths[f"ModelRouter ({label}), first 429 -> second"] = functools.partial(
+                falling.stream, fallback_choice, QUESTION
+            )
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         for read in paths.values():  # warm-up
             await timed(read)
@@ -101,6 +115,8 @@ async def streams_section(requests: int) -> list[str]:
             for name, read in paths.items():
                 results[name].append(await timed(read))
     finally:
+        for router in routers:
+            await router.close()
         for server in (healthy, limited):
             await server.stop()
     lines = [

@@ -219,6 +219,18 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[EVENT_SINK] = sink
         retriever = await _open_retriever(settings, stack)
         reviews = await _open_reviews(settings, targets, models.default_group, stack)
+        router = ModelRouter(
+            targets,
+            RouterPolicy(
+                timeout=settings.llm_timeout_seconds,
+                rounds=settings.llm_fallback_rounds,
+                backoff_seconds=settings.llm_backoff_seconds,
+                backoff_cap_seconds=settings.llm_backoff_cap_seconds,
+                cooldown_seconds=settings.llm_cooldown_seconds,
+            ),
+            transport=settings.llm_transport,
+        )
+        stack.push_async_callback(router.close)
         app[CHAT_SERVICES] = ChatServices(
             licenses=licenses,
             catalog=catalog,
@@ -226,16 +238,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             limiter=limiter,
             targets=targets,
             default_group=models.default_group,
-            router=ModelRouter(
-                targets,
-                RouterPolicy(
-                    timeout=settings.llm_timeout_seconds,
-                    rounds=settings.llm_fallback_rounds,
-                    backoff_seconds=settings.llm_backoff_seconds,
-                    backoff_cap_seconds=settings.llm_backoff_cap_seconds,
-                    cooldown_seconds=settings.llm_cooldown_seconds,
-                ),
-            ),
+            router=router,
             host_map=settings.agent_host_map,
             max_tool_rounds=settings.max_tool_rounds,
             max_queued=settings.max_queued_messages,
@@ -249,6 +252,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 else None
             ),
         )
+        # Pushed last, so it runs first: the agents' MCP sessions end while the agents run.
+        stack.push_async_callback(app[CHAT_SERVICES].agents.close)
 
         async def database_ok() -> bool:
             async with pool.connection() as connection:

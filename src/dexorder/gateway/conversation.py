@@ -3,6 +3,11 @@ and one generation at a time.
 
 A channel (WebSocket, Telegram) feeds it text and receives protocol frames through
 ``emit``. The conversation owns every task it starts and cancels them on close.
+
+The agent's MCP session is shared with the user's other conversations in this process
+(``agent_sessions``). What the next turn's prompt needs from the agent (preferences and
+history) is read ahead, once the agent is ready and after each turn's write-back, so the
+model is called without waiting on the agent.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dexorder.core import protocol
@@ -23,7 +28,8 @@ from dexorder.core.ratelimit import Decision
 from dexorder.core.routing import LLMTarget, RouteChoice, RoutingError
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
-from dexorder.gateway.harness import Harness, TurnResult
+from dexorder.gateway.agent_sessions import AgentLease, AgentSessions
+from dexorder.gateway.harness import AgentContext, Harness, TurnResult, read_agent_context
 from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.llm import LLMError
@@ -40,6 +46,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[protocol.Frame], Awaitable[None]]
+
+# A context read ahead is used only while younger than this: another chat of the same user
+# (a tab, Telegram) may have changed the preferences since, and the history of this chat
+# changes only through its own turns. An older read is done again, as without read ahead.
+CONTEXT_FRESH_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,8 @@ class ChatServices:
     retriever: Retriever | None = None
     # The strategy review: a tool for the model, approvals from the user.
     reviews: ReviewChat | None = None
+    # One MCP session per user's agent, shared by the user's conversations; the app closes it.
+    agents: AgentSessions = field(default_factory=AgentSessions)
 
 
 class ConversationError(Exception):
@@ -117,7 +130,15 @@ class Conversation:
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=services.max_queued)
         self._worker: asyncio.Task[None] | None = None
         self._turn: asyncio.Task[TurnResult] | None = None
-        self._agent: AgentSession | None = None
+        # The hold on the shared MCP session; taken and let go under the lock, since the
+        # worker and an approval may both want the agent at once.
+        self._agent_lease: AgentLease | None = None
+        self._agent_lock = asyncio.Lock()
+        # The next turn's context, read ahead from ``_read_ahead_of``; kept (and so owned)
+        # until the next read ahead replaces it or the conversation closes.
+        self._read_ahead: asyncio.Task[AgentContext | None] | None = None
+        self._read_ahead_of: AgentSession | None = None
+        self._read_ahead_taken = False
         self._lease_open = False
         self._prepared = False
         # Told the agent's MCP session id when one opens and None when it is dropped, so a
@@ -127,6 +148,21 @@ class Conversation:
     @property
     def user_id(self) -> str:
         return self.license.user_id
+
+    @property
+    def agent(self) -> AgentSession | None:
+        """The MCP session this conversation holds now, shared with the user's others."""
+        lease = self._agent_lease
+        return lease.session if lease is not None and not lease.dropped else None
+
+    @property
+    def context_read_ahead(self) -> AgentContext | None:
+        """The next turn's context once read ahead, until a turn takes it (for tests and
+        diagnostics; a stale one is still shown, and the turn reads again)."""
+        task = self._read_ahead
+        if task is None or self._read_ahead_taken or not task.done() or task.cancelled():
+            return None
+        return task.result()
 
     @property
     def generating(self) -> bool:
@@ -167,9 +203,11 @@ class Conversation:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        if self._agent is not None:
-            await self._agent.close()
-            self._agent = None
+        await self._stop_read_ahead()
+        async with self._agent_lock:
+            lease, self._agent_lease = self._agent_lease, None
+            if lease is not None:
+                await lease.release()
 
     async def _error(
         self, code: protocol.ErrorCode, message: str, retry_after: float | None = None
@@ -181,25 +219,87 @@ class Conversation:
         await self._emit(protocol.StatusFrame(stage=stage, message=message))
 
     async def _ensure_agent(self) -> AgentSession:
-        if self._agent is not None:
-            return self._agent
-        if self.license.mcp_server_url:
-            # The license names the user's own MCP server: nothing to provision or wake.
-            endpoint = AgentEndpoint(
-                self.user_id, self.license.mcp_server_url, self.services.external_mcp_token
+        async with self._agent_lock:
+            lease = self._agent_lease
+            if lease is not None and not lease.dropped:
+                return lease.session
+            if lease is not None:
+                # Another conversation of this user found the agent gone and dropped the
+                # session: provision (or find the new agent) and join the next session.
+                self._agent_lease = None
+                await lease.release()
+            if self.license.mcp_server_url:
+                # The license names the user's own MCP server: nothing to provision or wake.
+                endpoint = AgentEndpoint(
+                    self.user_id, self.license.mcp_server_url, self.services.external_mcp_token
+                )
+            else:
+                started = time.perf_counter()
+                endpoint = await self.services.provisioner.ensure_agent(
+                    self.license, self._progress
+                )
+                metrics.PROVISIONING.observe(time.perf_counter() - started)
+            lease = self.services.agents.acquire(
+                endpoint,
+                host_map=self.services.host_map,
+                connect_grace=self.services.agent_connect_seconds,
+                on_session=self._on_mcp_session,
             )
-        else:
-            started = time.perf_counter()
-            endpoint = await self.services.provisioner.ensure_agent(self.license, self._progress)
-            metrics.PROVISIONING.observe(time.perf_counter() - started)
-        agent = AgentSession(
-            endpoint,
-            host_map=self.services.host_map,
-            connect_grace=self.services.agent_connect_seconds,
-            on_session=self._on_mcp_session,
+            self._agent_lease = lease
+            await lease.report()
+            return lease.session
+
+    async def _read_context(self, agent: AgentSession) -> AgentContext | None:
+        """The read ahead: preferences and history (and the tool list, cached once read).
+
+        Never fails: a failed read is the turn's to do again, and its error to report."""
+        context, tools = await asyncio.gather(
+            read_agent_context(agent, self.session_id),
+            agent.list_tools(),
+            return_exceptions=True,
         )
-        self._agent = agent
-        return agent
+        for outcome in (context, tools):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome  # cancelled with the conversation (gather returned it)
+            if isinstance(outcome, BaseException):
+                logger.info(
+                    "reading ahead for session %s failed; the turn reads itself: %s",
+                    self.session_id,
+                    outcome,
+                )
+                return None
+        assert isinstance(context, AgentContext)
+        return context
+
+    async def _read_ahead_next(self, agent: AgentSession) -> None:
+        """Start reading the next turn's context in the background."""
+        await self._stop_read_ahead()
+        if agent.closed:
+            return  # dropped meanwhile; the next turn joins a new session and reads
+        self._read_ahead = asyncio.create_task(
+            self._read_context(agent), name=f"read-ahead:{self.session_id}"
+        )
+        self._read_ahead_of = agent
+        self._read_ahead_taken = False
+
+    def _take_read_ahead(self, agent: AgentSession) -> asyncio.Task[AgentContext | None] | None:
+        """The read ahead for a turn on ``agent``: once, and only while running or fresh."""
+        task = self._read_ahead
+        if task is None or self._read_ahead_taken or self._read_ahead_of is not agent:
+            return None
+        self._read_ahead_taken = True
+        if task.done():
+            context = None if task.cancelled() else task.result()
+            if context is None or time.monotonic() - context.read_at > CONTEXT_FRESH_SECONDS:
+                return None
+        return task
+
+    async def _stop_read_ahead(self) -> None:
+        task, self._read_ahead, self._read_ahead_of = self._read_ahead, None, None
+        if task is not None and not task.done():
+            task.cancel()
+            # wait(), not await: only our own cancel may stop us here, not the task's.
+            await asyncio.wait([task])
 
     async def prepare(self) -> None:
         """Get the agent ready before the first message, showing progress; errors are frames.
@@ -211,12 +311,14 @@ class Conversation:
             return
         self._prepared = True
         try:
-            await self._ensure_agent()
+            agent = await self._ensure_agent()
         except ProvisioningError as error:
             await self._error(
                 protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
             )
             return
+        # The first turn's context (and the MCP handshake) off the first message's path.
+        await self._read_ahead_next(agent)
         if self.services.reviews is not None:
             await self.services.reviews.remind(self.user_id, self._emit)
 
@@ -334,7 +436,8 @@ class Conversation:
                 gateway_tools=self.services.reviews,
             )
             self._turn = asyncio.create_task(
-                harness.run_turn(text, emit), name=f"turn:{self.session_id}"
+                harness.run_turn(text, emit, context=self._take_read_ahead(agent)),
+                name=f"turn:{self.session_id}",
             )
             try:
                 result = await self._turn
@@ -342,6 +445,8 @@ class Conversation:
                 await self._end_turn(turn, TurnOutcome.CANCELLED)
                 if self._worker is not None and self._worker.cancelling():
                     raise
+                # The cancelled turn was written back (marked so) before it ended.
+                await self._read_ahead_next(agent)
                 await self._emit(
                     protocol.DoneFrame(
                         usage=protocol.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
@@ -360,25 +465,32 @@ class Conversation:
                     return
                 continue
             except LLMError as error:
+                await self._read_ahead_next(agent)  # nothing was written; read all the same
                 await self._error(protocol.ErrorCode.LLM_ERROR, f"the model failed: {error}")
                 await self._end_turn(turn, TurnOutcome.FAILED)
                 return
             except RoutingError as error:
+                await self._read_ahead_next(agent)
                 await self._error(protocol.ErrorCode.LLM_ERROR, str(error))
                 await self._end_turn(turn, TurnOutcome.FAILED)
                 return
             finally:
                 self._turn = None
+            # The turn was written back: the next one's context can be read now, while
+            # the user reads this reply.
+            await self._read_ahead_next(agent)
             await self._finish(result, turn, lease)
             return
 
     async def _drop_agent(self) -> None:
-        if self._agent is not None:
-            await self._agent.close()
-        self._agent = None
-        if self._on_mcp_session is not None:
-            with contextlib.suppress(Exception):
-                await self._on_mcp_session(None)
+        """The agent is gone: drop the shared session (every holder's hook is told None,
+        once) and let the provisioner find or start the agent again."""
+        await self._stop_read_ahead()
+        async with self._agent_lock:
+            lease, self._agent_lease = self._agent_lease, None
+            if lease is not None:
+                await lease.drop()
+                await lease.release()
         if not self.license.mcp_server_url:
             self.services.provisioner.forget(self.user_id)
 

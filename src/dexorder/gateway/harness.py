@@ -1,9 +1,11 @@
 """The agent harness: one chat turn, from the user's message to a streamed, tool-using reply.
 
 Stateless by design: everything it knows of the user (preferences, history, tools)
-comes from the user's MCP server at the start of the turn, and the turn is written
-back there at the end. A cancelled turn closes the upstream LLM stream at once (so
-billing stops) and is still recorded, marked as cancelled.
+comes from the user's MCP server, and the turn is written back there at the end. The
+preferences and history may have been read ahead, after the previous turn's write-back
+(the conversation does that and hands the read in); otherwise the turn reads them first.
+A cancelled turn closes the upstream LLM stream at once (so billing stops) and is still
+recorded, marked as cancelled.
 """
 
 from __future__ import annotations
@@ -37,6 +39,37 @@ SYSTEM_PROMPT = (
 )
 HISTORY_TURNS = 20
 WRITE_BACK_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """What the agent holds for a turn's prompt: the user's preferences and this chat's
+    past turns, as read at ``read_at`` (``time.monotonic()``, when the read started)."""
+
+    preferences: dict[str, Any]
+    turns: list[dict[str, Any]]
+    read_at: float
+
+
+async def read_agent_context(agent: AgentSession, session_id: str) -> AgentContext:
+    """Read the preferences and the chat's history from the agent, in parallel."""
+    read_at = time.monotonic()
+    # Both reads end before this returns, even when one fails: nothing is left running.
+    outcomes: tuple[Any, Any] = await asyncio.gather(
+        agent.read_json_resource("dexorder://preferences", {}),
+        agent.read_json_resource(f"dexorder://history/{session_id}", []),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    preferences, history = outcomes
+    turns = history.get("turns", []) if isinstance(history, dict) else history
+    return AgentContext(
+        preferences=preferences if isinstance(preferences, dict) else {},
+        turns=turns if isinstance(turns, list) else [],
+        read_at=read_at,
+    )
 
 
 @dataclass
@@ -118,21 +151,34 @@ class Harness:
         # Never raises: a failed search is logged and the turn goes on without it.
         return await self.retriever.for_turn(self.user_id, user_message)
 
+    async def _agent_context(
+        self, ahead: asyncio.Future[AgentContext | None] | None
+    ) -> AgentContext:
+        """The read ahead once it is done, if it succeeded; else a read of our own."""
+        if ahead is not None:
+            if not ahead.done():
+                # wait(), not await: the read ahead failing or being cancelled must not
+                # look like this turn failing or being cancelled.
+                await asyncio.wait([ahead])
+            if not ahead.cancelled() and ahead.exception() is None:
+                context = ahead.result()
+                if context is not None:
+                    return context
+        return await read_agent_context(self.agent, self.session_id)
+
     async def _context(
-        self, user_message: str, emit: Emit
+        self,
+        user_message: str,
+        emit: Emit,
+        ahead: asyncio.Future[AgentContext | None] | None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-        preferences, history, tools, retrieved = await asyncio.gather(
-            self.agent.read_json_resource("dexorder://preferences", {}),
-            self.agent.read_json_resource(f"dexorder://history/{self.session_id}", []),
+        context, tools, retrieved = await asyncio.gather(
+            self._agent_context(ahead),
             self.agent.list_tools(),
             self._retrieve(user_message),
         )
-        turns = history.get("turns", []) if isinstance(history, dict) else history
-        preferences = preferences if isinstance(preferences, dict) else {}
-        messages = [
-            system_message(preferences),
-            *history_messages(turns if isinstance(turns, list) else []),
-        ]
+        preferences = context.preferences
+        messages = [system_message(preferences), *history_messages(context.turns)]
         if retrieved is not None and retrieved.message is not None:
             messages.append(retrieved.message)
         messages.append({"role": "user", "content": user_message})
@@ -154,12 +200,20 @@ class Harness:
         )
         return self.route
 
-    async def run_turn(self, user_message: str, emit: Emit) -> TurnResult:
+    async def run_turn(
+        self,
+        user_message: str,
+        emit: Emit,
+        *,
+        context: asyncio.Future[AgentContext | None] | None = None,
+    ) -> TurnResult:
+        """One turn. ``context`` is the preferences and history read ahead (still running,
+        or done and fresh); when it ends in None, an error or a cancel, the turn reads."""
         result = TurnResult()
         started = time.perf_counter()
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
-            messages, tools, preferences = await self._context(user_message, emit)
+            messages, tools, preferences = await self._context(user_message, emit, context)
             route = result.route = self._choose_route(user_message, preferences)
             for _ in range(self.max_tool_rounds):
                 calls, text = await self._round(route, messages, tools, emit, result, started)

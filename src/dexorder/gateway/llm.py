@@ -271,6 +271,8 @@ def _never_connected(error: BaseException) -> bool:
 def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> LLMError:
     """Our error for one of litellm's, keeping its status and Retry-After."""
     if isinstance(error, LLMError):
+        # Ours already (the wire transport's): only the caller knows whether text was shown.
+        error.after_output = error.after_output or after_output
         return error
     detail = getattr(error, "message", None) or str(error) or type(error).__name__
     retry_after = next(
@@ -325,6 +327,77 @@ def collect_tool_call_fragments(delta: Any, parts: dict[int, ToolCallParts]) -> 
                 part.arguments.append(function.arguments)
 
 
+@dataclass
+class RoundReader:
+    """What one attempt's chunks add up to, besides their text.
+
+    Reads litellm's chunk objects and the wire path's parsed JSON (``gateway.openai_wire``)
+    alike, so the router treats both transports the same.
+    """
+
+    parts: dict[int, ToolCallParts] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    round_id: str = "round"
+    usage: Usage | None = None
+
+    def read(self, chunk: Any) -> str:
+        """Take in one chunk; its text (often empty: a role, a tool-call fragment, usage)."""
+        if isinstance(chunk, dict):
+            return self._read_json(chunk)
+        self.round_id = str(getattr(chunk, "id", None) or self.round_id)
+        self.usage = usage_of(chunk) or self.usage
+        text = ""
+        for choice in getattr(chunk, "choices", None) or ():
+            delta = getattr(choice, "delta", None)
+            collect_tool_call_fragments(delta, self.parts)
+            if getattr(choice, "finish_reason", None):
+                self.finish_reason = str(choice.finish_reason)
+            content = getattr(delta, "content", None)
+            if content:
+                text += content
+        return text
+
+    def _read_json(self, chunk: Mapping[str, Any]) -> str:
+        self.round_id = str(chunk.get("id") or self.round_id)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+            self.usage = Usage(
+                prompt, completion, int(usage.get("total_tokens") or 0) or prompt + completion
+            )
+        text = ""
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            for fragment in delta.get("tool_calls") or ():
+                index = fragment.get("index")
+                part = self.parts.setdefault(
+                    index if isinstance(index, int) else len(self.parts), ToolCallParts()
+                )
+                if fragment.get("id"):
+                    part.id = str(fragment["id"])
+                function = fragment.get("function") or {}
+                if function.get("name"):
+                    part.name = str(function["name"])
+                if function.get("arguments"):
+                    part.arguments.append(str(function["arguments"]))
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+            content = delta.get("content")
+            if content:
+                text += str(content)
+        return text
+
+    def tool_calls(self) -> list[ToolCall]:
+        return tool_calls_from(self.parts, self.round_id)
+
+    def finish(self, model: str) -> Finish:
+        reason = self.finish_reason
+        if self.parts and reason == "stop":
+            reason = "tool_calls"  # some providers say "stop" after a tool call
+        return Finish(reason=reason, model=model)
+
+
 def usage_of(chunk: Any) -> Usage | None:
     usage = getattr(chunk, "usage", None)
     if usage is None:
@@ -365,24 +438,13 @@ async def stream_chat(
         raise wrap_error(error, litellm, after_output=False) from error
 
     emitted = False
-    finish_reason = "stop"
-    model = target.model
-    round_id = "round"
-    usage: Usage | None = None
-    parts: dict[int, ToolCallParts] = {}
+    reader = RoundReader()
     try:
         async for chunk in stream:
-            round_id = str(getattr(chunk, "id", None) or round_id)
-            usage = usage_of(chunk) or usage
-            for choice in getattr(chunk, "choices", None) or []:
-                delta = getattr(choice, "delta", None)
-                collect_tool_call_fragments(delta, parts)
-                if getattr(choice, "finish_reason", None):
-                    finish_reason = str(choice.finish_reason)
-                content = getattr(delta, "content", None)
-                if content:
-                    emitted = True
-                    yield TextDelta(content)
+            content = reader.read(chunk)
+            if content:
+                emitted = True
+                yield TextDelta(content)
     except Exception as error:
         raise wrap_error(error, litellm, after_output=emitted) from error
     finally:
@@ -390,10 +452,8 @@ async def stream_chat(
         # stops the provider's generation when the user presses Stop.
         await stream.aclose()
 
-    for call in tool_calls_from(parts, round_id):
+    for call in reader.tool_calls():
         yield call
-    if usage is not None:
-        yield usage
-    if parts and finish_reason == "stop":
-        finish_reason = "tool_calls"  # some providers say "stop" after a tool call
-    yield Finish(reason=finish_reason, model=model)
+    if reader.usage is not None:
+        yield reader.usage
+    yield reader.finish(target.model)

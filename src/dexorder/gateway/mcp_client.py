@@ -4,6 +4,10 @@ The agent is opened with its per-agent bearer token; the user's JWT never reache
 When the server answers 404 for our session id (the agent restarted and forgot it),
 the MCP spec says the client must start a new session. The SDK surfaces that as a
 "Session terminated" error and stops there, so this adapter reopens and retries once.
+
+One session may serve many conversations of the user at once (``agent_sessions``): the
+SDK tells concurrent requests apart by their JSON-RPC ids, the tool list is fetched once,
+and a session lost to a restarted agent is reopened once for every caller.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import httpx
 from mcp import ClientSession, McpError
 from mcp.client.streamable_http import streamable_http_client
@@ -32,13 +37,24 @@ logger = logging.getLogger(__name__)
 
 # Idle connections are dropped before the agent's server (uvicorn: 5 s) closes them, so a
 # request never goes out on a connection the agent is closing at that moment.
-_AGENT_LIMITS = httpx.Limits(keepalive_expiry=2.0)
+# No cap on connections: a session carries every conversation of its user in this process,
+# and each request holds its connection until the reply (a backtest: minutes). httpx's
+# default cap (100) would queue the others behind slow tools until the read timeout fails
+# them, and a failed call drops the session for all of them. Each conversation runs one
+# turn at a time, so the connections stay bounded by the user's conversations.
+_AGENT_LIMITS = httpx.Limits(
+    max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0
+)
 
 
 class AgentUnavailable(Exception):
     """The user's agent could not be reached, or broke the protocol."""
 
     code = "agent_unavailable"
+
+
+class _TransportEnded(Exception):
+    """The session's transport ended while a request was waiting for its reply."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,16 @@ class AgentSession:
         self._holder: asyncio.Task[None] | None = None
         # Concurrent first calls (the harness reads resources in parallel) share one open.
         self._opening = asyncio.Lock()
+        # The session a reopen failed to replace: callers that lost the same one fail at
+        # once instead of each trying again, one after the other, against a gone agent.
+        self._reopen_failed: ClientSession | None = None
+        # The last session the agent answered 404 for: requests still waiting on it when a
+        # reopen closes it were refused too (not run), so they are sent again.
+        self._forgotten: ClientSession | None = None
+        # Closed for good: calls fail instead of opening a session nobody would close.
+        self._closed = False
         self._tools: list[ToolSpec] | None = None
+        self._listing = asyncio.Lock()
         self.sessions_opened = 0
         #: The agent's id for the current MCP session (the ``mcp-session-id`` header).
         self.mcp_session_id: str | None = None
@@ -150,6 +175,13 @@ class AgentSession:
             with contextlib.suppress(BaseException):
                 await task
             raise
+        if self._closed:
+            # Closed while this open was under way: nobody would close what it opened.
+            self.mcp_session_id = None
+            closing.set()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=5)
+            raise AgentUnavailable("the MCP session was closed")
         self._session, self._closing, self._holder = session, closing, task
         self.sessions_opened += 1
         if self._on_session is not None:
@@ -199,61 +231,136 @@ class AgentSession:
             try:
                 await self._open()
             except AgentUnavailable:
-                if self.sessions_opened or time.monotonic() + delay > deadline:
+                if self._closed or self.sessions_opened or time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
             else:
                 return
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
+        """End the session for good; later calls raise ``AgentUnavailable``."""
+        self._closed = True
+        await self._shut()
+
+    @property
+    def is_open(self) -> bool:
+        """An MCP session with the agent is open now (the first call opens it)."""
+        return self._session is not None
+
+    async def _shut(self) -> None:
         closing, holder = self._closing, self._holder
         self._session, self._closing, self._holder = None, None, None
+        self.mcp_session_id = None
         if closing is not None and holder is not None:
             closing.set()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(holder, timeout=5)
 
-    async def _reopen(self, lost: ClientSession) -> ClientSession:
+    async def _reopen(self, lost: ClientSession, why: str) -> None:
+        # Every caller that was using ``lost`` comes here; the first reopens, the others
+        # take its session (or its failure) under the lock.
         async with self._opening:
             if self._session is not lost and self._session is not None:
-                return self._session  # another call reopened it already
-            logger.info(
-                "agent of %s forgot our MCP session; opening a new one", self.endpoint.user_id
-            )
-            await self.close()
-            await self._open()
-            assert self._session is not None
-            return self._session
+                return  # another call reopened it already
+            if self._reopen_failed is lost:
+                raise AgentUnavailable(f"{why}, and a new MCP session could not be opened")
+            if self._closed:
+                raise AgentUnavailable("the MCP session was closed")
+            logger.info("%s (agent of %s); opening a new session", why, self.endpoint.user_id)
+            await self._shut()
+            try:
+                await self._open()
+            except AgentUnavailable:
+                self._reopen_failed = lost
+                raise
+            self._reopen_failed = None
+
+    async def _current(self) -> tuple[ClientSession, asyncio.Task[None]]:
+        """The open session and the task holding its transport; opened if need be."""
+        if self._closed:
+            raise AgentUnavailable("the MCP session was closed")
+        session, holder = self._session, self._holder
+        if session is not None and holder is not None and not holder.done():
+            return session, holder
+        if session is not None:
+            # The transport ended under the session (the SDK ends it when a request cannot
+            # reach the agent): nothing can be sent on it any more, so open another.
+            await self._reopen(session, "the MCP connection to the agent ended")
+        else:
+            async with self._opening:
+                if self._session is None and not self._closed:
+                    await self._first_open()
+        session, holder = self._session, self._holder
+        if session is None or holder is None:  # closed while this call waited
+            raise AgentUnavailable("the MCP session was closed")
+        return session, holder
+
+    @staticmethod
+    async def _request(run: Any, session: ClientSession, holder: asyncio.Task[None]) -> Any:
+        """One request, failed as soon as the session's transport ends under it.
+
+        The SDK would leave it waiting for its read timeout: the transport's crash cancels
+        the loop that should tell pending requests the connection closed."""
+        request = asyncio.ensure_future(run(session))
+        try:
+            await asyncio.wait({request, holder}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not request.done():
+                request.cancel()
+                await asyncio.wait({request})
+        if request.cancelled():
+            raise _TransportEnded
+        return request.result()
 
     async def _call(self, operation: str, run: Any) -> Any:
-        if self._session is None:
-            async with self._opening:
-                if self._session is None:
-                    await self._first_open()
-        current = self._session
-        assert current is not None
+        current, holder = await self._current()
         try:
-            return await run(current)
+            return await self._request(run, current, holder)
         except McpError as error:
             if not _session_lost(error):
                 raise AgentUnavailable(f"{operation}: {error}") from error
+            self._forgotten = current
+            why = "the agent forgot our MCP session"
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # Not sent: the transport had closed already. Safe to send on a new session.
+            why = "the MCP connection to the agent had ended"
+        except _TransportEnded as error:
+            if current is not self._forgotten:
+                # Perhaps sent and run: a tool must not run twice, so no retry.
+                raise AgentUnavailable(f"{operation}: the connection to the agent ended") from error
+            # Closed by another caller's reopen: the agent answers this one 404 too.
+            why = "the agent forgot our MCP session"
         except (httpx.HTTPError, OSError) as error:
             raise AgentUnavailable(f"{operation}: the agent did not answer ({error})") from error
-        session = await self._reopen(current)
+        await self._reopen(current, why)
+        session, holder = await self._current()
         try:
-            return await run(session)
-        except (McpError, httpx.HTTPError, OSError) as error:
-            raise AgentUnavailable(f"{operation}: {error}") from error
+            return await self._request(run, session, holder)
+        except (
+            McpError,
+            httpx.HTTPError,
+            OSError,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            _TransportEnded,
+        ) as error:
+            raise AgentUnavailable(f"{operation}: {error or type(error).__name__}") from error
 
     async def list_tools(self) -> list[ToolSpec]:
-        """The agent's tools, cached for the session's life."""
+        """The agent's tools, cached for the session's life (asked once however many ask)."""
         if self._tools is None:
-            result = await self._call("list_tools", lambda s: s.list_tools())
-            self._tools = [
-                ToolSpec(tool.name, tool.description or "", dict(tool.inputSchema or {}))
-                for tool in result.tools
-            ]
+            async with self._listing:
+                if self._tools is None:
+                    result = await self._call("list_tools", lambda s: s.list_tools())
+                    self._tools = [
+                        ToolSpec(tool.name, tool.description or "", dict(tool.inputSchema or {}))
+                        for tool in result.tools
+                    ]
         return self._tools
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutcome:

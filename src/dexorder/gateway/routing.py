@@ -2,14 +2,22 @@
 
 The model list's groups become one Router: every deployment is its own Router model named
 ``<group>:<index>`` (``standard:0``, ``standard:1``...), so the order a route tries them in is
-exact, and each call names its fallbacks (the rest of the route). ``ModelRouter.choose`` picks
-the route of a message (``dexorder.core.routing.choose_route``: tier, then preference, then
-complexity) and counts it; ``ModelRouter.stream`` streams one model round along that route.
+exact. ``ModelRouter.choose`` picks the route of a message (``dexorder.core.routing.choose_route``:
+tier, then preference, then complexity) and counts it; ``ModelRouter.stream`` streams one model
+round along that route, walking its deployments in order.
+
+Each deployment is called through one of two transports. Deployments whose provider speaks
+OpenAI's streaming protocol (``openai/...``, ``openrouter/...``, any ``api_base`` serving it) are
+streamed by ``gateway.openai_wire``, which parses the chunks' JSON and nothing more; litellm's
+per-chunk models cost 25 times the CPU, and at a hundred concurrent replies that is the
+gateway's bottleneck. Every other provider goes through the Router (``transport="litellm"``
+sends them all). Failures map to the same ``LLMError`` codes on both, so what follows holds
+for each.
 
 What fails over, and how:
 - A timeout, a 429, a 5xx, a refused connection or an overflowing context window before the
-  reply's first token: the Router moves to the next deployment at once (another deployment is
-  another server, so there is nothing to wait for). The failed one cools down: for
+  reply's first token: the next deployment is tried at once (another deployment is another
+  server, so there is nothing to wait for); one ``Fallback`` says who answers instead. The failed one cools down: for
   ``cooldown_seconds`` (or its Retry-After, if longer) the next messages try it last, never
   skip it, so a route never loses capacity. When every deployment of the route has failed, the
   whole route is walked again after an exponential backoff (honouring a provider's Retry-After
@@ -37,26 +45,23 @@ import time
 import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from prometheus_client import Counter
 
 from dexorder.core.routing import LLMTarget, RouteChoice, allowed_groups, choose_route
 from dexorder.gateway import metrics
 from dexorder.gateway.llm import (
-    Finish,
     LLMError,
     LLMErrorCode,
     LLMEvent,
+    RoundReader,
     TextDelta,
-    ToolCallParts,
     Usage,
-    collect_tool_call_fragments,
     load_litellm,
-    tool_calls_from,
-    usage_of,
     wrap_error,
 )
+from dexorder.gateway.openai_wire import WireClient, WireTarget, wire_target
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +112,7 @@ class Fallback:
 
     ``continued``: text had been shown, and the next deployment continues it (nothing is
     repeated); otherwise nothing had been shown and the round started over. ``code`` is the
-    failure's, when this process saw it (the Router's own fallbacks before the first token
-    report none).
+    first failure's.
     """
 
     failed: str
@@ -150,11 +154,18 @@ def router_model_list(
     return entries
 
 
+Transport = Literal["auto", "litellm"]
+
+
 class ModelRouter:
     """The gateway's one LiteLLM Router over the model list, and the routes through it."""
 
     def __init__(
-        self, groups: Mapping[str, Sequence[LLMTarget]], policy: RouterPolicy | None = None
+        self,
+        groups: Mapping[str, Sequence[LLMTarget]],
+        policy: RouterPolicy | None = None,
+        *,
+        transport: Transport = "auto",
     ) -> None:
         if not any(groups.values()):
             raise ValueError("the router needs at least one deployment")
@@ -174,6 +185,19 @@ class ModelRouter:
             )
         self._litellm = litellm
         self._cooling: dict[str, float] = {}  # Router model name -> when it is fresh again
+        #: Router model name -> its wire form, for the deployments streamed directly.
+        self.wire: dict[str, WireTarget] = {}
+        if transport == "auto":
+            for group, targets in self.groups.items():
+                for index, target in enumerate(targets):
+                    found = wire_target(target)
+                    if found is not None:
+                        self.wire[deployment_name(group, index)] = found
+        self._wire_client = WireClient()
+
+    async def close(self) -> None:
+        """Close the wire transport's pooled connections."""
+        await self._wire_client.close()
 
     def choose(
         self,
@@ -219,6 +243,25 @@ class ModelRouter:
         group, _, index = name.rpartition(":")
         return self.groups[group][int(index)].model
 
+    async def _open_one(
+        self, name: str, messages: list[dict[str, Any]], tools: Sequence[Any] | None
+    ) -> Any:
+        """Open a stream on one deployment, through its transport."""
+        wire = self.wire.get(name)
+        if wire is not None:
+            return await self._wire_client.open(
+                wire, messages, tools=tools, timeout=self.policy.timeout
+            )
+        request: dict[str, Any] = {
+            "model": name,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if tools:
+            request["tools"] = list(tools)
+        return await self._router.acompletion(**request)
+
     async def _open(
         self,
         chain: Sequence[str],
@@ -226,48 +269,43 @@ class ModelRouter:
         tools: Sequence[Any] | None,
         *,
         after_output: bool,
-    ) -> Any:
+    ) -> tuple[str, Any, list[tuple[str, LLMError]]]:
         """Open a stream on the first deployment of ``chain`` that answers, with backoff.
 
+        Returns the deployment that answered, its stream, and the failures before it.
         ``after_output``: the caller has already shown text of this round (a continuation).
         """
-        request: dict[str, Any] = {
-            "model": chain[0],
-            "messages": messages,
-            "fallbacks": list(chain[1:]),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if tools:
-            request["tools"] = list(tools)
+        failures: list[tuple[str, LLMError]] = []
         for walk in range(self.policy.rounds):
-            try:
-                return await self._router.acompletion(**request)
-            except Exception as error:
-                wrapped = wrap_error(error, self._litellm, after_output=after_output)
-                if not wrapped.retryable:
-                    raise wrapped from error
-                lines = wrapped.message.strip().splitlines()
-                first_line = lines[0] if lines else wrapped.code.value
-                logger.warning(
-                    "walk %d of %d over %s failed: %s",
-                    walk + 1,
-                    self.policy.rounds,
-                    ", ".join(self.model_of(name) for name in chain),
-                    first_line,
-                )
-                # A Retry-After belongs to one deployment, known only when there was one.
-                self.cool(chain, wrapped.retry_after if len(chain) == 1 else None)
-                if walk + 1 >= self.policy.rounds:
-                    models = ", ".join(self.model_of(name) for name in chain)
-                    raise LLMError(
-                        wrapped.code,
-                        f"no model of the route answered ({models}); the first said: {first_line}",
-                        status=wrapped.status,
-                        retry_after=wrapped.retry_after,
-                        after_output=after_output,
-                    ) from error
-                await asyncio.sleep(self.policy.backoff(walk, wrapped))
+            walk_failures: list[LLMError] = []
+            for name in chain:
+                try:
+                    return name, await self._open_one(name, messages, tools), failures
+                except Exception as error:
+                    wrapped = wrap_error(error, self._litellm, after_output=after_output)
+                    if not wrapped.retryable:
+                        raise wrapped from error
+                    self.cool([name], wrapped.retry_after)
+                    failures.append((name, wrapped))
+                    walk_failures.append(wrapped)
+            first = walk_failures[0]
+            lines = first.message.strip().splitlines()
+            first_line = lines[0] if lines else first.code.value
+            models = ", ".join(self.model_of(name) for name in chain)
+            logger.warning(
+                "walk %d of %d over %s failed: %s", walk + 1, self.policy.rounds, models, first_line
+            )
+            if walk + 1 >= self.policy.rounds:
+                raise LLMError(
+                    first.code,
+                    f"no model of the route answered ({models}); the first said: {first_line}",
+                    status=first.status,
+                    retry_after=first.retry_after,
+                    after_output=after_output,
+                ) from first
+            # The longest Retry-After of the walk lengthens the wait (up to the cap).
+            slowest = max(walk_failures, key=lambda failure: failure.retry_after or 0.0)
+            await asyncio.sleep(self.policy.backoff(walk, slowest))
         raise AssertionError("unreachable: the last walk returns or raises")  # pragma: no cover
 
     async def stream(
@@ -296,41 +334,27 @@ class ModelRouter:
                     {"role": "assistant", "content": shown},
                     {"role": "user", "content": CONTINUE_INSTRUCTION},
                 ]
-            stream = await self._open(remaining, request, tools, after_output=bool(shown))
-            tried, answered = remaining[0], _deployment_of(stream, remaining) or remaining[0]
-            self.cool(remaining[: remaining.index(answered)])
-            parts: dict[int, ToolCallParts] = {}
-            finish_reason = "stop"
-            round_id = "round"
+            answered, stream, failures = await self._open(
+                remaining, request, tools, after_output=bool(shown)
+            )
+            if failures:
+                failed, failure = failures[0]
+                FALLBACKS.labels(
+                    deployment=self.model_of(failed), mode="continue" if shown else "restart"
+                ).inc()
+                yield Fallback(
+                    failed=self.model_of(failed),
+                    replacement=self.model_of(answered),
+                    continued=bool(shown),
+                    code=failure.code,
+                )
+            reader = RoundReader()
             try:
                 async for chunk in stream:
-                    # The Router may have taken over before the first token, when opening the
-                    # stream or after it opened; the chunks say which deployment answers.
-                    answered = _deployment_of(chunk, remaining) or answered
-                    if answered != tried:
-                        self.cool(remaining[remaining.index(tried) : remaining.index(answered)])
-                        FALLBACKS.labels(deployment=self.model_of(tried), mode="restart").inc()
-                        yield Fallback(
-                            failed=self.model_of(tried),
-                            replacement=self.model_of(answered),
-                            continued=False,
-                            code=None,
-                        )
-                        tried = answered
-                    round_id = str(getattr(chunk, "id", None) or round_id)
-                    chunk_usage = usage_of(chunk)
-                    if chunk_usage is not None:
-                        usage = usage + chunk_usage
-                        reported_usage = True
-                    for part in getattr(chunk, "choices", None) or []:
-                        delta = getattr(part, "delta", None)
-                        collect_tool_call_fragments(delta, parts)
-                        if getattr(part, "finish_reason", None):
-                            finish_reason = str(part.finish_reason)
-                        content = getattr(delta, "content", None)
-                        if content:
-                            shown += content
-                            yield TextDelta(content)
+                    content = reader.read(chunk)
+                    if content:
+                        shown += content
+                        yield TextDelta(content)
             except Exception as error:
                 failure = wrap_error(error, self._litellm, after_output=bool(shown))
                 rest = remaining[remaining.index(answered) + 1 :]
@@ -360,21 +384,15 @@ class ModelRouter:
                 continue
             finally:
                 await _close(stream)
-            for call in tool_calls_from(parts, round_id):
+                if reader.usage is not None:
+                    usage = usage + reader.usage
+                    reported_usage = True
+            for call in reader.tool_calls():
                 yield call
             if reported_usage:
                 yield usage
-            if parts and finish_reason == "stop":
-                finish_reason = "tool_calls"  # some providers say "stop" after a tool call
-            yield Finish(reason=finish_reason, model=self.model_of(answered))
+            yield reader.finish(self.model_of(answered))
             return
-
-
-def _deployment_of(response: Any, chain: Sequence[str]) -> str | None:
-    """The Router model name that produced a stream or chunk (its ``model_info`` id)."""
-    hidden = getattr(response, "_hidden_params", None)
-    name = hidden.get("model_id") if isinstance(hidden, dict) else None
-    return name if isinstance(name, str) and name in chain else None
 
 
 async def _close(stream: Any) -> None:
@@ -391,5 +409,6 @@ __all__ = [
     "ModelRouter",
     "RoutedEvent",
     "RouterPolicy",
+    "Transport",
     "deployment_name",
 ]

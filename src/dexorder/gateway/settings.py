@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -166,6 +166,9 @@ class GatewaySettings(BaseSettings):
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
     llm_cooldown_seconds: float = Field(30.0, ge=0)
+    # auto: OpenAI-compatible deployments are streamed directly (gateway/openai_wire.py), the
+    # rest through litellm; litellm: every deployment through litellm.
+    llm_transport: Literal["auto", "litellm"] = "auto"
     # The bearer token the gateway presents to an MCP server that a license names in
     # mcp_server_url (the user's own server, not provisioned). The user's JWT is never sent.
     external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = None

@@ -167,9 +167,7 @@ class OperatorState:
         if agent["metadata"].get("deletionTimestamp"):
             await self._finalize(key, agent)
             return
-        needs_finalizer = (
-            _reclaim_policy(agent) == "Delete" and FINALIZER not in _finalizers(agent)
-        )
+        needs_finalizer = _reclaim_policy(agent) == "Delete" and FINALIZER not in _finalizers(agent)
         work = [self._add_finalizer(key, agent)] if needs_finalizer else []
         try:
             desired = desired_state(agent, self.reconciler.catalog)

@@ -1,8 +1,9 @@
-"""Routing and fallbacks through LiteLLM's Router, against three scripted OpenAI-style servers.
+"""Routing and fallbacks, against three scripted OpenAI-style servers.
 
 Each server answers by the model name a deployment asks for, so one route can chain servers
 that fail in different ways: a 429, a 500, a hang (timeout), a context-window overflow, a
-stream that breaks or stalls after text was shown.
+stream that breaks or stalls after text was shown. Every test runs over both transports: the
+wire path that OpenAI-compatible deployments take by default, and LiteLLM's Router.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dexorder.gateway.routing import (
     ModelRouter,
     RoutedEvent,
     RouterPolicy,
+    Transport,
 )
 
 ANSWER = "Bitcoin closed higher today, while ether was flat."
@@ -74,11 +76,32 @@ def fresh_records(servers: tuple[FakeLLMServer, ...]) -> None:
         server.reset()
 
 
+_routers: list[ModelRouter] = []
+_transport: list[Transport] = ["auto"]
+
+
+@pytest.fixture(autouse=True, params=["auto", "litellm"])
+async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
+    """Each test once per transport; the routers it made are closed after it."""
+    _transport[0] = request.param
+    yield request.param
+    while _routers:
+        await _routers.pop().close()
+
+
+def make_router(
+    groups: dict[str, list[LLMTarget]], policy: RouterPolicy = FAST_POLICY
+) -> ModelRouter:
+    router = ModelRouter(groups, policy, transport=_transport[0])
+    _routers.append(router)
+    return router
+
+
 def route_over(
     targets: Sequence[LLMTarget], policy: RouterPolicy = FAST_POLICY
 ) -> tuple[ModelRouter, RouteChoice]:
     """A router with one group, ``standard``, trying ``targets`` in order."""
-    router = ModelRouter({"standard": list(targets)}, policy)
+    router = make_router({"standard": list(targets)}, policy)
     choice = RouteChoice(
         group="standard",
         deployment=targets[0].model,
@@ -378,9 +401,7 @@ async def test_the_preferred_deployment_is_tried_first(
     servers: tuple[FakeLLMServer, FakeLLMServer, FakeLLMServer],
 ) -> None:
     first, second, _ = servers
-    router = ModelRouter(
-        {"standard": [first.target("fail-500"), second.target("text")]}, FAST_POLICY
-    )
+    router = make_router({"standard": [first.target("fail-500"), second.target("text")]})
     choice = router.choose(
         "hello", licensed_groups=["fast", "standard"], tier="pro", preferred_model="text"
     )
@@ -409,9 +430,7 @@ async def test_choices_are_counted_by_group_and_source(
     servers: tuple[FakeLLMServer, FakeLLMServer, FakeLLMServer],
 ) -> None:
     first, second, _ = servers
-    router = ModelRouter(
-        {"fast": [first.target("text")], "deep": [second.target("text")]}, FAST_POLICY
-    )
+    router = make_router({"fast": [first.target("text")], "deep": [second.target("text")]})
 
     def count(group: str) -> float:
         value = metrics.REGISTRY.get_sample_value(
@@ -431,3 +450,27 @@ async def test_choices_are_counted_by_group_and_source(
 def test_an_empty_model_list_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one deployment"):
         ModelRouter({"fast": []})
+
+
+async def test_openai_compatible_deployments_take_the_wire_unless_told_otherwise(
+    servers: tuple[FakeLLMServer, FakeLLMServer, FakeLLMServer], transport: Transport
+) -> None:
+    first, _, _ = servers
+    anthropic = LLMTarget(model="anthropic/claude-x", api_key="k")
+    router = make_router({"standard": [first.target("text"), anthropic]})
+    assert set(router.wire) == ({"standard:0"} if transport == "auto" else set())
+    # Both transports send the same request.
+    choice = RouteChoice(
+        group="standard",
+        deployment="openai/text",
+        order=(0,),
+        reason="test route",
+        source=RouteSource.COMPLEXITY,
+    )
+    events = await collect(router, choice)
+    assert text_of(events) == ANSWER
+    body = first.requests[-1].body
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["model"] == "text"
+    assert body["messages"] == QUESTION

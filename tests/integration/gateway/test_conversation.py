@@ -1,0 +1,144 @@
+"""Conversations through a real gateway: the user's chats share one MCP session with the
+agent, and each turn's context is read ahead, after the previous turn's write-back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import aiohttp
+
+from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
+from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway.conversation import Conversation
+from dexorder.gateway.provisioning.local import LocalProvisioner
+from dexorder.gateway.state import CHAT_SERVICES, LIVE_SOCKETS, SESSIONS
+from tests.integration.gateway.conftest import ChatClient, RunningGateway, connect
+
+T = TypeVar("T")
+
+# Every task a conversation may start, directly or through the shared MCP session.
+CHAT_TASKS = ("conversation:", "turn:", "read-ahead:", "mcp-session:", "mcp-linger:")
+
+
+async def eventually(check: Callable[[], T | None], timeout: float = 15) -> T:
+    """The first truthy value of ``check``, polled until ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = check()
+            if value:
+                return value
+            await asyncio.sleep(0.02)
+
+
+async def open_chat(
+    http: aiohttp.ClientSession, gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
+) -> tuple[ChatClient, str]:
+    client = await connect(http, gateway, issuer.mint(user_id))
+    ready = (await client.until("ready"))[-1]
+    return client, str(ready["session_id"])
+
+
+def conversation_of(gateway: RunningGateway, session_id: str) -> Conversation:
+    return next(c for c in gateway.app[LIVE_SOCKETS].values() if c.session_id == session_id)
+
+
+def reply_text(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["content"] for f in frames if f["type"] == "delta")
+
+
+def chat_tasks() -> set[asyncio.Task[Any]]:
+    return {t for t in asyncio.all_tasks() if t.get_name().startswith(CHAT_TASKS)}
+
+
+async def test_two_chats_of_one_user_share_one_mcp_session(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    before = chat_tasks()
+    pool = gateway.app[CHAT_SERVICES].agents
+    store = gateway.app[SESSIONS]
+    async with aiohttp.ClientSession() as http:
+        first, first_id = await open_chat(http, gateway, issuer, user_id)
+        second, second_id = await open_chat(http, gateway, issuer, user_id)
+        # One after the other: the free tier has one generation at a time. The model
+        # answers with its offline script, a tool call to the agent and then text.
+        for client in (first, second):
+            await client.send({"type": "message", "content": "hello from this tab"})
+            frames = await client.until("done", timeout=90)
+            assert next(f for f in frames if f["type"] == "tool_result")["is_error"] is False
+
+        agent = conversation_of(gateway, first_id).agent
+        assert agent is not None
+        assert conversation_of(gateway, second_id).agent is agent
+        assert agent.sessions_opened == 1
+        assert pool.sessions_of(user_id) == [agent]
+        assert pool.holders(agent) == 2
+        # Each chat session records the MCP session it uses: the same one.
+        for session_id in (first_id, second_id):
+            state = await store.claim(session_id, user_id=user_id, channel="websocket")
+            assert state.mcp_session_id is not None
+            assert state.mcp_session_id == agent.mcp_session_id
+
+        # Closing one chat leaves the session to the other.
+        await first.ws.close()
+        await eventually(lambda: pool.holders(agent) == 1)
+        llm.queue(TextScript(text="Still here."))
+        await second.send({"type": "message", "content": "are you there?"})
+        assert reply_text(await second.until("done")) == "Still here."
+        assert not agent.closed
+        assert agent.sessions_opened == 1
+        await second.ws.close()
+
+    # The last one closing closes the session (after its linger), and nothing is left running.
+    await eventually(lambda: agent.closed)
+    assert pool.sessions_of(user_id) == []
+    await eventually(lambda: not (chat_tasks() - before))
+
+
+async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_back(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    provisioner = gateway.app[CHAT_SERVICES].provisioner
+    assert isinstance(provisioner, LocalProvisioner)
+    llm.queue(
+        ToolScript(name="set_preference", arguments={"key": "risk_profile", "value": "aggressive"})
+    )
+    async with aiohttp.ClientSession() as http:
+        client, session_id = await open_chat(http, gateway, issuer, user_id)
+        conversation = conversation_of(gateway, session_id)
+        await client.send({"type": "message", "content": "I can take some risk"})
+        frames = await client.until("done", timeout=90)
+        assert next(f for f in frames if f["type"] == "tool_result")["is_error"] is False
+
+        # Read after the turn was written back: the tool's preference and the turn are in.
+        context = await eventually(lambda: conversation.context_read_ahead)
+        assert context.preferences["risk_profile"] == "aggressive"
+        assert "I can take some risk" in [turn.get("content") for turn in context.turns]
+
+        # With the agent stopped, the next prompt can only come from what was read ahead.
+        first_agent = conversation.agent
+        assert first_agent is not None
+        await provisioner.stop_agent(user_id)
+        llm.queue(TextScript(text="Noted."))
+        await client.send({"type": "message", "content": "what now?"})
+        frames = await client.until("done", timeout=60)
+        assert reply_text(frames) == "Noted."
+        messages = llm.requests[-1].body["messages"]
+        assert "risk_profile: aggressive" in messages[0]["content"]
+        assert "I can take some risk" in [m.get("content") for m in messages]
+
+        # That turn's write-back and the read ahead after it failed. The next turn reads
+        # for itself, finds the agent gone, and gets it started again, as without read ahead.
+        llm.queue(TextScript(text="Back again."))
+        await client.send({"type": "message", "content": "still there?"})
+        frames = await client.until("done", timeout=90)
+        assert not [f for f in frames if f["type"] == "error"]
+        assert "waking" in [f["stage"] for f in frames if f["type"] == "status"]
+        assert reply_text(frames) == "Back again."
+        assert first_agent.closed
+        assert conversation.agent not in (None, first_agent)
+        messages = llm.requests[-1].body["messages"]
+        assert "risk_profile: aggressive" in messages[0]["content"]  # kept by the agent
+        assert "I can take some risk" in [m.get("content") for m in messages]
+        await client.ws.close()

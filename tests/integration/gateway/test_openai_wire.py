@@ -1,0 +1,172 @@
+"""The wire transport against a local server that sends exactly the bytes each case needs.
+
+The scripted LLM server (``devenv.fake_llm``) covers replies, failures and fallbacks for both
+transports (test_routing.py); these are the stream's own edge cases: keep-alive comments,
+events split over reads, a reply without ``[DONE]``, an error inside the stream, garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from dexorder.gateway.llm import LLMError, LLMErrorCode, RoundReader
+from dexorder.gateway.openai_wire import WireClient, WireTarget
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chunk(content: str | None = None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    body = {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+async def sse(request: web.Request, *parts: bytes, pause: float = 0.0) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for part in parts:
+        await response.write(part)
+        if pause:
+            await asyncio.sleep(pause)
+    await response.write_eof()
+    return response
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[WireTarget]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> WireTarget:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return WireTarget(url=f"http://127.0.0.1:{port}/v1/chat/completions", model="m")
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[WireClient]:
+    wire = WireClient()
+    yield wire
+    await wire.close()
+
+
+async def read_all(client: WireClient, target: WireTarget) -> tuple[str, RoundReader]:
+    reader = RoundReader()
+    text = ""
+    stream = await client.open(target, MESSAGES, timeout=2.0)
+    try:
+        async for item in stream:
+            text += reader.read(item)
+    finally:
+        await stream.aclose()
+    return text, reader
+
+
+async def test_comments_blank_lines_and_events_split_over_reads_are_read_as_events(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    whole = chunk("Hello, ") + chunk("world") + chunk(finish="stop") + b"data: [DONE]\n\n"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        # A keep-alive comment first, then the events cut at arbitrary bytes.
+        parts = [b": keep-alive\n\n", whole[:7], whole[7:40], whole[40:]]
+        return await sse(request, *parts, pause=0.01)
+
+    text, reader = await read_all(client, await serve(handler))
+    assert text == "Hello, world"
+    assert reader.finish("m").reason == "stop"
+
+
+async def test_a_finished_reply_without_done_is_accepted(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, chunk("fine"), chunk(finish="stop"))
+
+    text, _ = await read_all(client, await serve(handler))
+    assert text == "fine"
+
+
+async def test_a_reply_cut_off_before_it_finished_is_a_broken_stream(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, chunk("half of "))
+
+    with pytest.raises(LLMError) as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.STREAM_BROKEN
+
+
+async def test_an_error_event_inside_the_stream_is_an_llm_error(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    error = {"error": {"message": "overloaded", "type": "server_error", "code": 503}}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, chunk("so "), f"data: {json.dumps(error)}\n\n".encode())
+
+    with pytest.raises(LLMError) as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.UPSTREAM_ERROR
+    assert "overloaded" in str(raised.value)
+
+
+async def test_a_chunk_that_is_not_json_is_an_upstream_error(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, b"data: {not json\n\n")
+
+    with pytest.raises(LLMError, match="not JSON") as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.UPSTREAM_ERROR
+
+
+async def test_an_error_status_with_a_body_that_is_not_json_still_maps(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            status=429, text="<html>busy</html>", headers={"retry-after-ms": "1500"}
+        )
+
+    with pytest.raises(LLMError) as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.RATE_LIMITED
+    assert raised.value.retry_after == 1.5
+
+
+async def test_the_key_is_sent_as_a_bearer_token(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen["authorization"] = request.headers.get("Authorization")
+        seen["body"] = await request.json()
+        return await sse(request, chunk("ok", "stop"), b"data: [DONE]\n\n")
+
+    target = await serve(handler)
+    keyed = WireTarget(url=target.url, model="m", api_key="sk-test")
+    text, _ = await read_all(client, keyed)
+    assert text == "ok"
+    assert seen["authorization"] == "Bearer sk-test"
+    assert seen["body"]["model"] == "m"
+    assert "tools" not in seen["body"]
