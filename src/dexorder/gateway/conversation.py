@@ -136,7 +136,7 @@ class Conversation:
         self._agent_lock = asyncio.Lock()
         # The next turn's context, read ahead from ``_read_ahead_of``; kept (and so owned)
         # until the next read ahead replaces it or the conversation closes.
-        self._read_ahead: asyncio.Task[AgentContext | None] | None = None
+        self._read_ahead: asyncio.Future[AgentContext | None] | None = None
         self._read_ahead_of: AgentSession | None = None
         self._read_ahead_taken = False
         self._lease_open = False
@@ -282,7 +282,15 @@ class Conversation:
         self._read_ahead_of = agent
         self._read_ahead_taken = False
 
-    def _take_read_ahead(self, agent: AgentSession) -> asyncio.Task[AgentContext | None] | None:
+    async def _carry_context(self, agent: AgentSession, context: AgentContext) -> None:
+        """Hand ``context`` to the next turn as if it had been read ahead."""
+        await self._stop_read_ahead()
+        done: asyncio.Future[AgentContext | None] = asyncio.get_running_loop().create_future()
+        done.set_result(context)
+        self._read_ahead, self._read_ahead_of = done, agent
+        self._read_ahead_taken = False
+
+    def _take_read_ahead(self, agent: AgentSession) -> asyncio.Future[AgentContext | None] | None:
         """The read ahead for a turn on ``agent``: once, and only while running or fresh."""
         task = self._read_ahead
         if task is None or self._read_ahead_taken or self._read_ahead_of is not agent:
@@ -477,8 +485,13 @@ class Conversation:
             finally:
                 self._turn = None
             # The turn was written back: the next one's context can be read now, while
-            # the user reads this reply.
-            await self._read_ahead_next(agent)
+            # the user reads this reply. A turn that ran no tool changed nothing but the
+            # history, which is this turn's context plus this turn: no read at all.
+            carried = result.next_context()
+            if carried is None:
+                await self._read_ahead_next(agent)
+            else:
+                await self._carry_context(agent, carried)
             await self._finish(result, turn, lease)
             return
 

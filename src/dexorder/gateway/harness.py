@@ -82,6 +82,21 @@ class TurnResult:
     tool_calls: int = 0
     route: RouteChoice | None = None
     fallbacks: int = 0
+    #: The preferences and history the turn was given, and what it wrote back after them
+    #: (empty when the write-back failed).
+    context: AgentContext | None = None
+    record: list[dict[str, Any]] = field(default_factory=list)
+
+    def next_context(self) -> AgentContext | None:
+        """The next turn's context without asking the agent: this one's plus this turn.
+
+        Only for a turn that ran no tool (any tool may change what the agent holds, the
+        preferences first), and it keeps the original read's time, so it goes stale as
+        that read does."""
+        if self.context is None or self.tool_calls or self.cancelled or not self.record:
+            return None
+        turns = [*self.context.turns, *self.record][-HISTORY_TURNS:]
+        return AgentContext(self.context.preferences, turns, self.context.read_at)
 
 
 def system_message(preferences: dict[str, Any]) -> dict[str, str]:
@@ -171,7 +186,7 @@ class Harness:
         user_message: str,
         emit: Emit,
         ahead: asyncio.Future[AgentContext | None] | None,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], AgentContext]:
         context, tools, retrieved = await asyncio.gather(
             self._agent_context(ahead),
             self.agent.list_tools(),
@@ -187,7 +202,7 @@ class Harness:
             await emit(retrieved.frame)
         if self.gateway_tools is not None:
             tools = [*tools, *self.gateway_tools.tools]
-        return messages, [tool.as_openai_tool() for tool in tools], preferences
+        return messages, [tool.as_openai_tool() for tool in tools], context
 
     def _choose_route(self, user_message: str, preferences: dict[str, Any]) -> RouteChoice:
         """Tier, then the user's preferred model, then the message's complexity."""
@@ -213,8 +228,8 @@ class Harness:
         started = time.perf_counter()
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
-            messages, tools, preferences = await self._context(user_message, emit, context)
-            route = result.route = self._choose_route(user_message, preferences)
+            messages, tools, result.context = await self._context(user_message, emit, context)
+            route = result.route = self._choose_route(user_message, result.context.preferences)
             for _ in range(self.max_tool_rounds):
                 calls, text = await self._round(route, messages, tools, emit, result, started)
                 if not calls:
@@ -256,7 +271,8 @@ class Harness:
             record.append({"role": "assistant", "content": result.content + " [cancelled]"})
             await self._write_back(record, shielded=True)
             raise
-        await self._write_back(record, shielded=False)
+        if await self._write_back(record, shielded=False):
+            result.record = record  # what the agent now holds after ``result.context``
         return result
 
     async def _round(
@@ -317,21 +333,28 @@ class Harness:
         )
         return outcome.content
 
-    async def _write_back(self, record: list[dict[str, Any]], *, shielded: bool) -> None:
+    async def _write_back(self, record: list[dict[str, Any]], *, shielded: bool) -> bool:
+        """Record the turn on the agent; whether the agent has it."""
         write = self.agent.call_tool(
             "append_turns", {"session_id": self.session_id, "turns": record}
         )
         try:
             if shielded:
-                await asyncio.wait_for(asyncio.shield(write), timeout=5)
+                outcome = await asyncio.wait_for(asyncio.shield(write), timeout=5)
             else:
                 # Bounded: the MCP SDK can lose a reply when the agent drops the stream, and
                 # the user's `done` must not wait on the record of the turn.
-                await asyncio.wait_for(write, timeout=WRITE_BACK_SECONDS)
+                outcome = await asyncio.wait_for(write, timeout=WRITE_BACK_SECONDS)
         except (AgentUnavailable, TimeoutError) as error:
-            # The reply reached the user; losing its record is logged, never hidden.
-            logger.error(  # noqa: TRY400 - the cause is in the message; no traceback needed
-                "could not write the turn back to the agent of session %s: %s",
-                self.session_id,
-                error,
-            )
+            problem = str(error)
+        else:
+            if not outcome.is_error:
+                return True
+            problem = f"the agent refused it: {outcome.content}"
+        # The reply reached the user; losing its record is logged, never hidden.
+        logger.error(
+            "could not write the turn back to the agent of session %s: %s",
+            self.session_id,
+            problem,
+        )
+        return False

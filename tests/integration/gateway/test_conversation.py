@@ -142,3 +142,36 @@ async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_bac
         assert "risk_profile: aggressive" in messages[0]["content"]  # kept by the agent
         assert "I can take some risk" in [m.get("content") for m in messages]
         await client.ws.close()
+
+
+async def test_a_turn_without_tools_hands_its_context_on_without_reading(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        client, session_id = await open_chat(http, gateway, issuer, user_id)
+        conversation = conversation_of(gateway, session_id)
+        first = await eventually(lambda: conversation.context_read_ahead)
+
+        llm.queue(TextScript(text="Plain answer."))
+        await client.send({"type": "message", "content": "just talk"})
+        assert reply_text(await client.until("done")) == "Plain answer."
+        # No tool ran: the next context is the first read plus this turn, not a new read
+        # (the read time is the first read's, so it goes stale as that read does).
+        carried = await eventually(lambda: conversation.context_read_ahead)
+        assert carried.read_at == first.read_at
+        assert [t["content"] for t in carried.turns[-2:]] == ["just talk", "Plain answer."]
+
+        # And the model sees exactly what the agent holds: the next prompt has that turn.
+        llm.queue(TextScript(text="Second answer."))
+        await client.send({"type": "message", "content": "and again"})
+        assert reply_text(await client.until("done")) == "Second answer."
+        contents = [m.get("content") for m in llm.requests[-1].body["messages"]]
+        assert contents[-3:] == ["just talk", "Plain answer.", "and again"]
+
+        # A turn that runs a tool is followed by a fresh read.
+        llm.queue(ToolScript(name="get_preferences"))
+        await client.send({"type": "message", "content": "what do I prefer?"})
+        await client.until("done", timeout=60)
+        reread = await eventually(lambda: conversation.context_read_ahead)
+        assert reread.read_at > first.read_at
+        await client.ws.close()
