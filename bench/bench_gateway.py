@@ -365,13 +365,27 @@ class Level:
 
 
 async def run_rounds(
-    count: int, rounds: int, one: Callable[[Samples], Awaitable[None]], samples: Samples
+    count: int,
+    rounds: int,
+    one: Callable[[Samples], Awaitable[None]],
+    samples: Samples,
+    spread: float = 0.0,
 ) -> None:
+    """``rounds`` times, ``count`` readers at once: all in the same instant, or with their
+    starts spread evenly over ``spread`` seconds (sessions that are all streaming at the
+    same time, as a hundred users' chats are, without every one starting together)."""
+
+    async def started_after(delay: float) -> None:
+        await asyncio.sleep(delay)
+        await one(samples)
+
     for _ in range(rounds):
-        await asyncio.gather(*(one(samples) for _ in range(count)))
+        await asyncio.gather(*(started_after(spread * i / count) for i in range(count)))
 
 
-async def measure(stack: Stack, levels: list[int], idle: int) -> tuple[list[Level], float]:
+async def measure(
+    stack: Stack, levels: list[int], idle: int, spread: float = 0.0
+) -> tuple[list[Level], float]:
     from dexorder.gateway.llm import load_litellm
 
     litellm = load_litellm()
@@ -400,13 +414,16 @@ async def measure(stack: Stack, levels: list[int], idle: int) -> tuple[list[Leve
             sessions = await open_sessions(http, ws_url, stack.token, count)
             # Warm: each session's MCP session to the agent and its tool list.
             await asyncio.gather(*(s.turn(None) for s in sessions))
+            # The gateway first: litellm's own background work (its logging worker) keeps
+            # this process busy for a while after its round, and would delay the reading of
+            # the gateway's frames here, not their sending there.
             for name, one in (
                 ("raw SSE", lambda s: read_raw(http, stack.model_url, s)),
-                ("litellm SDK", lambda s: read_litellm(litellm, stack.model_url, s)),
                 ("gateway", SessionPool(sessions).turn),
+                ("litellm SDK", lambda s: read_litellm(litellm, stack.model_url, s)),
             ):
                 level.paths[name] = Samples()
-                await run_rounds(count, level.rounds, one, level.paths[name])
+                await run_rounds(count, level.rounds, one, level.paths[name], spread)
             await asyncio.gather(*(s.close() for s in sessions))
             results.append(level)
     return results, per_connection_kib
@@ -434,7 +451,12 @@ def report(
         f"Machine: {os.cpu_count()} cores ({cpu}), load average before the run "
         f"{args.load_before}; Python {platform.python_version()}.",
         f"Model server: {args.rate:g} tokens/s, {args.tokens} tokens a reply, first token at "
-        "once; the agent is warm (each session ran one turn first).",
+        "once; the agent is warm (each session ran one turn first). Each round's messages "
+        + (
+            f"start spread evenly over {args.tokens / args.rate:g} s (one reply's duration)."
+            if args.stagger
+            else "are sent in the same instant."
+        ),
         "",
         "Added first-token latency = first token at the reader minus the message's send, "
         "minus the model server's own time to first token. Relay delay = a token's arrival "
@@ -527,7 +549,8 @@ async def run(args: argparse.Namespace) -> str:
                 stack = Stack(
                     model_url, gateway_url, gateway.pid, issuer.mint(USER, expires_in=7200)
                 )
-                levels, per_connection = await measure(stack, args.levels, args.idle)
+                spread = args.tokens / args.rate if args.stagger else 0.0
+                levels, per_connection = await measure(stack, args.levels, args.idle, spread)
                 for process in reversed(processes):
                     await asyncio.to_thread(process.stop, 30)
                 processes.clear()
@@ -552,6 +575,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--idle", type=int, default=1000, help="idle sessions for the RSS figure")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-gateway.md"))
+    parser.add_argument(
+        "--stagger",
+        action="store_true",
+        help="spread each round's starts over one reply's duration instead of one instant",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve-model":
         serve_model(args.port, args.rate, args.tokens)

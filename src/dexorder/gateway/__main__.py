@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
 
 from dexorder.gateway.settings import SettingsError, load_settings
+
+
+async def _freeze_heap(_: object) -> None:
+    """Take what start-up loaded out of the cyclic garbage collector's sight.
+
+    litellm, LangGraph and their pydantic schemas are millions of objects that live as long
+    as the process. Each full collection walked them all, pausing the event loop, and every
+    stream in it, for up to 400 ms (the gateway bench's relay p99 at 100 sessions). Frozen,
+    they are still freed by reference counting; only the walk is spared.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _serve() -> int:
@@ -28,6 +41,7 @@ def _serve() -> int:
     settings = load_settings()
     load_litellm()  # once, at start-up, not on the first message
     app = create_app(settings)
+    app.on_startup.append(_freeze_heap)  # after the services' start-up (cleanup_ctx)
     web.run_app(
         app,
         host=settings.host,
