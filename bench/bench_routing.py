@@ -1,11 +1,11 @@
-"""Benchmark of model routing: the classifier's cost and accuracy, and what the Router and its
+"""Benchmark of model routing: the classifier's cost and accuracy, and what the routing and its
 fallbacks add to a streamed reply.
 
 Run with ``.venv/bin/python bench/bench_routing.py``; prints Markdown. The streams come from the
 scripted OpenAI-style server (``dexorder.devenv.fake_llm``) on loopback, read interleaved:
 litellm directly (``llm.stream_chat``), and through ``ModelRouter`` with a healthy first
 deployment and with one whose first deployment answers 429, each over both transports (the
-wire path OpenAI-compatible deployments take by default, and LiteLLM's Router).
+wire path OpenAI-compatible deployments take by default, and litellm's SDK).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ async def streams_section(requests: int) -> list[str]:
             "litellm direct (stream_chat)": lambda: stream_chat(direct_target, QUESTION),
         }
         for transport in ("auto", "litellm"):
-            label = "wire" if transport == "auto" else "LiteLLM Router"
+            label = "wire" if transport == "auto" else "litellm"
             routed = ModelRouter(
                 {"standard": [healthy.target("text")]}, policy, transport=transport
             )

@@ -139,6 +139,7 @@ class Conversation:
         self._read_ahead: asyncio.Future[AgentContext | None] | None = None
         self._read_ahead_of: AgentSession | None = None
         self._read_ahead_taken = False
+        self._closed = False
         self._lease_open = False
         self._prepared = False
         # Told the agent's MCP session id when one opens and None when it is dropped, so a
@@ -197,6 +198,9 @@ class Conversation:
         return self.idle
 
     async def close(self) -> None:
+        # First: a call waiting for the agent lock (an approval, prepare) must not take a
+        # lease, or start a read ahead, once this conversation has let go of its own.
+        self._closed = True
         self.cancel_generation()
         if self._worker is not None:
             self._worker.cancel()
@@ -220,6 +224,8 @@ class Conversation:
 
     async def _ensure_agent(self) -> AgentSession:
         async with self._agent_lock:
+            if self._closed:
+                raise ProvisioningError("Closed", "this chat session has ended")
             lease = self._agent_lease
             if lease is not None and not lease.dropped:
                 return lease.session
@@ -274,8 +280,8 @@ class Conversation:
     async def _read_ahead_next(self, agent: AgentSession) -> None:
         """Start reading the next turn's context in the background."""
         await self._stop_read_ahead()
-        if agent.closed:
-            return  # dropped meanwhile; the next turn joins a new session and reads
+        if agent.closed or self._closed:
+            return  # dropped meanwhile (the next turn joins a new session), or we are done
         self._read_ahead = asyncio.create_task(
             self._read_context(agent), name=f"read-ahead:{self.session_id}"
         )

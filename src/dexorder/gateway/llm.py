@@ -50,9 +50,6 @@ def load_litellm() -> ModuleType:
         # on the relay path, and noise. Its warnings and errors still come through.
         for name in ("LiteLLM", "LiteLLM Proxy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        # The Router logs an ERROR for every failed walk of a route even when we handle it
-        # (fall back, retry, or tell the user); dexorder.gateway.routing logs what matters.
-        logging.getLogger("LiteLLM Router").setLevel(logging.CRITICAL)
         _litellm = litellm
     return _litellm
 
@@ -291,7 +288,7 @@ def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> 
 # --- the stream -----------------------------------------------------------------------------
 
 
-# Chunk parsing, shared by the direct stream below and the Router's (gateway.routing).
+# Chunk parsing, shared by the direct stream below and the routes' (gateway.routing).
 
 
 @dataclass
@@ -367,16 +364,25 @@ class RoundReader:
                 prompt, completion, int(usage.get("total_tokens") or 0) or prompt + completion
             )
         text = ""
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            for fragment in delta.get("tool_calls") or ():
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            # Anything not shaped as OpenAI's chunk is skipped, never a crash of the round.
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            fragments = delta.get("tool_calls")
+            for fragment in fragments if isinstance(fragments, list) else ():
+                if not isinstance(fragment, dict):
+                    continue
                 index = fragment.get("index")
                 part = self.parts.setdefault(
                     index if isinstance(index, int) else len(self.parts), ToolCallParts()
                 )
                 if fragment.get("id"):
                     part.id = str(fragment["id"])
-                function = fragment.get("function") or {}
+                function = fragment.get("function")
+                function = function if isinstance(function, dict) else {}
                 if function.get("name"):
                     part.name = str(function["name"])
                 if function.get("arguments"):

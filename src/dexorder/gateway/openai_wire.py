@@ -32,6 +32,7 @@ WIRE_PROVIDERS: Final[Mapping[str, str]] = {
     "openrouter": "https://openrouter.ai/api/v1",
 }
 _DONE: Final = b"[DONE]"
+_READ_BUFFER: Final = 4 * 1024 * 1024
 # What OpenAI-compatible servers say when the prompt does not fit (litellm matches these too).
 _CONTEXT_WINDOW_HINTS: Final = (
     "context_length_exceeded",
@@ -117,6 +118,34 @@ def error_for_status(
     return LLMError(kind, text, status=status, retry_after=retry_after, after_output=after_output)
 
 
+def _finish_reasons(chunk: Mapping[str, Any]) -> list[str]:
+    choices = chunk.get("choices")
+    return [
+        str(choice["finish_reason"])
+        for choice in (choices if isinstance(choices, list) else ())
+        if isinstance(choice, dict) and choice.get("finish_reason")
+    ]
+
+
+def _finishes(chunk: Mapping[str, Any]) -> bool:
+    return bool(_finish_reasons(chunk))
+
+
+def _stream_error_status(chunk: Mapping[str, Any]) -> int:
+    """The HTTP status an error inside a stream stands for (its code, else by its words)."""
+    error = chunk.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, int) and 400 <= code < 600:
+        return code
+    message, kind = _error_detail(chunk)
+    words = f"{kind} {message} {code or ''}".lower()
+    if "rate" in words and "limit" in words:
+        return 429
+    if any(hint in words for hint in _CONTEXT_WINDOW_HINTS):
+        return 400
+    return 502  # the provider failed mid-reply: worth the next deployment
+
+
 class WireStream:
     """One streamed reply: iterate for its chunks (dicts); ``aclose`` hangs up at once.
 
@@ -149,16 +178,16 @@ class WireStream:
                     self._finished = True
                     return
                 chunk = self._parse(payload)
-                finish_seen = finish_seen or any(
-                    choice.get("finish_reason") for choice in chunk.get("choices") or ()
-                )
+                finish_seen = finish_seen or _finishes(chunk)
                 yield chunk
         except TimeoutError as error:
             # First: aiohttp's read timeout is a TimeoutError, which is also an OSError.
             raise LLMError(
                 LLMErrorCode.TIMEOUT, f"{self._where} sent nothing more within the timeout"
             ) from error
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, OSError) as error:
+        except (aiohttp.ClientError, OSError, ValueError) as error:
+            # A dropped connection, a payload cut short, or a line longer than the reader
+            # takes (aiohttp raises ValueError for that): the reply is broken either way.
             raise LLMError(
                 LLMErrorCode.STREAM_BROKEN, f"{self._where} broke the stream: {error}"
             ) from error
@@ -179,13 +208,10 @@ class WireStream:
             ) from error
         if not isinstance(chunk, dict):
             raise LLMError(LLMErrorCode.UPSTREAM_ERROR, f"{self._where} sent a malformed chunk")
-        if "error" in chunk and not chunk.get("choices"):
-            # An error reported inside the stream: OpenAI-compatible servers do this when a
-            # failure comes after the headers were sent.
-            status = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
-            raise error_for_status(
-                status if isinstance(status, int) else 500, chunk, where=self._where
-            )
+        if "error" in chunk or "error" in _finish_reasons(chunk):
+            # An error reported inside the stream, after the headers were sent: OpenAI's
+            # servers send an error object, OpenRouter one with finish_reason "error" too.
+            raise error_for_status(_stream_error_status(chunk), chunk, where=self._where)
         return chunk
 
     async def aclose(self) -> None:
@@ -207,8 +233,9 @@ class WireClient:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connections, limit_per_host=0),
-                # Responses are read as SSE lines; the JSON decoding is ours.
-                auto_decompress=True,
+                # An SSE line is one whole chunk; a tool call's arguments can come in one.
+                # aiohttp refuses lines over twice this (the default would be 128 KiB).
+                read_bufsize=_READ_BUFFER,
             )
         return self._session
 

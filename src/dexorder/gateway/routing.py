@@ -1,18 +1,20 @@
-"""Each message to a model through LiteLLM's Router, with fallbacks that never repeat text.
+"""Each message to a model through LiteLLM's deployments, with fallbacks that never repeat text.
 
-The model list's groups become one Router: every deployment is its own Router model named
-``<group>:<index>`` (``standard:0``, ``standard:1``...), so the order a route tries them in is
-exact. ``ModelRouter.choose`` picks the route of a message (``dexorder.core.routing.choose_route``:
-tier, then preference, then complexity) and counts it; ``ModelRouter.stream`` streams one model
-round along that route, walking its deployments in order.
+Every deployment of the model list is named ``<group>:<index>`` (``standard:0``, ``standard:1``...),
+so the order a route tries them in is exact. ``ModelRouter.choose`` picks the route of a message
+(``dexorder.core.routing.choose_route``: tier, then preference, then complexity) and counts it;
+``ModelRouter.stream`` streams one model round along that route, walking its deployments in order.
 
 Each deployment is called through one of two transports. Deployments whose provider speaks
 OpenAI's streaming protocol (``openai/...``, ``openrouter/...``, any ``api_base`` serving it) are
 streamed by ``gateway.openai_wire``, which parses the chunks' JSON and nothing more; litellm's
 per-chunk models cost 25 times the CPU, and at a hundred concurrent replies that is the
-gateway's bottleneck. Every other provider goes through the Router (``transport="litellm"``
-sends them all). Failures map to the same ``LLMError`` codes on both, so what follows holds
-for each.
+gateway's bottleneck. Every other provider (and every deployment with ``transport="litellm"``)
+is called through litellm's SDK, ``acompletion``, one deployment at a time. Not through
+LiteLLM's Router: the walk, the cooldowns and the backoff are this module's, and the Router's
+stream wrapper is a generator that, closed before its first chunk, leaves the provider's stream
+open. Failures map to the same ``LLMError`` codes on both transports, so what follows holds for
+each.
 
 What fails over, and how:
 - A timeout, a 429, a 5xx, a refused connection or an overflowing context window before the
@@ -41,8 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -135,30 +137,11 @@ def deployment_name(group: str, index: int) -> str:
     return f"{group}:{index}"
 
 
-def router_model_list(
-    groups: Mapping[str, Sequence[LLMTarget]], timeout: float
-) -> list[dict[str, Any]]:
-    """The Router's ``model_list``: one entry per deployment, named ``<group>:<index>``."""
-    entries = []
-    for group, targets in groups.items():
-        for index, target in enumerate(targets):
-            name = deployment_name(group, index)
-            params: dict[str, Any] = {
-                **target.litellm_kwargs(),
-                "timeout": timeout,
-                "stream_timeout": timeout,
-            }
-            entries.append(
-                {"model_name": name, "litellm_params": params, "model_info": {"id": name}}
-            )
-    return entries
-
-
 Transport = Literal["auto", "litellm"]
 
 
 class ModelRouter:
-    """The gateway's one LiteLLM Router over the model list, and the routes through it."""
+    """The gateway's routes over the model list's deployments, and the streams along them."""
 
     def __init__(
         self,
@@ -171,28 +154,26 @@ class ModelRouter:
             raise ValueError("the router needs at least one deployment")
         self.groups = {group: list(targets) for group, targets in groups.items()}
         self.policy = policy or RouterPolicy()
-        litellm = load_litellm()
-        with warnings.catch_warnings():
-            # litellm's types warn while pydantic builds them; they are not ours to fix.
-            warnings.simplefilter("ignore")
-            self._router = litellm.Router(
-                model_list=router_model_list(self.groups, self.policy.timeout),
-                num_retries=0,  # the next deployment is the retry; walks are ours (backoff)
-                timeout=self.policy.timeout,
-                # Each Router model is one deployment, which the Router never cools down;
-                # cooling is ours, by reordering the route (see ``chain``).
-                disable_cooldowns=True,
-            )
-        self._litellm = litellm
-        self._cooling: dict[str, float] = {}  # Router model name -> when it is fresh again
-        #: Router model name -> its wire form, for the deployments streamed directly.
+        self._litellm = load_litellm()
+        self._cooling: dict[str, float] = {}  # deployment name -> when it is fresh again
+        #: Deployment name -> its wire form, for the deployments streamed directly.
         self.wire: dict[str, WireTarget] = {}
+        # litellm would send an OpenAI deployment without an api_base to the base URL in the
+        # OpenAI SDK's environment variables; those deployments stay with litellm.
+        openai_base_from_environment = any(
+            os.environ.get(name) for name in ("OPENAI_BASE_URL", "OPENAI_API_BASE")
+        )
         if transport == "auto":
             for group, targets in self.groups.items():
                 for index, target in enumerate(targets):
                     found = wire_target(target)
-                    if found is not None:
-                        self.wire[deployment_name(group, index)] = found
+                    if found is None or (
+                        openai_base_from_environment
+                        and target.api_base is None
+                        and found.provider == "openai"
+                    ):
+                        continue
+                    self.wire[deployment_name(group, index)] = found
         self._wire_client = WireClient()
 
     async def close(self) -> None:
@@ -223,7 +204,7 @@ class ModelRouter:
         return choice
 
     def chain(self, choice: RouteChoice) -> list[str]:
-        """The Router model names of a route, in the order they are tried: the route's order,
+        """The deployment names of a route, in the order they are tried: the route's order,
         with the deployments that are cooling down after a failure moved to the end."""
         names = [deployment_name(choice.group, index) for index in choice.order]
         now = time.monotonic()
@@ -239,9 +220,12 @@ class ModelRouter:
         for name in names:
             self._cooling[name] = max(self._cooling.get(name, 0.0), until)
 
-    def model_of(self, name: str) -> str:
+    def target_of(self, name: str) -> LLMTarget:
         group, _, index = name.rpartition(":")
-        return self.groups[group][int(index)].model
+        return self.groups[group][int(index)]
+
+    def model_of(self, name: str) -> str:
+        return self.target_of(name).model
 
     async def _open_one(
         self, name: str, messages: list[dict[str, Any]], tools: Sequence[Any] | None
@@ -253,14 +237,16 @@ class ModelRouter:
                 wire, messages, tools=tools, timeout=self.policy.timeout
             )
         request: dict[str, Any] = {
-            "model": name,
+            **self.target_of(name).litellm_kwargs(),
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
+            "timeout": self.policy.timeout,
+            "max_retries": 0,  # the next deployment is the retry; walks are ours (backoff)
         }
         if tools:
             request["tools"] = list(tools)
-        return await self._router.acompletion(**request)
+        return await self._litellm.acompletion(**request)
 
     async def _open(
         self,
@@ -337,19 +323,24 @@ class ModelRouter:
             answered, stream, failures = await self._open(
                 remaining, request, tools, after_output=bool(shown)
             )
-            if failures:
-                failed, failure = failures[0]
-                FALLBACKS.labels(
-                    deployment=self.model_of(failed), mode="continue" if shown else "restart"
-                ).inc()
-                yield Fallback(
-                    failed=self.model_of(failed),
-                    replacement=self.model_of(answered),
-                    continued=bool(shown),
-                    code=failure.code,
-                )
             reader = RoundReader()
+            # From here the stream is ours to close, whatever happens, even if the caller
+            # stops reading at the Fallback below.
             try:
+                # Another deployment than the answering one failed first (on a later walk
+                # the one that answers may have failed itself before: not a takeover).
+                failed = next(((n, f) for n, f in failures if n != answered), None)
+                if failed is not None:
+                    FALLBACKS.labels(
+                        deployment=self.model_of(failed[0]),
+                        mode="continue" if shown else "restart",
+                    ).inc()
+                    yield Fallback(
+                        failed=self.model_of(failed[0]),
+                        replacement=self.model_of(answered),
+                        continued=bool(shown),
+                        code=failed[1].code,
+                    )
                 async for chunk in stream:
                     content = reader.read(chunk)
                     if content:

@@ -127,6 +127,7 @@ class WorkQueue(Generic[K]):
                 # Forgotten while it waited, or a second entry of a key queued in both lanes.
                 continue
             apply = self._pending.pop(key)
+            urgent = key in self._marked_urgent
             self._marked_urgent.discard(key)
             self._active.add(key)
             try:
@@ -134,7 +135,7 @@ class WorkQueue(Generic[K]):
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                self._schedule_retry(key, apply, error)
+                self._schedule_retry(key, apply, urgent, error)
             else:
                 self._failures.pop(key, None)
             finally:
@@ -142,7 +143,7 @@ class WorkQueue(Generic[K]):
             if key in self._pending:
                 self._enqueue(key, urgent=key in self._marked_urgent)
 
-    def _schedule_retry(self, key: K, apply: bool, error: Exception) -> None:
+    def _schedule_retry(self, key: K, apply: bool, urgent: bool, error: Exception) -> None:
         attempt = self._failures.get(key, 0) + 1
         self._failures[key] = attempt
         delay = self._retry_delay(error, attempt)
@@ -153,6 +154,6 @@ class WorkQueue(Generic[K]):
 
         def retry() -> None:
             self._retries.pop(key, None)
-            self.add(key, apply=apply)
+            self.add(key, apply=apply, urgent=urgent)  # a retried first apply stays first
 
         self._retries[key] = asyncio.get_running_loop().call_later(delay, retry)

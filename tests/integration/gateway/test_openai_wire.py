@@ -170,3 +170,47 @@ async def test_the_key_is_sent_as_a_bearer_token(
     assert seen["authorization"] == "Bearer sk-test"
     assert seen["body"]["model"] == "m"
     assert "tools" not in seen["body"]
+
+
+async def test_openrouter_s_error_with_an_error_finish_is_a_failure_not_an_answer(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    failure = {
+        "id": "c",
+        "error": {"code": "server_error", "message": "provider went away"},
+        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+    }
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, chunk("half "), f"data: {json.dumps(failure)}\n\n".encode())
+
+    with pytest.raises(LLMError, match="provider went away") as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.UPSTREAM_ERROR
+    assert raised.value.retryable
+
+
+async def test_a_rate_limit_inside_the_stream_is_a_rate_limit(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    error = {"error": {"code": "rate_limit_exceeded", "message": "slow down"}}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, f"data: {json.dumps(error)}\n\n".encode())
+
+    with pytest.raises(LLMError) as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.RATE_LIMITED
+
+
+async def test_a_large_chunk_and_an_odd_one_are_read(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    big = "x" * 300_000  # one event over aiohttp's default line limit (128 KiB)
+    odd = b'data: {"id": "c", "choices": [null, {"delta": null}]}\n\n'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, chunk(big), odd, chunk(finish="stop"), b"data: [DONE]\n\n")
+
+    text, _ = await read_all(client, await serve(handler))
+    assert text == big

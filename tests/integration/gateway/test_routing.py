@@ -474,3 +474,31 @@ async def test_openai_compatible_deployments_take_the_wire_unless_told_otherwise
     assert body["stream_options"] == {"include_usage": True}
     assert body["model"] == "text"
     assert body["messages"] == QUESTION
+
+
+async def test_stopping_at_the_fallback_notice_closes_the_stream_that_answered(
+    servers: tuple[FakeLLMServer, FakeLLMServer, FakeLLMServer],
+) -> None:
+    first, second, _ = servers
+    second.queue(TextScript(text=ANSWER * 20, tokens_per_second=20))
+    router, choice = route_over([first.target("fail-500"), second.target("text")])
+    async with contextlib.aclosing(router.stream(choice, QUESTION)) as stream:
+        async for event in stream:
+            assert isinstance(event, Fallback)
+            break  # the user pressed Stop while being told of the takeover
+    record = await second.wait_for_end(within=2.0)
+    assert record.cut_by_client
+    assert not record.completed
+
+
+async def test_a_deployment_that_answers_on_the_second_walk_is_no_takeover(
+    servers: tuple[FakeLLMServer, FakeLLMServer, FakeLLMServer],
+) -> None:
+    first, _, _ = servers
+    policy = RouterPolicy(timeout=TIMEOUT, rounds=2, backoff_seconds=0.05, cooldown_seconds=0)
+    router, choice = route_over([first.target("text")], policy)
+    first.queue(FailureScript(failure="rate_limit", retry_after=0))
+    events = await collect(router, choice)
+    assert text_of(events) == ANSWER
+    assert fallbacks_in(events) == []  # it did not answer, then it did: nobody took over
+    assert len(first.requests) == 2

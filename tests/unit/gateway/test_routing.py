@@ -1,32 +1,14 @@
-"""The Router's model list, the fallback notices and the backoff, without starting a Router."""
+"""Deployment names, the fallback notices and the backoff, without calling a model."""
 
 from __future__ import annotations
 
 import pytest
 
-from dexorder.core.routing import LLMTarget
 from dexorder.gateway.llm import LLMError, LLMErrorCode
-from dexorder.gateway.routing import Fallback, RouterPolicy, deployment_name, router_model_list
+from dexorder.gateway.routing import Fallback, RouterPolicy, deployment_name
 
 
-def test_each_deployment_is_its_own_router_model_named_by_group_and_position() -> None:
-    entries = router_model_list(
-        {
-            "fast": [LLMTarget("openai/a", api_key="k"), LLMTarget("ollama_chat/b", api_base="u")],
-            "deep": [LLMTarget("anthropic/c", api_key="k2")],
-        },
-        timeout=12.5,
-    )
-    assert [entry["model_name"] for entry in entries] == ["fast:0", "fast:1", "deep:0"]
-    assert entries[0]["litellm_params"] == {
-        "model": "openai/a",
-        "api_key": "k",
-        "timeout": 12.5,
-        "stream_timeout": 12.5,
-    }
-    assert entries[1]["litellm_params"]["api_base"] == "u"
-    # The id names the deployment in the Router's answers, so a fallback can be attributed.
-    assert [entry["model_info"]["id"] for entry in entries] == ["fast:0", "fast:1", "deep:0"]
+def test_deployments_are_named_by_group_and_position() -> None:
     assert deployment_name("standard", 3) == "standard:3"
 
 

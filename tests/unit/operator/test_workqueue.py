@@ -166,3 +166,29 @@ async def test_urgency_marked_during_a_pass_is_kept_for_the_next_pass() -> None:
         assert calls == ["a", "a", "b"]
     finally:
         await queue.stop()
+
+
+async def test_a_retried_urgent_pass_stays_urgent() -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "new" and calls.count("new") == 1:
+            raise KubernetesError("conflict", status=409)
+        if key == "busy":
+            await release.wait()
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1, retry_delay=lambda e, n: 0.01)
+    queue.start()
+    try:
+        queue.add("new", urgent=True)  # fails once, is retried
+        await asyncio.sleep(0.005)
+        queue.add("busy")
+        await asyncio.sleep(0.03)  # the retry comes due while "busy" holds the worker
+        queue.add("status")
+        release.set()
+        await wait_idle(queue)
+        assert calls == ["new", "busy", "new", "status"]
+    finally:
+        await queue.stop()
