@@ -502,3 +502,15 @@ async def test_a_deployment_that_answers_on_the_second_walk_is_no_takeover(
     assert text_of(events) == ANSWER
     assert fallbacks_in(events) == []  # it did not answer, then it did: nobody took over
     assert len(first.requests) == 2
+
+
+def test_an_openai_base_url_from_the_environment_keeps_those_deployments_with_litellm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # litellm (through the OpenAI SDK) honours it for a deployment without an api_base.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://proxy.internal:4000/v1")
+    implicit = LLMTarget(model="openai/gpt-4.1-mini", api_key="k")
+    explicit = LLMTarget(model="openai/scripted", api_base="http://127.0.0.1:9/v1")
+    router = make_router({"standard": [implicit, explicit]})
+    expected = {"standard:1"} if _transport[0] == "auto" else set()
+    assert set(router.wire) == expected
