@@ -310,20 +310,6 @@ def tool_calls_from(parts: Mapping[int, ToolCallParts], round_id: str) -> list[T
     ]
 
 
-def collect_tool_call_fragments(delta: Any, parts: dict[int, ToolCallParts]) -> None:
-    for fragment in getattr(delta, "tool_calls", None) or []:
-        index = getattr(fragment, "index", None)
-        part = parts.setdefault(index if isinstance(index, int) else len(parts), ToolCallParts())
-        if getattr(fragment, "id", None):
-            part.id = fragment.id
-        function = getattr(fragment, "function", None)
-        if function is not None:
-            if getattr(function, "name", None):
-                part.name = function.name
-            if getattr(function, "arguments", None):
-                part.arguments.append(function.arguments)
-
-
 @dataclass
 class RoundReader:
     """What one attempt's chunks add up to, besides their text.
@@ -338,59 +324,34 @@ class RoundReader:
     usage: Usage | None = None
 
     def read(self, chunk: Any) -> str:
-        """Take in one chunk; its text (often empty: a role, a tool-call fragment, usage)."""
-        if isinstance(chunk, dict):
-            return self._read_json(chunk)
-        self.round_id = str(getattr(chunk, "id", None) or self.round_id)
-        self.usage = usage_of(chunk) or self.usage
-        text = ""
-        for choice in getattr(chunk, "choices", None) or ():
-            delta = getattr(choice, "delta", None)
-            collect_tool_call_fragments(delta, self.parts)
-            if getattr(choice, "finish_reason", None):
-                self.finish_reason = str(choice.finish_reason)
-            content = getattr(delta, "content", None)
-            if content:
-                text += content
-        return text
+        """Take in one chunk; its text (often empty: a role, a tool-call fragment, usage).
 
-    def _read_json(self, chunk: Mapping[str, Any]) -> str:
-        self.round_id = str(chunk.get("id") or self.round_id)
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-            self.usage = Usage(
-                prompt, completion, int(usage.get("total_tokens") or 0) or prompt + completion
-            )
+        Anything not shaped as OpenAI's chunk is skipped, never a crash of the round."""
+        self.round_id = str(_field(chunk, "id") or self.round_id)
+        usage = _field(chunk, "usage")
+        if usage is not None:
+            prompt = int(_field(usage, "prompt_tokens") or 0)
+            completion = int(_field(usage, "completion_tokens") or 0)
+            total = int(_field(usage, "total_tokens") or 0) or prompt + completion
+            self.usage = Usage(prompt, completion, total)
         text = ""
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            # Anything not shaped as OpenAI's chunk is skipped, never a crash of the round.
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            delta = delta if isinstance(delta, dict) else {}
-            fragments = delta.get("tool_calls")
-            for fragment in fragments if isinstance(fragments, list) else ():
-                if not isinstance(fragment, dict):
-                    continue
-                index = fragment.get("index")
+        for choice in _items(_field(chunk, "choices")):
+            delta = _field(choice, "delta")
+            for fragment in _items(_field(delta, "tool_calls")):
+                index = _field(fragment, "index")
                 part = self.parts.setdefault(
                     index if isinstance(index, int) else len(self.parts), ToolCallParts()
                 )
-                if fragment.get("id"):
-                    part.id = str(fragment["id"])
-                function = fragment.get("function")
-                function = function if isinstance(function, dict) else {}
-                if function.get("name"):
-                    part.name = str(function["name"])
-                if function.get("arguments"):
-                    part.arguments.append(str(function["arguments"]))
-            if choice.get("finish_reason"):
-                self.finish_reason = str(choice["finish_reason"])
-            content = delta.get("content")
-            if content:
+                if call_id := _field(fragment, "id"):
+                    part.id = str(call_id)
+                function = _field(fragment, "function")
+                if name := _field(function, "name"):
+                    part.name = str(name)
+                if arguments := _field(function, "arguments"):
+                    part.arguments.append(str(arguments))
+            if reason := _field(choice, "finish_reason"):
+                self.finish_reason = str(reason)
+            if content := _field(delta, "content"):
                 text += str(content)
         return text
 
@@ -404,14 +365,39 @@ class RoundReader:
         return Finish(reason=reason, model=model)
 
 
-def usage_of(chunk: Any) -> Usage | None:
-    usage = getattr(chunk, "usage", None)
-    if usage is None:
-        return None
-    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-    completion = int(getattr(usage, "completion_tokens", 0) or 0)
-    total = int(getattr(usage, "total_tokens", 0) or prompt + completion)
-    return Usage(prompt, completion, total)
+def _field(value: Any, name: str) -> Any:
+    """A field of a chunk part: a key of parsed JSON, an attribute of litellm's objects."""
+    return value.get(name) if type(value) is dict else getattr(value, name, None)
+
+
+def _items(value: Any) -> list[Any] | tuple[Any, ...]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def litellm_request(
+    target: LLMTarget,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None,
+    *,
+    timeout: float,
+    max_retries: int = 0,
+) -> dict[str, Any]:
+    """The arguments of one streamed ``litellm.acompletion`` on one deployment.
+
+    ``timeout`` bounds the connection and each wait for the next chunk. Retries default to
+    none: falling back to another deployment is the router's decision, not the SDK's.
+    """
+    request: dict[str, Any] = {
+        **target.litellm_kwargs(),
+        "messages": list(messages),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "timeout": timeout,
+        "max_retries": max_retries,
+    }
+    if tools:
+        request["tools"] = list(tools)
+    return request
 
 
 async def stream_chat(
@@ -424,20 +410,10 @@ async def stream_chat(
 ) -> AsyncGenerator[LLMEvent, None]:
     """Stream one model round; see the module docstring for the events and their order.
 
-    ``timeout`` bounds the connection and each wait for the next chunk. Retries default to
-    none: falling back to another deployment is the router's decision, not the SDK's.
+    ``timeout`` and ``max_retries`` as ``litellm_request`` takes them.
     """
     litellm = load_litellm()
-    request: dict[str, Any] = {
-        **target.litellm_kwargs(),
-        "messages": list(messages),
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "timeout": timeout,
-        "max_retries": max_retries,
-    }
-    if tools:
-        request["tools"] = list(tools)
+    request = litellm_request(target, messages, tools, timeout=timeout, max_retries=max_retries)
     try:
         stream = await litellm.acompletion(**request)
     except Exception as error:

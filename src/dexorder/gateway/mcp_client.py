@@ -48,9 +48,9 @@ logger = logging.getLogger(__name__)
 # and each request holds its connection until the reply (a backtest: minutes). httpx's
 # default cap (100) would queue the others behind slow tools until the read timeout fails
 # them, and a failed call drops the session for all of them. Each conversation runs one
-# turn at a time, so the connections stay bounded by the user's conversations.
-# Few idle connections kept, though: httpx checks every pooled connection on each request
-# (a socket poll each), so a hundred idle ones made that check the largest cost of a call.
+# turn at a time, so the connections stay bounded by the user's conversations. Few idle
+# ones are kept, though: httpx checks every pooled connection on each request (a socket
+# poll each), and a hundred idle ones made that check the largest cost of a call.
 _AGENT_LIMITS = httpx.Limits(
     max_connections=None, max_keepalive_connections=8, keepalive_expiry=2.0
 )

@@ -127,10 +127,6 @@ def _finish_reasons(chunk: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _finishes(chunk: Mapping[str, Any]) -> bool:
-    return bool(_finish_reasons(chunk))
-
-
 def _stream_error_status(chunk: Mapping[str, Any]) -> int:
     """The HTTP status an error inside a stream stands for (its code, else by its words)."""
     error = chunk.get("error")
@@ -178,7 +174,7 @@ class WireStream:
                     self._finished = True
                     return
                 chunk = self._parse(payload)
-                finish_seen = finish_seen or _finishes(chunk)
+                finish_seen = finish_seen or bool(_finish_reasons(chunk))
                 yield chunk
         except TimeoutError as error:
             # First: aiohttp's read timeout is a TimeoutError, which is also an OSError.

@@ -60,6 +60,7 @@ from dexorder.gateway.llm import (
     RoundReader,
     TextDelta,
     Usage,
+    litellm_request,
     load_litellm,
     wrap_error,
 )
@@ -236,16 +237,10 @@ class ModelRouter:
             return await self._wire_client.open(
                 wire, messages, tools=tools, timeout=self.policy.timeout
             )
-        request: dict[str, Any] = {
-            **self.target_of(name).litellm_kwargs(),
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "timeout": self.policy.timeout,
-            "max_retries": 0,  # the next deployment is the retry; walks are ours (backoff)
-        }
-        if tools:
-            request["tools"] = list(tools)
+        # No retries in the SDK: the next deployment is the retry; walks are ours (backoff).
+        request = litellm_request(
+            self.target_of(name), messages, tools, timeout=self.policy.timeout
+        )
         return await self._litellm.acompletion(**request)
 
     async def _open(
