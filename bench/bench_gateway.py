@@ -139,9 +139,10 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def stop_agents_under(root: Path) -> None:
-    """SIGKILL agent processes whose data directory is under ``root``."""
+def agents_under(root: Path) -> list[int]:
+    """The pids of agent processes whose data directory is under ``root``."""
     marker = f"DEXORDER_AGENT_DATA_DIR={root}".encode()
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -150,8 +151,25 @@ def stop_agents_under(root: Path) -> None:
         except OSError:
             continue
         if any(entry.startswith(marker) for entry in environment):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_agents_under(root: Path) -> None:
+    """SIGKILL agent processes whose data directory is under ``root``."""
+    for pid in agents_under(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -298,6 +316,7 @@ class Stack:
     gateway_url: str
     gateway_pid: int
     token: str
+    agents_root: Path
 
 
 async def save_license(dsn: str) -> None:
@@ -362,6 +381,9 @@ class Level:
     sessions: int
     rounds: int
     paths: dict[str, Samples] = field(default_factory=dict)
+    # CPU seconds the gateway and its agent used while the gateway path ran.
+    gateway_cpu: float = 0.0
+    agent_cpu: float = 0.0
 
 
 async def run_rounds(
@@ -384,7 +406,7 @@ async def run_rounds(
 
 
 async def measure(
-    stack: Stack, levels: list[int], idle: int, spread: float = 0.0
+    stack: Stack, levels: list[int], idle: int, spread: float = 0.0, rounds: int = 0
 ) -> tuple[list[Level], float]:
     from dexorder.gateway.llm import load_litellm
 
@@ -409,7 +431,7 @@ async def measure(
 
         results: list[Level] = []
         for count in levels:
-            level = Level(count, rounds=max(1, 30 // count))
+            level = Level(count, rounds=rounds or max(1, 30 // count))
             print(f"  {count} sessions x {level.rounds} rounds", flush=True)
             sessions = await open_sessions(http, ws_url, stack.token, count)
             # Warm: each session's MCP session to the agent and its tool list.
@@ -423,7 +445,13 @@ async def measure(
                 ("litellm SDK", lambda s: read_litellm(litellm, stack.model_url, s)),
             ):
                 level.paths[name] = Samples()
+                agents = agents_under(stack.agents_root)
+                gateway_before = cpu_seconds([stack.gateway_pid])
+                agent_before = cpu_seconds(agents)
                 await run_rounds(count, level.rounds, one, level.paths[name], spread)
+                if name == "gateway":
+                    level.gateway_cpu = cpu_seconds([stack.gateway_pid]) - gateway_before
+                    level.agent_cpu = cpu_seconds(agents) - agent_before
             await asyncio.gather(*(s.close() for s in sessions))
             results.append(level)
     return results, per_connection_kib
@@ -496,6 +524,19 @@ def report(
         )
     lines += [
         "",
+        "CPU per reply while the gateway path ran (user + system, over every reply of the level):",
+        "",
+        "| sessions | gateway process | its agent process |",
+        "|---|---|---|",
+    ]
+    for level in levels:
+        replies = level.sessions * level.rounds
+        lines.append(
+            f"| {level.sessions} | {ms(level.gateway_cpu / replies)} ms | "
+            f"{ms(level.agent_cpu / replies)} ms |"
+        )
+    lines += [
+        "",
         f"RSS per idle connection (gateway process, {idle} authenticated ready sessions): "
         f"{per_connection_kib:.1f} KiB.",
         "",
@@ -547,10 +588,16 @@ async def run(args: argparse.Namespace) -> str:
                     process=gateway,
                 )
                 stack = Stack(
-                    model_url, gateway_url, gateway.pid, issuer.mint(USER, expires_in=7200)
+                    model_url,
+                    gateway_url,
+                    gateway.pid,
+                    issuer.mint(USER, expires_in=7200),
+                    agents_root=workdir,
                 )
                 spread = args.tokens / args.rate if args.stagger else 0.0
-                levels, per_connection = await measure(stack, args.levels, args.idle, spread)
+                levels, per_connection = await measure(
+                    stack, args.levels, args.idle, spread, args.rounds
+                )
                 for process in reversed(processes):
                     await asyncio.to_thread(process.stop, 30)
                 processes.clear()
@@ -575,6 +622,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--idle", type=int, default=1000, help="idle sessions for the RSS figure")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-gateway.md"))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="rounds at every level (default: enough for 30 replies, at least one)",
+    )
     parser.add_argument(
         "--stagger",
         action="store_true",
