@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+import uvicorn
+from aiohttp import web
+from mcp.server.fastmcp import Context, FastMCP
+from pydantic import BaseModel
 
 from dexorder.devenv.agent import AgentProcess
-from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, map_host
+from dexorder.devenv.process import free_port
+from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, map_host
 from dexorder.gateway.provisioning import AgentEndpoint
 
 
@@ -33,7 +41,8 @@ async def test_a_restarted_agent_gets_a_new_session(agent: AgentProcess) -> None
     session = AgentSession(AgentEndpoint(agent.user_id, agent.url, agent.token))
     try:
         await session.list_tools()
-        agent.restart()  # same port and data; the new process knows nothing of our session id
+        # Same port and data; the new process knows nothing of our session id.
+        await asyncio.to_thread(agent.restart)
         outcome = await session.call_tool("recall", {"query": "anything", "k": 3})
         assert not outcome.is_error
         assert session.sessions_opened == 2
@@ -75,3 +84,148 @@ def test_host_map_rewrites_only_mapped_hosts() -> None:
     mapping = {"ua-x-agent.agents.svc:8000": "127.0.0.1:5555"}
     assert map_host("http://ua-x-agent.agents.svc:8000/mcp", mapping) == "http://127.0.0.1:5555/mcp"
     assert map_host("http://other:8000/mcp", mapping) == "http://other:8000/mcp"
+
+
+async def test_closing_ends_the_session_on_the_agent(agent: AgentProcess) -> None:
+    session = AgentSession(AgentEndpoint(agent.user_id, agent.url, agent.token))
+    await session.list_tools()
+    ended = session.mcp_session_id
+    assert ended is not None
+    await session.close()
+    assert session.closed
+    with pytest.raises(AgentUnavailable):
+        await session.list_tools()
+    # The agent was told (a DELETE): it no longer knows the session id.
+    headers = {
+        "Authorization": f"Bearer {agent.token}",
+        "Accept": "application/json, text/event-stream",
+        "mcp-session-id": ended,
+    }
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(agent.url, json=request, headers=headers) as response,
+    ):
+        assert response.status == 404
+
+
+@contextlib.asynccontextmanager
+async def serving(server: FastMCP[Any]) -> AsyncIterator[str]:
+    """Another MCP server than ours (the SDK's, configured as a user's own might be)."""
+    port = free_port()
+    config = uvicorn.Config(
+        server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning"
+    )
+    runner = uvicorn.Server(config)
+    task = asyncio.create_task(runner.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not runner.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        runner.should_exit = True
+        await task
+
+
+def sdk_server(*, json_response: bool, stateless: bool) -> FastMCP[Any]:
+    server: FastMCP[Any] = FastMCP(
+        "other", json_response=json_response, stateless_http=stateless, log_level="WARNING"
+    )
+
+    @server.tool()
+    async def echo(text: str, ctx: Context[Any, Any, Any]) -> str:
+        # A log notification and progress go out in the same event stream, before the result.
+        await ctx.info(f"echoing {text}")
+        await ctx.report_progress(0.5, 1.0)
+        return text.upper()
+
+    @server.tool()
+    async def ask(ctx: Context[Any, Any, Any]) -> str:
+        # A request from the server to the client, which declared no elicitation.
+        answer = await ctx.elicit("Are you sure?", schema=Confirmation)
+        return str(answer)
+
+    @server.resource("notes://today")
+    def today() -> str:
+        return '{"note": "buy low"}'
+
+    return server
+
+
+class Confirmation(BaseModel):
+    sure: bool
+
+
+async def test_a_server_that_answers_in_event_streams() -> None:
+    async with (
+        serving(sdk_server(json_response=False, stateless=False)) as url,
+        AgentSession(AgentEndpoint("sse-user", url, "")) as session,
+    ):
+        assert {tool.name for tool in await session.list_tools()} == {"echo", "ask"}
+        outcome = await session.call_tool("echo", {"text": "hello"})
+        assert outcome == ToolOutcome(content="HELLO", is_error=False)
+        assert await session.read_json_resource("notes://today", None) == {"note": "buy low"}
+        # The server's request is refused at once: the tool fails instead of hanging.
+        refused = await asyncio.wait_for(session.call_tool("ask", {}), timeout=10)
+        assert refused.is_error
+        assert session.mcp_session_id is not None
+        assert session.sessions_opened == 1
+
+
+async def test_a_server_that_keeps_no_sessions() -> None:
+    async with (
+        serving(sdk_server(json_response=True, stateless=True)) as url,
+        AgentSession(AgentEndpoint("stateless-user", url, "")) as session,
+    ):
+        outcomes = await asyncio.gather(
+            *(session.call_tool("echo", {"text": f"n{i}"}) for i in range(5))
+        )
+        assert [o.content for o in outcomes] == [f"N{i}" for i in range(5)]
+        assert session.mcp_session_id is None
+        assert session.is_open
+
+
+@contextlib.asynccontextmanager
+async def answering(status: int, body: str, content_type: str) -> AsyncIterator[str]:
+    """A server at the MCP URL that answers every POST the same way."""
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/mcp", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "said"),
+    [
+        (500, "boom", "text/plain", "HTTP 500: boom"),
+        (200, "this is not json", "application/json", "not JSON"),
+        (200, '{"jsonrpc": "2.0", "id": 999, "result": {}}', "application/json", "no response"),
+        (
+            200,
+            '{"jsonrpc": "2.0", "id": 1, "error": {"code": -32600, "message": "no thanks"}}',
+            "application/json",
+            "no thanks",
+        ),
+    ],
+)
+async def test_a_broken_server_is_agent_unavailable_with_the_reason(
+    status: int, body: str, content_type: str, said: str
+) -> None:
+    async with answering(status, body, content_type) as url:
+        session = AgentSession(AgentEndpoint("broken-user", url, ""))
+        try:
+            with pytest.raises(AgentUnavailable, match=said):
+                await session.list_tools()
+        finally:
+            await session.close()
