@@ -111,6 +111,7 @@ class Samples:
     added_first_token: list[float] = field(default_factory=list)
     relay: list[float] = field(default_factory=list)
     failures: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
 class StreamReader:
@@ -263,6 +264,7 @@ class ChatSession:
             elif frame["type"] == "error":
                 if samples is not None:
                     samples.failures += 1
+                    samples.errors.append(f"{frame.get('code')}: {frame.get('message')}")
                 return
 
     async def close(self) -> None:
@@ -503,6 +505,15 @@ def report(
                 + (f" ({samples.failures} failed)" if samples.failures else "")
                 + " |"
             )
+    failed = [
+        (level.sessions, name, error)
+        for level in levels
+        for name, samples in level.paths.items()
+        for error in sorted(set(samples.errors))
+    ]
+    if failed:
+        lines += ["", "Failed replies (each distinct error once):", ""]
+        lines += [f"- {count} sessions, {name}: {error}" for count, name, error in failed]
     lines += [
         "",
         "Ratios, gateway over litellm SDK read directly (same run, same concurrency):",
