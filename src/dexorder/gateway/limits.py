@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -81,8 +81,11 @@ class _HeldLeases:
 
     def __init__(self) -> None:
         self.by_lease: dict[str, str] = {}
+        self.count_by_user: Counter[str] = Counter()
 
     def add(self, user_id: str, lease: str) -> None:
+        if lease not in self.by_lease:
+            self.count_by_user[user_id] += 1
         self.by_lease[lease] = user_id
 
     def take(self, user_id: str, lease: str | None) -> str | None:
@@ -92,6 +95,9 @@ class _HeldLeases:
         if lease is None or self.by_lease.get(lease) != user_id:
             return None
         del self.by_lease[lease]
+        self.count_by_user[user_id] -= 1
+        if not self.count_by_user[user_id]:
+            del self.count_by_user[user_id]
         return lease
 
     def by_user(self) -> dict[str, list[str]]:
@@ -105,25 +111,37 @@ class MemoryLimiter:
     """The same limits in one process, for running without Redis."""
 
     def __init__(self) -> None:
-        self._messages: dict[str, list[float]] = defaultdict(list)
+        # Each user's message times in the last minute, oldest first: a check drops the
+        # expired ones from the front, not rescans (and sorts) a minute of messages.
+        self._messages: dict[str, deque[float]] = defaultdict(deque)
         self._tokens: dict[tuple[str, int], int] = defaultdict(int)
         self._held = _HeldLeases()
 
+    def _window(self, user_id: str, now: float) -> deque[float]:
+        window = self._messages[user_id]
+        while window and window[0] <= now - MINUTE:
+            window.popleft()
+        return window
+
+    @staticmethod
+    def _fits(window: deque[float], now: float, limit: int) -> Decision:
+        if len(window) < limit:
+            return Decision(True)
+        return sliding_window(list(window), now, limit)  # refused: when to come back
+
     async def admit_message(self, user_id: str, limits: RateLimits) -> Decision:
         now = time.time()
-        window = [t for t in self._messages[user_id] if t > now - MINUTE]
-        decision = sliding_window(window, now, limits.messages_per_minute)
+        window = self._window(user_id, now)
+        decision = self._fits(window, now, limits.messages_per_minute)
         if decision.allowed:
             window.append(now)
-        self._messages[user_id] = window
         return decision
 
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
         now = time.time()
         if self._tokens[(user_id, day_bucket(now))] >= limits.tokens_per_day:
             return refuse_tokens(limits.tokens_per_day, now)
-        running = sum(1 for user in self._held.by_lease.values() if user == user_id)
-        if running >= limits.concurrent_generations:
+        if self._held.count_by_user[user_id] >= limits.concurrent_generations:
             return refuse_concurrency(limits.concurrent_generations)
         lease = uuid.uuid4().hex
         self._held.add(user_id, lease)
@@ -134,9 +152,8 @@ class MemoryLimiter:
 
     async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
         now = time.time()
-        window = [t for t in self._messages[user_id] if t > now - MINUTE]
-        self._messages[user_id] = window
-        decision = sliding_window(window, now, limits.messages_per_minute)
+        window = self._window(user_id, now)
+        decision = self._fits(window, now, limits.messages_per_minute)
         if not decision.allowed:
             return decision
         generation = await self.admit_generation(user_id, limits)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from dexorder.core.ratelimit import Limit
 from dexorder.core.tiers import RateLimits
 from dexorder.gateway.limits import MemoryLimiter
@@ -93,3 +97,18 @@ async def test_seeding_starts_todays_count_only_once() -> None:
     await limiter.add_tokens("u", 30)
     assert await limiter.tokens_today("u") == 100
     assert (await limiter.admit_generation("u", LIMITS)).limit is Limit.TOKENS_PER_DAY
+
+
+async def test_messages_leave_the_window_after_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    limiter = MemoryLimiter()
+    for step in range(3):
+        clock[0] += 10 * step
+        assert (await limiter.admit_message("u", LIMITS)).allowed
+    refused = await limiter.admit_message("u", LIMITS)
+    assert not refused.allowed
+    assert refused.retry_after == pytest.approx(30)  # the first leaves 60 s after it came
+    clock[0] += 30.5
+    assert (await limiter.admit_message("u", LIMITS)).allowed
+    assert not (await limiter.admit_message("u", LIMITS)).allowed
