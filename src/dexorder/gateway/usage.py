@@ -4,17 +4,23 @@
 frames the harness emits (through ``Turn.observe``), so it records each tool call and the
 reply as streamed, and ``Turn.finish`` records the reply and the usage. Recording never
 fails a turn and never delays its reply: a sink that refuses or a database that is down
-is logged and counted, and the daily upsert runs in a task of the recorder's own.
+is logged and counted, and the daily totals are written by a task of the recorder's own.
+
+Turns end by the hundred at once, so their end is kept cheap: a model's price is looked up
+in LiteLLM once and then is two multiplications (``litellm_cost``), and the daily totals are
+group-committed (one writer per recorder; what turns add while it writes is summed per user
+and day and goes in its next statement).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -48,14 +54,15 @@ USAGE_NOT_RECORDED = Counter(
     registry=metrics.REGISTRY,
 )
 
-_UPSERT = (
-    "INSERT INTO usage_daily (user_id, day, prompt_tokens, completion_tokens, messages) "
-    "VALUES (%s, %s, %s, %s, %s) "
-    "ON CONFLICT (user_id, day) DO UPDATE SET "
+_UPSERT_INTO = "INSERT INTO usage_daily (user_id, day, prompt_tokens, completion_tokens, messages) "
+_UPSERT_ADDING = (
+    " ON CONFLICT (user_id, day) DO UPDATE SET "
     "prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens, "
     "completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens, "
     "messages = usage_daily.messages + EXCLUDED.messages"
 )
+#: Rows per statement: PostgreSQL takes at most 65535 parameters (5 a row) in one.
+_ROWS_PER_STATEMENT = 1000
 _SELECT = (
     "SELECT day, prompt_tokens, completion_tokens, messages FROM usage_daily "
     "WHERE user_id = %s AND day BETWEEN %s AND %s ORDER BY day"
@@ -78,6 +85,34 @@ class DailyUsage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class DailyIncrement:
+    """What to add to one user's totals of one day."""
+
+    user_id: str
+    day: dt.date
+    prompt_tokens: int
+    completion_tokens: int
+    messages: int = 1
+
+    def refusal(self) -> str | None:
+        """Why the table would refuse it (found before it is sent, with other rows)."""
+        if not self.user_id or "\x00" in self.user_id:
+            return f"not a user id: {self.user_id!r}"
+        if min(self.prompt_tokens, self.completion_tokens, self.messages) < 0:
+            return "usage increments must not be negative"
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_rows(rows: int) -> str:
+    """One upsert adding ``rows`` rows: measured cheaper for the client than ``executemany``
+    (one statement per row) and than ``unnest`` of arrays (whose adaptation costs more than
+    the rows save) at the few rows a write usually carries."""
+    values = ", ".join(["(%s, %s, %s, %s, %s)"] * rows)
+    return f"{_UPSERT_INTO}VALUES {values}{_UPSERT_ADDING}"
+
+
 class UsageStore:
     """Daily totals per user in ``usage_daily``, added to atomically by any replica."""
 
@@ -93,13 +128,36 @@ class UsageStore:
         completion_tokens: int,
         messages: int = 1,
     ) -> None:
-        if min(prompt_tokens, completion_tokens, messages) < 0:
-            raise ValueError("usage increments must not be negative")
+        await self.add_many(
+            [DailyIncrement(user_id, day, prompt_tokens, completion_tokens, messages)]
+        )
+
+    async def add_many(self, increments: Iterable[DailyIncrement]) -> None:
+        """Add them all in one transaction: all are added, or none (and this raises).
+
+        Two increments of the same user and day are summed first (a statement may not
+        update a row twice). Rows go in (user, day) order, the same in every replica, so
+        two replicas' writes wait for each other's row locks instead of deadlocking.
+        """
+        summed: dict[tuple[str, dt.date], list[int]] = {}
+        for increment in increments:
+            if (refusal := increment.refusal()) is not None:
+                raise ValueError(refusal)
+            totals = summed.setdefault((increment.user_id, increment.day), [0, 0, 0])
+            totals[0] += increment.prompt_tokens
+            totals[1] += increment.completion_tokens
+            totals[2] += increment.messages
+        if not summed:
+            return
+        rows = [(*key, *summed[key]) for key in sorted(summed)]
         try:
             async with self._pool.connection() as connection:
-                await connection.execute(
-                    _UPSERT, (user_id, day, prompt_tokens, completion_tokens, messages)
-                )
+                if len(rows) <= _ROWS_PER_STATEMENT:
+                    await _upsert(connection, rows)
+                else:
+                    async with connection.transaction():
+                        for first in range(0, len(rows), _ROWS_PER_STATEMENT):
+                            await _upsert(connection, rows[first : first + _ROWS_PER_STATEMENT])
         except (psycopg.Error, TimeoutError) as error:
             raise UsageUnavailable(f"cannot record usage: {error}") from error
 
@@ -119,10 +177,53 @@ class UsageStore:
         return found[0] if found else DailyUsage(day, 0, 0, 0)
 
 
-def litellm_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """The price by LiteLLM's (offline) price list; None for a model it does not know."""
-    if not model:
-        return None
+async def _upsert(
+    connection: psycopg.AsyncConnection[Any], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    await connection.execute(_upsert_rows(len(rows)), [value for row in rows for value in row])
+
+
+# --- prices ---------------------------------------------------------------------------------
+
+#: Keys of LiteLLM's price map that make a model's price other than (tokens x a fixed rate):
+#: token tiers, prices by time of day, per second, per character, per request.
+_IRREGULAR_PRICE_KEYS = frozenset(
+    {
+        "tiered_pricing",
+        "off_peak_pricing",
+        "cost_per_second",
+        "input_cost_per_second",
+        "output_cost_per_second",
+        "input_cost_per_character",
+        "output_cost_per_character",
+        "input_cost_per_request",
+        "input_cost_per_query",
+    }
+)
+#: (prompt, completion) token counts at which a price read as linear is checked against
+#: LiteLLM: each side of every tier threshold its map uses (32k to 512k), and beyond.
+_PRICE_CHECKS = (
+    (0, 0),
+    (7, 3),
+    (1234, 567),
+    (40_000, 9_000),
+    (110_000, 20_000),
+    (150_000, 100_000),
+    (230_000, 130_000),
+    (262_000, 200_000),
+    (300_000, 300_000),
+    (600_000, 550_000),
+    (1_500_000, 1_000_000),
+)
+#: Model names are few (the deployments of config/models.yaml); past this many, prices
+#: are no longer kept, so a stream of odd names cannot grow the process.
+_PRICES_KEPT = 1024
+
+
+def _litellm_cost_per_token(
+    model: str, prompt_tokens: int, completion_tokens: int
+) -> tuple[float, float] | None:
+    """LiteLLM's price of the prompt and of the completion; None for a model it does not know."""
     from dexorder.gateway.llm import load_litellm
 
     litellm = load_litellm()
@@ -132,8 +233,106 @@ def litellm_cost(model: str, prompt_tokens: int, completion_tokens: int) -> floa
         )
     except Exception:  # litellm raises plain Exception subclasses for unknown models
         return None
-    total = float(prompt_cost) + float(completion_cost)
+    return float(prompt_cost), float(completion_cost)
+
+
+def _total(prompt_cost: float, completion_cost: float) -> float | None:
+    total = prompt_cost + completion_cost
     return total if total >= 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _PerToken:
+    """A fixed rate per prompt token and per completion token: computed here, as LiteLLM does
+    (tokens x rate, each side), so the result is the same float."""
+
+    prompt: float
+    completion: float
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        if prompt_tokens < 0 or completion_tokens < 0:  # LiteLLM's business, however odd
+            return _AskLitellm().cost(model, prompt_tokens, completion_tokens)
+        return _total(prompt_tokens * self.prompt, completion_tokens * self.completion)
+
+
+@dataclass(frozen=True, slots=True)
+class _AskLitellm:
+    """A price LiteLLM computes in a way not repeated here (tiers, time of day, ...)."""
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        costs = _litellm_cost_per_token(model, prompt_tokens, completion_tokens)
+        return None if costs is None else _total(*costs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unpriced:
+    """A model LiteLLM has no price for (it raises for every token count)."""
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        return None
+
+
+_Price = _PerToken | _AskLitellm | _Unpriced
+_prices: dict[str, _Price] = {}
+
+
+def _price_entries(model: str) -> list[Mapping[str, Any]]:
+    """The entries of LiteLLM's map ``model`` is priced by: its model info, and the raw entry
+    ``cost_per_token`` picks (the name as given, else without its provider prefix)."""
+    from dexorder.gateway.llm import load_litellm
+
+    litellm = load_litellm()
+    try:
+        info: Mapping[str, Any] = litellm.get_model_info(model=model)
+    except Exception:  # unknown to litellm: nothing to read
+        return []
+    picked = next((n for n in (model, model.split("/", 1)[-1]) if n in litellm.model_cost), None)
+    return [info] if picked is None else [info, litellm.model_cost[picked]]
+
+
+def _priced_per_token(entries: Sequence[Mapping[str, Any]]) -> bool:
+    return bool(entries) and not any(
+        key in _IRREGULAR_PRICE_KEYS or ("_above_" in key and "_tokens" in key)
+        for entry in entries
+        for key, value in entry.items()
+        if value is not None
+    )
+
+
+def _resolve_price(model: str) -> _Price:
+    """How to price ``model``: by LiteLLM's own rates when linear, else by asking LiteLLM.
+
+    The rates are LiteLLM's answers for one token, and are kept only if they reproduce its
+    answer exactly at every count of ``_PRICE_CHECKS``.
+    """
+    checked = [(p, c, _litellm_cost_per_token(model, p, c)) for p, c in _PRICE_CHECKS]
+    if all(costs is None for _, _, costs in checked):
+        return _Unpriced()
+    one_prompt = _litellm_cost_per_token(model, 1, 0)
+    one_completion = _litellm_cost_per_token(model, 0, 1)
+    if one_prompt is None or one_completion is None or not _priced_per_token(_price_entries(model)):
+        return _AskLitellm()
+    price = _PerToken(one_prompt[0], one_completion[1])
+    for prompt_tokens, completion_tokens, costs in checked:
+        if costs != (prompt_tokens * price.prompt, completion_tokens * price.completion):
+            return _AskLitellm()
+    return price
+
+
+def litellm_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """The price by LiteLLM's (offline) price list; None for a model it does not know.
+
+    How a model is priced is worked out once (about 5 ms) and kept: LiteLLM's map is the
+    one it loaded at import (``load_litellm``), and nothing here changes it later.
+    """
+    if not model:
+        return None
+    price = _prices.get(model)
+    if price is None:
+        price = _resolve_price(model)
+        if len(_prices) < _PRICES_KEPT:
+            _prices[model] = price
+    return price.cost(model, prompt_tokens, completion_tokens)
 
 
 @dataclass
@@ -182,26 +381,42 @@ class Turn:
         return "".join(self._reply)
 
     def observe(self, emit: Emit) -> Emit:
-        """``emit`` that also records what passes: reply text and tool calls."""
+        """``emit`` that also records what passes: reply text and tool calls.
 
-        async def observed(frame: protocol.Frame) -> None:
-            await self._see(frame)
-            await emit(frame)
+        It runs once per streamed token, so it adds no coroutine of its own: what it
+        records is recorded on the call, and the awaitable it returns is ``emit``'s own,
+        except after a tool's result, whose event is published before the frame goes on.
+        """
+
+        def observed(frame: protocol.Frame) -> Awaitable[None]:
+            if isinstance(frame, protocol.DeltaFrame):  # nearly every frame: kept inline
+                if self._first_token is None:
+                    self._first_token = time.perf_counter()
+                self._reply.append(frame.content)
+                return emit(frame)
+            finished_call = self._see_tool_frame(frame)
+            if finished_call is None:
+                return emit(frame)
+            return self._publish_then_emit(finished_call, emit, frame)
 
         return observed
 
-    async def _see(self, frame: protocol.Frame) -> None:
-        if isinstance(frame, protocol.DeltaFrame):
-            if self._first_token is None:
-                self._first_token = time.perf_counter()
-            self._reply.append(frame.content)
-        elif isinstance(frame, protocol.ToolCallFrame):
+    def _see_tool_frame(self, frame: protocol.Frame) -> ToolCallEvent | None:
+        """Record a tool's call; on its result, the call's event, to publish."""
+        if isinstance(frame, protocol.ToolCallFrame):
             self._tool_calls += 1
             self._calls[frame.id] = _PendingCall(frame.name, dict(frame.arguments))
         elif isinstance(frame, protocol.ToolResultFrame):
             call = self._calls.pop(frame.id, None)
             if call is not None:
-                await self._recorder.publish([self._tool_event(frame.id, call, frame)])
+                return self._tool_event(frame.id, call, frame)
+        return None
+
+    async def _publish_then_emit(
+        self, event: ToolCallEvent, emit: Emit, frame: protocol.Frame
+    ) -> None:
+        await self._recorder.publish([event])
+        await emit(frame)
 
     def _tool_event(
         self, call_id: str, call: _PendingCall, result: protocol.ToolResultFrame | None
@@ -256,8 +471,21 @@ class Turn:
         return usage
 
 
+@dataclass
+class _PendingDaily:
+    """What turns added to one user's day and is not written yet, and which turns."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    turn_ids: list[str] = field(default_factory=list)
+
+
+_DailyBatch = dict[tuple[str, dt.date], _PendingDaily]
+
+
 class UsageRecorder:
-    """One per gateway process: opens turns, and owns the tasks that record them."""
+    """One per gateway process: opens turns, and owns the task that records their totals
+    (one write at a time, each given up after ``daily_timeout`` seconds)."""
 
     def __init__(
         self,
@@ -271,7 +499,12 @@ class UsageRecorder:
         self.store = store
         self.cost = cost
         self._daily_timeout = daily_timeout
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Added since the write in flight began; the next write carries all of it.
+        self._pending: _DailyBatch = {}
+        #: What the write in flight carries.
+        self._writing: _DailyBatch = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start_turn(
         self, *, user_id: str, tier: str, channel: str, session_id: str, text: str
@@ -289,33 +522,72 @@ class UsageRecorder:
             logger.error("%d events not recorded: %s", len(events), error)  # noqa: TRY400
 
     def add_daily(self, usage: UsageEvent) -> None:
+        """Add the turn to its user's daily totals, in the background."""
         if self.store is None:
             return
-        task = asyncio.create_task(self._add_daily(self.store, usage), name="usage:daily")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        key = (usage.user_id, usage.occurred_at.astimezone(dt.UTC).date())
+        # Refused here, a bad turn fails alone, not with the write it would share; and after
+        # close no writer would be waited for, so none is started.
+        refusal = (
+            "the recorder is closed"
+            if self._closed
+            else DailyIncrement(*key, usage.prompt_tokens, usage.completion_tokens).refusal()
+        )
+        if refusal is not None:
+            _not_recorded({key: _PendingDaily(turn_ids=[usage.turn_id])}, refusal)
+            return
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _PendingDaily()
+        pending.prompt_tokens += usage.prompt_tokens
+        pending.completion_tokens += usage.completion_tokens
+        pending.turn_ids.append(usage.turn_id)
+        # A writer cancelled before it began (so before its try) left its turns pending.
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_daily(self.store), name="usage:daily")
 
-    async def _add_daily(self, store: UsageStore, usage: UsageEvent) -> None:
+    async def _write_daily(self, store: UsageStore) -> None:
+        """Write until nothing is pending; each write takes all that is pending."""
+        try:
+            while self._pending:
+                self._writing, self._pending = self._pending, {}
+                await self._write(store, self._writing)
+                self._writing = {}
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        finally:
+            self._writer = None
+
+    def _abandon(self) -> None:
+        """Count and log, as not recorded, every turn not written yet."""
+        abandoned = _turns(self._writing) + _turns(self._pending)
+        self._writing, self._pending = {}, {}
+        if abandoned:
+            USAGE_NOT_RECORDED.labels(where="daily").inc(abandoned)
+            logger.error("%d daily usage updates abandoned at shutdown", abandoned)
+
+    async def _write(self, store: UsageStore, batch: _DailyBatch) -> None:
+        increments = [
+            DailyIncrement(
+                user_id,
+                day,
+                pending.prompt_tokens,
+                pending.completion_tokens,
+                len(pending.turn_ids),
+            )
+            for (user_id, day), pending in batch.items()
+        ]
         try:
             async with asyncio.timeout(self._daily_timeout):
-                await store.add(
-                    usage.user_id,
-                    usage.occurred_at.astimezone(dt.UTC).date(),
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                )
+                await store.add_many(increments)
         except (UsageUnavailable, TimeoutError) as error:
-            # The event still carries it; the daily total is short by this turn.
-            USAGE_NOT_RECORDED.labels(where="daily").inc()
-            logger.error(  # noqa: TRY400 - the cause is in the message
-                "daily usage of %s not recorded (turn %s): %s", usage.user_id, usage.turn_id, error
-            )
-        except Exception:
-            # A task of our own: nothing may escape it unseen.
-            USAGE_NOT_RECORDED.labels(where="daily").inc()
-            logger.exception(
-                "daily usage of %s not recorded (turn %s)", usage.user_id, usage.turn_id
-            )
+            # The events still carry them; the daily totals are short by these turns.
+            _not_recorded(batch, str(error) or "timed out")
+        except Exception as error:
+            # The writer is ours: nothing may escape it unseen.
+            logger.exception("daily usage write failed")
+            _not_recorded(batch, repr(error))
 
     async def seed_budget(self, limiter: Limiter, user_id: str) -> None:
         """Give the limiter today's tokens from PostgreSQL if it has no count of its own
@@ -331,19 +603,37 @@ class UsageRecorder:
             logger.warning("today's token budget of %s not seeded: %s", user_id, error)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait for the daily totals being written; past ``timeout``, give up on them."""
-        pending = set(self._tasks)
-        if not pending:
+        """Wait for the daily totals to be written, those added meanwhile too; past
+        ``timeout``, give up on what is left (counted and logged as not recorded)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while (writer := self._writer) is not None:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            if not writer.done():
+                done, _ = await asyncio.wait({writer}, timeout=left)
+                if done:
+                    continue  # it ended by itself: the next writer, if any, is waited for
+                writer.cancel()  # a writer that has begun counts what it abandons
+                await asyncio.gather(writer, return_exceptions=True)
+            if self._writer is writer:  # it was cancelled before it began: count for it
+                self._writer = None
+                self._abandon()
             return
-        _, late = await asyncio.wait(pending, timeout=timeout)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.gather(*late, return_exceptions=True)
-            USAGE_NOT_RECORDED.labels(where="daily").inc(len(late))
-            logger.error("%d daily usage updates abandoned at shutdown", len(late))
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Finish the daily totals (for at most ``timeout``), then close the sink."""
+        """Finish the daily totals (for at most ``timeout``), then close the sink. Turns that
+        end after this are not added to the daily totals (and are counted as such)."""
+        self._closed = True
         await self.drain(timeout)
         await self.sink.close()
+
+
+def _turns(batch: _DailyBatch) -> int:
+    return sum(len(pending.turn_ids) for pending in batch.values())
+
+
+def _not_recorded(batch: _DailyBatch, why: str) -> None:
+    USAGE_NOT_RECORDED.labels(where="daily").inc(_turns(batch))
+    for (user_id, _), pending in batch.items():
+        for turn_id in pending.turn_ids:
+            logger.error("daily usage of %s not recorded (turn %s): %s", user_id, turn_id, why)

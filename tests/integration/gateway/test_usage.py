@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from dexorder.core import protocol
@@ -17,6 +19,7 @@ from dexorder.gateway.licenses import Pool, open_pool
 from dexorder.gateway.limits import MemoryLimiter
 from dexorder.gateway.metrics import REGISTRY
 from dexorder.gateway.usage import (
+    DailyIncrement,
     DailyUsage,
     UsageRecorder,
     UsageStore,
@@ -106,13 +109,15 @@ async def test_an_unreachable_database_neither_fails_nor_delays_the_turn(tmp_pat
             await UsageStore(dead).add(user(), DAY, prompt_tokens=1, completion_tokens=1)
         recorder = UsageRecorder(JsonlSink(tmp_path), UsageStore(dead), cost=lambda *_: None)
         before = not_recorded_daily()
-        turn = await recorder.start_turn(
-            user_id=user(), tier="free", channel="websocket", session_id="s", text="hi"
-        )
-        usage = await turn.finish(model="m", prompt_tokens=1, completion_tokens=1)
-        assert usage is not None  # recorded as an event at once
+        first, second = user(), user()
+        for who in (first, second, first):  # one write, then the two others in the next
+            turn = await recorder.start_turn(
+                user_id=who, tier="free", channel="websocket", session_id="s", text="hi"
+            )
+            usage = await turn.finish(model="m", prompt_tokens=1, completion_tokens=1)
+            assert usage is not None  # recorded as an event at once
         await recorder.close()
-        assert not_recorded_daily() == before + 1
+        assert not_recorded_daily() == before + 3  # each turn of each failed write
     finally:
         await dead.close()
 
@@ -131,3 +136,126 @@ async def test_a_fresh_limiter_is_seeded_with_todays_durable_usage(
     await recorder.seed_budget(limiter, who)  # a count of its own is kept
     assert await limiter.tokens_today(who) == 510
     await recorder.close()
+
+
+class CountingStore(UsageStore):
+    """The real store, counting its writes."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
+        self.writes = 0
+
+    async def add_many(self, increments: Iterable[DailyIncrement]) -> None:
+        self.writes += 1
+        await super().add_many(increments)
+
+
+def daily_writers() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "usage:daily" and not t.done()]
+
+
+async def test_add_many_adds_all_rows_or_none(pool: Pool) -> None:
+    store, first, second = UsageStore(pool), user(), user()
+    await store.add_many(
+        [
+            DailyIncrement(first, DAY, 10, 1),
+            DailyIncrement(second, DAY, 20, 2, 3),
+            DailyIncrement(first, DAY, 5, 5),  # the same row twice: summed
+            DailyIncrement(first, DAY + dt.timedelta(days=1), 1, 1),
+        ]
+    )
+    assert await store.on(first, DAY) == DailyUsage(DAY, 15, 6, 2)
+    assert await store.on(second, DAY) == DailyUsage(DAY, 20, 2, 3)
+    assert await store.on(first, DAY + dt.timedelta(days=1)) == DailyUsage(
+        DAY + dt.timedelta(days=1), 1, 1, 1
+    )
+    third = user()
+    for bad, why in (
+        (DailyIncrement("", DAY, 1, 1), "not a user id"),
+        (DailyIncrement(third, DAY, 1, -1), "negative"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            await store.add_many([DailyIncrement(third, DAY, 1, 1), bad])
+    assert await store.on(third, DAY) == DailyUsage(DAY, 0, 0, 0)
+    await store.add_many([])
+
+
+async def test_a_write_of_more_rows_than_a_statement_takes(pool: Pool) -> None:
+    store = UsageStore(pool)
+    who = [user() for _ in range(2500)]
+    await store.add_many(DailyIncrement(w, DAY, n, 1) for n, w in enumerate(who))
+    for n in (0, 999, 1000, 1001, 2499):
+        assert await store.on(who[n], DAY) == DailyUsage(DAY, n, 1, 1)
+
+
+async def test_many_turns_at_once_on_two_replicas_add_up_exactly(
+    pool: Pool, migrated_dsn: str, tmp_path: Path
+) -> None:
+    other = await open_pool(migrated_dsn)
+    try:
+        stores = [CountingStore(pool), CountingStore(other)]
+        recorders = [
+            UsageRecorder(JsonlSink(tmp_path / str(n)), store, cost=lambda *_: None)
+            for n, store in enumerate(stores)
+        ]
+        users = [user() for _ in range(8)]
+        draw = random.Random(7)
+        expected = {who: [0, 0, 0] for who in users}
+        before = not_recorded_daily()
+
+        async def one_turn(recorder: UsageRecorder, who: str, spread: float) -> None:
+            prompt, completion = draw.randrange(5000), draw.randrange(900)
+            expected[who][0] += prompt
+            expected[who][1] += completion
+            expected[who][2] += 1
+            turn = await recorder.start_turn(
+                user_id=who, tier="pro", channel="websocket", session_id="s", text="hi"
+            )
+            await asyncio.sleep(draw.random() * spread)  # the replies end at various times
+            await turn.finish(model="m", prompt_tokens=prompt, completion_tokens=completion)
+
+        # All at once: the turns share a few writes.
+        await asyncio.gather(*(one_turn(recorders[n % 2], users[n % 8], 0) for n in range(400)))
+        await asyncio.gather(*(recorder.drain() for recorder in recorders))
+        assert sum(store.writes for store in stores) < 400 / 4
+        # Spread over 50 ms: many writes of both replicas, on the same rows at the same time.
+        await asyncio.gather(*(one_turn(recorders[n % 2], users[n % 8], 0.05) for n in range(400)))
+        for recorder in recorders:
+            await recorder.close()
+
+        assert not_recorded_daily() == before
+        today = dt.datetime.now(dt.UTC).date()
+        for who in users:
+            assert await stores[0].on(who, today) == DailyUsage(today, *expected[who])
+        assert daily_writers() == []
+    finally:
+        await other.close()
+
+
+async def test_a_write_held_up_past_close_is_given_up_and_counted(
+    pool: Pool, migrated_dsn: str, tmp_path: Path
+) -> None:
+    store, who = UsageStore(pool), user()
+    today = dt.datetime.now(dt.UTC).date()
+    await store.add(who, today, prompt_tokens=1, completion_tokens=1)
+    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=lambda *_: None)
+    before = not_recorded_daily()
+    async with await psycopg.AsyncConnection.connect(migrated_dsn) as locker:
+        # Another transaction holds the row: the upsert waits for it.
+        await locker.execute(
+            "SELECT 1 FROM usage_daily WHERE user_id = %s AND day = %s FOR UPDATE", (who, today)
+        )
+        for _ in range(3):
+            turn = await recorder.start_turn(
+                user_id=who, tier="free", channel="websocket", session_id="s", text="hi"
+            )
+            await turn.finish(model="m", prompt_tokens=10, completion_tokens=1)
+            await asyncio.sleep(0.01)
+        await recorder.close(timeout=0.3)
+        assert not_recorded_daily() == before + 3
+        assert daily_writers() == []
+        await locker.rollback()
+    # The write in flight was cancelled in the server too (psycopg cancels the query), so
+    # what was counted as not recorded is not in the total either; and the pool still works.
+    await store.add(who, today, prompt_tokens=1, completion_tokens=0)
+    assert await store.on(who, today) == DailyUsage(today, 2, 1, 2)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
+from collections.abc import Awaitable, Generator, Iterable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from dexorder.core import protocol
 from dexorder.core.events import (
@@ -16,7 +22,15 @@ from dexorder.core.events import (
     event_from_json,
 )
 from dexorder.gateway.events import JsonlSink
-from dexorder.gateway.usage import UsageRecorder, litellm_cost
+from dexorder.gateway.metrics import REGISTRY
+from dexorder.gateway.usage import (
+    DailyIncrement,
+    Turn,
+    UsageRecorder,
+    UsageStore,
+    UsageUnavailable,
+    litellm_cost,
+)
 
 
 def fixed_cost(model: str, prompt: int, completion: int) -> float | None:
@@ -120,3 +134,169 @@ def test_litellm_prices_models_it_knows_and_not_others() -> None:
     assert cost > 0
     assert litellm_cost("openai/no-such-model-anywhere", 1000, 1000) is None
     assert litellm_cost("", 1, 1) is None
+
+
+def test_observing_adds_no_coroutine_of_its_own(tmp_path: Path) -> None:
+    class Sent:  # an awaitable of emit's own, to recognise it
+        def __await__(self) -> Generator[None, None, None]:
+            yield from ()
+
+    sent = Sent()
+
+    def emit(frame: protocol.Frame) -> Awaitable[None]:
+        return sent
+
+    turn = Turn(UsageRecorder(JsonlSink(tmp_path), None), **WHO)
+    observed = turn.observe(emit)
+    assert observed(protocol.DeltaFrame(content="a")) is sent
+    assert observed(protocol.ToolCallFrame(id="c1", name="t", arguments={})) is sent
+    assert observed(protocol.ToolResultFrame(id="nobody", content="", is_error=False)) is sent
+    assert turn.reply == "a"
+
+
+async def test_a_tool_call_is_recorded_before_its_result_goes_on(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path)
+    recorder = UsageRecorder(sink, None, cost=fixed_cost)
+    recorded_when_shown: list[list[type[Event]]] = []
+
+    async def emit(frame: protocol.Frame) -> None:
+        path = sink.path_for(dt.datetime.now(dt.UTC).date())
+        recorded_when_shown.append([type(e) for e in recorded(sink)] if path.exists() else [])
+
+    turn = await recorder.start_turn(text="go", **WHO)
+    observed = turn.observe(emit)
+    await observed(protocol.ToolCallFrame(id="c1", name="get_price", arguments={}))
+    await observed(protocol.ToolResultFrame(id="c1", content="3000", is_error=False))
+    await recorder.close()
+    assert recorded_when_shown == [[UserMessageEvent], [UserMessageEvent, ToolCallEvent]]
+
+
+# --- the daily totals: one writer, what turns add meanwhile summed into its next write ---
+
+
+WHO = {"user_id": "u1", "tier": "pro", "channel": "websocket", "session_id": "s1"}
+
+
+class HeldStore(UsageStore):
+    """A store whose writes wait to be let go, and say what they carried (no database: what
+    is tested here is the recorder's bookkeeping)."""
+
+    def __init__(self, *, failing: bool = False) -> None:
+        self.writes: list[list[DailyIncrement]] = []
+        self.let_go = asyncio.Event()
+        self.failing = failing
+
+    async def add_many(self, increments: Iterable[DailyIncrement]) -> None:
+        self.writes.append(list(increments))
+        await self.let_go.wait()
+        if self.failing:
+            raise UsageUnavailable("the database is down")
+
+
+def not_recorded_daily() -> float:
+    value = REGISTRY.get_sample_value(
+        "dexorder_gateway_usage_not_recorded_total", {"where": "daily"}
+    )
+    return value or 0.0
+
+
+def daily_writers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "usage:daily" and not t.done()]
+
+
+async def finish(recorder: UsageRecorder, user_id: str, prompt_tokens: int) -> str:
+    turn = await recorder.start_turn(text="hi", **{**WHO, "user_id": user_id})
+    await turn.finish(model="m", prompt_tokens=prompt_tokens, completion_tokens=1)
+    return turn.turn_id
+
+
+async def test_turns_that_end_during_a_write_share_the_next_one(tmp_path: Path) -> None:
+    store = HeldStore()
+    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=fixed_cost)
+    today = dt.datetime.now(dt.UTC).date()
+    await finish(recorder, "a", 10)
+    await asyncio.sleep(0)  # the writer takes it
+    assert store.writes == [[DailyIncrement("a", today, 10, 1, 1)]]
+    await asyncio.gather(
+        finish(recorder, "a", 1), finish(recorder, "b", 2), finish(recorder, "a", 4)
+    )
+    await asyncio.sleep(0)
+    assert len(store.writes) == 1  # still one in flight
+    store.let_go.set()
+    await recorder.close()
+    assert len(store.writes) == 2
+    assert sorted(store.writes[1], key=lambda i: i.user_id) == [
+        DailyIncrement("a", today, 5, 2, 2),
+        DailyIncrement("b", today, 2, 1, 1),
+    ]
+    assert daily_writers() == []
+
+
+async def test_a_failed_write_counts_and_logs_every_turn_it_carried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = HeldStore(failing=True)
+    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=fixed_cost)
+    before = not_recorded_daily()
+    turns = [await finish(recorder, "a", 1)]
+    await asyncio.sleep(0)
+    turns += await asyncio.gather(finish(recorder, "a", 2), finish(recorder, "b", 3))
+    store.let_go.set()
+    with caplog.at_level(logging.ERROR, logger="dexorder.gateway.usage"):
+        await recorder.close()
+    assert len(store.writes) == 2
+    assert not_recorded_daily() == before + 3
+    for turn_id in turns:
+        assert any(turn_id in record.getMessage() for record in caplog.records)
+    assert daily_writers() == []
+
+
+async def test_past_the_timeout_every_unwritten_turn_is_counted_and_no_task_is_left(
+    tmp_path: Path,
+) -> None:
+    store = HeldStore()  # never lets go
+    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=fixed_cost)
+    before = not_recorded_daily()
+    await finish(recorder, "a", 1)
+    await asyncio.sleep(0)  # one in flight ...
+    await asyncio.gather(finish(recorder, "a", 1), finish(recorder, "b", 1))  # ... two pending
+    await recorder.close(timeout=0.05)
+    assert not_recorded_daily() == before + 3
+    assert daily_writers() == []
+    await finish(recorder, "c", 1)  # after close: counted, and no writer started
+    await recorder.sink.close()  # (its events reopened the sink)
+    assert not_recorded_daily() == before + 4
+    assert daily_writers() == []
+    assert len(store.writes) == 1
+
+
+async def test_a_writer_cancelled_before_it_began_loses_no_turn_unseen(tmp_path: Path) -> None:
+    store = HeldStore()
+    store.let_go.set()
+    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=fixed_cost)
+    before = not_recorded_daily()
+    await finish(recorder, "a", 1)  # its writer is created, and has not run yet
+    for writer in daily_writers():
+        writer.cancel()  # as a loop's shutdown would
+    await asyncio.sleep(0)
+    await finish(recorder, "a", 2)  # a new writer carries both
+    await recorder.drain()
+    assert store.writes == [[DailyIncrement("a", dt.datetime.now(dt.UTC).date(), 3, 2, 2)]]
+    assert not_recorded_daily() == before
+
+    await finish(recorder, "b", 1)
+    for writer in daily_writers():
+        writer.cancel()
+    await recorder.close()  # nothing would write it now: counted
+    assert not_recorded_daily() == before + 1
+    assert daily_writers() == []
+    assert len(store.writes) == 1
+
+
+def test_a_row_the_table_would_refuse_is_found_first() -> None:
+    day = dt.date(2026, 11, 24)
+    assert DailyIncrement("u", day, 1, 2, 3).refusal() is None
+    assert DailyIncrement("", day, 1, 2, 3).refusal() == "not a user id: ''"
+    assert DailyIncrement("u\x00", day, 1, 2, 3).refusal() is not None
+    assert DailyIncrement("u", day, -1, 2, 3).refusal() == "usage increments must not be negative"
+    assert DailyIncrement("u", day, 1, 2, -3).refusal() is not None
