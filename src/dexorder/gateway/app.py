@@ -231,6 +231,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             transport=settings.llm_transport,
         )
         stack.push_async_callback(router.close)
+        # A model's price is worked out at its first use (ms of CPU, more when LiteLLM sets
+        # its provider up then): here, not in the middle of some user's first reply.
+        for model in sorted({target.model for group in targets.values() for target in group}):
+            usage.cost(model, 0, 0)
         app[CHAT_SERVICES] = ChatServices(
             licenses=licenses,
             catalog=catalog,
