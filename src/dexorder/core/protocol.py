@@ -9,7 +9,9 @@ all read the same contract.
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
+from json.encoder import encode_basestring as _json_string
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -352,7 +354,34 @@ def parse_gateway_frame(text: str | bytes) -> GatewayFrame:
 
 def encode_frame(frame: Frame) -> str:
     """The JSON text of a frame; unset optional fields are left out."""
+    if type(frame) is DeltaFrame and frame.seq is None:
+        # One per streamed token: built directly (a test keeps it byte for byte pydantic's).
+        text = _delta_json(frame.content)
+        if text is not None:
+            return text
     return frame.model_dump_json(exclude_none=True)
+
+
+_DELTA_JSON_START: Final = '{"type":"delta","content":'
+# Python strings may hold lone surrogates; pydantic refuses to encode them, so such text is
+# left to pydantic, which fails the same way it always did.
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _delta_json(content: object) -> str | None:
+    """What ``model_dump_json(exclude_none=True)`` gives for a ``DeltaFrame`` without ``seq``,
+    or None where it must decide itself.
+
+    pydantic writes the fields in their order (``seq`` left out, ``type``, ``content``)
+    without spaces, and escapes a string as ``json``'s ``encode_basestring`` does: quote,
+    backslash and control characters, the latter as ``\\n``-style or lowercase ``\\u00XX``
+    escapes, everything else as it is.
+    """
+    if type(content) is not str:
+        return None  # only a frame built around validation (model_construct) gets here
+    if not content.isascii() and _SURROGATE.search(content):
+        return None
+    return _DELTA_JSON_START + _json_string(content) + "}"
 
 
 def protocol_json_schema() -> dict[str, Any]:

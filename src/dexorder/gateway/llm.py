@@ -327,6 +327,10 @@ class RoundReader:
         """Take in one chunk; its text (often empty: a role, a tool-call fragment, usage).
 
         Anything not shaped as OpenAI's chunk is skipped, never a crash of the round."""
+        if type(chunk) is dict:
+            text = self._read_text_only(chunk)
+            if text is not None:
+                return text
         self.round_id = str(_field(chunk, "id") or self.round_id)
         usage = _field(chunk, "usage")
         if usage is not None:
@@ -354,6 +358,31 @@ class RoundReader:
             if content := _field(delta, "content"):
                 text += str(content)
         return text
+
+    def _read_text_only(self, chunk: dict[str, Any]) -> str | None:
+        """The usual chunk of parsed JSON, read straight: one choice whose delta has text (or
+        a role) and nothing else to take in, no tool call, finish reason or usage. None for
+        any other chunk, which ``read`` then walks field by field.
+
+        Runs for every token; gives what the walk would: the text, and the chunk's id kept.
+        """
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or chunk.get("usage") is not None:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason"):
+            return None
+        delta = choice.get("delta")
+        if type(delta) is not dict or delta.get("tool_calls"):
+            return None
+        content = delta.get("content")
+        if type(content) is not str:
+            if content:
+                return None  # text that is not a string: the walk converts it
+            content = ""
+        if chunk_id := chunk.get("id"):
+            self.round_id = chunk_id if type(chunk_id) is str else str(chunk_id)
+        return content
 
     def tool_calls(self) -> list[ToolCall]:
         return tool_calls_from(self.parts, self.round_id)

@@ -17,6 +17,7 @@ Chunks are handed on as parsed JSON (dicts, read by ``llm.RoundReader``). Failur
 from __future__ import annotations
 
 import json
+import json.scanner
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -33,6 +34,9 @@ WIRE_PROVIDERS: Final[Mapping[str, str]] = {
 }
 _DONE: Final = b"[DONE]"
 _READ_BUFFER: Final = 4 * 1024 * 1024
+#: The longest SSE line taken (one chunk's JSON; a tool call's arguments can come in one):
+#: what aiohttp's line reader allowed with this read buffer.
+_MAX_LINE: Final = 2 * _READ_BUFFER
 # What OpenAI-compatible servers say when the prompt does not fit (litellm matches these too).
 _CONTEXT_WINDOW_HINTS: Final = (
     "context_length_exceeded",
@@ -120,6 +124,10 @@ def error_for_status(
 
 def _finish_reasons(chunk: Mapping[str, Any]) -> list[str]:
     choices = chunk.get("choices")
+    if type(choices) is list and len(choices) == 1 and type(choices[0]) is dict:
+        # The usual chunk, one choice: the same answer without building a list to filter.
+        reason = choices[0].get("finish_reason")
+        return [str(reason)] if reason else []
     return [
         str(choice["finish_reason"])
         for choice in (choices if isinstance(choices, list) else ())
@@ -142,6 +150,99 @@ def _stream_error_status(chunk: Mapping[str, Any]) -> int:
     return 502  # the provider failed mid-reply: worth the next deployment
 
 
+class _Events:
+    """The data of Server-Sent Events, from a stream's bytes as they arrive.
+
+    ``feed`` takes each block read and ``end`` the end of the stream; both return the data of
+    the events they complete (an event's ``data`` lines joined by newlines). Lines end with
+    ``\\n`` (a ``\\r`` before it is dropped); comments and other fields are skipped. A line
+    over ``limit`` bytes is a ``ValueError``: a server that never ends one must not fill the
+    memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._partial: list[bytes] = []  # the start of a line whose end has not come yet
+        self._partial_size = 0
+        self._data: list[bytes] = []  # the data lines of the event being read
+
+    def feed(self, block: bytes) -> list[bytes]:
+        if (
+            not self._partial
+            and not self._data
+            and block.startswith(b"data:")
+            and block.endswith(b"\n\n")
+            and block.count(b"\n") == 2
+            and len(block) <= self._limit
+        ):
+            # The usual block, once per token: one whole event of one data line.
+            return [block[5:-2].rstrip(b"\r").lstrip(b" ")]
+        if b"\n" not in block:
+            self._keep(block)
+            return []
+        if self._partial:
+            block = b"".join([*self._partial, block])
+            self._partial.clear()
+            self._partial_size = 0
+        lines = block.split(b"\n")
+        rest = lines.pop()
+        if len(block) > self._limit and max(map(len, lines)) > self._limit:
+            raise ValueError(f"a line longer than {self._limit} bytes")
+        if rest:
+            self._keep(rest)
+        return self._events(lines)
+
+    def end(self) -> list[bytes]:
+        """What a last line without its newline completes (nothing, but for a lone ``\\r``)."""
+        rest = b"".join(self._partial)
+        self._partial.clear()
+        self._partial_size = 0
+        return self._events([rest]) if rest else []
+
+    def _keep(self, part: bytes) -> None:
+        self._partial.append(part)
+        self._partial_size += len(part)
+        if self._partial_size > self._limit:
+            raise ValueError(f"a line longer than {self._limit} bytes")
+
+    def _events(self, lines: list[bytes]) -> list[bytes]:
+        events: list[bytes] = []
+        for raw in lines:
+            line = raw.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                self._data.append(line[5:].lstrip(b" "))
+            elif not line and self._data:
+                events.append(b"\n".join(self._data))
+                self._data = []
+            # else: a comment (": keep-alive"), another field, or a spare blank line
+        return events
+
+
+#: The scanner behind ``json.loads`` (C), and the whitespace JSON allows after a value.
+# (typeshed asks for a scanner: its stub says the decoder it reads is duck-typed, still TODO.)
+_scan_json: Final = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_JSON_WHITESPACE: Final = " \t\n\r"
+
+
+def _load_json(payload: bytes) -> Any:
+    """``json.loads(payload)``, minus its generic steps for the usual chunk (an object).
+
+    An event's JSON is parsed for every token. ``json.loads`` on bytes first guesses their
+    encoding (UTF-8 for data starting with ``{"``) and decodes them with ``surrogatepass``,
+    then scans and checks that only whitespace follows; this does the same, straight.
+    """
+    if not payload.startswith(b'{"'):
+        return json.loads(payload)  # anything unusual: exactly as json.loads reads it
+    text = payload.decode("utf-8", "surrogatepass")
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration as stop:  # how the scanner says it found no value
+        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    if end != len(text) and text[end:].strip(_JSON_WHITESPACE):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
+
+
 class WireStream:
     """One streamed reply: iterate for its chunks (dicts); ``aclose`` hangs up at once.
 
@@ -158,32 +259,31 @@ class WireStream:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
-        data: list[bytes] = []
+        content = self._response.content
+        events = _Events(_MAX_LINE)
         finish_seen = False
         try:
-            async for raw in self._response.content:
-                line = raw.rstrip(b"\r\n")
-                if line.startswith(b"data:"):
-                    data.append(line[5:].lstrip(b" "))
-                    continue
-                if line or not data:
-                    continue  # a comment (": keep-alive"), another field, or a spare blank
-                payload = b"\n".join(data)
-                data = []
-                if payload == _DONE:
-                    self._finished = True
-                    return
-                chunk = self._parse(payload)
-                finish_seen = finish_seen or bool(_finish_reasons(chunk))
-                yield chunk
+            while True:
+                # Whatever has arrived (usually one whole event), not line by line: reading
+                # lines costs two StreamReader calls per event, on every token.
+                block = await content.readany()
+                for payload in events.feed(block) if block else events.end():
+                    if payload == _DONE:
+                        self._finished = True
+                        return
+                    chunk, finished = self._parse(payload)
+                    finish_seen = finish_seen or finished
+                    yield chunk
+                if not block:
+                    break
         except TimeoutError as error:
             # First: aiohttp's read timeout is a TimeoutError, which is also an OSError.
             raise LLMError(
                 LLMErrorCode.TIMEOUT, f"{self._where} sent nothing more within the timeout"
             ) from error
         except (aiohttp.ClientError, OSError, ValueError) as error:
-            # A dropped connection, a payload cut short, or a line longer than the reader
-            # takes (aiohttp raises ValueError for that): the reply is broken either way.
+            # A dropped connection, a payload cut short, or a line longer than we take
+            # (``_Events``): the reply is broken either way.
             raise LLMError(
                 LLMErrorCode.STREAM_BROKEN, f"{self._where} broke the stream: {error}"
             ) from error
@@ -195,20 +295,22 @@ class WireStream:
                 LLMErrorCode.STREAM_BROKEN, f"{self._where} ended the stream before the reply"
             )
 
-    def _parse(self, payload: bytes) -> dict[str, Any]:
+    def _parse(self, payload: bytes) -> tuple[dict[str, Any], bool]:
+        """One event's chunk, and whether it finishes the reply (has a finish reason)."""
         try:
-            chunk = json.loads(payload)
+            chunk = _load_json(payload)
         except ValueError as error:
             raise LLMError(
                 LLMErrorCode.UPSTREAM_ERROR, f"{self._where} sent a chunk that is not JSON"
             ) from error
         if not isinstance(chunk, dict):
             raise LLMError(LLMErrorCode.UPSTREAM_ERROR, f"{self._where} sent a malformed chunk")
-        if "error" in chunk or "error" in _finish_reasons(chunk):
+        reasons = _finish_reasons(chunk)
+        if "error" in chunk or "error" in reasons:
             # An error reported inside the stream, after the headers were sent: OpenAI's
             # servers send an error object, OpenRouter one with finish_reason "error" too.
             raise error_for_status(_stream_error_status(chunk), chunk, where=self._where)
-        return chunk
+        return chunk, bool(reasons)
 
     async def aclose(self) -> None:
         if self._finished:

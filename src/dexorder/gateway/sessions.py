@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
@@ -103,7 +103,9 @@ class _MemorySession:
     mcp_session_id: str | None = None
     generating_on: str | None = None
     queued: tuple[str, ...] = ()
-    appended: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by the next append, for the followers waiting on it; made only when one waits
+    # (``follow``), so an append, once per streamed token, makes no event nobody awaits.
+    appended: asyncio.Event | None = None
 
 
 class MemorySessionStore:
@@ -114,22 +116,23 @@ class MemorySessionStore:
         self._buffer = buffer
         self._sessions: dict[str, _MemorySession] = {}
 
-    def _live(self, session_id: str) -> _MemorySession | None:
+    def _live(self, session_id: str, now: float) -> _MemorySession | None:
         session = self._sessions.get(session_id)
-        if session is not None and time.monotonic() - session.touched > self._ttl:
+        if session is not None and now - session.touched > self._ttl:
             del self._sessions[session_id]
             return None
         return session
 
     def _get(self, session_id: str) -> _MemorySession:
-        session = self._live(session_id)
+        now = time.monotonic()  # one clock read for the expiry check and the touch
+        session = self._live(session_id, now)
         if session is None:
             raise SessionError(f"session {session_id} does not exist or has expired")
-        session.touched = time.monotonic()
+        session.touched = now
         return session
 
     async def claim(self, session_id: str, *, user_id: str, channel: str) -> SessionState:
-        session = self._live(session_id)
+        session = self._live(session_id, time.monotonic())
         resumed = session is not None
         if session is None:
             session = _MemorySession(
@@ -158,9 +161,10 @@ class MemorySessionStore:
         session.last_seq += 1
         if self._buffer:
             session.frames.append((session.last_seq, frame))
-        # Wake every follower, then arm the event again for the next frame.
-        session.appended.set()
-        session.appended = asyncio.Event()
+        if session.appended is not None:
+            # Wake every follower; the next one to wait arms a new event.
+            session.appended.set()
+            session.appended = None
         return session.last_seq
 
     async def replay(self, session_id: str, after: int) -> Replay:
@@ -173,6 +177,8 @@ class MemorySessionStore:
         session = self._get(session_id)
         if session.last_seq <= after:
             waiter = session.appended
+            if waiter is None:
+                waiter = session.appended = asyncio.Event()
             try:
                 async with asyncio.timeout(timeout):
                     await waiter.wait()

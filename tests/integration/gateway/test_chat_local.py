@@ -90,8 +90,20 @@ async def test_stopping_mid_stream_closes_the_upstream_stream(
             assert done["cancelled"] is True
         else:
             await client.ws.close()
-    record = await llm.wait_for_end(within=5)
-    assert record.cut_by_client
+        record = await llm.wait_for_end(within=5)
+        assert record.cut_by_client
+        if how == "cancel":
+            # The agent's history keeps the text shown before the cancel, marked as cut.
+            shown = "".join(f["content"] for f in client.frames if f["type"] == "delta")
+            llm.queue(TextScript(text="Ok."))
+            await client.send({"type": "message", "content": "next"})
+            await client.until("done")
+            replies = [
+                m["content"] for m in llm.requests[-1].body["messages"] if m["role"] == "assistant"
+            ]
+            assert replies[-1].endswith(" [cancelled]")
+            assert shown
+            assert replies[-1].startswith(shown)
 
 
 async def test_bad_frames_get_errors_and_the_connection_stays(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from dexorder.gateway import openai_wire
 from dexorder.gateway.llm import LLMError, LLMErrorCode, RoundReader
 from dexorder.gateway.openai_wire import WireClient, WireTarget
 
@@ -214,3 +215,26 @@ async def test_a_large_chunk_and_an_odd_one_are_read(
 
     text, _ = await read_all(client, await serve(handler))
     assert text == big
+
+
+@pytest.mark.parametrize("ended", [True, False], ids=["whole", "never-ended"])
+async def test_a_line_longer_than_taken_is_a_broken_stream(
+    serve: Callable[[Handler], Awaitable[WireTarget]],
+    client: WireClient,
+    monkeypatch: pytest.MonkeyPatch,
+    ended: bool,
+) -> None:
+    # The real limit is 8 MiB; a smaller one keeps the test quick, the path is the same.
+    monkeypatch.setattr(openai_wire, "_MAX_LINE", 1000)
+    line = chunk("y" * 2000)
+    if not ended:
+        line = line[: line.index(b"\n")]  # no newline: it outgrows the limit as it comes
+    parts = [chunk("fine so far "), line[:700], line[700:1400], line[1400:]]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await sse(request, *parts, pause=0.01)
+
+    with pytest.raises(LLMError, match="line longer than 1000 bytes") as raised:
+        await read_all(client, await serve(handler))
+    assert raised.value.code is LLMErrorCode.STREAM_BROKEN
+    assert raised.value.retryable

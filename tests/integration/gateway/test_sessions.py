@@ -99,6 +99,25 @@ async def test_a_follower_receives_frames_appended_after_it_started_waiting(
     assert await follower.follow(sid, after=2, timeout=0.1) == []
 
 
+async def test_every_waiting_follower_is_woken_by_each_next_frame(make_store: MakeStore) -> None:
+    writer: SessionStore = make_store()
+    memory = isinstance(writer, MemorySessionStore)
+    followers = [writer if memory else make_store() for _ in range(3)]
+    sid = session_id()
+    await writer.claim(sid, user_id="alice", channel="websocket")
+    # A wait that timed out leaves nothing behind that would hold the next ones.
+    assert await followers[0].follow(sid, after=0, timeout=0.05) == []
+    for seq, frame in ((1, "one"), (2, "two")):
+        waiting = [
+            asyncio.create_task(follower.follow(sid, after=seq - 1, timeout=5))
+            for follower in followers
+        ]
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in waiting)
+        await writer.append(sid, frame)
+        assert [await task for task in waiting] == [[(seq, frame)]] * 3
+
+
 async def test_session_details_are_shared(make_store: MakeStore) -> None:
     store: SessionStore = make_store()
     sid = session_id()

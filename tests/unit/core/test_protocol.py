@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,59 @@ def test_close_codes() -> None:
         protocol.CLOSE_SERVICE_RESTART,
         protocol.CLOSE_UNAUTHORIZED,
     ) == (1009, 1012, 4401)
+
+
+# Text a model may stream: JSON's escapes, every control character, DEL, non-ASCII of each
+# width (and the line separators JavaScript once choked on), a quote at each end.
+TRICKY_TEXTS = [
+    "",
+    "plain",
+    '"quoted"',
+    "back\\slash \\n not a newline \\u0041",
+    "".join(chr(code) for code in range(0x20)),
+    "\x7f\x80\x9f\xa0",
+    "é ü ß — “quotes” « » ¿",
+    "日本語のテキスト",
+    "emoji 😀🚀, astral \U0001d518\U0001d52b and the last code point \U0010ffff",
+    "\u2028\u2029\ufeff\ufffe\uffff",
+    '</script><!-- "&amp;" -->',
+    "tab\tnew\nline\rcarriage\x00nul",
+    "".join(chr(code) for code in range(0x20, 0x800)),
+]
+
+
+@pytest.mark.parametrize("content", TRICKY_TEXTS, ids=repr)
+def test_a_delta_frame_is_encoded_byte_for_byte_as_pydantic_does(content: str) -> None:
+    # encode_frame writes delta frames itself (one per streamed token); the bytes must stay
+    # exactly pydantic's, with and without a seq (which pydantic still writes).
+    for frame in (DeltaFrame(content=content), DeltaFrame(content=content, seq=7)):
+        encoded = encode_frame(frame)
+        assert encoded == frame.model_dump_json(exclude_none=True)
+        assert parse_gateway_frame(encoded) == frame
+
+
+def test_the_direct_delta_encoding_knows_every_field_of_a_delta_frame() -> None:
+    # A new field would be left out of the direct encoding (core.protocol._delta_json):
+    # add it there too, then here.
+    assert list(DeltaFrame.model_fields) == ["seq", "type", "content"]
+
+
+@pytest.mark.parametrize("content", ["\ud800", "a\udfffb", "\ud83d\ude00", "é\udc80"], ids=repr)
+def test_text_with_lone_surrogates_fails_to_encode_as_it_does_in_pydantic(content: str) -> None:
+    # Lone surrogates (a JSON escape such as "\ud800" from the model) are no UTF-8.
+    frame = DeltaFrame(content=content)
+    with pytest.raises(ValueError, match="surrogates not allowed") as direct:
+        encode_frame(frame)
+    with pytest.raises(ValueError, match="surrogates not allowed") as pydantic_s:
+        frame.model_dump_json(exclude_none=True)
+    assert type(direct.value) is type(pydantic_s.value)
+    assert str(direct.value) == str(pydantic_s.value)
+
+
+def test_random_text_is_encoded_as_pydantic_does() -> None:
+    rng = random.Random(1234)
+    alphabet = [chr(code) for code in range(0x80)] + ["é", "中", "😀", "\u2028", "\\", '"']
+    for _ in range(2000):
+        content = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        frame = DeltaFrame(content=content)
+        assert encode_frame(frame) == frame.model_dump_json(exclude_none=True), repr(content)

@@ -1,6 +1,13 @@
+import json
+import random
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
 from dexorder.core.routing import LLMTarget
 from dexorder.gateway.llm import LLMErrorCode, RoundReader, ToolCall, Usage
-from dexorder.gateway.openai_wire import error_for_status, wire_target
+from dexorder.gateway.openai_wire import _Events, _load_json, error_for_status, wire_target
 
 
 def test_openai_and_openrouter_deployments_have_a_wire_form() -> None:
@@ -92,3 +99,176 @@ def test_the_reader_returns_text_as_it_comes() -> None:
     assert reader.tool_calls() == []
     assert reader.usage is None
     assert reader.finish("m").reason == "length"
+
+
+# --- the stream's events, as the per-token fast paths read them ---------------------------
+
+
+def events_line_by_line(stream: bytes) -> list[bytes]:
+    """The events of a whole stream as the transport read them before: line by line, as
+    aiohttp's ``readline`` gives them (split after each ``\\n``, the last line as it is)."""
+    parts = stream.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    data: list[bytes] = []
+    events = []
+    for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+            continue
+        if line or not data:
+            continue
+        events.append(b"\n".join(data))
+        data = []
+    return events
+
+
+def events_of_blocks(blocks: list[bytes], limit: int = 1 << 20) -> list[bytes]:
+    reader = _Events(limit)
+    events = [event for block in blocks for event in reader.feed(block)]
+    return events + reader.end()
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+STREAMS = [
+    b"".join(
+        sse_event({"id": "c", "choices": [{"delta": {"content": f"token {n}"}}]}) for n in range(5)
+    )
+    + b"data: [DONE]\n\n",
+    b': keep-alive\n\ndata: {"a": 1}\r\n\r\nevent: x\nid: 3\ndata:{"b": 2}\n\n\n\n',
+    b"data: line one\ndata:  line two\n\ndata: last, never ended\n",
+    b"data: lone carriage return at the end\n\r",
+    b"data:  one\r\n\ndata:two\r\r\n\n: comment\n\n",
+    b"data: no newline at all",
+    b"\n\n\ndata: x\n\ndata: y\n\n",
+    b"data: \xc3\xa9\xf0\x9f\x98\x80 split inside characters\n\n",
+]
+
+
+@pytest.mark.parametrize("stream", STREAMS, ids=lambda stream: repr(stream[:24]))
+def test_events_are_read_as_line_by_line_however_the_bytes_arrive(stream: bytes) -> None:
+    expected = events_line_by_line(stream)
+    assert events_of_blocks([stream]) == expected
+    # Each event in a block of its own (the usual arrival, read by the fast path).
+    whole_events = [part + b"\n\n" for part in stream.split(b"\n\n")[:-1]]
+    rest = stream[sum(map(len, whole_events)) :]
+    assert events_of_blocks([*whole_events, rest]) == expected
+    assert events_of_blocks([stream[n : n + 1] for n in range(len(stream))]) == expected
+    for cut in range(len(stream)):
+        assert events_of_blocks([stream[:cut], stream[cut:]]) == expected, cut
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(len(stream)), k=min(4, len(stream))))
+        blocks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        assert events_of_blocks(blocks) == expected, cuts
+
+
+def test_a_line_over_the_limit_is_refused_however_it_arrives() -> None:
+    at_limit = b"data: " + b"x" * 4  # ten bytes
+    assert events_of_blocks([at_limit + b"\n\n"], limit=10) == [b"xxxx"]
+    with pytest.raises(ValueError, match="longer than 10 bytes"):
+        events_of_blocks([at_limit + b"y\n\n"], limit=10)  # whole, in one block
+    with pytest.raises(ValueError, match="longer than 10 bytes"):
+        events_of_blocks([at_limit, b"y"], limit=10)  # never ended, in pieces
+    with pytest.raises(ValueError, match="longer than 10 bytes"):
+        events_of_blocks([b"data: x\n\n" + at_limit + b"y"], limit=10)  # after an event
+
+
+PAYLOADS = [
+    b'{"id": "c", "choices": [{"delta": {"content": "hi \\u00e9 \\ud83d\\ude00"}}]}',
+    b'{"a": 1}  \t\r\n ',
+    b'{"a": 1} x',
+    b'{"a": 1}{"b": 2}',
+    b'{"a": }',
+    b'{"a"',
+    b'{"',
+    b'{"a": "\xed\xa0\x80"}',  # an encoded surrogate: json.loads lets it pass
+    b'{"a": "\xff"}',  # not UTF-8
+    b'{"a": "\\ud800"}',
+    b"\xef\xbb\xbf{}",
+    b" {}",
+    b"[1, 2]",
+    b'"text"',
+    b"5",
+    b"",
+    b"{}",
+    b'{"a": NaN, "b": 1e400}',
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=repr)
+def test_a_chunk_s_json_is_read_as_json_loads_reads_it(payload: bytes) -> None:
+    try:
+        expected = json.loads(payload)
+    except ValueError as refused:
+        with pytest.raises(type(refused)):
+            _load_json(payload)
+    else:
+        assert repr(_load_json(payload)) == repr(expected)
+
+
+def as_objects(value: Any) -> Any:
+    """Parsed JSON as attribute objects, the shape of litellm's chunks (read field by field)."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{key: as_objects(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return [as_objects(item) for item in value]
+    return value
+
+
+def choice(delta: Any, finish: Any = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "finish_reason": finish}
+
+
+READER_CHUNKS: list[dict[str, Any]] = [
+    {"id": "c1", "choices": [choice({"role": "assistant", "content": ""})]},
+    {"id": "c1", "choices": [choice({"content": "Hello"})]},
+    {"choices": [choice({"content": " world"})]},
+    {"id": "", "choices": [choice({"content": "!"})]},
+    {"id": 42, "choices": [choice({"content": None})]},
+    {"id": "c2", "choices": [choice({"content": 5})]},
+    {"id": "c3", "choices": [choice({"content": 0})]},
+    {"id": "c3", "choices": [choice({"content": ["odd"]})]},
+    {"id": "c3", "choices": [choice(None)]},
+    {"id": "c3", "choices": [None]},
+    {"id": "c3", "choices": []},
+    {"id": "c3", "choices": "odd"},
+    {"id": "c3"},
+    {"choices": [choice({"content": "a"}), choice({"content": "b"})]},
+    {"choices": [choice({"content": "end"}, "length")]},
+    {"choices": [choice({"content": "x", "tool_calls": []})]},
+    {"choices": [choice({"content": "x", "tool_calls": "odd"})]},
+    {
+        "choices": [
+            choice(
+                {
+                    "content": "calling",
+                    "tool_calls": [{"index": 0, "id": "t1", "function": {"name": "recall"}}],
+                }
+            )
+        ]
+    },
+    {"choices": [choice({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]})]},
+    {"choices": [choice({"content": "with usage"})], "usage": {"prompt_tokens": 3}},
+    {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 9}},
+    {"choices": [choice({"content": "after"})], "usage": None},
+]
+
+
+def test_the_reader_reads_json_chunks_as_it_reads_objects_field_by_field() -> None:
+    # Dicts take the reader's fast path where they can; the same chunks as objects are
+    # always walked field by field. Every step must leave both readers alike.
+    fast, walked = RoundReader(), RoundReader()
+    for chunk in READER_CHUNKS:
+        assert fast.read(chunk) == walked.read(as_objects(chunk)), chunk
+        assert (fast.round_id, fast.usage, fast.finish_reason, fast.parts) == (
+            walked.round_id,
+            walked.usage,
+            walked.finish_reason,
+            walked.parts,
+        ), chunk
+    assert fast.tool_calls() == walked.tool_calls()
+    assert fast.round_id == "c3"

@@ -43,6 +43,7 @@ FOLLOW_QUIET_LIMIT_SECONDS = 120.0
 
 _POLL_SECONDS = 0.1
 _TERMINAL_TYPES = frozenset({"done", "error"})
+_TURN_ENDS = (protocol.DoneFrame, protocol.ErrorFrame)
 
 
 def replica_id(app: web.Application) -> str:
@@ -64,7 +65,9 @@ def frame_type(text: str) -> str:
 
 
 async def send_text(ws: web.WebSocketResponse, text: str) -> bool:
-    """Send if the socket is open; False when it is gone (the frame stays in the store)."""
+    """Send if the socket is open; False when it is gone (the frame stays in the store).
+
+    ``SessionOutbox.emit`` does the same inline."""
     if ws.closed:
         return False
     try:
@@ -92,18 +95,34 @@ class SessionOutbox:
         self._generating = False
 
     async def emit(self, frame: protocol.Frame) -> None:
-        async with self._lock:
+        # Runs for every streamed token, so it makes no coroutine it can do without: the lock
+        # is taken without ``async with`` (whose enter and exit are coroutines), and
+        # ``send_text`` is inlined.
+        lock = self._lock
+        await lock.acquire()
+        try:
             text = protocol.encode_frame(frame)
-            ends_turn = isinstance(frame, protocol.DoneFrame | protocol.ErrorFrame)
-            if ends_turn and (self.conversation is None or self.conversation.idle):
+            if isinstance(frame, _TURN_ENDS) and (
+                self.conversation is None or self.conversation.idle
+            ):
                 await self.clear_generating()
             try:
                 text = with_seq(text, await self.store.append(self.session_id, text))
             except SessionError as error:
                 # The live reply matters more than its copy for a later resume.
                 logger.warning("frame of session %s not recorded: %s", self.session_id, error)
-            if self._ws is not None and not await send_text(self._ws, text):
+            ws = self._ws
+            if ws is None:
+                return
+            if ws.closed:
                 self._ws = None
+                return
+            try:
+                await ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                self._ws = None
+        finally:
+            lock.release()
 
     async def attach(self, ws: web.WebSocketResponse, after: int) -> None:
         """Send ``ws`` the frames recorded after ``after``, then every new one."""
