@@ -39,7 +39,7 @@ from dexorder.gateway.state import (
     SETTINGS,
     VERIFIER,
 )
-from dexorder.gateway.usage import UsageRecorder, UsageStore
+from dexorder.gateway.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(_sweep_sessions(app), name="sweep-sessions")
         stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)
-        usage = UsageRecorder(sink, UsageStore(pool))
+        usage = UsageRecorder(sink, UsageStore(pool), daily_batch_seconds=DAILY_BATCH_SECONDS)
         # Pushed after the pool's close, so it runs first: the last daily totals are written.
         stack.push_async_callback(usage.close)
         app[EVENT_SINK] = sink

@@ -65,7 +65,8 @@ async def test_a_turn_with_a_tool_call_is_recorded_once(
         await client.until("ready")
         await client.send({"type": "message", "content": "remember I like ETH"})
         done = (await client.until("done", timeout=90))[-1]
-        llm.queue(TextScript(text="Noted.", tokens_per_second=5))
+        # Long enough that the cancel comes before the end, however loaded the machine.
+        llm.queue(TextScript(text="Noted, " * 50, tokens_per_second=5))
         await client.send({"type": "message", "content": "and cancel this"})
         await client.until("delta", timeout=60)
         await client.send({"type": "cancel"})

@@ -300,3 +300,22 @@ def test_a_row_the_table_would_refuse_is_found_first() -> None:
     assert DailyIncrement("u\x00", day, 1, 2, 3).refusal() is not None
     assert DailyIncrement("u", day, -1, 2, 3).refusal() == "usage increments must not be negative"
     assert DailyIncrement("u", day, 1, 2, -3).refusal() is not None
+
+
+async def test_turns_that_end_within_the_batch_window_share_one_write(tmp_path: Path) -> None:
+    store = HeldStore()
+    store.let_go.set()
+    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=fixed_cost, daily_batch_seconds=0.2)
+    today = dt.datetime.now(dt.UTC).date()
+    try:
+        await finish(recorder, "a", 10)
+        await asyncio.sleep(0.05)
+        assert store.writes == []  # still gathering
+        await finish(recorder, "a", 5)
+        await finish(recorder, "b", 1)
+        await recorder.drain()
+    finally:
+        await recorder.close()
+    assert store.writes == [
+        [DailyIncrement("a", today, 15, 2, 2), DailyIncrement("b", today, 1, 1, 1)]
+    ]
