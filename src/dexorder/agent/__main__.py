@@ -9,6 +9,7 @@ import uvicorn
 
 from dexorder.agent.app import build_app
 from dexorder.agent.errors import StoreError
+from dexorder.agent.mcp_server import quiet_sdk_request_log
 from dexorder.agent.settings import AgentSettings, SettingsError, load_settings
 from dexorder.agent.state import AgentState
 
@@ -50,6 +51,7 @@ def main() -> None:
     try:
         settings = load_settings()
         logging.getLogger().setLevel(settings.log_level.upper())
+        quiet_sdk_request_log(settings.log_level)
         serve(settings)
     except (SettingsError, StoreError) as error:
         print(f"dexorder-agent: cannot start: {error}", file=sys.stderr)

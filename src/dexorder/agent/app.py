@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 from dexorder.agent import tools
 from dexorder.agent.auth import BearerAuth
 from dexorder.agent.limits import MAX_REQUEST_BODY_BYTES
+from dexorder.agent.mcp_server import AgentMCP
 from dexorder.agent.state import AgentState
 
 MCP_PATH = "/mcp"
@@ -20,7 +21,8 @@ HEALTH_PATH = "/healthz"
 
 
 def build_server(state: AgentState) -> FastMCP[Any]:
-    server: FastMCP[Any] = FastMCP(
+    # AgentMCP: FastMCP whose tools/call compiles each output schema's validator once.
+    server: FastMCP[Any] = AgentMCP(
         name="dexorder-agent",
         instructions=tools.INSTRUCTIONS,
         streamable_http_path=MCP_PATH,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,4 +81,49 @@ def test_a_transaction_that_raises_writes_nothing(tmp_path: Path) -> None:
             assert connection.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 0
         assert database.integrity_check() == "ok"
     finally:
+        database.close()
+
+
+def test_held_if_free_holds_a_free_store_and_lets_transactions_in(tmp_path: Path) -> None:
+    database = Database.open(tmp_path)
+    try:
+        with database.held_if_free() as held:
+            assert held
+            with database.transaction() as connection:  # the same thread may enter
+                connection.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+        # It lets go afterwards: another thread finds the store free.
+        seen: list[bool] = []
+
+        def look() -> None:
+            with database.held_if_free() as free:
+                seen.append(free)
+
+        other = threading.Thread(target=look)
+        other.start()
+        other.join()
+        assert seen == [True]
+    finally:
+        database.close()
+
+
+def test_held_if_free_does_not_wait_for_a_store_another_thread_holds(tmp_path: Path) -> None:
+    database = Database.open(tmp_path)
+    held, release = threading.Event(), threading.Event()
+
+    def long_write() -> None:
+        with database.transaction():
+            held.set()
+            release.wait(5)
+
+    writer = threading.Thread(target=long_write)
+    writer.start()
+    try:
+        assert held.wait(5)
+        began = time.monotonic()
+        with database.held_if_free() as free:
+            assert not free
+        assert time.monotonic() - began < 1
+    finally:
+        release.set()
+        writer.join()
         database.close()

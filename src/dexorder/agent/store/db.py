@@ -123,6 +123,23 @@ class Database:
             finally:
                 self._connection.execute("COMMIT")
 
+    @contextmanager
+    def held_if_free(self) -> Iterator[bool]:
+        """Hold the connection's lock if no other thread holds it, without waiting.
+
+        Yields whether it is held; the caller's :meth:`transaction` and :meth:`reading`
+        inside then take it again at once (the lock is reentrant). For callers that must
+        not block, such as the event loop, when a worker thread has a long write under way.
+        The event loop's coroutines share one thread, so none may hold the lock across an
+        ``await``: the reentrant lock would let another coroutine in.
+        """
+        held = self._lock.acquire(blocking=False)
+        try:
+            yield held
+        finally:
+            if held:
+                self._lock.release()
+
     def integrity_check(self) -> str:
         with self._lock:
             return str(self._connection.execute("PRAGMA integrity_check").fetchone()[0])
