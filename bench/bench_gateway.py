@@ -450,7 +450,10 @@ async def measure(
                 agents = agents_under(stack.agents_root)
                 gateway_before = cpu_seconds([stack.gateway_pid])
                 agent_before = cpu_seconds(agents)
+                started = time.monotonic()
                 await run_rounds(count, level.rounds, one, level.paths[name], spread)
+                # CLOCK_MONOTONIC, the clock of the gateway's own logs and diagnostics.
+                print(f"    {name}: {started:.3f} to {time.monotonic():.3f}", flush=True)
                 if name == "gateway":
                     level.gateway_cpu = cpu_seconds([stack.gateway_pid]) - gateway_before
                     level.agent_cpu = cpu_seconds(agents) - agent_before
