@@ -25,9 +25,18 @@ async def _freeze_heap(_: object) -> None:
     as the process. Each full collection walked them all, pausing the event loop, and every
     stream in it, for up to 400 ms (the gateway bench's relay p99 at 100 sessions). Frozen,
     they are still freed by reference counting; only the walk is spared.
+
+    The youngest generation is then collected every 10,000 allocations instead of 700: the
+    objects of a streamed token or a turn mostly die before that, so fewer collections move
+    them on to be walked again (at 100 sessions: relay p99 2.3-2.5 ms against 2.6-4.5 ms,
+    and 5 % less CPU per reply, over paired runs).
     """
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+YOUNG_GC_THRESHOLD = 10_000
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
