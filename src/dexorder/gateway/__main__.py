@@ -17,6 +17,9 @@ import sys
 
 from dexorder.gateway.settings import SettingsError, load_settings
 
+YOUNG_GC_THRESHOLD = 10_000
+"""Allocations between collections of the youngest generation, once start-up is frozen."""
+
 
 async def _freeze_heap(_: object) -> None:
     """Take what start-up loaded out of the cyclic garbage collector's sight.
@@ -34,9 +37,6 @@ async def _freeze_heap(_: object) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-
-
-YOUNG_GC_THRESHOLD = 10_000
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

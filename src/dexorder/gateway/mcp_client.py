@@ -68,6 +68,10 @@ class AgentUnavailable(Exception):
     code = "agent_unavailable"
 
 
+class _Disconnected(AgentUnavailable):
+    """The agent closed the connection before answering (as a pooled one it is closing)."""
+
+
 class _SessionLost(Exception):
     """The agent answered 404 for our session id: it forgot the session, and ran nothing."""
 
@@ -259,6 +263,10 @@ class AgentSession:
                     return found, session_id
         except TimeoutError as error:
             raise AgentUnavailable(f"the agent did not answer in {timeout:g} s") from error
+        except aiohttp.ServerDisconnectedError as error:
+            if self._closed:
+                raise AgentUnavailable("the MCP session was closed") from error
+            raise _Disconnected(f"the agent closed the connection ({error!r})") from error
         except (aiohttp.ClientError, OSError, ValueError) as error:
             # ValueError: an event line longer than the read buffer.
             if self._closed:
@@ -460,12 +468,10 @@ class AgentSession:
         message = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         try:
             answer, _ = await self._post(message, self._session_headers(), timeout)
-        except AgentUnavailable as error:
+        except _Disconnected:
             # A pooled connection the agent closed as the request went out (it restarted):
             # a read runs again on a new connection. A tool call does not: it may have run.
-            if method == "tools/call" or not isinstance(
-                error.__cause__, aiohttp.ServerDisconnectedError
-            ):
+            if method == "tools/call":
                 raise
             message["id"] = next(self._ids)
             answer, _ = await self._post(message, self._session_headers(), timeout)

@@ -196,7 +196,7 @@ async def test_no_task_is_left_behind(
 
     def leftovers() -> list[str]:
         new = {t.get_name() for t in asyncio.all_tasks()} - before
-        return [name for name in new if name.startswith(("conversation:", "turn:", "mcp-session:"))]
+        return [name for name in new if name.startswith(("conversation:", "turn:"))]
 
     for _ in range(50):
         if not leftovers():

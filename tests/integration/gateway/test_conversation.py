@@ -19,7 +19,7 @@ from tests.integration.gateway.conftest import ChatClient, RunningGateway, conne
 T = TypeVar("T")
 
 # Every task a conversation may start, directly or through the shared MCP session.
-CHAT_TASKS = ("conversation:", "turn:", "read-ahead:", "mcp-session:", "mcp-linger:")
+CHAT_TASKS = ("conversation:", "turn:", "read-ahead:", "mcp-linger:")
 
 
 async def eventually(check: Callable[[], T | None], timeout: float = 15) -> T:

@@ -67,6 +67,13 @@ async def client() -> AsyncIterator[WireClient]:
     await wire.close()
 
 
+async def failure_of(client: WireClient, target: WireTarget) -> LLMError:
+    """The error reading ``target``'s reply raises (a reply that does not fail fails the test)."""
+    with pytest.raises(LLMError) as raised:
+        await read_all(client, target)
+    return raised.value
+
+
 async def read_all(client: WireClient, target: WireTarget) -> tuple[str, RoundReader]:
     reader = RoundReader()
     text = ""
@@ -110,9 +117,8 @@ async def test_a_reply_cut_off_before_it_finished_is_a_broken_stream(
     async def handler(request: web.Request) -> web.StreamResponse:
         return await sse(request, chunk("half of "))
 
-    with pytest.raises(LLMError) as raised:
-        await read_all(client, await serve(handler))
-    assert raised.value.code is LLMErrorCode.STREAM_BROKEN
+    failure = await failure_of(client, await serve(handler))
+    assert failure.code is LLMErrorCode.STREAM_BROKEN
 
 
 async def test_an_error_event_inside_the_stream_is_an_llm_error(
@@ -123,10 +129,9 @@ async def test_an_error_event_inside_the_stream_is_an_llm_error(
     async def handler(request: web.Request) -> web.StreamResponse:
         return await sse(request, chunk("so "), f"data: {json.dumps(error)}\n\n".encode())
 
-    with pytest.raises(LLMError) as raised:
-        await read_all(client, await serve(handler))
-    assert raised.value.code is LLMErrorCode.UPSTREAM_ERROR
-    assert "overloaded" in str(raised.value)
+    failure = await failure_of(client, await serve(handler))
+    assert failure.code is LLMErrorCode.UPSTREAM_ERROR
+    assert "overloaded" in str(failure)
 
 
 async def test_a_chunk_that_is_not_json_is_an_upstream_error(
@@ -148,10 +153,9 @@ async def test_an_error_status_with_a_body_that_is_not_json_still_maps(
             status=429, text="<html>busy</html>", headers={"retry-after-ms": "1500"}
         )
 
-    with pytest.raises(LLMError) as raised:
-        await read_all(client, await serve(handler))
-    assert raised.value.code is LLMErrorCode.RATE_LIMITED
-    assert raised.value.retry_after == 1.5
+    failure = await failure_of(client, await serve(handler))
+    assert failure.code is LLMErrorCode.RATE_LIMITED
+    assert failure.retry_after == 1.5
 
 
 async def test_the_key_is_sent_as_a_bearer_token(
@@ -199,9 +203,8 @@ async def test_a_rate_limit_inside_the_stream_is_a_rate_limit(
     async def handler(request: web.Request) -> web.StreamResponse:
         return await sse(request, f"data: {json.dumps(error)}\n\n".encode())
 
-    with pytest.raises(LLMError) as raised:
-        await read_all(client, await serve(handler))
-    assert raised.value.code is LLMErrorCode.RATE_LIMITED
+    failure = await failure_of(client, await serve(handler))
+    assert failure.code is LLMErrorCode.RATE_LIMITED
 
 
 async def test_a_large_chunk_and_an_odd_one_are_read(

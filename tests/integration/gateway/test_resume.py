@@ -29,7 +29,7 @@ from tests.integration.gateway.conftest import (
 from tests.integration.gateway.gateway_process import GatewayProcess, gateway_env
 
 REPLY = " ".join(f"w{index}" for index in range(60))  # 60 chunks: 3 s at 20 a second
-OWN_TASKS = ("conversation:", "turn:", "mcp-session:", "follow:")
+OWN_TASKS = ("conversation:", "turn:", "follow:")
 
 
 async def drop(client: ChatClient) -> None:

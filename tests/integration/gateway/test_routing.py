@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -120,6 +120,24 @@ async def collect(
 ) -> list[RoutedEvent]:
     async with contextlib.aclosing(router.stream(choice, messages, tools=tools)) as stream:
         return [event async for event in stream]
+
+
+async def hang_up_at(
+    router: ModelRouter, choice: RouteChoice, wanted: Callable[[RoutedEvent], bool]
+) -> RoutedEvent:
+    """Read the route until ``wanted`` holds for an event, then close it; that event."""
+    async with contextlib.aclosing(router.stream(choice, QUESTION)) as stream:
+        async for event in stream:
+            if wanted(event):
+                return event
+    raise AssertionError("the stream ended before the wanted event")
+
+
+async def assert_hung_up_on(server: FakeLLMServer) -> None:
+    """The model server saw the client close its reply before the end."""
+    record = await server.wait_for_end(within=2.0)
+    assert record.cut_by_client
+    assert not record.completed
 
 
 def text_of(events: Sequence[RoutedEvent]) -> str:
@@ -417,13 +435,8 @@ async def test_closing_the_stream_closes_the_upstream_connection(
     first, _, _ = servers
     first.queue(TextScript(text=ANSWER * 20, tokens_per_second=20))
     router, choice = route_over([first.target("text")])
-    async with contextlib.aclosing(router.stream(choice, QUESTION)) as stream:
-        async for event in stream:
-            if isinstance(event, TextDelta) and event.content.strip():
-                break
-    record = await first.wait_for_end(within=2.0)
-    assert record.cut_by_client
-    assert not record.completed
+    await hang_up_at(router, choice, lambda e: isinstance(e, TextDelta) and bool(e.content.strip()))
+    await assert_hung_up_on(first)
 
 
 async def test_choices_are_counted_by_group_and_source(
@@ -482,13 +495,10 @@ async def test_stopping_at_the_fallback_notice_closes_the_stream_that_answered(
     first, second, _ = servers
     second.queue(TextScript(text=ANSWER * 20, tokens_per_second=20))
     router, choice = route_over([first.target("fail-500"), second.target("text")])
-    async with contextlib.aclosing(router.stream(choice, QUESTION)) as stream:
-        async for event in stream:
-            assert isinstance(event, Fallback)
-            break  # the user pressed Stop while being told of the takeover
-    record = await second.wait_for_end(within=2.0)
-    assert record.cut_by_client
-    assert not record.completed
+    # The user pressed Stop while being told of the takeover, the first event.
+    first_event = await hang_up_at(router, choice, lambda _: True)
+    assert isinstance(first_event, Fallback)
+    await assert_hung_up_on(second)
 
 
 async def test_a_deployment_that_answers_on_the_second_walk_is_no_takeover(
