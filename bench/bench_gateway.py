@@ -75,14 +75,20 @@ def model_server_app(rate: float, tokens: int) -> web.Application:
         model = str(body.get("model", "bench"))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        # Every chunk but the first is this one with another stamp: encoded once, so the
+        # model server, which shares this machine's cores with the gateway, costs little.
+        head, tail = _sse(_chunk(model, {"content": "\0"}, None)).split(b"\\u0000")
         for index in range(tokens):
             wait = arrived + index / rate - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            delta: dict[str, Any] = {"content": f"{arrived:.6f}:{time.monotonic():.6f}|"}
+            stamp = f"{arrived:.6f}:{time.monotonic():.6f}|"
             if index == 0:
-                delta["role"] = "assistant"
-            await response.write(_sse(_chunk(model, delta, None)))
+                await response.write(
+                    _sse(_chunk(model, {"role": "assistant", "content": stamp}, None))
+                )
+            else:
+                await response.write(head + stamp.encode() + tail)
         await response.write(_sse(_chunk(model, {}, "stop")))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens}
@@ -99,8 +105,23 @@ def model_server_app(rate: float, tokens: int) -> web.Application:
     return app
 
 
-def serve_model(port: int, rate: float, tokens: int) -> None:
-    web.run_app(model_server_app(rate, tokens), host="127.0.0.1", port=port, print=None)
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """The bench's own loops (model server, client): uvloop unless asked otherwise."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def serve_model(port: int, rate: float, tokens: int, loop: str) -> None:
+    web.run_app(
+        model_server_app(rate, tokens),
+        host="127.0.0.1",
+        port=port,
+        print=None,
+        loop=new_event_loop(loop),
+    )
 
 
 # --- samples --------------------------------------------------------------------------------
@@ -315,6 +336,7 @@ def models_yaml(base_url: str) -> str:
 @dataclass
 class Stack:
     model_url: str
+    model_pid: int
     gateway_url: str
     gateway_pid: int
     token: str
@@ -383,9 +405,12 @@ class Level:
     sessions: int
     rounds: int
     paths: dict[str, Samples] = field(default_factory=dict)
-    # CPU seconds the gateway and its agent used while the gateway path ran.
+    # CPU seconds each process used while the gateway path ran: the two under test, and
+    # the two that share the machine's cores with them (the model server, this client).
     gateway_cpu: float = 0.0
     agent_cpu: float = 0.0
+    model_cpu: float = 0.0
+    client_cpu: float = 0.0
 
 
 async def run_rounds(
@@ -450,6 +475,8 @@ async def measure(
                 agents = agents_under(stack.agents_root)
                 gateway_before = cpu_seconds([stack.gateway_pid])
                 agent_before = cpu_seconds(agents)
+                model_before = cpu_seconds([stack.model_pid])
+                client_before = cpu_seconds([os.getpid()])
                 started = time.monotonic()
                 await run_rounds(count, level.rounds, one, level.paths[name], spread)
                 # CLOCK_MONOTONIC, the clock of the gateway's own logs and diagnostics.
@@ -457,6 +484,8 @@ async def measure(
                 if name == "gateway":
                     level.gateway_cpu = cpu_seconds([stack.gateway_pid]) - gateway_before
                     level.agent_cpu = cpu_seconds(agents) - agent_before
+                    level.model_cpu = cpu_seconds([stack.model_pid]) - model_before
+                    level.client_cpu = cpu_seconds([os.getpid()]) - client_before
             await asyncio.gather(*(s.close() for s in sessions))
             results.append(level)
     return results, per_connection_kib
@@ -489,7 +518,8 @@ def report(
             f"start spread evenly over {args.tokens / args.rate:g} s (one reply's duration)."
             if args.stagger
             else "are sent in the same instant."
-        ),
+        )
+        + f" The model server and the bench client run on {args.harness_loop}'s event loop.",
         "",
         "Added first-token latency = first token at the reader minus the message's send, "
         "minus the model server's own time to first token. Relay delay = a token's arrival "
@@ -540,14 +570,15 @@ def report(
         "",
         "CPU per reply while the gateway path ran (user + system, over every reply of the level):",
         "",
-        "| sessions | gateway process | its agent process |",
-        "|---|---|---|",
+        "| sessions | gateway process | its agent process | model server | bench client |",
+        "|---|---|---|---|---|",
     ]
     for level in levels:
         replies = level.sessions * level.rounds
         lines.append(
             f"| {level.sessions} | {ms(level.gateway_cpu / replies)} ms | "
-            f"{ms(level.agent_cpu / replies)} ms |"
+            f"{ms(level.agent_cpu / replies)} ms | {ms(level.model_cpu / replies)} ms | "
+            f"{ms(level.client_cpu / replies)} ms |"
         )
     lines += [
         "",
@@ -578,6 +609,8 @@ async def run(args: argparse.Namespace) -> str:
                         str(args.rate),
                         "--tokens",
                         str(args.tokens),
+                        "--harness-loop",
+                        args.harness_loop,
                     ],
                     log_path=workdir / "model.log",
                 ).start()
@@ -603,6 +636,7 @@ async def run(args: argparse.Namespace) -> str:
                 )
                 stack = Stack(
                     model_url,
+                    model.pid,
                     gateway_url,
                     gateway.pid,
                     issuer.mint(USER, expires_in=7200),
@@ -647,13 +681,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="spread each round's starts over one reply's duration instead of one instant",
     )
+    parser.add_argument(
+        "--harness-loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="event loop of the model server and of this client (the gateway runs its own)",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve-model":
-        serve_model(args.port, args.rate, args.tokens)
+        serve_model(args.port, args.rate, args.tokens, args.harness_loop)
         return
     args.load_before = " ".join(f"{value:.2f}" for value in os.getloadavg())
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    text = asyncio.run(run(args))
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(args.harness_loop)) as runner:
+        text = runner.run(run(args))
     args.out.write_text(text)
     print(text)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dexorder.core import protocol
 from dexorder.core.routing import RouteChoice
-from dexorder.gateway.llm import Finish, LLMError, TextDelta, ToolCall, Usage
+from dexorder.gateway.llm import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
 from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
 from dexorder.gateway.routing import Fallback, ModelRouter
 
@@ -186,10 +186,10 @@ class Harness:
         user_message: str,
         emit: Emit,
         ahead: asyncio.Future[AgentContext | None] | None,
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], AgentContext]:
+    ) -> tuple[list[dict[str, Any]], EncodedTools, AgentContext]:
         context, tools, retrieved = await asyncio.gather(
             self._agent_context(ahead),
-            self.agent.list_tools(),
+            self.agent.openai_tools(),
             self._retrieve(user_message),
         )
         preferences = context.preferences
@@ -201,8 +201,10 @@ class Harness:
             # The sources come first, numbered as the reply's [1], [2] citations.
             await emit(retrieved.frame)
         if self.gateway_tools is not None:
-            tools = [*tools, *self.gateway_tools.tools]
-        return messages, [tool.as_openai_tool() for tool in tools], context
+            tools = tools.extended(
+                EncodedTools(tool.as_openai_tool() for tool in self.gateway_tools.tools)
+            )
+        return messages, tools, context
 
     def _choose_route(self, user_message: str, preferences: dict[str, Any]) -> RouteChoice:
         """Tier, then the user's preferred model, then the message's complexity."""
@@ -279,7 +281,7 @@ class Harness:
         self,
         route: RouteChoice,
         messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]],
+        tools: EncodedTools,
         emit: Emit,
         result: TurnResult,
         started: float,

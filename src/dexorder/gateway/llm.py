@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import ModuleType
@@ -128,6 +128,39 @@ class Finish:
 
 
 LLMEvent = TextDelta | ToolCall | Usage | Finish
+
+
+class EncodedTools(tuple[dict[str, Any], ...]):
+    """Tools in OpenAI's form, with their JSON encoded once.
+
+    The same tools go with every round of every turn of a session, and an agent's tool
+    schemas are kilobytes (the reference agent's fourteen: 7.8 KB, about 90 µs to encode),
+    so a request body splices ``json`` in rather than encoding them again each round.
+    """
+
+    json: str
+
+    def __new__(cls, tools: Iterable[Mapping[str, Any]] = ()) -> EncodedTools:
+        return cls._of([dict(tool) for tool in tools], None)
+
+    @classmethod
+    def _of(cls, tools: list[dict[str, Any]], encoded: str | None) -> EncodedTools:
+        self = super().__new__(cls, tools)
+        self.json = json.dumps(tools) if encoded is None else encoded
+        return self
+
+    def extended(self, more: EncodedTools) -> EncodedTools:
+        """These tools and then ``more``, joined without encoding either again."""
+        if not more:
+            return self
+        if not self:
+            return more
+        return EncodedTools._of([*self, *more], f"{self.json[:-1]}, {more.json[1:]}")
+
+
+def tools_json(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The JSON of a request's ``tools``: encoded already, or now."""
+    return tools.json if isinstance(tools, EncodedTools) else json.dumps(list(tools))
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from mcp.types import (
 )
 from pydantic import ValidationError
 
+from dexorder.gateway.llm import EncodedTools
 from dexorder.gateway.provisioning.base import AgentEndpoint
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class AgentSession:
         # Closed for good: calls fail instead of opening a session nobody would close.
         self._closed = False
         self._tools: list[ToolSpec] | None = None
+        self._openai_tools: EncodedTools | None = None
         self._listing = asyncio.Lock()
         self.sessions_opened = 0
         #: The agent's id for the current MCP session (the ``mcp-session-id`` header);
@@ -510,6 +512,13 @@ class AgentSession:
                         for tool in result.tools
                     ]
         return self._tools
+
+    async def openai_tools(self) -> EncodedTools:
+        """The agent's tools in OpenAI's form, encoded once for the session's life."""
+        if self._openai_tools is None:
+            tools = await self.list_tools()
+            self._openai_tools = EncodedTools(tool.as_openai_tool() for tool in tools)
+        return self._openai_tools
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutcome:
         """Call a tool; its result as text (what the model is given) and whether it failed.

@@ -25,7 +25,7 @@ from typing import Any, Final
 import aiohttp
 
 from dexorder.core.routing import LLMTarget
-from dexorder.gateway.llm import LLMError, LLMErrorCode
+from dexorder.gateway.llm import LLMError, LLMErrorCode, tools_json
 
 #: litellm's provider prefixes whose API is OpenAI's Chat Completions, and their default base.
 WIRE_PROVIDERS: Final[Mapping[str, str]] = {
@@ -319,6 +319,25 @@ class WireStream:
             self._response.close()
 
 
+def request_body(
+    model: str,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None,
+) -> str:
+    """A streamed chat completion's JSON body; tools encoded already are spliced in."""
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": list(messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    if not tools:
+        return body
+    return f'{body[:-1]}, "tools": {tools_json(tools)}}}'
+
+
 class WireClient:
     """Opens streams on OpenAI-compatible deployments over one pooled HTTP session."""
 
@@ -349,14 +368,7 @@ class WireClient:
 
         ``timeout`` bounds the connection and each wait for data, as litellm's ``timeout`` does.
         """
-        body: dict[str, Any] = {
-            "model": target.model,
-            "messages": list(messages),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if tools:
-            body["tools"] = list(tools)
+        body = request_body(target.model, messages, tools)
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if target.api_key:
             headers["Authorization"] = f"Bearer {target.api_key}"
@@ -364,7 +376,7 @@ class WireClient:
         try:
             response = await self._client().post(
                 target.url,
-                data=json.dumps(body),
+                data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
             )
