@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -115,8 +116,14 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 def serve_model(port: int, rate: float, tokens: int, loop: str) -> None:
+    app = model_server_app(rate, tokens)
+    # What this module imports (pydantic, dexorder's models) is a heap that a full
+    # collection walked for 40-50 ms, with every stream stalled; the tokens then left in
+    # one burst, and the gateway's queue behind them was a third of its relay tail. The
+    # gateway freezes its own start-up heap the same way.
+    gc.freeze()
     web.run_app(
-        model_server_app(rate, tokens),
+        app,
         host="127.0.0.1",
         port=port,
         print=None,
@@ -245,18 +252,29 @@ async def read_litellm(litellm: Any, base_url: str, samples: Samples) -> None:
 
 
 class ChatSession:
-    """One chat socket, read all the time (as a browser does, which also answers pings)."""
+    """One chat socket, read all the time (as a browser does, which also answers pings).
+
+    A turn's ``delta`` frames are fed to its reader as they arrive, in the socket's reader
+    task; other frames go through a queue. A queue hop and a ``wait_for`` per token cost
+    this client about a millisecond of CPU per reply, on cores the gateway shares.
+    """
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
         self._frames: asyncio.Queue[tuple[float, dict[str, Any] | None]] = asyncio.Queue()
+        self._stream: StreamReader | None = None
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         try:
             async for message in self.ws:
                 if message.type == aiohttp.WSMsgType.TEXT:
-                    self._frames.put_nowait((time.monotonic(), json.loads(message.data)))
+                    arrived = time.monotonic()
+                    frame = json.loads(message.data)
+                    if self._stream is not None and frame["type"] == "delta":
+                        self._stream.feed(frame["content"], arrived)
+                    else:
+                        self._frames.put_nowait((arrived, frame))
         finally:
             self._frames.put_nowait((time.monotonic(), None))
 
@@ -274,19 +292,20 @@ class ChatSession:
 
     async def turn(self, samples: Samples | None) -> None:
         sent = time.monotonic()
-        reader = StreamReader(samples or Samples(), sent)
-        await self.ws.send_str(json.dumps({"type": "message", "content": "stream please"}))
-        while True:
-            arrived, frame = await self.next()
-            if frame["type"] == "delta":
-                reader.feed(frame["content"], arrived)
-            elif frame["type"] == "done":
-                return
-            elif frame["type"] == "error":
-                if samples is not None:
-                    samples.failures += 1
-                    samples.errors.append(f"{frame.get('code')}: {frame.get('message')}")
-                return
+        self._stream = StreamReader(samples or Samples(), sent)
+        try:
+            await self.ws.send_str(json.dumps({"type": "message", "content": "stream please"}))
+            while True:
+                _, frame = await self.next()
+                if frame["type"] == "done":
+                    return
+                if frame["type"] == "error":
+                    if samples is not None:
+                        samples.failures += 1
+                        samples.errors.append(f"{frame.get('code')}: {frame.get('message')}")
+                    return
+        finally:
+            self._stream = None
 
     async def close(self) -> None:
         await self.ws.close()
@@ -446,6 +465,9 @@ async def measure(
         await warm[0].turn(None)
         await read_litellm(litellm, stack.model_url, Samples())
         await read_raw(http, stack.model_url, Samples())
+        # litellm's heap, kept out of this reader's collections (a full one over it would
+        # stall every path's reading), as the gateway keeps its own.
+        gc.freeze()
 
         # Idle RSS first: Python keeps freed memory, so later turns would blur it.
         before = rss_kib(stack.gateway_pid)
