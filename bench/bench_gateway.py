@@ -201,6 +201,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this machine's vCPUs wanted it.
+
+    On a shared host this is the noise no process here controls: the same code's relay
+    p99 moves by milliseconds when it rises, so the report gives it beside each figure."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -430,6 +439,8 @@ class Level:
     agent_cpu: float = 0.0
     model_cpu: float = 0.0
     client_cpu: float = 0.0
+    # Steal over the gateway path, as a share of the machine's CPU time in it.
+    steal_share: float = 0.0
 
 
 async def run_rounds(
@@ -499,6 +510,7 @@ async def measure(
                 agent_before = cpu_seconds(agents)
                 model_before = cpu_seconds([stack.model_pid])
                 client_before = cpu_seconds([os.getpid()])
+                steal_before = steal_seconds()
                 started = time.monotonic()
                 await run_rounds(count, level.rounds, one, level.paths[name], spread)
                 # CLOCK_MONOTONIC, the clock of the gateway's own logs and diagnostics.
@@ -508,6 +520,8 @@ async def measure(
                     level.agent_cpu = cpu_seconds(agents) - agent_before
                     level.model_cpu = cpu_seconds([stack.model_pid]) - model_before
                     level.client_cpu = cpu_seconds([os.getpid()]) - client_before
+                    elapsed = (time.monotonic() - started) * (os.cpu_count() or 1)
+                    level.steal_share = (steal_seconds() - steal_before) / elapsed
             await asyncio.gather(*(s.close() for s in sessions))
             results.append(level)
     return results, per_connection_kib
@@ -592,15 +606,16 @@ def report(
         "",
         "CPU per reply while the gateway path ran (user + system, over every reply of the level):",
         "",
-        "| sessions | gateway process | its agent process | model server | bench client |",
-        "|---|---|---|---|---|",
+        "| sessions | gateway process | its agent process | model server | bench client "
+        "| steal (other guests) |",
+        "|---|---|---|---|---|---|",
     ]
     for level in levels:
         replies = level.sessions * level.rounds
         lines.append(
             f"| {level.sessions} | {ms(level.gateway_cpu / replies)} ms | "
             f"{ms(level.agent_cpu / replies)} ms | {ms(level.model_cpu / replies)} ms | "
-            f"{ms(level.client_cpu / replies)} ms |"
+            f"{ms(level.client_cpu / replies)} ms | {level.steal_share:.1%} |"
         )
     lines += [
         "",
