@@ -136,6 +136,7 @@ class EncodedTools(tuple[dict[str, Any], ...]):
     The same tools go with every round of every turn of a session, and an agent's tool
     schemas are kilobytes (the reference agent's fourteen: 7.8 KB, about 90 µs to encode),
     so a request body splices ``json`` in rather than encoding them again each round.
+    The dicts are shared by every request that uses them: read them, never change them.
     """
 
     json: str
