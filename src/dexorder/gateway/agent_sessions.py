@@ -36,11 +36,20 @@ class _Shared:
     """One open (or opening) session and the leases on it."""
 
     def __init__(
-        self, endpoint: AgentEndpoint, *, host_map: Mapping[str, str], connect_grace: float
+        self,
+        endpoint: AgentEndpoint,
+        *,
+        host_map: Mapping[str, str],
+        connect_grace: float,
+        read_timeout: float,
     ) -> None:
         self.endpoint = endpoint
         self.session = AgentSession(
-            endpoint, host_map=host_map, connect_grace=connect_grace, on_session=self.announce
+            endpoint,
+            host_map=host_map,
+            connect_grace=connect_grace,
+            read_timeout=read_timeout,
+            on_session=self.announce,
         )
         self.leases: set[AgentLease] = set()
         self.dropped = False
@@ -118,6 +127,7 @@ class AgentSessions:
         *,
         host_map: Mapping[str, str],
         connect_grace: float,
+        read_timeout: float = 30.0,
         on_session: SessionHook | None = None,
     ) -> AgentLease:
         """A lease on the endpoint's session, opened at its first call if none is open.
@@ -128,7 +138,12 @@ class AgentSessions:
             raise ProvisioningError("ShuttingDown", "the gateway is stopping; reconnect shortly")
         shared = self._shared.get(endpoint)
         if shared is None:
-            shared = _Shared(endpoint, host_map=host_map, connect_grace=connect_grace)
+            shared = _Shared(
+                endpoint,
+                host_map=host_map,
+                connect_grace=connect_grace,
+                read_timeout=read_timeout,
+            )
             self._shared[endpoint] = shared
         elif shared.linger is not None:
             # Still in the dict, so the linger has not woken yet: it never will.

@@ -247,6 +247,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_tool_rounds=settings.max_tool_rounds,
             max_queued=settings.max_queued_messages,
             agent_connect_seconds=settings.agent_connect_seconds,
+            agent_read_seconds=settings.agent_read_seconds,
             usage=usage,
             retriever=retriever,
             reviews=reviews,

@@ -33,7 +33,7 @@ from dexorder.gateway.harness import AgentContext, Harness, TurnResult, read_age
 from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.llm import LLMError
-from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable
+from dexorder.gateway.mcp_client import AgentSession, AgentTimeout, AgentUnavailable
 from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
 from dexorder.gateway.routing import ModelRouter
 from dexorder.gateway.usage import Turn, UsageRecorder
@@ -71,6 +71,8 @@ class ChatServices:
     usage: UsageRecorder | None = None
     # How long a just-provisioned agent may take to answer its first MCP request.
     agent_connect_seconds: float = 10.0
+    # How long a read of the agent (preferences, history, tool list) may take.
+    agent_read_seconds: float = 30.0
     # Presented to MCP servers that a license names (mcp_server_url); never the user's JWT.
     external_mcp_token: str | None = None
     # Knowledge-base search added to each turn's context (DEXORDER_RAG_ENABLED).
@@ -249,6 +251,7 @@ class Conversation:
                 endpoint,
                 host_map=self.services.host_map,
                 connect_grace=self.services.agent_connect_seconds,
+                read_timeout=self.services.agent_read_seconds,
                 on_session=self._on_mcp_session,
             )
             self._agent_lease = lease
@@ -469,6 +472,13 @@ class Conversation:
                         route=route_frame(harness.route),
                     )
                 )
+                return
+            except AgentTimeout as error:
+                # Busy or stuck, not gone: this turn fails, and the session stays for the
+                # user's other chats (dropping it would fail their calls in flight too).
+                # Nothing was written back; the next turn reads for itself.
+                await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
+                await self._end_turn(turn, TurnOutcome.FAILED)
                 return
             except AgentUnavailable as error:
                 # The agent went away (idled, restarted elsewhere): forget it and provision again once.

@@ -69,6 +69,11 @@ class AgentUnavailable(Exception):
     code = "agent_unavailable"
 
 
+class AgentTimeout(AgentUnavailable):
+    """The agent did not answer in time. It may be busy rather than gone, so the session
+    (shared by the user's other chats) is kept: the caller fails, the session does not."""
+
+
 class _Disconnected(AgentUnavailable):
     """The agent closed the connection before answering (as a pooled one it is closing)."""
 
@@ -264,7 +269,7 @@ class AgentSession:
                         raise AgentUnavailable("the agent's answer held no response")
                     return found, session_id
         except TimeoutError as error:
-            raise AgentUnavailable(f"the agent did not answer in {timeout:g} s") from error
+            raise AgentTimeout(f"the agent did not answer in {timeout:g} s") from error
         except aiohttp.ServerDisconnectedError as error:
             if self._closed:
                 raise AgentUnavailable("the MCP session was closed") from error
@@ -495,6 +500,8 @@ class AgentSession:
                 raise AgentUnavailable("the agent forgot the new MCP session too") from error
         except _RpcError as error:
             raise AgentUnavailable(f"{operation}: {error}") from error
+        except AgentTimeout as error:
+            raise AgentTimeout(f"{operation}: {error}") from error
         except AgentUnavailable as error:
             raise AgentUnavailable(f"{operation}: {error}") from error
 

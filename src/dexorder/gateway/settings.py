@@ -174,6 +174,9 @@ class GatewaySettings(BaseSettings):
     external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = None
     # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
     agent_connect_seconds: float = Field(10.0, ge=0, le=120)
+    # A read of the agent (preferences, history, tool list) that takes longer fails the
+    # turn; the MCP session, shared by the user's other chats, is kept.
+    agent_read_seconds: float = Field(30.0, gt=0, le=600)
 
     # --- the harness -----------------------------------------------------------------
     max_tool_rounds: int = Field(8, ge=1, le=50)

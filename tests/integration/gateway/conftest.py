@@ -14,7 +14,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvicorn
 from aiohttp import web
+from mcp.server.fastmcp import FastMCP
 
 from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
@@ -172,3 +174,22 @@ async def connect(
 @pytest.fixture
 def user_id() -> str:
     return f"user-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.asynccontextmanager
+async def serving(server: FastMCP[Any]) -> AsyncIterator[str]:
+    """Another MCP server than ours (the SDK's, configured as a user's own might be)."""
+    port = free_port()
+    config = uvicorn.Config(
+        server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning"
+    )
+    runner = uvicorn.Server(config)
+    task = asyncio.create_task(runner.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not runner.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        runner.should_exit = True
+        await task

@@ -10,15 +10,21 @@ from typing import Any
 
 import aiohttp
 import pytest
-import uvicorn
 from aiohttp import web
 from mcp.server.fastmcp import Context, FastMCP
 from pydantic import BaseModel
 
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.process import free_port
-from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, map_host
+from dexorder.gateway.mcp_client import (
+    AgentSession,
+    AgentTimeout,
+    AgentUnavailable,
+    ToolOutcome,
+    map_host,
+)
 from dexorder.gateway.provisioning import AgentEndpoint
+from tests.integration.gateway.conftest import serving
 
 
 @pytest.fixture
@@ -107,25 +113,6 @@ async def test_closing_ends_the_session_on_the_agent(agent: AgentProcess) -> Non
         http.post(agent.url, json=request, headers=headers) as response,
     ):
         assert response.status == 404
-
-
-@contextlib.asynccontextmanager
-async def serving(server: FastMCP[Any]) -> AsyncIterator[str]:
-    """Another MCP server than ours (the SDK's, configured as a user's own might be)."""
-    port = free_port()
-    config = uvicorn.Config(
-        server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning"
-    )
-    runner = uvicorn.Server(config)
-    task = asyncio.create_task(runner.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not runner.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        runner.should_exit = True
-        await task
 
 
 def sdk_server(*, json_response: bool, stateless: bool) -> FastMCP[Any]:
@@ -229,3 +216,36 @@ async def test_a_broken_server_is_agent_unavailable_with_the_reason(
                 await session.list_tools()
         finally:
             await session.close()
+
+
+async def test_a_read_past_its_timeout_is_agent_timeout_and_the_session_goes_on() -> None:
+    server: FastMCP[Any] = FastMCP("busy", json_response=True, log_level="WARNING")
+
+    @server.resource("notes://slow")
+    async def slow() -> str:
+        await asyncio.sleep(2)
+        return "late"
+
+    @server.resource("notes://fast")
+    def fast() -> str:
+        return "now"
+
+    async with serving(server) as url:
+        endpoint = AgentEndpoint("busy-user", url, None)
+        async with AgentSession(endpoint, read_timeout=0.5) as session:
+            with pytest.raises(AgentTimeout, match=r"did not answer in 0\.5 s"):
+                await session.read_resource("notes://slow")
+            assert await session.read_resource("notes://fast") == "now"
+            assert session.sessions_opened == 1
+            assert not session.closed
+
+
+async def test_an_agent_that_refuses_connections_is_unavailable_not_late() -> None:
+    endpoint = AgentEndpoint("gone-user", f"http://127.0.0.1:{free_port()}/mcp", None)
+    session = AgentSession(endpoint, read_timeout=0.5)
+    try:
+        with pytest.raises(AgentUnavailable) as caught:
+            await session.list_tools()
+    finally:
+        await session.close()
+    assert not isinstance(caught.value, AgentTimeout)
