@@ -119,8 +119,8 @@ def serve_model(port: int, rate: float, tokens: int, loop: str) -> None:
     app = model_server_app(rate, tokens)
     # What this module imports (pydantic, dexorder's models) is a heap that a full
     # collection walked for 40-50 ms, with every stream stalled; the tokens then left in
-    # one burst, and the gateway's queue behind them was a third of its relay tail. The
-    # gateway freezes its own start-up heap the same way.
+    # one burst, and the gateway's queue behind two such bursts held over half of one
+    # run's top 1 %. The gateway freezes its own start-up heap the same way.
     gc.freeze()
     web.run_app(
         app,
