@@ -268,6 +268,9 @@ class AgentSession:
                     if found is None:
                         raise AgentUnavailable("the agent's answer held no response")
                     return found, session_id
+        except aiohttp.ConnectionTimeoutError as error:
+            # Also a TimeoutError, but no connection was made: unreachable, not busy.
+            raise AgentUnavailable(f"the agent could not be reached ({error!r})") from error
         except TimeoutError as error:
             raise AgentTimeout(f"the agent did not answer in {timeout:g} s") from error
         except aiohttp.ServerDisconnectedError as error:

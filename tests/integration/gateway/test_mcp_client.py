@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,4 +249,31 @@ async def test_an_agent_that_refuses_connections_is_unavailable_not_late() -> No
             await session.list_tools()
     finally:
         await session.close()
+    assert not isinstance(caught.value, AgentTimeout)
+
+
+async def test_an_agent_whose_connection_never_completes_is_unavailable_not_late() -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    # hangs until the client's connect timeout (an aiohttp ConnectionTimeoutError).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))  # the later ones stay half-open, which is the point
+    session = AgentSession(
+        AgentEndpoint("unreachable-user", f"http://127.0.0.1:{port}/mcp", None),
+        timeout=0.3,
+        read_timeout=5,
+    )
+    try:
+        with pytest.raises(AgentUnavailable, match="could not be reached") as caught:
+            await session.list_tools()
+    finally:
+        await session.close()
+        for filler in fillers:
+            filler.close()
+        listener.close()
     assert not isinstance(caught.value, AgentTimeout)
