@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from dexorder.gateway.mcp_client import AgentSession
+from dexorder.gateway.mcp_client import DEFAULT_READ_SECONDS, AgentSession
 from dexorder.gateway.provisioning.base import AgentEndpoint, ProvisioningError
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class AgentSessions:
         *,
         host_map: Mapping[str, str],
         connect_grace: float,
-        read_timeout: float = 30.0,
+        read_timeout: float = DEFAULT_READ_SECONDS,
         on_session: SessionHook | None = None,
     ) -> AgentLease:
         """A lease on the endpoint's session, opened at its first call if none is open.

@@ -33,7 +33,12 @@ from dexorder.gateway.harness import AgentContext, Harness, TurnResult, read_age
 from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.llm import LLMError
-from dexorder.gateway.mcp_client import AgentSession, AgentTimeout, AgentUnavailable
+from dexorder.gateway.mcp_client import (
+    DEFAULT_READ_SECONDS,
+    AgentSession,
+    AgentTimeout,
+    AgentUnavailable,
+)
 from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
 from dexorder.gateway.routing import ModelRouter
 from dexorder.gateway.usage import Turn, UsageRecorder
@@ -72,7 +77,7 @@ class ChatServices:
     # How long a just-provisioned agent may take to answer its first MCP request.
     agent_connect_seconds: float = 10.0
     # How long a read of the agent (preferences, history, tool list) may take.
-    agent_read_seconds: float = 30.0
+    agent_read_seconds: float = DEFAULT_READ_SECONDS
     # Presented to MCP servers that a license names (mcp_server_url); never the user's JWT.
     external_mcp_token: str | None = None
     # Knowledge-base search added to each turn's context (DEXORDER_RAG_ENABLED).

@@ -60,6 +60,9 @@ _METHOD_NOT_FOUND = -32601
 # lines over twice this.
 _READ_BUFFER = 4 * 1024 * 1024
 
+#: How long a read (a resource, the tool list) may take by default (DEXORDER_AGENT_READ_SECONDS).
+DEFAULT_READ_SECONDS = 30.0
+
 _Result = TypeVar("_Result", ListToolsResult, CallToolResult, ReadResourceResult)
 
 
@@ -166,7 +169,7 @@ class AgentSession:
         host_map: Mapping[str, str] | None = None,
         timeout: float = 30.0,
         connect_grace: float = 0.0,
-        read_timeout: float = 30.0,
+        read_timeout: float = DEFAULT_READ_SECONDS,
         tool_timeout: float = 300.0,
         on_session: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:

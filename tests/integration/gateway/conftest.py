@@ -23,8 +23,10 @@ from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.devenv.process import free_port
 from dexorder.gateway.app import create_app
+from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.migrations import apply_migrations
 from dexorder.gateway.settings import GatewaySettings
+from dexorder.gateway.state import LIVE_SOCKETS
 
 ISSUER = "https://id.test.dexorder"
 AUDIENCE = "dexorder-gateway"
@@ -169,6 +171,22 @@ async def connect(
     if not header:
         await client.send({"type": "auth", "token": token})
     return client
+
+
+async def open_chat(
+    http: aiohttp.ClientSession, gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
+) -> tuple[ChatClient, str]:
+    client = await connect(http, gateway, issuer.mint(user_id))
+    ready = (await client.until("ready"))[-1]
+    return client, str(ready["session_id"])
+
+
+def conversation_of(gateway: RunningGateway, session_id: str) -> Conversation:
+    return next(c for c in gateway.app[LIVE_SOCKETS].values() if c.session_id == session_id)
+
+
+def reply_text(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["content"] for f in frames if f["type"] == "delta")
 
 
 @pytest.fixture

@@ -11,10 +11,14 @@ import aiohttp
 
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
-from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.provisioning.local import LocalProvisioner
-from dexorder.gateway.state import CHAT_SERVICES, LIVE_SOCKETS, SESSIONS
-from tests.integration.gateway.conftest import ChatClient, RunningGateway, connect
+from dexorder.gateway.state import CHAT_SERVICES, SESSIONS
+from tests.integration.gateway.conftest import (
+    RunningGateway,
+    conversation_of,
+    open_chat,
+    reply_text,
+)
 
 T = TypeVar("T")
 
@@ -30,22 +34,6 @@ async def eventually(check: Callable[[], T | None], timeout: float = 15) -> T:
             if value:
                 return value
             await asyncio.sleep(0.02)
-
-
-async def open_chat(
-    http: aiohttp.ClientSession, gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
-) -> tuple[ChatClient, str]:
-    client = await connect(http, gateway, issuer.mint(user_id))
-    ready = (await client.until("ready"))[-1]
-    return client, str(ready["session_id"])
-
-
-def conversation_of(gateway: RunningGateway, session_id: str) -> Conversation:
-    return next(c for c in gateway.app[LIVE_SOCKETS].values() if c.session_id == session_id)
-
-
-def reply_text(frames: list[dict[str, Any]]) -> str:
-    return "".join(f["content"] for f in frames if f["type"] == "delta")
 
 
 def chat_tasks() -> set[asyncio.Task[Any]]:

@@ -13,13 +13,11 @@ from mcp.server.fastmcp import FastMCP
 
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.jwks import LocalJwksIssuer
-from dexorder.gateway.conversation import Conversation
-from dexorder.gateway.state import LIVE_SOCKETS
 from tests.integration.gateway.conftest import (
-    ChatClient,
-    RunningGateway,
-    connect,
+    conversation_of,
     gateway_settings,
+    open_chat,
+    reply_text,
     serve_gateway,
     serving,
 )
@@ -46,21 +44,6 @@ def slow_agent(delay: dict[str, float]) -> FastMCP[Any]:
     return server
 
 
-async def open_chat(
-    http: aiohttp.ClientSession, gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
-) -> tuple[ChatClient, Conversation]:
-    client = await connect(http, gateway, issuer.mint(user_id))
-    session_id = (await client.until("ready"))[-1]["session_id"]
-    conversation = next(c for c in gateway.app[LIVE_SOCKETS].values() if c.session_id == session_id)
-    return client, conversation
-
-
-async def reply(client: ChatClient, content: str) -> str:
-    await client.send({"type": "message", "content": content})
-    frames = await client.until("done", timeout=60)
-    return "".join(f["content"] for f in frames if f["type"] == "delta")
-
-
 async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session(
     migrated_dsn: str, issuer: LocalJwksIssuer, llm: FakeLLMServer, tmp_path: Path, user_id: str
 ) -> None:
@@ -74,9 +57,11 @@ async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session
             )
         settings = gateway_settings(migrated_dsn, issuer, llm, tmp_path, agent_read_seconds=1)
         async with serve_gateway(settings) as gateway, aiohttp.ClientSession() as http:
-            first, first_conversation = await open_chat(http, gateway, issuer, user_id)
+            first, first_id = await open_chat(http, gateway, issuer, user_id)
+            first_conversation = conversation_of(gateway, first_id)
             llm.queue(TextScript(text="First."))
-            assert await reply(first, "hello") == "First."
+            await first.send({"type": "message", "content": "hello"})
+            assert reply_text(await first.until("done")) == "First."
             agent = first_conversation.agent
             assert agent is not None
             assert agent.sessions_opened == 1
@@ -84,7 +69,8 @@ async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session
             # The agent is busy: the second chat's reads of it (ahead, then the turn's own)
             # take longer than the gateway waits.
             delay["seconds"] = 3.0
-            second, second_conversation = await open_chat(http, gateway, issuer, user_id)
+            second, second_id = await open_chat(http, gateway, issuer, user_id)
+            second_conversation = conversation_of(gateway, second_id)
             await second.send({"type": "message", "content": "are you there?"})
             error = (await second.until("error", timeout=30))[-1]
             assert error["code"] == "agent_unavailable"
@@ -98,9 +84,11 @@ async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session
             # Once the agent answers again, both chats go on, on that same session.
             delay["seconds"] = 0.0
             llm.queue(TextScript(text="Still here."))
-            assert await reply(first, "and now?") == "Still here."
+            await first.send({"type": "message", "content": "and now?"})
+            assert reply_text(await first.until("done")) == "Still here."
             llm.queue(TextScript(text="Back."))
-            assert await reply(second, "and you?") == "Back."
+            await second.send({"type": "message", "content": "and you?"})
+            assert reply_text(await second.until("done")) == "Back."
             assert first_conversation.agent is agent
             assert agent.sessions_opened == 1
             await first.ws.close()
