@@ -16,6 +16,7 @@ Chunks are handed on as parsed JSON (dicts, read by ``llm.RoundReader``). Failur
 
 from __future__ import annotations
 
+import asyncio
 import json
 import json.scanner
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -33,6 +34,10 @@ WIRE_PROVIDERS: Final[Mapping[str, str]] = {
     "openrouter": "https://openrouter.ai/api/v1",
 }
 _DONE: Final = b"[DONE]"
+#: How long a finished reply waits for the end of its HTTP body (the chunked encoding's last
+#: chunk) before hanging up. Servers send it just after ``[DONE]``, often in a packet of its
+#: own; a response let go before it has ended closes its connection instead of pooling it.
+_END_GRACE: Final = 0.1
 _READ_BUFFER: Final = 4 * 1024 * 1024
 #: The longest SSE line taken (one chunk's JSON; a tool call's arguments can come in one):
 #: what aiohttp's line reader allowed with this read buffer.
@@ -313,10 +318,28 @@ class WireStream:
         return chunk, bool(reasons)
 
     async def aclose(self) -> None:
-        if self._finished:
-            self._response.release()  # read to the end: the connection can be reused
-        else:
-            self._response.close()
+        ended = False
+        try:
+            ended = self._finished and await self._body_ended()
+        finally:
+            if ended:
+                self._response.release()  # read to the end: the connection can be reused
+            else:
+                self._response.close()
+
+    async def _body_ended(self) -> bool:
+        """Whether the HTTP body ends within ``_END_GRACE`` after ``[DONE]`` (what comes
+        between is dropped). Without this wait, the end of the body usually arrives a moment
+        after ``[DONE]`` is read, and the connection would be closed rather than pooled, so
+        every request would pay a new TCP (and TLS) handshake."""
+        content = self._response.content
+        try:
+            async with asyncio.timeout(_END_GRACE):
+                while await content.readany():
+                    pass
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+        return True
 
 
 def request_body(

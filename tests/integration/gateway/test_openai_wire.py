@@ -8,6 +8,7 @@ events split over reads, a reply without ``[DONE]``, an error inside the stream,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -241,3 +242,66 @@ async def test_a_line_longer_than_taken_is_a_broken_stream(
         await read_all(client, await serve(handler))
     assert raised.value.code is LLMErrorCode.STREAM_BROKEN
     assert raised.value.retryable
+
+
+def peer_of(request: web.Request) -> object:
+    """The client's end of the connection a request came over (its address and port)."""
+    assert request.transport is not None
+    return request.transport.get_extra_info("peername")
+
+
+async def test_a_reply_whose_body_ends_just_after_done_leaves_its_connection_pooled(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    # The usual server: [DONE], then the end of the chunked body in a packet of its own.
+    peers: list[object] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        peers.append(peer_of(request))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk("again", "stop") + b"data: [DONE]\n\n")
+        await asyncio.sleep(0.02)
+        await response.write_eof()
+        return response
+
+    target = await serve(handler)
+    for _ in range(3):
+        text, _ = await read_all(client, target)
+        assert text == "again"
+    assert len(peers) == 3
+    assert len(set(peers)) == 1, "each reply opened a connection of its own"
+
+
+async def test_a_body_left_open_after_done_is_hung_up_on_within_the_grace(
+    serve: Callable[[Handler], Awaitable[WireTarget]], client: WireClient
+) -> None:
+    peers: list[object] = []
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        peers.append(peer_of(request))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk("held", "stop") + b"data: [DONE]\n\n")
+        if len(peers) == 1:
+            # Left open until the test ends; the client has hung up by then.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 10)
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+            return response
+        await response.write_eof()
+        return response
+
+    target = await serve(handler)
+    started = asyncio.get_running_loop().time()
+    text, reader = await read_all(client, target)
+    took = asyncio.get_running_loop().time() - started
+    assert text == "held"
+    assert reader.finish("m").reason == "stop"
+    assert took < 2, f"the reply waited {took:.2f}s on a body that did not end"
+    await read_all(client, target)
+    release.set()
+    assert len(peers) == 2
+    assert peers[0] != peers[1], "a connection whose body never ended went back to the pool"
