@@ -42,6 +42,7 @@ from mcp.types import (
 )
 from pydantic import ValidationError
 
+from dexorder.gateway.http_body import ended_within
 from dexorder.gateway.llm import EncodedTools
 from dexorder.gateway.provisioning.base import AgentEndpoint
 
@@ -266,6 +267,9 @@ class AgentSession:
                         return None, session_id
                     if response.content_type == "text/event-stream":
                         found = await self._response_in_stream(response, message["id"], headers)
+                        # The server ends the stream after the answer: wait for that end,
+                        # or the connection is closed rather than pooled (http_body).
+                        await ended_within(response)
                     else:
                         found = self._response_in(await response.read(), message["id"])
                     if found is None:

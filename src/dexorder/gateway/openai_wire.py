@@ -16,7 +16,6 @@ Chunks are handed on as parsed JSON (dicts, read by ``llm.RoundReader``). Failur
 
 from __future__ import annotations
 
-import asyncio
 import json
 import json.scanner
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Final
 import aiohttp
 
 from dexorder.core.routing import LLMTarget
+from dexorder.gateway.http_body import ended_within
 from dexorder.gateway.llm import LLMError, LLMErrorCode, tools_json
 
 #: litellm's provider prefixes whose API is OpenAI's Chat Completions, and their default base.
@@ -34,10 +34,6 @@ WIRE_PROVIDERS: Final[Mapping[str, str]] = {
     "openrouter": "https://openrouter.ai/api/v1",
 }
 _DONE: Final = b"[DONE]"
-#: How long a finished reply waits for the end of its HTTP body (the chunked encoding's last
-#: chunk) before hanging up. Servers send it just after ``[DONE]``, often in a packet of its
-#: own; a response let go before it has ended closes its connection instead of pooling it.
-_END_GRACE: Final = 0.1
 _READ_BUFFER: Final = 4 * 1024 * 1024
 #: The longest SSE line taken (one chunk's JSON; a tool call's arguments can come in one):
 #: what aiohttp's line reader allowed with this read buffer.
@@ -320,26 +316,14 @@ class WireStream:
     async def aclose(self) -> None:
         ended = False
         try:
-            ended = self._finished and await self._body_ended()
+            # After [DONE], the end of the body is a moment away: wait for it, or the
+            # connection is closed rather than pooled (http_body).
+            ended = self._finished and await ended_within(self._response)
         finally:
             if ended:
                 self._response.release()  # read to the end: the connection can be reused
             else:
                 self._response.close()
-
-    async def _body_ended(self) -> bool:
-        """Whether the HTTP body ends within ``_END_GRACE`` after ``[DONE]`` (what comes
-        between is dropped). Without this wait, the end of the body usually arrives a moment
-        after ``[DONE]`` is read, and the connection would be closed rather than pooled, so
-        every request would pay a new TCP (and TLS) handshake."""
-        content = self._response.content
-        try:
-            async with asyncio.timeout(_END_GRACE):
-                while await content.readany():
-                    pass
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
-        return True
 
 
 def request_body(

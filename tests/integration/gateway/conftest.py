@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 from aiohttp import web
 from mcp.server.fastmcp import FastMCP
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
@@ -195,12 +196,27 @@ def user_id() -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(server: FastMCP[Any]) -> AsyncIterator[str]:
-    """Another MCP server than ours (the SDK's, configured as a user's own might be)."""
+async def serving(
+    server: FastMCP[Any], *, peers: list[tuple[str, int]] | None = None
+) -> AsyncIterator[str]:
+    """Another MCP server than ours (the SDK's, configured as a user's own might be).
+
+    ``peers``, when given, gets the client's address and port of each HTTP request: one
+    port for many requests is one pooled connection.
+    """
     port = free_port()
-    config = uvicorn.Config(
-        server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning"
-    )
+    app: ASGIApp = server.streamable_http_app()
+    if peers is not None:
+        inner = app
+
+        async def recording(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope.get("client"):
+                host, client_port = scope["client"]
+                peers.append((host, client_port))
+            await inner(scope, receive, send)
+
+        app = recording
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     runner = uvicorn.Server(config)
     task = asyncio.create_task(runner.serve())
     try:

@@ -161,6 +161,22 @@ async def test_a_server_that_answers_in_event_streams() -> None:
         assert session.sessions_opened == 1
 
 
+async def test_answers_in_event_streams_leave_the_connection_pooled() -> None:
+    # The SDK's server ends each event stream just after the answer; a client that let the
+    # response go before that end would close the connection and open one per request.
+    peers: list[tuple[str, int]] = []
+    async with (
+        serving(sdk_server(json_response=False, stateless=False), peers=peers) as url,
+        AgentSession(AgentEndpoint("sse-user", url, "")) as session,
+    ):
+        for _ in range(5):
+            outcome = await session.call_tool("echo", {"text": "again"})
+            assert outcome == ToolOutcome(content="AGAIN", is_error=False)
+    # initialize, initialized, five calls (the session's DELETE on close comes last).
+    assert len(peers) >= 7
+    assert len(set(peers[:7])) == 1, f"requests came over {len(set(peers[:7]))} connections"
+
+
 async def test_a_server_that_keeps_no_sessions() -> None:
     async with (
         serving(sdk_server(json_response=True, stateless=True)) as url,
