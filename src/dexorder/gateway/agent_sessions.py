@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from dexorder.gateway import metrics
 from dexorder.gateway.mcp_client import DEFAULT_READ_SECONDS, AgentSession
 from dexorder.gateway.provisioning.base import AgentEndpoint, ProvisioningError
 
@@ -145,6 +146,7 @@ class AgentSessions:
                 read_timeout=read_timeout,
             )
             self._shared[endpoint] = shared
+            metrics.AGENT_SESSIONS.inc()
         elif shared.linger is not None:
             # Still in the dict, so the linger has not woken yet: it never will.
             shared.linger.cancel()
@@ -176,8 +178,12 @@ class AgentSessions:
             self._lingering.add(task)
             task.add_done_callback(self._lingering.discard)
             return
-        del self._shared[shared.endpoint]
+        self._forget(shared)
         await shared.session.close()
+
+    def _forget(self, shared: _Shared) -> None:
+        del self._shared[shared.endpoint]
+        metrics.AGENT_SESSIONS.dec()
 
     async def _expire(self, shared: _Shared) -> None:
         await asyncio.sleep(self._linger)
@@ -185,7 +191,7 @@ class AgentSessions:
         # cancelled the sleep) or comes after and opens a new entry.
         if shared.leases or not self._current(shared):
             return
-        del self._shared[shared.endpoint]
+        self._forget(shared)
         shared.linger = None
         await shared.session.close()
 
@@ -197,7 +203,7 @@ class AgentSessions:
             shared.linger.cancel()
             shared.linger = None
         if self._current(shared):
-            del self._shared[shared.endpoint]
+            self._forget(shared)
         await shared.session.close()
         await shared.announce(None)
 
@@ -212,4 +218,5 @@ class AgentSessions:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         left, self._shared = list(self._shared.values()), {}
+        metrics.AGENT_SESSIONS.dec(len(left))
         await asyncio.gather(*(shared.session.close() for shared in left))

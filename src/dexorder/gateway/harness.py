@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dexorder.core import protocol
 from dexorder.core.routing import RouteChoice
+from dexorder.gateway import metrics
 from dexorder.gateway.llm import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
 from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
 from dexorder.gateway.routing import Fallback, ModelRouter
@@ -38,6 +39,11 @@ SYSTEM_PROMPT = (
     "and say which tool results your answer rests on."
 )
 HISTORY_TURNS = 20
+#: The turn-context counter's children, bound once (a turn counts one).
+_CONTEXT_FROM = {
+    source: metrics.TURN_CONTEXTS.labels(source=source)
+    for source in ("carried", "read_ahead", "read")
+}
 WRITE_BACK_SECONDS = 30.0
 
 
@@ -49,6 +55,8 @@ class AgentContext:
     preferences: dict[str, Any]
     turns: list[dict[str, Any]]
     read_at: float
+    #: Made from the previous turn's context and record, not read from the agent.
+    carried: bool = False
 
 
 async def read_agent_context(agent: AgentSession, session_id: str) -> AgentContext:
@@ -96,7 +104,7 @@ class TurnResult:
         if self.context is None or self.tool_calls or self.cancelled or not self.record:
             return None
         turns = [*self.context.turns, *self.record][-HISTORY_TURNS:]
-        return AgentContext(self.context.preferences, turns, self.context.read_at)
+        return AgentContext(self.context.preferences, turns, self.context.read_at, carried=True)
 
 
 def system_message(preferences: dict[str, Any]) -> dict[str, str]:
@@ -178,7 +186,9 @@ class Harness:
             if not ahead.cancelled() and ahead.exception() is None:
                 context = ahead.result()
                 if context is not None:
+                    _CONTEXT_FROM["carried" if context.carried else "read_ahead"].inc()
                     return context
+        _CONTEXT_FROM["read"].inc()
         return await read_agent_context(self.agent, self.session_id)
 
     async def _context(

@@ -33,3 +33,15 @@ ERRORS = Counter(
 ROUTES = Counter(
     "dexorder_gateway_routes", "Model group chosen per message.", ["group"], registry=REGISTRY
 )
+AGENT_SESSIONS = Gauge(
+    "dexorder_gateway_agent_sessions",
+    "MCP sessions to users' agents open in this process (held by chats, or lingering).",
+    registry=REGISTRY,
+)
+TURN_CONTEXTS = Counter(
+    "dexorder_gateway_turn_contexts",
+    "Where each turn's preferences and history came from: carried over from the previous "
+    "turn, read ahead while the user read it, or read when the message came.",
+    ["source"],
+    registry=REGISTRY,
+)

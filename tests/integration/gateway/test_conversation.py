@@ -4,6 +4,7 @@ agent, and each turn's context is read ahead, after the previous turn's write-ba
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -11,6 +12,7 @@ import aiohttp
 
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway import metrics
 from dexorder.gateway.provisioning.local import LocalProvisioner
 from dexorder.gateway.state import CHAT_SERVICES, SESSIONS
 from tests.integration.gateway.conftest import (
@@ -118,10 +120,12 @@ async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_bac
 
         # That turn's write-back and the read ahead after it failed. The next turn reads
         # for itself, finds the agent gone, and gets it started again, as without read ahead.
+        sources_before = turn_context_sources()
         llm.queue(TextScript(text="Back again."))
         await client.send({"type": "message", "content": "still there?"})
         frames = await client.until("done", timeout=90)
         assert not [f for f in frames if f["type"] == "error"]
+        assert set(turn_context_sources() - sources_before) == {"read"}
         assert "waking" in [f["stage"] for f in frames if f["type"] == "status"]
         assert reply_text(frames) == "Back again."
         assert first_agent.closed
@@ -132,6 +136,19 @@ async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_bac
         await client.ws.close()
 
 
+def turn_context_sources() -> Counter[str]:
+    """The turn-context counter's values, by source."""
+    return Counter(
+        {
+            source: metrics.REGISTRY.get_sample_value(
+                "dexorder_gateway_turn_contexts_total", {"source": source}
+            )
+            or 0.0
+            for source in ("carried", "read_ahead", "read")
+        }
+    )
+
+
 async def test_a_turn_without_tools_hands_its_context_on_without_reading(
     gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
 ) -> None:
@@ -139,10 +156,12 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
         client, session_id = await open_chat(http, gateway, issuer, user_id)
         conversation = conversation_of(gateway, session_id)
         first = await eventually(lambda: conversation.context_read_ahead)
+        sources_before = turn_context_sources()
 
         llm.queue(TextScript(text="Plain answer."))
         await client.send({"type": "message", "content": "just talk"})
         assert reply_text(await client.until("done")) == "Plain answer."
+        assert turn_context_sources() - sources_before == Counter(read_ahead=1)
         # No tool ran: the next context is the first read plus this turn, not a new read
         # (the read time is the first read's, so it goes stale as that read does).
         carried = await eventually(lambda: conversation.context_read_ahead)
@@ -155,6 +174,7 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
         assert reply_text(await client.until("done")) == "Second answer."
         contents = [m.get("content") for m in llm.requests[-1].body["messages"]]
         assert contents[-3:] == ["just talk", "Plain answer.", "and again"]
+        assert turn_context_sources() - sources_before == Counter(read_ahead=1, carried=1)
 
         # A turn that runs a tool is followed by a fresh read.
         llm.queue(ToolScript(name="get_preferences"))

@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from dexorder.gateway import metrics
 from dexorder.gateway.agent_sessions import AgentLease, AgentSessions, SessionHook
 from dexorder.gateway.mcp_client import AgentSession
 from dexorder.gateway.provisioning import AgentEndpoint, ProvisioningError
@@ -105,3 +106,42 @@ async def test_closing_the_pool_closes_lingering_sessions_and_refuses_new_leases
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("mcp-linger:")]
     with pytest.raises(ProvisioningError):
         acquire(pool)
+
+
+def open_sessions() -> float:
+    return metrics.REGISTRY.get_sample_value("dexorder_gateway_agent_sessions") or 0.0
+
+
+async def test_the_gauge_counts_the_sessions_in_the_pool_whichever_way_they_leave() -> None:
+    before = open_sessions()
+    pool = AgentSessions(linger=0)
+    first, second = acquire(pool), acquire(pool)  # one session, two holders
+    dropped = acquire(pool, AgentEndpoint("bob", ENDPOINT.url, "token-b"))
+    assert open_sessions() == before + 2
+    await first.release()
+    assert open_sessions() == before + 2  # still held
+    await second.release()
+    assert open_sessions() == before + 1  # the last release closed it
+    await dropped.drop()
+    assert open_sessions() == before
+    await dropped.release()  # after its drop: nothing more to count
+    assert open_sessions() == before
+
+    lingering = AgentSessions(linger=0.05)
+    lease = acquire(lingering)
+    await lease.release()
+    assert open_sessions() == before + 1  # lingering is open
+    for _ in range(50):
+        if open_sessions() == before:
+            break
+        await asyncio.sleep(0.02)
+    assert open_sessions() == before  # expired
+
+    closing = AgentSessions(linger=60)
+    await acquire(closing).release()
+    acquire(closing, AgentEndpoint("cy", ENDPOINT.url, "token-c"))
+    assert open_sessions() == before + 2
+    await closing.close()
+    assert open_sessions() == before
+    await pool.close()
+    await lingering.close()
