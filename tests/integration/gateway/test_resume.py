@@ -295,6 +295,48 @@ async def test_resume_on_a_second_gateway_follows_the_reply_generating_on_the_fi
     assert len(detached_conversations(second.app)) == 0
 
 
+async def test_a_message_queued_while_following_outlives_that_socket_dropping(
+    two_gateways: tuple[RunningGateway, RunningGateway],
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    user_id: str,
+) -> None:
+    first, second = two_gateways
+    async with aiohttp.ClientSession() as session:
+        client, session_id, seen = await start_slow_reply(session, first, issuer.mint(user_id), llm)
+        await drop(client)
+        last = max(seqs(seen))
+
+        # On the second gateway, following the first's reply, a message is queued...
+        follower = await connect(
+            session, second, issuer.mint(user_id), query=f"?session={session_id}&after={last}"
+        )
+        assert (await follower.next())["resumed"] is True
+        await follower.send({"type": "message", "content": "and then?"})
+        while True:
+            frame = await follower.next()
+            if frame["type"] == "status" and frame["stage"] == "queued":
+                break
+            last = max(last, frame.get("seq", last))
+        # ...and that socket drops too, before the reply it waited for is over.
+        await drop(follower)
+
+        llm.queue(TextScript(text="Answered after all."))
+        back = await connect(
+            session, first, issuer.mint(user_id), query=f"?session={session_id}&after={last}"
+        )
+        assert (await back.next())["resumed"] is True
+        rest = await back.until("done", timeout=60)
+        assert REPLY.endswith(text_of(rest))
+        answered = await back.until("done", timeout=30)
+        assert text_of(answered) == "Answered after all."
+        assert llm.requests[-1].body["messages"][-1]["content"] == "and then?"
+        await back.ws.close()
+    # Taken here, and no longer waiting in the store for a later socket to take again.
+    state = await second.app[SESSIONS].claim(session_id, user_id=user_id, channel="websocket")
+    assert state.queued == ()
+
+
 @pytest.fixture
 def started() -> Iterator[list[GatewayProcess]]:
     """Every gateway process a test starts, stopped at the end whatever happened."""
