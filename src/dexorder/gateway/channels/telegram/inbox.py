@@ -84,6 +84,13 @@ class _Workers:
     def free(self) -> int:
         return max(self._limit - len(self._tasks), 0)
 
+    async def wait_free(self) -> None:
+        """Until a worker is free. An update read before that would wait here, held from
+        the other replicas' free workers until it is reclaimed as abandoned: a ``/stop``
+        would come only once the replies it is meant to stop are over."""
+        await self._slots.acquire()
+        self._slots.release()
+
     async def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         try:
             await self._slots.acquire()
@@ -246,7 +253,8 @@ class RedisInbox:
                                 self._process(handle, entry_id, fields, reclaimed=True),
                                 f"telegram-entry:{entry_id!r}",
                             )
-                    for entry_id, fields in await self._read_new(max(workers.free, 1)):
+                    await workers.wait_free()
+                    for entry_id, fields in await self._read_new(workers.free):
                         await workers.spawn(
                             self._process(handle, entry_id, fields, reclaimed=False),
                             f"telegram-entry:{entry_id!r}",
