@@ -39,12 +39,12 @@ SYSTEM_PROMPT = (
     "and say which tool results your answer rests on."
 )
 HISTORY_TURNS = 20
+WRITE_BACK_SECONDS = 30.0
 #: The turn-context counter's children, bound once (a turn counts one).
 _CONTEXT_FROM = {
     source: metrics.TURN_CONTEXTS.labels(source=source)
     for source in ("carried", "read_ahead", "read")
 }
-WRITE_BACK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
