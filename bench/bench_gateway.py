@@ -46,6 +46,7 @@ from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.devenv.postgres import PostgresService
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
+from dexorder.devenv.redis import RedisService
 
 ISSUER = "https://id.bench.dexorder"
 AUDIENCE = "dexorder-gateway"
@@ -391,7 +392,7 @@ async def save_license(dsn: str) -> None:
 
 
 def gateway_process(
-    workdir: Path, dsn: str, jwks_url: str, model_url: str, port: int
+    workdir: Path, dsn: str, jwks_url: str, model_url: str, port: int, redis_url: str | None
 ) -> ManagedProcess:
     models = workdir / "models.yaml"
     models.write_text(models_yaml(model_url))
@@ -412,6 +413,10 @@ def gateway_process(
             "DEXORDER_DRAIN_SECONDS": "1",
         }
     )
+    if redis_url is not None:
+        # Sessions (each frame recorded before it is sent) and limits in Redis, as with
+        # many replicas.
+        env["REDIS_URL"] = redis_url
     return ManagedProcess(
         "dexorder-gateway",
         [sys.executable, "-m", "dexorder.gateway", "serve"],
@@ -555,7 +560,12 @@ def report(
             if args.stagger
             else "are sent in the same instant."
         )
-        + f" The model server and the bench client run on {args.harness_loop}'s event loop.",
+        + f" The model server and the bench client run on {args.harness_loop}'s event loop."
+        + (
+            " The gateway keeps sessions and limits in Redis (REDIS_URL, on loopback)."
+            if args.redis
+            else " The gateway keeps sessions and limits in memory (no REDIS_URL)."
+        ),
         "",
         "Added first-token latency = first token at the reader minus the message's send, "
         "minus the model server's own time to first token. Relay delay = a token's arrival "
@@ -630,7 +640,10 @@ async def run(args: argparse.Namespace) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="dexorder-bench-gateway-"))
     processes: list[ManagedProcess] = []
     try:
-        with PostgresService() as postgres:
+        with (
+            PostgresService() as postgres,
+            RedisService() if args.redis else contextlib.nullcontext() as redis,
+        ):
             await save_license(postgres.dsn)
             async with LocalJwksIssuer(issuer=ISSUER, audience=AUDIENCE) as issuer:
                 model_port = free_port()
@@ -661,7 +674,10 @@ async def run(args: argparse.Namespace) -> str:
                     process=model,
                 )
                 port = free_port()
-                gateway = gateway_process(workdir, postgres.dsn, issuer.jwks_url, model_url, port)
+                redis_url = redis.url if isinstance(redis, RedisService) else None
+                gateway = gateway_process(
+                    workdir, postgres.dsn, issuer.jwks_url, model_url, port, redis_url
+                )
                 processes.append(gateway)
                 gateway_url = f"http://127.0.0.1:{port}"
                 await asyncio.to_thread(
@@ -717,6 +733,11 @@ def main(argv: list[str] | None = None) -> None:
         "--stagger",
         action="store_true",
         help="spread each round's starts over one reply's duration instead of one instant",
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="give the gateway a Redis server for its sessions and limits, as replicas share",
     )
     parser.add_argument(
         "--harness-loop",
