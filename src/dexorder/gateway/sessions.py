@@ -7,19 +7,38 @@ activity: a hash (user, channel, MCP session id, frame counter, generating repli
 stream of the last ``buffer`` frames whose ids are their sequence numbers, and a list of
 queued messages. Any replica can therefore resume any session, and follow a reply that
 another replica is still generating. Without Redis, one process keeps the same in memory.
+
+A reply's frames are numbered by the replica writing it: its first frame is numbered by the
+store (``append``), the next ones locally and recorded in the background (``record_at``:
+many frames of many sessions in one round trip to Redis, none on a streamed token's way to
+the client), and its last one waits until all of them are recorded (``append_at``). A
+replay first waits for what is still being recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
+
+from dexorder.gateway import metrics
+
+logger = logging.getLogger(__name__)
+
+FRAMES_NOT_RECORDED = Counter(
+    "dexorder_gateway_frames_not_recorded",
+    "Frames sent to a client but missing from its session's resume buffer (the store failed, "
+    "or the session expired).",
+    registry=metrics.REGISTRY,
+)
 
 SessionFrame = tuple[int, str]
 """A frame as sent, with its sequence number in its session (1, 2, ...)."""
@@ -71,6 +90,16 @@ class SessionStore(Protocol):
         """Record a frame as sent; returns its sequence number."""
         ...
 
+    async def append_at(self, session_id: str, seq: int, frame: str) -> int:
+        """Record a frame numbered ``seq`` after every frame given to ``record_at`` before;
+        returns its number: ``seq``, or the next free one if another writer took ``seq``."""
+        ...
+
+    def record_at(self, session_id: str, seq: int, frame: str) -> None:
+        """``append_at`` in the background, in order; a frame that cannot be recorded is
+        logged and counted (``FRAMES_NOT_RECORDED``), never raised."""
+        ...
+
     async def replay(self, session_id: str, after: int) -> Replay: ...
 
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
@@ -88,6 +117,16 @@ class SessionStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def _complete(frames: Sequence[SessionFrame], after: int, last: int) -> bool:
+    """Whether ``frames`` are every frame after ``after`` up to ``last``, none missing."""
+    expected = after + 1
+    for seq, _ in frames:
+        if seq != expected:
+            return False
+        expected += 1
+    return expected > last
 
 
 # --- in memory -----------------------------------------------------------------------------
@@ -156,22 +195,37 @@ class MemorySessionStore:
             resumed=resumed,
         )
 
-    async def append(self, session_id: str, frame: str) -> int:
-        session = self._get(session_id)
-        session.last_seq += 1
+    def _put(self, session: _MemorySession, seq: int, frame: str) -> int:
+        seq = max(seq, session.last_seq + 1)
+        session.last_seq = seq
         if self._buffer:
-            session.frames.append((session.last_seq, frame))
+            session.frames.append((seq, frame))
         if session.appended is not None:
             # Wake every follower; the next one to wait arms a new event.
             session.appended.set()
             session.appended = None
-        return session.last_seq
+        return seq
+
+    async def append(self, session_id: str, frame: str) -> int:
+        session = self._get(session_id)
+        return self._put(session, session.last_seq + 1, frame)
+
+    async def append_at(self, session_id: str, seq: int, frame: str) -> int:
+        return self._put(self._get(session_id), seq, frame)
+
+    def record_at(self, session_id: str, seq: int, frame: str) -> None:
+        try:
+            session = self._get(session_id)
+        except SessionError as error:
+            FRAMES_NOT_RECORDED.inc()
+            logger.warning("frame %d of session %s not recorded: %s", seq, session_id, error)
+            return
+        self._put(session, seq, frame)
 
     async def replay(self, session_id: str, after: int) -> Replay:
         session = self._get(session_id)
         frames = [item for item in session.frames if item[0] > after]
-        first_kept = session.frames[0][0] if session.frames else session.last_seq + 1
-        return Replay(frames=frames, complete=after + 1 >= first_kept or after >= session.last_seq)
+        return Replay(frames=frames, complete=_complete(frames, after, session.last_seq))
 
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         session = self._get(session_id)
@@ -234,6 +288,21 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return seq
 """
 
+# Append at a number the writer chose (the next after its previous frame); one another
+# writer took meanwhile moves it to the next free number, so no frame is lost or overwritten.
+_APPEND_AT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local seq = tonumber(ARGV[4])
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+if seq <= last then seq = last + 1 end
+redis.call('HSET', KEYS[1], 'seq', seq)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', ARGV[1])
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return seq
+"""
+
 _SET_IF_LIVE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
@@ -272,7 +341,17 @@ class RedisSessionStore:
         self._buffer = buffer
         self._claim = redis.register_script(_CLAIM)
         self._append = redis.register_script(_APPEND)
+        self._append_at = redis.register_script(_APPEND_AT)
         self._set_live = redis.register_script(_SET_IF_LIVE)
+        # Frames given to record_at and not yet written, the writer task, and counts that
+        # tell a flush when everything before it is written: given (ever), written (ever).
+        self._pending: list[tuple[str, int, str]] = []
+        self._given = 0
+        self._written = 0
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
 
     def _keys(self, session_id: str) -> list[str]:
         base = self.PREFIX + session_id
@@ -311,7 +390,103 @@ class RedisSessionStore:
             raise SessionError(f"session {session_id} does not exist or has expired")
         return seq
 
+    async def append_at(self, session_id: str, seq: int, frame: str) -> int:
+        await self._flushed()
+        try:
+            reply = await self._append_at(
+                keys=self._keys(session_id), args=[frame, self._buffer, self._ttl_ms, seq]
+            )
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
+        recorded = int(reply)
+        if recorded < 0:
+            raise SessionError(f"session {session_id} does not exist or has expired")
+        if recorded != seq:
+            logger.warning(
+                "frame %d of session %s recorded as %d: another replica wrote the session",
+                seq,
+                session_id,
+                recorded,
+            )
+        return recorded
+
+    def record_at(self, session_id: str, seq: int, frame: str) -> None:
+        if self._closed:  # a conversation still talking after the app's cleanup began
+            FRAMES_NOT_RECORDED.inc()
+            logger.warning("frame %d of session %s not recorded: store closed", seq, session_id)
+            return
+        self._pending.append((session_id, seq, frame))
+        self._given += 1
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_frames(), name="session-frames")
+        self._wake.set()
+
+    async def _write_frames(self) -> None:
+        """The background writer: whatever is pending, in one pipeline, in order."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._write_batch(batch)
+                except Exception:  # a bug here must not stop every later frame's record
+                    FRAMES_NOT_RECORDED.inc(len(batch))
+                    logger.exception("%d session frames not recorded", len(batch))
+                async with self._progress:
+                    self._written += len(batch)
+                    self._progress.notify_all()
+
+    async def _write_batch(self, batch: list[tuple[str, int, str]]) -> None:
+        # EVALSHA straight into the pipeline: a registered script called with the pipeline
+        # as its client would make the pipeline ask Redis whether it exists on each execute.
+        results = await self._pipeline_append_at(batch)
+        lost = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if lost:  # Redis restarted or its scripts were flushed: load it, and those again
+            await self._redis.script_load(_APPEND_AT)
+            again = await self._pipeline_append_at([batch[i] for i in lost])
+            for i, result in zip(lost, again, strict=True):
+                results[i] = result
+        for (session_id, seq, _), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception) or int(result) < 0:
+                FRAMES_NOT_RECORDED.inc()
+                why = result if isinstance(result, Exception) else "the session expired"
+                logger.warning("frame %d of session %s not recorded: %s", seq, session_id, why)
+            elif int(result) != seq:
+                logger.warning(
+                    "frame %d of session %s recorded as %d: another replica wrote the session",
+                    seq,
+                    session_id,
+                    int(result),
+                )
+
+    async def _pipeline_append_at(self, batch: list[tuple[str, int, str]]) -> list[Any]:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id, seq, frame in batch:
+                    pipe.evalsha(
+                        self._append_at.sha,
+                        3,
+                        *self._keys(session_id),
+                        frame,
+                        self._buffer,
+                        self._ttl_ms,
+                        seq,
+                    )
+                return list(await pipe.execute(raise_on_error=False))
+        except RedisError as error:
+            return [error] * len(batch)
+
+    async def _flushed(self) -> None:
+        """Until every frame given to ``record_at`` so far is written (or given up on)."""
+        target = self._given
+        if self._written >= target:
+            return
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target)
+
     async def replay(self, session_id: str, after: int) -> Replay:
+        await self._flushed()
         base, frames_key, _ = self._keys(session_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -321,9 +496,7 @@ class RedisSessionStore:
         except RedisError as error:
             raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
         frames = _entries(raw_frames)
-        last = int(raw_last or 0)
-        complete = after >= last or bool(frames and frames[0][0] == after + 1)
-        return Replay(frames=frames, complete=complete)
+        return Replay(frames=frames, complete=_complete(frames, after, int(raw_last or 0)))
 
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         frames_key = self._keys(session_id)[1]
@@ -368,8 +541,21 @@ class RedisSessionStore:
     async def sweep(self) -> list[str]:
         return []
 
-    async def close(self) -> None:
-        """The Redis client belongs to the app, which closes it."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write the frames still pending (for up to ``timeout`` seconds), then stop the
+        writer. The Redis client belongs to the app, which closes it after this."""
+        self._closed = True
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            await asyncio.wait_for(self._flushed(), timeout)
+        except TimeoutError:
+            unwritten = self._given - self._written
+            FRAMES_NOT_RECORDED.inc(unwritten)
+            logger.warning("%d session frames not recorded at shutdown", unwritten)
+        writer.cancel()
+        await asyncio.wait([writer])
 
 
 __all__ = [

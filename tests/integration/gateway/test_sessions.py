@@ -29,15 +29,22 @@ class MakeStore(Protocol):
 @pytest.fixture(params=["memory", "redis"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     clients: list[Redis] = []
+    stores: list[SessionStore] = []
 
     def make(ttl: float = TTL, buffer: int = 8) -> SessionStore:
+        store: SessionStore
         if request.param == "memory":
-            return MemorySessionStore(ttl=ttl, buffer=buffer)
-        client: Redis = Redis.from_url(request.getfixturevalue("redis_url"))
-        clients.append(client)
-        return RedisSessionStore(client, ttl=ttl, buffer=buffer)
+            store = MemorySessionStore(ttl=ttl, buffer=buffer)
+        else:
+            client: Redis = Redis.from_url(request.getfixturevalue("redis_url"))
+            clients.append(client)
+            store = RedisSessionStore(client, ttl=ttl, buffer=buffer)
+        stores.append(store)
+        return store
 
     yield make
+    for store in stores:
+        await store.close()
     for client in clients:
         await client.aclose()
 
@@ -79,6 +86,77 @@ async def test_replay_gives_the_missed_frames_and_says_when_the_buffer_lost_some
     old = await store.replay(sid, after=0)
     assert old.frames == [(3, "frame 3"), (4, "frame 4"), (5, "frame 5")]
     assert not old.complete
+
+
+async def test_frames_numbered_by_the_writer_are_recorded_in_order_before_a_replay(
+    make_store: MakeStore,
+) -> None:
+    store: SessionStore = make_store(buffer=16)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    first = await store.append(sid, "delta 1")
+    for seq in range(first + 1, first + 10):
+        store.record_at(sid, seq, f"delta {seq}")  # returns at once; written behind
+    # A replay waits for what is still being written: nothing missing, nothing out of order.
+    replayed = await store.replay(sid, after=0)
+    assert replayed.frames == [(seq, f"delta {seq}") for seq in range(1, 11)]
+    assert replayed.complete
+    store.record_at(sid, 11, "delta 11")
+    # The reply's last frame comes after every frame recorded before it.
+    assert await store.append_at(sid, 12, "done") == 12
+    assert (await store.replay(sid, after=10)).frames == [(11, "delta 11"), (12, "done")]
+    claimed = await store.claim(sid, user_id="alice", channel="websocket")
+    assert claimed.last_seq == 12
+    assert await store.append(sid, "next reply") == 13
+
+
+async def test_a_number_another_writer_took_moves_to_the_next_free_one(
+    make_store: MakeStore,
+) -> None:
+    store: SessionStore = make_store(buffer=16)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    await store.append(sid, "ours 1")
+    assert await store.append(sid, "theirs 2") == 2  # another replica, numbered by the store
+    store.record_at(sid, 2, "ours 2")  # this writer's own count is behind: moved, kept
+    assert await store.append_at(sid, 3, "ours done") == 4
+    replayed = await store.replay(sid, after=0)
+    assert replayed.frames == [(1, "ours 1"), (2, "theirs 2"), (3, "ours 2"), (4, "ours done")]
+
+
+async def test_a_frame_missing_in_the_middle_makes_the_replay_incomplete(
+    make_store: MakeStore,
+) -> None:
+    store: SessionStore = make_store(buffer=16)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    await store.append(sid, "one")
+    store.record_at(sid, 2, "two")
+    store.record_at(sid, 4, "four")  # frame 3 was sent but its record failed
+    replayed = await store.replay(sid, after=0)
+    assert [seq for seq, _ in replayed.frames] == [1, 2, 4]
+    assert not replayed.complete
+    assert (await store.replay(sid, after=3)).complete
+
+
+async def test_frames_still_pending_are_written_when_the_store_closes(redis_url: str) -> None:
+    client: Redis = Redis.from_url(redis_url)
+    try:
+        store = RedisSessionStore(client, ttl=TTL, buffer=64)
+        sid = session_id()
+        await store.claim(sid, user_id="alice", channel="websocket")
+        await store.append(sid, "first")
+        for seq in range(2, 42):
+            store.record_at(sid, seq, f"frame {seq}")
+        await store.close()
+        store.record_at(sid, 42, "after close")  # refused, counted, no writer restarted
+        reader = RedisSessionStore(client, ttl=TTL, buffer=64)
+        replayed = await reader.replay(sid, after=0)
+        assert [seq for seq, _ in replayed.frames] == list(range(1, 42))
+        assert replayed.complete
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "session-frames"]
+    finally:
+        await client.aclose()
 
 
 async def test_a_follower_receives_frames_appended_after_it_started_waiting(

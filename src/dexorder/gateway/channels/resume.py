@@ -83,6 +83,10 @@ class SessionOutbox:
     It also keeps the session's ``generating_on`` mark: set when this replica takes a
     message, cleared just before the frame that ends the last reply is recorded, so a
     follower that sees ``done`` and reads the mark finds it cleared.
+
+    A reply's first frame is numbered by the store; the outbox numbers the next ones itself
+    and has them recorded in the background, so no token waits for the store on its way
+    out; the frame that ends the reply waits until all of them are recorded.
     """
 
     def __init__(self, store: SessionStore, session_id: str, replica: str) -> None:
@@ -93,6 +97,8 @@ class SessionOutbox:
         self._ws: web.WebSocketResponse | None = None
         self._lock = asyncio.Lock()
         self._generating = False
+        #: The number of this reply's next frame, once the store numbered its first.
+        self._next_seq: int | None = None
 
     async def emit(self, frame: protocol.Frame) -> None:
         # Runs for every streamed token, so it makes no coroutine it can do without: the lock
@@ -102,12 +108,21 @@ class SessionOutbox:
         await lock.acquire()
         try:
             text = protocol.encode_frame(frame)
-            if isinstance(frame, _TURN_ENDS) and (
-                self.conversation is None or self.conversation.idle
-            ):
+            ends = isinstance(frame, _TURN_ENDS)
+            if ends and (self.conversation is None or self.conversation.idle):
                 await self.clear_generating()
+            next_seq, self._next_seq = self._next_seq, None
             try:
-                text = with_seq(text, await self.store.append(self.session_id, text))
+                if next_seq is None:
+                    seq = await self.store.append(self.session_id, text)
+                elif ends:
+                    seq = await self.store.append_at(self.session_id, next_seq, text)
+                else:
+                    seq = next_seq
+                    self.store.record_at(self.session_id, seq, text)
+                if not ends:
+                    self._next_seq = seq + 1
+                text = with_seq(text, seq)
             except SessionError as error:
                 # The live reply matters more than its copy for a later resume.
                 logger.warning("frame of session %s not recorded: %s", self.session_id, error)
@@ -129,6 +144,8 @@ class SessionOutbox:
         async with self._lock:
             await replay(ws, self.store, self.session_id, after)
             self._ws = ws
+            # Another replica may have written the session while no socket was here.
+            self._next_seq = None
 
     def detach(self, ws: web.WebSocketResponse) -> None:
         if self._ws is ws:
