@@ -18,6 +18,7 @@ replay first waits for what is still being recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -303,6 +304,9 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return seq
 """
 
+#: How long the background writer waits for more frames before a round trip to Redis.
+RECORD_LINGER_SECONDS = 0.005
+
 _SET_IF_LIVE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
@@ -349,6 +353,7 @@ class RedisSessionStore:
         self._given = 0
         self._written = 0
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._progress = asyncio.Condition()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -426,6 +431,12 @@ class RedisSessionStore:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # A moment for more frames to join the pipeline: each round trip costs the
+            # event loop more than the frames in it. A flush cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECORD_LINGER_SECONDS):
+                    await self._hurry.wait()
+            self._hurry.clear()
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
@@ -482,6 +493,7 @@ class RedisSessionStore:
         target = self._given
         if self._written >= target:
             return
+        self._hurry.set()
         async with self._progress:
             await self._progress.wait_for(lambda: self._written >= target)
 
