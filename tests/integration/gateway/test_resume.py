@@ -68,6 +68,19 @@ async def start_slow_reply(
     return client, ready["session_id"], seen
 
 
+async def drop_during_a_slow_reply(
+    session: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    user_id: str,
+) -> tuple[str, list[dict[str, Any]], int]:
+    """Start a slow reply and drop its socket mid-way: the session, what was seen, its last seq."""
+    client, session_id, seen = await start_slow_reply(session, gateway, issuer.mint(user_id), llm)
+    await drop(client)
+    return session_id, seen, max(seqs(seen))
+
+
 async def polled(condition: Callable[[], bool], timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110 - the condition is plain state, polled
@@ -259,9 +272,9 @@ async def test_resume_on_a_second_gateway_follows_the_reply_generating_on_the_fi
 ) -> None:
     first, second = two_gateways
     async with aiohttp.ClientSession() as session:
-        client, session_id, seen = await start_slow_reply(session, first, issuer.mint(user_id), llm)
-        await drop(client)
-        last = max(seqs(seen))
+        session_id, seen, last = await drop_during_a_slow_reply(
+            session, first, issuer, llm, user_id
+        )
 
         llm.queue(TextScript(text="Answered on the second gateway."))
         again = await connect(
@@ -303,9 +316,7 @@ async def test_a_message_queued_while_following_outlives_that_socket_dropping(
 ) -> None:
     first, second = two_gateways
     async with aiohttp.ClientSession() as session:
-        client, session_id, seen = await start_slow_reply(session, first, issuer.mint(user_id), llm)
-        await drop(client)
-        last = max(seqs(seen))
+        session_id, _, last = await drop_during_a_slow_reply(session, first, issuer, llm, user_id)
 
         # On the second gateway, following the first's reply, a message is queued...
         follower = await connect(

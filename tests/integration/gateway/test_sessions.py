@@ -53,6 +53,15 @@ def session_id() -> str:
     return uuid.uuid4().hex
 
 
+async def claimed(make_store: MakeStore, first_frame: str) -> tuple[SessionStore, str]:
+    """A store with a new session of alice's whose first frame, numbered 1, is recorded."""
+    store: SessionStore = make_store(buffer=16)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    assert await store.append(sid, first_frame) == 1
+    return store, sid
+
+
 async def test_a_session_is_created_then_resumed_by_its_user_only(make_store: MakeStore) -> None:
     store: SessionStore = make_store()
     sid = session_id()
@@ -91,11 +100,8 @@ async def test_replay_gives_the_missed_frames_and_says_when_the_buffer_lost_some
 async def test_frames_numbered_by_the_writer_are_recorded_in_order_before_a_replay(
     make_store: MakeStore,
 ) -> None:
-    store: SessionStore = make_store(buffer=16)
-    sid = session_id()
-    await store.claim(sid, user_id="alice", channel="websocket")
-    first = await store.append(sid, "delta 1")
-    for seq in range(first + 1, first + 10):
+    store, sid = await claimed(make_store, "delta 1")
+    for seq in range(2, 11):
         store.record_at(sid, seq, f"delta {seq}")  # returns at once; written behind
     # A replay waits for what is still being written: nothing missing, nothing out of order.
     replayed = await store.replay(sid, after=0)
@@ -105,18 +111,15 @@ async def test_frames_numbered_by_the_writer_are_recorded_in_order_before_a_repl
     # The reply's last frame comes after every frame recorded before it.
     assert await store.append_at(sid, 12, "done") == 12
     assert (await store.replay(sid, after=10)).frames == [(11, "delta 11"), (12, "done")]
-    claimed = await store.claim(sid, user_id="alice", channel="websocket")
-    assert claimed.last_seq == 12
+    state = await store.claim(sid, user_id="alice", channel="websocket")
+    assert state.last_seq == 12
     assert await store.append(sid, "next reply") == 13
 
 
 async def test_a_number_another_writer_took_moves_to_the_next_free_one(
     make_store: MakeStore,
 ) -> None:
-    store: SessionStore = make_store(buffer=16)
-    sid = session_id()
-    await store.claim(sid, user_id="alice", channel="websocket")
-    await store.append(sid, "ours 1")
+    store, sid = await claimed(make_store, "ours 1")
     assert await store.append(sid, "theirs 2") == 2  # another replica, numbered by the store
     store.record_at(sid, 2, "ours 2")  # this writer's own count is behind: moved, kept
     assert await store.append_at(sid, 3, "ours done") == 4
@@ -127,10 +130,7 @@ async def test_a_number_another_writer_took_moves_to_the_next_free_one(
 async def test_a_frame_missing_in_the_middle_makes_the_replay_incomplete(
     make_store: MakeStore,
 ) -> None:
-    store: SessionStore = make_store(buffer=16)
-    sid = session_id()
-    await store.claim(sid, user_id="alice", channel="websocket")
-    await store.append(sid, "one")
+    store, sid = await claimed(make_store, "one")
     store.record_at(sid, 2, "two")
     store.record_at(sid, 4, "four")  # frame 3 was sent but its record failed
     replayed = await store.replay(sid, after=0)
