@@ -159,6 +159,25 @@ async def test_frames_still_pending_are_written_when_the_store_closes(redis_url:
         await client.aclose()
 
 
+async def test_frames_are_recorded_after_redis_forgot_its_scripts(redis_url: str) -> None:
+    # A restarted Redis (or SCRIPT FLUSH) answers the pipeline's EVALSHA with NOSCRIPT.
+    client: Redis = Redis.from_url(redis_url)
+    store = RedisSessionStore(client, ttl=TTL, buffer=16)
+    try:
+        sid = session_id()
+        await store.claim(sid, user_id="alice", channel="websocket")
+        await store.append(sid, "one")
+        store.record_at(sid, 2, "two")
+        assert (await store.replay(sid, after=0)).complete
+        await client.script_flush()
+        store.record_at(sid, 3, "three")
+        replayed = await store.replay(sid, after=0)
+        assert replayed.frames == [(1, "one"), (2, "two"), (3, "three")]
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 async def test_a_follower_receives_frames_appended_after_it_started_waiting(
     make_store: MakeStore,
 ) -> None:
