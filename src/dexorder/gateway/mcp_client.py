@@ -510,10 +510,8 @@ class AgentSession:
                 raise AgentUnavailable("the agent forgot the new MCP session too") from error
         except _RpcError as error:
             raise AgentUnavailable(f"{operation}: {error}") from error
-        except AgentTimeout as error:
-            raise AgentTimeout(f"{operation}: {error}") from error
-        except AgentUnavailable as error:
-            raise AgentUnavailable(f"{operation}: {error}") from error
+        except AgentUnavailable as error:  # AgentTimeout stays AgentTimeout
+            raise type(error)(f"{operation}: {error}") from error
 
     async def list_tools(self) -> list[ToolSpec]:
         """The agent's tools, cached for the session's life (asked once however many ask)."""

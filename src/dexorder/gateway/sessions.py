@@ -277,24 +277,14 @@ local queued = redis.call('LRANGE', KEYS[3], 0, -1)
 return {existed, h[1], h[2], h[3] or '', h[4] or '', queued}
 """
 
-# Append: the next sequence number becomes the stream entry's id, so a reader asks for
-# "entries after <seq>-0" and a gap shows as a first id beyond seq + 1.
-_APPEND = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', ARGV[1])
-end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-return seq
-"""
-
 # Append at a number the writer chose (the next after its previous frame); one another
 # writer took meanwhile moves it to the next free number, so no frame is lost or overwritten.
+# Number 0 is always taken: ``append`` asks for it to get the next free one. The number
+# becomes the stream entry's id, so a reader asks for "entries after <seq>-0".
 _APPEND_AT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local seq = tonumber(ARGV[4])
-local last = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or 0)
 if seq <= last then seq = last + 1 end
 redis.call('HSET', KEYS[1], 'seq', seq)
 if tonumber(ARGV[2]) > 0 then
@@ -311,6 +301,15 @@ _SET_IF_LIVE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
 """
+
+
+def _moved(session_id: str, seq: int, recorded: int) -> None:
+    logger.warning(
+        "frame %d of session %s recorded as %d: another replica wrote the session",
+        seq,
+        session_id,
+        recorded,
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -344,7 +343,6 @@ class RedisSessionStore:
         self._ttl_ms = int(ttl * 1000)
         self._buffer = buffer
         self._claim = redis.register_script(_CLAIM)
-        self._append = redis.register_script(_APPEND)
         self._append_at = redis.register_script(_APPEND_AT)
         self._set_live = redis.register_script(_SET_IF_LIVE)
         # Frames given to record_at and not yet written, the writer task, and counts that
@@ -384,19 +382,16 @@ class RedisSessionStore:
         )
 
     async def append(self, session_id: str, frame: str) -> int:
-        try:
-            reply = await self._append(
-                keys=self._keys(session_id), args=[frame, self._buffer, self._ttl_ms]
-            )
-        except RedisError as error:
-            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
-        seq = int(reply)
-        if seq < 0:
-            raise SessionError(f"session {session_id} does not exist or has expired")
-        return seq
+        return await self._append_now(session_id, 0, frame)  # 0 is taken: the next free one
 
     async def append_at(self, session_id: str, seq: int, frame: str) -> int:
         await self._flushed()
+        recorded = await self._append_now(session_id, seq, frame)
+        if recorded != seq:
+            _moved(session_id, seq, recorded)
+        return recorded
+
+    async def _append_now(self, session_id: str, seq: int, frame: str) -> int:
         try:
             reply = await self._append_at(
                 keys=self._keys(session_id), args=[frame, self._buffer, self._ttl_ms, seq]
@@ -406,13 +401,6 @@ class RedisSessionStore:
         recorded = int(reply)
         if recorded < 0:
             raise SessionError(f"session {session_id} does not exist or has expired")
-        if recorded != seq:
-            logger.warning(
-                "frame %d of session %s recorded as %d: another replica wrote the session",
-                seq,
-                session_id,
-                recorded,
-            )
         return recorded
 
     def record_at(self, session_id: str, seq: int, frame: str) -> None:
@@ -464,12 +452,7 @@ class RedisSessionStore:
                 why = result if isinstance(result, Exception) else "the session expired"
                 logger.warning("frame %d of session %s not recorded: %s", seq, session_id, why)
             elif int(result) != seq:
-                logger.warning(
-                    "frame %d of session %s recorded as %d: another replica wrote the session",
-                    seq,
-                    session_id,
-                    int(result),
-                )
+                _moved(session_id, seq, int(result))
 
     async def _pipeline_append_at(self, batch: list[tuple[str, int, str]]) -> list[Any]:
         try:

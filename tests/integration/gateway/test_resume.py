@@ -24,6 +24,7 @@ from tests.integration.gateway.conftest import (
     RunningGateway,
     connect,
     gateway_settings,
+    reply_text,
     serve_gateway,
 )
 from tests.integration.gateway.gateway_process import GatewayProcess, gateway_env
@@ -39,10 +40,6 @@ async def drop(client: ChatClient) -> None:
     sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(Exception):
         await client.ws.close()
-
-
-def text_of(frames: list[dict[str, Any]]) -> str:
-    return "".join(f["content"] for f in frames if f["type"] == "delta")
 
 
 def seqs(frames: list[dict[str, Any]]) -> list[int]:
@@ -137,7 +134,7 @@ async def test_resume_after_a_drop_gets_the_missed_frames_and_the_rest_of_the_re
         rest = await again.until("done", timeout=60)
         numbered = seqs(rest)
         assert numbered == list(range(last + 1, last + 1 + len(numbered)))
-        assert text_of(seen) + text_of(rest) == REPLY
+        assert reply_text(seen) + reply_text(rest) == REPLY
         assert rest[-1]["cancelled"] is False
         # One generation, never cut: the drop did not stop it.
         record = await llm.wait_for_end(within=5)
@@ -290,14 +287,14 @@ async def test_resume_on_a_second_gateway_follows_the_reply_generating_on_the_fi
         queued = [f for f in rest if f["type"] == "status" and f["stage"] == "queued"]
         assert queued
         assert "another replica" in queued[0]["message"]
-        assert text_of(seen) + text_of(rest) == REPLY
+        assert reply_text(seen) + reply_text(rest) == REPLY
         numbered = seqs(rest)
         assert numbered == sorted(set(numbered))  # in order, none twice
         assert numbered[0] == last + 1
 
         # Then the queued message is answered here, on the second gateway.
         after = await again.until("done", timeout=90)
-        assert text_of(after) == "Answered on the second gateway."
+        assert reply_text(after) == "Answered on the second gateway."
         assert len(llm.requests) == 2
         assert not llm.requests[0].cut_by_client
         await again.ws.close()
@@ -338,9 +335,9 @@ async def test_a_message_queued_while_following_outlives_that_socket_dropping(
         )
         assert (await back.next())["resumed"] is True
         rest = await back.until("done", timeout=60)
-        assert REPLY.endswith(text_of(rest))
+        assert REPLY.endswith(reply_text(rest))
         answered = await back.until("done", timeout=30)
-        assert text_of(answered) == "Answered after all."
+        assert reply_text(answered) == "Answered after all."
         assert llm.requests[-1].body["messages"][-1]["content"] == "and then?"
         await back.ws.close()
     # Taken here, and no longer waiting in the store for a later socket to take again.
@@ -395,7 +392,7 @@ async def test_a_second_gateway_process_resumes_a_reply_still_generating_on_the_
         ready = await again.next()
         assert ready["resumed"] is True
         rest = await again.until("done", timeout=60)
-        assert text_of(seen) + text_of(rest) == REPLY
+        assert reply_text(seen) + reply_text(rest) == REPLY
         assert seqs(rest)[0] == last + 1
         assert len(llm.requests) == 1
         await again.ws.close()

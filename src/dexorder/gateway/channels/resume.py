@@ -21,6 +21,7 @@ import os
 import socket
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -243,15 +244,33 @@ async def follow_elsewhere(
     state.active = False
     conversation = outbox.conversation
     assert conversation is not None
-    for text in state.pending:
-        conversation.submit(text)
-    if state.pending:
-        state.pending.clear()
-        await outbox.mark_generating()
-        try:
-            await store.set_queued(session_id, [])
-        except SessionError as error:
-            logger.warning("session %s: queue not cleared: %s", session_id, error)
+    pending, state.pending = state.pending, []
+    await take_queued(ws, conversation, outbox, pending)
+
+
+async def take_queued(
+    ws: web.WebSocketResponse,
+    conversation: Conversation,
+    outbox: SessionOutbox,
+    queued: Sequence[str],
+) -> None:
+    """Messages queued in the session behind a reply generated on another replica (by this
+    socket, or by one that dropped): answered here, in order; the store's queue is cleared."""
+    if not queued:
+        return
+    for text in queued:
+        if not conversation.submit(text):
+            refused = protocol.ErrorFrame(
+                code=protocol.ErrorCode.QUEUE_FULL,
+                message=f"a message sent before reconnecting was not taken: {text[:80]!r}",
+            )
+            await send_text(ws, protocol.encode_frame(refused))
+    await outbox.mark_generating()
+    try:
+        await outbox.store.set_queued(outbox.session_id, [])
+    except SessionError as error:
+        # Taken here all the same; a later socket might take them again.
+        logger.warning("session %s: queue not cleared: %s", outbox.session_id, error)
 
 
 # --- conversations whose socket dropped ----------------------------------------------------

@@ -15,7 +15,6 @@ import functools
 import logging
 import re
 import uuid
-from collections.abc import Sequence
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
@@ -32,6 +31,7 @@ from dexorder.gateway.channels.resume import (
     detached_conversations,
     follow_elsewhere,
     replica_id,
+    take_queued,
 )
 from dexorder.gateway.conversation import (
     ChatServices,
@@ -207,7 +207,7 @@ async def serve(
             conversation, outbox = taken.conversation, taken.outbox
             app[LIVE_SOCKETS][ws] = conversation
             await outbox.attach(ws, since)
-            await _adopt_queued(ws, conversation, outbox, session.queued)
+            await take_queued(ws, conversation, outbox, session.queued)
         else:
             outbox = SessionOutbox(store, session_id, replica_id(app))
             conversation = Conversation(
@@ -231,7 +231,7 @@ async def serve(
                 )
             else:
                 await outbox.attach(ws, since)
-                await _adopt_queued(ws, conversation, outbox, session.queued)
+                await take_queued(ws, conversation, outbox, session.queued)
             conversation.start()
         clean = await _read_frames(ws, conversation, outbox, following)
     finally:
@@ -337,33 +337,6 @@ async def _read_frames(
             )
         else:
             await conversation.answer_approval(frame)
-
-
-async def _adopt_queued(
-    ws: web.WebSocketResponse,
-    conversation: Conversation,
-    outbox: SessionOutbox,
-    queued: Sequence[str],
-) -> None:
-    """Messages that another socket of this session queued behind a reply generated on
-    another replica, and left in the store when it dropped: answered here, in order."""
-    if not queued:
-        return
-    for text in queued:
-        if not conversation.submit(text):
-            await _send(
-                ws,
-                protocol.ErrorFrame(
-                    code=protocol.ErrorCode.QUEUE_FULL,
-                    message=f"a message sent before reconnecting was not taken: {text[:80]!r}",
-                ),
-            )
-    await outbox.mark_generating()
-    try:
-        await outbox.store.set_queued(outbox.session_id, [])
-    except SessionError as error:
-        # Taken here all the same; a later socket might take them again.
-        logger.warning("queue of session %s not cleared: %s", outbox.session_id, error)
 
 
 async def _take_message(

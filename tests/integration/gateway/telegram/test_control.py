@@ -52,8 +52,7 @@ async def test_stop_taken_by_another_replica_stops_the_reply_where_it_is_written
             migrated_dsn,
             issuer,
             llm,
-            tmp_path / name,
-            local_agents_dir=str(tmp_path / name / "agents"),
+            tmp_path / name,  # its agents under it too
             **telegram_values(fake, telegram_redis_url),
         )
 
