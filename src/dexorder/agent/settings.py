@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dexorder.core.naming import user_id_problem
 
 ENV_PREFIX = "DEXORDER_AGENT_"
 MIN_TOKEN_LENGTH = 16
@@ -23,13 +25,22 @@ class SettingsError(Exception):
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    user_id: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9@._\-]*$")
+    # The identity provider's subject, as the UserAgent's spec.userId carries it.
+    user_id: str
     token: SecretStr | None = None
     token_file: Path | None = None
     data_dir: Path = Path("/data")
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("user_id")
+    @classmethod
+    def _a_user_id(cls, user_id: str) -> str:
+        problem = user_id_problem(user_id)
+        if problem is not None:
+            raise ValueError(problem)
+        return user_id
 
     @model_validator(mode="after")
     def _one_token_source(self) -> Self:

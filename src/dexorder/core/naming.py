@@ -11,6 +11,27 @@ _MAX_LABEL = 63
 _MAX_AGENT_NAME = 45
 
 
+# The UserAgent CRD's bounds on spec.userId (crds/useragent.yaml states the same numbers).
+MAX_USER_ID_LENGTH = 253
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why ``user_id`` cannot name a user, or None when it can.
+
+    Identity providers choose the ids (``auth0|5f3c…``, ``google-oauth2|1098…``, an e-mail),
+    so any printable text is one; only the CRD's length and characters that would corrupt a
+    log line or a header are refused.
+    """
+    if not user_id.strip():
+        return "a user id must not be empty"
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        return f"a user id has at most {MAX_USER_ID_LENGTH} characters, not {len(user_id)}"
+    if _CONTROL_CHARACTERS.search(user_id):
+        return "a user id must not contain control characters"
+    return None
+
+
 def user_agent_name(user_id: str) -> str:
     """The UserAgent name for a user id such as ``auth0|5f3c…`` or ``Alice@Example.com``.
 

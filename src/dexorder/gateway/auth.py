@@ -23,6 +23,7 @@ import aiohttp
 import jwt
 from jwt.types import Options
 
+from dexorder.core.naming import user_id_problem
 from dexorder.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -356,6 +357,9 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject.strip():
             raise AuthError(AuthFailure.MISSING_CLAIM, "'sub' must be a non-empty string")
+        problem = user_id_problem(subject)
+        if problem is not None:
+            raise AuthError(AuthFailure.MISSING_CLAIM, f"'sub' is no user id: {problem}")
         return Identity(user=subject, claims=claims)
 
     def _refusal(self, algorithm: str) -> str:

@@ -11,5 +11,5 @@ from dexorder.devenv.agent import AgentProcess
 
 @pytest.fixture(scope="session")
 def agent() -> Iterator[AgentProcess]:
-    with AgentProcess(user_id="alice") as process:
+    with AgentProcess(user_id="auth0|alice") as process:
         yield process

@@ -64,7 +64,7 @@ async def test_healthz_answers_without_a_token_and_names_the_user(agent: AgentPr
     async with httpx.AsyncClient() as http:
         response = await http.get(agent.health_url)
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "user": "alice"}
+    assert response.json() == {"status": "ok", "user": "auth0|alice"}
 
 
 async def test_the_log_holds_no_token(agent: AgentProcess) -> None:

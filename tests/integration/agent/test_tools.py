@@ -74,7 +74,7 @@ async def test_preferences_tools_and_resource(agent: AgentProcess) -> None:
         assert resource["risk_profile"] == "conservative"
         assert resource["reply_style"] == "detailed"
         profile = await read_json(session, "dexorder://profile")
-        assert profile["user_id"] == "alice"
+        assert profile["user_id"] == "auth0|alice"
         assert profile["risk_profile"] == "conservative"
 
 

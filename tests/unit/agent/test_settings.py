@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from dexorder.agent.settings import AgentSettings, SettingsError, load_settings
 
@@ -51,7 +52,7 @@ def test_token_from_a_mounted_file(tmp_path: Path) -> None:
             "DEXORDER_AGENT_PORT",
         ),
         (
-            {"DEXORDER_AGENT_USER_ID": "../etc", "DEXORDER_AGENT_TOKEN": TOKEN},
+            {"DEXORDER_AGENT_USER_ID": "alice\nadmin", "DEXORDER_AGENT_TOKEN": TOKEN},
             "DEXORDER_AGENT_USER_ID",
         ),
     ],
@@ -71,3 +72,16 @@ def test_a_short_or_unreadable_token_is_refused(tmp_path: Path) -> None:
         AgentSettings(user_id="a", token="short").bearer_token()  # type: ignore[arg-type]
     with pytest.raises(SettingsError, match="DEXORDER_AGENT_TOKEN_FILE: cannot read"):
         AgentSettings(user_id="a", token_file=tmp_path / "missing").bearer_token()
+
+
+@pytest.mark.parametrize(
+    "user_id", ["auth0|alice", "google-oauth2|109876543210", "bob@example.com"]
+)
+def test_identity_provider_subjects_start_an_agent(user_id: str) -> None:
+    settings = AgentSettings(user_id=user_id, token="t" * 32)  # type: ignore[arg-type]
+    assert settings.user_id == user_id
+
+
+def test_a_user_id_with_a_newline_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValidationError, match="control characters"):
+        AgentSettings(user_id="alice\nadmin", token="t" * 32)  # type: ignore[arg-type]

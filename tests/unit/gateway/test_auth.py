@@ -137,6 +137,13 @@ async def test_an_empty_subject_is_refused(
     assert await refused(verifier, issuer.mint(subject=" ")) is AuthFailure.MISSING_CLAIM
 
 
+@pytest.mark.parametrize("subject", ["alice\nadmin", "x" * 254])
+async def test_a_subject_that_cannot_name_a_user_is_refused(
+    issuer: LocalJwksIssuer, verifier: TokenVerifier, subject: str
+) -> None:
+    assert await refused(verifier, issuer.mint(subject=subject)) is AuthFailure.MISSING_CLAIM
+
+
 async def test_alg_none_is_refused(issuer: LocalJwksIssuer, verifier: TokenVerifier) -> None:
     assert await refused(verifier, issuer.mint_unsigned()) is AuthFailure.ALGORITHM_REFUSED
 
