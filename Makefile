@@ -1,6 +1,8 @@
 # The commands the README names. `make demo` and `make test` install what is missing first.
-.PHONY: setup demo chat test lint unit integration bench clean
+.PHONY: setup demo chat test lint check-venv unit integration bench lock lock-upgrade clean
 
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 VENV := .venv/bin
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
@@ -21,8 +23,24 @@ lint: setup
 	$(VENV)/mypy
 	$(VENV)/lint-imports
 
-test: setup lint
+test: setup check-venv lint
 	$(VENV)/pytest -m "not kind" tests
+
+# .venv equals a new venv installed from uv.lock, and uv.lock matches pyproject.toml.
+check-venv: setup
+	@scripts/check-venv.sh
+
+# uv.lock from pyproject.toml's ranges, keeping every locked version that still fits them.
+lock: setup
+	@. scripts/uv-env.sh && $(VENV)/uv lock
+
+# The weekly upgrade: every package to its newest version within the ranges, the whole suite
+# on it, and what changed in test-artifacts/lock-upgrade.txt (for the commit message).
+lock-upgrade: setup
+	@mkdir -p test-artifacts
+	@. scripts/uv-env.sh && $(VENV)/uv lock --upgrade 2>&1 | tee test-artifacts/lock-upgrade.txt
+	$(MAKE) test
+	@echo "lock-upgrade: the suite passed; what changed is in test-artifacts/lock-upgrade.txt"
 
 unit: setup
 	$(VENV)/pytest tests/unit

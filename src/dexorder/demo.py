@@ -172,7 +172,8 @@ def _start_kubernetes(
     if importlib.util.find_spec("kopf") is None:
         raise PrerequisiteMissing(
             "the operator (kopf)",
-            "install the operator extra: .venv/bin/pip install -e '.[operator]'",
+            "install the operator extra: make setup (or .venv/bin/uv sync --frozen --inexact "
+            "--extra operator)",
         )
     from dexorder.devenv.kube_agents import BackgroundAgentRunner
     from dexorder.devenv.kubernetes import ControlPlane

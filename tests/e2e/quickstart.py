@@ -1,28 +1,18 @@
 """A newcomer's first steps, for the demo test and bench/bench_quickstart.py: the working
 tree copied to a clean directory (uncommitted changes included), and a fresh virtual
-environment with the checkout installed.
-
-pip's own HTTP cache stays empty on this machine (the index answers are not cacheable), so
-every fresh environment would download each dependency again. The wheels are therefore kept
-in a wheelhouse under ~/.cache/dexorder, built once per set of declared dependencies, and a
-fresh environment installs from it without touching the index.
+environment made there as `make demo` makes it: `scripts/bootstrap.sh demo`, which installs
+uv.lock's versions (from uv's cache under ~/.cache/dexorder once they were downloaded).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
-import sys
-import tomllib
 from pathlib import Path
 
 from dexorder.devenv.paths import REPO_ROOT
 
-DEMO_EXTRAS = "gateway,agent"
-WHEELHOUSE_ROOT = Path.home() / ".cache" / "dexorder" / "wheelhouse"
 # What a clone would not have: the environment, caches, build output.
 NOT_IN_A_CLONE = (
     ".venv",
@@ -80,66 +70,7 @@ def clean_environment() -> dict[str, str]:
     }
 
 
-def requirements_digest(pyproject: Path, extras: str) -> str:
-    """A digest of what ``extras`` require, so another extra's change keeps the wheelhouse."""
-    project = tomllib.loads(pyproject.read_text())["project"]
-    wanted = list(project["dependencies"])
-    for extra in extras.split(","):
-        wanted += project["optional-dependencies"][extra]
-    return hashlib.sha256(json.dumps(sorted(wanted)).encode()).hexdigest()[:16]
-
-
-def wheelhouse(checkout: Path, extras: str) -> Path:
-    """Wheels of every dependency of ``checkout[extras]``, built once per pyproject.toml."""
-    house = WHEELHOUSE_ROOT / requirements_digest(checkout / "pyproject.toml", extras)
-    if (house / ".complete").exists():
-        return house
-    partial = house.with_suffix(".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    run(
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--quiet",
-        "--wheel-dir",
-        str(partial),
-        f"{checkout}[{extras}]",
-        "hatchling",
-        "editables",  # what hatchling needs for an editable install
-    )
-    for own in partial.glob("dexorder-*.whl"):
-        own.unlink()  # the checkout itself is installed from source
-    (partial / ".complete").touch()
-    shutil.rmtree(house, ignore_errors=True)
-    partial.rename(house)
-    for stale in WHEELHOUSE_ROOT.iterdir():  # wheels of dependencies no longer declared
-        if stale != house and not stale.name.endswith(".partial"):
-            shutil.rmtree(stale, ignore_errors=True)
-    return house
-
-
-def fresh_venv(checkout: Path, extras: str = DEMO_EXTRAS, *, editable: bool = True) -> Path:
-    """``checkout/.venv`` with the checkout installed as `make demo` installs it."""
-    house = wheelhouse(checkout, extras)
-    venv = checkout / ".venv"
-    # Without pip of its own: this process's pip installs into it, which saves a step.
-    run(sys.executable, "-m", "venv", "--without-pip", str(venv))
-    target = f"{checkout}[{extras}]"
-    run(
-        sys.executable,
-        "-m",
-        "pip",
-        "--python",
-        str(venv / "bin" / "python"),
-        "install",
-        "--quiet",
-        # Byte-compiling every dependency costs more than the demo ever imports.
-        "--no-compile",
-        "--no-index",
-        "--find-links",
-        str(house),
-        *(["--editable", target] if editable else [target]),
-    )
-    return venv
+def fresh_venv(checkout: Path) -> Path:
+    """``checkout/.venv`` made by the demo's own install step, from the checkout's uv.lock."""
+    run(str(checkout / "scripts" / "bootstrap.sh"), "demo", cwd=checkout)
+    return checkout / ".venv"

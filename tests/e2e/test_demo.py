@@ -21,7 +21,6 @@ import pytest
 
 from dexorder.devenv.process import free_port, tcp_answers, wait_until
 from tests.e2e.quickstart import (
-    DEMO_EXTRAS,
     clean_environment,
     copy_checkout,
     fresh_venv,
@@ -39,7 +38,7 @@ REPLY_BUDGET_SECONDS = 60.0  # from the first message to `done`, provisioning th
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("clean") / "dexorder"
     copy_checkout(root)
-    fresh_venv(root, DEMO_EXTRAS)
+    fresh_venv(root)
     return root
 
 

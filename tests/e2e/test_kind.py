@@ -5,7 +5,7 @@ Not part of the default suite, and never silently skipped: it is selected by its
 It needs a Docker engine, the `kind` extra (pytest-kind, which fetches the kind binary)
 and network access for the base images:
 
-    pip install -e '.[all,kind]'
+    .venv/bin/uv sync --frozen --extra all --extra kind
     pytest -m kind tests/e2e/test_kind.py
 
 The default run is `pytest -m "not kind"`. The chat uses the development HS256 secret

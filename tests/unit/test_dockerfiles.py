@@ -81,3 +81,22 @@ def test_the_image_follows_the_release_checklist(name: str, script: str) -> None
     assert re.search(r"^EXPOSE \d+", final, re.MULTILINE)
     assert "HEALTHCHECK" in final
     assert 'org.opencontainers.image.title="' + script + '"' in final
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_the_image_installs_the_lock_in_its_own_layer_then_the_wheel_alone(name: str) -> None:
+    text = (REPO_ROOT / name).read_text()
+    build = re.split(r"^FROM ", text, flags=re.MULTILINE)[1]
+    # The lock (and nothing of the source) is copied, then installed as locked, hashes checked.
+    lock_layer = build.index("COPY pyproject.toml uv.lock ./")
+    sync = build.index("uv sync --frozen --no-install-project")
+    source = build.index("COPY src ./src")
+    assert lock_layer < sync < source
+    # uv itself at the version the lock pins, read from the lock.
+    assert '"uv==$(awk \'/^name = "uv"$/' in build
+    # The wheel is built by the locked build backend and adds no dependency of its own.
+    assert "--build-constraints /tmp/locked.txt" in build
+    assert re.search(r"uv pip install [^\n]*--no-deps /wheels/dexorder-\*\.whl", build)
+    # Nothing resolves versions at build time.
+    assert "pip install \"$(ls /wheels" not in build
+    assert "uv lock" not in build

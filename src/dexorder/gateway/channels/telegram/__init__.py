@@ -163,7 +163,7 @@ async def _listen(redis: Redis, chat: TelegramChat, replica: str) -> None:
             await asyncio.sleep(1.0)
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
 
 async def _janitor(chat: TelegramChat, every: float) -> None:
