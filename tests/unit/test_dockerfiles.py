@@ -98,5 +98,5 @@ def test_the_image_installs_the_lock_in_its_own_layer_then_the_wheel_alone(name:
     assert "--build-constraints /tmp/locked.txt" in build
     assert re.search(r"uv pip install [^\n]*--no-deps /wheels/dexorder-\*\.whl", build)
     # Nothing resolves versions at build time.
-    assert "pip install \"$(ls /wheels" not in build
+    assert 'pip install "$(ls /wheels' not in build
     assert "uv lock" not in build
