@@ -31,6 +31,16 @@ if [ "$mode" != "demo" ]; then
   command -v mvn >/dev/null || need_apt+=(maven)
   # Debian's Chromium: the web page's browser test (part of `make test`) drives it with Playwright.
   command -v chromium >/dev/null || need_apt+=(chromium)
+  # The real node (`dexorder devenv up --services node`) and the images it runs: Debian's
+  # containerd and runc, the CNI plugins, iptables and conntrack for Services; buildah
+  # builds the Dockerfiles on a Debian base that mmdebstrap makes (no registry is needed).
+  command -v containerd >/dev/null || need_apt+=(containerd)
+  command -v runc >/dev/null || need_apt+=(runc)
+  [ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+  command -v iptables >/dev/null || need_apt+=(iptables)
+  command -v conntrack >/dev/null || need_apt+=(conntrack)
+  command -v buildah >/dev/null || need_apt+=(buildah)
+  command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
