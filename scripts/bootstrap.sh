@@ -39,6 +39,8 @@ if [ "$mode" != "demo" ]; then
   [ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
   command -v iptables >/dev/null || need_apt+=(iptables)
   command -v conntrack >/dev/null || need_apt+=(conntrack)
+  command -v nft >/dev/null || need_apt+=(nftables)
+  [ -x /bin/busybox ] || need_apt+=(busybox-static)
   command -v buildah >/dev/null || need_apt+=(buildah)
   command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
 fi

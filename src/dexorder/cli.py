@@ -14,9 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     stack.add_arguments(commands.add_parser("devenv", help="local real services: up, down, status"))
     build = commands.add_parser(
-        "build", help="build and cache the Go binaries (control plane, helm)"
+        "build", help="build and cache the Go binaries (control plane, node, helm)"
     )
-    build.add_argument("targets", nargs="*", default=["etcd", "kwok", "kubernetes"])
+    build.add_argument(
+        "targets", nargs="*", help="etcd, kwok, kubernetes (the default three), helm, node parts"
+    )
     demo = commands.add_parser("demo", help="a working chat on embedded defaults (Ctrl-C stops it)")
     demo.add_argument("--port", type=int, default=8080, help="the gateway's port (0: any free one)")
     demo.add_argument(
@@ -54,14 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         from dexorder.devenv import binaries
 
-        builders = {
-            "etcd": binaries.build_etcd,
-            "kwok": binaries.build_kwok,
-            "kubernetes": binaries.build_kubernetes,
-            "helm": binaries.build_helm,
-        }
-        for target in args.targets:
-            print(f"{target}: {builders[target]()}", flush=True)
+        binaries.build(args.targets or list(binaries.DEFAULT_TARGETS))
         return 0
     parser.print_help()
     return 2

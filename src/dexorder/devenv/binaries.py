@@ -26,6 +26,11 @@ KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.19.0"
+# The real node's parts (`devenv up --services node`).
+COREDNS_VERSION = "v1.14.7"
+LOCAL_PATH_PROVISIONER_VERSION = "v0.0.30"
+KUBE_NETWORK_POLICIES_VERSION = "v0.8.0"
+PAUSE_VERSION = "1"
 
 KUBERNETES_COMMANDS = (
     "kube-apiserver",
@@ -33,6 +38,7 @@ KUBERNETES_COMMANDS = (
     "kube-scheduler",
     "kubectl",
 )
+KUBERNETES_NODE_COMMANDS = ("kubelet", "kube-proxy")
 
 
 def cache_root() -> Path:
@@ -67,10 +73,19 @@ KUBERNETES = Component("kubernetes", KUBERNETES_VERSION, KUBERNETES_COMMANDS)
 ETCD = Component("etcd", ETCD_VERSION, ("etcd",))
 KWOK = Component("kwok", KWOK_VERSION, ("kwok",))
 HELM = Component("helm", HELM_VERSION, ("helm",))
+KUBERNETES_NODE = Component("kubernetes-node", KUBERNETES_VERSION, KUBERNETES_NODE_COMMANDS)
+COREDNS = Component("coredns", COREDNS_VERSION, ("coredns",))
+LOCAL_PATH_PROVISIONER = Component(
+    "local-path-provisioner", LOCAL_PATH_PROVISIONER_VERSION, ("local-path-provisioner",)
+)
+KUBE_NETWORK_POLICIES = Component(
+    "kube-network-policies", KUBE_NETWORK_POLICIES_VERSION, ("kube-network-policies",)
+)
+PAUSE = Component("pause", PAUSE_VERSION, ("pause",))
 
 
-# The builds' go.mod files name Go 1.24 (Kubernetes 1.34 needs it).
-MINIMUM_GO = (1, 24)
+# The newest Go that a built module's go.mod names (CoreDNS 1.14's, 1.25).
+MINIMUM_GO = (1, 25)
 # A Go from 1.21 on fetches another toolchain through the module proxy when GOTOOLCHAIN
 # names it; this is the one fetched when the machine's own Go is older than MINIMUM_GO
 # (Debian 12's backports have Go 1.23).
@@ -233,7 +248,10 @@ def _build(
     prepare: Callable[[Path, Path], None],
     packages: list[str],
     ldflags: str,
+    output: str | None = None,
 ) -> Path:
+    """``output`` names the binary of a single package whose directory name is not its own
+    (a ``cmd`` folder); otherwise each binary takes its package's name."""
     if component.is_cached:
         return component.directory
     build_root = cache_root() / "build" / f"{component.name}-{component.version}"
@@ -243,7 +261,15 @@ def _build(
     staging = Path(tempfile.mkdtemp(prefix=f"{component.name}-", dir=cache_root() / "build"))
     try:
         _go(
-            ["build", "-trimpath", "-ldflags", ldflags, "-o", str(staging) + "/", *packages],
+            [
+                "build",
+                "-trimpath",
+                "-ldflags",
+                ldflags,
+                "-o",
+                str(staging / output) if output else str(staging) + "/",
+                *packages,
+            ],
             build_root,
             log,
         )
@@ -314,6 +340,109 @@ def build_helm(version: str = HELM_VERSION) -> Path:
     return _build(component, prepare, ["helm.sh/helm/v3/cmd/helm"], ldflags)
 
 
+def _wrapper_go_mod(name: str, requirement: str) -> str:
+    return f"module dexorder.local/{name}-build\n\ngo 1.25.0\n\nrequire {requirement}\n"
+
+
+def _tools_go() -> str:
+    return "package main\n\nfunc main() {}\n"
+
+
+def build_kubernetes_node(version: str = KUBERNETES_VERSION) -> Path:
+    """kubelet and kube-proxy, from the same wrapper module as the control plane."""
+    component = Component("kubernetes-node", version, KUBERNETES_NODE_COMMANDS)
+
+    def prepare(root: Path, log: Path) -> None:
+        upstream = _module_go_mod("k8s.io/kubernetes", version, root, log)
+        (root / "go.mod").write_text(kubernetes_wrapper_go_mod(version, upstream))
+        (root / "tools.go").write_text(_tools_go())
+
+    packages = [f"k8s.io/kubernetes/cmd/{command}" for command in KUBERNETES_NODE_COMMANDS]
+    return _build(component, prepare, packages, kubernetes_ldflags(version))
+
+
+def _build_module_main(
+    component: Component, module: str, package: str, ldflags: str, output: str | None = None
+) -> Path:
+    """A module whose main package is ``package``, built from a wrapper that requires it."""
+
+    def prepare(root: Path, log: Path) -> None:
+        (root / "go.mod").write_text(
+            _wrapper_go_mod(component.name, f"{module} {component.version}")
+        )
+        (root / "tools.go").write_text(_tools_go())
+
+    return _build(component, prepare, [package], ldflags, output)
+
+
+def build_coredns(version: str = COREDNS_VERSION) -> Path:
+    component = Component("coredns", version, ("coredns",))
+    return _build_module_main(
+        component, "github.com/coredns/coredns", "github.com/coredns/coredns", "-s -w"
+    )
+
+
+def build_local_path_provisioner(version: str = LOCAL_PATH_PROVISIONER_VERSION) -> Path:
+    component = Component("local-path-provisioner", version, ("local-path-provisioner",))
+    module = "github.com/rancher/local-path-provisioner"
+    return _build_module_main(component, module, module, "-s -w")
+
+
+def build_kube_network_policies(version: str = KUBE_NETWORK_POLICIES_VERSION) -> Path:
+    component = Component("kube-network-policies", version, ("kube-network-policies",))
+    module = "sigs.k8s.io/kube-network-policies"
+    return _build_module_main(
+        component, module, f"{module}/cmd", "-s -w", output="kube-network-policies"
+    )
+
+
+# The pod sandbox's one process: it sleeps until told to stop, and reaps orphans as PID 1
+# (what Kubernetes' pause.c does). Built here, because no registry serves its image.
+_PAUSE_MAIN = """package main
+
+import (
+\t"os"
+\t"os/signal"
+\t"syscall"
+)
+
+func main() {
+\tsignals := make(chan os.Signal, 8)
+\tsignal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+\tfor received := range signals {
+\t\tif received != syscall.SIGCHLD {
+\t\t\tos.Exit(0)
+\t\t}
+\t\tfor {
+\t\t\tpid, _ := syscall.Wait4(-1, nil, syscall.WNOHANG, nil)
+\t\t\tif pid <= 0 {
+\t\t\t\tbreak
+\t\t\t}
+\t\t}
+\t}
+}
+"""
+
+
+def build_pause(version: str = PAUSE_VERSION) -> Path:
+    component = Component("pause", version, ("pause",))
+
+    def prepare(root: Path, log: Path) -> None:
+        (root / "go.mod").write_text("module dexorder.local/pause\n\ngo 1.25.0\n")
+        (root / "main.go").write_text(_PAUSE_MAIN)
+
+    return _build(component, prepare, ["."], "-s -w")
+
+
+def ensure_node() -> None:
+    """Build whatever of the real node is not cached yet."""
+    build_kubernetes_node()
+    build_coredns()
+    build_local_path_provisioner()
+    build_kube_network_policies()
+    build_pause()
+
+
 def ensure_control_plane() -> None:
     """Build whatever of the control plane is not cached yet (a no-op when it all is)."""
     build_etcd()
@@ -321,16 +450,33 @@ def ensure_control_plane() -> None:
     build_kubernetes()
 
 
-def main() -> None:
-    targets = sys.argv[1:] or ["etcd", "kwok", "kubernetes"]
-    builders = {
-        "etcd": build_etcd,
-        "kwok": build_kwok,
-        "kubernetes": build_kubernetes,
-        "helm": build_helm,
-    }
+# Every cached build by its name, for `dexorder build NAME…`.
+BUILDERS: dict[str, Callable[[], Path]] = {
+    "etcd": build_etcd,
+    "kwok": build_kwok,
+    "kubernetes": build_kubernetes,
+    "helm": build_helm,
+    "kubernetes-node": build_kubernetes_node,
+    "coredns": build_coredns,
+    "local-path-provisioner": build_local_path_provisioner,
+    "kube-network-policies": build_kube_network_policies,
+    "pause": build_pause,
+}
+# What `dexorder build` builds when no name is given.
+DEFAULT_TARGETS = ("etcd", "kwok", "kubernetes")
+
+
+def build(targets: list[str]) -> None:
+    """Build each named target (cached ones return at once) and print where it is."""
+    unknown = sorted(set(targets) - set(BUILDERS))
+    if unknown:
+        raise SystemExit(f"unknown build target {', '.join(unknown)}; known: {', '.join(BUILDERS)}")
     for target in targets:
-        print(f"{target}: {builders[target]()}", flush=True)
+        print(f"{target}: {BUILDERS[target]()}", flush=True)
+
+
+def main() -> None:
+    build(sys.argv[1:] or list(DEFAULT_TARGETS))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""A local Kubernetes control plane with no kubelets: etcd, the API server, the
-controller manager, the scheduler, and kwok, which plays the kubelet of fake nodes so
-that Deployments get scheduled, Running and Ready pods (whose containers run nothing).
+"""A local Kubernetes control plane: etcd, the API server, the controller manager, the
+scheduler, and either kwok, which plays the kubelet of a fake node so that Deployments get
+scheduled, Running and Ready pods (whose containers run nothing), or, given a NodeNetwork,
+the shape a real node needs (devenv/node.py adds the node): the API server on the node's
+bridge, the kubernetes Service's endpoints kept, and volume scheduling on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import yaml
 
 from dexorder.devenv import binaries
 from dexorder.devenv.errors import ServiceFailed
+from dexorder.devenv.network import NodeNetwork
 from dexorder.devenv.pki import ControlPlanePki, generate
 from dexorder.devenv.process import LOOPBACK, ManagedProcess, free_port, tcp_answers, wait_until
 from dexorder.devenv.service import Service
@@ -88,8 +91,17 @@ class ControlPlane(Service):
 
     name = "kube"
 
-    def __init__(self, *, kubernetes_version: str = binaries.KUBERNETES_VERSION) -> None:
+    def __init__(
+        self,
+        *,
+        kubernetes_version: str = binaries.KUBERNETES_VERSION,
+        network: NodeNetwork | None = None,
+    ) -> None:
         super().__init__()
+        # None: kwok's fake node; else the real node's addresses.
+        self.network = network
+        self._address = network.gateway if network else LOOPBACK
+        self._service_cidr = network.service_cidr if network else SERVICE_CIDR
         self._kubernetes = binaries.Component(
             "kubernetes", kubernetes_version, binaries.KUBERNETES_COMMANDS
         )
@@ -101,7 +113,7 @@ class ControlPlane(Service):
 
     @property
     def server(self) -> str:
-        return f"https://{LOOPBACK}:{self.api_port}"
+        return f"https://{self._address}:{self.api_port}"
 
     def binary(self, name: str) -> str:
         """The path of a cached control-plane binary (kubectl included)."""
@@ -125,19 +137,29 @@ class ControlPlane(Service):
         self._processes.append(process)
         return process
 
+    @property
+    def pki(self) -> ControlPlanePki:
+        if self._pki is None:
+            raise ServiceFailed("the control plane is not running")
+        return self._pki
+
     def start(self) -> None:
         binaries.build_etcd()
         binaries.build_kwok()
         binaries.build_kubernetes(self._kubernetes.version)
-        self._pki = pki = generate(self.data_dir / "pki")
+        extra_ips = (
+            [self.network.gateway, self.network.kubernetes_service_ip] if self.network else []
+        )
+        self._pki = pki = generate(self.data_dir / "pki", extra_ips=extra_ips)
         self._start_etcd()
         self._start_apiserver(pki)
         self.kubeconfig = self.data_dir / "admin.kubeconfig"
         self.kubeconfig.write_text(yaml.safe_dump(admin_kubeconfig(self.server, pki)))
         self.kubeconfig.chmod(0o600)
         self._start_controllers(pki)
-        self._create_fake_node()
-        wait_until(self._node_ready, timeout=60, what="fake node Ready")
+        if self.network is None:
+            self._create_fake_node()
+            wait_until(self._node_ready, timeout=60, what="fake node Ready")
         wait_until(self._default_service_account, timeout=60, what="default ServiceAccount")
 
     def _start_etcd(self) -> None:
@@ -171,8 +193,8 @@ class ControlPlane(Service):
             [
                 self.binary("kube-apiserver"),
                 f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={self._address}",
+                f"--advertise-address={self._address}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.data_dir / 'apiserver-certs'}",
                 f"--tls-cert-file={pki.serving_cert}",
@@ -181,19 +203,32 @@ class ControlPlane(Service):
                 f"--service-account-key-file={pki.service_account_pub}",
                 f"--service-account-signing-key-file={pki.service_account_key}",
                 "--service-account-issuer=https://kubernetes.default.svc",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self._service_cidr}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 "--max-requests-inflight=0",
                 "--max-mutating-requests-inflight=0",
-                "--endpoint-reconciler-type=none",
+                *self._apiserver_node_flags(pki),
                 "--v=1",
             ],
         )
         wait_until(
             self._apiserver_ready, timeout=90, what="kube-apiserver /readyz", process=apiserver
         )
+
+    def _apiserver_node_flags(self, pki: ControlPlanePki) -> list[str]:
+        if self.network is None:
+            # No pod can reach the API server, so its Service needs no endpoints.
+            return ["--endpoint-reconciler-type=none"]
+        # Pods reach the API server through the kubernetes Service (the lease reconciler
+        # keeps its endpoint), and the API server reaches the kubelet for logs and exec.
+        return [
+            "--endpoint-reconciler-type=lease",
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def _start_controllers(self, pki: ControlPlanePki) -> None:
         kubeconfig = str(self.kubeconfig)
@@ -211,7 +246,7 @@ class ControlPlane(Service):
                 f"--cluster-signing-cert-file={pki.ca_cert}",
                 f"--cluster-signing-key-file={pki.ca_key}",
                 "--use-service-account-credentials=false",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={self._service_cidr}",
                 f"--kube-api-qps={_CLIENT_QPS}",
                 f"--kube-api-burst={_CLIENT_BURST}",
                 "--concurrent-deployment-syncs=20",
@@ -235,26 +270,7 @@ class ControlPlane(Service):
                         "burst": int(_CLIENT_BURST),
                     },
                     "leaderElection": {"leaderElect": False},
-                    # No kubelet and no volume provisioner here: claims never bind, so
-                    # the volume plugins would keep every agent's pod unschedulable.
-                    "profiles": [
-                        {
-                            "schedulerName": "default-scheduler",
-                            "plugins": {
-                                "multiPoint": {
-                                    "disabled": [
-                                        {"name": name}
-                                        for name in (
-                                            "VolumeBinding",
-                                            "VolumeZone",
-                                            "NodeVolumeLimits",
-                                            "VolumeRestrictions",
-                                        )
-                                    ]
-                                }
-                            },
-                        }
-                    ],
+                    "profiles": self._scheduler_profiles(),
                 }
             )
         )
@@ -269,6 +285,34 @@ class ControlPlane(Service):
                 "--v=1",
             ],
         )
+        if self.network is None:
+            self._start_kwok(kubeconfig)
+
+    def _scheduler_profiles(self) -> list[dict[str, object]]:
+        if self.network is not None:
+            return [{"schedulerName": "default-scheduler"}]
+        # No kubelet and no volume provisioner with kwok: claims never bind, so the volume
+        # plugins would keep every agent's pod unschedulable.
+        return [
+            {
+                "schedulerName": "default-scheduler",
+                "plugins": {
+                    "multiPoint": {
+                        "disabled": [
+                            {"name": name}
+                            for name in (
+                                "VolumeBinding",
+                                "VolumeZone",
+                                "NodeVolumeLimits",
+                                "VolumeRestrictions",
+                            )
+                        ]
+                    }
+                },
+            }
+        ]
+
+    def _start_kwok(self, kubeconfig: str) -> None:
         self._spawn(
             "kwok",
             [

@@ -44,7 +44,9 @@ class ControlPlanePki:
     service_account_pub: Path
 
 
-def generate(directory: Path) -> ControlPlanePki:
+def generate(directory: Path, *, extra_ips: list[str] | None = None) -> ControlPlanePki:
+    """A fresh CA and certificates; ``extra_ips`` are more addresses the API server serves
+    on (a real node's bridge address and the kubernetes Service's address)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
 
@@ -108,6 +110,7 @@ def generate(directory: Path) -> ControlPlanePki:
             x509.DNSName("kubernetes.default.svc"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips or []),
         ],
     )
     admin = leaf("dexorder-admin", ExtendedKeyUsageOID.CLIENT_AUTH, organization="system:masters")

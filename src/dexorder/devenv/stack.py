@@ -23,6 +23,8 @@ from dexorder.devenv.binaries import cache_root
 from dexorder.devenv.service import Service
 
 ALL_SERVICES = ("kube", "postgres", "redis", "kafka")
+# Started only when named: a real node (its own control plane) needs root and takes minutes.
+OPTIONAL_SERVICES = ("node",)
 
 
 def state_dir() -> Path:
@@ -37,6 +39,7 @@ def _factories() -> dict[str, Callable[[], Service]]:
     # Imported here: each brings its own dependencies, and `status` needs none of them.
     from dexorder.devenv.kafka import KafkaService
     from dexorder.devenv.kubernetes import ControlPlane
+    from dexorder.devenv.node import NodeCluster
     from dexorder.devenv.postgres import PostgresService
     from dexorder.devenv.redis import RedisService
 
@@ -45,6 +48,7 @@ def _factories() -> dict[str, Callable[[], Service]]:
         "postgres": PostgresService,
         "redis": RedisService,
         "kafka": KafkaService,
+        "node": NodeCluster,
     }
 
 
@@ -189,7 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="devenv_command", required=True)
     start = commands.add_parser("up", help="start the local services")
     start.add_argument(
-        "--services", default=",".join(ALL_SERVICES), help=f"comma-separated, of {ALL_SERVICES}"
+        "--services",
+        default=",".join(ALL_SERVICES),
+        help=f"comma-separated, of {ALL_SERVICES + OPTIONAL_SERVICES}"
+        " (node: a real node with its own control plane, in place of kube)",
     )
     start.add_argument(
         "--foreground", action="store_true", help="stay attached; Ctrl-C stops everything"
@@ -204,9 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def dispatch(args: argparse.Namespace) -> int:
     if args.devenv_command == "up":
         names = [n.strip() for n in args.services.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(ALL_SERVICES))
+        unknown = sorted(set(names) - set(ALL_SERVICES + OPTIONAL_SERVICES))
         if unknown:
-            print(f"unknown services {unknown}; choose from {ALL_SERVICES}", file=sys.stderr)
+            print(
+                f"unknown services {unknown}; choose from {ALL_SERVICES + OPTIONAL_SERVICES}",
+                file=sys.stderr,
+            )
             return 2
         return up(names, args.foreground, args.timeout)
     if args.devenv_command == "down":
