@@ -82,5 +82,6 @@ fi
 
 # Go binaries of the local control plane: built once, then served from the cache.
 if [ "$mode" != "demo" ]; then
-  .venv/bin/dexorder build etcd kwok kubernetes helm
+  .venv/bin/dexorder build etcd kwok kubernetes helm \
+    kubernetes-node coredns local-path-provisioner kube-network-policies pause
 fi
