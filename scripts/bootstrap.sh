@@ -40,6 +40,7 @@ if [ "$mode" != "demo" ]; then
   command -v iptables >/dev/null || need_apt+=(iptables)
   command -v conntrack >/dev/null || need_apt+=(conntrack)
   command -v nft >/dev/null || need_apt+=(nftables)
+  command -v ipset >/dev/null || need_apt+=(ipset)
   [ -x /bin/busybox ] || need_apt+=(busybox-static)
   command -v buildah >/dev/null || need_apt+=(buildah)
   command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
@@ -83,5 +84,5 @@ fi
 # Go binaries of the local control plane: built once, then served from the cache.
 if [ "$mode" != "demo" ]; then
   .venv/bin/dexorder build etcd kwok kubernetes helm \
-    kubernetes-node coredns local-path-provisioner kube-network-policies pause
+    kubernetes-node coredns local-path-provisioner kube-router pause
 fi

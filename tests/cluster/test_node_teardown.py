@@ -27,6 +27,7 @@ def _machine_state() -> dict[str, object]:
         "iptables": run("iptables-save"),
         "ip6tables": run("ip6tables-save"),
         "nft_tables": run("nft", "list", "tables"),
+        "ipsets": run("ipset", "list", "-n"),
         "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
         "kubepods": sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")),
     }

@@ -29,7 +29,10 @@ HELM_VERSION = "v3.19.0"
 # The real node's parts (`devenv up --services node`).
 COREDNS_VERSION = "v1.14.7"
 LOCAL_PATH_PROVISIONER_VERSION = "v0.0.30"
-KUBE_NETWORK_POLICIES_VERSION = "v0.8.0"
+# kube-router's network-policy controller (iptables and ipset): the policy controller that
+# builds here and runs on this kernel, which lacks nftables' queue expression that SIG
+# Network's kube-network-policies needs. v2.1.0 is the newest the module proxy serves.
+KUBE_ROUTER_VERSION = "v2.1.0"
 PAUSE_VERSION = "1"
 
 KUBERNETES_COMMANDS = (
@@ -78,9 +81,7 @@ COREDNS = Component("coredns", COREDNS_VERSION, ("coredns",))
 LOCAL_PATH_PROVISIONER = Component(
     "local-path-provisioner", LOCAL_PATH_PROVISIONER_VERSION, ("local-path-provisioner",)
 )
-KUBE_NETWORK_POLICIES = Component(
-    "kube-network-policies", KUBE_NETWORK_POLICIES_VERSION, ("kube-network-policies",)
-)
+KUBE_ROUTER = Component("kube-router", KUBE_ROUTER_VERSION, ("kube-router",))
 PAUSE = Component("pause", PAUSE_VERSION, ("pause",))
 
 
@@ -388,12 +389,10 @@ def build_local_path_provisioner(version: str = LOCAL_PATH_PROVISIONER_VERSION) 
     return _build_module_main(component, module, module, "-s -w")
 
 
-def build_kube_network_policies(version: str = KUBE_NETWORK_POLICIES_VERSION) -> Path:
-    component = Component("kube-network-policies", version, ("kube-network-policies",))
-    module = "sigs.k8s.io/kube-network-policies"
-    return _build_module_main(
-        component, module, f"{module}/cmd", "-s -w", output="kube-network-policies"
-    )
+def build_kube_router(version: str = KUBE_ROUTER_VERSION) -> Path:
+    component = Component("kube-router", version, ("kube-router",))
+    module = "github.com/cloudnativelabs/kube-router/v2"
+    return _build_module_main(component, module, f"{module}/cmd/kube-router", "-s -w")
 
 
 # The pod sandbox's one process: it sleeps until told to stop, and reaps orphans as PID 1
@@ -439,7 +438,7 @@ def ensure_node() -> None:
     build_kubernetes_node()
     build_coredns()
     build_local_path_provisioner()
-    build_kube_network_policies()
+    build_kube_router()
     build_pause()
 
 
@@ -459,7 +458,7 @@ BUILDERS: dict[str, Callable[[], Path]] = {
     "kubernetes-node": build_kubernetes_node,
     "coredns": build_coredns,
     "local-path-provisioner": build_local_path_provisioner,
-    "kube-network-policies": build_kube_network_policies,
+    "kube-router": build_kube_router,
     "pause": build_pause,
 }
 # What `dexorder build` builds when no name is given.

@@ -96,11 +96,14 @@ class ControlPlane(Service):
         *,
         kubernetes_version: str = binaries.KUBERNETES_VERSION,
         network: NodeNetwork | None = None,
+        netns: str | None = None,
     ) -> None:
         super().__init__()
         # None: kwok's fake node; else the real node's addresses.
         self.network = network
-        self._address = network.gateway if network else LOOPBACK
+        # etcd and the API server run in this network namespace when given (it must exist).
+        self._netns = netns
+        self._address = network.control_plane_ip if network else LOOPBACK
         self._service_cidr = network.service_cidr if network else SERVICE_CIDR
         self._kubernetes = binaries.Component(
             "kubernetes", kubernetes_version, binaries.KUBERNETES_COMMANDS
@@ -130,7 +133,9 @@ class ControlPlane(Service):
             "kubectl": self.binary("kubectl"),
         }
 
-    def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+    def _spawn(self, name: str, argv: list[str], *, in_netns: bool = False) -> ManagedProcess:
+        if in_netns and self._netns:
+            argv = ["ip", "netns", "exec", self._netns, *argv]
         process = ManagedProcess(
             name, argv, log_path=self.data_dir / "logs" / f"{name}.log"
         ).start()
@@ -148,7 +153,9 @@ class ControlPlane(Service):
         binaries.build_kwok()
         binaries.build_kubernetes(self._kubernetes.version)
         extra_ips = (
-            [self.network.gateway, self.network.kubernetes_service_ip] if self.network else []
+            [self.network.control_plane_ip, self.network.kubernetes_service_ip]
+            if self.network
+            else []
         )
         self._pki = pki = generate(self.data_dir / "pki", extra_ips=extra_ips)
         self._start_etcd()
@@ -165,8 +172,8 @@ class ControlPlane(Service):
     def _start_etcd(self) -> None:
         self.etcd_port, peer_port = free_port(), free_port()
         client_url, peer_url = (
-            f"http://{LOOPBACK}:{self.etcd_port}",
-            f"http://{LOOPBACK}:{peer_port}",
+            f"http://{self._address}:{self.etcd_port}",
+            f"http://{self._address}:{peer_port}",
         )
         etcd = self._spawn(
             "etcd",
@@ -183,8 +190,14 @@ class ControlPlane(Service):
                 "--log-level=warn",
                 "--quota-backend-bytes=4294967296",
             ],
+            in_netns=True,
         )
-        wait_until(lambda: tcp_answers(self.etcd_port), timeout=30, what="etcd", process=etcd)
+        wait_until(
+            lambda: tcp_answers(self.etcd_port, self._address),
+            timeout=30,
+            what="etcd",
+            process=etcd,
+        )
 
     def _start_apiserver(self, pki: ControlPlanePki, port: int | None = None) -> None:
         self.api_port = port or free_port()
@@ -192,7 +205,7 @@ class ControlPlane(Service):
             "kube-apiserver",
             [
                 self.binary("kube-apiserver"),
-                f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
+                f"--etcd-servers=http://{self._address}:{self.etcd_port}",
                 f"--bind-address={self._address}",
                 f"--advertise-address={self._address}",
                 f"--secure-port={self.api_port}",
@@ -212,6 +225,7 @@ class ControlPlane(Service):
                 *self._apiserver_node_flags(pki),
                 "--v=1",
             ],
+            in_netns=True,
         )
         wait_until(
             self._apiserver_ready, timeout=90, what="kube-apiserver /readyz", process=apiserver

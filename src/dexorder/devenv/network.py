@@ -15,12 +15,15 @@ from dataclasses import dataclass
 class NodeNetwork:
     """One node's networking.
 
-    ``gateway`` is the host's address on the bridge: the API server, the kubelet and
-    CoreDNS listen there, so pods reach them without any traffic leaving the machine.
-    The kubernetes Service takes the first address of ``service_cidr``.
+    ``gateway`` is the host's address on the bridge, where the kubelet listens; the control
+    plane has the next address but one, in its own network namespace; pods get addresses
+    from the sixteenth on. The kubernetes Service takes the first address of
+    ``service_cidr``, kube-dns the tenth. Nothing leaves the machine.
     """
 
     bridge: str = "dxo0"
+    # The control plane's network namespace, joined to the bridge by a veth pair.
+    control_namespace: str = "dxo-control"
     pod_cidr: str = "198.18.0.0/24"
     gateway: str = "198.18.0.1"
     service_cidr: str = "198.19.0.0/24"
@@ -44,5 +47,16 @@ class NodeNetwork:
 
     @property
     def dns_ip(self) -> str:
-        """CoreDNS runs on the host, on the bridge."""
-        return self.gateway
+        """The kube-dns Service's address, the tenth of the Service range, as kubeadm has it."""
+        return str(ipaddress.ip_network(self.service_cidr)[10])
+
+    @property
+    def control_plane_ip(self) -> str:
+        """The control plane's own address on the bridge, in a network namespace of its own:
+        so pods reach the API server across the bridge, where NetworkPolicy applies, and not
+        through the host's input path, which no policy controller of a node filters."""
+        return str(ipaddress.ip_network(self.pod_cidr)[2])
+
+    @property
+    def first_pod_ip(self) -> str:
+        return str(ipaddress.ip_network(self.pod_cidr)[16])

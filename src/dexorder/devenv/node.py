@@ -6,9 +6,13 @@ pods really run.
 - the kubelet and kube-proxy come from the same Kubernetes build as the API server;
 - Debian's CNI plugins (bridge, host-local, portmap, loopback) give each pod an address on
   the node's bridge; nothing leaves the machine (see devenv/network.py);
-- CoreDNS, on the host's bridge address, answers ``*.svc.cluster.local`` and nothing else;
+- CoreDNS, as the kube-dns pod and Service, answers ``*.svc.cluster.local`` and nothing else;
+- kube-router's network-policy controller (iptables and ipset; its routing and proxy off)
+  enforces NetworkPolicies; the control plane sits in a network namespace of its own on the
+  bridge, so that pod traffic to the API server crosses the node's forwarding path, where
+  policies apply;
 - rancher's local-path-provisioner binds PersistentVolumeClaims to directories of the node;
-- the pod sandbox and the volume helper run a small image made here (devenv/oci.py).
+- the node's own images (the pod sandbox and volume helper, CoreDNS) are made here from what is built or installed (devenv/oci.py): no registry is needed.
 
 Everything lives under one state directory, and ``stop`` removes what ``start`` made: the
 processes (the containers' too), their mounts and network namespaces, the bridge, the
@@ -39,6 +43,7 @@ from dexorder.devenv.service import Service
 NODE_NAME = "dexorder-node-0"
 # The node's own image: the pod sandbox (pause) and a busybox for the volume helper.
 NODE_IMAGE = "localhost/dexorder-node:1"
+COREDNS_IMAGE = f"localhost/dexorder-coredns:{binaries.COREDNS_VERSION}"
 STORAGE_CLASS = "local-path"
 _BUSYBOX = Path("/bin/busybox")
 _BUSYBOX_COMMANDS = (
@@ -65,7 +70,7 @@ _NETNS_DIR = Path("/var/run/netns")
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 _APT_REMEDY = (
     "run scripts/bootstrap.sh (apt: containerd runc containernetworking-plugins iptables"
-    " conntrack nftables busybox-static)"
+    " conntrack nftables ipset busybox-static)"
 )
 
 
@@ -120,7 +125,15 @@ def cni_config(network: NodeNetwork, ipam_dir: Path) -> dict[str, object]:
                 "hairpinMode": True,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": network.pod_cidr, "gateway": network.gateway}]],
+                    "ranges": [
+                        [
+                            {
+                                "subnet": network.pod_cidr,
+                                "gateway": network.gateway,
+                                "rangeStart": network.first_pod_ip,
+                            }
+                        ]
+                    ],
                     # Service addresses are off the bridge: they go through the host.
                     "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": str(ipam_dir),
@@ -192,26 +205,127 @@ def kube_proxy_config(
     }
 
 
-def corefile(network: NodeNetwork, kubeconfig: Path) -> str:
+def corefile(network: NodeNetwork) -> str:
     """Cluster names only: every other name is refused, never forwarded off the machine."""
     return (
-        f"{network.cluster_domain}:53 {{\n"
-        f"    bind {network.dns_ip}\n"
+        f"{network.cluster_domain}:53 in-addr.arpa:53 ip6.arpa:53 {{\n"
         "    errors\n"
+        "    ready :8181\n"
         f"    kubernetes {network.cluster_domain} in-addr.arpa ip6.arpa {{\n"
-        f"        kubeconfig {kubeconfig}\n"
         "        pods insecure\n"
         "        fallthrough in-addr.arpa ip6.arpa\n"
         "    }\n"
         "    cache 5\n"
         "}\n"
         ".:53 {\n"
-        f"    bind {network.dns_ip}\n"
         "    template ANY ANY {\n"
         "        rcode REFUSED\n"
         "    }\n"
         "}\n"
     )
+
+
+def _read_list_watch(*resources: str, group: str = "") -> dict[str, object]:
+    return {"apiGroups": [group], "resources": list(resources), "verbs": ["get", "list", "watch"]}
+
+
+def _cluster_role_with_account(
+    name: str, rules: list[dict[str, object]]
+) -> list[dict[str, object]]:
+    """A kube-system service account, bound to a cluster role of ``rules``."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": "kube-system"},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": f"dexorder:{name}"},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": f"dexorder:{name}"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"dexorder:{name}",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "kube-system"}],
+        },
+    ]
+
+
+def coredns_manifests(network: NodeNetwork) -> list[dict[str, object]]:
+    """kube-dns as clusters have it (the labels NetworkPolicies select DNS by)."""
+    labels = {"k8s-app": "kube-dns"}
+    return [
+        *_cluster_role_with_account(
+            "coredns",
+            [
+                _read_list_watch("endpoints", "services", "pods", "namespaces"),
+                _read_list_watch("endpointslices", group="discovery.k8s.io"),
+            ],
+        ),
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "coredns", "namespace": "kube-system"},
+            "data": {"Corefile": corefile(network)},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "coredns", "namespace": "kube-system", "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": "coredns",
+                        "priorityClassName": "system-cluster-critical",
+                        "dnsPolicy": "Default",
+                        "containers": [
+                            {
+                                "name": "coredns",
+                                "image": COREDNS_IMAGE,
+                                "imagePullPolicy": "Never",
+                                "args": ["-conf", "/etc/coredns/Corefile"],
+                                "ports": [
+                                    {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                    {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
+                                ],
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/ready", "port": 8181},
+                                    "periodSeconds": 2,
+                                },
+                                "resources": {"limits": {"memory": "128Mi"}},
+                                "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns"}],
+                            }
+                        ],
+                        "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+            "spec": {
+                "selector": labels,
+                "clusterIP": network.dns_ip,
+                "ports": [
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                ],
+            },
+        },
+    ]
 
 
 def local_path_config(storage: Path) -> dict[str, object]:
@@ -291,7 +405,9 @@ class NodeCluster(Service):
     def __init__(self, network: NodeNetwork | None = None) -> None:
         super().__init__()
         self.network = network or NodeNetwork()
-        self.control_plane = ControlPlane(network=self.network)
+        self.control_plane = ControlPlane(
+            network=self.network, netns=self.network.control_namespace
+        )
         self._processes: list[ManagedProcess] = []
         # What start changed on the machine, undone in reverse order by stop.
         self._undo: list[Callable[[], object]] = []
@@ -347,7 +463,7 @@ class NodeCluster(Service):
     def start(self) -> None:
         if os.geteuid() != 0:
             raise PrerequisiteMissing("root", "a real node needs root (cgroups, mounts, network)")
-        for tool in ("containerd", "runc", "ctr", "iptables", "conntrack", "ip", "nft"):
+        for tool in ("containerd", "runc", "ctr", "iptables", "conntrack", "ip", "nft", "ipset"):
             require_binary(tool, _APT_REMEDY)
         if not Path("/usr/lib/cni/bridge").exists() or not _BUSYBOX.exists():
             raise PrerequisiteMissing("CNI plugins or busybox", _APT_REMEDY)
@@ -355,13 +471,15 @@ class NodeCluster(Service):
         self._prepare_host()
         self.control_plane.start()
         self._start_containerd()
-        self.load_image(self._node_image_archive())
+        for archive in self._node_image_archives():
+            self.load_image(archive)
         self._start_kubelet()
         wait_until(self._node_ready, timeout=120, what=f"node {NODE_NAME} Ready")
         self._start_kube_proxy()
-        self._start_coredns()
+        self._apply_manifests("coredns", coredns_manifests(self.network))
+        self._start_network_policy_controller()
         self._start_local_path_provisioner()
-        wait_until(self._dns_answers, timeout=60, what="CoreDNS answering")
+        wait_until(self._dns_answers, timeout=90, what="CoreDNS answering")
 
     def _spawn(self, name: str, argv: list[str]) -> ManagedProcess:
         process = ManagedProcess(
@@ -384,6 +502,9 @@ class NodeCluster(Service):
         # (after the ones that were here are restored: the undo list runs backwards).
         tables_before = _nft_tables()
         self._undo.insert(0, lambda: _delete_nft_tables_except(tables_before))
+        # The policy controller's ipsets, once no rule refers to them.
+        sets_before = _ipsets()
+        self._undo.insert(0, lambda: _destroy_ipsets_except(sets_before))
         forwarding = _IP_FORWARD.read_text().strip()
         if forwarding != "1":
             _IP_FORWARD.write_text("1\n")
@@ -405,12 +526,55 @@ class NodeCluster(Service):
             bridge,
         )
         self._run("ip", "link", "set", bridge, "up")
-
-    def _node_image_archive(self) -> Path:
-        archive = self.data_dir / "node-image.tar"
-        return write_archive(
-            archive, NODE_IMAGE, node_image_files(binaries.PAUSE.path("pause")), ["/pause"]
+        # Nothing from the pods leaves the machine: Service addresses route to the bridge
+        # even before kube-proxy rewrites them, and no pod packet is forwarded elsewhere.
+        self._run("ip", "route", "add", self.network.service_cidr, "dev", bridge)
+        self._run("iptables", "-w", "-I", "FORWARD", "-i", bridge, "!", "-o", bridge, "-j", "DROP")
+        # The control plane's namespace, on the bridge through a veth pair.
+        namespace, host_end = self.network.control_namespace, f"{bridge}-cp"
+        self._run("ip", "netns", "add", namespace)
+        self._undo.append(lambda: _quiet("ip", "netns", "delete", namespace))
+        self._run(
+            "ip",
+            "link",
+            "add",
+            host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            namespace,
         )
+        self._undo.append(lambda: _quiet("ip", "link", "delete", host_end))
+        self._run("ip", "link", "set", host_end, "master", bridge, "up")
+        address = f"{self.network.control_plane_ip}/{self.network.prefix_length}"
+        self._run("ip", "-n", namespace, "addr", "add", address, "dev", "eth0")
+        self._run("ip", "-n", namespace, "link", "set", "lo", "up")
+        self._run("ip", "-n", namespace, "link", "set", "eth0", "up")
+        self._run("ip", "-n", namespace, "route", "add", "default", "via", self.network.gateway)
+
+    def _node_image_archives(self) -> list[Path]:
+        images = self.data_dir / "images"
+        images.mkdir()
+        coredns = ImageFiles(
+            files={"/coredns": (binaries.COREDNS.path("coredns").read_bytes(), 0o755)}
+        )
+        return [
+            write_archive(
+                images / "node.tar",
+                NODE_IMAGE,
+                node_image_files(binaries.PAUSE.path("pause")),
+                ["/pause"],
+            ),
+            write_archive(images / "coredns.tar", COREDNS_IMAGE, coredns, ["/coredns"]),
+        ]
+
+    def _apply_manifests(self, name: str, manifests: list[dict[str, object]]) -> None:
+        path = self.data_dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all(manifests))
+        self.kubectl("apply", "-f", str(path))
 
     def _start_containerd(self) -> None:
         state = self.data_dir / "containerd"
@@ -476,10 +640,22 @@ class NodeCluster(Service):
             [str(binaries.KUBERNETES_NODE.path("kube-proxy")), f"--config={config}", "--v=1"],
         )
 
-    def _start_coredns(self) -> None:
-        config = self.data_dir / "Corefile"
-        config.write_text(corefile(self.network, self.kubeconfig))
-        self._spawn("coredns", [str(binaries.COREDNS.path("coredns")), "-conf", str(config)])
+    def _start_network_policy_controller(self) -> None:
+        self._spawn(
+            "kube-router",
+            [
+                str(binaries.KUBE_ROUTER.path("kube-router")),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--hostname-override={NODE_NAME}",
+                "--run-firewall=true",
+                "--run-router=false",
+                "--run-service-proxy=false",
+                f"--health-port={free_port()}",
+                "--metrics-port=0",
+                "--iptables-sync-period=30s",
+                "--v=1",
+            ],
+        )
 
     def _start_local_path_provisioner(self) -> None:
         storage = self.data_dir / "volumes"
@@ -604,6 +780,18 @@ def _nft_tables() -> set[str]:
 def _delete_nft_tables_except(kept: set[str]) -> None:
     for table in _nft_tables() - kept:
         _quiet("nft", "delete", "table", *table.split())
+
+
+def _ipsets() -> set[str]:
+    result = subprocess.run(
+        ["ipset", "list", "-n"], capture_output=True, text=True, timeout=60, check=False
+    )
+    return set(result.stdout.split())
+
+
+def _destroy_ipsets_except(kept: set[str]) -> None:
+    for name in _ipsets() - kept:
+        _quiet("ipset", "destroy", name)
 
 
 def _cgroup_dirs(name: str) -> list[Path]:

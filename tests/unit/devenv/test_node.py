@@ -19,7 +19,10 @@ NETWORK = NodeNetwork()
 
 def test_the_default_network_overlaps_nothing_private() -> None:
     assert NETWORK.kubernetes_service_ip == "198.19.0.1"
-    assert NETWORK.dns_ip == NETWORK.gateway == "198.18.0.1"
+    assert NETWORK.dns_ip == "198.19.0.10"
+    assert NETWORK.gateway == "198.18.0.1"
+    assert NETWORK.control_plane_ip == "198.18.0.2"
+    assert NETWORK.first_pod_ip == "198.18.0.16"
     assert NETWORK.prefix_length == 24
 
 
@@ -50,19 +53,22 @@ def test_pods_get_addresses_on_the_bridge_and_nothing_is_masqueraded(tmp_path: P
     assert bridge["type"] == "bridge"
     assert bridge["bridge"] == NETWORK.bridge
     assert bridge["ipMasq"] is False
-    assert bridge["ipam"]["ranges"] == [[{"subnet": "198.18.0.0/24", "gateway": "198.18.0.1"}]]
+    [[pods]] = bridge["ipam"]["ranges"]
+    assert pods == {"subnet": "198.18.0.0/24", "gateway": "198.18.0.1", "rangeStart": "198.18.0.16"}
+    # The control plane's address is below the range: no pod can take it.
+    assert bridge["ipam"]["routes"] == [{"dst": "0.0.0.0/0"}]
 
 
 def test_the_kubelet_uses_cluster_dns_and_no_anonymous_access(tmp_path: Path) -> None:
     config = node.kubelet_config(NETWORK, tmp_path / "ca", tmp_path / "resolv", 1, 2)
     assert config["cgroupDriver"] == "cgroupfs"
-    assert config["clusterDNS"] == ["198.18.0.1"]
+    assert config["clusterDNS"] == ["198.19.0.10"]
     assert config["authentication"]["anonymous"] == {"enabled": False}  # type: ignore[index]
     assert config["readOnlyPort"] == 0
 
 
-def test_coredns_answers_cluster_names_and_refuses_the_rest(tmp_path: Path) -> None:
-    text = node.corefile(NETWORK, tmp_path / "kubeconfig")
+def test_coredns_answers_cluster_names_and_refuses_the_rest() -> None:
+    text = node.corefile(NETWORK)
     assert "kubernetes cluster.local" in text
     assert "forward" not in text  # nothing is asked of a server off the machine
     assert "rcode REFUSED" in text
@@ -117,3 +123,14 @@ def test_the_same_files_make_the_same_image(tmp_path: Path) -> None:
     first = oci.write_archive(tmp_path / "1.tar", "localhost/x:1", content, ["/a"])
     second = oci.write_archive(tmp_path / "2.tar", "localhost/x:1", content, ["/a"])
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_kube_dns_has_the_labels_and_address_that_policies_and_the_kubelet_use() -> None:
+    manifests = node.coredns_manifests(NETWORK)
+    [service] = [m for m in manifests if m["kind"] == "Service"]
+    assert service["spec"]["clusterIP"] == NETWORK.dns_ip  # type: ignore[index]
+    assert service["metadata"] == {  # the chart's NetworkPolicy selects DNS by these
+        "name": "kube-dns",
+        "namespace": "kube-system",
+        "labels": {"k8s-app": "kube-dns"},
+    }
