@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -30,15 +31,19 @@ TAG = "test"
 EXTRAS = {"operator": ("operator",), "gateway": ("gateway", "agent"), "agent": ("agent",)}
 # Run inside an image: every installed distribution and its version, as JSON.
 LIST_DISTRIBUTIONS = (
-    "import importlib.metadata as m, json; "
-    "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    "import importlib.metadata as m, json, platform; "
+    "print(json.dumps({'python': platform.python_version(), "
+    "'installed': {d.metadata['Name']: d.version for d in m.distributions()}}))"
 )
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def archives(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     # Cached layers make every build after the first take seconds.
-    return images.build_images(tag=TAG, output_dir=tmp_path_factory.mktemp("images"))
+    output = tmp_path_factory.mktemp("images")
+    yield images.build_images(tag=TAG, output_dir=output)
+    # Hundreds of megabytes: not kept with pytest's last temporary directories.
+    shutil.rmtree(output, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,13 @@ def _free_port() -> int:
         return port
 
 
-def _locked_versions(extras: tuple[str, ...]) -> dict[str, str]:
-    """uv.lock's versions of what these extras install on this machine (Linux, Python 3.11)."""
+def _locked_versions(extras: tuple[str, ...], python_full_version: str) -> dict[str, str]:
+    """uv.lock's versions of what these extras install on Linux with this Python (markers
+    such as redis's ``python_full_version < '3.11.3'`` tell Debian's 3.11.2 from 3.11.11)."""
+    environment = {
+        "python_full_version": python_full_version,
+        "python_version": ".".join(python_full_version.split(".")[:2]),
+    }
     command = [str(REPO_ROOT / ".venv/bin/uv"), "export", "--frozen", "--no-emit-project"]
     command += ["--no-hashes", "--no-annotate", "--no-header"]
     for extra in extras:
@@ -66,7 +76,7 @@ def _locked_versions(extras: tuple[str, ...]) -> dict[str, str]:
     versions: dict[str, str] = {}
     for line in exported.splitlines():
         requirement, _, marker = line.partition(";")
-        if not requirement.strip() or (marker.strip() and not Marker(marker).evaluate()):
+        if not requirement.strip() or (marker.strip() and not Marker(marker).evaluate(environment)):
             continue
         name, _, version = requirement.strip().partition("==")
         versions[canonicalize_name(name)] = version
@@ -89,11 +99,12 @@ def test_an_image_installs_exactly_the_locked_versions(
         loaded[name], "python", "-c", LIST_DISTRIBUTIONS, options=("--read-only",)
     )
     assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
     installed: dict[str, str] = {
-        canonicalize_name(key): value for key, value in json.loads(result.stdout).items()
+        canonicalize_name(key): value for key, value in listed["installed"].items()
     }
     assert installed.pop("dexorder") == "0.1.0"
-    assert installed == _locked_versions(EXTRAS[name])
+    assert installed == _locked_versions(EXTRAS[name], listed["python"])
 
 
 @pytest.mark.parametrize("name", images.IMAGE_NAMES)
@@ -224,3 +235,41 @@ def test_the_gateway_image_answers_its_command_line(
     )
     assert refused.returncode == 2
     assert "dexorder-gateway: bad configuration" in refused.stderr
+
+
+def _steps(log: str) -> dict[str, bool]:
+    """Each build step of a buildah log (its instruction) and whether it came
+    from the layer cache."""
+    steps: dict[str, bool] = {}
+    current = ""
+    for line in log.splitlines():
+        if " STEP " in line:
+            current = line.split(": ", 1)[1]
+            steps[current] = False
+        elif line.startswith("--> Using cache") and current:
+            steps[current] = True
+    return steps
+
+
+def test_a_code_change_rebuilds_the_wheel_but_not_the_dependencies(
+    archives: dict[str, Path], tmp_path: Path
+) -> None:
+    # The same tree with one changed module, as a developer's next build sees it.
+    context = tmp_path / "tree"
+    context.mkdir()
+    for name in ("Dockerfile.agent", ".dockerignore", "pyproject.toml", "uv.lock", "README.md"):
+        shutil.copy2(REPO_ROOT / name, context / name)
+    shutil.copytree(
+        REPO_ROOT / "src", context / "src", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(REPO_ROOT / "config", context / "config")
+    with (context / "src/dexorder/agent/app.py").open("a") as module:
+        module.write(f"# changed {uuid.uuid4().hex}\n")
+    output = tmp_path / "out"
+    images.build_images(tag="changed", names=["agent"], output_dir=output, context=context)
+    steps = _steps((output / "build.log").read_text())
+    [dependencies] = [step for step in steps if "uv sync --frozen" in step]
+    [source] = [step for step in steps if step.startswith("COPY src")]
+    assert steps[dependencies], "the locked dependencies were installed again"
+    assert not steps[source], "the changed source was taken from the cache"
+    subprocess.run(["buildah", "rmi", images.image_reference("agent", "changed")], check=False)
