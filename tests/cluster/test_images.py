@@ -38,12 +38,10 @@ LIST_DISTRIBUTIONS = (
 
 
 @pytest.fixture(scope="module")
-def archives(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    # Cached layers make every build after the first take seconds.
-    output = tmp_path_factory.mktemp("images")
-    yield images.build_images(tag=TAG, output_dir=output)
-    # Hundreds of megabytes: not kept with pytest's last temporary directories.
-    shutil.rmtree(output, ignore_errors=True)
+def archives() -> dict[str, Path]:
+    # Where `dexorder images build` keeps them: cached layers, and an archive kept while its
+    # image is unchanged, make every build after the first take seconds.
+    return images.build_images(tag=TAG)
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +271,25 @@ def test_a_code_change_rebuilds_the_wheel_but_not_the_dependencies(
     assert steps[dependencies], "the locked dependencies were installed again"
     assert not steps[source], "the changed source was taken from the cache"
     subprocess.run(["buildah", "rmi", images.image_reference("agent", "changed")], check=False)
+
+
+def test_the_command_builds_and_loads_the_images(
+    archives: dict[str, Path], containerd: Containerd
+) -> None:
+    references = [images.image_reference(name, TAG) for name in images.IMAGE_NAMES]
+    containerd.ctr("images", "rm", *references)
+    # After the fixture's build of the same tag, every layer and archive is current.
+    started = time.monotonic()
+    command = [str(REPO_ROOT / ".venv/bin/dexorder"), "images", "build", "--tag", TAG]
+    result = subprocess.run(
+        [*command, "--load-into", containerd.address],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"loaded into {containerd.address}" in result.stdout
+    listed = containerd.ctr("images", "ls", "--quiet").stdout.split()
+    assert set(references) <= set(listed)
+    assert time.monotonic() - started < 120, "a build of an unchanged tree should be quick"

@@ -390,16 +390,43 @@ def build_images(
             log,
             f"buildah bud of Dockerfile.{name}",
         )
-        # buildah push will not overwrite an archive: write a new one, then move it in place.
-        partial = archive.with_suffix(".partial")
-        partial.unlink(missing_ok=True)
-        try:
-            _run(buildah_push_command(name, tag, partial), log, f"buildah push of {name}")
-            partial.rename(archive)
-        finally:
-            partial.unlink(missing_ok=True)
+        _push_unless_current(name, tag, archive, log)
         archives[name] = archive
     return archives
+
+
+def _image_id(reference: str) -> str:
+    result = subprocess.run(
+        ["buildah", "images", "--quiet", "--no-trunc", reference],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0 or not result.stdout.strip():
+        raise ImageBuildError(f"buildah has no image {reference}: {result.stderr.strip()}")
+    return result.stdout.split()[0]
+
+
+def _push_unless_current(name: str, tag: str, archive: Path, log: Path) -> None:
+    """Write the image's archive, unless the archive already holds this very image.
+
+    Writing compresses every layer again (a minute for the gateway), so an unchanged image
+    keeps its archive; ``<archive>.id`` records the image's id, written after the archive.
+    """
+    image_id = _image_id(image_reference(name, tag))
+    stamp = archive.with_name(archive.name + ".id")
+    if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == image_id:
+        return
+    stamp.unlink(missing_ok=True)
+    # buildah push will not overwrite an archive: write a new one, then move it in place.
+    partial = archive.with_name(archive.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        _run(buildah_push_command(name, tag, partial), log, f"buildah push of {name}")
+        partial.rename(archive)
+    finally:
+        partial.unlink(missing_ok=True)
+    stamp.write_text(image_id + "\n")
 
 
 def load_images(archives: Iterable[Path], containerd_address: str) -> None:
