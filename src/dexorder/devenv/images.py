@@ -184,6 +184,7 @@ def buildah_bud_command(
     context: Path,
     build_args: Mapping[str, str],
     ca_bundle: Path | None = None,
+    use_cache: bool = True,
 ) -> list[str]:
     """buildah's build of ``Dockerfile.<name>`` on the base archive.
 
@@ -193,11 +194,12 @@ def buildah_bud_command(
     --force-rm: intermediate containers go even when a step fails.
     ``ca_bundle``: the machine's CA bundle, mounted read-only over the image's own for the RUN
     steps only, so that pip and uv trust what the machine trusts (a TLS-inspecting proxy).
+    ``use_cache=False`` rebuilds every step (and caches the new layers): a cold build.
     """
     command = [
         "buildah",
         "bud",
-        "--layers",
+        "--layers" if use_cache else "--no-cache",
         "--network",
         "host",
         "--force-rm",
@@ -361,11 +363,14 @@ def build_images(
     output_dir: Path | None = None,
     context: Path = REPO_ROOT,
     base_archive: Path | None = None,
+    use_cache: bool = True,
 ) -> dict[str, Path]:
     """Build the images with buildah on the Debian base and write each as an OCI archive.
 
     Returns each image's archive by name (``<output_dir>/dexorder-<name>-<tag>.oci.tar``,
-    by default under ``<cache>/images/built/``).
+    by default under ``<cache>/images/built/``). The image a tag named before is removed
+    from buildah's storage once the tag moves, with the layers only it used, so storage
+    holds one build per tag and not one per commit.
     """
     check_tag(tag)
     names = list(names)
@@ -385,17 +390,21 @@ def build_images(
     archives: dict[str, Path] = {}
     for name in names:
         archive = output_dir / f"dexorder-{name}-{tag}.oci.tar"
+        previous = _image_id(image_reference(name, tag), missing_ok=True)
         _run(
-            buildah_bud_command(name, tag, base_archive, context, build_args, ca_bundle),
+            buildah_bud_command(name, tag, base_archive, context, build_args, ca_bundle, use_cache),
             log,
             f"buildah bud of Dockerfile.{name}",
         )
         _push_unless_current(name, tag, archive, log)
+        if previous and previous != _image_id(image_reference(name, tag)):
+            # Still used by another tag or as a cache parent: then buildah keeps it, rightly.
+            subprocess.run(["buildah", "rmi", previous], capture_output=True, check=False)
         archives[name] = archive
     return archives
 
 
-def _image_id(reference: str) -> str:
+def _image_id(reference: str, missing_ok: bool = False) -> str:
     result = subprocess.run(
         ["buildah", "images", "--quiet", "--no-trunc", reference],
         capture_output=True,
@@ -403,6 +412,8 @@ def _image_id(reference: str) -> str:
         check=False,
     )
     if result.returncode != 0 or not result.stdout.strip():
+        if missing_ok:
+            return ""
         raise ImageBuildError(f"buildah has no image {reference}: {result.stderr.strip()}")
     return result.stdout.split()[0]
 
