@@ -19,6 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument(
         "targets", nargs="*", help="etcd, kwok, kubernetes (the default three), helm, node parts"
     )
+    image_commands = commands.add_parser(
+        "images", help="build the operator, gateway and agent images (buildah, no registry)"
+    ).add_subparsers(dest="images_command", required=True)
+    images_build = image_commands.add_parser(
+        "build", help="build the three images on a cached Debian base, as OCI archives"
+    )
+    images_build.add_argument("--tag", default="dev", help="the images' tag (default: dev)")
+    images_build.add_argument(
+        "--load-into",
+        metavar="ADDRESS",
+        help="a containerd socket to import the images into (namespace k8s.io)",
+    )
     demo = commands.add_parser("demo", help="a working chat on embedded defaults (Ctrl-C stops it)")
     demo.add_argument("--port", type=int, default=8080, help="the gateway's port (0: any free one)")
     demo.add_argument(
@@ -58,8 +70,31 @@ def main(argv: list[str] | None = None) -> int:
 
         binaries.build(args.targets or list(binaries.DEFAULT_TARGETS))
         return 0
+    if args.command == "images":
+        return _images(args.tag, args.load_into)
     parser.print_help()
     return 2
+
+
+def _images(tag: str, load_into: str | None) -> int:
+    from dexorder.devenv import images
+    from dexorder.devenv.errors import DevenvError
+
+    try:
+        # Refuse a bad tag or socket before minutes of building.
+        images.check_tag(tag)
+        if load_into is not None and not Path(load_into).is_socket():
+            raise images.ImageBuildError(f"--load-into: no containerd socket at {load_into}")
+        archives = images.build_images(tag=tag)
+        for name, archive in archives.items():
+            print(f"{images.image_reference(name, tag)}: {archive}", flush=True)
+        if load_into is not None:
+            images.load_images(archives.values(), load_into)
+            print(f"loaded into {load_into} (namespace {images.CONTAINERD_NAMESPACE})")
+    except DevenvError as error:
+        print(f"dexorder images: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
