@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -122,6 +123,15 @@ async def _serve_metrics(settings: OperatorSettings) -> web.AppRunner:
     return runner
 
 
+def operator_identity() -> str:
+    """Who this replica is, for kopf: the pod's name and the process id.
+
+    kopf's own default asks getpass for the user's name, and a container running as a numeric
+    user with no passwd entry (the images' 10001) makes that raise at start.
+    """
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
 def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -147,6 +157,7 @@ def main() -> None:
     asyncio.run(
         kopf.operator(
             registry=registry,
+            identity=operator_identity(),
             standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
