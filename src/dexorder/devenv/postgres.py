@@ -123,9 +123,12 @@ def server_account() -> Account:
     return Account(entry.pw_uid, entry.pw_gid)
 
 
-def server_argv(bindir: Path, cluster: Path, sockets: Path, port: int) -> list[str]:
+def server_argv(
+    bindir: Path, cluster: Path, sockets: Path, port: int, also_on: str | None = None
+) -> list[str]:
     argv = [str(bindir / "postgres"), "-D", str(cluster), "-p", str(port)]
-    argv += ["-h", LOOPBACK, "-k", str(sockets)]
+    listen = f"{LOOPBACK},{also_on}" if also_on else LOOPBACK
+    argv += ["-h", listen, "-k", str(sockets)]
     for key, value in SERVER_SETTINGS.items():
         argv += ["-c", f"{key}={value}"]
     return argv
@@ -212,10 +215,16 @@ class PostgresService(Service):
 
     name = "postgres"
 
-    def __init__(self, *, use_template: bool = True) -> None:
+    def __init__(
+        self, *, use_template: bool = True, also_on: str | None = None, clients: str | None = None
+    ) -> None:
+        """``also_on`` is one more address to listen on, and ``clients`` the network allowed to
+        connect there: a real node's bridge address and its pods' range."""
         super().__init__()
         self.port = 0
         self._use_template = use_template
+        self._also_on = also_on
+        self._clients = clients
         self._process: ManagedProcess | None = None
 
     @property
@@ -245,10 +254,13 @@ class PostgresService(Service):
             _own_tree(cluster, account)
         else:
             run_initdb(bindir, cluster, account)
+        if self._clients:
+            with (cluster / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {self._clients} trust\n")
         self.port = free_port()
         self._process = ManagedProcess(
             "postgres",
-            account.command(server_argv(bindir, cluster, sockets, self.port)),
+            account.command(server_argv(bindir, cluster, sockets, self.port, self._also_on)),
             log_path=self.data_dir / "postgres.log",
             cwd=self.data_dir,
         ).start()

@@ -21,6 +21,7 @@ DEFAULT_SCRIPTS: Final[Mapping[str, Script]] = {
 async def serve(port: int, options: argparse.Namespace) -> None:
     server = FakeLLMServer(
         port=port,
+        host=options.host,
         default=DEFAULT_SCRIPTS[options.default],
         scripts={"offline": OfflineScript()},
         tokens_per_second=options.tokens_per_second,
@@ -41,6 +42,7 @@ async def serve(port: int, options: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A scripted OpenAI-compatible chat server.")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--tokens-per-second", type=float, default=None)
     parser.add_argument("--first-token-delay", type=float, default=0.0)
     parser.add_argument("--default", choices=sorted(DEFAULT_SCRIPTS), default="offline")

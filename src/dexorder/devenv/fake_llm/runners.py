@@ -71,10 +71,13 @@ class FakeLLMProcess(Service):
         tokens_per_second: float | None = None,
         first_token_delay: float = 0.0,
         default: Literal["offline", "text"] = "offline",
+        host: str = LOOPBACK,
     ) -> None:
         super().__init__()
         self.port = free_port()
+        self.host = host
         self._argv = [sys.executable, "-m", "dexorder.devenv.fake_llm", "--port", str(self.port)]
+        self._argv += ["--host", host]
         if tokens_per_second is not None:
             self._argv += ["--tokens-per-second", str(tokens_per_second)]
         self._argv += ["--first-token-delay", str(first_token_delay), "--default", default]
@@ -82,7 +85,7 @@ class FakeLLMProcess(Service):
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def pid(self) -> int | None:
@@ -112,7 +115,7 @@ class FakeLLMProcess(Service):
 
     def _call(self, method: str, path: str, payload: bytes | None = None) -> Any:
         request = urllib.request.Request(
-            f"http://{LOOPBACK}:{self.port}{path}", data=payload, method=method
+            f"http://{self.host}:{self.port}{path}", data=payload, method=method
         )
         request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=10) as reply:

@@ -119,12 +119,15 @@ class FakeLLMServer:
         self,
         *,
         port: int | None = None,
+        host: str = LOOPBACK,
         default: Script | None = None,
         scripts: Mapping[str, Script] | None = None,
         tokens_per_second: float | None = None,
         first_token_delay: float = 0.0,
     ) -> None:
         self.port = port if port is not None else free_port()
+        # Another address than loopback: a real node's bridge, where pods reach it.
+        self.host = host
         self.default: Script = default if default is not None else OfflineScript()
         self.scripts: dict[str, Script] = dict(scripts or {})
         self.tokens_per_second = tokens_per_second
@@ -136,7 +139,7 @@ class FakeLLMServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def target(self, model: str = "scripted") -> LLMTarget:
         """The litellm arguments that reach this server, with ``model`` choosing the script."""
@@ -174,7 +177,7 @@ class FakeLLMServer:
             self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def stop(self) -> None:
         self._stopping.set()
