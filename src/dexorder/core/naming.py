@@ -11,7 +11,7 @@ _MAX_LABEL = 63
 _MAX_AGENT_NAME = 45
 
 
-# The UserAgent CRD's bounds on spec.userId (crds/useragent.yaml states the same numbers).
+# The UserAgent CRD's bounds on spec.userId (crds/useragents.dexorder.ai.yaml states the same).
 MAX_USER_ID_LENGTH = 253
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
