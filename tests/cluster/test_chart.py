@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import jwt
 import pytest
 import yaml
@@ -27,6 +26,7 @@ from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.node import NodeCluster
 from dexorder.devenv.postgres import PostgresService
 from dexorder.gateway.migrations import apply_migrations
+from tests.e2e.chat_frames import chat_frames
 from tests.integration.gateway.conftest import models_yaml
 
 # Building the images (from buildah's layer cache after the first time) and installing them.
@@ -117,25 +117,6 @@ def _token() -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
-async def _chat(address: str, content: str) -> list[dict[str, Any]]:
-    frames: list[dict[str, Any]] = []
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(
-            f"http://{address}/ws/chat",
-            headers={"Authorization": f"Bearer {_token()}"},
-            timeout=aiohttp.ClientWSTimeout(ws_receive=240),
-        ) as socket,
-    ):
-        await socket.send_json({"type": "message", "content": content})
-        async for message in socket:
-            frame = json.loads(message.data)
-            frames.append(frame)
-            if frame["type"] in ("done", "error"):
-                break
-    return frames
-
-
 def test_operator_and_gateway_pods_are_ready(installed: NodeCluster) -> None:
     pods = json.loads(installed.kubectl(f"--namespace={NAMESPACE}", "get", "pods", "-o", "json"))
     ready = {
@@ -154,7 +135,7 @@ def test_a_chat_runs_on_a_real_agent_pod_with_a_tool_call(installed: NodeCluster
         )
     )
     address = f"{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
-    frames = asyncio.run(_chat(address, "what is my RSI?"))
+    frames = asyncio.run(chat_frames(f"http://{address}/ws/chat", _token(), "what is my RSI?"))
     kinds = [frame["type"] for frame in frames]
     assert kinds[-1] == "done", frames
     assert "tool_call" in kinds, frames

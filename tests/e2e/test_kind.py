@@ -16,18 +16,17 @@ JWT, license, UserAgent, operator, agent pod Ready, token Secret, MCP session.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import aiohttp
 import jwt
 import pytest
 
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.paths import REPO_ROOT
+from tests.e2e.chat_frames import chat_frames
 
 pytestmark = pytest.mark.kind
 
@@ -168,22 +167,8 @@ async def test_a_chat_provisions_a_real_agent(installed: Any) -> None:
         SECRET,
         algorithm="HS256",
     )
-    frames: list[dict[str, Any]] = []
     with installed.port_forward("service/dexorder-gateway", 80, "-n", RELEASE_NAMESPACE) as port:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(
-                f"http://127.0.0.1:{port}/ws/chat",
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=aiohttp.ClientWSTimeout(ws_receive=300),
-            ) as socket,
-        ):
-            await socket.send_json({"type": "message", "content": "hello"})
-            async for message in socket:
-                frame = json.loads(message.data)
-                frames.append(frame)
-                if frame["type"] in ("done", "error"):
-                    break
+        frames = await chat_frames(f"http://127.0.0.1:{port}/ws/chat", token, "hello")
     stages = [frame.get("stage") for frame in frames if frame["type"] == "status"]
     assert "ready" in stages, frames
     assert frames[-1]["type"] == "done" or frames[-1].get("code") == "llm_error", frames
