@@ -1,8 +1,10 @@
 """One chat session, whatever the channel: the user's agent, a bounded queue of messages,
 and one generation at a time.
 
-A channel (WebSocket, Telegram) feeds it text and receives protocol frames through
-``emit``. The conversation owns every task it starts and cancels them on close.
+A channel (WebSocket, Telegram) feeds it text and receives each turn's events through
+``show`` (``turns``: the harness yields them, ``turn_runner`` fans them out), and the
+frames outside a turn (progress, errors, approvals) through ``emit``. The conversation owns
+every task it starts and cancels them on close.
 
 The agent's MCP session is shared with the user's other conversations in this process
 (``agent_sessions``). What the next turn's prompt needs from the agent (preferences and
@@ -25,11 +27,11 @@ from dexorder.core import protocol
 from dexorder.core.events import TurnOutcome
 from dexorder.core.licenses import EffectiveLicense, License, resolve_license
 from dexorder.core.ratelimit import Decision
-from dexorder.core.routing import LLMTarget, RouteChoice, RoutingError
+from dexorder.core.routing import LLMTarget, RoutingError
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
 from dexorder.gateway.agent_sessions import AgentLease, AgentSessions
-from dexorder.gateway.harness import AgentContext, Harness, TurnResult, read_agent_context
+from dexorder.gateway.harness import Harness, read_agent_context
 from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.llm import LLMError
@@ -41,6 +43,8 @@ from dexorder.gateway.mcp_client import (
 )
 from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
 from dexorder.gateway.routing import ModelRouter
+from dexorder.gateway.turn_runner import ShowEvent, TurnMetrics, relay_turn
+from dexorder.gateway.turns import AgentContext, TurnFinished, TurnTally
 from dexorder.gateway.usage import Turn, UsageRecorder
 
 if TYPE_CHECKING:
@@ -111,13 +115,6 @@ async def effective_license(
     return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
 
 
-def route_frame(route: RouteChoice | None) -> protocol.Route | None:
-    """The ``done`` frame's ``route``: the group, the deployment tried first, and why."""
-    if route is None:
-        return None
-    return protocol.Route(**route.summary())
-
-
 class Conversation:
     def __init__(
         self,
@@ -126,6 +123,7 @@ class Conversation:
         *,
         session_id: str,
         emit: Emit,
+        show: ShowEvent,
         channel: str,
         on_mcp_session: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
@@ -133,10 +131,12 @@ class Conversation:
         self.license = license
         self.session_id = session_id
         self.channel = channel
+        #: Frames outside a turn's events (progress, errors, approvals), and the events.
         self._emit = emit
+        self._show = show
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=services.max_queued)
         self._worker: asyncio.Task[None] | None = None
-        self._turn: asyncio.Task[TurnResult] | None = None
+        self._turn: asyncio.Task[TurnFinished | None] | None = None
         # The hold on the shared MCP session; taken and let go under the lock, since the
         # worker and an approval may both want the agent at once.
         self._agent_lease: AgentLease | None = None
@@ -429,14 +429,16 @@ class Conversation:
         )
 
     @staticmethod
-    async def _end_turn(turn: Turn | None, outcome: TurnOutcome) -> None:
+    async def _end_turn(turn: Turn | None, outcome: TurnOutcome, tally: TurnTally) -> None:
         if turn is not None:
-            await turn.finish(model="", prompt_tokens=0, completion_tokens=0, outcome=outcome)
+            await turn.finish(
+                model="", prompt_tokens=0, completion_tokens=0, outcome=outcome, tally=tally
+            )
 
     async def _generate(self, text: str, lease: str | None) -> None:
         metrics.MESSAGES.labels(channel=self.channel).inc()
         turn = await self._start_turn(text)
-        emit = self._emit if turn is None else turn.observe(self._emit)
+        tally = TurnTally()  # over both attempts, as the usage record is
         for attempt in (1, 2):
             try:
                 agent = await self._ensure_agent()
@@ -444,7 +446,7 @@ class Conversation:
                 await self._error(
                     protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
                 )
-                await self._end_turn(turn, TurnOutcome.FAILED)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
             harness = Harness(
                 agent,
@@ -456,64 +458,61 @@ class Conversation:
                 user_id=self.user_id,
                 retriever=self.services.retriever,
                 gateway_tools=self.services.reviews,
+                notify=self._emit,
             )
+            turn_metrics = TurnMetrics.starting_now()
+            events = harness.run_turn(text, context=self._take_read_ahead(agent))
             self._turn = asyncio.create_task(
-                harness.run_turn(text, emit, context=self._take_read_ahead(agent)),
+                relay_turn(events, tally=tally, usage=turn, show=self._show),
                 name=f"turn:{self.session_id}",
             )
             try:
-                result = await self._turn
+                finished = await self._turn
             except asyncio.CancelledError:
-                await self._end_turn(turn, TurnOutcome.CANCELLED)
+                await self._end_turn(turn, TurnOutcome.CANCELLED, tally)
                 if self._worker is not None and self._worker.cancelling():
                     raise
                 # The cancelled turn was written back (marked so) before it ended.
                 await self._read_ahead_next(agent)
-                await self._emit(
-                    protocol.DoneFrame(
-                        usage=protocol.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
-                        model="",
-                        cancelled=True,
-                        route=route_frame(harness.route),
-                    )
-                )
+                await self._show(TurnFinished.of_cancelled(harness.route))
                 return
             except AgentTimeout as error:
                 # Busy or stuck, not gone: this turn fails, and the session stays for the
                 # user's other chats (dropping it would fail their calls in flight too).
                 # Nothing was written back; the next turn reads for itself.
                 await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
-                await self._end_turn(turn, TurnOutcome.FAILED)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
             except AgentUnavailable as error:
                 # The agent went away (idled, restarted elsewhere): forget it and provision again once.
                 await self._drop_agent()
                 if attempt == 2:
                     await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
-                    await self._end_turn(turn, TurnOutcome.FAILED)
+                    await self._end_turn(turn, TurnOutcome.FAILED, tally)
                     return
                 continue
             except LLMError as error:
                 await self._read_ahead_next(agent)  # nothing was written; read all the same
                 await self._error(protocol.ErrorCode.LLM_ERROR, f"the model failed: {error}")
-                await self._end_turn(turn, TurnOutcome.FAILED)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
             except RoutingError as error:
                 await self._read_ahead_next(agent)
                 await self._error(protocol.ErrorCode.LLM_ERROR, str(error))
-                await self._end_turn(turn, TurnOutcome.FAILED)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
             finally:
                 self._turn = None
+            if finished is None:
+                raise RuntimeError("the harness's events ended without TurnFinished")
             # The turn was written back: the next one's context can be read now, while
             # the user reads this reply. A turn that ran no tool changed nothing but the
             # history, which is this turn's context plus this turn: no read at all.
-            carried = result.next_context()
-            if carried is None:
+            if finished.next_context is None:
                 await self._read_ahead_next(agent)
             else:
-                await self._carry_context(agent, carried)
-            await self._finish(result, turn, lease)
+                await self._carry_context(agent, finished.next_context)
+            await self._finish(finished, tally, turn_metrics, turn, lease)
             return
 
     async def _drop_agent(self) -> None:
@@ -528,34 +527,27 @@ class Conversation:
         if not self.license.mcp_server_url:
             self.services.provisioner.forget(self.user_id)
 
-    async def _finish(self, result: TurnResult, turn: Turn | None, lease: str | None) -> None:
-        if result.route is not None:
-            metrics.ROUTES.labels(group=result.route.group).inc()
-        usage = result.usage
+    async def _finish(
+        self,
+        finished: TurnFinished,
+        tally: TurnTally,
+        turn_metrics: TurnMetrics,
+        turn: Turn | None,
+        lease: str | None,
+    ) -> None:
+        usage = finished.usage
         # Counted before `done`, so the next message, on any channel, sees the budget spent.
         await self._end_generation(lease, usage.total_tokens)
         if not self.license.mcp_server_url:  # an agent the provisioner runs, kept awake
             await self.services.provisioner.record_activity(self.user_id)
-        metrics.TOKENS.inc(usage.completion_tokens)
-        if result.first_token_seconds is not None:
-            metrics.FIRST_TOKEN.observe(result.first_token_seconds)
+        turn_metrics.finished(finished, tally)
         # Recorded before `done`: a client that closes on `done` cancels this worker, and
         # the turn's events and daily total must not be lost with it.
         if turn is not None:
             await turn.finish(
-                model=result.model,
+                model=finished.model,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
+                tally=tally,
             )
-        await self._emit(
-            protocol.DoneFrame(
-                usage=protocol.Usage(
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    total_tokens=usage.total_tokens,
-                ),
-                model=result.model,
-                cancelled=False,
-                route=route_frame(result.route),
-            )
-        )
+        await self._show(finished)

@@ -1,8 +1,8 @@
 """What each turn used: its events (to the event sink) and the daily totals (PostgreSQL).
 
 ``UsageRecorder.start_turn`` opens a ``Turn`` when a message is admitted; the turn sees the
-frames the harness emits (through ``Turn.observe``), so it records each tool call and the
-reply as streamed, and ``Turn.finish`` records the reply and the usage. Recording never
+events the harness yields (``Turn.see``), so it records each tool call as it finishes, and
+``Turn.finish`` records the reply and the usage from the turn's ``TurnTally``. Recording never
 fails a turn and never delays its reply: a sink that refuses or a database that is down
 is logged and counted, and the daily totals are written by a task of the recorder's own.
 
@@ -26,7 +26,6 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter
 
-from dexorder.core import protocol
 from dexorder.core.events import (
     AssistantReplyEvent,
     Event,
@@ -40,10 +39,10 @@ from dexorder.gateway import metrics
 from dexorder.gateway.events import EventSink, EventsRefused
 from dexorder.gateway.licenses import Pool
 from dexorder.gateway.limits import Limiter, LimiterUnavailable
+from dexorder.gateway.turns import ToolFinished, ToolStarted, TurnEvent, TurnTally
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[protocol.Frame], Awaitable[None]]
 #: (model, prompt tokens, completion tokens) to US dollars; None when the price is unknown.
 CostFunction = Callable[[str, int, int], float | None]
 
@@ -360,10 +359,8 @@ class Turn:
         self.session_id = session_id
         self.turn_id = new_event_id()
         self._started = time.perf_counter()
-        self._first_token: float | None = None
-        self._reply: list[str] = []
+        #: Tools called and not finished yet; recorded without a result if the turn ends.
         self._calls: dict[str, _PendingCall] = {}
-        self._tool_calls = 0
         self._finished = False
 
     def envelope(self) -> dict[str, Any]:
@@ -375,51 +372,21 @@ class Turn:
             "channel": self.channel,
         }
 
-    @property
-    def reply(self) -> str:
-        """The reply text streamed so far."""
-        return "".join(self._reply)
+    def see(self, event: TurnEvent) -> Awaitable[None] | None:
+        """Record a tool's call as its events pass; on its finish, the awaitable that
+        publishes the call's event (awaited before the event goes on to the channel).
 
-    def observe(self, emit: Emit) -> Emit:
-        """``emit`` that also records what passes: reply text and tool calls.
-
-        It runs once per streamed token, so it adds no coroutine of its own: what it
-        records is recorded on the call, and the awaitable it returns is ``emit``'s own,
-        except after a tool's result, whose event is published before the frame goes on.
-        """
-
-        def observed(frame: protocol.Frame) -> Awaitable[None]:
-            if isinstance(frame, protocol.DeltaFrame):  # nearly every frame: kept inline
-                if self._first_token is None:
-                    self._first_token = time.perf_counter()
-                self._reply.append(frame.content)
-                return emit(frame)
-            finished_call = self._see_tool_frame(frame)
-            if finished_call is None:
-                return emit(frame)
-            return self._publish_then_emit(finished_call, emit, frame)
-
-        return observed
-
-    def _see_tool_frame(self, frame: protocol.Frame) -> ToolCallEvent | None:
-        """Record a tool's call; on its result, the call's event, to publish."""
-        if isinstance(frame, protocol.ToolCallFrame):
-            self._tool_calls += 1
-            self._calls[frame.id] = _PendingCall(frame.name, dict(frame.arguments))
-        elif isinstance(frame, protocol.ToolResultFrame):
-            call = self._calls.pop(frame.id, None)
+        It runs once per streamed token, so it makes no coroutine for any other event."""
+        if isinstance(event, ToolStarted):
+            self._calls[event.call_id] = _PendingCall(event.name, dict(event.arguments))
+        elif isinstance(event, ToolFinished):
+            call = self._calls.pop(event.call_id, None)
             if call is not None:
-                return self._tool_event(frame.id, call, frame)
+                return self._recorder.publish([self._tool_event(event.call_id, call, event)])
         return None
 
-    async def _publish_then_emit(
-        self, event: ToolCallEvent, emit: Emit, frame: protocol.Frame
-    ) -> None:
-        await self._recorder.publish([event])
-        await emit(frame)
-
     def _tool_event(
-        self, call_id: str, call: _PendingCall, result: protocol.ToolResultFrame | None
+        self, call_id: str, call: _PendingCall, result: ToolFinished | None
     ) -> ToolCallEvent:
         return ToolCallEvent(
             **self.envelope(),
@@ -437,19 +404,23 @@ class Turn:
         prompt_tokens: int,
         completion_tokens: int,
         outcome: TurnOutcome = TurnOutcome.COMPLETED,
+        tally: TurnTally | None = None,
     ) -> UsageEvent | None:
-        """Record the reply and the usage once; later calls do nothing and return None."""
+        """Record the reply and the usage once; later calls do nothing and return None.
+
+        ``tally`` is what the turn's events added up to (None: nothing was streamed)."""
         if self._finished:
             return None
         self._finished = True
         ended = time.perf_counter()
+        tally = TurnTally() if tally is None else tally
         common = self.envelope()
         events: list[Event] = [
             self._tool_event(call_id, call, None) for call_id, call in self._calls.items()
         ]
         self._calls.clear()
         events.append(
-            AssistantReplyEvent(**common, content=self.reply, model=model, outcome=outcome)
+            AssistantReplyEvent(**common, content=tally.reply, model=model, outcome=outcome)
         )
         usage = UsageEvent(
             **common,
@@ -460,9 +431,9 @@ class Turn:
             cost_usd=self._recorder.cost(model, prompt_tokens, completion_tokens),
             latency_ms=(ended - self._started) * 1000,
             first_token_ms=None
-            if self._first_token is None
-            else (self._first_token - self._started) * 1000,
-            tool_calls=self._tool_calls,
+            if tally.first_token_at is None
+            else (tally.first_token_at - self._started) * 1000,
+            tool_calls=tally.tool_calls,
             outcome=outcome,
         )
         events.append(usage)

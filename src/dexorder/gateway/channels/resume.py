@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -29,6 +29,7 @@ from aiohttp import web
 from dexorder.core import protocol
 from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.sessions import SessionError, SessionFrame, SessionStore
+from dexorder.gateway.turns import TurnEvent, frame_for
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ class SessionOutbox:
         self._generating = False
         #: The number of this reply's next frame, once the store numbered its first.
         self._next_seq: int | None = None
+
+    def show(self, event: TurnEvent) -> Awaitable[None]:
+        """A turn's event, as its frame; no coroutine of its own (one runs per token)."""
+        return self.emit(frame_for(event))
 
     async def emit(self, frame: protocol.Frame) -> None:
         # Runs for every streamed token, so it makes no coroutine it can do without: the lock

@@ -215,6 +215,7 @@ async def serve(
                 license,
                 session_id=session_id,
                 emit=outbox.emit,
+                show=outbox.show,
                 channel="websocket",
                 on_mcp_session=functools.partial(store.set_mcp_session, session_id),
             )

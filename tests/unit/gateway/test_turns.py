@@ -1,0 +1,88 @@
+"""A turn's events: their frames, and the runner that fans them out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from dexorder.core import protocol
+from dexorder.gateway.llm import Usage
+from dexorder.gateway.turn_runner import relay_turn
+from dexorder.gateway.turns import (
+    FellBack,
+    ReplyDelta,
+    SourcesCited,
+    ToolFinished,
+    ToolStarted,
+    TurnEvent,
+    TurnFinished,
+    TurnTally,
+    frame_for,
+)
+
+
+def test_each_event_has_its_frame() -> None:
+    source = protocol.Source(source="doc.md", score=0.5)
+    assert frame_for(ReplyDelta("hi")) == protocol.DeltaFrame(content="hi")
+    assert frame_for(ToolStarted("c1", "t", {"a": 1})) == protocol.ToolCallFrame(
+        id="c1", name="t", arguments={"a": 1}
+    )
+    assert frame_for(ToolFinished("c1", "x", is_error=True)) == protocol.ToolResultFrame(
+        id="c1", content="x", is_error=True
+    )
+    assert frame_for(FellBack("b took over")) == protocol.StatusFrame(
+        stage=protocol.Stage.RETRYING, message="b took over"
+    )
+    assert frame_for(SourcesCited((source,))) == protocol.SourcesFrame(items=[source])
+    done = frame_for(TurnFinished(model="m", usage=Usage(3, 2, 5), route=None))
+    assert done == protocol.DoneFrame(
+        usage=protocol.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5), model="m"
+    )
+    cancelled = frame_for(TurnFinished.of_cancelled(None))
+    assert isinstance(cancelled, protocol.DoneFrame)
+    assert cancelled.cancelled
+
+
+async def test_the_runner_returns_the_finish_and_shows_the_rest() -> None:
+    finished = TurnFinished(model="m", usage=Usage(1, 1, 2), route=None)
+
+    async def events() -> AsyncGenerator[TurnEvent, None]:
+        yield ReplyDelta("a")
+        yield ToolStarted("c1", "t", {})
+        yield finished
+
+    shown: list[TurnEvent] = []
+
+    async def show(event: TurnEvent) -> None:
+        shown.append(event)
+
+    tally = TurnTally()
+    assert await relay_turn(events(), tally=tally, usage=None, show=show) is finished
+    assert shown == [ReplyDelta("a"), ToolStarted("c1", "t", {})]
+    assert (tally.reply, tally.tool_calls) == ("a", 1)
+
+
+async def test_a_cancel_in_the_channel_reaches_the_harness() -> None:
+    """The harness records a cancelled turn: a cancel that comes while the channel shows
+    an event is thrown in at the harness's ``yield``."""
+    harness_saw: list[str] = []
+    showing = asyncio.Event()
+
+    async def events() -> AsyncGenerator[TurnEvent, None]:
+        try:
+            yield ReplyDelta("a")
+            yield ReplyDelta("never")
+        except asyncio.CancelledError:
+            harness_saw.append("cancelled")
+            raise
+
+    async def show(event: TurnEvent) -> None:
+        showing.set()
+        await asyncio.Event().wait()  # a channel that is slow to take it
+
+    task = asyncio.create_task(relay_turn(events(), tally=TurnTally(), usage=None, show=show))
+    await showing.wait()
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
+    assert harness_saw == ["cancelled"]
