@@ -16,9 +16,10 @@ from redis.asyncio import Redis
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
 from dexorder.core.routing import LLMTarget
 from dexorder.gateway import metrics
+from dexorder.gateway.agent_handle import AgentAccess
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
-from dexorder.gateway.conversation import ChatServices
+from dexorder.gateway.conversation import ChatServices, TurnSetup
 from dexorder.gateway.events import EventSink, open_event_sink
 from dexorder.gateway.licenses import LicenseStore, open_pool
 from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -238,27 +239,31 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[CHAT_SERVICES] = ChatServices(
             licenses=licenses,
             catalog=catalog,
-            provisioner=provisioner,
             limiter=limiter,
             targets=targets,
             default_group=models.default_group,
-            router=router,
-            host_map=settings.agent_host_map,
-            max_tool_rounds=settings.max_tool_rounds,
-            max_queued=settings.max_queued_messages,
-            agent_connect_seconds=settings.agent_connect_seconds,
-            agent_read_seconds=settings.agent_read_seconds,
-            usage=usage,
-            retriever=retriever,
-            reviews=reviews,
-            external_mcp_token=(
-                settings.external_mcp_token.get_secret_value()
-                if settings.external_mcp_token
-                else None
+            agents=AgentAccess(
+                provisioner,
+                host_map=settings.agent_host_map,
+                connect_seconds=settings.agent_connect_seconds,
+                read_seconds=settings.agent_read_seconds,
+                external_mcp_token=(
+                    settings.external_mcp_token.get_secret_value()
+                    if settings.external_mcp_token
+                    else None
+                ),
             ),
+            turns=TurnSetup(
+                router,
+                max_tool_rounds=settings.max_tool_rounds,
+                retriever=retriever,
+                reviews=reviews,
+            ),
+            max_queued=settings.max_queued_messages,
+            usage=usage,
         )
         # Pushed last, so it runs first: the agents' MCP sessions end while the agents run.
-        stack.push_async_callback(app[CHAT_SERVICES].agents.close)
+        stack.push_async_callback(app[CHAT_SERVICES].agents.sessions.close)
 
         async def database_ok() -> bool:
             async with pool.connection() as connection:

@@ -30,7 +30,7 @@ async def prepare_agent(app: web.Application, user_id: str) -> AgentSession:
     """The user's own agent (the one the gateway's chat uses), with a dataset and a strategy."""
     services = app[CHAT_SERVICES]
     license = await effective_license(services, user_id)
-    endpoint = await services.provisioner.ensure_agent(license, no_progress)
+    endpoint = await services.agents.provisioner.ensure_agent(license, no_progress)
     agent = AgentSession(endpoint)
     setup: list[tuple[str, dict[str, Any]]] = [
         ("save_dataset", {"name": "trend", "data": trending_csv(), "format": "csv"}),

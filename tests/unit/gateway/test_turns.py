@@ -6,9 +6,12 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from dexorder.core import protocol
+from dexorder.gateway.agent_handle import CONTEXT_FRESH_SECONDS, fresh
+from dexorder.gateway.harness import carried_context
 from dexorder.gateway.llm import Usage
 from dexorder.gateway.turn_runner import relay_turn
 from dexorder.gateway.turns import (
+    AgentContext,
     FellBack,
     ReplyDelta,
     SourcesCited,
@@ -86,3 +89,21 @@ async def test_a_cancel_in_the_channel_reaches_the_harness() -> None:
     await asyncio.wait([task])
     assert task.cancelled()
     assert harness_saw == ["cancelled"]
+
+
+def test_a_context_read_ahead_is_fresh_for_thirty_seconds() -> None:
+    read = AgentContext({}, [], read_at=100.0)
+    assert fresh(read, 100.0 + CONTEXT_FRESH_SECONDS)
+    assert not fresh(read, 100.1 + CONTEXT_FRESH_SECONDS)
+    assert not fresh(None, 100.0)
+
+
+def test_a_turn_without_tools_carries_its_context_over() -> None:
+    context = AgentContext({"style": "brief"}, [{"role": "user", "content": "a"}], read_at=5.0)
+    record = [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    carried = carried_context(context, record)
+    assert carried == AgentContext(
+        {"style": "brief"}, [*context.turns, *record], read_at=5.0, carried=True
+    )
+    with_tool = [*record[:1], {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    assert carried_context(context, with_tool) is None

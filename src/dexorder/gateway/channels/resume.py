@@ -83,8 +83,9 @@ class SessionOutbox:
     """A session's frames on this replica: recorded in order, then sent to the socket attached.
 
     It also keeps the session's ``generating_on`` mark: set when this replica takes a
-    message, cleared just before the frame that ends the last reply is recorded, so a
-    follower that sees ``done`` and reads the mark finds it cleared.
+    message, and cleared by ``clear_generating``, which the conversation calls when its
+    last turn ends, just before the frame that ends it: a follower that sees ``done`` and
+    reads the mark finds it cleared.
 
     A reply's first frame is numbered by the store; the outbox numbers the next ones itself
     and has them recorded in the background, so no token waits for the store on its way
@@ -95,7 +96,6 @@ class SessionOutbox:
         self.store = store
         self.session_id = session_id
         self.replica = replica
-        self.conversation: Conversation | None = None
         self._ws: web.WebSocketResponse | None = None
         self._lock = asyncio.Lock()
         self._generating = False
@@ -115,8 +115,6 @@ class SessionOutbox:
         try:
             text = protocol.encode_frame(frame)
             ends = isinstance(frame, _TURN_ENDS)
-            if ends and (self.conversation is None or self.conversation.idle):
-                await self.clear_generating()
             next_seq, self._next_seq = self._next_seq, None
             try:
                 if next_seq is None:
@@ -217,6 +215,7 @@ class FollowState:
 
 async def follow_elsewhere(
     ws: web.WebSocketResponse,
+    conversation: Conversation,
     outbox: SessionOutbox,
     user_id: str,
     after: int,
@@ -247,8 +246,6 @@ async def follow_elsewhere(
         await _notice(ws, "cannot follow the reply right now; carrying on here")
     await outbox.attach(ws, last)
     state.active = False
-    conversation = outbox.conversation
-    assert conversation is not None
     pending, state.pending = state.pending, []
     await take_queued(ws, conversation, outbox, pending)
 

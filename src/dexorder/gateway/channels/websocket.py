@@ -210,16 +210,15 @@ async def serve(
             await take_queued(ws, conversation, outbox, session.queued)
         else:
             outbox = SessionOutbox(store, session_id, replica_id(app))
-            conversation = Conversation(
-                services,
+            conversation = services.conversation(
                 license,
                 session_id=session_id,
                 emit=outbox.emit,
                 show=outbox.show,
                 channel="websocket",
                 on_mcp_session=functools.partial(store.set_mcp_session, session_id),
+                on_last_turn_ending=outbox.clear_generating,
             )
-            outbox.conversation = conversation
             app[LIVE_SOCKETS][ws] = conversation
             if session.generating_on is not None:
                 following.active = True
@@ -227,7 +226,7 @@ async def serve(
                 # too (the store keeps them until then).
                 following.pending.extend(session.queued)
                 follower = asyncio.create_task(
-                    follow_elsewhere(ws, outbox, identity.user, since, following),
+                    follow_elsewhere(ws, conversation, outbox, identity.user, since, following),
                     name=f"follow:{session_id}",
                 )
             else:
@@ -353,7 +352,7 @@ async def _take_message(
     )
     if following.active:
         # The reply in progress is another replica's: this one takes the message after it.
-        if len(following.pending) >= conversation.services.max_queued:
+        if len(following.pending) >= conversation.max_queued:
             await _send(ws, queue_full)
             return
         following.pending.append(text)

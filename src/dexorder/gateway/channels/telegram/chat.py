@@ -350,8 +350,7 @@ class TelegramChat:
             async def no_turns(_: TurnEvent) -> None:
                 return None  # it answers the approval only, and runs no turn
 
-            once = Conversation(
-                self.services,
+            once = self.services.conversation(
                 license,
                 session_id=f"tg-approval-{uuid.uuid4().hex}",
                 emit=collect,
@@ -520,8 +519,7 @@ class TelegramChat:
             await chat.emit(protocol.ErrorFrame(code=error.code, message=error.message))
             return False
         session_id = await self.sessions.current(chat_id, user_id)
-        conversation = Conversation(
-            self.services,
+        conversation = self.services.conversation(
             license,
             session_id=session_id,
             emit=chat.emit,
