@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -14,7 +14,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
-from dexorder.core.routing import LLMTarget
 from dexorder.gateway import metrics
 from dexorder.gateway.agent_handle import AgentAccess
 from dexorder.gateway.auth import TokenVerifier
@@ -170,7 +169,7 @@ async def _open_retriever(
 
 async def _open_reviews(
     settings: GatewaySettings,
-    targets: Mapping[str, list[LLMTarget]],
+    router: ModelRouter,
     default_group: str,
     stack: contextlib.AsyncExitStack,
 ) -> ReviewChat:
@@ -180,8 +179,8 @@ async def _open_reviews(
 
     reviews = await stack.enter_async_context(StrategyReviews.open(settings.database_url))
     # The risk summary is short work: the lightest configured group writes it.
-    group = next((g for g in ("fast", default_group) if targets.get(g)), None)
-    summarize = llm_summarizer(targets[group] if group else [])
+    group = next((g for g in ("fast", default_group) if router.groups.get(g)), None)
+    summarize = llm_summarizer(router, group)
     return ReviewChat(reviews, summarize)
 
 
@@ -219,7 +218,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(usage.close)
         app[EVENT_SINK] = sink
         retriever = await _open_retriever(settings, stack)
-        reviews = await _open_reviews(settings, targets, models.default_group, stack)
         router = ModelRouter(
             targets,
             RouterPolicy(
@@ -232,6 +230,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             transport=settings.llm_transport,
         )
         stack.push_async_callback(router.close)
+        reviews = await _open_reviews(settings, router, models.default_group, stack)
         # A model's price is worked out at its first use (ms of CPU, more when LiteLLM sets
         # its provider up then): here, not in the middle of some user's first reply.
         for model in sorted({target.model for group in targets.values() for target in group}):

@@ -24,7 +24,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from dexorder.gateway.http_body import ended_within
 from dexorder.gateway.llm import EncodedTools
 from dexorder.gateway.provisioning.base import AgentEndpoint
+from dexorder.gateway.sse import DEFAULT_EVENT, SSEReader, read_events
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ _METHOD_NOT_FOUND = -32601
 # An event of a streamed answer is one line; a tool's result can be large. aiohttp refuses
 # lines over twice this.
 _READ_BUFFER = 4 * 1024 * 1024
+#: The longest event line taken (a tool's whole result can come in one): what aiohttp's line
+#: reader allowed with this read buffer.
+_MAX_EVENT_LINE = 2 * _READ_BUFFER
 
 #: How long a read (a resource, the tool list) may take by default (DEXORDER_AGENT_READ_SECONDS).
 DEFAULT_READ_SECONDS = 30.0
@@ -136,28 +140,6 @@ def _text_of(result: CallToolResult) -> str:
     if not parts and result.structuredContent is not None:
         parts.append(json.dumps(result.structuredContent))
     return "\n".join(parts)
-
-
-async def _sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The ``data`` of each ``message`` event of a server-sent event stream."""
-    event, data = "message", list[str]()
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
-        if not line:
-            if data and event == "message":
-                yield "\n".join(data)
-            event, data = "message", list[str]()
-        elif line.startswith(":"):
-            continue  # a comment: keep-alive
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-    if data and event == "message":
-        yield "\n".join(data)
 
 
 class AgentSession:
@@ -305,19 +287,21 @@ class AgentSession:
     ) -> dict[str, Any] | None:
         """Read events until the one that answers ``request_id``; notifications on the way
         are passed over, and requests from the server are answered."""
-        async for data in _sse_messages(response):
-            try:
-                message = json.loads(data)
-            except ValueError as error:
-                raise AgentUnavailable(
-                    f"the agent sent an event that is not JSON: {error}"
-                ) from error
-            if not isinstance(message, dict):
-                continue
-            if "method" in message and "id" in message:
-                await self._answer_server_request(message, headers)
-            elif message.get("id") == request_id and "method" not in message:
-                return message
+        reader = SSEReader(_MAX_EVENT_LINE, kinds=(DEFAULT_EVENT,))
+        async with contextlib.aclosing(read_events(response, reader)) as events:
+            async for data in events:
+                try:
+                    message = json.loads(data)
+                except ValueError as error:
+                    raise AgentUnavailable(
+                        f"the agent sent an event that is not JSON: {error}"
+                    ) from error
+                if not isinstance(message, dict):
+                    continue
+                if "method" in message and "id" in message:
+                    await self._answer_server_request(message, headers)
+                elif message.get("id") == request_id and "method" not in message:
+                    return message
         return None
 
     async def _answer_server_request(

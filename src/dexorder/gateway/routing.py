@@ -51,7 +51,13 @@ from typing import Any, Final, Literal
 
 from prometheus_client import Counter
 
-from dexorder.core.routing import LLMTarget, RouteChoice, allowed_groups, choose_route
+from dexorder.core.routing import (
+    LLMTarget,
+    RouteChoice,
+    RouteSource,
+    allowed_groups,
+    choose_route,
+)
 from dexorder.gateway import metrics
 from dexorder.gateway.llm import (
     LLMError,
@@ -204,6 +210,19 @@ class ModelRouter:
         ROUTE_CHOICES.labels(group=choice.group, source=choice.source.value).inc()
         return choice
 
+    def route_to(self, group: str, reason: str) -> RouteChoice:
+        """Every deployment of ``group``, in the model list's order: the route of work the
+        gateway does itself (not counted with the messages' routes). ``KeyError`` for a
+        group the model list does not define."""
+        targets = self.groups[group]
+        return RouteChoice(
+            group=group,
+            deployment=targets[0].model,
+            order=tuple(range(len(targets))),
+            reason=reason,
+            source=RouteSource.FIXED,
+        )
+
     def chain(self, choice: RouteChoice) -> list[str]:
         """The deployment names of a route, in the order they are tried: the route's order,
         with the deployments that are cooling down after a failure moved to the end."""
@@ -298,8 +317,8 @@ class ModelRouter:
     ) -> AsyncGenerator[RoutedEvent, None]:
         """Stream one model round along a route; see the module docstring for what is shown.
 
-        Events as ``llm.stream_chat``'s (``TextDelta``..., then ``ToolCall``s, ``Usage``,
-        ``Finish``), with a ``Fallback`` before any takeover. Closing the generator closes the
+        Events as ``llm``'s (``TextDelta``..., then ``ToolCall``s, ``Usage``, ``Finish``),
+        with a ``Fallback`` before any takeover. Closing the generator closes the
         upstream stream.
         """
         remaining = self.chain(choice)
