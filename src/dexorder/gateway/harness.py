@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,6 +61,23 @@ _CONTEXT_FROM = {
     source: metrics.TURN_CONTEXTS.labels(source=source)
     for source in ("carried", "read_ahead", "read")
 }
+
+
+#: Each session's tools as the model is offered them, encoded once for the session's life
+#: (its tool list is fetched once too); forgotten with the session.
+_ENCODED_TOOLS: weakref.WeakKeyDictionary[AgentSession, tuple[list[ToolSpec], EncodedTools]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def openai_tools(agent: AgentSession) -> EncodedTools:
+    """The agent's tools in OpenAI's form (the MCP adapter knows nothing of models)."""
+    tools = await agent.list_tools()
+    encoded = _ENCODED_TOOLS.get(agent)
+    if encoded is None or encoded[0] is not tools:
+        encoded = (tools, EncodedTools(tool.as_openai_tool() for tool in tools))
+        _ENCODED_TOOLS[agent] = encoded
+    return encoded[1]
 
 
 async def read_agent_context(agent: AgentSession, session_id: str) -> AgentContext:
@@ -244,7 +262,7 @@ class Harness:
     ) -> tuple[list[dict[str, Any]], EncodedTools, AgentContext, TurnContext | None]:
         context, tools, retrieved = await asyncio.gather(
             self._agent_context(ahead),
-            self.agent.openai_tools(),
+            openai_tools(self.agent),
             self._retrieve(user_message),
         )
         preferences = context.preferences
