@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 
 from dexorder.core.licenses import EffectiveLicense
 from dexorder.gateway import metrics
-from dexorder.gateway.agent_sessions import AgentLease, AgentSessions
+from dexorder.gateway.agents.mcp_client import DEFAULT_READ_SECONDS, AgentSession
+from dexorder.gateway.agents.provisioning import (
+    AgentEndpoint,
+    Progress,
+    Provisioner,
+    ProvisioningError,
+)
+from dexorder.gateway.agents.sessions import AgentLease, AgentSessions
 from dexorder.gateway.harness import read_agent_context
-from dexorder.gateway.mcp_client import DEFAULT_READ_SECONDS, AgentSession
-from dexorder.gateway.provisioning import AgentEndpoint, Progress, Provisioner, ProvisioningError
 from dexorder.gateway.turns import AgentContext
 
 logger = logging.getLogger(__name__)

@@ -16,18 +16,15 @@ from redis.asyncio import Redis
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
 from dexorder.gateway import metrics
 from dexorder.gateway.agent_handle import AgentAccess
+from dexorder.gateway.agents.provisioning import Provisioner
+from dexorder.gateway.agents.provisioning.kubernetes import KubernetesProvisioner
+from dexorder.gateway.agents.provisioning.local import LocalProvisioner
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
 from dexorder.gateway.conversation import ChatServices, TurnSetup
 from dexorder.gateway.events import EventSink, open_event_sink
-from dexorder.gateway.licenses import LicenseStore, open_pool
-from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
 from dexorder.gateway.models import load_model_list, model_targets
-from dexorder.gateway.provisioning import Provisioner
-from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
-from dexorder.gateway.provisioning.local import LocalProvisioner
-from dexorder.gateway.routing import ModelRouter, RouterPolicy
-from dexorder.gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
 from dexorder.gateway.state import (
     CHAT_SERVICES,
@@ -39,7 +36,10 @@ from dexorder.gateway.state import (
     SETTINGS,
     VERIFIER,
 )
-from dexorder.gateway.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
+from dexorder.gateway.stores.licenses import LicenseStore, open_pool
+from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 if TYPE_CHECKING:

@@ -30,17 +30,17 @@ from dexorder.core.routing import LLMTarget, RoutingError
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
 from dexorder.gateway.agent_handle import AgentAccess, AgentHandle
+from dexorder.gateway.agents.mcp_client import AgentSession, AgentTimeout, AgentUnavailable
+from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.failures import error_frame
 from dexorder.gateway.harness import Harness
-from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
-from dexorder.gateway.limits import Limiter, LimiterUnavailable, TurnSlot
-from dexorder.gateway.llm import LLMError
-from dexorder.gateway.mcp_client import AgentSession, AgentTimeout, AgentUnavailable
-from dexorder.gateway.provisioning import ProvisioningError
-from dexorder.gateway.routing import ModelRouter
+from dexorder.gateway.llm.adapter import LLMError
+from dexorder.gateway.llm.routing import ModelRouter
+from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, LicenseStore
+from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
+from dexorder.gateway.stores.usage import Turn, UsageRecorder
 from dexorder.gateway.turn_runner import ShowEvent, TurnMetrics, relay_turn
 from dexorder.gateway.turns import TurnFinished, TurnTally
-from dexorder.gateway.usage import Turn, UsageRecorder
 
 if TYPE_CHECKING:
     # Both are opened only when configured; their imports (Qdrant, LangGraph) are heavy.

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from dexorder.core import protocol
 from dexorder.core.routing import RoutingError
-from dexorder.gateway.limits import LimiterUnavailable
-from dexorder.gateway.llm import LLMError
-from dexorder.gateway.mcp_client import AgentUnavailable
-from dexorder.gateway.provisioning import ProvisioningError
+from dexorder.gateway.agents.mcp_client import AgentUnavailable
+from dexorder.gateway.agents.provisioning import ProvisioningError
+from dexorder.gateway.llm.adapter import LLMError
+from dexorder.gateway.stores.limits import LimiterUnavailable
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dexorder.core import protocol
 from dexorder.core.routing import RouteChoice
 from dexorder.gateway import metrics
-from dexorder.gateway.llm import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
-from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
-from dexorder.gateway.routing import Fallback, ModelRouter, RoutedEvent
+from dexorder.gateway.agents.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
+from dexorder.gateway.llm.adapter import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
+from dexorder.gateway.llm.routing import Fallback, ModelRouter, RoutedEvent
 from dexorder.gateway.turns import (
     HISTORY_TURNS,
     AgentContext,

@@ -24,8 +24,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from dexorder.gateway import metrics
+from dexorder.gateway.stores.usage import Turn
 from dexorder.gateway.turns import TurnEvent, TurnFinished, TurnTally
-from dexorder.gateway.usage import Turn
 
 ShowEvent = Callable[[TurnEvent], Awaitable[None]]
 

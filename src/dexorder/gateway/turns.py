@@ -18,7 +18,7 @@ from typing import Any, assert_never
 
 from dexorder.core import protocol
 from dexorder.core.routing import RouteChoice
-from dexorder.gateway.llm import Usage
+from dexorder.gateway.llm.adapter import Usage
 
 HISTORY_TURNS = 20
 """Past turns a prompt carries (and a carried context keeps)."""

@@ -13,7 +13,7 @@ import aiohttp
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.gateway import metrics
-from dexorder.gateway.provisioning.local import LocalProvisioner
+from dexorder.gateway.agents.provisioning.local import LocalProvisioner
 from dexorder.gateway.state import CHAT_SERVICES, SESSIONS
 from tests.integration.gateway.conftest import (
     RunningGateway,

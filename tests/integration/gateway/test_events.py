@@ -20,9 +20,9 @@ from dexorder.devenv.process import free_port
 from dexorder.gateway.events import EventsRefused, JsonlSink, KafkaSink, open_event_sink
 from dexorder.gateway.settings import GatewaySettings
 from dexorder.gateway.spool import Spool
+from dexorder.gateway.stores.usage import UsageRecorder
 from dexorder.gateway.turn_runner import relay_turn
 from dexorder.gateway.turns import ReplyDelta, ToolFinished, ToolStarted, TurnEvent, TurnTally
-from dexorder.gateway.usage import UsageRecorder
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from dexorder.devenv.fake_llm import (
     count_prompt_tokens,
 )
 from dexorder.devenv.process import LOOPBACK, free_port
-from dexorder.gateway.llm import (
+from dexorder.gateway.llm.adapter import (
     Finish,
     LLMError,
     LLMErrorCode,
@@ -30,7 +30,7 @@ from dexorder.gateway.llm import (
     Usage,
     load_litellm,
 )
-from dexorder.gateway.routing import ModelRouter, RoutedEvent, RouterPolicy
+from dexorder.gateway.llm.routing import ModelRouter, RoutedEvent, RouterPolicy
 
 TEXT = "Bitcoin closed higher today, while ether was flat."
 LONG_TEXT = " ".join(f"word{i}" for i in range(200))

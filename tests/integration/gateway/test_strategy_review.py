@@ -17,9 +17,9 @@ import pytest
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.fake_llm.scripts import FailureScript, TextScript
 from dexorder.devenv.fake_llm.server import FakeLLMServer
-from dexorder.gateway.mcp_client import AgentSession
-from dexorder.gateway.provisioning import AgentEndpoint
-from dexorder.gateway.routing import ModelRouter, RouterPolicy
+from dexorder.gateway.agents.mcp_client import AgentSession
+from dexorder.gateway.agents.provisioning import AgentEndpoint
+from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
 from dexorder.gateway.workflows.strategy_review import (
     ApprovalInvalid,
     ReviewContext,
@@ -251,8 +251,8 @@ async def test_a_failed_summary_falls_back_to_the_computed_facts(
 WAIT_IN_ANOTHER_PROCESS = textwrap.dedent(
     """
     import asyncio, sys
-    from dexorder.gateway.mcp_client import AgentSession
-    from dexorder.gateway.provisioning import AgentEndpoint
+    from dexorder.gateway.agents.mcp_client import AgentSession
+    from dexorder.gateway.agents.provisioning import AgentEndpoint
     from dexorder.gateway.workflows.strategy_review import ReviewContext, StrategyReviews
     from dexorder.core.risk import RiskAssessment
 

@@ -14,17 +14,17 @@ import pytest
 
 from dexorder.devenv.process import free_port
 from dexorder.gateway.events import JsonlSink
-from dexorder.gateway.licenses import Pool, open_pool
-from dexorder.gateway.limits import MemoryLimiter
 from dexorder.gateway.metrics import REGISTRY
-from dexorder.gateway.turns import ReplyDelta, TurnTally
-from dexorder.gateway.usage import (
+from dexorder.gateway.stores.licenses import Pool, open_pool
+from dexorder.gateway.stores.limits import MemoryLimiter
+from dexorder.gateway.stores.usage import (
     DailyIncrement,
     DailyUsage,
     UsageRecorder,
     UsageStore,
     UsageUnavailable,
 )
+from dexorder.gateway.turns import ReplyDelta, TurnTally
 
 DAY = dt.date(2026, 11, 24)
 

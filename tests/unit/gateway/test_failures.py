@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dexorder.core import protocol
 from dexorder.core.routing import RoutingError
+from dexorder.gateway.agents.mcp_client import AgentTimeout, AgentUnavailable
+from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.failures import error_frame
-from dexorder.gateway.limits import LimiterUnavailable
-from dexorder.gateway.llm import LLMError, LLMErrorCode
-from dexorder.gateway.mcp_client import AgentTimeout, AgentUnavailable
-from dexorder.gateway.provisioning import ProvisioningError
+from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode
+from dexorder.gateway.stores.limits import LimiterUnavailable
 
 Code = protocol.ErrorCode
 

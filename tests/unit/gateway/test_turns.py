@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from dexorder.core import protocol
 from dexorder.gateway.agent_handle import CONTEXT_FRESH_SECONDS, fresh
 from dexorder.gateway.harness import carried_context
-from dexorder.gateway.llm import Usage
+from dexorder.gateway.llm.adapter import Usage
 from dexorder.gateway.turn_runner import relay_turn
 from dexorder.gateway.turns import (
     AgentContext,

@@ -21,17 +21,17 @@ from dexorder.core.events import (
     event_from_json,
 )
 from dexorder.gateway.events import JsonlSink
+from dexorder.gateway.llm.pricing import litellm_cost
 from dexorder.gateway.metrics import REGISTRY
-from dexorder.gateway.turn_runner import relay_turn
-from dexorder.gateway.turns import ReplyDelta, ToolFinished, ToolStarted, TurnEvent, TurnTally
-from dexorder.gateway.usage import (
+from dexorder.gateway.stores.usage import (
     DailyIncrement,
     Turn,
     UsageRecorder,
     UsageStore,
     UsageUnavailable,
-    litellm_cost,
 )
+from dexorder.gateway.turn_runner import relay_turn
+from dexorder.gateway.turns import ReplyDelta, ToolFinished, ToolStarted, TurnEvent, TurnTally
 
 
 def fixed_cost(model: str, prompt: int, completion: int) -> float | None:
@@ -256,7 +256,7 @@ async def test_a_failed_write_counts_and_logs_every_turn_it_carried(
     await asyncio.sleep(0)
     turns += await asyncio.gather(finish(recorder, "a", 2), finish(recorder, "b", 3))
     store.let_go.set()
-    with caplog.at_level(logging.ERROR, logger="dexorder.gateway.usage"):
+    with caplog.at_level(logging.ERROR, logger="dexorder.gateway.stores.usage"):
         await recorder.close()
     assert len(store.writes) == 2
     assert not_recorded_daily() == before + 3

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from dexorder.core import protocol
 from dexorder.gateway.conversation import Conversation
-from dexorder.gateway.sessions import SessionError, SessionFrame, SessionStore
+from dexorder.gateway.stores.sessions import SessionError, SessionFrame, SessionStore
 from dexorder.gateway.turns import TurnEvent, frame_for
 
 logger = logging.getLogger(__name__)

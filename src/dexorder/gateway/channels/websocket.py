@@ -39,7 +39,6 @@ from dexorder.gateway.conversation import (
     ConversationError,
     effective_license,
 )
-from dexorder.gateway.sessions import SessionError, SessionForbidden, SessionState, SessionStore
 from dexorder.gateway.state import (
     CHAT_SERVICES,
     DRAINING,
@@ -47,6 +46,12 @@ from dexorder.gateway.state import (
     SESSIONS,
     SETTINGS,
     VERIFIER,
+)
+from dexorder.gateway.stores.sessions import (
+    SessionError,
+    SessionForbidden,
+    SessionState,
+    SessionStore,
 )
 
 logger = logging.getLogger(__name__)

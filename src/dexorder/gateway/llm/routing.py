@@ -59,7 +59,7 @@ from dexorder.core.routing import (
     choose_route,
 )
 from dexorder.gateway import metrics
-from dexorder.gateway.llm import (
+from dexorder.gateway.llm.adapter import (
     LLMError,
     LLMErrorCode,
     LLMEvent,
@@ -70,7 +70,7 @@ from dexorder.gateway.llm import (
     load_litellm,
     wrap_error,
 )
-from dexorder.gateway.openai_wire import WireClient, WireTarget, wire_target
+from dexorder.gateway.llm.wire import WireClient, WireTarget, wire_target
 
 logger = logging.getLogger(__name__)
 

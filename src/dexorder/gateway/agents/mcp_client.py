@@ -42,7 +42,7 @@ from mcp.types import (
 )
 from pydantic import ValidationError
 
-from dexorder.gateway.mcp_transport import (
+from dexorder.gateway.agents.mcp_transport import (
     SESSION_HEADER,
     VERSION_HEADER,
     AgentTimeout,
@@ -51,7 +51,7 @@ from dexorder.gateway.mcp_transport import (
     SessionLost,
     StreamableHTTP,
 )
-from dexorder.gateway.provisioning.base import AgentEndpoint
+from dexorder.gateway.agents.provisioning.base import AgentEndpoint
 
 logger = logging.getLogger(__name__)
 

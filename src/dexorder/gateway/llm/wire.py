@@ -26,7 +26,7 @@ import aiohttp
 
 from dexorder.core.routing import LLMTarget
 from dexorder.gateway.http_body import ended_within
-from dexorder.gateway.llm import LLMError, LLMErrorCode, tools_json
+from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode, tools_json
 from dexorder.gateway.sse import SSEReader
 
 #: litellm's provider prefixes whose API is OpenAI's Chat Completions, and their default base.
