@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncGenerator
+
+import pytest
 
 from dexorder.core import protocol
 from dexorder.gateway.agent_handle import CONTEXT_FRESH_SECONDS, fresh
-from dexorder.gateway.harness import carried_context
+from dexorder.gateway.agents.mcp_client import AgentSession, ToolSpec
+from dexorder.gateway.agents.provisioning import AgentEndpoint
+from dexorder.gateway.harness import carried_context, openai_tools
 from dexorder.gateway.llm.adapter import Usage
 from dexorder.gateway.turn_runner import relay_turn
 from dexorder.gateway.turns import (
@@ -107,3 +112,22 @@ def test_a_turn_without_tools_carries_its_context_over() -> None:
     )
     with_tool = [*record[:1], {"role": "tool", "tool_call_id": "c1", "content": "x"}]
     assert carried_context(context, with_tool) is None
+
+
+async def test_a_sessions_tools_are_encoded_once_for_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    session = AgentSession(AgentEndpoint("u", "http://127.0.0.1:9/mcp", None))
+    listed = [ToolSpec("recall", "Search the memory.", {})]
+    asked: list[int] = []
+
+    async def list_tools() -> list[ToolSpec]:
+        asked.append(1)
+        return listed  # the session keeps its list: the same object every time
+
+    monkeypatch.setattr(session, "list_tools", list_tools)
+    first = await openai_tools(session)
+    assert await openai_tools(session) is first
+    assert len(asked) == 2
+    assert json.loads(first.json)[0]["function"]["name"] == "recall"
+    await session.close()

@@ -324,7 +324,7 @@ def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> 
 # --- the stream -----------------------------------------------------------------------------
 
 
-# Chunk parsing, shared by the direct stream below and the routes' (gateway.routing).
+# Chunk parsing, for both transports of the routes (gateway.llm.routing).
 
 
 @dataclass
@@ -350,7 +350,7 @@ def tool_calls_from(parts: Mapping[int, ToolCallParts], round_id: str) -> list[T
 class RoundReader:
     """What one attempt's chunks add up to, besides their text.
 
-    Reads litellm's chunk objects and the wire path's parsed JSON (``gateway.openai_wire``)
+    Reads litellm's chunk objects and the wire path's parsed JSON (``gateway.llm.wire``)
     alike, so the router treats both transports the same.
     """
 

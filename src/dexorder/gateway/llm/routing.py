@@ -7,7 +7,7 @@ so the order a route tries them in is exact. ``ModelRouter.choose`` picks the ro
 
 Each deployment is called through one of two transports. Deployments whose provider speaks
 OpenAI's streaming protocol (``openai/...``, ``openrouter/...``, any ``api_base`` serving it) are
-streamed by ``gateway.openai_wire``, which parses the chunks' JSON and nothing more; litellm's
+streamed by ``gateway.llm.wire``, which parses the chunks' JSON and nothing more; litellm's
 per-chunk models cost 25 times the CPU, and at a hundred concurrent replies that is the
 gateway's bottleneck. Every other provider (and every deployment with ``transport="litellm"``)
 is called through litellm's SDK, ``acompletion``, one deployment at a time. Not through

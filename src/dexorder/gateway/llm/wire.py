@@ -5,7 +5,7 @@ LM Studio, a local test server) streams Server-Sent Events whose ``data`` is one
 ending with ``data: [DONE]``. litellm reads the same stream by building the OpenAI SDK's pydantic
 chunk models and then its own, about 0.8 ms of CPU per chunk on this machine against 0.03 ms for
 parsing the JSON (BENCHMARKS.md, field notes): at a hundred concurrent replies that alone
-saturates a core and delays every token. So for these providers the router (gateway.routing)
+saturates a core and delays every token. So for these providers the router (gateway.llm.routing)
 streams through this module, and through litellm for every other provider (Anthropic, Gemini,
 Ollama...). The model list, the provider prefixes and the routing are the same either way;
 ``DEXORDER_LLM_TRANSPORT=litellm`` sends everything through litellm.
