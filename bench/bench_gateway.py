@@ -373,8 +373,8 @@ class Stack:
 
 
 async def save_license(dsn: str) -> None:
-    from dexorder.gateway.licenses import LicenseStore, open_pool
     from dexorder.gateway.migrations import apply_migrations
+    from dexorder.gateway.stores.licenses import LicenseStore, open_pool
 
     await apply_migrations(dsn)
     pool = await open_pool(dsn)
@@ -470,7 +470,7 @@ async def run_rounds(
 async def measure(
     stack: Stack, levels: list[int], idle: int, spread: float = 0.0, rounds: int = 0
 ) -> tuple[list[Level], float]:
-    from dexorder.gateway.llm import load_litellm
+    from dexorder.gateway.llm.adapter import load_litellm
 
     litellm = load_litellm()
     ws_url = stack.gateway_url.replace("http", "ws", 1) + "/ws/chat"

@@ -18,8 +18,8 @@ from dexorder.core.tiers import RateLimits
 from dexorder.devenv.kafka import KafkaService
 from dexorder.devenv.redis import RedisService
 from dexorder.gateway.events import JsonlSink, KafkaSink
-from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
 from dexorder.gateway.spool import Spool
+from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
 
 LIMITS = RateLimits(messages_per_minute=10**9, tokens_per_day=10**12, concurrent_generations=10**6)
 

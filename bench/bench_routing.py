@@ -3,7 +3,8 @@ fallbacks add to a streamed reply.
 
 Run with ``.venv/bin/python bench/bench_routing.py``; prints Markdown. The streams come from the
 scripted OpenAI-style server (``dexorder.devenv.fake_llm``) on loopback, read interleaved:
-litellm directly (``llm.stream_chat``), and through ``ModelRouter`` with a healthy first
+litellm directly (``acompletion``, as a baseline: the gateway itself calls models only
+through the router), and through ``ModelRouter`` with a healthy first
 deployment and with one whose first deployment answers 429, each over both transports (the
 wire path OpenAI-compatible deployments take by default, and litellm's SDK).
 """
@@ -24,14 +25,29 @@ from typing import Any
 import yaml
 
 from dexorder.core.complexity import classify
-from dexorder.core.routing import RouteChoice, RouteSource
+from dexorder.core.routing import LLMTarget, RouteChoice, RouteSource
 from dexorder.devenv.fake_llm import FailureScript, FakeLLMServer, TextScript
-from dexorder.gateway.llm import TextDelta, load_litellm, stream_chat
-from dexorder.gateway.routing import ModelRouter, RouterPolicy
+from dexorder.gateway.llm.adapter import RoundReader, TextDelta, litellm_request, load_litellm
+from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
 
 LABELS = Path(__file__).resolve().parents[1] / "tests/unit/core/data/complexity_labels.yaml"
 QUESTION = [{"role": "user", "content": "How did the market do?"}]
 TEXT = " ".join(f"w{i}" for i in range(32))
+
+
+async def litellm_direct(
+    target: LLMTarget, messages: list[dict[str, str]]
+) -> AsyncGenerator[TextDelta, None]:
+    """One round through litellm's SDK and nothing else: the baseline of the paths."""
+    stream = await load_litellm().acompletion(**litellm_request(target, messages, None, timeout=10))
+    reader = RoundReader()
+    try:
+        async for chunk in stream:
+            content = reader.read(chunk)
+            if content:
+                yield TextDelta(content)
+    finally:
+        await stream.aclose()
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -89,7 +105,7 @@ async def streams_section(requests: int) -> list[str]:
             "standard", "openai/busy", (0, 1), "bench", RouteSource.COMPLEXITY
         )
         paths: dict[str, Callable[[], AsyncGenerator[Any, None]]] = {
-            "litellm direct (stream_chat)": lambda: stream_chat(direct_target, QUESTION),
+            "litellm direct (acompletion)": lambda: litellm_direct(direct_target, QUESTION),
         }
         for transport in ("auto", "litellm"):
             label = "wire" if transport == "auto" else "litellm"

@@ -18,9 +18,9 @@ import time
 from dexorder.core.risk import RiskAssessment
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.postgres import PostgresService
-from dexorder.gateway.mcp_client import AgentSession
+from dexorder.gateway.agents.mcp_client import AgentSession
+from dexorder.gateway.agents.provisioning import AgentEndpoint
 from dexorder.gateway.migrations import apply_migrations
-from dexorder.gateway.provisioning import AgentEndpoint
 from dexorder.gateway.workflows.strategy_review import (
     ReviewContext,
     StepTimings,

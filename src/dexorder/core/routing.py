@@ -236,10 +236,12 @@ def resolve_groups(
 
 
 class RouteSource(StrEnum):
-    """What decided a route: the user's preferred model, or the message's complexity."""
+    """What decided a route: the user's preferred model, the message's complexity, or the
+    caller, for work of its own (a workflow's summary) rather than a user's message."""
 
     PREFERENCE = "preference"
     COMPLEXITY = "complexity"
+    FIXED = "fixed"
 
 
 @dataclass(frozen=True)

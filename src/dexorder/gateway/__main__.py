@@ -59,7 +59,7 @@ def _serve() -> int:
     from aiohttp import web
 
     from dexorder.gateway.app import create_app
-    from dexorder.gateway.llm import load_litellm
+    from dexorder.gateway.llm.adapter import load_litellm
 
     settings = load_settings()
     load_litellm()  # once, at start-up, not on the first message

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -14,20 +14,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
-from dexorder.core.routing import LLMTarget
 from dexorder.gateway import metrics
+from dexorder.gateway.agent_handle import AgentAccess
+from dexorder.gateway.agents.provisioning import Provisioner
+from dexorder.gateway.agents.provisioning.kubernetes import KubernetesProvisioner
+from dexorder.gateway.agents.provisioning.local import LocalProvisioner
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
-from dexorder.gateway.conversation import ChatServices
+from dexorder.gateway.conversation import ChatServices, TurnSetup
 from dexorder.gateway.events import EventSink, open_event_sink
-from dexorder.gateway.licenses import LicenseStore, open_pool
-from dexorder.gateway.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
 from dexorder.gateway.models import load_model_list, model_targets
-from dexorder.gateway.provisioning import Provisioner
-from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
-from dexorder.gateway.provisioning.local import LocalProvisioner
-from dexorder.gateway.routing import ModelRouter, RouterPolicy
-from dexorder.gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
 from dexorder.gateway.state import (
     CHAT_SERVICES,
@@ -39,7 +36,10 @@ from dexorder.gateway.state import (
     SETTINGS,
     VERIFIER,
 )
-from dexorder.gateway.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
+from dexorder.gateway.stores.licenses import LicenseStore, open_pool
+from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ async def _open_retriever(
 
 async def _open_reviews(
     settings: GatewaySettings,
-    targets: Mapping[str, list[LLMTarget]],
+    router: ModelRouter,
     default_group: str,
     stack: contextlib.AsyncExitStack,
 ) -> ReviewChat:
@@ -179,8 +179,8 @@ async def _open_reviews(
 
     reviews = await stack.enter_async_context(StrategyReviews.open(settings.database_url))
     # The risk summary is short work: the lightest configured group writes it.
-    group = next((g for g in ("fast", default_group) if targets.get(g)), None)
-    summarize = llm_summarizer(targets[group] if group else [])
+    group = next((g for g in ("fast", default_group) if router.groups.get(g)), None)
+    summarize = llm_summarizer(router, group)
     return ReviewChat(reviews, summarize)
 
 
@@ -218,7 +218,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(usage.close)
         app[EVENT_SINK] = sink
         retriever = await _open_retriever(settings, stack)
-        reviews = await _open_reviews(settings, targets, models.default_group, stack)
         router = ModelRouter(
             targets,
             RouterPolicy(
@@ -231,6 +230,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             transport=settings.llm_transport,
         )
         stack.push_async_callback(router.close)
+        reviews = await _open_reviews(settings, router, models.default_group, stack)
         # A model's price is worked out at its first use (ms of CPU, more when LiteLLM sets
         # its provider up then): here, not in the middle of some user's first reply.
         for model in sorted({target.model for group in targets.values() for target in group}):
@@ -238,27 +238,31 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[CHAT_SERVICES] = ChatServices(
             licenses=licenses,
             catalog=catalog,
-            provisioner=provisioner,
             limiter=limiter,
             targets=targets,
             default_group=models.default_group,
-            router=router,
-            host_map=settings.agent_host_map,
-            max_tool_rounds=settings.max_tool_rounds,
-            max_queued=settings.max_queued_messages,
-            agent_connect_seconds=settings.agent_connect_seconds,
-            agent_read_seconds=settings.agent_read_seconds,
-            usage=usage,
-            retriever=retriever,
-            reviews=reviews,
-            external_mcp_token=(
-                settings.external_mcp_token.get_secret_value()
-                if settings.external_mcp_token
-                else None
+            agents=AgentAccess(
+                provisioner,
+                host_map=settings.agent_host_map,
+                connect_seconds=settings.agent_connect_seconds,
+                read_seconds=settings.agent_read_seconds,
+                external_mcp_token=(
+                    settings.external_mcp_token.get_secret_value()
+                    if settings.external_mcp_token
+                    else None
+                ),
             ),
+            turns=TurnSetup(
+                router,
+                max_tool_rounds=settings.max_tool_rounds,
+                retriever=retriever,
+                reviews=reviews,
+            ),
+            max_queued=settings.max_queued_messages,
+            usage=usage,
         )
         # Pushed last, so it runs first: the agents' MCP sessions end while the agents run.
-        stack.push_async_callback(app[CHAT_SERVICES].agents.close)
+        stack.push_async_callback(app[CHAT_SERVICES].agents.sessions.close)
 
         async def database_ok() -> bool:
             async with pool.connection() as connection:

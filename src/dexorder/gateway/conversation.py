@@ -1,13 +1,14 @@
-"""One chat session, whatever the channel: the user's agent, a bounded queue of messages,
-and one generation at a time.
+"""One chat session, whatever the channel: a bounded queue of messages, and one generation
+at a time.
 
-A channel (WebSocket, Telegram) feeds it text and receives protocol frames through
-``emit``. The conversation owns every task it starts and cancels them on close.
+A channel (WebSocket, Telegram) feeds it text and receives each turn's events through
+``show`` (``turns``: the harness yields them, ``turn_runner`` fans them out), and the
+frames outside a turn (progress, errors, approvals) through ``emit``. The conversation owns
+every task it starts and cancels them on close.
 
-The agent's MCP session is shared with the user's other conversations in this process
-(``agent_sessions``). What the next turn's prompt needs from the agent (preferences and
-history) is read ahead, once the agent is ready and after each turn's write-back, so the
-model is called without waiting on the agent.
+Its parts each own one concern: the ``AgentHandle`` the agent (lease, read ahead,
+re-provision), the limiter's ``TurnSlot`` a message's admission, ``failures`` what each
+error looks like, ``usage`` the record of each turn.
 """
 
 from __future__ import annotations
@@ -18,30 +19,28 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dexorder.core import protocol
 from dexorder.core.events import TurnOutcome
 from dexorder.core.licenses import EffectiveLicense, License, resolve_license
 from dexorder.core.ratelimit import Decision
-from dexorder.core.routing import LLMTarget, RouteChoice, RoutingError
+from dexorder.core.routing import LLMTarget, RoutingError
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
-from dexorder.gateway.agent_sessions import AgentLease, AgentSessions
-from dexorder.gateway.harness import AgentContext, Harness, TurnResult, read_agent_context
-from dexorder.gateway.licenses import LicenseError, LicenseRefused, LicenseStore
-from dexorder.gateway.limits import Limiter, LimiterUnavailable
-from dexorder.gateway.llm import LLMError
-from dexorder.gateway.mcp_client import (
-    DEFAULT_READ_SECONDS,
-    AgentSession,
-    AgentTimeout,
-    AgentUnavailable,
-)
-from dexorder.gateway.provisioning import AgentEndpoint, Provisioner, ProvisioningError
-from dexorder.gateway.routing import ModelRouter
-from dexorder.gateway.usage import Turn, UsageRecorder
+from dexorder.gateway.agent_handle import AgentAccess, AgentHandle
+from dexorder.gateway.agents.mcp_client import AgentSession, AgentTimeout, AgentUnavailable
+from dexorder.gateway.agents.provisioning import ProvisioningError
+from dexorder.gateway.failures import error_frame
+from dexorder.gateway.harness import Harness
+from dexorder.gateway.llm.adapter import LLMError
+from dexorder.gateway.llm.routing import ModelRouter
+from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, LicenseStore
+from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
+from dexorder.gateway.stores.usage import Turn, UsageRecorder
+from dexorder.gateway.turn_runner import ShowEvent, TurnMetrics, relay_turn
+from dexorder.gateway.turns import TurnFinished, TurnTally
 
 if TYPE_CHECKING:
     # Both are opened only when configured; their imports (Qdrant, LangGraph) are heavy.
@@ -52,40 +51,61 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[protocol.Frame], Awaitable[None]]
 
-# A context read ahead is used only while younger than this: another chat of the same user
-# (a tab, Telegram) may have changed the preferences since, and the history of this chat
-# changes only through its own turns. An older read is done again, as without read ahead.
-CONTEXT_FRESH_SECONDS = 30.0
+
+@dataclass(frozen=True)
+class TurnSetup:
+    """What every turn's harness is built with, the same for every conversation:
+    the model router, the tool rounds allowed, the knowledge-base search (None: off) and
+    the strategy review, a gateway tool with approvals from the user (None: off)."""
+
+    router: ModelRouter
+    max_tool_rounds: int = 8
+    retriever: Retriever | None = None
+    reviews: ReviewChat | None = None
 
 
 @dataclass(frozen=True)
 class ChatServices:
-    """What every conversation needs; built once per gateway process."""
+    """The gateway process's chat services, built once at start-up. Channels open
+    conversations with ``conversation``, which hands each part only what it uses."""
 
     licenses: LicenseStore
     catalog: TierCatalog
-    provisioner: Provisioner
     limiter: Limiter
     targets: Mapping[str, list[LLMTarget]]
     default_group: str
-    router: ModelRouter
-    host_map: Mapping[str, str]
-    max_tool_rounds: int = 8
+    agents: AgentAccess
+    turns: TurnSetup
     max_queued: int = 4
     # Records each turn's events and daily usage; None records nothing (unit tests).
     usage: UsageRecorder | None = None
-    # How long a just-provisioned agent may take to answer its first MCP request.
-    agent_connect_seconds: float = 10.0
-    # How long a read of the agent (preferences, history, tool list) may take.
-    agent_read_seconds: float = DEFAULT_READ_SECONDS
-    # Presented to MCP servers that a license names (mcp_server_url); never the user's JWT.
-    external_mcp_token: str | None = None
-    # Knowledge-base search added to each turn's context (DEXORDER_RAG_ENABLED).
-    retriever: Retriever | None = None
-    # The strategy review: a tool for the model, approvals from the user.
-    reviews: ReviewChat | None = None
-    # One MCP session per user's agent, shared by the user's conversations; the app closes it.
-    agents: AgentSessions = field(default_factory=AgentSessions)
+
+    def conversation(
+        self,
+        license: EffectiveLicense,
+        *,
+        session_id: str,
+        emit: Emit,
+        show: ShowEvent,
+        channel: str,
+        on_mcp_session: Callable[[str | None], Awaitable[None]] | None = None,
+        on_last_turn_ending: Callable[[], Awaitable[None]] | None = None,
+    ) -> Conversation:
+        return Conversation(
+            license,
+            agent=AgentHandle(
+                self.agents, license, session_id=session_id, on_mcp_session=on_mcp_session
+            ),
+            turns=self.turns,
+            limiter=self.limiter,
+            usage=self.usage,
+            max_queued=self.max_queued,
+            session_id=session_id,
+            emit=emit,
+            show=show,
+            channel=channel,
+            on_last_turn_ending=on_last_turn_ending,
+        )
 
 
 class ConversationError(Exception):
@@ -111,66 +131,48 @@ async def effective_license(
     return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
 
 
-def route_frame(route: RouteChoice | None) -> protocol.Route | None:
-    """The ``done`` frame's ``route``: the group, the deployment tried first, and why."""
-    if route is None:
-        return None
-    return protocol.Route(**route.summary())
-
-
 class Conversation:
+    """One chat session's queue and worker; see the module's text."""
+
     def __init__(
         self,
-        services: ChatServices,
         license: EffectiveLicense,
         *,
+        agent: AgentHandle,
+        turns: TurnSetup,
+        limiter: Limiter,
+        usage: UsageRecorder | None,
+        max_queued: int,
         session_id: str,
         emit: Emit,
+        show: ShowEvent,
         channel: str,
-        on_mcp_session: Callable[[str | None], Awaitable[None]] | None = None,
+        on_last_turn_ending: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self.services = services
         self.license = license
+        #: The user's agent, owned (and closed) by this conversation.
+        self.agent = agent
+        self._setup = turns
+        self._limiter = limiter
+        self._usage = usage
+        self.max_queued = max_queued
         self.session_id = session_id
         self.channel = channel
+        #: Frames outside a turn's events (progress, errors, approvals), and the events.
         self._emit = emit
-        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=services.max_queued)
+        self._show = show
+        # Told just before the frame that ends a turn when nothing else runs or waits (the
+        # WebSocket outbox clears the session's generating mark then, so a follower that
+        # sees that frame finds the mark cleared).
+        self._on_last_turn_ending = on_last_turn_ending
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=max_queued)
         self._worker: asyncio.Task[None] | None = None
-        self._turn: asyncio.Task[TurnResult] | None = None
-        # The hold on the shared MCP session; taken and let go under the lock, since the
-        # worker and an approval may both want the agent at once.
-        self._agent_lease: AgentLease | None = None
-        self._agent_lock = asyncio.Lock()
-        # The next turn's context, read ahead from ``_read_ahead_of``; kept (and so owned)
-        # until the next read ahead replaces it or the conversation closes.
-        self._read_ahead: asyncio.Future[AgentContext | None] | None = None
-        self._read_ahead_of: AgentSession | None = None
-        self._read_ahead_taken = False
-        self._closed = False
-        self._lease_open = False
+        self._turn: asyncio.Task[TurnFinished | None] | None = None
         self._prepared = False
-        # Told the agent's MCP session id when one opens and None when it is dropped, so a
-        # shared session store can keep it with the rest of the session.
-        self._on_mcp_session = on_mcp_session
 
     @property
     def user_id(self) -> str:
         return self.license.user_id
-
-    @property
-    def agent(self) -> AgentSession | None:
-        """The MCP session this conversation holds now, shared with the user's others."""
-        lease = self._agent_lease
-        return lease.session if lease is not None and not lease.dropped else None
-
-    @property
-    def context_read_ahead(self) -> AgentContext | None:
-        """The next turn's context once read ahead, until a turn takes it (for tests and
-        diagnostics; a stale one is still shown, and the turn reads again)."""
-        task = self._read_ahead
-        if task is None or self._read_ahead_taken or not task.done() or task.cancelled():
-            return None
-        return task.result()
 
     @property
     def generating(self) -> bool:
@@ -205,123 +207,49 @@ class Conversation:
         return self.idle
 
     async def close(self) -> None:
-        # First: a call waiting for the agent lock (an approval, prepare) must not take a
-        # lease, or start a read ahead, once this conversation has let go of its own.
-        self._closed = True
+        # First: a call waiting for the agent (an approval, prepare) must not take a lease,
+        # or start a read ahead, once this conversation lets go of its own.
+        self.agent.closing()
         self.cancel_generation()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        await self._stop_read_ahead()
-        async with self._agent_lock:
-            lease, self._agent_lease = self._agent_lease, None
-            if lease is not None:
-                await lease.release()
+        await self.agent.close()
 
-    async def _error(
-        self, code: protocol.ErrorCode, message: str, retry_after: float | None = None
-    ) -> None:
-        metrics.ERRORS.labels(code=code.value).inc()
-        await self._emit(protocol.ErrorFrame(code=code, message=message, retry_after=retry_after))
+    # --- what the user is shown -------------------------------------------------------
+
+    async def _turn_ending(self) -> None:
+        if self._on_last_turn_ending is not None and self.idle:
+            await self._on_last_turn_ending()
+
+    async def _error_frame(self, frame: protocol.ErrorFrame) -> None:
+        metrics.ERRORS.labels(code=frame.code.value).inc()
+        await self._turn_ending()
+        await self._emit(frame)
+
+    async def _fail(self, error: Exception) -> None:
+        """Show ``error`` as the ``failures`` table says."""
+        await self._error_frame(error_frame(error))
+
+    async def _refuse(self, decision: Decision) -> None:
+        await self._error_frame(
+            protocol.ErrorFrame(
+                code=protocol.ErrorCode.RATE_LIMITED,
+                message=f"limit of {decision.reason} reached; try again in {decision.retry_after:.0f}s",
+                retry_after=decision.retry_after,
+            )
+        )
+
+    async def _finished(self, finished: TurnFinished) -> None:
+        await self._turn_ending()
+        await self._show(finished)
 
     async def _progress(self, stage: protocol.Stage, message: str) -> None:
         await self._emit(protocol.StatusFrame(stage=stage, message=message))
 
-    async def _ensure_agent(self) -> AgentSession:
-        async with self._agent_lock:
-            if self._closed:
-                raise ProvisioningError("Closed", "this chat session has ended")
-            lease = self._agent_lease
-            if lease is not None and not lease.dropped:
-                return lease.session
-            if lease is not None:
-                # Another conversation of this user found the agent gone and dropped the
-                # session: provision (or find the new agent) and join the next session.
-                self._agent_lease = None
-                await lease.release()
-            if self.license.mcp_server_url:
-                # The license names the user's own MCP server: nothing to provision or wake.
-                endpoint = AgentEndpoint(
-                    self.user_id, self.license.mcp_server_url, self.services.external_mcp_token
-                )
-            else:
-                started = time.perf_counter()
-                endpoint = await self.services.provisioner.ensure_agent(
-                    self.license, self._progress
-                )
-                metrics.PROVISIONING.observe(time.perf_counter() - started)
-            lease = self.services.agents.acquire(
-                endpoint,
-                host_map=self.services.host_map,
-                connect_grace=self.services.agent_connect_seconds,
-                read_timeout=self.services.agent_read_seconds,
-                on_session=self._on_mcp_session,
-            )
-            self._agent_lease = lease
-            await lease.report()
-            return lease.session
-
-    async def _read_context(self, agent: AgentSession) -> AgentContext | None:
-        """The read ahead: preferences and history (and the tool list, cached once read).
-
-        Never fails: a failed read is the turn's to do again, and its error to report."""
-        context, tools = await asyncio.gather(
-            read_agent_context(agent, self.session_id),
-            agent.list_tools(),
-            return_exceptions=True,
-        )
-        for outcome in (context, tools):
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome  # cancelled with the conversation (gather returned it)
-            if isinstance(outcome, BaseException):
-                logger.info(
-                    "reading ahead for session %s failed; the turn reads itself: %s",
-                    self.session_id,
-                    outcome,
-                )
-                return None
-        assert isinstance(context, AgentContext)
-        return context
-
-    async def _read_ahead_next(self, agent: AgentSession) -> None:
-        """Start reading the next turn's context in the background."""
-        await self._stop_read_ahead()
-        if agent.closed or self._closed:
-            return  # dropped meanwhile (the next turn joins a new session), or we are done
-        self._read_ahead = asyncio.create_task(
-            self._read_context(agent), name=f"read-ahead:{self.session_id}"
-        )
-        self._read_ahead_of = agent
-        self._read_ahead_taken = False
-
-    async def _carry_context(self, agent: AgentSession, context: AgentContext) -> None:
-        """Hand ``context`` to the next turn as if it had been read ahead."""
-        await self._stop_read_ahead()
-        done: asyncio.Future[AgentContext | None] = asyncio.get_running_loop().create_future()
-        done.set_result(context)
-        self._read_ahead, self._read_ahead_of = done, agent
-        self._read_ahead_taken = False
-
-    def _take_read_ahead(self, agent: AgentSession) -> asyncio.Future[AgentContext | None] | None:
-        """The read ahead for a turn on ``agent``: once, and only while running or fresh."""
-        task = self._read_ahead
-        if task is None or self._read_ahead_taken or self._read_ahead_of is not agent:
-            return None
-        self._read_ahead_taken = True
-        if task.done():
-            context = None if task.cancelled() else task.result()
-            if context is None or time.monotonic() - context.read_at > CONTEXT_FRESH_SECONDS:
-                return None
-        return task
-
-    async def _stop_read_ahead(self) -> None:
-        task, self._read_ahead, self._read_ahead_of = self._read_ahead, None, None
-        if task is not None and not task.done():
-            task.cancel()
-            # wait(), not await: only our own cancel may stop us here, not the task's.
-            await asyncio.wait([task])
+    # --- before and between turns -----------------------------------------------------
 
     async def prepare(self) -> None:
         """Get the agent ready before the first message, showing progress; errors are frames.
@@ -333,39 +261,37 @@ class Conversation:
             return
         self._prepared = True
         try:
-            agent = await self._ensure_agent()
+            agent = await self.agent.ensure(self._progress)
         except ProvisioningError as error:
-            await self._error(
-                protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
-            )
+            await self._fail(error)
             return
         # The first turn's context (and the MCP handshake) off the first message's path.
-        await self._read_ahead_next(agent)
-        if self.services.reviews is not None:
-            await self.services.reviews.remind(self.user_id, self._emit)
+        await self.agent.read_ahead_next(agent)
+        if self._setup.reviews is not None:
+            await self._setup.reviews.remind(self.user_id, self._emit)
 
     async def answer_approval(self, frame: protocol.ApprovalFrame) -> None:
         """The user's answer to an `approval_request`; the outcome or the refusal is a frame."""
-        if self.services.reviews is None:
-            await self._error(
-                protocol.ErrorCode.APPROVAL_INVALID, "nothing is waiting for approval"
+        reviews = self._setup.reviews
+        if reviews is None:
+            await self._error_frame(
+                protocol.ErrorFrame(
+                    code=protocol.ErrorCode.APPROVAL_INVALID,
+                    message="nothing is waiting for approval",
+                )
             )
             return
         try:
-            agent = await self._ensure_agent()
+            agent = await self.agent.ensure(self._progress)
         except ProvisioningError as error:
-            await self._error(
-                protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
-            )
+            await self._fail(error)
             return
-        await self.services.reviews.answer(
-            frame, user_id=self.user_id, agent=agent, emit=self._emit
-        )
+        await reviews.answer(frame, user_id=self.user_id, agent=agent, emit=self._emit)
 
     async def _work(self) -> None:
-        if self.services.usage is not None:
+        if self._usage is not None:
             # A limiter that lost today's count (restart without Redis) gets it from PostgreSQL.
-            await self.services.usage.seed_budget(self.services.limiter, self.user_id)
+            await self._usage.seed_budget(self._limiter, self.user_id)
         await self.prepare()
         while True:
             text = await self._queue.get()
@@ -373,54 +299,28 @@ class Conversation:
                 await self._handle(text)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as error:
                 logger.exception("turn failed in session %s", self.session_id)
-                await self._error(
-                    protocol.ErrorCode.INTERNAL, "something went wrong on our side; try again"
-                )
-
-    async def _refuse(self, decision: Decision) -> None:
-        await self._error(
-            protocol.ErrorCode.RATE_LIMITED,
-            f"limit of {decision.reason} reached; try again in {decision.retry_after:.0f}s",
-            retry_after=decision.retry_after,
-        )
+                await self._error_frame(error_frame(error, foreseen=False))
 
     async def _handle(self, text: str) -> None:
-        limiter = self.services.limiter
         try:
             # One atomic step for the message and the generation slot (one Redis round trip).
-            decision = await limiter.admit_turn(self.user_id, self.license.rate_limits)
-        except LimiterUnavailable:
-            logger.exception("rate limiter unavailable for session %s", self.session_id)
-            await self._error(
-                protocol.ErrorCode.SERVICE_UNAVAILABLE,
-                "the rate limiter is unavailable; try again shortly",
-            )
-            return
-        if not decision.allowed:
-            await self._refuse(decision)
-            return
-        self._lease_open = True
-        try:
-            await self._generate(text, decision.lease)
-        finally:
-            if self._lease_open:
-                await self._end_generation(decision.lease, 0)
-
-    async def _end_generation(self, lease: str | None, tokens: int) -> None:
-        """Free the generation slot and count the tokens, once per turn."""
-        self._lease_open = False
-        try:
-            await self.services.limiter.end_generation(self.user_id, lease, tokens)
+            async with self._limiter.turn(self.user_id, self.license.rate_limits) as slot:
+                if not slot.allowed:
+                    await self._refuse(slot.decision)
+                    return
+                await self._generate(text, slot)
         except LimiterUnavailable as error:
-            # The slot expires by itself; the tokens are missing from today's budget.
-            logger.warning("tokens of %s not counted: %s", self.user_id, error)
+            logger.exception("rate limiter unavailable for session %s", self.session_id)
+            await self._fail(error)
+
+    # --- one turn -------------------------------------------------------------------
 
     async def _start_turn(self, text: str) -> Turn | None:
-        if self.services.usage is None:
+        if self._usage is None:
             return None
-        return await self.services.usage.start_turn(
+        return await self._usage.start_turn(
             user_id=self.user_id,
             tier=self.license.tier.name,
             channel=self.channel,
@@ -429,133 +329,112 @@ class Conversation:
         )
 
     @staticmethod
-    async def _end_turn(turn: Turn | None, outcome: TurnOutcome) -> None:
+    async def _end_turn(turn: Turn | None, outcome: TurnOutcome, tally: TurnTally) -> None:
         if turn is not None:
-            await turn.finish(model="", prompt_tokens=0, completion_tokens=0, outcome=outcome)
+            await turn.finish(
+                model="", prompt_tokens=0, completion_tokens=0, outcome=outcome, tally=tally
+            )
 
-    async def _generate(self, text: str, lease: str | None) -> None:
+    def _harness(self, agent: AgentSession) -> Harness:
+        setup = self._setup
+        return Harness(
+            agent,
+            setup.router,
+            session_id=self.session_id,
+            licensed_groups=self.license.model_groups,
+            tier=self.license.tier.name,
+            max_tool_rounds=setup.max_tool_rounds,
+            user_id=self.user_id,
+            retriever=setup.retriever,
+            gateway_tools=setup.reviews,
+            notify=self._emit,
+        )
+
+    async def _generate(self, text: str, slot: TurnSlot) -> None:
+        """One admitted message, with one re-provision when its agent is found gone.
+
+        Each failure's recovery is here, and how it is shown is the ``failures`` table's."""
         metrics.MESSAGES.labels(channel=self.channel).inc()
         turn = await self._start_turn(text)
-        emit = self._emit if turn is None else turn.observe(self._emit)
+        tally = TurnTally()  # over both attempts, as the usage record is
         for attempt in (1, 2):
             try:
-                agent = await self._ensure_agent()
+                agent = await self.agent.ensure(self._progress)
             except ProvisioningError as error:
-                await self._error(
-                    protocol.ErrorCode.AGENT_UNAVAILABLE, f"{error.reason}: {error.message}"
-                )
-                await self._end_turn(turn, TurnOutcome.FAILED)
+                await self._fail(error)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
-            harness = Harness(
-                agent,
-                self.services.router,
-                session_id=self.session_id,
-                licensed_groups=self.license.model_groups,
-                tier=self.license.tier.name,
-                max_tool_rounds=self.services.max_tool_rounds,
-                user_id=self.user_id,
-                retriever=self.services.retriever,
-                gateway_tools=self.services.reviews,
-            )
+            harness = self._harness(agent)
+            turn_metrics = TurnMetrics.starting_now()
+            events = harness.run_turn(text, context=self.agent.take_read_ahead(agent))
             self._turn = asyncio.create_task(
-                harness.run_turn(text, emit, context=self._take_read_ahead(agent)),
+                relay_turn(events, tally=tally, usage=turn, show=self._show),
                 name=f"turn:{self.session_id}",
             )
             try:
-                result = await self._turn
+                finished = await self._turn
             except asyncio.CancelledError:
-                await self._end_turn(turn, TurnOutcome.CANCELLED)
+                await self._end_turn(turn, TurnOutcome.CANCELLED, tally)
                 if self._worker is not None and self._worker.cancelling():
                     raise
                 # The cancelled turn was written back (marked so) before it ended.
-                await self._read_ahead_next(agent)
-                await self._emit(
-                    protocol.DoneFrame(
-                        usage=protocol.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
-                        model="",
-                        cancelled=True,
-                        route=route_frame(harness.route),
-                    )
-                )
+                await self.agent.read_ahead_next(agent)
+                await self._finished(TurnFinished.of_cancelled(harness.route))
                 return
             except AgentTimeout as error:
                 # Busy or stuck, not gone: this turn fails, and the session stays for the
                 # user's other chats (dropping it would fail their calls in flight too).
                 # Nothing was written back; the next turn reads for itself.
-                await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
-                await self._end_turn(turn, TurnOutcome.FAILED)
+                await self._fail(error)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
             except AgentUnavailable as error:
                 # The agent went away (idled, restarted elsewhere): forget it and provision again once.
-                await self._drop_agent()
+                await self.agent.drop()
                 if attempt == 2:
-                    await self._error(protocol.ErrorCode.AGENT_UNAVAILABLE, str(error))
-                    await self._end_turn(turn, TurnOutcome.FAILED)
+                    await self._fail(error)
+                    await self._end_turn(turn, TurnOutcome.FAILED, tally)
                     return
                 continue
-            except LLMError as error:
-                await self._read_ahead_next(agent)  # nothing was written; read all the same
-                await self._error(protocol.ErrorCode.LLM_ERROR, f"the model failed: {error}")
-                await self._end_turn(turn, TurnOutcome.FAILED)
-                return
-            except RoutingError as error:
-                await self._read_ahead_next(agent)
-                await self._error(protocol.ErrorCode.LLM_ERROR, str(error))
-                await self._end_turn(turn, TurnOutcome.FAILED)
+            except (LLMError, RoutingError) as error:
+                await self.agent.read_ahead_next(agent)  # nothing was written; read all the same
+                await self._fail(error)
+                await self._end_turn(turn, TurnOutcome.FAILED, tally)
                 return
             finally:
                 self._turn = None
+            if finished is None:
+                raise RuntimeError("the harness's events ended without TurnFinished")
             # The turn was written back: the next one's context can be read now, while
             # the user reads this reply. A turn that ran no tool changed nothing but the
             # history, which is this turn's context plus this turn: no read at all.
-            carried = result.next_context()
-            if carried is None:
-                await self._read_ahead_next(agent)
+            if finished.next_context is None:
+                await self.agent.read_ahead_next(agent)
             else:
-                await self._carry_context(agent, carried)
-            await self._finish(result, turn, lease)
+                await self.agent.carry(agent, finished.next_context)
+            await self._finish(finished, tally, turn_metrics, turn, slot)
             return
 
-    async def _drop_agent(self) -> None:
-        """The agent is gone: drop the shared session (every holder's hook is told None,
-        once) and let the provisioner find or start the agent again."""
-        await self._stop_read_ahead()
-        async with self._agent_lock:
-            lease, self._agent_lease = self._agent_lease, None
-            if lease is not None:
-                await lease.drop()
-                await lease.release()
-        if not self.license.mcp_server_url:
-            self.services.provisioner.forget(self.user_id)
-
-    async def _finish(self, result: TurnResult, turn: Turn | None, lease: str | None) -> None:
-        if result.route is not None:
-            metrics.ROUTES.labels(group=result.route.group).inc()
-        usage = result.usage
+    async def _finish(
+        self,
+        finished: TurnFinished,
+        tally: TurnTally,
+        turn_metrics: TurnMetrics,
+        turn: Turn | None,
+        slot: TurnSlot,
+    ) -> None:
+        usage = finished.usage
         # Counted before `done`, so the next message, on any channel, sees the budget spent.
-        await self._end_generation(lease, usage.total_tokens)
-        if not self.license.mcp_server_url:  # an agent the provisioner runs, kept awake
-            await self.services.provisioner.record_activity(self.user_id)
-        metrics.TOKENS.inc(usage.completion_tokens)
-        if result.first_token_seconds is not None:
-            metrics.FIRST_TOKEN.observe(result.first_token_seconds)
+        await slot.end(usage.total_tokens)
+        await self.agent.keep_awake()
+        turn_metrics.finished(finished, tally)
         # Recorded before `done`: a client that closes on `done` cancels this worker, and
         # the turn's events and daily total must not be lost with it.
         if turn is not None:
             await turn.finish(
-                model=result.model,
+                model=finished.model,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
+                tally=tally,
             )
-        await self._emit(
-            protocol.DoneFrame(
-                usage=protocol.Usage(
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    total_tokens=usage.total_tokens,
-                ),
-                model=result.model,
-                cancelled=False,
-                route=route_frame(result.route),
-            )
-        )
+        await self._finished(finished)

@@ -1,5 +1,10 @@
 """The agent harness: one chat turn, from the user's message to a streamed, tool-using reply.
 
+A turn is an async generator of typed events (``turns``): text as the model writes it,
+each tool's start and finish, a fallback to another deployment, and ``TurnFinished`` with
+the usage. It renders nothing: the conversation hands the events to the channel, the usage
+record and the metrics.
+
 Stateless by design: everything it knows of the user (preferences, history, tools)
 comes from the user's MCP server, and the turn is written back there at the end. The
 preferences and history may have been read ahead, after the previous turn's write-back
@@ -14,16 +19,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dexorder.core import protocol
 from dexorder.core.routing import RouteChoice
 from dexorder.gateway import metrics
-from dexorder.gateway.llm import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
-from dexorder.gateway.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
-from dexorder.gateway.routing import Fallback, ModelRouter
+from dexorder.gateway.agents.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
+from dexorder.gateway.llm.adapter import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
+from dexorder.gateway.llm.routing import Fallback, ModelRouter, RoutedEvent
+from dexorder.gateway.turns import (
+    HISTORY_TURNS,
+    AgentContext,
+    FellBack,
+    ReplyDelta,
+    SourcesCited,
+    ToolFinished,
+    ToolStarted,
+    TurnEvent,
+    TurnFinished,
+)
 
 if TYPE_CHECKING:
     # Imported only where RAG is on: Qdrant's client alone takes a second to import.
@@ -38,7 +55,6 @@ SYSTEM_PROMPT = (
     "Use the user's tools for memory, market data, indicators and backtests when they help, "
     "and say which tool results your answer rests on."
 )
-HISTORY_TURNS = 20
 WRITE_BACK_SECONDS = 30.0
 #: The turn-context counter's children, bound once (a turn counts one).
 _CONTEXT_FROM = {
@@ -47,16 +63,21 @@ _CONTEXT_FROM = {
 }
 
 
-@dataclass(frozen=True)
-class AgentContext:
-    """What the agent holds for a turn's prompt: the user's preferences and this chat's
-    past turns, as read at ``read_at`` (``time.monotonic()``, when the read started)."""
+#: Each session's tools as the model is offered them, encoded once for the session's life
+#: (its tool list is fetched once too); forgotten with the session.
+_ENCODED_TOOLS: weakref.WeakKeyDictionary[AgentSession, tuple[list[ToolSpec], EncodedTools]] = (
+    weakref.WeakKeyDictionary()
+)
 
-    preferences: dict[str, Any]
-    turns: list[dict[str, Any]]
-    read_at: float
-    #: Made from the previous turn's context and record, not read from the agent.
-    carried: bool = False
+
+async def openai_tools(agent: AgentSession) -> EncodedTools:
+    """The agent's tools in OpenAI's form (the MCP adapter knows nothing of models)."""
+    tools = await agent.list_tools()
+    encoded = _ENCODED_TOOLS.get(agent)
+    if encoded is None or encoded[0] is not tools:
+        encoded = (tools, EncodedTools(tool.as_openai_tool() for tool in tools))
+        _ENCODED_TOOLS[agent] = encoded
+    return encoded[1]
 
 
 async def read_agent_context(agent: AgentSession, session_id: str) -> AgentContext:
@@ -80,31 +101,16 @@ async def read_agent_context(agent: AgentSession, session_id: str) -> AgentConte
     )
 
 
-@dataclass
-class TurnResult:
-    content: str = ""
-    model: str = ""
-    cancelled: bool = False
-    usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
-    first_token_seconds: float | None = None
-    tool_calls: int = 0
-    route: RouteChoice | None = None
-    fallbacks: int = 0
-    #: The preferences and history the turn was given, and what it wrote back after them
-    #: (empty when the write-back failed).
-    context: AgentContext | None = None
-    record: list[dict[str, Any]] = field(default_factory=list)
+def carried_context(context: AgentContext, record: list[dict[str, Any]]) -> AgentContext | None:
+    """The next turn's context without asking the agent: this one's plus this turn.
 
-    def next_context(self) -> AgentContext | None:
-        """The next turn's context without asking the agent: this one's plus this turn.
-
-        Only for a turn that ran no tool (any tool may change what the agent holds, the
-        preferences first), and it keeps the original read's time, so it goes stale as
-        that read does."""
-        if self.context is None or self.tool_calls or self.cancelled or not self.record:
-            return None
-        turns = [*self.context.turns, *self.record][-HISTORY_TURNS:]
-        return AgentContext(self.context.preferences, turns, self.context.read_at, carried=True)
+    Only after a turn that ran no tool (any tool may change what the agent holds, the
+    preferences first), and it keeps the original read's time, so it goes stale as that
+    read does."""
+    if any(entry.get("role") == "tool" for entry in record):
+        return None
+    turns = [*context.turns, *record][-HISTORY_TURNS:]
+    return AgentContext(context.preferences, turns, context.read_at, carried=True)
 
 
 def system_message(preferences: dict[str, Any]) -> dict[str, str]:
@@ -140,6 +146,60 @@ class GatewayTools(Protocol):
     ) -> ToolOutcome: ...
 
 
+@dataclass
+class _Round:
+    """One model round as it streams: what is shown at once becomes an event (``see``);
+    the rest (tool calls, usage, the model) is kept for when the round is over."""
+
+    text: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
+    #: The model of the round's last ``Finish``; None before one came.
+    model: str | None = None
+
+    def see(self, event: RoutedEvent) -> ReplyDelta | FellBack | None:
+        if isinstance(event, TextDelta):  # nearly every event: tested first
+            self.text += event.content
+            return ReplyDelta(event.content)
+        if isinstance(event, ToolCall):
+            self.calls.append(event)
+        elif isinstance(event, Usage):
+            self.usage = self.usage + event
+        elif isinstance(event, Finish):
+            self.model = event.model
+        elif isinstance(event, Fallback):
+            logger.warning("model round fell back: %s", event.notice())
+            return FellBack(event.notice())
+        return None
+
+    def assistant_message(self) -> dict[str, Any]:
+        """The round's reply and tool calls, as the model is shown them next round."""
+        return {
+            "role": "assistant",
+            "content": self.text,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json},
+                }
+                for call in self.calls
+            ],
+        }
+
+    def assistant_record(self) -> dict[str, Any]:
+        """The same, as the agent records it (the calls' names, not their arguments)."""
+        return {
+            "role": "assistant",
+            "content": self.text,
+            "tool_calls": [{"id": call.id, "name": call.name} for call in self.calls],
+        }
+
+
+def _reply(rounds: Sequence[_Round]) -> str:
+    return "".join(round_.text for round_ in rounds)
+
+
 class Harness:
     """Runs turns for one chat session against one agent."""
 
@@ -155,11 +215,15 @@ class Harness:
         user_id: str = "",
         retriever: Retriever | None = None,
         gateway_tools: GatewayTools | None = None,
+        notify: Emit | None = None,
     ) -> None:
         self.agent = agent
         self.user_id = user_id
         self.retriever = retriever
         self.gateway_tools = gateway_tools
+        #: Frames a gateway tool shows the user while it runs (an approval request); they
+        #: are not the turn's, so they are not among its events.
+        self.notify = notify
         self.router = router
         self.session_id = session_id
         self.licensed_groups = tuple(licensed_groups)
@@ -194,12 +258,11 @@ class Harness:
     async def _context(
         self,
         user_message: str,
-        emit: Emit,
         ahead: asyncio.Future[AgentContext | None] | None,
-    ) -> tuple[list[dict[str, Any]], EncodedTools, AgentContext]:
+    ) -> tuple[list[dict[str, Any]], EncodedTools, AgentContext, TurnContext | None]:
         context, tools, retrieved = await asyncio.gather(
             self._agent_context(ahead),
-            self.agent.openai_tools(),
+            openai_tools(self.agent),
             self._retrieve(user_message),
         )
         preferences = context.preferences
@@ -207,14 +270,11 @@ class Harness:
         if retrieved is not None and retrieved.message is not None:
             messages.append(retrieved.message)
         messages.append({"role": "user", "content": user_message})
-        if retrieved is not None and retrieved.frame is not None:
-            # The sources come first, numbered as the reply's [1], [2] citations.
-            await emit(retrieved.frame)
         if self.gateway_tools is not None:
             tools = tools.extended(
                 EncodedTools(tool.as_openai_tool() for tool in self.gateway_tools.tools)
             )
-        return messages, tools, context
+        return messages, tools, context, retrieved
 
     def _choose_route(self, user_message: str, preferences: dict[str, Any]) -> RouteChoice:
         """Tier, then the user's preferred model, then the message's complexity."""
@@ -230,120 +290,96 @@ class Harness:
     async def run_turn(
         self,
         user_message: str,
-        emit: Emit,
         *,
         context: asyncio.Future[AgentContext | None] | None = None,
-    ) -> TurnResult:
-        """One turn. ``context`` is the preferences and history read ahead (still running,
-        or done and fresh); when it ends in None, an error or a cancel, the turn reads."""
-        result = TurnResult()
-        started = time.perf_counter()
+    ) -> AsyncGenerator[TurnEvent, None]:
+        """One turn, as its events; the last is ``TurnFinished``, once the turn is written
+        back. ``context`` is the preferences and history read ahead (still running, or
+        done and fresh); when it ends in None, an error or a cancel, the turn reads.
+
+        A cancel, whether it comes while the turn waits or is thrown in at a ``yield``
+        (``athrow``), records the turn as cancelled and is raised again. Read the events
+        inside ``contextlib.aclosing``, so a consumer that stops early closes the model's
+        stream at once."""
+        rounds: list[_Round] = []
+        note = ""
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
-            messages, tools, result.context = await self._context(user_message, emit, context)
-            route = result.route = self._choose_route(user_message, result.context.preferences)
+            messages, tools, agent_context, retrieved = await self._context(user_message, context)
+            if retrieved is not None and retrieved.frame is not None:
+                # The sources come first, numbered as the reply's [1], [2] citations.
+                yield SourcesCited(tuple(retrieved.frame.items))
+            route = self._choose_route(user_message, agent_context.preferences)
             for _ in range(self.max_tool_rounds):
-                calls, text = await self._round(route, messages, tools, emit, result, started)
-                if not calls:
-                    record.append({"role": "assistant", "content": text})
+                round_ = _Round()
+                rounds.append(round_)
+                # One model round along the route; the router falls back, never repeating
+                # text. aclosing: a cancel closes the model's stream now, not at collection.
+                async with contextlib.aclosing(
+                    self.router.stream(route, messages, tools=tools)
+                ) as stream:
+                    async for routed in stream:
+                        shown = round_.see(routed)
+                        if shown is not None:
+                            yield shown
+                if not round_.calls:
+                    record.append({"role": "assistant", "content": round_.text})
                     break
-                assistant = {
-                    "role": "assistant",
-                    "content": text,
-                    "tool_calls": [
-                        {
-                            "id": c.id,
-                            "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments_json},
-                        }
-                        for c in calls
-                    ],
-                }
-                messages.append(assistant)
-                record.append(
-                    {
-                        "role": "assistant",
-                        "content": text,
-                        "tool_calls": [{"id": c.id, "name": c.name} for c in calls],
-                    }
-                )
-                for call in calls:
-                    outcome = await self._run_tool(call, emit)
-                    result.tool_calls += 1
-                    tool_message = {"role": "tool", "tool_call_id": call.id, "content": outcome}
+                messages.append(round_.assistant_message())
+                record.append(round_.assistant_record())
+                for call in round_.calls:
+                    try:
+                        arguments = call.arguments()
+                    except LLMError as error:
+                        yield ToolStarted(call.id, call.name, {})
+                        finished, answer = (
+                            ToolFinished(call.id, str(error), True),
+                            f"error: {error}",
+                        )
+                    else:
+                        yield ToolStarted(call.id, call.name, arguments)
+                        finished, answer = await self._call_tool(call, arguments)
+                    yield finished
+                    tool_message = {"role": "tool", "tool_call_id": call.id, "content": answer}
                     messages.append(tool_message)
                     record.append(tool_message)
             else:
-                note = f"\n\n(stopped after {self.max_tool_rounds} tool rounds)"
-                await emit(protocol.DeltaFrame(content=note))
-                result.content += note
-                record.append({"role": "assistant", "content": result.content})
+                stopped = f"\n\n(stopped after {self.max_tool_rounds} tool rounds)"
+                yield ReplyDelta(stopped)
+                note = stopped
+                record.append({"role": "assistant", "content": _reply(rounds) + note})
         except asyncio.CancelledError:
-            result.cancelled = True
-            record.append({"role": "assistant", "content": result.content + " [cancelled]"})
+            record.append({"role": "assistant", "content": _reply(rounds) + note + " [cancelled]"})
             await self._write_back(record, shielded=True)
             raise
-        if await self._write_back(record, shielded=False):
-            result.record = record  # what the agent now holds after ``result.context``
-        return result
+        written = await self._write_back(record, shielded=False)
+        usage = sum((round_.usage for round_ in rounds), Usage(0, 0, 0))
+        yield TurnFinished(
+            model=next((r.model for r in reversed(rounds) if r.model is not None), ""),
+            usage=usage,
+            route=route,
+            # What the agent now holds after ``agent_context``, when the write-back took.
+            next_context=carried_context(agent_context, record) if written else None,
+        )
 
-    async def _round(
-        self,
-        route: RouteChoice,
-        messages: list[dict[str, Any]],
-        tools: EncodedTools,
-        emit: Emit,
-        result: TurnResult,
-        started: float,
-    ) -> tuple[list[ToolCall], str]:
-        """One model round along the route; the router falls back, never repeating text."""
-        calls: list[ToolCall] = []
-        text = ""
-        # aclosing: a cancel closes the generator now, and with it the upstream stream.
-        async with contextlib.aclosing(self.router.stream(route, messages, tools=tools)) as stream:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    if result.first_token_seconds is None:
-                        result.first_token_seconds = time.perf_counter() - started
-                    text += event.content
-                    result.content += event.content
-                    await emit(protocol.DeltaFrame(content=event.content))
-                elif isinstance(event, ToolCall):
-                    calls.append(event)
-                elif isinstance(event, Usage):
-                    result.usage = result.usage + event
-                elif isinstance(event, Finish):
-                    result.model = event.model
-                elif isinstance(event, Fallback):
-                    result.fallbacks += 1
-                    logger.warning("model round fell back: %s", event.notice())
-                    await emit(
-                        protocol.StatusFrame(stage=protocol.Stage.RETRYING, message=event.notice())
-                    )
-        return calls, text
-
-    async def _run_tool(self, call: ToolCall, emit: Emit) -> str:
-        try:
-            arguments = call.arguments()
-        except LLMError as error:
-            await emit(protocol.ToolCallFrame(id=call.id, name=call.name, arguments={}))
-            await emit(protocol.ToolResultFrame(id=call.id, content=str(error), is_error=True))
-            return f"error: {error}"
-        await emit(protocol.ToolCallFrame(id=call.id, name=call.name, arguments=arguments))
+    async def _call_tool(
+        self, call: ToolCall, arguments: dict[str, Any]
+    ) -> tuple[ToolFinished, str]:
+        """The call's outcome as shown, and as the model reads it."""
         try:
             if self.gateway_tools is not None and self.gateway_tools.handles(call.name):
                 outcome = await self.gateway_tools.call(
-                    arguments, user_id=self.user_id, agent=self.agent, emit=emit
+                    arguments, user_id=self.user_id, agent=self.agent, emit=self._notify
                 )
             else:
                 outcome = await self.agent.call_tool(call.name, arguments)
         except AgentUnavailable as error:
-            await emit(protocol.ToolResultFrame(id=call.id, content=str(error), is_error=True))
-            return f"error: {error}"
-        await emit(
-            protocol.ToolResultFrame(id=call.id, content=outcome.content, is_error=outcome.is_error)
-        )
-        return outcome.content
+            return ToolFinished(call.id, str(error), is_error=True), f"error: {error}"
+        return ToolFinished(call.id, outcome.content, outcome.is_error), outcome.content
+
+    async def _notify(self, frame: protocol.Frame) -> None:
+        if self.notify is not None:
+            await self.notify(frame)
 
     async def _write_back(self, record: list[dict[str, Any]], *, shielded: bool) -> bool:
         """Record the turn on the agent; whether the agent has it."""

@@ -26,8 +26,8 @@ from aiohttp import web
 from dexorder.core import protocol
 from dexorder.gateway.bearer import request_identity
 from dexorder.gateway.conversation import ConversationError, effective_license
-from dexorder.gateway.licenses import Pool
 from dexorder.gateway.state import CHAT_SERVICES, SETTINGS
+from dexorder.gateway.stores.licenses import Pool
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

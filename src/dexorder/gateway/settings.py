@@ -160,13 +160,13 @@ class GatewaySettings(BaseSettings):
         None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
     )
     provision_timeout_seconds: float = Field(120.0, gt=0)
-    # Model routing (gateway/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
+    # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
     llm_cooldown_seconds: float = Field(30.0, ge=0)
-    # auto: OpenAI-compatible deployments are streamed directly (gateway/openai_wire.py), the
+    # auto: OpenAI-compatible deployments are streamed directly (gateway/llm/wire.py), the
     # rest through litellm; litellm: every deployment through litellm.
     llm_transport: Literal["auto", "litellm"] = "auto"
     # The bearer token the gateway presents to an MCP server that a license names in

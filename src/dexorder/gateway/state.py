@@ -9,9 +9,9 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dexorder.gateway.auth import TokenVerifier
-from dexorder.gateway.licenses import Pool
-from dexorder.gateway.sessions import SessionStore
 from dexorder.gateway.settings import GatewaySettings
+from dexorder.gateway.stores.licenses import Pool
+from dexorder.gateway.stores.sessions import SessionStore
 
 if TYPE_CHECKING:
     from dexorder.gateway.conversation import ChatServices, Conversation

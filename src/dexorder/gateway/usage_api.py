@@ -12,9 +12,9 @@ from aiohttp import web
 
 from dexorder.gateway.bearer import request_identity
 from dexorder.gateway.conversation import ConversationError, effective_license
-from dexorder.gateway.limits import LimiterUnavailable
 from dexorder.gateway.state import CHAT_SERVICES
-from dexorder.gateway.usage import UsageUnavailable
+from dexorder.gateway.stores.limits import LimiterUnavailable
+from dexorder.gateway.stores.usage import UsageUnavailable
 
 USAGE_PATH = "/api/usage"
 DEFAULT_DAYS = 30

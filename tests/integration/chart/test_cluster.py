@@ -36,8 +36,8 @@ from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.fixtures_kube import Kubectl, OperatorProcess
 from dexorder.devenv.kubernetes import ControlPlane
 from dexorder.devenv.paths import CRD_DIR, TIER_CATALOG
-from dexorder.gateway.provisioning.base import Stage
-from dexorder.gateway.provisioning.kubernetes import KubernetesProvisioner
+from dexorder.gateway.agents.provisioning.base import Stage
+from dexorder.gateway.agents.provisioning.kubernetes import KubernetesProvisioner
 
 CRD = "customresourcedefinition/useragents.dexorder.ai"
 RESTRICTED = [

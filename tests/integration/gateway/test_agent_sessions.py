@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from dexorder.devenv.agent import AgentProcess
-from dexorder.gateway.agent_sessions import AgentSessions, SessionHook
-from dexorder.gateway.mcp_client import AgentUnavailable
-from dexorder.gateway.provisioning import AgentEndpoint
+from dexorder.gateway.agents.mcp_client import AgentUnavailable
+from dexorder.gateway.agents.provisioning import AgentEndpoint
+from dexorder.gateway.agents.sessions import AgentSessions, SessionHook
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from dexorder.core import protocol
 from dexorder.devenv.fake_llm.scripts import TextScript, ToolScript
 from dexorder.devenv.fake_llm.server import FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway.agents.mcp_client import AgentSession
 from dexorder.gateway.conversation import effective_license
-from dexorder.gateway.mcp_client import AgentSession
 from dexorder.gateway.state import CHAT_SERVICES
 from tests.integration.gateway.conftest import RunningGateway, connect
 from tests.integration.gateway.test_strategy_review import CROSSOVER, trending_csv
@@ -30,7 +30,7 @@ async def prepare_agent(app: web.Application, user_id: str) -> AgentSession:
     """The user's own agent (the one the gateway's chat uses), with a dataset and a strategy."""
     services = app[CHAT_SERVICES]
     license = await effective_license(services, user_id)
-    endpoint = await services.provisioner.ensure_agent(license, no_progress)
+    endpoint = await services.agents.provisioner.ensure_agent(license, no_progress)
     agent = AgentSession(endpoint)
     setup: list[tuple[str, dict[str, Any]]] = [
         ("save_dataset", {"name": "trend", "data": trending_csv(), "format": "csv"}),

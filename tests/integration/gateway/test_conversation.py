@@ -13,7 +13,7 @@ import aiohttp
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.gateway import metrics
-from dexorder.gateway.provisioning.local import LocalProvisioner
+from dexorder.gateway.agents.provisioning.local import LocalProvisioner
 from dexorder.gateway.state import CHAT_SERVICES, SESSIONS
 from tests.integration.gateway.conftest import (
     RunningGateway,
@@ -46,7 +46,7 @@ async def test_two_chats_of_one_user_share_one_mcp_session(
     gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
 ) -> None:
     before = chat_tasks()
-    pool = gateway.app[CHAT_SERVICES].agents
+    pool = gateway.app[CHAT_SERVICES].agents.sessions
     store = gateway.app[SESSIONS]
     async with aiohttp.ClientSession() as http:
         first, first_id = await open_chat(http, gateway, issuer, user_id)
@@ -58,9 +58,9 @@ async def test_two_chats_of_one_user_share_one_mcp_session(
             frames = await client.until("done", timeout=90)
             assert next(f for f in frames if f["type"] == "tool_result")["is_error"] is False
 
-        agent = conversation_of(gateway, first_id).agent
+        agent = conversation_of(gateway, first_id).agent.session
         assert agent is not None
-        assert conversation_of(gateway, second_id).agent is agent
+        assert conversation_of(gateway, second_id).agent.session is agent
         assert agent.sessions_opened == 1
         assert pool.sessions_of(user_id) == [agent]
         assert pool.holders(agent) == 2
@@ -89,7 +89,7 @@ async def test_two_chats_of_one_user_share_one_mcp_session(
 async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_back(
     gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
 ) -> None:
-    provisioner = gateway.app[CHAT_SERVICES].provisioner
+    provisioner = gateway.app[CHAT_SERVICES].agents.provisioner
     assert isinstance(provisioner, LocalProvisioner)
     llm.queue(
         ToolScript(name="set_preference", arguments={"key": "risk_profile", "value": "aggressive"})
@@ -102,12 +102,12 @@ async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_bac
         assert next(f for f in frames if f["type"] == "tool_result")["is_error"] is False
 
         # Read after the turn was written back: the tool's preference and the turn are in.
-        context = await eventually(lambda: conversation.context_read_ahead)
+        context = await eventually(lambda: conversation.agent.context_read_ahead)
         assert context.preferences["risk_profile"] == "aggressive"
         assert "I can take some risk" in [turn.get("content") for turn in context.turns]
 
         # With the agent stopped, the next prompt can only come from what was read ahead.
-        first_agent = conversation.agent
+        first_agent = conversation.agent.session
         assert first_agent is not None
         await provisioner.stop_agent(user_id)
         llm.queue(TextScript(text="Noted."))
@@ -129,7 +129,7 @@ async def test_the_next_turn_takes_its_context_from_the_read_after_the_write_bac
         assert "waking" in [f["stage"] for f in frames if f["type"] == "status"]
         assert reply_text(frames) == "Back again."
         assert first_agent.closed
-        assert conversation.agent not in (None, first_agent)
+        assert conversation.agent.session not in (None, first_agent)
         messages = llm.requests[-1].body["messages"]
         assert "risk_profile: aggressive" in messages[0]["content"]  # kept by the agent
         assert "I can take some risk" in [m.get("content") for m in messages]
@@ -155,7 +155,7 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
     async with aiohttp.ClientSession() as http:
         client, session_id = await open_chat(http, gateway, issuer, user_id)
         conversation = conversation_of(gateway, session_id)
-        first = await eventually(lambda: conversation.context_read_ahead)
+        first = await eventually(lambda: conversation.agent.context_read_ahead)
         sources_before = turn_context_sources()
 
         llm.queue(TextScript(text="Plain answer."))
@@ -164,7 +164,7 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
         assert turn_context_sources() - sources_before == Counter(read_ahead=1)
         # No tool ran: the next context is the first read plus this turn, not a new read
         # (the read time is the first read's, so it goes stale as that read does).
-        carried = await eventually(lambda: conversation.context_read_ahead)
+        carried = await eventually(lambda: conversation.agent.context_read_ahead)
         assert carried.read_at == first.read_at
         assert [t["content"] for t in carried.turns[-2:]] == ["just talk", "Plain answer."]
 
@@ -180,6 +180,6 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
         llm.queue(ToolScript(name="get_preferences"))
         await client.send({"type": "message", "content": "what do I prefer?"})
         await client.until("done", timeout=60)
-        reread = await eventually(lambda: conversation.context_read_ahead)
+        reread = await eventually(lambda: conversation.agent.context_read_ahead)
         assert reread.read_at > first.read_at
         await client.ws.close()

@@ -7,21 +7,22 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer
 
-from dexorder.core import protocol
 from dexorder.core.events import Event, EventStream, UsageEvent, UserMessageEvent, event_from_json
 from dexorder.devenv.kafka import KafkaService
 from dexorder.devenv.process import free_port
 from dexorder.gateway.events import EventsRefused, JsonlSink, KafkaSink, open_event_sink
 from dexorder.gateway.settings import GatewaySettings
 from dexorder.gateway.spool import Spool
-from dexorder.gateway.usage import UsageRecorder
+from dexorder.gateway.stores.usage import UsageRecorder
+from dexorder.gateway.turn_runner import relay_turn
+from dexorder.gateway.turns import ReplyDelta, ToolFinished, ToolStarted, TurnEvent, TurnTally
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +88,13 @@ def kafka_sink(
 async def run_turns(recorder: UsageRecorder, users: list[str], turns: int) -> list[str]:
     """Each turn: a user message, a tool call with its result, a streamed reply, usage."""
 
-    async def shown(_: protocol.Frame) -> None:
+    async def shown(_: TurnEvent) -> None:
         return None
+
+    async def streamed(n: int) -> AsyncGenerator[TurnEvent, None]:
+        yield ToolStarted(f"c{n}", "get_price", {"n": n})
+        yield ToolFinished(f"c{n}", "42", is_error=False)
+        yield ReplyDelta(f"answer {n}")
 
     turn_ids = []
     for n in range(turns):
@@ -96,11 +102,9 @@ async def run_turns(recorder: UsageRecorder, users: list[str], turns: int) -> li
         turn = await recorder.start_turn(
             user_id=user, tier="pro", channel="websocket", session_id=f"s-{user}", text=f"q{n}"
         )
-        emit = turn.observe(shown)
-        await emit(protocol.ToolCallFrame(id=f"c{n}", name="get_price", arguments={"n": n}))
-        await emit(protocol.ToolResultFrame(id=f"c{n}", content="42"))
-        await emit(protocol.DeltaFrame(content=f"answer {n}"))
-        await turn.finish(model="gpt-4o", prompt_tokens=10 + n, completion_tokens=5)
+        tally = TurnTally()
+        await relay_turn(streamed(n), tally=tally, usage=turn, show=shown)
+        await turn.finish(model="gpt-4o", prompt_tokens=10 + n, completion_tokens=5, tally=tally)
         turn_ids.append(turn.turn_id)
     return turn_ids
 

@@ -27,7 +27,8 @@ from dexorder.core.licenses import (
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.postgres import PostgresService
 from dexorder.devenv.process import free_port
-from dexorder.gateway.licenses import (
+from dexorder.gateway.migrations import MigrationError, apply_migrations, load_migrations
+from dexorder.gateway.stores.licenses import (
     ChannelAlreadyLinked,
     InvalidLicense,
     LicenseRefused,
@@ -36,7 +37,6 @@ from dexorder.gateway.licenses import (
     ServiceUnavailable,
     open_pool,
 )
-from dexorder.gateway.migrations import MigrationError, apply_migrations, load_migrations
 
 CATALOG = parse_tier_catalog((Path(__file__).parents[3] / "config" / "tiers.yaml").read_text())
 

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from dexorder.core.ratelimit import Limit
 from dexorder.core.tiers import RateLimits
-from dexorder.gateway.limits import LimiterUnavailable, RedisLimiter
+from dexorder.gateway.stores.limits import LimiterUnavailable, RedisLimiter
 
 LIMITS = RateLimits(messages_per_minute=5, tokens_per_day=1000, concurrent_generations=2)
 
@@ -28,7 +28,7 @@ _WORKER = textwrap.dedent(
     import asyncio, json, sys
     from redis.asyncio import Redis
     from dexorder.core.tiers import RateLimits
-    from dexorder.gateway.limits import RedisLimiter
+    from dexorder.gateway.stores.limits import RedisLimiter
 
     async def main(url, user, start_list, count, limit, mode):
         redis = Redis.from_url(url)
@@ -59,7 +59,7 @@ _HOLDER = textwrap.dedent(
     import asyncio, sys
     from redis.asyncio import Redis
     from dexorder.core.tiers import RateLimits
-    from dexorder.gateway.limits import RedisLimiter
+    from dexorder.gateway.stores.limits import RedisLimiter
 
     async def main(url, user):
         limiter = RedisLimiter(Redis.from_url(url), lease_seconds=1.0)

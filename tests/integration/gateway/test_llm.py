@@ -1,11 +1,13 @@
-"""The LLM adapter against the scripted OpenAI-compatible server, with litellm over real HTTP."""
+"""The LLM adapter's litellm transport against the scripted OpenAI-compatible server, over real
+HTTP. Models are called only through ``ModelRouter``: here one deployment, one walk, litellm's
+transport, so what is seen is litellm's part alone."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -19,17 +21,16 @@ from dexorder.devenv.fake_llm import (
     count_prompt_tokens,
 )
 from dexorder.devenv.process import LOOPBACK, free_port
-from dexorder.gateway.llm import (
+from dexorder.gateway.llm.adapter import (
     Finish,
     LLMError,
     LLMErrorCode,
-    LLMEvent,
     TextDelta,
     ToolCall,
     Usage,
     load_litellm,
-    stream_chat,
 )
+from dexorder.gateway.llm.routing import ModelRouter, RoutedEvent, RouterPolicy
 
 TEXT = "Bitcoin closed higher today, while ether was flat."
 LONG_TEXT = " ".join(f"word{i}" for i in range(200))
@@ -75,16 +76,46 @@ def fresh_record(server: FakeLLMServer) -> None:
     server.reset()
 
 
+async def one_round(
+    target: LLMTarget,
+    messages: Sequence[dict[str, Any]],
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    timeout: float = 60.0,
+) -> AsyncGenerator[RoutedEvent, None]:
+    """One round on ``target`` alone, through litellm: no fallback, no second walk."""
+    router = ModelRouter(
+        {"only": [target]},
+        RouterPolicy(timeout=timeout, rounds=1, cooldown_seconds=0),
+        transport="litellm",
+    )
+    try:
+        route = router.route_to("only", "the test's one deployment")
+        async with contextlib.aclosing(router.stream(route, messages, tools=tools)) as events:
+            async for event in events:
+                yield event
+    finally:
+        await router.close()
+
+
 async def collect(
     target: LLMTarget,
     messages: Sequence[dict[str, Any]] = QUESTION,
     **options: Any,
-) -> list[LLMEvent]:
-    async with contextlib.aclosing(stream_chat(target, messages, **options)) as events:
+) -> list[RoutedEvent]:
+    async with contextlib.aclosing(one_round(target, messages, **options)) as events:
         return [event async for event in events]
 
 
-def text_of(events: Sequence[LLMEvent]) -> str:
+def causes(error: BaseException) -> list[BaseException]:
+    found = []
+    while error.__cause__ is not None:
+        error = error.__cause__
+        found.append(error)
+    return found
+
+
+def text_of(events: Sequence[RoutedEvent]) -> str:
     return "".join(event.content for event in events if isinstance(event, TextDelta))
 
 
@@ -147,7 +178,7 @@ async def test_tool_call_round_then_an_answer_with_its_result(server: FakeLLMSer
 
 
 async def test_closing_the_generator_closes_the_upstream_stream(server: FakeLLMServer) -> None:
-    events = stream_chat(server.target("slow"), QUESTION)
+    events = one_round(server.target("slow"), QUESTION)
     received = [await anext(events) for _ in range(3)]
     assert all(isinstance(e, TextDelta) for e in received)
     closed_at = time.monotonic()
@@ -166,7 +197,7 @@ async def test_cancelling_the_reading_task_closes_the_upstream_stream(
     first_delta = asyncio.Event()
 
     async def relay() -> None:
-        async with contextlib.aclosing(stream_chat(server.target("slow"), QUESTION)) as events:
+        async with contextlib.aclosing(one_round(server.target("slow"), QUESTION)) as events:
             async for _ in events:
                 first_delta.set()
 
@@ -201,8 +232,11 @@ async def test_http_errors_are_mapped_without_retries(
     assert (error.code, error.status, error.retry_after) == (code, status, retry_after)
     assert error.retryable
     assert not error.after_output
-    assert error.__cause__ is not None
-    assert type(error.__cause__).__module__.startswith("litellm")
+    # litellm's own exception: the cause of an error the router raises at once, or quoted in
+    # the error it raises after its walk (the first deployment's failure).
+    assert any(type(cause).__module__.startswith("litellm") for cause in causes(error)) or (
+        "litellm." in str(error)
+    )
     assert len(server.requests) == 1, "the SDK must not retry; fallback is the router's job"
 
 
@@ -225,7 +259,7 @@ async def test_a_stream_broken_midway_says_text_was_already_shown(
     shown: list[str] = []
 
     async def relay() -> None:
-        async with contextlib.aclosing(stream_chat(server.target("fail-break"), QUESTION)) as it:
+        async with contextlib.aclosing(one_round(server.target("fail-break"), QUESTION)) as it:
             async for event in it:
                 if isinstance(event, TextDelta):
                     shown.append(event.content)
@@ -262,7 +296,7 @@ async def test_tool_arguments_that_are_not_an_object_are_an_error() -> None:
 async def test_no_task_is_left_behind(server: FakeLLMServer) -> None:
     before = asyncio.all_tasks()
     await collect(server.target("text"))
-    events = stream_chat(server.target("slow"), QUESTION)
+    events = one_round(server.target("slow"), QUESTION)
     await anext(events)
     await events.aclose()
     await server.wait_for_end(within=2.0)

@@ -17,14 +17,14 @@ from pydantic import BaseModel
 
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.process import free_port
-from dexorder.gateway.mcp_client import (
+from dexorder.gateway.agents.mcp_client import (
     AgentSession,
     AgentTimeout,
     AgentUnavailable,
     ToolOutcome,
     map_host,
 )
-from dexorder.gateway.provisioning import AgentEndpoint
+from dexorder.gateway.agents.provisioning import AgentEndpoint
 from tests.integration.gateway.conftest import serving
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from dexorder.gateway import openai_wire
-from dexorder.gateway.llm import LLMError, LLMErrorCode, RoundReader
-from dexorder.gateway.openai_wire import WireClient, WireTarget
+from dexorder.gateway.llm import wire as openai_wire
+from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode, RoundReader
+from dexorder.gateway.llm.wire import WireClient, WireTarget
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MESSAGES = [{"role": "user", "content": "hi"}]

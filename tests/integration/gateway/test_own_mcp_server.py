@@ -13,8 +13,8 @@ from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.fake_llm import FakeLLMServer
 from dexorder.devenv.fake_llm.scripts import ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
-from dexorder.gateway.mcp_client import AgentSession
-from dexorder.gateway.provisioning import AgentEndpoint
+from dexorder.gateway.agents.mcp_client import AgentSession
+from dexorder.gateway.agents.provisioning import AgentEndpoint
 from tests.integration.gateway.conftest import connect, gateway_settings, serve_gateway
 
 

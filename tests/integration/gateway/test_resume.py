@@ -17,8 +17,8 @@ import pytest
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.gateway.channels.resume import detached_conversations
-from dexorder.gateway.sessions import SessionError
 from dexorder.gateway.state import SESSIONS
+from dexorder.gateway.stores.sessions import SessionError
 from tests.integration.gateway.conftest import (
     ChatClient,
     RunningGateway,

@@ -20,7 +20,7 @@ import pytest
 from dexorder.core.routing import LLMTarget, RouteChoice, RouteSource
 from dexorder.devenv.fake_llm import FailureScript, FakeLLMServer, Script, TextScript, ToolScript
 from dexorder.gateway import metrics
-from dexorder.gateway.llm import (
+from dexorder.gateway.llm.adapter import (
     Finish,
     LLMError,
     LLMErrorCode,
@@ -29,7 +29,7 @@ from dexorder.gateway.llm import (
     Usage,
     load_litellm,
 )
-from dexorder.gateway.routing import (
+from dexorder.gateway.llm.routing import (
     CONTINUE_INSTRUCTION,
     Fallback,
     ModelRouter,

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dexorder.devenv.process import free_port
-from dexorder.gateway.sessions import (
+from dexorder.gateway.stores.sessions import (
     MemorySessionStore,
     RedisSessionStore,
     SessionForbidden,

@@ -62,7 +62,7 @@ async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session
             llm.queue(TextScript(text="First."))
             await first.send({"type": "message", "content": "hello"})
             assert reply_text(await first.until("done")) == "First."
-            agent = first_conversation.agent
+            agent = first_conversation.agent.session
             assert agent is not None
             assert agent.sessions_opened == 1
 
@@ -78,8 +78,8 @@ async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session
 
             # The first chat's session was not dropped with the second chat's turn.
             assert not agent.closed
-            assert first_conversation.agent is agent
-            assert second_conversation.agent is agent
+            assert first_conversation.agent.session is agent
+            assert second_conversation.agent.session is agent
 
             # Once the agent answers again, both chats go on, on that same session.
             delay["seconds"] = 0.0
@@ -89,7 +89,7 @@ async def test_a_read_that_times_out_fails_the_turn_and_keeps_the_shared_session
             llm.queue(TextScript(text="Back."))
             await second.send({"type": "message", "content": "and you?"})
             assert reply_text(await second.until("done")) == "Back."
-            assert first_conversation.agent is agent
+            assert first_conversation.agent.session is agent
             assert agent.sessions_opened == 1
             await first.ws.close()
             await second.ws.close()

@@ -1,5 +1,6 @@
 """The strategy review end to end: a real agent process, real PostgreSQL (LangGraph's
-checkpointer), and the model's summary through litellm from the scripted LLM server."""
+checkpointer), and the model's summary through the model router from the scripted LLM
+server."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.fake_llm.scripts import FailureScript, TextScript
 from dexorder.devenv.fake_llm.server import FakeLLMServer
-from dexorder.gateway.mcp_client import AgentSession
-from dexorder.gateway.provisioning import AgentEndpoint
+from dexorder.gateway.agents.mcp_client import AgentSession
+from dexorder.gateway.agents.provisioning import AgentEndpoint
+from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
 from dexorder.gateway.workflows.strategy_review import (
     ApprovalInvalid,
     ReviewContext,
@@ -89,8 +91,18 @@ async def reviews(migrated_dsn: str) -> AsyncIterator[StrategyReviews]:
         yield service
 
 
-def context(tools: AgentSession, llm: FakeLLMServer) -> ReviewContext:
-    return ReviewContext(tools=tools, summarize=llm_summarizer([llm.target()]))
+@pytest.fixture
+async def router(llm: FakeLLMServer) -> AsyncIterator[ModelRouter]:
+    # One walk of the route: a failure is the summary's, not retried after a backoff.
+    router = ModelRouter({"fast": [llm.target()]}, RouterPolicy(timeout=30.0, rounds=1))
+    try:
+        yield router
+    finally:
+        await router.close()
+
+
+def context(tools: AgentSession, router: ModelRouter) -> ReviewContext:
+    return ReviewContext(tools=tools, summarize=llm_summarizer(router, "fast"))
 
 
 async def strategy_status(tools: AgentSession) -> str:
@@ -99,10 +111,13 @@ async def strategy_status(tools: AgentSession) -> str:
 
 
 async def test_a_review_asks_with_the_risk_then_records_the_approval(
-    reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    reviews: StrategyReviews,
+    tools: AgentSession,
+    llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     asked = await reviews.start(
-        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, llm)
+        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, router)
     )
 
     assert asked.summary == "Moderate drawdown; volatility is high."
@@ -118,7 +133,7 @@ async def test_a_review_asks_with_the_risk_then_records_the_approval(
     assert "conservative profile" in prompt
 
     outcome = await reviews.decide(
-        user_id=USER, review_id=asked.review_id, approve=True, context=context(tools, llm)
+        user_id=USER, review_id=asked.review_id, approve=True, context=context(tools, router)
     )
     assert outcome.decision == "approved"
     assert "nothing was traded" in outcome.message
@@ -128,13 +143,16 @@ async def test_a_review_asks_with_the_risk_then_records_the_approval(
 
 
 async def test_a_rejection_leaves_the_strategy_a_draft_and_a_second_answer_is_refused(
-    reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    reviews: StrategyReviews,
+    tools: AgentSession,
+    llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     asked = await reviews.start(
-        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, llm)
+        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, router)
     )
     outcome = await reviews.decide(
-        user_id=USER, review_id=asked.review_id, approve=False, context=context(tools, llm)
+        user_id=USER, review_id=asked.review_id, approve=False, context=context(tools, router)
     )
     assert outcome.decision == "rejected"
     assert await strategy_status(tools) == "draft"
@@ -145,24 +163,34 @@ async def test_a_rejection_leaves_the_strategy_a_draft_and_a_second_answer_is_re
                 user_id=USER,
                 review_id=asked.review_id,
                 approve=approve,
-                context=context(tools, llm),
+                context=context(tools, router),
             )
     assert await strategy_status(tools) == "draft"
 
 
 async def test_two_replicas_answering_at_once_decide_once(
-    migrated_dsn: str, reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    migrated_dsn: str,
+    reviews: StrategyReviews,
+    tools: AgentSession,
+    llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     asked = await reviews.start(
-        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, llm)
+        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, router)
     )
     async with StrategyReviews.open(migrated_dsn) as other_replica:
         results = await asyncio.gather(
             reviews.decide(
-                user_id=USER, review_id=asked.review_id, approve=True, context=context(tools, llm)
+                user_id=USER,
+                review_id=asked.review_id,
+                approve=True,
+                context=context(tools, router),
             ),
             other_replica.decide(
-                user_id=USER, review_id=asked.review_id, approve=True, context=context(tools, llm)
+                user_id=USER,
+                review_id=asked.review_id,
+                approve=True,
+                context=context(tools, router),
             ),
             return_exceptions=True,
         )
@@ -172,25 +200,34 @@ async def test_two_replicas_answering_at_once_decide_once(
 
 
 async def test_someone_elses_review_and_an_unknown_one_are_refused(
-    reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    reviews: StrategyReviews,
+    tools: AgentSession,
+    llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     asked = await reviews.start(
-        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, llm)
+        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, router)
     )
     for user, review in [("mallory", asked.review_id), (USER, "no-such-review")]:
         with pytest.raises(ApprovalInvalid, match="no such review"):
             await reviews.decide(
-                user_id=user, review_id=review, approve=True, context=context(tools, llm)
+                user_id=user, review_id=review, approve=True, context=context(tools, router)
             )
     assert await reviews.status(asked.review_id) == "awaiting_approval"
 
 
 async def test_a_failed_backtest_fails_the_review_with_the_agents_reason(
-    reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    reviews: StrategyReviews,
+    tools: AgentSession,
+    llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     with pytest.raises(ReviewFailed, match="backtest failed on your agent") as failure:
         await reviews.start(
-            user_id=USER, strategy_name="crossover", dataset="missing", context=context(tools, llm)
+            user_id=USER,
+            strategy_name="crossover",
+            dataset="missing",
+            context=context(tools, router),
         )
     assert "missing" in failure.value.message
     assert failure.value.review_id is not None
@@ -198,11 +235,14 @@ async def test_a_failed_backtest_fails_the_review_with_the_agents_reason(
 
 
 async def test_a_failed_summary_falls_back_to_the_computed_facts(
-    reviews: StrategyReviews, tools: AgentSession, llm: FakeLLMServer
+    reviews: StrategyReviews,
+    tools: AgentSession,
+    llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     llm.queue(FailureScript(failure="server_error"))
     asked = await reviews.start(
-        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, llm)
+        user_id=USER, strategy_name="crossover", dataset="trend", context=context(tools, router)
     )
     assert asked.summary.startswith("Return ")
     assert "conservative profile" in asked.summary
@@ -211,8 +251,8 @@ async def test_a_failed_summary_falls_back_to_the_computed_facts(
 WAIT_IN_ANOTHER_PROCESS = textwrap.dedent(
     """
     import asyncio, sys
-    from dexorder.gateway.mcp_client import AgentSession
-    from dexorder.gateway.provisioning import AgentEndpoint
+    from dexorder.gateway.agents.mcp_client import AgentSession
+    from dexorder.gateway.agents.provisioning import AgentEndpoint
     from dexorder.gateway.workflows.strategy_review import ReviewContext, StrategyReviews
     from dexorder.core.risk import RiskAssessment
 
@@ -242,6 +282,7 @@ async def test_a_review_waiting_in_a_killed_gateway_is_approved_through_another(
     agent: AgentProcess,
     tools: AgentSession,
     llm: FakeLLMServer,
+    router: ModelRouter,
 ) -> None:
     first = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -267,7 +308,7 @@ async def test_a_review_waiting_in_a_killed_gateway_is_approved_through_another(
         "summary from the first gateway"
     )
     outcome = await reviews.decide(
-        user_id=USER, review_id=review_id, approve=True, context=context(tools, llm)
+        user_id=USER, review_id=review_id, approve=True, context=context(tools, router)
     )
     assert outcome.decision == "approved"
     assert await strategy_status(tools) == "approved"

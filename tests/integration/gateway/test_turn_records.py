@@ -21,8 +21,8 @@ from dexorder.core.events import (
 )
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
-from dexorder.gateway.licenses import open_pool
-from dexorder.gateway.usage import DailyUsage, UsageStore
+from dexorder.gateway.stores.licenses import open_pool
+from dexorder.gateway.stores.usage import DailyUsage, UsageStore
 from tests.integration.gateway.conftest import (
     RunningGateway,
     connect,

@@ -12,19 +12,19 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dexorder.core import protocol
 from dexorder.devenv.process import free_port
 from dexorder.gateway.events import JsonlSink
-from dexorder.gateway.licenses import Pool, open_pool
-from dexorder.gateway.limits import MemoryLimiter
 from dexorder.gateway.metrics import REGISTRY
-from dexorder.gateway.usage import (
+from dexorder.gateway.stores.licenses import Pool, open_pool
+from dexorder.gateway.stores.limits import MemoryLimiter
+from dexorder.gateway.stores.usage import (
     DailyIncrement,
     DailyUsage,
     UsageRecorder,
     UsageStore,
     UsageUnavailable,
 )
+from dexorder.gateway.turns import ReplyDelta, TurnTally
 
 DAY = dt.date(2026, 11, 24)
 
@@ -88,15 +88,13 @@ async def test_a_finished_turn_is_added_to_todays_usage(pool: Pool, tmp_path: Pa
     store, who = UsageStore(pool), user()
     recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=lambda *_: None)
 
-    async def shown(_: protocol.Frame) -> None:
-        return None
-
     for tokens in (30, 12):
         turn = await recorder.start_turn(
             user_id=who, tier="free", channel="websocket", session_id="s", text="hi"
         )
-        await turn.observe(shown)(protocol.DeltaFrame(content="hello"))
-        await turn.finish(model="m", prompt_tokens=tokens, completion_tokens=2)
+        tally = TurnTally()
+        tally.see(ReplyDelta("hello"))
+        await turn.finish(model="m", prompt_tokens=tokens, completion_tokens=2, tally=tally)
     await recorder.close()
     today = dt.datetime.now(dt.UTC).date()
     assert await store.on(who, today) == DailyUsage(today, 42, 4, 2)

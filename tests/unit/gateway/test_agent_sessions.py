@@ -10,9 +10,9 @@ import asyncio
 import pytest
 
 from dexorder.gateway import metrics
-from dexorder.gateway.agent_sessions import AgentLease, AgentSessions, SessionHook
-from dexorder.gateway.mcp_client import AgentSession
-from dexorder.gateway.provisioning import AgentEndpoint, ProvisioningError
+from dexorder.gateway.agents.mcp_client import AgentSession
+from dexorder.gateway.agents.provisioning import AgentEndpoint, ProvisioningError
+from dexorder.gateway.agents.sessions import AgentLease, AgentSessions, SessionHook
 
 ENDPOINT = AgentEndpoint("ann", "http://127.0.0.1:1/mcp", "token-1")
 

@@ -8,7 +8,7 @@ import pytest
 
 from dexorder.core.ratelimit import Limit
 from dexorder.core.tiers import RateLimits
-from dexorder.gateway.limits import MemoryLimiter
+from dexorder.gateway.stores.limits import MemoryLimiter
 
 LIMITS = RateLimits(messages_per_minute=3, tokens_per_day=100, concurrent_generations=2)
 
@@ -112,3 +112,27 @@ async def test_messages_leave_the_window_after_a_minute(monkeypatch: pytest.Monk
     clock[0] += 30.5
     assert (await limiter.admit_message("u", LIMITS)).allowed
     assert not (await limiter.admit_message("u", LIMITS)).allowed
+
+
+async def test_a_turn_slot_is_freed_once_with_its_tokens_or_on_leaving() -> None:
+    limiter = MemoryLimiter()
+    one = RateLimits(messages_per_minute=10, tokens_per_day=100, concurrent_generations=1)
+    async with limiter.turn("u", one) as slot:
+        assert slot.allowed
+        async with limiter.turn("u", one) as refused:
+            assert not refused.allowed
+            assert refused.decision.limit is Limit.CONCURRENT_GENERATIONS
+        await slot.end(7)
+        await slot.end(5)  # once per turn: not counted again
+    assert await limiter.tokens_today("u") == 7
+
+    async def failing_turn() -> None:
+        async with limiter.turn("u", one) as slot:
+            assert slot.allowed
+            raise RuntimeError("the turn failed")
+
+    with pytest.raises(RuntimeError):
+        await failing_turn()
+    async with limiter.turn("u", one) as slot:  # the failed turn's slot was given back
+        assert slot.allowed
+    assert await limiter.tokens_today("u") == 7

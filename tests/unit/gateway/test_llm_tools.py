@@ -3,8 +3,8 @@ from typing import Any
 
 import pytest
 
-from dexorder.gateway.llm import EncodedTools, tools_json
-from dexorder.gateway.openai_wire import request_body
+from dexorder.gateway.llm.adapter import EncodedTools, tools_json
+from dexorder.gateway.llm.wire import request_body
 
 
 def tool(name: str, description: str = "") -> dict[str, Any]:

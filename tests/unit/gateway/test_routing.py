@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dexorder.gateway.llm import LLMError, LLMErrorCode
-from dexorder.gateway.routing import Fallback, RouterPolicy, deployment_name
+from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode
+from dexorder.gateway.llm.routing import Fallback, RouterPolicy, deployment_name
 
 
 def test_deployments_are_named_by_group_and_position() -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Generator, Iterable
+from collections.abc import AsyncGenerator, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dexorder.core import protocol
 from dexorder.core.events import (
     AssistantReplyEvent,
     Event,
@@ -22,15 +21,17 @@ from dexorder.core.events import (
     event_from_json,
 )
 from dexorder.gateway.events import JsonlSink
+from dexorder.gateway.llm.pricing import litellm_cost
 from dexorder.gateway.metrics import REGISTRY
-from dexorder.gateway.usage import (
+from dexorder.gateway.stores.usage import (
     DailyIncrement,
     Turn,
     UsageRecorder,
     UsageStore,
     UsageUnavailable,
-    litellm_cost,
 )
+from dexorder.gateway.turn_runner import relay_turn
+from dexorder.gateway.turns import ReplyDelta, ToolFinished, ToolStarted, TurnEvent, TurnTally
 
 
 def fixed_cost(model: str, prompt: int, completion: int) -> float | None:
@@ -42,31 +43,36 @@ def recorded(sink: JsonlSink) -> list[Event]:
     return [event_from_json(line) for line in path.read_bytes().splitlines()]
 
 
+async def see_all(turn: Turn, tally: TurnTally, events: Iterable[TurnEvent]) -> None:
+    """What the turn runner does with each event, before the channel gets it."""
+    for event in events:
+        tally.see(event)
+        recorded = turn.see(event)
+        if recorded is not None:
+            await recorded
+
+
 async def test_a_turn_records_its_message_tool_calls_reply_and_usage(tmp_path: Path) -> None:
     sink = JsonlSink(tmp_path)
     recorder = UsageRecorder(sink, None, cost=fixed_cost)
-    shown: list[protocol.Frame] = []
-
-    async def emit(frame: protocol.Frame) -> None:
-        shown.append(frame)
-
     turn = await recorder.start_turn(
         user_id="u1", tier="pro", channel="telegram", session_id="s1", text="price of ETH?"
     )
-    observed = turn.observe(emit)
-    frames: list[protocol.Frame] = [
-        protocol.ToolCallFrame(id="c1", name="get_price", arguments={"symbol": "ETH"}),
-        protocol.ToolResultFrame(id="c1", content="3000", is_error=False),
-        protocol.DeltaFrame(content="ETH is "),
-        protocol.DeltaFrame(content="3000."),
-    ]
-    for frame in frames:
-        await observed(frame)
-    usage = await turn.finish(model="gpt-4o", prompt_tokens=100, completion_tokens=20)
+    tally = TurnTally()
+    await see_all(
+        turn,
+        tally,
+        [
+            ToolStarted("c1", "get_price", {"symbol": "ETH"}),
+            ToolFinished("c1", "3000", is_error=False),
+            ReplyDelta("ETH is "),
+            ReplyDelta("3000."),
+        ],
+    )
+    usage = await turn.finish(model="gpt-4o", prompt_tokens=100, completion_tokens=20, tally=tally)
     assert await turn.finish(model="gpt-4o", prompt_tokens=1, completion_tokens=1) is None
     await recorder.close()
 
-    assert shown == frames  # observing passes every frame on unchanged
     events = recorded(sink)
     assert [type(e) for e in events] == [
         UserMessageEvent,
@@ -105,22 +111,24 @@ async def test_a_turn_records_its_message_tool_calls_reply_and_usage(tmp_path: P
 async def test_a_cancelled_turn_records_the_unanswered_tool_call(tmp_path: Path) -> None:
     sink = JsonlSink(tmp_path)
     recorder = UsageRecorder(sink, None, cost=fixed_cost)
-
-    async def emit(frame: protocol.Frame) -> None:
-        return None
-
     turn = await recorder.start_turn(
         user_id="u1", tier="free", channel="websocket", session_id="s1", text="go"
     )
-    await turn.observe(emit)(protocol.ToolCallFrame(id="c9", name="slow", arguments={}))
+    tally = TurnTally()
+    await see_all(turn, tally, [ToolStarted("c9", "slow", {})])
     usage = await turn.finish(
-        model="unknown", prompt_tokens=0, completion_tokens=0, outcome=TurnOutcome.CANCELLED
+        model="unknown",
+        prompt_tokens=0,
+        completion_tokens=0,
+        outcome=TurnOutcome.CANCELLED,
+        tally=tally,
     )
     await recorder.close()
 
     assert usage is not None
     assert usage.cost_usd is None
     assert usage.first_token_ms is None
+    assert usage.tool_calls == 1
     call = [e for e in recorded(sink) if isinstance(e, ToolCallEvent)]
     assert len(call) == 1
     assert call[0].result is None
@@ -136,22 +144,26 @@ def test_litellm_prices_models_it_knows_and_not_others() -> None:
     assert litellm_cost("", 1, 1) is None
 
 
-def test_observing_adds_no_coroutine_of_its_own(tmp_path: Path) -> None:
-    class Sent:  # an awaitable of emit's own, to recognise it
-        def __await__(self) -> Generator[None, None, None]:
-            yield from ()
-
-    sent = Sent()
-
-    def emit(frame: protocol.Frame) -> Awaitable[None]:
-        return sent
-
+def test_seeing_makes_no_coroutine_but_for_a_finished_tool_call(tmp_path: Path) -> None:
     turn = Turn(UsageRecorder(JsonlSink(tmp_path), None), **WHO)
-    observed = turn.observe(emit)
-    assert observed(protocol.DeltaFrame(content="a")) is sent
-    assert observed(protocol.ToolCallFrame(id="c1", name="t", arguments={})) is sent
-    assert observed(protocol.ToolResultFrame(id="nobody", content="", is_error=False)) is sent
-    assert turn.reply == "a"
+    assert turn.see(ReplyDelta("a")) is None
+    assert turn.see(ToolStarted("c1", "t", {})) is None
+    assert turn.see(ToolFinished("nobody", "", is_error=False)) is None
+    publishing = turn.see(ToolFinished("c1", "", is_error=False))
+    assert isinstance(publishing, Coroutine)
+    publishing.close()
+
+
+def test_the_tally_counts_the_reply_its_first_token_and_the_tools() -> None:
+    tally = TurnTally()
+    assert (tally.reply, tally.first_token_at, tally.tool_calls) == ("", None, 0)
+    for event in (ToolStarted("c1", "t", {}), ToolFinished("c1", "x", False), ReplyDelta("a")):
+        tally.see(event)
+    first = tally.first_token_at
+    tally.see(ReplyDelta("b"))
+    assert (tally.reply, tally.tool_calls) == ("ab", 1)
+    assert first is not None
+    assert tally.first_token_at == first
 
 
 async def test_a_tool_call_is_recorded_before_its_result_goes_on(tmp_path: Path) -> None:
@@ -159,14 +171,16 @@ async def test_a_tool_call_is_recorded_before_its_result_goes_on(tmp_path: Path)
     recorder = UsageRecorder(sink, None, cost=fixed_cost)
     recorded_when_shown: list[list[type[Event]]] = []
 
-    async def emit(frame: protocol.Frame) -> None:
+    async def show(event: TurnEvent) -> None:
         path = sink.path_for(dt.datetime.now(dt.UTC).date())
         recorded_when_shown.append([type(e) for e in recorded(sink)] if path.exists() else [])
 
+    async def events() -> AsyncGenerator[TurnEvent, None]:
+        yield ToolStarted("c1", "get_price", {})
+        yield ToolFinished("c1", "3000", is_error=False)
+
     turn = await recorder.start_turn(text="go", **WHO)
-    observed = turn.observe(emit)
-    await observed(protocol.ToolCallFrame(id="c1", name="get_price", arguments={}))
-    await observed(protocol.ToolResultFrame(id="c1", content="3000", is_error=False))
+    assert await relay_turn(events(), tally=TurnTally(), usage=turn, show=show) is None
     await recorder.close()
     assert recorded_when_shown == [[UserMessageEvent], [UserMessageEvent, ToolCallEvent]]
 
@@ -242,7 +256,7 @@ async def test_a_failed_write_counts_and_logs_every_turn_it_carried(
     await asyncio.sleep(0)
     turns += await asyncio.gather(finish(recorder, "a", 2), finish(recorder, "b", 3))
     store.let_go.set()
-    with caplog.at_level(logging.ERROR, logger="dexorder.gateway.usage"):
+    with caplog.at_level(logging.ERROR, logger="dexorder.gateway.stores.usage"):
         await recorder.close()
     assert len(store.writes) == 2
     assert not_recorded_daily() == before + 3

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from dexorder.gateway.llm import load_litellm
-from dexorder.gateway.usage import litellm_cost
+from dexorder.gateway.llm.adapter import load_litellm
+from dexorder.gateway.llm.pricing import litellm_cost
 
 #: Priced per token, by the four providers of config/models.yaml (and their plain names).
 LINEAR = [

@@ -21,14 +21,15 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from dexorder.core import protocol
 from dexorder.gateway.conversation import Conversation
-from dexorder.gateway.sessions import SessionError, SessionFrame, SessionStore
+from dexorder.gateway.stores.sessions import SessionError, SessionFrame, SessionStore
+from dexorder.gateway.turns import TurnEvent, frame_for
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class SessionOutbox:
     """A session's frames on this replica: recorded in order, then sent to the socket attached.
 
     It also keeps the session's ``generating_on`` mark: set when this replica takes a
-    message, cleared just before the frame that ends the last reply is recorded, so a
-    follower that sees ``done`` and reads the mark finds it cleared.
+    message, and cleared by ``clear_generating``, which the conversation calls when its
+    last turn ends, just before the frame that ends it: a follower that sees ``done`` and
+    reads the mark finds it cleared.
 
     A reply's first frame is numbered by the store; the outbox numbers the next ones itself
     and has them recorded in the background, so no token waits for the store on its way
@@ -94,12 +96,15 @@ class SessionOutbox:
         self.store = store
         self.session_id = session_id
         self.replica = replica
-        self.conversation: Conversation | None = None
         self._ws: web.WebSocketResponse | None = None
         self._lock = asyncio.Lock()
         self._generating = False
         #: The number of this reply's next frame, once the store numbered its first.
         self._next_seq: int | None = None
+
+    def show(self, event: TurnEvent) -> Awaitable[None]:
+        """A turn's event, as its frame; no coroutine of its own (one runs per token)."""
+        return self.emit(frame_for(event))
 
     async def emit(self, frame: protocol.Frame) -> None:
         # Runs for every streamed token, so it makes no coroutine it can do without: the lock
@@ -110,8 +115,6 @@ class SessionOutbox:
         try:
             text = protocol.encode_frame(frame)
             ends = isinstance(frame, _TURN_ENDS)
-            if ends and (self.conversation is None or self.conversation.idle):
-                await self.clear_generating()
             next_seq, self._next_seq = self._next_seq, None
             try:
                 if next_seq is None:
@@ -212,6 +215,7 @@ class FollowState:
 
 async def follow_elsewhere(
     ws: web.WebSocketResponse,
+    conversation: Conversation,
     outbox: SessionOutbox,
     user_id: str,
     after: int,
@@ -242,8 +246,6 @@ async def follow_elsewhere(
         await _notice(ws, "cannot follow the reply right now; carrying on here")
     await outbox.attach(ws, last)
     state.active = False
-    conversation = outbox.conversation
-    assert conversation is not None
     pending, state.pending = state.pending, []
     await take_queued(ws, conversation, outbox, pending)
 

@@ -39,7 +39,6 @@ from dexorder.gateway.conversation import (
     ConversationError,
     effective_license,
 )
-from dexorder.gateway.sessions import SessionError, SessionForbidden, SessionState, SessionStore
 from dexorder.gateway.state import (
     CHAT_SERVICES,
     DRAINING,
@@ -47,6 +46,12 @@ from dexorder.gateway.state import (
     SESSIONS,
     SETTINGS,
     VERIFIER,
+)
+from dexorder.gateway.stores.sessions import (
+    SessionError,
+    SessionForbidden,
+    SessionState,
+    SessionStore,
 )
 
 logger = logging.getLogger(__name__)
@@ -210,15 +215,15 @@ async def serve(
             await take_queued(ws, conversation, outbox, session.queued)
         else:
             outbox = SessionOutbox(store, session_id, replica_id(app))
-            conversation = Conversation(
-                services,
+            conversation = services.conversation(
                 license,
                 session_id=session_id,
                 emit=outbox.emit,
+                show=outbox.show,
                 channel="websocket",
                 on_mcp_session=functools.partial(store.set_mcp_session, session_id),
+                on_last_turn_ending=outbox.clear_generating,
             )
-            outbox.conversation = conversation
             app[LIVE_SOCKETS][ws] = conversation
             if session.generating_on is not None:
                 following.active = True
@@ -226,7 +231,7 @@ async def serve(
                 # too (the store keeps them until then).
                 following.pending.extend(session.queued)
                 follower = asyncio.create_task(
-                    follow_elsewhere(ws, outbox, identity.user, since, following),
+                    follow_elsewhere(ws, conversation, outbox, identity.user, since, following),
                     name=f"follow:{session_id}",
                 )
             else:
@@ -352,7 +357,7 @@ async def _take_message(
     )
     if following.active:
         # The reply in progress is another replica's: this one takes the message after it.
-        if len(following.pending) >= conversation.services.max_queued:
+        if len(following.pending) >= conversation.max_queued:
             await _send(ws, queue_full)
             return
         following.pending.append(text)

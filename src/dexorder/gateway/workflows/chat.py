@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from dexorder.core import protocol
-from dexorder.gateway.mcp_client import AgentSession, ToolOutcome, ToolSpec
+from dexorder.gateway.agents.mcp_client import AgentSession, ToolOutcome, ToolSpec
 from dexorder.gateway.workflows.strategy_review import (
     ApprovalRequest,
     ReviewContext,

@@ -1,12 +1,16 @@
-"""The review's plain-language risk summary, written by the model from the computed facts."""
+"""The review's plain-language risk summary, written by the model from the computed facts.
+
+It is called through the ``ModelRouter``, as every model call is: the group's deployments
+in turn, with the router's timeouts, fallbacks and cooldowns.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
 
 from dexorder.core.risk import RiskAssessment
-from dexorder.core.routing import LLMTarget
-from dexorder.gateway.llm import LLMError, TextDelta, stream_chat
+from dexorder.gateway.llm.adapter import LLMError, TextDelta
+from dexorder.gateway.llm.routing import ModelRouter
 from dexorder.gateway.workflows.strategy_review import Summarizer
 
 INSTRUCTIONS = (
@@ -17,13 +21,17 @@ INSTRUCTIONS = (
 
 
 class SummaryUnavailable(Exception):
-    """Every deployment failed or answered nothing; the review uses the plain facts."""
+    """No group to ask, every deployment failed, or none wrote anything; the review uses
+    the plain facts."""
 
 
-def llm_summarizer(targets: Sequence[LLMTarget], *, timeout: float = 30.0) -> Summarizer:
-    """A summarizer trying each deployment of a model group in turn."""
+def llm_summarizer(router: ModelRouter, group: str | None) -> Summarizer:
+    """A summarizer asking ``group``'s deployments through ``router`` (None: no group is
+    configured, and every summary is unavailable)."""
 
     async def summarize(assessment: RiskAssessment, strategy_name: str) -> str:
+        if group is None or not router.groups.get(group):
+            raise SummaryUnavailable("no model group writes summaries")
         messages = [
             {"role": "system", "content": INSTRUCTIONS},
             {
@@ -31,19 +39,18 @@ def llm_summarizer(targets: Sequence[LLMTarget], *, timeout: float = 30.0) -> Su
                 "content": f"Strategy {strategy_name!r}. Facts: {assessment.describe()}",
             },
         ]
-        failure: LLMError | None = None
-        for target in targets:
-            parts: list[str] = []
-            try:
-                async for event in stream_chat(target, messages, timeout=timeout):
+        route = router.route_to(group, "the risk summary of a strategy review")
+        parts: list[str] = []
+        try:
+            async with contextlib.aclosing(router.stream(route, messages)) as stream:
+                async for event in stream:
                     if isinstance(event, TextDelta):
                         parts.append(event.content)
-            except LLMError as error:
-                failure = error
-                continue
-            text = "".join(parts).strip()
-            if text:
-                return text
-        raise SummaryUnavailable("no deployment wrote a summary") from failure
+        except LLMError as error:
+            raise SummaryUnavailable(f"no deployment wrote a summary: {error}") from error
+        text = "".join(parts).strip()
+        if not text:
+            raise SummaryUnavailable("no deployment wrote a summary")
+        return text
 
     return summarize

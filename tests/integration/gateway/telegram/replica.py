@@ -17,7 +17,7 @@ def main() -> None:
     from aiohttp import web
 
     from dexorder.gateway.app import create_app
-    from dexorder.gateway.llm import load_litellm
+    from dexorder.gateway.llm.adapter import load_litellm
     from dexorder.gateway.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

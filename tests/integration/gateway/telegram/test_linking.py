@@ -10,8 +10,8 @@ import psycopg
 from dexorder.devenv.fake_llm import FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.gateway.channels.telegram.chat import NOT_LINKED
-from dexorder.gateway.licenses import open_pool
 from dexorder.gateway.linking import LinkCodeStore, hash_code, normalize_code
+from dexorder.gateway.stores.licenses import open_pool
 from tests.integration.gateway.telegram.conftest import TelegramGateway, issue_code
 
 

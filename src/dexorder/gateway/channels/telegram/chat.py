@@ -1,8 +1,8 @@
 """What the bot does with one update: commands, linking, and chat through the user's agent.
 
 A linked user's message runs through the same ``Conversation`` as the WebSocket channel
-(same license, provisioning, agent, harness and history); its frames drive a
-``ReplyStream``. Handling an update returns only when its reply is finished, so the
+(same license, provisioning, agent, harness and history); its turn events (and its
+progress and error frames) drive a ``ReplyStream``. Handling an update returns only when its reply is finished, so the
 inbox acknowledges an update once it was really answered, and a replica that dies
 mid-reply leaves it for another to finish.
 
@@ -54,6 +54,14 @@ from dexorder.gateway.linking import (
     LinkCodeStore,
     LinkError,
     normalize_code,
+)
+from dexorder.gateway.turns import (
+    FellBack,
+    ReplyDelta,
+    SourcesCited,
+    ToolStarted,
+    TurnEvent,
+    TurnFinished,
 )
 
 if TYPE_CHECKING:
@@ -174,24 +182,32 @@ class _ChatSession:
             return
         if isinstance(frame, protocol.StatusFrame):
             turn.stream.status(_STAGE_LINES.get(frame.stage, frame.message))
-        elif isinstance(frame, protocol.DeltaFrame):
-            turn.stream.append(frame.content)
-        elif isinstance(frame, protocol.ToolCallFrame):
-            turn.stream.status(f"Using {frame.name}…")
-        elif isinstance(frame, protocol.SourcesFrame):
-            turn.stream.add_footer(
-                sources_html([(item.title, item.source) for item in frame.items])
-            )
-        elif isinstance(frame, protocol.DoneFrame):
-            self.turns.popleft()
-            try:
-                await turn.stream.finish(cancelled=frame.cancelled)
-            finally:
-                _resolve(turn)
         elif isinstance(frame, protocol.ErrorFrame):
             self.turns.popleft()
             try:
                 await turn.stream.fail(notice_html(frame))
+            finally:
+                _resolve(turn)
+
+    async def show(self, event: TurnEvent) -> None:
+        """A turn's event, in the reply being written (the first turn waiting)."""
+        turn = self.turns[0] if self.turns else None
+        if turn is None:
+            return
+        if isinstance(event, ReplyDelta):
+            turn.stream.append(event.content)
+        elif isinstance(event, ToolStarted):
+            turn.stream.status(f"Using {event.name}…")
+        elif isinstance(event, FellBack):
+            turn.stream.status(_STAGE_LINES[protocol.Stage.RETRYING])
+        elif isinstance(event, SourcesCited):
+            turn.stream.add_footer(
+                sources_html([(item.title, item.source) for item in event.items])
+            )
+        elif isinstance(event, TurnFinished):
+            self.turns.popleft()
+            try:
+                await turn.stream.finish(cancelled=event.cancelled)
             finally:
                 _resolve(turn)
 
@@ -331,11 +347,14 @@ class TelegramChat:
             async def collect(frame: protocol.Frame) -> None:
                 frames.append(frame)
 
-            once = Conversation(
-                self.services,
+            async def no_turns(_: TurnEvent) -> None:
+                return None  # it answers the approval only, and runs no turn
+
+            once = self.services.conversation(
                 license,
                 session_id=f"tg-approval-{uuid.uuid4().hex}",
                 emit=collect,
+                show=no_turns,
                 channel=CHANNEL,
             )
             try:
@@ -500,8 +519,12 @@ class TelegramChat:
             await chat.emit(protocol.ErrorFrame(code=error.code, message=error.message))
             return False
         session_id = await self.sessions.current(chat_id, user_id)
-        conversation = Conversation(
-            self.services, license, session_id=session_id, emit=chat.emit, channel=CHANNEL
+        conversation = self.services.conversation(
+            license,
+            session_id=session_id,
+            emit=chat.emit,
+            show=chat.show,
+            channel=CHANNEL,
         )
         turns_before = len(chat.turns)
         if license.notice:

@@ -17,7 +17,12 @@ from dexorder.core import naming
 from dexorder.core.licenses import EffectiveLicense
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.errors import DevenvError
-from dexorder.gateway.provisioning.base import AgentEndpoint, Progress, ProvisioningError, Stage
+from dexorder.gateway.agents.provisioning.base import (
+    AgentEndpoint,
+    Progress,
+    ProvisioningError,
+    Stage,
+)
 
 logger = logging.getLogger(__name__)
 

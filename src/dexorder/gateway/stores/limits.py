@@ -75,6 +75,49 @@ class Limiter(Protocol):
     async def close(self) -> None:
         """Stop renewing leases; those still held expire by themselves."""
 
+    def turn(self, user_id: str, limits: RateLimits) -> TurnSlot:
+        """One message's admission: ``async with limiter.turn(user, limits) as slot``."""
+
+
+class TurnSlot:
+    """One message's admission and generation slot, held for the ``async with`` block.
+
+    Entering counts the message and takes a slot in one step (``admit_turn``); it raises
+    ``LimiterUnavailable``, and a refusal holds nothing (``allowed`` is False, ``decision``
+    says why). ``end`` frees the slot and counts the turn's tokens, once; leaving the block
+    frees a slot still held, counting no tokens. Ending never fails: a slot not given back
+    expires by itself, and tokens not counted are logged."""
+
+    def __init__(self, limiter: Limiter, user_id: str, limits: RateLimits) -> None:
+        self._limiter = limiter
+        self._user_id = user_id
+        self._limits = limits
+        self.decision = Decision(allowed=False)
+        self._held = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+    async def __aenter__(self) -> TurnSlot:
+        self.decision = await self._limiter.admit_turn(self._user_id, self._limits)
+        self._held = self.decision.allowed
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.end(0)
+
+    async def end(self, tokens: int) -> None:
+        """Free the slot and count ``tokens`` against today's budget (once per turn)."""
+        if not self._held:
+            return
+        self._held = False
+        try:
+            await self._limiter.end_generation(self._user_id, self.decision.lease, tokens)
+        except LimiterUnavailable as error:
+            # The slot expires by itself; the tokens are missing from today's budget.
+            logger.warning("tokens of %s not counted: %s", self._user_id, error)
+
 
 class _HeldLeases:
     """The leases this process holds, by lease id, and one user's ids to release."""
@@ -164,6 +207,9 @@ class MemoryLimiter:
     async def end_generation(self, user_id: str, lease: str | None, tokens: int) -> None:
         await self.add_tokens(user_id, tokens)
         await self.release_generation(user_id, lease)
+
+    def turn(self, user_id: str, limits: RateLimits) -> TurnSlot:
+        return TurnSlot(self, user_id, limits)
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens < 0:
@@ -382,6 +428,9 @@ class RedisLimiter:
         except RedisError as error:
             # The slot expires by itself; the tokens are lost to today's budget, so say so.
             raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+
+    def turn(self, user_id: str, limits: RateLimits) -> TurnSlot:
+        return TurnSlot(self, user_id, limits)
 
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens < 0:

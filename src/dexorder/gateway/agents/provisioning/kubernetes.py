@@ -26,7 +26,12 @@ from dexorder.core.licenses import EffectiveLicense
 from dexorder.core.manifests import TOKEN_KEY
 from dexorder.core.status import rfc3339
 from dexorder.core.useragent import API_VERSION, KIND, LAST_ACTIVITY_ANNOTATION, PLURAL, Phase
-from dexorder.gateway.provisioning.base import AgentEndpoint, Progress, ProvisioningError, Stage
+from dexorder.gateway.agents.provisioning.base import (
+    AgentEndpoint,
+    Progress,
+    ProvisioningError,
+    Stage,
+)
 
 # A Ready agent is trusted for this long before its UserAgent is read again.
 _ENDPOINT_CACHE_SECONDS = 30.0

@@ -5,7 +5,7 @@ LM Studio, a local test server) streams Server-Sent Events whose ``data`` is one
 ending with ``data: [DONE]``. litellm reads the same stream by building the OpenAI SDK's pydantic
 chunk models and then its own, about 0.8 ms of CPU per chunk on this machine against 0.03 ms for
 parsing the JSON (BENCHMARKS.md, field notes): at a hundred concurrent replies that alone
-saturates a core and delays every token. So for these providers the router (gateway.routing)
+saturates a core and delays every token. So for these providers the router (gateway.llm.routing)
 streams through this module, and through litellm for every other provider (Anthropic, Gemini,
 Ollama...). The model list, the provider prefixes and the routing are the same either way;
 ``DEXORDER_LLM_TRANSPORT=litellm`` sends everything through litellm.
@@ -26,7 +26,8 @@ import aiohttp
 
 from dexorder.core.routing import LLMTarget
 from dexorder.gateway.http_body import ended_within
-from dexorder.gateway.llm import LLMError, LLMErrorCode, tools_json
+from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode, tools_json
+from dexorder.gateway.sse import SSEReader
 
 #: litellm's provider prefixes whose API is OpenAI's Chat Completions, and their default base.
 WIRE_PROVIDERS: Final[Mapping[str, str]] = {
@@ -151,74 +152,6 @@ def _stream_error_status(chunk: Mapping[str, Any]) -> int:
     return 502  # the provider failed mid-reply: worth the next deployment
 
 
-class _Events:
-    """The data of Server-Sent Events, from a stream's bytes as they arrive.
-
-    ``feed`` takes each block read and ``end`` the end of the stream; both return the data of
-    the events they complete (an event's ``data`` lines joined by newlines). Lines end with
-    ``\\n`` (a ``\\r`` before it is dropped); comments and other fields are skipped. A line
-    over ``limit`` bytes is a ``ValueError``: a server that never ends one must not fill the
-    memory.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._partial: list[bytes] = []  # the start of a line whose end has not come yet
-        self._partial_size = 0
-        self._data: list[bytes] = []  # the data lines of the event being read
-
-    def feed(self, block: bytes) -> list[bytes]:
-        if (
-            not self._partial
-            and not self._data
-            and block.startswith(b"data:")
-            and block.endswith(b"\n\n")
-            and block.count(b"\n") == 2
-            and len(block) <= self._limit
-        ):
-            # The usual block, once per token: one whole event of one data line.
-            return [block[5:-2].rstrip(b"\r").lstrip(b" ")]
-        if b"\n" not in block:
-            self._keep(block)
-            return []
-        if self._partial:
-            block = b"".join([*self._partial, block])
-            self._partial.clear()
-            self._partial_size = 0
-        lines = block.split(b"\n")
-        rest = lines.pop()
-        if len(block) > self._limit and max(map(len, lines)) > self._limit:
-            raise ValueError(f"a line longer than {self._limit} bytes")
-        if rest:
-            self._keep(rest)
-        return self._events(lines)
-
-    def end(self) -> list[bytes]:
-        """What a last line without its newline completes (nothing, but for a lone ``\\r``)."""
-        rest = b"".join(self._partial)
-        self._partial.clear()
-        self._partial_size = 0
-        return self._events([rest]) if rest else []
-
-    def _keep(self, part: bytes) -> None:
-        self._partial.append(part)
-        self._partial_size += len(part)
-        if self._partial_size > self._limit:
-            raise ValueError(f"a line longer than {self._limit} bytes")
-
-    def _events(self, lines: list[bytes]) -> list[bytes]:
-        events: list[bytes] = []
-        for raw in lines:
-            line = raw.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                self._data.append(line[5:].lstrip(b" "))
-            elif not line and self._data:
-                events.append(b"\n".join(self._data))
-                self._data = []
-            # else: a comment (": keep-alive"), another field, or a spare blank line
-        return events
-
-
 #: The scanner behind ``json.loads`` (C), and the whitespace JSON allows after a value.
 # (typeshed asks for a scanner: its stub says the decoder it reads is duck-typed, still TODO.)
 _scan_json: Final = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
@@ -261,12 +194,13 @@ class WireStream:
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
         content = self._response.content
-        events = _Events(_MAX_LINE)
+        events = SSEReader(_MAX_LINE)
         finish_seen = False
         try:
             while True:
                 # Whatever has arrived (usually one whole event), not line by line: reading
-                # lines costs two StreamReader calls per event, on every token.
+                # lines costs two StreamReader calls per event, on every token. The loop is
+                # sse.read_events's, inlined: a generator between would cost a step per token.
                 block = await content.readany()
                 for payload in events.feed(block) if block else events.end():
                     if payload == _DONE:
@@ -284,7 +218,7 @@ class WireStream:
             ) from error
         except (aiohttp.ClientError, OSError, ValueError) as error:
             # A dropped connection, a payload cut short, or a line longer than we take
-            # (``_Events``): the reply is broken either way.
+            # (``SSEReader``): the reply is broken either way.
             raise LLMError(
                 LLMErrorCode.STREAM_BROKEN, f"{self._where} broke the stream: {error}"
             ) from error

@@ -20,8 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from dexorder.gateway import metrics
-from dexorder.gateway.mcp_client import DEFAULT_READ_SECONDS, AgentSession
-from dexorder.gateway.provisioning.base import AgentEndpoint, ProvisioningError
+from dexorder.gateway.agents.mcp_client import DEFAULT_READ_SECONDS, AgentSession
+from dexorder.gateway.agents.provisioning.base import AgentEndpoint, ProvisioningError
 
 logger = logging.getLogger(__name__)
 

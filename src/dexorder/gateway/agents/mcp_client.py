@@ -1,8 +1,10 @@
 """The MCP adapter: one streamable-HTTP session to one user's agent.
 
-The client speaks MCP's streamable HTTP transport directly, over aiohttp: each JSON-RPC
-request is one POST, answered with JSON or with a server-sent event stream that carries the
-response. The SDK's client (anyio memory streams, a task group and httpx under every call)
+The session (this module: the handshake, the session's generation, reopening it, the
+requests and their results) runs over the transport (``mcp_transport``: one POST a
+JSON-RPC message, answered with JSON or an event stream), as the MCP SDK separates
+``client/session.py`` from ``client/streamable_http.py``. Both are ours, not the SDK's: its
+client (anyio memory streams, a task group and httpx under every call)
 cost the gateway about 2 ms of CPU per call, a third of its event loop at 100 chats, while
 the model's tokens waited behind it; its types still parse every result.
 
@@ -19,18 +21,16 @@ restarted agent is reopened once for every caller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 from mcp.shared.version import SUPPORTED_PROTOCOL_VERSIONS
 from mcp.types import (
     LATEST_PROTOCOL_VERSION,
@@ -42,48 +42,25 @@ from mcp.types import (
 )
 from pydantic import ValidationError
 
-from dexorder.gateway.http_body import ended_within
-from dexorder.gateway.llm import EncodedTools
-from dexorder.gateway.provisioning.base import AgentEndpoint
+from dexorder.gateway.agents.mcp_transport import (
+    SESSION_HEADER,
+    VERSION_HEADER,
+    AgentTimeout,
+    AgentUnavailable,
+    Disconnected,
+    SessionLost,
+    StreamableHTTP,
+)
+from dexorder.gateway.agents.provisioning.base import AgentEndpoint
 
 logger = logging.getLogger(__name__)
 
 CLIENT_INFO = {"name": "dexorder-gateway", "version": "0.1.0"}
 
-_SESSION_HEADER = "mcp-session-id"
-_VERSION_HEADER = "mcp-protocol-version"
-_ACCEPT = "application/json, text/event-stream"
-# Idle connections are dropped before the agent's server (uvicorn: 5 s) closes them, so a
-# request never goes out on a connection the agent is closing at that moment.
-_KEEPALIVE_SECONDS = 2.0
-_METHOD_NOT_FOUND = -32601
-# An event of a streamed answer is one line; a tool's result can be large. aiohttp refuses
-# lines over twice this.
-_READ_BUFFER = 4 * 1024 * 1024
-
 #: How long a read (a resource, the tool list) may take by default (DEXORDER_AGENT_READ_SECONDS).
 DEFAULT_READ_SECONDS = 30.0
 
 _Result = TypeVar("_Result", ListToolsResult, CallToolResult, ReadResourceResult)
-
-
-class AgentUnavailable(Exception):
-    """The user's agent could not be reached, or broke the protocol."""
-
-    code = "agent_unavailable"
-
-
-class AgentTimeout(AgentUnavailable):
-    """The agent did not answer in time. It may be busy rather than gone, so the session
-    (shared by the user's other chats) is kept: the caller fails, the session does not."""
-
-
-class _Disconnected(AgentUnavailable):
-    """The agent closed the connection before answering (as a pooled one it is closing)."""
-
-
-class _SessionLost(Exception):
-    """The agent answered 404 for our session id: it forgot the session, and ran nothing."""
 
 
 class _RpcError(Exception):
@@ -138,28 +115,6 @@ def _text_of(result: CallToolResult) -> str:
     return "\n".join(parts)
 
 
-async def _sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The ``data`` of each ``message`` event of a server-sent event stream."""
-    event, data = "message", list[str]()
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
-        if not line:
-            if data and event == "message":
-                yield "\n".join(data)
-            event, data = "message", list[str]()
-        elif line.startswith(":"):
-            continue  # a comment: keep-alive
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-    if data and event == "message":
-        yield "\n".join(data)
-
-
 class AgentSession:
     """An MCP client session that survives the agent forgetting it."""
 
@@ -175,17 +130,19 @@ class AgentSession:
         on_session: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._url = map_host(endpoint.url, host_map or {})
-        self._connect_timeout = timeout
         self._connect_grace = connect_grace
         # A broken agent may never answer; tools (a backtest) may legitimately take longer
         # than reading a resource.
         self._read_timeout = read_timeout
         self._tool_timeout = tool_timeout
-        self._http: aiohttp.ClientSession | None = None
-        self._headers: dict[str, str] = {"Accept": _ACCEPT, "Content-Type": "application/json"}
-        if endpoint.token:
-            self._headers["Authorization"] = f"Bearer {endpoint.token}"
+        self._transport = StreamableHTTP(
+            map_host(endpoint.url, host_map or {}),
+            endpoint.token,
+            connect_timeout=timeout,
+            answer_timeout=read_timeout,
+        )
+        #: The protocol version the agent chose at the first open (sent on every message).
+        self._version: str | None = None
         self._ids = itertools.count(1)
         # Which session a caller sent on: bumped by every open, so that callers that lost
         # the same session agree on who reopens it.
@@ -199,7 +156,6 @@ class AgentSession:
         # Closed for good: calls fail instead of opening a session nobody would close.
         self._closed = False
         self._tools: list[ToolSpec] | None = None
-        self._openai_tools: EncodedTools | None = None
         self._listing = asyncio.Lock()
         self.sessions_opened = 0
         #: The agent's id for the current MCP session (the ``mcp-session-id`` header);
@@ -219,119 +175,14 @@ class AgentSession:
     ) -> None:
         await self.close()
 
-    # --- the transport: one POST a message ---------------------------------------------------
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise AgentUnavailable("the MCP session was closed")
-        if self._http is None:
-            # No cap on connections: a session carries every conversation of its user in
-            # this process, and each request holds its connection until the reply (a
-            # backtest: minutes); a cap would queue the others behind slow tools. Each
-            # conversation runs one turn at a time, which bounds them.
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_SECONDS),
-                timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
-                read_bufsize=_READ_BUFFER,
-            )
-        return self._http
-
     def _session_headers(self) -> dict[str, str]:
-        headers = dict(self._headers)
+        """The headers that say which session a message belongs to, once it has them."""
+        headers: dict[str, str] = {}
+        if self._version is not None:
+            headers[VERSION_HEADER] = self._version
         if self.mcp_session_id is not None:
-            headers[_SESSION_HEADER] = self.mcp_session_id
+            headers[SESSION_HEADER] = self.mcp_session_id
         return headers
-
-    async def _post(
-        self, message: dict[str, Any], headers: Mapping[str, str], timeout: float
-    ) -> tuple[dict[str, Any] | None, str | None]:
-        """Send one JSON-RPC message; the response to it (None for a notification) and the
-        session id the server gave in its headers."""
-        http = self._client()
-        try:
-            async with asyncio.timeout(timeout):
-                async with http.post(
-                    self._url, data=json.dumps(message), headers=headers
-                ) as response:
-                    session_id = response.headers.get(_SESSION_HEADER)
-                    if response.status == 404 and _SESSION_HEADER in headers:
-                        raise _SessionLost
-                    if response.status >= 400:
-                        body = (await response.text(errors="replace"))[:200]
-                        raise AgentUnavailable(
-                            f"the agent answered HTTP {response.status}: {body}".rstrip(": ")
-                        )
-                    if "method" not in message or "id" not in message:
-                        # A notification, or our answer to the server: 202, no body.
-                        await response.read()
-                        return None, session_id
-                    if response.content_type == "text/event-stream":
-                        found = await self._response_in_stream(response, message["id"], headers)
-                        # The server ends the stream after the answer: wait for that end,
-                        # or the connection is closed rather than pooled (http_body).
-                        await ended_within(response)
-                    else:
-                        found = self._response_in(await response.read(), message["id"])
-                    if found is None:
-                        raise AgentUnavailable("the agent's answer held no response")
-                    return found, session_id
-        except aiohttp.ConnectionTimeoutError as error:
-            # Also a TimeoutError, but no connection was made: unreachable, not busy.
-            raise AgentUnavailable(f"the agent could not be reached ({error!r})") from error
-        except TimeoutError as error:
-            raise AgentTimeout(f"the agent did not answer in {timeout:g} s") from error
-        except aiohttp.ServerDisconnectedError as error:
-            if self._closed:
-                raise AgentUnavailable("the MCP session was closed") from error
-            raise _Disconnected(f"the agent closed the connection ({error!r})") from error
-        except (aiohttp.ClientError, OSError, ValueError) as error:
-            # ValueError: an event line longer than the read buffer.
-            if self._closed:
-                raise AgentUnavailable("the MCP session was closed") from error
-            raise AgentUnavailable(f"the agent did not answer ({error!r})") from error
-
-    @staticmethod
-    def _response_in(body: bytes, request_id: int) -> dict[str, Any] | None:
-        try:
-            message = json.loads(body)
-        except ValueError as error:
-            raise AgentUnavailable(f"the agent's answer is not JSON: {error}") from error
-        if isinstance(message, dict) and message.get("id") == request_id:
-            return message
-        return None
-
-    async def _response_in_stream(
-        self, response: aiohttp.ClientResponse, request_id: int, headers: Mapping[str, str]
-    ) -> dict[str, Any] | None:
-        """Read events until the one that answers ``request_id``; notifications on the way
-        are passed over, and requests from the server are answered."""
-        async for data in _sse_messages(response):
-            try:
-                message = json.loads(data)
-            except ValueError as error:
-                raise AgentUnavailable(
-                    f"the agent sent an event that is not JSON: {error}"
-                ) from error
-            if not isinstance(message, dict):
-                continue
-            if "method" in message and "id" in message:
-                await self._answer_server_request(message, headers)
-            elif message.get("id") == request_id and "method" not in message:
-                return message
-        return None
-
-    async def _answer_server_request(
-        self, request: dict[str, Any], headers: Mapping[str, str]
-    ) -> None:
-        # The client declares no capabilities (no sampling, roots or elicitation), so a
-        # well-behaved server asks nothing but ping; anything else is refused, not ignored,
-        # so the server's own request does not hang.
-        answer: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"]}
-        if request.get("method") == "ping":
-            answer["result"] = {}
-        else:
-            answer["error"] = {"code": _METHOD_NOT_FOUND, "message": "not supported by the client"}
-        await self._post(answer, headers, self._read_timeout)
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -347,28 +198,29 @@ class AgentSession:
                 "clientInfo": CLIENT_INFO,
             },
         }
-        answer, session_id = await self._post(request, self._headers, self._read_timeout)
+        # No session id yet (a reopen dropped the lost one); the version, after a first open.
+        before = {VERSION_HEADER: self._version} if self._version is not None else {}
+        answer, session_id = await self._transport.post(request, before, self._read_timeout)
         version = str(self._result_of(answer, "initialize").get("protocolVersion", ""))
         if version not in SUPPORTED_PROTOCOL_VERSIONS:
             raise AgentUnavailable(f"the agent speaks MCP {version!r}, which we do not")
-        headers = dict(self._headers)
-        headers[_VERSION_HEADER] = version
+        headers = {VERSION_HEADER: version}
         if session_id is not None:
-            headers[_SESSION_HEADER] = session_id
+            headers[SESSION_HEADER] = session_id
         notice = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-        await self._post(notice, headers, self._read_timeout)
+        await self._transport.post(notice, headers, self._read_timeout)
         return session_id, version
 
     async def _open(self) -> None:
         try:
             session_id, version = await self._handshake()
-        except (AgentUnavailable, _SessionLost, _RpcError) as error:
+        except (AgentUnavailable, SessionLost, _RpcError) as error:
             raise AgentUnavailable(f"cannot open an MCP session with the agent: {error}") from error
         if self._closed:
             # Closed while this open was under way: nobody would close what it opened.
-            await self._end_remotely(session_id, version)
+            await self._transport.end_session(session_id, version)
             raise AgentUnavailable("the MCP session was closed")
-        self._headers[_VERSION_HEADER] = version
+        self._version = version
         self.mcp_session_id = session_id
         self._generation += 1
         self._open_now = True
@@ -416,24 +268,7 @@ class AgentSession:
         self._closed = True
         session_id, self.mcp_session_id = self.mcp_session_id, None
         self._open_now = False
-        await self._end_remotely(session_id, self._headers.get(_VERSION_HEADER))
-        http, self._http = self._http, None
-        if http is not None:
-            await http.close()
-
-    async def _end_remotely(self, session_id: str | None, version: str | None) -> None:
-        """Tell the agent the session is over (a DELETE), so it frees it now rather than
-        when it expires. Best effort: an agent that is gone has forgotten it anyway."""
-        if session_id is None or self._http is None:
-            return
-        headers = {_SESSION_HEADER: session_id}
-        if "Authorization" in self._headers:
-            headers["Authorization"] = self._headers["Authorization"]
-        if version is not None:
-            headers[_VERSION_HEADER] = version
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-            async with asyncio.timeout(2.0), self._http.delete(self._url, headers=headers):
-                pass
+        await self._transport.close(session_id, self._version)
 
     async def _reopen(self, lost: int, why: str) -> None:
         # Every caller that was using session ``lost`` comes here; the first reopens, the
@@ -484,14 +319,14 @@ class AgentSession:
     async def _request(self, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
         message = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         try:
-            answer, _ = await self._post(message, self._session_headers(), timeout)
-        except _Disconnected:
+            answer, _ = await self._transport.post(message, self._session_headers(), timeout)
+        except Disconnected:
             # A pooled connection the agent closed as the request went out (it restarted):
             # a read runs again on a new connection. A tool call does not: it may have run.
             if method == "tools/call":
                 raise
             message["id"] = next(self._ids)
-            answer, _ = await self._post(message, self._session_headers(), timeout)
+            answer, _ = await self._transport.post(message, self._session_headers(), timeout)
         return self._result_of(answer, method)
 
     async def _call(
@@ -501,12 +336,12 @@ class AgentSession:
             generation = await self._current()
             try:
                 return await self._request(method, params, timeout)
-            except _SessionLost:
+            except SessionLost:
                 pass
             await self._reopen(generation, "the agent forgot our MCP session")
             try:
                 return await self._request(method, params, timeout)
-            except _SessionLost as error:
+            except SessionLost as error:
                 raise AgentUnavailable("the agent forgot the new MCP session too") from error
         except _RpcError as error:
             raise AgentUnavailable(f"{operation}: {error}") from error
@@ -527,13 +362,6 @@ class AgentSession:
                         for tool in result.tools
                     ]
         return self._tools
-
-    async def openai_tools(self) -> EncodedTools:
-        """The agent's tools in OpenAI's form, encoded once for the session's life."""
-        if self._openai_tools is None:
-            tools = await self.list_tools()
-            self._openai_tools = EncodedTools(tool.as_openai_tool() for tool in tools)
-        return self._openai_tools
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any]) -> ToolOutcome:
         """Call a tool; its result as text (what the model is given) and whether it failed.
@@ -571,3 +399,15 @@ class AgentSession:
             return model.model_validate(answer)
         except ValidationError as error:
             raise AgentUnavailable(f"{operation}: the agent's result is malformed") from error
+
+
+__all__ = [
+    "CLIENT_INFO",
+    "DEFAULT_READ_SECONDS",
+    "AgentSession",
+    "AgentTimeout",
+    "AgentUnavailable",
+    "ToolOutcome",
+    "ToolSpec",
+    "map_host",
+]

@@ -1,15 +1,15 @@
 """What each turn used: its events (to the event sink) and the daily totals (PostgreSQL).
 
 ``UsageRecorder.start_turn`` opens a ``Turn`` when a message is admitted; the turn sees the
-frames the harness emits (through ``Turn.observe``), so it records each tool call and the
-reply as streamed, and ``Turn.finish`` records the reply and the usage. Recording never
+events the harness yields (``Turn.see``), so it records each tool call as it finishes, and
+``Turn.finish`` records the reply and the usage from the turn's ``TurnTally``. Recording never
 fails a turn and never delays its reply: a sink that refuses or a database that is down
 is logged and counted, and the daily totals are written by a task of the recorder's own.
 
 Turns end by the hundred at once, so their end is kept cheap: a model's price is looked up
-in LiteLLM once and then is two multiplications (``litellm_cost``), and the daily totals are
-group-committed (one writer per recorder; what turns add while it writes is summed per user
-and day and goes in its next statement).
+in LiteLLM once and then is two multiplications (``llm.pricing.litellm_cost``), and the
+daily totals are group-committed (one writer per recorder; what turns add while it writes
+is summed per user and day and goes in its next statement).
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from prometheus_client import Counter
 
-from dexorder.core import protocol
 from dexorder.core.events import (
     AssistantReplyEvent,
     Event,
@@ -38,12 +37,13 @@ from dexorder.core.events import (
 )
 from dexorder.gateway import metrics
 from dexorder.gateway.events import EventSink, EventsRefused
-from dexorder.gateway.licenses import Pool
-from dexorder.gateway.limits import Limiter, LimiterUnavailable
+from dexorder.gateway.llm.pricing import litellm_cost
+from dexorder.gateway.stores.licenses import Pool
+from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable
+from dexorder.gateway.turns import ToolFinished, ToolStarted, TurnEvent, TurnTally
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[protocol.Frame], Awaitable[None]]
 #: (model, prompt tokens, completion tokens) to US dollars; None when the price is unknown.
 CostFunction = Callable[[str, int, int], float | None]
 
@@ -183,158 +183,6 @@ async def _upsert(
     await connection.execute(_upsert_rows(len(rows)), [value for row in rows for value in row])
 
 
-# --- prices ---------------------------------------------------------------------------------
-
-#: Keys of LiteLLM's price map that make a model's price other than (tokens x a fixed rate):
-#: token tiers, prices by time of day, per second, per character, per request.
-_IRREGULAR_PRICE_KEYS = frozenset(
-    {
-        "tiered_pricing",
-        "off_peak_pricing",
-        "cost_per_second",
-        "input_cost_per_second",
-        "output_cost_per_second",
-        "input_cost_per_character",
-        "output_cost_per_character",
-        "input_cost_per_request",
-        "input_cost_per_query",
-    }
-)
-#: (prompt, completion) token counts at which a price read as linear is checked against
-#: LiteLLM: each side of every tier threshold its map uses (32k to 512k), and beyond.
-_PRICE_CHECKS = (
-    (0, 0),
-    (7, 3),
-    (1234, 567),
-    (40_000, 9_000),
-    (110_000, 20_000),
-    (150_000, 100_000),
-    (230_000, 130_000),
-    (262_000, 200_000),
-    (300_000, 300_000),
-    (600_000, 550_000),
-    (1_500_000, 1_000_000),
-)
-#: Model names are few (the deployments of config/models.yaml); past this many, prices
-#: are no longer kept, so a stream of odd names cannot grow the process.
-_PRICES_KEPT = 1024
-
-
-def _litellm_cost_per_token(
-    model: str, prompt_tokens: int, completion_tokens: int
-) -> tuple[float, float] | None:
-    """LiteLLM's price of the prompt and of the completion; None for a model it does not know."""
-    from dexorder.gateway.llm import load_litellm
-
-    litellm = load_litellm()
-    try:
-        prompt_cost, completion_cost = litellm.cost_per_token(
-            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
-        )
-    except Exception:  # litellm raises plain Exception subclasses for unknown models
-        return None
-    return float(prompt_cost), float(completion_cost)
-
-
-def _total(prompt_cost: float, completion_cost: float) -> float | None:
-    total = prompt_cost + completion_cost
-    return total if total >= 0 else None
-
-
-@dataclass(frozen=True, slots=True)
-class _PerToken:
-    """A fixed rate per prompt token and per completion token: computed here, as LiteLLM does
-    (tokens x rate, each side), so the result is the same float."""
-
-    prompt: float
-    completion: float
-
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-        if prompt_tokens < 0 or completion_tokens < 0:  # LiteLLM's business, however odd
-            return _AskLitellm().cost(model, prompt_tokens, completion_tokens)
-        return _total(prompt_tokens * self.prompt, completion_tokens * self.completion)
-
-
-@dataclass(frozen=True, slots=True)
-class _AskLitellm:
-    """A price LiteLLM computes in a way not repeated here (tiers, time of day, ...)."""
-
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-        costs = _litellm_cost_per_token(model, prompt_tokens, completion_tokens)
-        return None if costs is None else _total(*costs)
-
-
-@dataclass(frozen=True, slots=True)
-class _Unpriced:
-    """A model LiteLLM has no price for (it raises for every token count)."""
-
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-        return None
-
-
-_Price = _PerToken | _AskLitellm | _Unpriced
-_prices: dict[str, _Price] = {}
-
-
-def _price_entries(model: str) -> list[Mapping[str, Any]]:
-    """The entries of LiteLLM's map ``model`` is priced by: its model info, and the raw entry
-    ``cost_per_token`` picks (the name as given, else without its provider prefix)."""
-    from dexorder.gateway.llm import load_litellm
-
-    litellm = load_litellm()
-    try:
-        info: Mapping[str, Any] = litellm.get_model_info(model=model)
-    except Exception:  # unknown to litellm: nothing to read
-        return []
-    picked = next((n for n in (model, model.split("/", 1)[-1]) if n in litellm.model_cost), None)
-    return [info] if picked is None else [info, litellm.model_cost[picked]]
-
-
-def _priced_per_token(entries: Sequence[Mapping[str, Any]]) -> bool:
-    return bool(entries) and not any(
-        key in _IRREGULAR_PRICE_KEYS or ("_above_" in key and "_tokens" in key)
-        for entry in entries
-        for key, value in entry.items()
-        if value is not None
-    )
-
-
-def _resolve_price(model: str) -> _Price:
-    """How to price ``model``: by LiteLLM's own rates when linear, else by asking LiteLLM.
-
-    The rates are LiteLLM's answers for one token, and are kept only if they reproduce its
-    answer exactly at every count of ``_PRICE_CHECKS``.
-    """
-    checked = [(p, c, _litellm_cost_per_token(model, p, c)) for p, c in _PRICE_CHECKS]
-    if all(costs is None for _, _, costs in checked):
-        return _Unpriced()
-    one_prompt = _litellm_cost_per_token(model, 1, 0)
-    one_completion = _litellm_cost_per_token(model, 0, 1)
-    if one_prompt is None or one_completion is None or not _priced_per_token(_price_entries(model)):
-        return _AskLitellm()
-    price = _PerToken(one_prompt[0], one_completion[1])
-    for prompt_tokens, completion_tokens, costs in checked:
-        if costs != (prompt_tokens * price.prompt, completion_tokens * price.completion):
-            return _AskLitellm()
-    return price
-
-
-def litellm_cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """The price by LiteLLM's (offline) price list; None for a model it does not know.
-
-    How a model is priced is worked out once (about 5 ms) and kept: LiteLLM's map is the
-    one it loaded at import (``load_litellm``), and nothing here changes it later.
-    """
-    if not model:
-        return None
-    price = _prices.get(model)
-    if price is None:
-        price = _resolve_price(model)
-        if len(_prices) < _PRICES_KEPT:
-            _prices[model] = price
-    return price.cost(model, prompt_tokens, completion_tokens)
-
-
 @dataclass
 class _PendingCall:
     name: str
@@ -360,10 +208,8 @@ class Turn:
         self.session_id = session_id
         self.turn_id = new_event_id()
         self._started = time.perf_counter()
-        self._first_token: float | None = None
-        self._reply: list[str] = []
+        #: Tools called and not finished yet; recorded without a result if the turn ends.
         self._calls: dict[str, _PendingCall] = {}
-        self._tool_calls = 0
         self._finished = False
 
     def envelope(self) -> dict[str, Any]:
@@ -375,51 +221,21 @@ class Turn:
             "channel": self.channel,
         }
 
-    @property
-    def reply(self) -> str:
-        """The reply text streamed so far."""
-        return "".join(self._reply)
+    def see(self, event: TurnEvent) -> Awaitable[None] | None:
+        """Record a tool's call as its events pass; on its finish, the awaitable that
+        publishes the call's event (awaited before the event goes on to the channel).
 
-    def observe(self, emit: Emit) -> Emit:
-        """``emit`` that also records what passes: reply text and tool calls.
-
-        It runs once per streamed token, so it adds no coroutine of its own: what it
-        records is recorded on the call, and the awaitable it returns is ``emit``'s own,
-        except after a tool's result, whose event is published before the frame goes on.
-        """
-
-        def observed(frame: protocol.Frame) -> Awaitable[None]:
-            if isinstance(frame, protocol.DeltaFrame):  # nearly every frame: kept inline
-                if self._first_token is None:
-                    self._first_token = time.perf_counter()
-                self._reply.append(frame.content)
-                return emit(frame)
-            finished_call = self._see_tool_frame(frame)
-            if finished_call is None:
-                return emit(frame)
-            return self._publish_then_emit(finished_call, emit, frame)
-
-        return observed
-
-    def _see_tool_frame(self, frame: protocol.Frame) -> ToolCallEvent | None:
-        """Record a tool's call; on its result, the call's event, to publish."""
-        if isinstance(frame, protocol.ToolCallFrame):
-            self._tool_calls += 1
-            self._calls[frame.id] = _PendingCall(frame.name, dict(frame.arguments))
-        elif isinstance(frame, protocol.ToolResultFrame):
-            call = self._calls.pop(frame.id, None)
+        It runs once per streamed token, so it makes no coroutine for any other event."""
+        if isinstance(event, ToolStarted):
+            self._calls[event.call_id] = _PendingCall(event.name, dict(event.arguments))
+        elif isinstance(event, ToolFinished):
+            call = self._calls.pop(event.call_id, None)
             if call is not None:
-                return self._tool_event(frame.id, call, frame)
+                return self._recorder.publish([self._tool_event(event.call_id, call, event)])
         return None
 
-    async def _publish_then_emit(
-        self, event: ToolCallEvent, emit: Emit, frame: protocol.Frame
-    ) -> None:
-        await self._recorder.publish([event])
-        await emit(frame)
-
     def _tool_event(
-        self, call_id: str, call: _PendingCall, result: protocol.ToolResultFrame | None
+        self, call_id: str, call: _PendingCall, result: ToolFinished | None
     ) -> ToolCallEvent:
         return ToolCallEvent(
             **self.envelope(),
@@ -437,19 +253,23 @@ class Turn:
         prompt_tokens: int,
         completion_tokens: int,
         outcome: TurnOutcome = TurnOutcome.COMPLETED,
+        tally: TurnTally | None = None,
     ) -> UsageEvent | None:
-        """Record the reply and the usage once; later calls do nothing and return None."""
+        """Record the reply and the usage once; later calls do nothing and return None.
+
+        ``tally`` is what the turn's events added up to (None: nothing was streamed)."""
         if self._finished:
             return None
         self._finished = True
         ended = time.perf_counter()
+        tally = TurnTally() if tally is None else tally
         common = self.envelope()
         events: list[Event] = [
             self._tool_event(call_id, call, None) for call_id, call in self._calls.items()
         ]
         self._calls.clear()
         events.append(
-            AssistantReplyEvent(**common, content=self.reply, model=model, outcome=outcome)
+            AssistantReplyEvent(**common, content=tally.reply, model=model, outcome=outcome)
         )
         usage = UsageEvent(
             **common,
@@ -460,9 +280,9 @@ class Turn:
             cost_usd=self._recorder.cost(model, prompt_tokens, completion_tokens),
             latency_ms=(ended - self._started) * 1000,
             first_token_ms=None
-            if self._first_token is None
-            else (self._first_token - self._started) * 1000,
-            tool_calls=self._tool_calls,
+            if tally.first_token_at is None
+            else (tally.first_token_at - self._started) * 1000,
+            tool_calls=tally.tool_calls,
             outcome=outcome,
         )
         events.append(usage)

@@ -1,6 +1,6 @@
 """Getting a user an agent: one interface, a Kubernetes and a local implementation."""
 
-from dexorder.gateway.provisioning.base import (
+from dexorder.gateway.agents.provisioning.base import (
     AgentEndpoint,
     Progress,
     Provisioner,

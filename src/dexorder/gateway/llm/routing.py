@@ -7,7 +7,7 @@ so the order a route tries them in is exact. ``ModelRouter.choose`` picks the ro
 
 Each deployment is called through one of two transports. Deployments whose provider speaks
 OpenAI's streaming protocol (``openai/...``, ``openrouter/...``, any ``api_base`` serving it) are
-streamed by ``gateway.openai_wire``, which parses the chunks' JSON and nothing more; litellm's
+streamed by ``gateway.llm.wire``, which parses the chunks' JSON and nothing more; litellm's
 per-chunk models cost 25 times the CPU, and at a hundred concurrent replies that is the
 gateway's bottleneck. Every other provider (and every deployment with ``transport="litellm"``)
 is called through litellm's SDK, ``acompletion``, one deployment at a time. Not through
@@ -51,9 +51,15 @@ from typing import Any, Final, Literal
 
 from prometheus_client import Counter
 
-from dexorder.core.routing import LLMTarget, RouteChoice, allowed_groups, choose_route
+from dexorder.core.routing import (
+    LLMTarget,
+    RouteChoice,
+    RouteSource,
+    allowed_groups,
+    choose_route,
+)
 from dexorder.gateway import metrics
-from dexorder.gateway.llm import (
+from dexorder.gateway.llm.adapter import (
     LLMError,
     LLMErrorCode,
     LLMEvent,
@@ -64,7 +70,7 @@ from dexorder.gateway.llm import (
     load_litellm,
     wrap_error,
 )
-from dexorder.gateway.openai_wire import WireClient, WireTarget, wire_target
+from dexorder.gateway.llm.wire import WireClient, WireTarget, wire_target
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +210,19 @@ class ModelRouter:
         ROUTE_CHOICES.labels(group=choice.group, source=choice.source.value).inc()
         return choice
 
+    def route_to(self, group: str, reason: str) -> RouteChoice:
+        """Every deployment of ``group``, in the model list's order: the route of work the
+        gateway does itself (not counted with the messages' routes). ``KeyError`` for a
+        group the model list does not define."""
+        targets = self.groups[group]
+        return RouteChoice(
+            group=group,
+            deployment=targets[0].model,
+            order=tuple(range(len(targets))),
+            reason=reason,
+            source=RouteSource.FIXED,
+        )
+
     def chain(self, choice: RouteChoice) -> list[str]:
         """The deployment names of a route, in the order they are tried: the route's order,
         with the deployments that are cooling down after a failure moved to the end."""
@@ -298,8 +317,8 @@ class ModelRouter:
     ) -> AsyncGenerator[RoutedEvent, None]:
         """Stream one model round along a route; see the module docstring for what is shown.
 
-        Events as ``llm.stream_chat``'s (``TextDelta``..., then ``ToolCall``s, ``Usage``,
-        ``Finish``), with a ``Fallback`` before any takeover. Closing the generator closes the
+        Events as ``llm``'s (``TextDelta``..., then ``ToolCall``s, ``Usage``, ``Finish``),
+        with a ``Fallback`` before any takeover. Closing the generator closes the
         upstream stream.
         """
         remaining = self.chain(choice)

@@ -1,12 +1,14 @@
-"""The LLM adapter: one streamed model round through litellm, read as typed events.
+"""The LLM adapter: a streamed model round's typed events, and litellm's part in them.
 
-``stream_chat`` yields ``TextDelta`` as text arrives; when the round ends it yields each
-complete ``ToolCall`` (reassembled from its streamed fragments), the ``Usage`` if the provider
-reported it, and a ``Finish``. Closing the generator early (``aclose()``, or cancelling the task
-that reads it) closes the upstream HTTP stream, so the provider stops generating and billing.
-Read it inside ``contextlib.aclosing`` so that happens at once rather than at garbage collection.
+A round is read (``RoundReader``, from either transport's chunks) as ``TextDelta`` as text
+arrives; when the round ends, each complete ``ToolCall`` (reassembled from its streamed
+fragments), the ``Usage`` if the provider reported it, and a ``Finish``. Models are called
+only through ``routing.ModelRouter``, which builds litellm's request here
+(``litellm_request``) and closes the upstream stream when its reader stops early, so the
+provider stops generating and billing.
 
-Every failure is an ``LLMError`` with a stable code, raised ``from`` litellm's exception.
+Every failure is an ``LLMError`` with a stable code, raised ``from`` litellm's exception
+(``wrap_error``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import ModuleType
@@ -322,7 +324,7 @@ def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> 
 # --- the stream -----------------------------------------------------------------------------
 
 
-# Chunk parsing, shared by the direct stream below and the routes' (gateway.routing).
+# Chunk parsing, for both transports of the routes (gateway.llm.routing).
 
 
 @dataclass
@@ -348,7 +350,7 @@ def tool_calls_from(parts: Mapping[int, ToolCallParts], round_id: str) -> list[T
 class RoundReader:
     """What one attempt's chunks add up to, besides their text.
 
-    Reads litellm's chunk objects and the wire path's parsed JSON (``gateway.openai_wire``)
+    Reads litellm's chunk objects and the wire path's parsed JSON (``gateway.llm.wire``)
     alike, so the router treats both transports the same.
     """
 
@@ -461,44 +463,3 @@ def litellm_request(
     if tools:
         request["tools"] = list(tools)
     return request
-
-
-async def stream_chat(
-    target: LLMTarget,
-    messages: Sequence[Mapping[str, Any]],
-    *,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    timeout: float = 60.0,
-    max_retries: int = 0,
-) -> AsyncGenerator[LLMEvent, None]:
-    """Stream one model round; see the module docstring for the events and their order.
-
-    ``timeout`` and ``max_retries`` as ``litellm_request`` takes them.
-    """
-    litellm = load_litellm()
-    request = litellm_request(target, messages, tools, timeout=timeout, max_retries=max_retries)
-    try:
-        stream = await litellm.acompletion(**request)
-    except Exception as error:
-        raise wrap_error(error, litellm, after_output=False) from error
-
-    emitted = False
-    reader = RoundReader()
-    try:
-        async for chunk in stream:
-            content = reader.read(chunk)
-            if content:
-                emitted = True
-                yield TextDelta(content)
-    except Exception as error:
-        raise wrap_error(error, litellm, after_output=emitted) from error
-    finally:
-        # Runs on normal end, on error, on aclose() and on cancellation alike: this is what
-        # stops the provider's generation when the user presses Stop.
-        await stream.aclose()
-
-    for call in reader.tool_calls():
-        yield call
-    if reader.usage is not None:
-        yield reader.usage
-    yield reader.finish(target.model)
