@@ -12,6 +12,9 @@ from typing import Any
 
 import kopf
 from aiohttp import web
+
+# kopf types the identity as this NewType but does not export it at its top level.
+from kopf._core.engines.peering import Identity
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -123,13 +126,13 @@ async def _serve_metrics(settings: OperatorSettings) -> web.AppRunner:
     return runner
 
 
-def operator_identity() -> str:
+def operator_identity() -> Identity:
     """Who this replica is, for kopf: the pod's name and the process id.
 
     kopf's own default asks getpass for the user's name, and a container running as a numeric
     user with no passwd entry (the images' 10001) makes that raise at start.
     """
-    return f"{socket.gethostname()}/{os.getpid()}"
+    return Identity(f"{socket.gethostname()}/{os.getpid()}")
 
 
 def main() -> None:
