@@ -263,7 +263,7 @@ def _run(command: Sequence[str], log: Path | None = None, what: str = "") -> Non
         )
 
 
-def host_architecture() -> str:
+def _host_architecture() -> str:
     result = subprocess.run(
         ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
     )
@@ -317,9 +317,9 @@ def write_oci_archive(rootfs_tar: Path, archive: Path, architecture: str, ref_na
                 out.add(path, arcname=str(path.relative_to(layout)), recursive=False)
 
 
-def ensure_base_image(recipe: BaseRecipe | None = None, log: Path | None = None) -> Path:
+def ensure_base_image(recipe: BaseRecipe | None = None) -> Path:
     """The base image's OCI archive, built by mmdebstrap unless a complete one is cached."""
-    recipe = recipe or BaseRecipe(architecture=host_architecture())
+    recipe = recipe or BaseRecipe(architecture=_host_architecture())
     directory = base_directory(recipe, cache_root())
     archive = directory / "base.oci.tar"
     if (directory / ".complete").exists() and archive.exists():
@@ -329,7 +329,7 @@ def ensure_base_image(recipe: BaseRecipe | None = None, log: Path | None = None)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    log = log or directory / "build.log"
+    log = directory / "build.log"
     rootfs = directory / "rootfs.tar"
     try:
         # A fixed SOURCE_DATE_EPOCH: mmdebstrap then stamps its files reproducibly.
