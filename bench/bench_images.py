@@ -82,9 +82,11 @@ def _image_size(name: str) -> int:
     return _parse_size(listed.stdout.strip())
 
 
-def _image_ids() -> set[str]:
+def _untagged_leaves() -> set[str]:
+    """Images with no tag and no child: a finished build's leftover stage, never a layer that
+    another image (or a build running beside this one) still builds on."""
     listed = subprocess.run(
-        ["buildah", "images", "--all", "--quiet", "--no-trunc"],
+        ["buildah", "images", "--filter", "dangling=true", "--quiet", "--no-trunc"],
         capture_output=True,
         text=True,
         check=True,
@@ -105,8 +107,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     rows: list[tuple[str, str, str, str]] = []
-    # The cold builds add a second set of layers: removed at the end, older ones kept.
-    before = _image_ids()
+    # The cold builds add a second set of layers: what they leave untagged is removed at the
+    # end; what was there before (anyone's) is kept.
+    before = _untagged_leaves()
     with tempfile.TemporaryDirectory(prefix="dexorder-bench-images-") as scratch:
         if not args.no_cold_base:
             cold_base, _ = _timed_base(Path(scratch) / "cache")
@@ -135,7 +138,7 @@ def main() -> None:
         subprocess.run(
             ["buildah", "rmi", images.image_reference(name, TAG)], capture_output=True, check=False
         )
-    for image_id in _image_ids() - before:
+    for image_id in _untagged_leaves() - before:
         # Removing an image removes its parents that nothing else uses; a failure means
         # something still uses it (then it stays).
         subprocess.run(["buildah", "rmi", image_id], capture_output=True, check=False)

@@ -265,7 +265,7 @@ def test_a_code_change_rebuilds_the_wheel_but_not_the_dependencies(
         module.write(f"# changed {uuid.uuid4().hex}\n")
     output = tmp_path / "out"
     images.build_images(tag="changed", names=["agent"], output_dir=output, context=context)
-    steps = _steps((output / "build.log").read_text())
+    steps = _steps((output / "build-changed.log").read_text())
     [dependencies] = [step for step in steps if "uv sync --frozen" in step]
     [source] = [step for step in steps if step.startswith("COPY src")]
     assert steps[dependencies], "the locked dependencies were installed again"

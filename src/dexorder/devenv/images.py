@@ -368,7 +368,8 @@ def build_images(
     """Build the images with buildah on the Debian base and write each as an OCI archive.
 
     Returns each image's archive by name (``<output_dir>/dexorder-<name>-<tag>.oci.tar``,
-    by default under ``<cache>/images/built/``). The image a tag named before is removed
+    by default under ``<cache>/images/built/``); buildah's output is in
+    ``<output_dir>/build-<tag>.log``. The image a tag named before is removed
     from buildah's storage once the tag moves, with the layers only it used, so storage
     holds one build per tag and not one per commit.
     """
@@ -382,8 +383,9 @@ def build_images(
     base_archive = base_archive or ensure_base_image()
     output_dir = output_dir or cache_root() / "images" / "built"
     output_dir.mkdir(parents=True, exist_ok=True)
-    log = output_dir / "build.log"
-    log.write_text("")  # this build's log only
+    # One log per tag and build: another tag's build may run beside this one.
+    log = output_dir / f"build-{tag}.log"
+    log.write_text("")
     build_args = {"REVISION": _git_revision(context)}
     machine_ca = Path(IMAGE_CA_BUNDLE)
     ca_bundle = machine_ca if machine_ca.is_file() else None
