@@ -36,6 +36,23 @@ LIST_DISTRIBUTIONS = (
     "'installed': {d.metadata['Name']: d.version for d in m.distributions()}}))"
 )
 
+# Run inside an image: the dexorder package's files on disk and in its wheel's RECORD.
+PACKAGE_FILES = """
+import importlib.metadata, json, os, pathlib, dexorder
+site = pathlib.Path(dexorder.__file__).parents[1]
+installed = sorted(
+    str(path.relative_to(site)) for path in (site / "dexorder").rglob("*")
+    if path.is_file() and "__pycache__" not in path.parts
+)
+recorded = sorted(
+    str(file) for file in importlib.metadata.distribution("dexorder").files
+    if str(file).startswith("dexorder/") and "__pycache__" not in file.parts
+)
+leftovers = [p for p in ("/src", "/wheels", "/opt/uv") if os.path.exists(p)]
+print(json.dumps({"site": str(site), "installed": installed, "recorded": recorded,
+                  "build_leftovers": leftovers}))
+"""
+
 
 @pytest.fixture(scope="module")
 def archives() -> dict[str, Path]:
@@ -109,17 +126,15 @@ def test_an_image_installs_exactly_the_locked_versions(
 def test_an_image_carries_the_wheel_and_not_the_source_tree(
     name: str, loaded: dict[str, str], containerd: Containerd
 ) -> None:
-    # The build stage's /src and /wheels stay behind; the package is the wheel's files.
-    script = (
-        "import dexorder, os, sys; "
-        "sys.exit(any(os.path.exists(p) for p in ('/src', '/wheels', '/opt/uv'))); "
-    )
-    result = containerd.run(loaded[name], "python", "-c", script, options=("--read-only",))
+    # The build stage's /src, /wheels and uv stay behind; the package's files are the
+    # wheel's (its RECORD), plus the bytecode compiled from them.
+    result = containerd.run(loaded[name], "python", "-c", PACKAGE_FILES, options=("--read-only",))
     assert result.returncode == 0, result.stdout + result.stderr
-    where = containerd.run(
-        loaded[name], "python", "-c", "import dexorder; print(dexorder.__file__)"
-    )
-    assert where.stdout.strip().startswith("/opt/dexorder/lib/python3.11/site-packages/dexorder/")
+    found = json.loads(result.stdout)
+    assert found["build_leftovers"] == []
+    assert found["site"] == "/opt/dexorder/lib/python3.11/site-packages"
+    assert found["installed"] == found["recorded"]
+    assert "dexorder/devenv/images.py" in found["recorded"]  # the wheel as it is today
 
 
 @pytest.fixture
@@ -265,7 +280,7 @@ def test_a_code_change_rebuilds_the_wheel_but_not_the_dependencies(
         module.write(f"# changed {uuid.uuid4().hex}\n")
     output = tmp_path / "out"
     images.build_images(tag="changed", names=["agent"], output_dir=output, context=context)
-    steps = _steps((output / "build.log").read_text())
+    steps = _steps((output / "build-changed.log").read_text())
     [dependencies] = [step for step in steps if "uv sync --frozen" in step]
     [source] = [step for step in steps if step.startswith("COPY src")]
     assert steps[dependencies], "the locked dependencies were installed again"

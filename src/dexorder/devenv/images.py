@@ -219,8 +219,16 @@ def buildah_bud_command(
 
 
 def buildah_push_command(name: str, tag: str, archive: Path) -> list[str]:
+    """The image to an OCI archive, its layers uncompressed: the archive only carries it to a
+    containerd on this machine, and compressing the gateway's layers takes a minute."""
     reference = image_reference(name, tag)
-    return ["buildah", "push", reference, f"oci-archive:{archive}:{reference}"]
+    return [
+        "buildah",
+        "push",
+        "--disable-compression",
+        reference,
+        f"oci-archive:{archive}:{reference}",
+    ]
 
 
 def ctr_import_command(archive: Path, containerd_address: str) -> list[str]:
@@ -263,7 +271,7 @@ def _run(command: Sequence[str], log: Path | None = None, what: str = "") -> Non
         )
 
 
-def host_architecture() -> str:
+def _host_architecture() -> str:
     result = subprocess.run(
         ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
     )
@@ -317,9 +325,9 @@ def write_oci_archive(rootfs_tar: Path, archive: Path, architecture: str, ref_na
                 out.add(path, arcname=str(path.relative_to(layout)), recursive=False)
 
 
-def ensure_base_image(recipe: BaseRecipe | None = None, log: Path | None = None) -> Path:
+def ensure_base_image(recipe: BaseRecipe | None = None) -> Path:
     """The base image's OCI archive, built by mmdebstrap unless a complete one is cached."""
-    recipe = recipe or BaseRecipe(architecture=host_architecture())
+    recipe = recipe or BaseRecipe(architecture=_host_architecture())
     directory = base_directory(recipe, cache_root())
     archive = directory / "base.oci.tar"
     if (directory / ".complete").exists() and archive.exists():
@@ -329,7 +337,7 @@ def ensure_base_image(recipe: BaseRecipe | None = None, log: Path | None = None)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    log = log or directory / "build.log"
+    log = directory / "build.log"
     rootfs = directory / "rootfs.tar"
     try:
         # A fixed SOURCE_DATE_EPOCH: mmdebstrap then stamps its files reproducibly.
@@ -368,7 +376,8 @@ def build_images(
     """Build the images with buildah on the Debian base and write each as an OCI archive.
 
     Returns each image's archive by name (``<output_dir>/dexorder-<name>-<tag>.oci.tar``,
-    by default under ``<cache>/images/built/``). The image a tag named before is removed
+    by default under ``<cache>/images/built/``); buildah's output is in
+    ``<output_dir>/build-<tag>.log``. The image a tag named before is removed
     from buildah's storage once the tag moves, with the layers only it used, so storage
     holds one build per tag and not one per commit.
     """
@@ -382,8 +391,9 @@ def build_images(
     base_archive = base_archive or ensure_base_image()
     output_dir = output_dir or cache_root() / "images" / "built"
     output_dir.mkdir(parents=True, exist_ok=True)
-    log = output_dir / "build.log"
-    log.write_text("")  # this build's log only
+    # One log per tag and build: another tag's build may run beside this one.
+    log = output_dir / f"build-{tag}.log"
+    log.write_text("")
     build_args = {"REVISION": _git_revision(context)}
     machine_ca = Path(IMAGE_CA_BUNDLE)
     ca_bundle = machine_ca if machine_ca.is_file() else None

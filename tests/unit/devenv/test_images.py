@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,6 +109,7 @@ def test_push_names_the_image_inside_its_archive() -> None:
     assert images.buildah_push_command("gateway", "v1", Path("/out/g.tar")) == [
         "buildah",
         "push",
+        "--disable-compression",
         "localhost/dexorder-gateway:v1",
         "oci-archive:/out/g.tar:localhost/dexorder-gateway:v1",
     ]
@@ -143,3 +147,39 @@ def test_good_tags_pass() -> None:
 def test_loading_needs_a_containerd_socket(tmp_path: Path) -> None:
     with pytest.raises(images.ImageBuildError, match="no containerd socket"):
         images.load_images([], str(tmp_path / "nothing.sock"))
+
+
+def test_a_root_filesystem_tarball_becomes_a_one_layer_oci_archive(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs.tar"
+    with tarfile.open(rootfs, "w") as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"base\n"))
+    archive = tmp_path / "base.oci.tar"
+    images.write_oci_archive(rootfs, archive, "amd64", "dexorder-base:bookworm")
+    with tarfile.open(archive) as layout:
+        index = json.loads(_member(layout, "index.json"))
+        manifest_digest = index["manifests"][0]["digest"].removeprefix("sha256:")
+        manifest = json.loads(_member(layout, f"blobs/sha256/{manifest_digest}"))
+        [layer] = manifest["layers"]
+        layer_bytes = _member(layout, "blobs/sha256/" + layer["digest"].removeprefix("sha256:"))
+        config = json.loads(
+            _member(layout, "blobs/sha256/" + manifest["config"]["digest"].removeprefix("sha256:"))
+        )
+    # Every digest is of the bytes it names; the diff id is of the uncompressed layer.
+    assert layer["digest"] == "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    assert layer["size"] == len(layer_bytes)
+    unpacked = gzip.decompress(layer_bytes)
+    assert unpacked == rootfs.read_bytes()
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(unpacked).hexdigest()]
+    # The same tarball gives the same layer bytes, so the base's image id is stable.
+    again = tmp_path / "again.oci.tar"
+    images.write_oci_archive(rootfs, again, "amd64", "dexorder-base:bookworm")
+    with tarfile.open(again) as layout:
+        assert _member(layout, "index.json") == json.dumps(index, sort_keys=True).encode()
+
+
+def _member(archive: tarfile.TarFile, name: str) -> bytes:
+    extracted = archive.extractfile(name)
+    assert extracted is not None, name
+    return extracted.read()
