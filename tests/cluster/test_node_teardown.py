@@ -28,6 +28,9 @@ def _machine_state() -> dict[str, object]:
         "ip6tables": run("ip6tables-save"),
         "nft_tables": run("nft", "list", "tables"),
         "ipsets": run("ipset", "list", "-n"),
+        "shim_sockets": sorted(os.listdir(shims))
+        if (shims := Path("/run/containerd/s")).exists()
+        else None,
         "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
         "kubepods": sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/kubepods")),
     }

@@ -68,6 +68,9 @@ _BUSYBOX_COMMANDS = (
 _IPTABLES_TABLES = ("filter", "nat", "mangle", "raw")
 _NETNS_DIR = Path("/var/run/netns")
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# containerd 1.6's shims put their sockets here whatever its state directory, and a shim that
+# is killed leaves its socket behind.
+_SHIM_SOCKETS = Path("/run/containerd/s")
 _APT_REMEDY = (
     "run scripts/bootstrap.sh (apt: containerd runc containernetworking-plugins iptables"
     " conntrack nftables ipset busybox-static)"
@@ -505,6 +508,8 @@ class NodeCluster(Service):
         # The policy controller's ipsets, once no rule refers to them.
         sets_before = _ipsets()
         self._undo.insert(0, lambda: _destroy_ipsets_except(sets_before))
+        sockets_before = _entries(_SHIM_SOCKETS)
+        self._undo.insert(0, lambda: _remove_new_entries(_SHIM_SOCKETS, sockets_before))
         forwarding = _IP_FORWARD.read_text().strip()
         if forwarding != "1":
             _IP_FORWARD.write_text("1\n")
@@ -780,6 +785,23 @@ def _nft_tables() -> set[str]:
 def _delete_nft_tables_except(kept: set[str]) -> None:
     for table in _nft_tables() - kept:
         _quiet("nft", "delete", "table", *table.split())
+
+
+def _entries(directory: Path) -> set[str] | None:
+    """The names in ``directory``, or None when it does not exist."""
+    return set(os.listdir(directory)) if directory.exists() else None
+
+
+def _remove_new_entries(directory: Path, before: set[str] | None) -> None:
+    """Remove what appeared in ``directory``, and the directory and its parent if they did not
+    exist before and are empty now."""
+    for name in (_entries(directory) or set()) - (before or set()):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+    if before is None:
+        for empty in (directory, directory.parent):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
 
 
 def _ipsets() -> set[str]:
