@@ -219,16 +219,10 @@ def buildah_bud_command(
 
 
 def buildah_push_command(name: str, tag: str, archive: Path) -> list[str]:
-    """The image to an OCI archive, its layers uncompressed: the archive only carries it to a
-    containerd on this machine, and compressing the gateway's layers takes a minute."""
+    # Compressed: buildah 1.28 ignores --disable-compression here (it reuses the compressed
+    # blobs it knows), and the archive is the form an image also takes to another machine.
     reference = image_reference(name, tag)
-    return [
-        "buildah",
-        "push",
-        "--disable-compression",
-        reference,
-        f"oci-archive:{archive}:{reference}",
-    ]
+    return ["buildah", "push", reference, f"oci-archive:{archive}:{reference}"]
 
 
 def ctr_import_command(archive: Path, containerd_address: str) -> list[str]:
