@@ -1,14 +1,10 @@
 """The cluster tests' fixtures: the real single-node cluster (devenv/node.py), one per test
 module (it starts in seconds once built, and a module that checks what `stop` leaves behind
-needs none alive), and a throwaway containerd for the image tests: its own root, state,
-socket and config under a temporary directory, stopped and unmounted at the end even when a
-test fails."""
+needs none alive), and its containerd as the image tests drive it with ctr (containers they
+start are removed by the tests, and whatever is left goes with the node)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -19,52 +15,6 @@ from pathlib import Path
 import pytest
 
 from dexorder.devenv.node import NodeCluster
-
-
-def containerd_config(directory: Path) -> str:
-    """A containerd 1.6 config that keeps everything it makes under ``directory``.
-
-    The CRI section is the one the real node uses: this machine's root lacks CAP_SYS_RESOURCE,
-    so runc must not lower oom_score_adj. The CRI streaming server takes any free port, so a
-    node's containerd running beside this one is not disturbed.
-    """
-    return f"""version = 2
-root = "{directory}/root"
-state = "{directory}/state"
-
-[grpc]
-  address = "{directory}/containerd.sock"
-
-[ttrpc]
-  address = "{directory}/containerd.sock.ttrpc"
-
-[debug]
-  address = "{directory}/debug.sock"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{directory}/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  restrict_oom_score_adj = true
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    conf_dir = "{directory}/cni/net.d"
-    bin_dir = "{directory}/cni/bin"
-"""
-
-
-def _mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below ``directory``, deepest first (so they unmount in order)."""
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4].replace("\\040", " ")
-        if mount_point == str(directory) or mount_point.startswith(f"{directory}/"):
-            found.append(mount_point)
-    return sorted(found, key=len, reverse=True)
-
-
-# Where containerd 1.6 puts its shims' sockets whatever its state directory: a fixed path.
-SHIM_SOCKETS = Path("/run/containerd/s")
 
 
 @dataclass(frozen=True)
@@ -152,53 +102,10 @@ class Containerd:
         self.ctr("containers", "delete", container_id, timeout=30)
 
 
-@pytest.fixture(scope="session")
-def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    if os.geteuid() != 0 or shutil.which("containerd") is None or shutil.which("runc") is None:
-        pytest.fail("the image tests need root with containerd and runc (scripts/bootstrap.sh)")
-    directory = tmp_path_factory.mktemp("containerd")
-    config = directory / "config.toml"
-    config.write_text(containerd_config(directory))
-    runtime = Containerd(str(directory / "containerd.sock"), directory)
-    made_shim_sockets = [path for path in (SHIM_SOCKETS.parent, SHIM_SOCKETS) if not path.exists()]
-    log = (directory / "containerd.log").open("w")
-    process = subprocess.Popen(
-        ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while runtime.ctr("version", timeout=10).returncode != 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "containerd did not start:\n" + (directory / "containerd.log").read_text()
-                )
-            time.sleep(0.2)
-        yield runtime
-    finally:
-        # Containers first (a running task holds its rootfs mount), then containerd itself.
-        if process.poll() is None:
-            listed = runtime.ctr("containers", "ls", "--quiet", timeout=30)
-            for container_id in listed.stdout.split():
-                runtime.remove_container(container_id)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        for mount_point in _mounts_under(directory):
-            subprocess.run(["umount", "--lazy", mount_point], check=False)
-        leftover = _mounts_under(directory)
-        # Only the directories this containerd made, and only when empty: a node's containerd
-        # may share them.
-        for made in reversed(made_shim_sockets):
-            if made.exists() and not any(made.iterdir()):
-                made.rmdir()
-        # The snapshots are large: drop them now rather than with pytest's old temp dirs.
-        shutil.rmtree(directory / "root", ignore_errors=True)
-        shutil.rmtree(directory / "state", ignore_errors=True)
-        assert not leftover, f"mounts left behind: {leftover}"
+@pytest.fixture(scope="module")
+def containerd(node: NodeCluster, tmp_path_factory: pytest.TempPathFactory) -> Containerd:
+    """The real node's containerd, for running the images with ctr outside any pod."""
+    return Containerd(str(node.containerd_address), tmp_path_factory.mktemp("ctr"))
 
 
 @pytest.fixture(scope="module")
