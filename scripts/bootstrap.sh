@@ -81,7 +81,7 @@ else
   "$uv_home/bin/uv" sync --quiet --frozen --python "$python" --extra all
 fi
 
-# Go binaries of the local control plane: built once, then served from the cache.
+# Go binaries of the local control plane and the real node: built once, then from the cache.
 if [ "$mode" != "demo" ]; then
   .venv/bin/dexorder build etcd kwok kubernetes helm \
     kubernetes-node coredns local-path-provisioner kube-router pause
