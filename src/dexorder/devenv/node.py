@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from dexorder.devenv import binaries
+from dexorder.devenv import binaries, images
 from dexorder.devenv.errors import PrerequisiteMissing, ServiceFailed
 from dexorder.devenv.kubernetes import ControlPlane
 from dexorder.devenv.network import NodeNetwork
@@ -447,19 +447,7 @@ class NodeCluster(Service):
 
     def load_image(self, archive: Path) -> None:
         """Import an OCI archive into the node's containerd, where the kubelet finds it."""
-        self._ctr("images", "import", "--no-unpack=false", str(archive))
-
-    def _ctr(self, *args: str) -> str:
-        result = subprocess.run(
-            ["ctr", f"--address={self.containerd_address}", "--namespace=k8s.io", *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise ServiceFailed(f"ctr {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        images.load_images([archive], str(self.containerd_address))
 
     # -- start --
 
@@ -561,19 +549,19 @@ class NodeCluster(Service):
         self._run("ip", "-n", namespace, "route", "add", "default", "via", self.network.gateway)
 
     def _node_image_archives(self) -> list[Path]:
-        images = self.data_dir / "images"
-        images.mkdir()
+        directory = self.data_dir / "images"
+        directory.mkdir()
         coredns = ImageFiles(
             files={"/coredns": (binaries.COREDNS.path("coredns").read_bytes(), 0o755)}
         )
         return [
             write_archive(
-                images / "node.tar",
+                directory / "node.tar",
                 NODE_IMAGE,
                 node_image_files(binaries.PAUSE.path("pause")),
                 ["/pause"],
             ),
-            write_archive(images / "coredns.tar", COREDNS_IMAGE, coredns, ["/coredns"]),
+            write_archive(directory / "coredns.tar", COREDNS_IMAGE, coredns, ["/coredns"]),
         ]
 
     def _apply_manifests(self, name: str, manifests: list[dict[str, object]]) -> None:
