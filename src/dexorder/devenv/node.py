@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -686,8 +687,6 @@ class NodeCluster(Service):
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
     def _dns_answers(self) -> bool:
-        import socket
-
         query = _dns_query(f"kubernetes.default.svc.{self.network.cluster_domain}")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.settimeout(1)
