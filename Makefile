@@ -37,8 +37,7 @@ lock: setup
 # The weekly upgrade: every package to its newest version within the ranges, the whole suite
 # on it, and what changed in test-artifacts/lock-upgrade.txt (for the commit message).
 lock-upgrade: setup
-	@mkdir -p test-artifacts
-	@. scripts/uv-env.sh && $(VENV)/uv lock --upgrade 2>&1 | tee test-artifacts/lock-upgrade.txt
+	@scripts/lock-upgrade.sh
 	$(MAKE) test
 	@echo "lock-upgrade: the suite passed; what changed is in test-artifacts/lock-upgrade.txt"
 

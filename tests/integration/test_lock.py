@@ -1,7 +1,9 @@
 """uv.lock is what runs. In a copy of the checkout, as a newcomer's clone would be:
 `scripts/bootstrap.sh` makes .venv from the lock, the fresh-machine check
 (`scripts/check-venv.sh`, run by `make test`) passes on it and fails on a venv holding another
-version, or on a pyproject.toml the lock no longer matches; the bootstrap puts the venv back."""
+version, or on a pyproject.toml the lock no longer matches; the bootstrap puts the venv back;
+and the weekly upgrade (`scripts/lock-upgrade.sh`) moves a held-back lock forward and says
+what changed."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from tests.e2e.quickstart import copy_checkout
 
@@ -90,3 +93,28 @@ def test_a_lock_that_pyproject_moved_away_from_fails_the_check(checkout: Path) -
         assert "uv.lock does not match pyproject.toml; run 'make lock'" in moved.stderr
     finally:
         pyproject.write_text(original)
+
+
+def test_the_upgrade_moves_the_lock_forward_and_says_what_changed(checkout: Path) -> None:
+    pyproject = checkout / "pyproject.toml"
+    lock = checkout / "uv.lock"
+    original, original_lock = pyproject.read_text(), lock.read_text()
+    newest = _locked_version(checkout, "redis")
+    uv = str(checkout / ".venv" / "bin" / "uv")
+    try:
+        # A lock held back below the newest redis, as last week's would be.
+        pyproject.write_text(original.replace('"redis>=5.0"', '"redis>=5.0,<8.2"', 1))
+        _ok(_run(checkout, uv, "lock", "--quiet"))
+        held_back = _locked_version(checkout, "redis")
+        assert held_back != newest
+        pyproject.write_text(original)
+
+        _ok(_run(checkout, "scripts/lock-upgrade.sh"))
+        # At least the committed lock's redis (PyPI may have a newer one by now).
+        upgraded = _locked_version(checkout, "redis")
+        assert Version(upgraded) >= Version(newest) > Version(held_back)
+        changes = (checkout / "test-artifacts" / "lock-upgrade.txt").read_text()
+        assert f"Updated redis v{held_back} -> v{upgraded}" in changes
+    finally:
+        pyproject.write_text(original)
+        lock.write_text(original_lock)
