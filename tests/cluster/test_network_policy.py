@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dexorder.devenv.errors import ServiceFailed
 from dexorder.devenv.fixtures_helm import Helm
 from dexorder.devenv.node import NodeCluster
 from tests.cluster.helpers import apply, exec_in, pod, wait_ready
@@ -48,7 +49,11 @@ def _connects(node: NodeCluster, namespace: str, client: str, address: str, port
     probe = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} {port}"
     try:
         exec_in(node, namespace, client, "sh", "-c", probe)
-    except Exception:
+    except ServiceFailed as failure:
+        # Only nc failing inside the pod means "no connection"; a kubectl or pod error is not
+        # an answer, so it fails the test instead of passing a "cannot reach" one.
+        if "command terminated with exit code" not in str(failure):
+            raise
         return False
     return True
 

@@ -96,13 +96,10 @@ class ControlPlane(Service):
         *,
         kubernetes_version: str = binaries.KUBERNETES_VERSION,
         network: NodeNetwork | None = None,
-        netns: str | None = None,
     ) -> None:
         super().__init__()
         # None: kwok's fake node; else the real node's addresses.
         self.network = network
-        # etcd and the API server run in this network namespace when given (it must exist).
-        self._netns = netns
         self._address = network.control_plane_ip if network else LOOPBACK
         self._service_cidr = network.service_cidr if network else SERVICE_CIDR
         self._kubernetes = binaries.Component(
@@ -134,8 +131,10 @@ class ControlPlane(Service):
         }
 
     def _spawn(self, name: str, argv: list[str], *, in_netns: bool = False) -> ManagedProcess:
-        if in_netns and self._netns:
-            argv = ["ip", "netns", "exec", self._netns, *argv]
+        # A real node's etcd and API server run in the network's control namespace (the node
+        # makes it before the control plane starts).
+        if in_netns and self.network is not None:
+            argv = ["ip", "netns", "exec", self.network.control_namespace, *argv]
         process = ManagedProcess(
             name, argv, log_path=self.data_dir / "logs" / f"{name}.log"
         ).start()
@@ -150,7 +149,8 @@ class ControlPlane(Service):
 
     def start(self) -> None:
         binaries.build_etcd()
-        binaries.build_kwok()
+        if self.network is None:
+            binaries.build_kwok()
         binaries.build_kubernetes(self._kubernetes.version)
         extra_ips = (
             [self.network.control_plane_ip, self.network.kubernetes_service_ip]

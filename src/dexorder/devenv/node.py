@@ -409,9 +409,7 @@ class NodeCluster(Service):
     def __init__(self, network: NodeNetwork | None = None) -> None:
         super().__init__()
         self.network = network or NodeNetwork()
-        self.control_plane = ControlPlane(
-            network=self.network, netns=self.network.control_namespace
-        )
+        self.control_plane = ControlPlane(network=self.network)
         self._processes: list[ManagedProcess] = []
         # What start changed on the machine, undone in reverse order by stop.
         self._undo: list[Callable[[], object]] = []
