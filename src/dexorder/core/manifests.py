@@ -129,7 +129,6 @@ def deployment(
 ) -> Manifest:
     labels = child_labels(owner, spec)
     selector = {AGENT_LABEL: owner.name}
-    resources = {"cpu": sizing.cpu, "memory": sizing.memory}
     probe_action = {"httpGet": {"path": "/healthz", "port": "mcp"}}
     container: Manifest = {
         "name": "agent",
@@ -142,8 +141,8 @@ def deployment(
             {"name": "DEXORDER_AGENT_DATA_DIR", "value": DATA_MOUNT},
             {"name": "DEXORDER_AGENT_PORT", "value": str(template.port)},
         ],
-        # Requests equal limits: the tier is a guarantee, not a best effort.
-        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        # Requests are the tier's guarantee, limits its ceiling (equal: Guaranteed QoS).
+        "resources": {"requests": sizing.requests, "limits": sizing.limits},
         "readinessProbe": {
             **probe_action,
             "periodSeconds": 5,

@@ -54,12 +54,47 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Guarantee(_Frozen):
+    """What the node sets aside for an agent (the container's requests); the scheduler places
+    agents by it. A field left out equals the limit, so a tier that leaves out both gets
+    Kubernetes' Guaranteed QoS. Agents are idle most of the time, so a guarantee below the
+    limit lets many share a node while each may still burst up to its limit."""
+
+    memory: Quantity | None = None
+    cpu: Quantity | None = None
+
+
 class ContainerResources(_Frozen):
-    """Memory and CPU of the agent container, and the size of its volume."""
+    """Memory and CPU of the agent container (its limits, enforced by the kernel: memory past
+    the limit is OOM-killed, CPU past it throttled), what of them is guaranteed, and the size
+    of its volume."""
 
     memory: Quantity
     cpu: Quantity
     storage: Quantity
+    guarantee: Guarantee = Guarantee()
+
+    @model_validator(mode="after")
+    def _guarantee_within_limit(self) -> ContainerResources:
+        for field in ("memory", "cpu"):
+            guaranteed = getattr(self.guarantee, field)
+            if guaranteed is not None and parse_quantity(guaranteed) > parse_quantity(
+                getattr(self, field)
+            ):
+                limit = getattr(self, field)
+                raise ValueError(
+                    f"guarantee.{field} {guaranteed} exceeds the {field} limit {limit}"
+                )
+        return self
+
+    def request(self, field: Literal["memory", "cpu"]) -> str:
+        """The request for ``field``: its guarantee, never above its limit (a license may lower
+        the limit below the tier's guarantee)."""
+        limit: str = getattr(self, field)
+        guaranteed: str | None = getattr(self.guarantee, field)
+        if guaranteed is None or parse_quantity(guaranteed) >= parse_quantity(limit):
+            return limit
+        return guaranteed
 
 
 class RateLimits(_Frozen):

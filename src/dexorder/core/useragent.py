@@ -61,12 +61,23 @@ class UserAgentSpec(_Model):
 
 
 class Sizing(_Model):
-    """What one agent gets: container resources, volume size, idle timeout (None: never idles)."""
+    """What one agent gets: its container's limits and requests, its volume's size, and its
+    idle timeout (None: never idles). A request left out equals its limit."""
 
     memory: str
     cpu: str
     storage: str
     idle_timeout: dt.timedelta | None
+    memory_request: str | None = None
+    cpu_request: str | None = None
+
+    @property
+    def limits(self) -> dict[str, str]:
+        return {"cpu": self.cpu, "memory": self.memory}
+
+    @property
+    def requests(self) -> dict[str, str]:
+        return {"cpu": self.cpu_request or self.cpu, "memory": self.memory_request or self.memory}
 
 
 class Condition(_Model):
@@ -87,9 +98,15 @@ def resolve_sizing(tier: Tier, overrides: Overrides) -> Sizing:
     if overrides.idle_timeout_seconds is not None:
         seconds = overrides.idle_timeout_seconds
         idle = dt.timedelta(seconds=seconds) if seconds > 0 else None
+    # The spec's overrides replace the limits; the tier's guarantee stays, capped by them.
+    resources = tier.resources.model_copy(
+        update=overrides.model_dump(include={"memory", "cpu", "storage"}, exclude_none=True)
+    )
     return Sizing(
-        memory=overrides.memory or tier.resources.memory,
-        cpu=overrides.cpu or tier.resources.cpu,
-        storage=overrides.storage or tier.resources.storage,
+        memory=resources.memory,
+        cpu=resources.cpu,
+        storage=resources.storage,
         idle_timeout=idle,
+        memory_request=resources.request("memory"),
+        cpu_request=resources.request("cpu"),
     )

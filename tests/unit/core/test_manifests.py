@@ -2,9 +2,11 @@
 
 import base64
 import dataclasses
+from pathlib import Path
 
 from dexorder.core import manifests
-from dexorder.core.useragent import Sizing, UserAgentSpec
+from dexorder.core.tiers import parse_tier_catalog
+from dexorder.core.useragent import Overrides, Sizing, UserAgentSpec, resolve_sizing
 
 OWNER = manifests.Owner(name="ua-alice-1234", namespace="agents", uid="uid-1")
 TEMPLATE = manifests.AgentTemplate(default_image="dexorder/agent:1", port=8000)
@@ -52,6 +54,15 @@ def test_deployment_is_sized_by_tier_and_locked_down() -> None:
     assert container["resources"]["limits"] == {"cpu": "2000m", "memory": "2Gi"}
     assert container["resources"]["requests"] == {"cpu": "2000m", "memory": "2Gi"}
     assert pod["automountServiceAccountToken"] is False
+
+    guaranteed_less = SIZING.model_copy(update={"cpu_request": "250m", "memory_request": "512Mi"})
+    (burstable,) = manifests.deployment(OWNER, spec(), guaranteed_less, TEMPLATE)["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert burstable["resources"] == {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"cpu": "2000m", "memory": "2Gi"},
+    }
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"] == {
@@ -109,3 +120,17 @@ def test_service_is_headless_only_when_the_template_asks() -> None:
     # Headless, the Service still selects the agent's pod on its port.
     assert service["spec"]["selector"] == {"dexorder.ai/agent": OWNER.name}
     assert service["spec"]["ports"][0]["port"] == 8000
+
+
+def test_sizing_takes_the_tiers_guarantee_as_requests_and_the_spec_overrides_as_limits() -> None:
+    catalog = parse_tier_catalog((Path(__file__).parents[3] / "config" / "tiers.yaml").read_text())
+    pro = resolve_sizing(catalog.get("pro"), Overrides())
+    assert (pro.requests, pro.limits) == (
+        {"cpu": "250m", "memory": "512Mi"},
+        {"cpu": "2000m", "memory": "2Gi"},
+    )
+    lowered = resolve_sizing(catalog.get("pro"), Overrides(memory="256Mi", cpu="4"))
+    assert (lowered.requests, lowered.limits) == (
+        {"cpu": "250m", "memory": "256Mi"},
+        {"cpu": "4", "memory": "256Mi"},
+    )

@@ -122,3 +122,37 @@ def test_yaml_that_is_not_a_catalog_is_refused_with_its_source() -> None:
         parse_tier_catalog("tiers: [unclosed", source="my.yaml")
     with pytest.raises(TierCatalogError, match=r"^my\.yaml: expected a mapping"):
         parse_tier_catalog("- a list", source="my.yaml")
+
+
+def test_each_shipped_tier_guarantees_less_than_its_limit_so_a_pro_agent_fits_a_small_node() -> (
+    None
+):
+    catalog = parse_tier_catalog(SHIPPED_CATALOG.read_text())
+    requests = {
+        name: (tier.resources.request("memory"), tier.resources.request("cpu"))
+        for name, tier in catalog.tiers.items()
+    }
+    assert requests == {
+        "free": ("256Mi", "100m"),
+        "pro": ("512Mi", "250m"),
+        "enterprise": ("1Gi", "500m"),
+    }
+
+
+def test_a_tier_without_a_guarantee_asks_for_its_limits_guaranteed_qos() -> None:
+    tier = parse_tier_catalog(MINIMAL).get("free")
+    assert (tier.resources.request("memory"), tier.resources.request("cpu")) == ("512Mi", "500m")
+
+
+def test_a_guarantee_above_its_limit_is_refused_with_its_field() -> None:
+    text = MINIMAL.replace("storage: 1Gi}", "storage: 1Gi, guarantee: {cpu: 600m}}")
+    with pytest.raises(TierCatalogError, match=r"guarantee.cpu 600m exceeds the cpu limit 500m"):
+        parse_tier_catalog(text)
+
+
+def test_a_limit_lowered_below_the_guarantee_caps_the_request() -> None:
+    text = MINIMAL.replace("storage: 1Gi}", "storage: 1Gi, guarantee: {memory: 256Mi}}")
+    resources = parse_tier_catalog(text).get("free").resources
+    lowered = resources.model_copy(update={"memory": "128Mi"})
+    assert lowered.request("memory") == "128Mi"
+    assert resources.request("memory") == "256Mi"
