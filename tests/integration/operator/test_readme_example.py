@@ -87,6 +87,7 @@ def readme_operator(devenv: Devenv, tmp_path_factory: pytest.TempPathFactory) ->
     """The CRD applied and the operator started as the README says, from the repository."""
     devenv.run("apply", "-f", "crds/")
     devenv.run("wait", "--for=condition=Established", "--timeout=60s", "crd/useragents.dexorder.ai")
+    devenv.run("create", "namespace", "dexorder-agents")
     metrics_port = free_port()
     process = ManagedProcess(
         "dexorder-operator",
@@ -117,6 +118,7 @@ def readme_operator(devenv: Devenv, tmp_path_factory: pytest.TempPathFactory) ->
 def test_the_readme_shows_the_example_file() -> None:
     section = readme_section(SECTION)
     assert "kubectl apply -f examples/useragent.yaml" in section
+    assert "kubectl create namespace dexorder-agents" in section
     assert fenced_blocks(section, "yaml") == [(REPO_ROOT / "examples/useragent.yaml").read_text()]
 
 
@@ -129,12 +131,12 @@ def test_the_readme_example_becomes_ready_in_kubectl_get_ua(
     deadline = time.monotonic() + 60
     table = ""
     while time.monotonic() < deadline:
-        table = devenv.run("get", "ua").stdout
+        table = devenv.run("get", "ua", "--namespace=dexorder-agents").stdout
         if " Ready " in table:
             break
         time.sleep(0.5)
     header, *rows = [line.split() for line in table.splitlines()]
     assert header == ["NAME", "USER", "TIER", "PHASE", "ENDPOINT", "AGE"], table
     assert [row[:5] for row in rows] == [
-        ["alice", "auth0|alice", "pro", "Ready", "http://alice-agent.default.svc:8000/mcp"]
+        ["alice", "auth0|alice", "pro", "Ready", "http://alice-agent.dexorder-agents.svc:8000/mcp"]
     ], table
