@@ -1,5 +1,6 @@
-"""Opt-in end to end on a real kind cluster: the three images built, loaded and installed
-with the chart, then a chat through the gateway that provisions a real agent pod.
+"""Opt-in end to end on a real kind cluster: the three images built with Docker, loaded and
+installed with the chart, then every test of tests/cluster/chart_suite.py, the same bodies
+the default suite runs on this machine's real node (tests/cluster/test_chart.py).
 
 Not part of the default suite, and never silently skipped: it is selected by its marker.
 It needs a Docker engine, the `kind` extra (pytest-kind, which fetches the kind binary)
@@ -9,61 +10,45 @@ and network access for the base images:
     pytest -m kind tests/e2e/test_kind.py
 
 The default run is `pytest -m "not kind"`. The chat uses the development HS256 secret
-instead of a JWKS, an in-cluster PostgreSQL, and no model key: the reply is an llm_error
-frame, which is what this suite expects. What it proves is the path a model never sees:
-JWT, license, UserAgent, operator, agent pod Ready, token Secret, MCP session.
+instead of a JWKS, an in-cluster PostgreSQL, and the scripted model (the fake LLM) on the
+host, listening on the kind network's gateway address, where kind's pods reach the host.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import pytest
+import yaml
 
+from dexorder.devenv.fake_llm.runners import FakeLLMProcess
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
+from dexorder.devenv.node_chart import (
+    AUDIENCE,
+    ISSUER,
+    NAMESPACE,
+    RELEASE,
+    SECRET,
+    chart_values,
+)
 from dexorder.devenv.paths import REPO_ROOT
-from tests.e2e.chat_frames import chat_frames
+from tests.cluster.chart_suite import ChartSuite
 
 pytestmark = pytest.mark.kind
 
 TAG = "e2e"
-IMAGES = {
-    "agent": f"dexorder/agent:{TAG}",
-    "operator": f"dexorder/operator:{TAG}",
-    "gateway": f"dexorder/gateway:{TAG}",
-}
-SECRET = "e2e-development-secret-of-at-least-32-chars"
-RELEASE_NAMESPACE = "dexorder"
-AGENTS_NAMESPACE = "dexorder-agents"
-DATABASE_URL = "postgresql://dexorder:dexorder@postgres.dexorder.svc:5432/dexorder"
-
-# The chart's values for this suite; the default suite renders the chart with them too
-# (tests/integration/chart/test_render.py), so they cannot rot while nobody runs kind.
-HELM_VALUES = [
-    "--set",
-    f"agents.image.repository=dexorder/agent,agents.image.tag={TAG}",
-    "--set",
-    f"operator.image.repository=dexorder/operator,operator.image.tag={TAG}",
-    "--set",
-    "operator.image.pullPolicy=Never",
-    "--set",
-    f"gateway.image.repository=dexorder/gateway,gateway.image.tag={TAG}",
-    "--set",
-    "gateway.image.pullPolicy=Never",
-    "--set",
-    "gateway.replicas=1",
-    "--set",
-    "gateway.auth.issuer=e2e,gateway.auth.audience=e2e",
-]
+IMAGES = {name: f"dexorder/{name}:{TAG}" for name in ("agent", "operator", "gateway")}
+DATABASE_URL = f"postgresql://dexorder:dexorder@postgres.{NAMESPACE}.svc:5432/dexorder"
 
 POSTGRES = f"""
 apiVersion: apps/v1
 kind: Deployment
-metadata: {{name: postgres, namespace: {RELEASE_NAMESPACE}}}
+metadata: {{name: postgres, namespace: {NAMESPACE}}}
 spec:
   selector: {{matchLabels: {{app: postgres}}}}
   template:
@@ -81,52 +66,79 @@ spec:
 ---
 apiVersion: v1
 kind: Service
-metadata: {{name: postgres, namespace: {RELEASE_NAMESPACE}}}
+metadata: {{name: postgres, namespace: {NAMESPACE}}}
 spec:
   selector: {{app: postgres}}
   ports: [{{port: 5432}}]
 """
 
 
-def _docker_build(component: str) -> None:
-    subprocess.run(
-        [
-            "docker",
-            "build",
-            "-f",
-            str(REPO_ROOT / f"Dockerfile.{component}"),
-            "-t",
-            IMAGES[component],
-            str(REPO_ROOT),
-        ],
-        check=True,
-        timeout=1800,
-    )
+def _docker(*args: str) -> str:
+    return subprocess.run(
+        ["docker", *args], check=True, capture_output=True, text=True, timeout=1800
+    ).stdout
+
+
+def _kind_network_gateway() -> str:
+    """The host's address on kind's Docker network: where its pods reach the host."""
+    networks = json.loads(_docker("network", "inspect", "kind"))
+    for config in networks[0]["IPAM"]["Config"]:
+        if ":" not in config.get("Gateway", ":"):
+            return str(config["Gateway"])
+    raise AssertionError(f"kind's network has no IPv4 gateway: {networks}")
+
+
+@dataclass(frozen=True)
+class KindChart:
+    """The chart on a kind cluster (a `chart_suite.ChartInstall`)."""
+
+    cluster: Any  # pytest-kind's KindCluster
+    helm: Helm
+    llm: FakeLLMProcess
+
+    def kubectl(self, *args: str, timeout: float = 120) -> str:
+        return str(self.cluster.kubectl(*args))
+
+    @contextmanager
+    def gateway_url(self) -> Iterator[str]:
+        with self.cluster.port_forward("service/dexorder-gateway", 80, "-n", NAMESPACE) as port:
+            yield f"http://127.0.0.1:{port}"
+
+    def tag_image(self, image: str, new_tag: str) -> str:
+        new_image = f"{image.rpartition(':')[0]}:{new_tag}"
+        _docker("tag", image, new_image)
+        self.cluster.load_docker_image(new_image)
+        return new_image
 
 
 @pytest.fixture(scope="module")
-def installed(kind_cluster: Any, helm: Helm) -> Iterator[Any]:
-    for component in IMAGES:
-        _docker_build(component)
-        kind_cluster.load_docker_image(IMAGES[component])
-    kind_cluster.kubectl("create", "namespace", RELEASE_NAMESPACE)
+def installed(
+    kind_cluster: Any, helm: Helm, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KindChart]:
+    for component, image in IMAGES.items():
+        _docker(
+            "build", "-f", str(REPO_ROOT / f"Dockerfile.{component}"), "-t", image, str(REPO_ROOT)
+        )
+        kind_cluster.load_docker_image(image)
+    kind_cluster.kubectl("create", "namespace", NAMESPACE)
     kind_cluster.kubectl("apply", "-f", "-", input=POSTGRES)
     kind_cluster.kubectl(
-        "-n", RELEASE_NAMESPACE, "rollout", "status", "deployment/postgres", "--timeout=300s"
+        "-n", NAMESPACE, "rollout", "status", "deployment/postgres", "--timeout=300s"
     )
     kind_cluster.kubectl(
         "-n",
-        RELEASE_NAMESPACE,
+        NAMESPACE,
         "create",
         "secret",
         "generic",
         "dexorder-gateway",
         f"--from-literal=DATABASE_URL={DATABASE_URL}",
         f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
+        "--from-literal=OPENAI_API_KEY=fake-key",
     )
     kind_cluster.kubectl(
         "-n",
-        RELEASE_NAMESPACE,
+        NAMESPACE,
         "run",
         "migrate",
         f"--image={IMAGES['gateway']}",
@@ -134,45 +146,35 @@ def installed(kind_cluster: Any, helm: Helm) -> Iterator[Any]:
         "--image-pull-policy=Never",
         f"--env=DATABASE_URL={DATABASE_URL}",
         f"--env=DEXORDER_DEV_HS256_SECRET={SECRET}",
-        "--env=DEXORDER_JWT_ISSUER=e2e",
-        "--env=DEXORDER_JWT_AUDIENCE=e2e",
+        f"--env=DEXORDER_JWT_ISSUER={ISSUER}",
+        f"--env=DEXORDER_JWT_AUDIENCE={AUDIENCE}",
         "--",
         "migrate",
     )
     kind_cluster.kubectl(
         "-n",
-        RELEASE_NAMESPACE,
+        NAMESPACE,
         "wait",
         "pod/migrate",
         "--for=jsonpath={.status.phase}=Succeeded",
         "--timeout=300s",
     )
-    cluster_helm = helm.against(kind_cluster.kubeconfig_path)
-    cluster_helm.run(
-        "install",
-        "dexorder",
-        str(CHART_DIR),
-        f"--namespace={RELEASE_NAMESPACE}",
-        *HELM_VALUES,
-        "--wait",
-        "--timeout=600s",
-    )
-    yield kind_cluster
-    cluster_helm.run("uninstall", "dexorder", f"--namespace={RELEASE_NAMESPACE}", check=False)
+    with FakeLLMProcess(host=_kind_network_gateway()) as llm:
+        values = tmp_path_factory.mktemp("kind") / "values.yaml"
+        values.write_text(yaml.safe_dump(chart_values(IMAGES, llm.base_url)))
+        cluster_helm = helm.against(kind_cluster.kubeconfig_path)
+        cluster_helm.run(
+            "install",
+            RELEASE,
+            str(CHART_DIR),
+            f"--namespace={NAMESPACE}",
+            f"--values={values}",
+            "--wait",
+            "--timeout=600s",
+        )
+        yield KindChart(kind_cluster, cluster_helm, llm)
+        cluster_helm.run("uninstall", RELEASE, f"--namespace={NAMESPACE}", check=False)
 
 
-async def test_a_chat_provisions_a_real_agent(installed: Any) -> None:
-    token = jwt.encode(
-        {"sub": "e2e-user", "iss": "e2e", "aud": "e2e", "exp": int(time.time()) + 600},
-        SECRET,
-        algorithm="HS256",
-    )
-    with installed.port_forward("service/dexorder-gateway", 80, "-n", RELEASE_NAMESPACE) as port:
-        frames = await chat_frames(f"http://127.0.0.1:{port}/ws/chat", token, "hello")
-    stages = [frame.get("stage") for frame in frames if frame["type"] == "status"]
-    assert "ready" in stages, frames
-    assert frames[-1]["type"] == "done" or frames[-1].get("code") == "llm_error", frames
-    phase = installed.kubectl(
-        "-n", AGENTS_NAMESPACE, "get", "useragents", "-o", "jsonpath={.items[*].status.phase}"
-    )
-    assert phase.split() == ["Ready"]
+class TestChartOnKind(ChartSuite):
+    pass

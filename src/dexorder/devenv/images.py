@@ -225,7 +225,7 @@ def buildah_push_command(name: str, tag: str, archive: Path) -> list[str]:
     return ["buildah", "push", reference, f"oci-archive:{archive}:{reference}"]
 
 
-def ctr_import_command(archive: Path, containerd_address: str) -> list[str]:
+def _ctr_images(containerd_address: str, *args: str) -> list[str]:
     return [
         "ctr",
         "--address",
@@ -233,9 +233,16 @@ def ctr_import_command(archive: Path, containerd_address: str) -> list[str]:
         "--namespace",
         CONTAINERD_NAMESPACE,
         "images",
-        "import",
-        str(archive),
+        *args,
     ]
+
+
+def ctr_import_command(archive: Path, containerd_address: str) -> list[str]:
+    return _ctr_images(containerd_address, "import", str(archive))
+
+
+def ctr_tag_command(image: str, new_image: str, containerd_address: str) -> list[str]:
+    return _ctr_images(containerd_address, "tag", "--force", image, new_image)
 
 
 # ---- what runs tools ----
@@ -453,3 +460,10 @@ def load_images(archives: Iterable[Path], containerd_address: str) -> None:
         if not archive.is_file():
             raise ImageBuildError(f"no image archive at {archive}")
         _run(ctr_import_command(archive, containerd_address), what=f"ctr import of {archive}")
+
+
+def tag_image(image: str, new_image: str, containerd_address: str) -> None:
+    """Give an image loaded into a containerd a second name (a new tag for the same build),
+    as a registry push of a retagged image would."""
+    _require("ctr")
+    _run(ctr_tag_command(image, new_image, containerd_address), what=f"ctr tag of {image}")

@@ -10,10 +10,9 @@ import pytest
 import yaml
 
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
+from dexorder.devenv.node_chart import AGENTS_NAMESPACE, NAMESPACE, chart_values
 from dexorder.devenv.paths import CRD_DIR, REPO_ROOT
-from tests.e2e.test_kind import AGENTS_NAMESPACE as KIND_AGENTS_NAMESPACE
-from tests.e2e.test_kind import HELM_VALUES as KIND_HELM_VALUES
-from tests.e2e.test_kind import RELEASE_NAMESPACE as KIND_RELEASE_NAMESPACE
+from tests.e2e.test_kind import IMAGES as KIND_IMAGES
 from tests.integration.chart.manifests import Manifest, container, documents, env, of_kind, one
 
 ALL_OPTIONS = CHART_DIR / "ci" / "all-options-values.yaml"
@@ -236,14 +235,17 @@ def test_both_documents_show_a_minimal_values_file() -> None:
     }
 
 
-def test_the_kind_suites_values_render(helm: Helm) -> None:
+def test_the_kind_suites_values_render(helm: Helm, tmp_path: Path) -> None:
     """The opt-in kind suite cannot run here; its install values are checked here instead."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(chart_values(KIND_IMAGES, "http://172.18.0.1:8000/v1")))
     rendered = documents(
-        helm.template("dexorder", *KIND_HELM_VALUES, namespace=KIND_RELEASE_NAMESPACE).stdout
+        helm.template("dexorder", f"--values={values}", namespace=NAMESPACE).stdout
     )
     gateway = container(one(rendered, "Deployment", "gateway"), "gateway")
     assert gateway["image"] == "dexorder/gateway:e2e"
     assert gateway["imagePullPolicy"] == "Never"
     operator = container(one(rendered, "Deployment", "operator"), "operator")
     assert env(operator)["DEXORDER_OPERATOR_DEFAULT_IMAGE"] == "dexorder/agent:e2e"
-    assert env(operator)["DEXORDER_OPERATOR_NAMESPACES"] == KIND_AGENTS_NAMESPACE
+    assert env(operator)["DEXORDER_OPERATOR_NAMESPACES"] == AGENTS_NAMESPACE
+    assert env(operator)["DEXORDER_OPERATOR_IDLE_CHECK_INTERVAL_SECONDS"] == "2"

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.devenv.node_chart import scripted_models_yaml as models_yaml
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.devenv.process import free_port
 from dexorder.gateway.app import create_app
@@ -31,20 +32,6 @@ from dexorder.gateway.state import LIVE_SOCKETS
 
 ISSUER = "https://id.test.dexorder"
 AUDIENCE = "dexorder-gateway"
-
-
-def models_yaml(base_url: str) -> str:
-    groups = {
-        group: [
-            {
-                "model": f"openai/{group}-model",
-                "api_base": base_url,
-                "api_key_env": "OPENAI_API_KEY",
-            }
-        ]
-        for group in ("fast", "standard", "deep")
-    }
-    return json.dumps({"default_group": "standard", "groups": groups})
 
 
 @pytest.fixture(scope="module")

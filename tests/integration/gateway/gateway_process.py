@@ -13,9 +13,10 @@ from pathlib import Path
 
 from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.devenv.node_chart import scripted_models_yaml as models_yaml
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
-from tests.integration.gateway.conftest import AUDIENCE, ISSUER, models_yaml
+from tests.integration.gateway.conftest import AUDIENCE, ISSUER
 
 
 def stop_orphaned_agents(root: Path) -> list[int]:

@@ -127,6 +127,21 @@ def test_ctr_imports_into_the_cri_namespace() -> None:
     ]
 
 
+def test_ctr_tags_in_the_cri_namespace_replacing_an_older_image_of_that_name() -> None:
+    assert images.ctr_tag_command("localhost/a:v1", "localhost/a:v2", "/run/c.sock") == [
+        "ctr",
+        "--address",
+        "/run/c.sock",
+        "--namespace",
+        "k8s.io",
+        "images",
+        "tag",
+        "--force",
+        "localhost/a:v1",
+        "localhost/a:v2",
+    ]
+
+
 @pytest.mark.parametrize("tag", ["", "-x", ".x", "a b", "a:b", "a/b", "x" * 129])
 def test_a_bad_tag_is_refused_with_the_rule(tag: str) -> None:
     with pytest.raises(images.ImageBuildError, match="invalid image tag"):

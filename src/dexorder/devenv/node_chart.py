@@ -1,0 +1,145 @@
+"""The chart installed on the real node (devenv/node.py) as ops install it, for the cluster
+tests and the cluster benchmark: the three images of this tree loaded into the node's
+containerd, PostgreSQL (migrated) and the scripted model on the host's bridge address, where
+pods reach them, and `helm install` with the values of `chart_values`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dexorder.devenv import images
+from dexorder.devenv.fake_llm.runners import FakeLLMProcess
+from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
+from dexorder.devenv.node import NodeCluster
+from dexorder.devenv.postgres import PostgresService
+from dexorder.gateway.migrations import apply_migrations
+
+RELEASE = "dexorder"
+NAMESPACE = "dexorder"
+AGENTS_NAMESPACE = "dexorder-agents"
+ISSUER = AUDIENCE = "dexorder-cluster-test"
+# The gateway's development HS256 secret: tests sign their users' JWTs with it.
+SECRET = "cluster-development-secret-of-at-least-32-chars"
+GATEWAY_SECRET = "dexorder-gateway"
+
+
+def scripted_models_yaml(base_url: str) -> str:
+    """A models.yaml that routes every model group to the scripted model at ``base_url``."""
+    groups = {
+        group: [
+            {
+                "model": f"openai/{group}-model",
+                "api_base": base_url,
+                "api_key_env": "OPENAI_API_KEY",
+            }
+        ]
+        for group in ("fast", "standard", "deep")
+    }
+    return json.dumps({"default_group": "standard", "groups": groups})
+
+
+def chart_values(images_by_name: dict[str, str], model_url: str) -> dict[str, Any]:
+    """The chart's values on a test cluster: the images of this tree (``name: repository:tag``,
+    loaded into the cluster, never pulled), the scripted model at ``model_url``, and an idle
+    timer that checks every 2 s, so that a test sees a suspend without waiting minutes."""
+
+    def image(name: str, never_pull: bool = True) -> dict[str, str]:
+        repository, _, tag = images_by_name[name].rpartition(":")
+        return {"repository": repository, "tag": tag} | (
+            {"pullPolicy": "Never"} if never_pull else {}
+        )
+
+    return {
+        # The operator sets the agents' pull policy; IfNotPresent finds the loaded image.
+        "agents": {"image": image("agent", never_pull=False)},
+        "operator": {"image": image("operator"), "idleCheckIntervalSeconds": 2},
+        "gateway": {
+            "image": image("gateway"),
+            "replicas": 1,
+            "auth": {"issuer": ISSUER, "audience": AUDIENCE},
+        },
+        "config": {"models": scripted_models_yaml(model_url)},
+    }
+
+
+@dataclass(frozen=True)
+class NodeChart:
+    """The chart on the real node: kubectl and helm against it, its gateway's URL, and the
+    scripted model the gateway streams from."""
+
+    node: NodeCluster
+    helm: Helm
+    llm: FakeLLMProcess
+
+    def kubectl(self, *args: str, timeout: float = 120) -> str:
+        return self.node.kubectl(*args, timeout=timeout)
+
+    @contextmanager
+    def gateway_url(self) -> Iterator[str]:
+        """The gateway's Service at its cluster IP, which the host routes to the node."""
+        service = json.loads(
+            self.kubectl(
+                f"--namespace={NAMESPACE}", "get", "service/dexorder-gateway", "-o", "json"
+            )
+        )["spec"]
+        yield f"http://{service['clusterIP']}:{service['ports'][0]['port']}"
+
+    def tag_image(self, image: str, new_tag: str) -> str:
+        new_image = f"{image.rpartition(':')[0]}:{new_tag}"
+        images.tag_image(image, new_image, str(self.node.containerd_address))
+        return new_image
+
+
+@contextmanager
+def installed_chart(
+    node: NodeCluster, helm: Helm, archives: dict[str, Path], tag: str
+) -> Iterator[NodeChart]:
+    """Load the built images, start the host's services and `helm install` the chart; on
+    exit, uninstall it (what uninstall keeps, the CRD and the users' volumes, goes with the
+    node) and stop the services."""
+    network = node.network
+    with ExitStack() as stack:
+        postgres = stack.enter_context(
+            PostgresService(also_on=network.gateway, clients=network.pod_cidr)
+        )
+        llm = stack.enter_context(FakeLLMProcess(host=network.gateway))
+        asyncio.run(apply_migrations(postgres.dsn))
+        for archive in archives.values():
+            node.load_image(archive)
+        node.kubectl("create", "namespace", NAMESPACE)
+        node.kubectl(
+            f"--namespace={NAMESPACE}",
+            "create",
+            "secret",
+            "generic",
+            GATEWAY_SECRET,
+            f"--from-literal=DATABASE_URL={postgres.dsn.replace('127.0.0.1', network.gateway)}",
+            f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
+            "--from-literal=OPENAI_API_KEY=fake-key",
+        )
+        built = {name: f"localhost/dexorder-{name}:{tag}" for name in archives}
+        values = node.data_dir / "values.yaml"
+        values.write_text(yaml.safe_dump(chart_values(built, llm.base_url)))
+        cluster_helm = helm.against(node.kubeconfig)
+        cluster_helm.run(
+            "install",
+            RELEASE,
+            str(CHART_DIR),
+            f"--namespace={NAMESPACE}",
+            f"--values={values}",
+            "--wait",
+            "--timeout=300s",
+            timeout=330,
+        )
+        try:
+            yield NodeChart(node, cluster_helm, llm)
+        finally:
+            cluster_helm.run("uninstall", RELEASE, f"--namespace={NAMESPACE}", check=False)
