@@ -40,10 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         help="where the demo keeps agents, logs, the URL and the token"
         " (default: ~/.local/share/dexorder/demo)",
     )
-    demo.add_argument(
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument(
         "--kubernetes",
         action="store_true",
         help="agents from the operator on a local control plane (kwok) instead of local processes",
+    )
+    where.add_argument(
+        "--node",
+        action="store_true",
+        help="the images built and the chart helm-installed on a real local node (as root)",
     )
     chat = commands.add_parser("chat", help="a terminal chat client of the WebSocket protocol")
     chat.add_argument("--url", help="gateway URL (default: the running demo's)")
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from dexorder import demo as demo_module
 
+        if args.node:
+            return demo_module.run_on_node(state_dir=args.state_dir)
         return demo_module.run(port=args.port, state_dir=args.state_dir, kubernetes=args.kubernetes)
     if args.command == "chat":
         from dexorder import chat_client

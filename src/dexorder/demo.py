@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from dexorder.devenv.kubernetes import ControlPlane
 
 DEMO_USER = "demo-user"
+# An Auth0-style id, as real users have: the node demo shows such a user getting an agent.
+NODE_DEMO_USER = "auth0|demo"
 ISSUER = "dexorder-demo"
 AUDIENCE = "dexorder-gateway"
 DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "dexorder" / "demo"
@@ -220,20 +222,13 @@ def _start_kubernetes(
     return KubernetesDemo(plane.kubeconfig, plane.binary("kubectl"), operator, runner.host_map())
 
 
-def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = False) -> int:
-    """Start the demo and block until Ctrl-C or SIGTERM; everything started is stopped."""
-    started = time.monotonic()
-    state = state_dir or DEFAULT_STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    for stale in ("token", "url"):
-        (state / stale).unlink(missing_ok=True)
-
+def _interrupt_once_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, once: a second one (a terminal's repeated
+    Ctrl-C, or `make` passing its own signal on) must not cut the clean-up short and leave
+    PostgreSQL, an agent or a node behind."""
     stopping = False
 
     def request_stop(*_: object) -> None:
-        # Only the first Ctrl-C or SIGTERM interrupts; a second one (a terminal's repeated
-        # Ctrl-C, or `make` passing its own signal on) must not cut the clean-up short and
-        # leave PostgreSQL or an agent behind.
         nonlocal stopping
         if stopping:
             print("still stopping …", flush=True)
@@ -243,6 +238,21 @@ def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = F
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+
+
+def _fresh_state(state_dir: Path | None) -> Path:
+    state = state_dir or DEFAULT_STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    for stale in ("token", "url"):
+        (state / stale).unlink(missing_ok=True)
+    return state
+
+
+def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = False) -> int:
+    """Start the demo and block until Ctrl-C or SIGTERM; everything started is stopped."""
+    started = time.monotonic()
+    state = _fresh_state(state_dir)
+    _interrupt_once_on_signals()
     env = {key: value for key, value in os.environ.items() if not key.startswith("DEXORDER_")}
     try:
         with contextlib.ExitStack() as stack:
@@ -314,6 +324,71 @@ def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = F
             [exited] = [process for process in watched if process.exited][:1]
             print(f"{exited.name} exited; see {exited.log_path}", file=sys.stderr, flush=True)
             return 1
+    except DevenvError as error:
+        print(f"dexorder demo: {error}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted while starting; everything started is stopped.", flush=True)
+        return 130
+    finally:
+        for stale in ("token", "url"):
+            (state / stale).unlink(missing_ok=True)
+        print("stopped.", flush=True)
+
+
+def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
+    """``dexorder demo --node``: the product as ops install it, on this machine. The real
+    node comes up (``dexorder devenv up --services node``), the three images are built from
+    this tree and loaded into it (``dexorder images build``), and the chart is
+    ``helm install``ed with PostgreSQL and the offline scripted model on the host's bridge
+    address; a chat then goes through the gateway pod to the user's own agent pod. Writes
+    the gateway's URL and a token for ``dexorder chat``; Ctrl-C uninstalls and removes all."""
+    from dexorder.devenv import binaries, images
+    from dexorder.devenv.fixtures_helm import Helm
+    from dexorder.devenv.node import NodeCluster
+    from dexorder.devenv.node_chart import AGENTS_NAMESPACE as CHART_AGENTS
+    from dexorder.devenv.node_chart import AUDIENCE as CHART_AUDIENCE
+    from dexorder.devenv.node_chart import ISSUER as CHART_ISSUER
+    from dexorder.devenv.node_chart import SECRET, installed_chart
+
+    started = time.monotonic()
+    state = _fresh_state(state_dir)
+    _interrupt_once_on_signals()
+    try:
+        with contextlib.ExitStack() as stack:
+            print("building the images (buildah; minutes the first time) …", flush=True)
+            archives = images.build_images(tag=tag)
+            print("starting the node (containerd, kubelet, CoreDNS, …) …", flush=True)
+            node = stack.enter_context(NodeCluster())
+            print("helm install …", flush=True)
+            helm = Helm(binaries.build_helm() / "helm", state / "helm-home")
+            chart = stack.enter_context(installed_chart(node, helm, archives, tag))
+            url = stack.enter_context(chart.gateway_url())
+            claims = {
+                "sub": NODE_DEMO_USER,
+                "iss": CHART_ISSUER,
+                "aud": CHART_AUDIENCE,
+                "exp": int(time.time()) + 12 * 3600,
+            }
+            token = jwt.encode(claims, SECRET, algorithm="HS256")
+            (state / "token").write_text(token)
+            (state / "url").write_text(url)
+            kubectl = f"{node.control_plane.binary('kubectl')} --kubeconfig {node.kubeconfig}"
+            print(
+                f"\nDexorder is installed on a real node in {time.monotonic() - started:.1f} s.\n"
+                f"  Gateway (its Service):  {url}/\n"
+                f"  Token for {NODE_DEMO_USER}:  {token}\n\n"
+                "Chat in a terminal:  .venv/bin/dexorder chat\n"
+                f"Your agent's pod:    {kubectl} get ua,pods -n {CHART_AGENTS}\n"
+                "Stop with Ctrl-C (helm uninstall, then the node is removed).\n",
+                flush=True,
+            )
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                print("stopping …", flush=True)
+                return 0
     except DevenvError as error:
         print(f"dexorder demo: {error}", file=sys.stderr, flush=True)
         return 1

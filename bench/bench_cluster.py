@@ -1,0 +1,164 @@
+"""The real node with the chart installed (devenv/node_chart.py): how long a user waits for
+an agent, and what an agent costs.
+
+.venv/bin/python bench/bench_cluster.py [--users 3] [--wakes 10]    # as root
+
+- Cold provision: a new user's first message to its first token, the agent image already on
+  the node: the gateway creates the UserAgent, the operator its children, the kubelet the pod,
+  which starts, passes its probes and answers over MCP; then the model's first token.
+- Wake from idle to first token: the agent suspended (``spec.suspended``, as the idle timer
+  sets it) and its pod gone, then a message: p50 and p99 over ``--wakes``.
+- The agent pod's memory (its cgroup's RSS and the whole charge, page cache included)
+  against its tier's guarantee and limit, after the chats.
+
+The scripted model answers at once (no token delay), so a time is the platform's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+
+from dexorder.devenv import binaries, images
+from dexorder.devenv.fixtures_helm import Helm
+from dexorder.devenv.node import NodeCluster
+from dexorder.devenv.node_chart import (
+    AGENTS_NAMESPACE,
+    AUDIENCE,
+    ISSUER,
+    SECRET,
+    NodeChart,
+    installed_chart,
+)
+
+TAG = "bench"
+MEMORY = r"""
+import json
+stat = dict(line.split() for line in open("/sys/fs/cgroup/memory/memory.stat"))
+usage = int(open("/sys/fs/cgroup/memory/memory.usage_in_bytes").read())
+print(json.dumps({"rss": int(stat["total_rss"]), "usage": usage}))
+"""
+
+
+def _token(user: str) -> str:
+    claims = {"sub": user, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 3600}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def _first_token_seconds(url: str, user: str) -> float:
+    """From sending a message to its first delta; the reply is then read to its end."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"{url.replace('http', 'ws', 1)}/ws/chat",
+            headers={"Authorization": f"Bearer {_token(user)}"},
+            timeout=aiohttp.ClientWSTimeout(ws_receive=300),
+        ) as socket,
+    ):
+        started = time.monotonic()
+        await socket.send_json({"type": "message", "content": "hello"})
+        first: float | None = None
+        async for message in socket:
+            frame = json.loads(message.data)
+            if frame["type"] == "delta" and first is None:
+                first = time.monotonic() - started
+            if frame["type"] == "error":
+                raise RuntimeError(f"the chat failed: {frame}")
+            if frame["type"] == "done":
+                break
+    if first is None:
+        raise RuntimeError("the reply had no text")
+    return first
+
+
+def _agent_of(chart: NodeChart, user: str) -> str:
+    agents = json.loads(
+        chart.kubectl(f"--namespace={AGENTS_NAMESPACE}", "get", "useragents", "-o", "json")
+    )["items"]
+    [name] = [a["metadata"]["name"] for a in agents if a["spec"]["userId"] == user]
+    return str(name)
+
+
+def _pods(chart: NodeChart, agent: str) -> list[str]:
+    return chart.kubectl(
+        f"--namespace={AGENTS_NAMESPACE}",
+        "get",
+        "pods",
+        f"--selector=dexorder.ai/agent={agent}",
+        "-o",
+        "name",
+    ).split()
+
+
+def _suspend(chart: NodeChart, agent: str) -> None:
+    chart.kubectl(
+        f"--namespace={AGENTS_NAMESPACE}",
+        "patch",
+        f"useragent/{agent}",
+        "--type=merge",
+        '--patch={"spec": {"suspended": true}}',
+    )
+    deadline = time.monotonic() + 120
+    while _pods(chart, agent):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{agent}'s pod is still there 120 s after the suspend")
+        time.sleep(0.5)
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=3, help="cold provisions, one user each")
+    parser.add_argument("--wakes", type=int, default=10)
+    options = parser.parse_args()
+
+    archives = images.build_images(tag=TAG)
+    helm = Helm(binaries.build_helm() / "helm", Path(tempfile.mkdtemp(prefix="helm-home-")))
+    with NodeCluster() as node, installed_chart(node, helm, archives, TAG) as chart:
+        with chart.gateway_url() as url:
+            cold = [
+                asyncio.run(_first_token_seconds(url, f"auth0|bench-{index}"))
+                for index in range(options.users)
+            ]
+            user = "auth0|bench-0"
+            agent = _agent_of(chart, user)
+            wakes = []
+            for _ in range(options.wakes):
+                _suspend(chart, agent)
+                wakes.append(asyncio.run(_first_token_seconds(url, user)))
+        [pod] = _pods(chart, agent)
+        memory = json.loads(
+            chart.kubectl(
+                f"--namespace={AGENTS_NAMESPACE}", "exec", pod, "--", "python", "-c", MEMORY
+            )
+        )
+    print(
+        f"cold provision to first token, {options.users} users: "
+        + ", ".join(f"{s:.2f} s" for s in cold)
+    )
+    print(
+        f"wake to first token over {len(wakes)} wakes: p50 {statistics.median(wakes):.2f} s, "
+        f"p99 {_percentile(wakes, 0.99):.2f} s, min {min(wakes):.2f} s, max {max(wakes):.2f} s"
+    )
+    mib = 2**20
+    print(
+        f"agent pod memory after {1 + len(wakes)} chats (free tier: guarantee 256 MiB, "
+        f"limit 512 MiB): RSS {memory['rss'] / mib:.0f} MiB, "
+        f"charged (with page cache) {memory['usage'] / mib:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
