@@ -132,7 +132,9 @@ class AgentHandle:
             lease = access.sessions.acquire(
                 endpoint,
                 host_map=access.host_map,
-                connect_grace=access.connect_seconds,
+                # Only an agent just started may be slow to answer; one that was running
+                # and does not answer is gone, and waiting would only delay its wake.
+                connect_grace=access.connect_seconds if endpoint.starting else 0.0,
                 read_timeout=access.read_seconds,
                 on_session=self._on_mcp_session,
             )

@@ -66,7 +66,8 @@ async def kube_chat(
             agents_namespace=namespace,
             agent_host_map=runner.host_map(),
             provision_timeout_seconds=60,
-            agent_connect_seconds=30,
+            # Longer than any wait below: a test that waits out this grace fails.
+            agent_connect_seconds=120,
         )
         async with runner, serve_gateway(settings) as gateway:
             yield KubeChat(gateway, runner, kube, namespace, user_id)
@@ -138,6 +139,35 @@ async def test_a_suspended_agent_is_woken(
         assert await chat_once(client, llm, "Good morning.") == "Good morning."
         await client.ws.close()
     assert (await kube_chat.kube.get(kube_chat.agent_path))["spec"]["suspended"] is False
+
+
+async def test_an_agent_suspended_while_its_endpoint_is_cached_wakes_at_once(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer, llm: FakeLLMServer
+) -> None:
+    """The gateway keeps a ready agent's endpoint for a while. An agent suspended meanwhile
+    does not answer at that endpoint, and is woken: the connect grace, meant for an agent
+    just started, is not waited out on one that was running (here it is longer than the
+    test waits for the reply)."""
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        await statuses_until_settled(client)
+        assert await chat_once(client, llm, "First.") == "First."
+        await client.ws.close()
+
+    await kube_chat.kube.merge_patch(kube_chat.agent_path, {"spec": {"suspended": True}})
+    await wait_phase(kube_chat, "Suspended")
+    deadline = time.monotonic() + 60
+    while kube_chat.user in kube_chat.runner.agents:
+        assert time.monotonic() < deadline, "the agent runner did not stop the agent"
+        await asyncio.sleep(0.2)
+
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        assert await chat_once(client, llm, "Awake again.") == "Awake again."
+        await client.ws.close()
+    assert kube_chat.runner.starts[kube_chat.user] == 2
 
 
 async def test_a_failed_agent_shows_the_operators_reason(

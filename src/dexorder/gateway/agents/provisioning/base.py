@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dexorder.core.licenses import EffectiveLicense
@@ -21,6 +21,10 @@ class AgentEndpoint:
     user_id: str
     url: str
     token: str | None
+    # The provisioner has just created, started or woken the agent, so it may not answer its
+    # first request for a few seconds (its Service's endpoints lag its readiness): only then
+    # is a failed first connection retried. Not part of the endpoint's identity.
+    starting: bool = field(default=False, compare=False)
 
 
 class ProvisioningError(Exception):

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import datetime as dt
 import time
+from dataclasses import replace
 from typing import Any
 
 from dexorder.adapters.kubernetes import (
@@ -111,17 +112,19 @@ class KubernetesProvisioner:
             return cached[1]
         try:
             body = await self._create_or_update(license, progress)
-            if not _is_ready(body):
+            starting = not _is_ready(body)
+            if starting:
                 await progress(Stage.STARTING, "starting your agent")
                 body = await self._wait_ready(body)
             endpoint = AgentEndpoint(
                 user_id=license.user_id,
                 url=str(body["status"]["endpoint"]),
                 token=await self._token(body),
+                starting=starting,
             )
         except KubernetesError as error:
             raise ProvisioningError("KubernetesUnavailable", str(error)) from error
-        self._endpoints[license.user_id] = (time.monotonic(), endpoint)
+        self._endpoints[license.user_id] = (time.monotonic(), replace(endpoint, starting=False))
         await progress(Stage.READY, "your agent is ready")
         return endpoint
 

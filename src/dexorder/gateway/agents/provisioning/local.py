@@ -62,6 +62,7 @@ class LocalProvisioner:
         lock = self._locks.setdefault(user_id, asyncio.Lock())
         async with lock:
             agent = self._agents.get(user_id)
+            started_now = agent is None or not agent.running
             if agent is None or not agent.running:
                 data_dir = self._data_dir(user_id)
                 if data_dir.exists():
@@ -96,7 +97,9 @@ class LocalProvisioner:
                     )
                 self._agents[user_id] = agent
         await progress(Stage.READY, "your agent is ready")
-        return AgentEndpoint(user_id=user_id, url=agent.url, token=agent.token)
+        return AgentEndpoint(
+            user_id=user_id, url=agent.url, token=agent.token, starting=started_now
+        )
 
     def forget(self, user_id: str) -> None:
         agent = self._agents.get(user_id)
