@@ -399,15 +399,14 @@ def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: Ope
     container = containers[0]
     image = desired.spec.image or state.reconciler.template.default_image
     resources = container.get("resources") or {}
-    wanted = {"cpu": desired.sizing.cpu, "memory": desired.sizing.memory}
 
-    def same(actual: Mapping[str, Any] | None) -> bool:
+    def same(actual: Mapping[str, Any] | None, wanted: Mapping[str, str]) -> bool:
         if not actual or set(actual) != set(wanted):
             return False
         return all(quantity.parse(str(actual[k])) == quantity.parse(v) for k, v in wanted.items())
 
     return bool(
         container.get("image") != image
-        or not same(resources.get("limits"))
-        or not same(resources.get("requests"))
+        or not same(resources.get("limits"), desired.sizing.limits)
+        or not same(resources.get("requests"), desired.sizing.requests)
     )

@@ -4,12 +4,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dexorder.adapters.kubernetes import ClusterCredentials, KubeClient
+from dexorder.core import manifests
 from dexorder.core.manifests import AgentTemplate, Owner
 from dexorder.core.status import StorageState
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.operator.handlers import OperatorState, _drifted, _reclaim_policy, _status_behind
-from dexorder.operator.reconcile import FINALIZER, Desired, Reconciler
+from dexorder.operator.reconcile import FINALIZER, Desired, Reconciler, desired_state
 from dexorder.operator.settings import OperatorSettings
 
 
@@ -32,7 +33,9 @@ def agent(**spec: Any) -> dict[str, Any]:
 
 
 def deployment(replicas: int = 1, cpu: str = "500m", image: str = "agent:1") -> dict[str, Any]:
-    resources = {"cpu": cpu, "memory": "512Mi"}
+    """A free agent's deployment as applied (the free tier's limits and guarantee)."""
+    limits = {"cpu": cpu, "memory": "512Mi"}
+    requests = {"cpu": "100m", "memory": "256Mi"}
     return {
         "spec": {
             "replicas": replicas,
@@ -42,7 +45,7 @@ def deployment(replicas: int = 1, cpu: str = "500m", image: str = "agent:1") -> 
                         {
                             "name": "agent",
                             "image": image,
-                            "resources": {"limits": resources, "requests": resources},
+                            "resources": {"limits": limits, "requests": requests},
                         }
                     ]
                 }
@@ -55,6 +58,19 @@ def test_a_deployment_as_applied_has_not_drifted() -> None:
     assert not _drifted(deployment(), agent(), state())
     # The same quantity written differently is no drift.
     assert not _drifted(deployment(cpu="0.5"), agent(), state())
+
+
+def test_the_deployment_the_builder_makes_has_not_drifted() -> None:
+    operator = state()
+    desired = desired_state(agent(tier="pro"), operator.reconciler.catalog)
+    built = manifests.deployment(
+        desired.owner, desired.spec, desired.sizing, operator.reconciler.template
+    )
+    assert (
+        built["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+        != (built["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"])
+    )
+    assert not _drifted(built, agent(tier="pro"), operator)
 
 
 def test_edited_resources_image_or_replicas_are_drift() -> None:
