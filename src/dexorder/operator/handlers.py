@@ -43,6 +43,7 @@ from dexorder.core.useragent import (
     PLURAL,
     VERSION,
     Phase,
+    UserAgentStatus,
 )
 from dexorder.operator import metrics
 from dexorder.operator.cache import ClusterCache, Json, Key, failing_pod
@@ -260,27 +261,29 @@ class OperatorState:
             self.storage.get(key, StorageState(ready=True)),
             spec_error,
         )
-        previous_phase = (agent.get("status") or {}).get("phase")
+        previous_phase = UserAgentStatus.parse(agent.get("status")).phase
         updated = await self.reconciler.write_status(agent, status)
         if updated is None:
             return
         self.cache.put_agent(updated)
-        phase = str(status["phase"])
-        if phase != previous_phase:
-            await self._announce(agent, phase, status)
+        if status.phase is not None and status.phase != previous_phase:
+            await self._announce(agent, status.phase, status)
 
-    async def _announce(self, agent: Mapping[str, Any], phase: str, status: Json) -> None:
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    async def _announce(
+        self, agent: Mapping[str, Any], phase: Phase, status: UserAgentStatus
+    ) -> None:
+        ready = status.condition("Ready")
+        assert ready is not None, "derive_status always reports the Ready condition"
         if phase == Phase.FAILED:
-            metrics.FAILURES.labels(reason=ready["reason"]).inc()
+            metrics.FAILURES.labels(reason=ready.reason).inc()
         elif phase not in _ANNOUNCED:
             return
         try:
             await self.reconciler.post_event(
                 agent,
                 warning=phase == Phase.FAILED,
-                reason=ready["reason"] if phase == Phase.FAILED else phase,
-                message=ready.get("message", ""),
+                reason=ready.reason if phase == Phase.FAILED else phase.value,
+                message=ready.message,
             )
         except KubernetesError as error:
             # The status already says it; a lost Event must not undo the pass.
@@ -324,11 +327,11 @@ class OperatorState:
 
 def _status_behind(agent: Mapping[str, Any]) -> bool:
     """Whether the written status lags the object: a new generation, or new activity."""
-    status = agent.get("status") or {}
-    if status.get("observedGeneration") != agent["metadata"].get("generation"):
+    status = UserAgentStatus.parse(agent.get("status"))
+    if status.observed_generation != agent["metadata"].get("generation"):
         return True
     activity = last_activity(agent)
-    return activity is not None and rfc3339(activity) != status.get("lastActivity")
+    return activity is not None and rfc3339(activity) != status.last_activity
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
