@@ -32,7 +32,7 @@ from typing import Any
 import kopf
 
 from dexorder.adapters.kubernetes import Conflict, Invalid, KubernetesError
-from dexorder.core import manifests, quantity
+from dexorder.core import manifests
 from dexorder.core.idle import idle_deadline_passed, last_activity
 from dexorder.core.status import StorageState, rfc3339
 from dexorder.core.useragent import (
@@ -368,10 +368,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         agent = state.cache.agents.get(key) if key is not None else None
         if key is None or agent is None or agent["metadata"].get("deletionTimestamp"):
             return
-        spec = body.get("spec") or {}
-        ports = [(p.get("port"), p.get("targetPort")) for p in spec.get("ports", [])]
-        expected = [(state.reconciler.template.port, "mcp")]
-        if type == "DELETED" or ports != expected or spec.get("selector") != {AGENT_LABEL: key[1]}:
+        if type == "DELETED" or _service_drifted(body, agent, state):
             logger.info("service of %s/%s drifted or was deleted; putting it back", *key)
             state.queue.add(key, apply=True)
 
@@ -387,30 +384,23 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 
 
 def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
-    """Whether the fields we own differ from what we would apply."""
+    """Whether the Deployment differs from what the agent's spec would apply."""
     try:
         desired = desired_state(agent, state.reconciler.catalog)
     except InvalidUserAgent:
         return False
-    spec = deployment.get("spec") or {}
-    want_replicas = 0 if desired.spec.suspended else 1
-    if spec.get("replicas") != want_replicas:
-        return True
-    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
-    if not containers:
-        return True
-    container = containers[0]
-    image = desired.spec.image or state.reconciler.template.default_image
-    resources = container.get("resources") or {}
-    wanted = {"cpu": desired.sizing.cpu, "memory": desired.sizing.memory}
+    template = state.reconciler.template
+    wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
+    return manifests.deployment_drifted(deployment, wanted)
 
-    def same(actual: Mapping[str, Any] | None) -> bool:
-        if not actual or set(actual) != set(wanted):
-            return False
-        return all(quantity.parse(str(actual[k])) == quantity.parse(v) for k, v in wanted.items())
 
-    return bool(
-        container.get("image") != image
-        or not same(resources.get("limits"))
-        or not same(resources.get("requests"))
-    )
+def _service_drifted(
+    service: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState
+) -> bool:
+    """Whether the Service differs from what the agent's spec would apply."""
+    try:
+        desired = desired_state(agent, state.reconciler.catalog)
+    except InvalidUserAgent:
+        return False
+    wanted = manifests.service(desired.owner, desired.spec, state.reconciler.template)
+    return manifests.service_drifted(service, wanted)
