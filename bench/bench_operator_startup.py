@@ -1,15 +1,14 @@
 """What the operator costs before it does any work: its requests, start time and memory.
 
     .venv/bin/python bench/bench_operator_startup.py
-    PYTHONPATH=/path/to/other/src .venv/bin/python bench/bench_operator_startup.py
+    .venv/bin/python bench/bench_operator_startup.py --operator-src /path/to/other/src
 
 On an idle local control plane with the CRD and no UserAgents, counts the requests the
 API server served (its own ``apiserver_request_total``, by verb and resource) while the
 operator starts and settles, minus the same window with no operator (the controllers'
 own background), and reports the time until the operator serves its metrics and its
-resident memory. With ``PYTHONPATH`` pointing at another checkout's ``src``, the
-operator process runs that code instead (``OperatorProcess`` passes the environment on),
-so two versions can be compared side by side on the same machine.
+resident memory. ``--operator-src`` runs the operator process from another checkout's
+``src`` (on its ``PYTHONPATH``), so two versions compare side by side on one machine.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ def rss_mib(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--settle", type=float, default=10.0, help="seconds after the start")
+    parser.add_argument("--operator-src", help="run the operator from this src directory")
     args = parser.parse_args()
     with ControlPlane() as plane:
         kubectl = Kubectl(plane.binary("kubectl"), plane.kubeconfig)
@@ -65,7 +65,9 @@ def main() -> None:
         background = request_counts(kubectl) - before
 
         operator = OperatorProcess(
-            plane.kubeconfig, Path(tempfile.mkdtemp(prefix="bench-operator-")), {}
+            plane.kubeconfig,
+            Path(tempfile.mkdtemp(prefix="bench-operator-")),
+            {"PYTHONPATH": args.operator_src} if args.operator_src else {},
         )
         before = request_counts(kubectl)
         started = time.monotonic()
