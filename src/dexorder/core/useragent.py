@@ -99,6 +99,9 @@ class UserAgentStatus(_Model):
     ``phase`` None: not reported yet, or a phase this version does not know.
     """
 
+    # Strict when built (a Phase, not the string "Ready"); ``parse`` validates laxly.
+    model_config = ConfigDict(strict=True)
+
     phase: Phase | None = None
     endpoint: str = ""
     token_secret: str = Field(default="", alias="tokenSecret")
@@ -117,7 +120,7 @@ class UserAgentStatus(_Model):
         if not status:
             return cls()
         try:
-            return cls.model_validate(status)
+            return cls.model_validate(status, strict=False)
         except ValidationError:
             pass
         kept: dict[str, Any] = {}
@@ -126,14 +129,14 @@ class UserAgentStatus(_Model):
             if key not in status:
                 continue
             try:
-                cls.model_validate({key: status[key]})
+                cls.model_validate({key: status[key]}, strict=False)
             except ValidationError:
                 continue
             kept[key] = status[key]
         conditions = status.get("conditions")
         if isinstance(conditions, list):
             kept["conditions"] = [c for c in conditions if _is_condition(c)]
-        return cls.model_validate(kept)
+        return cls.model_validate(kept, strict=False)
 
     def condition(self, kind: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == kind), None)

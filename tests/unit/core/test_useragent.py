@@ -3,6 +3,9 @@
 import datetime as dt
 import json
 
+import pytest
+from pydantic import ValidationError
+
 from dexorder.core.status import StorageState, derive_status
 from dexorder.core.useragent import Phase, UserAgentSpec, UserAgentStatus
 
@@ -122,3 +125,16 @@ def test_what_this_version_cannot_read_is_dropped_not_fatal() -> None:
     assert status.endpoint == "http://x/mcp"
     assert status.observed_generation is None
     assert [c.type for c in status.conditions] == ["StorageReady"]
+
+
+def test_a_status_is_built_strictly() -> None:
+    with pytest.raises(ValidationError):
+        UserAgentStatus(phase="Ready")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        UserAgentStatus(observedGeneration="3")  # type: ignore[arg-type]
+    assert UserAgentStatus(phase=Phase.READY).to_body() == {
+        "phase": "Ready",
+        "endpoint": "",
+        "tokenSecret": "",
+        "conditions": [],
+    }
