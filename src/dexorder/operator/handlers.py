@@ -9,8 +9,10 @@ No per-object bookkeeping is written: ``metadata.generation`` against the genera
 last applied says that the spec changed, and the first sight of each object after a
 start (the informers' list) is the resume. (kopf's change handlers, used until issue 23,
 cost a finalizer patch and progress and diff-base annotation patches on every UserAgent:
-several thousand extra writes in a burst of a thousand.) Deletion is served by the operator's own finalizer (:data:`FINALIZER`), added once
-per agent, in parallel with the children of the first spec that says
+several thousand extra writes in a burst of a thousand.)
+
+Deletion is served by the operator's own finalizer (:data:`FINALIZER`), added once per
+agent, in parallel with the children of the first spec that says
 ``storage.reclaimPolicy: Delete`` (one write per lifetime): while the agent is being
 deleted, a pass deletes or keeps its volume as the policy now says, then removes the
 finalizer. An agent that has only ever said ``Retain`` (the default) needs none: its claim
@@ -296,7 +298,7 @@ class OperatorState:
     # --- idleness ------------------------------------------------------------------------
 
     async def _sweep_idle(self) -> None:
-        """One timer for all agents (not one kopf timer each): suspend the idle ones."""
+        """One timer for all agents (not one per agent): suspend the idle ones."""
         while True:
             await asyncio.sleep(self.settings.idle_check_interval_seconds)
             now = dt.datetime.now(dt.UTC)
