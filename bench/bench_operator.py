@@ -340,6 +340,10 @@ def main() -> None:
         help="with --baseline: plain creates instead of server-side apply for the children",
     )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this long (s)")
+    parser.add_argument(
+        "--operator-src",
+        help="run the operator from this src directory (another version, for a comparison)",
+    )
     args = parser.parse_args()
     with ControlPlane() as plane:
         kubectl = Kubectl(plane.binary("kubectl"), plane.kubeconfig)
@@ -353,6 +357,7 @@ def main() -> None:
                 {
                     "DEXORDER_OPERATOR_IDLE_CHECK_INTERVAL_SECONDS": "30",
                     "DEXORDER_OPERATOR_HEADLESS_SERVICES": str(not args.cluster_ip_services),
+                    **({"PYTHONPATH": args.operator_src} if args.operator_src else {}),
                 },
             )
             operator.start()

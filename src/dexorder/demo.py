@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING
 import jwt
 
 from dexorder.core import naming
-from dexorder.devenv.errors import DevenvError, PrerequisiteMissing, ServiceFailed
+from dexorder.devenv.errors import DevenvError, ServiceFailed
 from dexorder.devenv.fake_llm import FakeLLMProcess
 from dexorder.devenv.paths import CRD_DIR, MODEL_LIST, TIER_CATALOG
 from dexorder.devenv.postgres import PostgresService
@@ -169,14 +168,7 @@ def _start_kubernetes(
 ) -> KubernetesDemo:
     """The control plane with the CRD and the agents' namespace, the operator, and the agent
     runner; each is stopped by ``stack``."""
-    # Imported here: the local demo needs neither the operator nor the control plane's
-    # dependencies, so `make demo` does not install them.
-    if importlib.util.find_spec("kopf") is None:
-        raise PrerequisiteMissing(
-            "the operator (kopf)",
-            "install the operator extra: make setup (or .venv/bin/uv sync --frozen --inexact "
-            "--extra operator)",
-        )
+    # Imported here: the local demo needs no control plane.
     from dexorder.devenv.kube_agents import BackgroundAgentRunner
     from dexorder.devenv.kubernetes import ControlPlane
 

@@ -212,7 +212,7 @@ def test_the_agent_serves_health_as_non_root_on_a_read_only_root(
 def test_the_operator_image_starts_its_entry_point(
     loaded: dict[str, str], containerd: Containerd
 ) -> None:
-    # The entry point imports kopf and the operator, reads its settings and the shipped tier
+    # The entry point imports the operator, reads its settings and the shipped tier
     # catalog; a missing catalog is the first thing it refuses, before any cluster is needed.
     refused = containerd.run(
         loaded["operator"],

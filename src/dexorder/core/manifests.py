@@ -1,16 +1,19 @@
 """The children of a ``UserAgent``, built as plain dicts by pure functions.
 
 Each builder returns the full desired object, ready for server-side apply: what it
-leaves out, the operator does not own. Nothing here talks to a cluster.
+leaves out, the operator does not own. Beside the builders, the drift predicates say
+which of those fields the operator watches and puts back when someone else changes
+them. Nothing here talks to a cluster.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dexorder.core import naming
+from dexorder.core import naming, quantity
 from dexorder.core.useragent import (
     AGENT_LABEL,
     API_VERSION,
@@ -233,3 +236,91 @@ def endpoint(owner: Owner, template: AgentTemplate) -> str:
     return template.endpoint_template.format(
         service=naming.service_name(owner.name), namespace=owner.namespace, port=template.port
     )
+
+
+# --- drift ---------------------------------------------------------------------------
+# The operator watches the Deployment and the Service and applies them again when these
+# predicates say they drifted. It watches neither the claim nor the Secret: the claim is
+# applied with each new spec (a resize is the storage provider's to carry out, and edits
+# in between are left alone), and the Secret is created once and never rewritten, since
+# a new token would cut the gateway off from the agent.
+
+
+def _object(body: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = body.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def deployment_owned_fields(body: Mapping[str, Any]) -> Manifest:
+    """The fields of a Deployment whose drift the operator undoes, in the Deployment's shape.
+
+    The replica count, and each container's name, image and resources; of the containers
+    only the first (the agent) is compared.
+    """
+    spec = _object(body, "spec")
+    containers = _object(_object(spec, "template"), "spec").get("containers") or []
+    return {
+        "replicas": spec.get("replicas"),
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": c.get("name"),
+                        "image": c.get("image"),
+                        "resources": c.get("resources") or {},
+                    }
+                    for c in containers
+                ]
+            }
+        },
+    }
+
+
+def _amounts(resources: Any) -> dict[str, Any] | None:
+    """Resource amounts by value ("0.5" is "500m"); None when absent or unreadable."""
+    if not isinstance(resources, Mapping) or not resources:
+        return None
+    try:
+        return {name: quantity.parse(str(amount)) for name, amount in resources.items()}
+    except quantity.InvalidQuantity:
+        return None
+
+
+def deployment_drifted(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether ``actual`` differs from ``desired`` (as :func:`deployment` built it) in
+    the owned fields: replicas, or the agent container's image, limits or requests.
+    A quantity written another way for the same amount is no drift.
+    """
+    have, want = deployment_owned_fields(actual), deployment_owned_fields(desired)
+    if have["replicas"] != want["replicas"]:
+        return True
+    have_containers = have["template"]["spec"]["containers"]
+    if not have_containers:
+        return True
+    container, wanted = have_containers[0], want["template"]["spec"]["containers"][0]
+    if container["image"] != wanted["image"]:
+        return True
+    return any(
+        _amounts(container["resources"].get(kind)) != _amounts(wanted["resources"][kind])
+        for kind in ("limits", "requests")
+    )
+
+
+def service_owned_fields(body: Mapping[str, Any]) -> Manifest:
+    """The fields of a Service whose drift the operator undoes: its selector, and each
+    port's number and target. (Not the cluster IP: one that exists cannot change.)"""
+    spec = _object(body, "spec")
+    return {
+        "selector": spec.get("selector"),
+        "ports": [
+            (p.get("port"), p.get("targetPort"))
+            for p in spec.get("ports") or []
+            if isinstance(p, Mapping)
+        ],
+    }
+
+
+def service_drifted(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether ``actual`` differs from ``desired`` (as :func:`service` built it) in the
+    owned fields."""
+    return service_owned_fields(actual) != service_owned_fields(desired)

@@ -1,7 +1,8 @@
 """A ``UserAgent``'s status, derived from what its children report.
 
 Pure: it takes the observed Deployment, pods and storage state as dicts and returns
-the status to write, keeping ``lastTransitionTime`` where a condition did not change.
+the typed status to write (:class:`~dexorder.core.useragent.UserAgentStatus`), keeping
+``lastTransitionTime`` where a condition did not change.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dexorder.core.useragent import Condition, Phase, UserAgentSpec
+from dexorder.core.useragent import (
+    Condition,
+    Phase,
+    StorageStatus,
+    UserAgentSpec,
+    UserAgentStatus,
+)
 
 # Container states that will not fix themselves: report them instead of waiting forever.
 FATAL_WAITING_REASONS = frozenset(
@@ -103,15 +110,15 @@ def _condition(
     reason: str,
     message: str,
     generation: int,
-    previous: Mapping[str, Mapping[str, Any]],
+    previous: Mapping[str, Condition],
     now: dt.datetime,
-) -> dict[str, Any]:
+) -> Condition:
     status: Literal["True", "False", "Unknown"] = (
         "Unknown" if ok is None else ("True" if ok else "False")
     )
     before = previous.get(kind)
-    changed = before is None or before.get("status") != status
-    since = rfc3339(now) if changed or before is None else str(before.get("lastTransitionTime"))
+    changed = before is None or before.status != status
+    since = rfc3339(now) if changed or before is None else before.last_transition_time
     return Condition(
         type=kind,
         status=status,
@@ -119,7 +126,7 @@ def _condition(
         message=message,
         observedGeneration=generation,
         lastTransitionTime=since,
-    ).as_dict()
+    )
 
 
 def derive_status(
@@ -131,11 +138,12 @@ def derive_status(
     storage: StorageState,
     endpoint: str,
     token_secret: str,
-    previous_conditions: Iterable[Mapping[str, Any]],
+    previous_conditions: Iterable[Condition],
     now: dt.datetime,
     spec_error: str | None = None,
-) -> dict[str, Any]:
-    previous = {c.get("type", ""): c for c in previous_conditions}
+    last_activity: dt.datetime | None = None,
+) -> UserAgentStatus:
+    previous = {c.type: c for c in previous_conditions}
     failure: Failure | None = Failure("InvalidSpec", spec_error) if spec_error else None
     available = False
     if deployment is not None and failure is None:
@@ -176,7 +184,7 @@ def derive_status(
             "waiting for the agent's pod to become ready",
         )
 
-    conditions = [
+    conditions = (
         _condition("Ready", ready, reason, message, generation, previous, now),
         _condition(
             "DeploymentReady",
@@ -196,17 +204,17 @@ def derive_status(
             previous,
             now,
         ),
-    ]
-    status: dict[str, Any] = {
-        "phase": phase.value,
-        "endpoint": endpoint,
-        "tokenSecret": token_secret,
-        "observedGeneration": generation,
-        "conditions": conditions,
-    }
-    if storage.requested:
-        status["storage"] = {
-            "requested": storage.requested,
-            "capacity": storage.capacity or storage.requested,
-        }
-    return status
+    )
+    return UserAgentStatus(
+        phase=phase,
+        endpoint=endpoint,
+        tokenSecret=token_secret,
+        observedGeneration=generation,
+        conditions=conditions,
+        storage=StorageStatus(
+            requested=storage.requested, capacity=storage.capacity or storage.requested
+        )
+        if storage.requested
+        else None,
+        lastActivity=rfc3339(last_activity) if last_activity is not None else None,
+    )

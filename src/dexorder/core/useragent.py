@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dexorder.core.tiers import Tier
 
@@ -90,6 +91,78 @@ class Condition(_Model):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class StorageStatus(_Model):
+    """The volume's size as asked for, and as the storage provider reports it."""
+
+    requested: str
+    capacity: str
+
+
+class UserAgentStatus(_Model):
+    """What the operator reports on a ``UserAgent``, in the CRD's field names.
+
+    Strict on write: the operator builds it from typed values and writes :meth:`to_body`.
+    Lenient on read: :meth:`parse` accepts what any operator version wrote (a field
+    missing, an unknown phase, a malformed condition) and keeps what it can, so a
+    gateway newer or older than its operator still reads the endpoint and the phase.
+    ``phase`` None: not reported yet, or a phase this version does not know.
+    """
+
+    # Strict when built (a Phase, not the string "Ready"); ``parse`` validates laxly.
+    model_config = ConfigDict(strict=True)
+
+    phase: Phase | None = None
+    endpoint: str = ""
+    token_secret: str = Field(default="", alias="tokenSecret")
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: tuple[Condition, ...] = ()
+    storage: StorageStatus | None = None
+    last_activity: str | None = Field(default=None, alias="lastActivity")
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``status`` to write: CRD field names, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def parse(cls, status: Mapping[str, Any] | None) -> UserAgentStatus:
+        """Read a written status, dropping (not failing on) what this version cannot read."""
+        if not status:
+            return cls()
+        try:
+            return cls.model_validate(status, strict=False)
+        except ValidationError:
+            pass
+        kept: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            key = field.alias or name
+            if key not in status:
+                continue
+            try:
+                cls.model_validate({key: status[key]}, strict=False)
+            except ValidationError:
+                continue
+            kept[key] = status[key]
+        conditions = status.get("conditions")
+        if isinstance(conditions, list):
+            kept["conditions"] = [c for c in conditions if _is_condition(c)]
+        return cls.model_validate(kept, strict=False)
+
+    def condition(self, kind: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == kind), None)
+
+    def current(self, generation: int | None) -> bool:
+        """Whether this status reports on ``generation`` of the spec (not an older one)."""
+        return self.observed_generation is not None and self.observed_generation == generation
+
+
+def _is_condition(value: Any) -> bool:
+    try:
+        Condition.model_validate(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def resolve_sizing(tier: Tier, overrides: Overrides) -> Sizing:

@@ -1,89 +1,81 @@
-"""``dexorder-operator``: run the UserAgent operator (one replica, Recreate rollout)."""
+"""``dexorder-operator``: run the UserAgent operator (one replica, Recreate rollout).
+
+One Kubernetes client, logged in once, serves the watches and every write; the
+informers feed the handlers, the work queue reconciles, and SIGTERM stops it all.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import socket
+import signal
 import sys
-from collections.abc import Iterable
-from typing import Any
 
-import kopf
 from aiohttp import web
-
-# kopf types the identity as this NewType but does not export it at its top level.
-from kopf._core.engines.peering import Identity
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from dexorder.adapters.kubernetes import KubeClient, load_credentials
 from dexorder.core.manifests import AgentTemplate
-from dexorder.core.tiers import TierCatalogError, parse_tier_catalog
+from dexorder.core.tiers import TierCatalog, TierCatalogError, parse_tier_catalog
 from dexorder.operator import metrics
-from dexorder.operator.handlers import OperatorState, register
+from dexorder.operator.handlers import OperatorState, informers
+from dexorder.operator.informer import Informer
 from dexorder.operator.reconcile import Reconciler
 from dexorder.operator.settings import OperatorSettings
 
 logger = logging.getLogger("dexorder.operator")
 
-
-class NoDiffBaseStorage(kopf.DiffBaseStorage):
-    """Skips kopf's diff base: with no change handlers (see handlers.py) it is never read.
-
-    kopf still builds it for every event of every watched kind, a deep copy of the whole
-    body; in a burst that was the operator's largest CPU cost after JSON parsing.
-    """
-
-    def build(
-        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
-    ) -> kopf.BodyEssence:
-        return kopf.BodyEssence()
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        return None
-
-    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        return None
+INFORMERS = web.AppKey("informers", list[Informer])
+WATCHES = web.AppKey("watches", list["asyncio.Task[None]"])
 
 
-def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
-    registry = kopf.OperatorRegistry()
-    register(registry, config)
-
-    @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        # Watches that go silent must be noticed (kopf #585, #957): time out both ends.
-        settings.watching.server_timeout = config.watch_server_timeout_seconds
-        settings.watching.client_timeout = config.watch_client_timeout_seconds
-        settings.watching.connect_timeout = config.watch_connect_timeout_seconds
-        settings.networking.request_timeout = 30
-        # No kopf change handlers, hence no progress or diff-base annotations and no kopf
-        # finalizer: the work queue tracks generations itself, and the operator holds
-        # its own finalizer for deletion (see handlers.py).
-        settings.persistence.diffbase_storage = NoDiffBaseStorage()
-        settings.batching.worker_limit = 2000
-
-        catalog = parse_tier_catalog(
-            config.tier_catalog_path.read_text(), source=str(config.tier_catalog_path)
+async def _serve_metrics(app: web.Application, host: str, port: int) -> web.AppRunner:
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
-        client = KubeClient(load_credentials(config.kubeconfig), pool_size=100)
-        await client.__aenter__()
-        template = AgentTemplate(
-            default_image=config.default_image,
-            port=config.agent_port,
-            endpoint_template=config.endpoint_template,
-            progress_deadline_seconds=config.progress_deadline_seconds,
-            storage_class=config.storage_class,
-            headless_service=config.headless_services,
-        )
-        state = OperatorState(
-            config,
-            Reconciler(client, template, catalog),
-        )
-        memo["state"] = state
-        state.start()
+
+    app.router.add_get("/metrics", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def _serve_health(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Alive while every watch runs; ready (200 with "synced") once each has listed."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        if any(task.done() for task in request.app[WATCHES]):
+            return web.Response(status=500, text="a watch stopped")
+        synced = all(informer.synced.is_set() for informer in request.app[INFORMERS])
+        return web.Response(text="synced" if synced else "listing")
+
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    template = AgentTemplate(
+        default_image=settings.default_image,
+        port=settings.agent_port,
+        endpoint_template=settings.endpoint_template,
+        progress_deadline_seconds=settings.progress_deadline_seconds,
+        storage_class=settings.storage_class,
+        headless_service=settings.headless_services,
+    )
+    async with KubeClient(load_credentials(settings.kubeconfig), pool_size=100) as client:
+        state = OperatorState(settings, Reconciler(client, template, catalog))
         metrics.REGISTRY.register(
             metrics.AgentsCollector(
                 lambda: list(state.agents.values()),
@@ -91,82 +83,46 @@ def build_registry(config: OperatorSettings) -> kopf.OperatorRegistry:
                 lambda: client.requests_by_kind,
             )
         )
-        memo["metrics_runner"] = await _serve_metrics(config)
-
-    @kopf.on.cleanup(registry=registry)
-    async def close(memo: kopf.Memo, **_: Any) -> None:
-        runner: web.AppRunner | None = memo.get("metrics_runner")
-        if runner is not None:
-            await runner.cleanup()
-        state: OperatorState | None = memo.get("state")
-        if state is not None:
+        state.start()
+        watched = informers(state, client)
+        watches = [asyncio.create_task(informer.run()) for informer in watched]
+        health = web.Application()
+        health[INFORMERS] = watched
+        health[WATCHES] = watches
+        runners = [
+            await _serve_metrics(web.Application(), settings.metrics_host, settings.metrics_port),
+            await _serve_health(health, settings.metrics_host, settings.health_port),
+        ]
+        logger.info("watching %d collections", len(watches))
+        try:
+            await stop.wait()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            for task in watches:
+                task.cancel()
+            for task in watches:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await state.stop()
-            await state.reconciler.client.close()
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if config.kubeconfig is not None:
-            return kopf.login_with_kubeconfig(**kwargs)
-        return kopf.login_with_service_account(**kwargs)
-
-    return registry
-
-
-async def _serve_metrics(settings: OperatorSettings) -> web.AppRunner:
-    async def serve(_: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    app = web.Application()
-    app.router.add_get("/metrics", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
-    return runner
-
-
-def operator_identity() -> Identity:
-    """Who this replica is, for kopf: the pod's name and the process id.
-
-    kopf's own default asks getpass for the user's name, and a container running as a numeric
-    user with no passwd entry (the images' 10001) makes that raise at start.
-    """
-    return Identity(f"{socket.gethostname()}/{os.getpid()}")
 
 
 def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # kopf logs every handler call at INFO: tens of thousands of lines in a burst, and
-    # measurable CPU. Its warnings and errors still show; our own INFO lines too.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         settings = OperatorSettings()
         if not settings.tier_catalog_path.exists():
             raise SystemExit(
                 f"DEXORDER_OPERATOR_TIER_CATALOG_PATH: no such file: {settings.tier_catalog_path}"
             )
-        parse_tier_catalog(
+        catalog = parse_tier_catalog(
             settings.tier_catalog_path.read_text(), source=str(settings.tier_catalog_path)
         )
     except (ValidationError, TierCatalogError) as error:
         raise SystemExit(f"dexorder-operator: bad configuration: {error}") from error
-    if settings.kubeconfig is not None:
-        # kopf's own watch connection reads the standard variable.
-        os.environ["KUBECONFIG"] = str(settings.kubeconfig)
-    registry = build_registry(settings)
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            identity=operator_identity(),
-            standalone=True,
-            clusterwide=not settings.namespaces,
-            namespaces=settings.namespaces,
-            liveness_endpoint=f"http://{settings.metrics_host}:{settings.health_port}/healthz",
-        )
-    )
+    asyncio.run(run(settings, catalog))
     sys.exit(0)
 
 

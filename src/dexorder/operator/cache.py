@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dexorder.core import manifests
 from dexorder.core.status import pod_failure
 from dexorder.core.useragent import LAST_ACTIVITY_ANNOTATION
 
@@ -63,29 +64,13 @@ def slim_agent(body: Mapping[str, Any]) -> Json:
 def slim_deployment(body: Mapping[str, Any]) -> Json:
     """The Deployment fields that availability, failure and drift checks read."""
     metadata = body.get("metadata") or {}
-    spec = body.get("spec") or {}
-    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
     return {
         "metadata": {
             key: metadata[key]
             for key in ("name", "namespace", "generation", "resourceVersion")
             if key in metadata
         },
-        "spec": {
-            "replicas": spec.get("replicas"),
-            "template": {
-                "spec": {
-                    "containers": [
-                        {
-                            "name": c.get("name"),
-                            "image": c.get("image"),
-                            "resources": c.get("resources") or {},
-                        }
-                        for c in containers
-                    ]
-                }
-            },
-        },
+        "spec": manifests.deployment_owned_fields(body),
         "status": dict(body.get("status") or {}),
     }
 

@@ -1,17 +1,18 @@
-"""kopf watches the UserAgents and their children; a work queue reconciles them.
+"""Watches on the UserAgents and their children feed a cache; a work queue reconciles.
 
-Every handler here is an ``on.event`` handler that only updates the cache and marks the
-agent dirty. The work itself (apply the children when the spec's generation has not
-been applied yet, then write the status derived from the newest state) runs in
-:class:`OperatorState`'s work queue, one pass per agent at a time.
+Every handler here only updates the cache and marks the agent dirty; the
+:mod:`~dexorder.operator.informer` watches call them. The work itself (apply the children
+when the spec's generation has not been applied yet, then write the status derived from
+the newest state) runs in :class:`OperatorState`'s work queue, one pass per agent at a time.
 
-Why not kopf's ``on.create``/``on.update``/``on.resume``: they cost a finalizer patch and
-progress and diff-base annotation patches on every UserAgent, and a burst of a thousand
-paid for those several thousand extra writes on a control plane that is the bottleneck.
-``metadata.generation`` against the generation last applied says the same as kopf's
-diff base (the spec changed), and the first sight of each object after a start is the
-resume. Deletion is served by the operator's own finalizer (:data:`FINALIZER`), added once
-per agent, in parallel with the children of the first spec that says
+No per-object bookkeeping is written: ``metadata.generation`` against the generation
+last applied says that the spec changed, and the first sight of each object after a
+start (the informers' list) is the resume. (kopf's change handlers, used until issue 23,
+cost a finalizer patch and progress and diff-base annotation patches on every UserAgent:
+several thousand extra writes in a burst of a thousand.)
+
+Deletion is served by the operator's own finalizer (:data:`FINALIZER`), added once per
+agent, in parallel with the children of the first spec that says
 ``storage.reclaimPolicy: Delete`` (one write per lifetime): while the agent is being
 deleted, a pass deletes or keeps its volume as the policy now says, then removes the
 finalizer. An agent that has only ever said ``Retain`` (the default) needs none: its claim
@@ -24,28 +25,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import kopf
-
-from dexorder.adapters.kubernetes import Conflict, Invalid, KubernetesError
-from dexorder.core import manifests, quantity
+from dexorder.adapters.kubernetes import (
+    Conflict,
+    Invalid,
+    KubeClient,
+    KubernetesError,
+    resource_path,
+)
+from dexorder.core import manifests
 from dexorder.core.idle import idle_deadline_passed, last_activity
 from dexorder.core.status import StorageState, rfc3339
 from dexorder.core.useragent import (
     AGENT_LABEL,
-    GROUP,
+    API_VERSION,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     PLURAL,
-    VERSION,
     Phase,
+    UserAgentStatus,
 )
 from dexorder.operator import metrics
 from dexorder.operator.cache import ClusterCache, Json, Key, failing_pod
+from dexorder.operator.informer import Informer
 from dexorder.operator.reconcile import (
     FINALIZER,
     Desired,
@@ -260,27 +267,29 @@ class OperatorState:
             self.storage.get(key, StorageState(ready=True)),
             spec_error,
         )
-        previous_phase = (agent.get("status") or {}).get("phase")
+        previous_phase = UserAgentStatus.parse(agent.get("status")).phase
         updated = await self.reconciler.write_status(agent, status)
         if updated is None:
             return
         self.cache.put_agent(updated)
-        phase = str(status["phase"])
-        if phase != previous_phase:
-            await self._announce(agent, phase, status)
+        if status.phase is not None and status.phase != previous_phase:
+            await self._announce(agent, status.phase, status)
 
-    async def _announce(self, agent: Mapping[str, Any], phase: str, status: Json) -> None:
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    async def _announce(
+        self, agent: Mapping[str, Any], phase: Phase, status: UserAgentStatus
+    ) -> None:
+        ready = status.condition("Ready")
+        assert ready is not None, "derive_status always reports the Ready condition"
         if phase == Phase.FAILED:
-            metrics.FAILURES.labels(reason=ready["reason"]).inc()
+            metrics.FAILURES.labels(reason=ready.reason).inc()
         elif phase not in _ANNOUNCED:
             return
         try:
             await self.reconciler.post_event(
                 agent,
                 warning=phase == Phase.FAILED,
-                reason=ready["reason"] if phase == Phase.FAILED else phase,
-                message=ready.get("message", ""),
+                reason=ready.reason if phase == Phase.FAILED else phase.value,
+                message=ready.message,
             )
         except KubernetesError as error:
             # The status already says it; a lost Event must not undo the pass.
@@ -289,7 +298,7 @@ class OperatorState:
     # --- idleness ------------------------------------------------------------------------
 
     async def _sweep_idle(self) -> None:
-        """One timer for all agents (not one kopf timer each): suspend the idle ones."""
+        """One timer for all agents (not one per agent): suspend the idle ones."""
         while True:
             await asyncio.sleep(self.settings.idle_check_interval_seconds)
             now = dt.datetime.now(dt.UTC)
@@ -324,89 +333,96 @@ class OperatorState:
 
 def _status_behind(agent: Mapping[str, Any]) -> bool:
     """Whether the written status lags the object: a new generation, or new activity."""
-    status = agent.get("status") or {}
-    if status.get("observedGeneration") != agent["metadata"].get("generation"):
+    status = UserAgentStatus.parse(agent.get("status"))
+    if status.observed_generation != agent["metadata"].get("generation"):
         return True
     activity = last_activity(agent)
-    return activity is not None and rfc3339(activity) != status.get("lastActivity")
+    return activity is not None and rfc3339(activity) != status.last_activity
 
 
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    ua = (GROUP, VERSION, PLURAL)
+def agent_changed(state: OperatorState, type: str, body: Json) -> None:
+    state.agent_event(type, body)
 
-    @kopf.on.event(*ua, registry=registry)
-    async def agent_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        state: OperatorState = memo["state"]
-        state.agent_event(type, body)
 
-    @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN, registry=registry)
-    async def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        state: OperatorState = memo["state"]
-        key = _child_key(body)
-        if key is None:
-            return
-        if type == "DELETED":
-            state.cache.forget_deployment(key)
-        else:
-            state.cache.put_deployment(key, body)
-        agent = state.cache.agents.get(key)
-        if agent is None or agent["metadata"].get("deletionTimestamp"):
-            return
-        deployment = state.cache.deployments.get(key)
-        drifted = deployment is None or _drifted(deployment, agent, state)
-        if drifted and state.applied.get(key) == _generation(agent):
-            logger.info("deployment of %s/%s drifted or was deleted; putting it back", *key)
-        state.queue.add(key, apply=drifted)
+def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
+    key = _child_key(body)
+    if key is None:
+        return
+    if type == "DELETED":
+        state.cache.forget_deployment(key)
+    else:
+        state.cache.put_deployment(key, body)
+    agent = state.cache.agents.get(key)
+    if agent is None or agent["metadata"].get("deletionTimestamp"):
+        return
+    deployment = state.cache.deployments.get(key)
+    drifted = deployment is None or _drifted(deployment, agent, state)
+    if drifted and state.applied.get(key) == _generation(agent):
+        logger.info("deployment of %s/%s drifted or was deleted; putting it back", *key)
+    state.queue.add(key, apply=drifted)
 
-    @kopf.on.event("", "v1", "services", labels=CHILDREN, registry=registry)
-    async def service_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        state: OperatorState = memo["state"]
-        key = _child_key(body)
-        agent = state.cache.agents.get(key) if key is not None else None
-        if key is None or agent is None or agent["metadata"].get("deletionTimestamp"):
-            return
-        spec = body.get("spec") or {}
-        ports = [(p.get("port"), p.get("targetPort")) for p in spec.get("ports", [])]
-        expected = [(state.reconciler.template.port, "mcp")]
-        if type == "DELETED" or ports != expected or spec.get("selector") != {AGENT_LABEL: key[1]}:
-            logger.info("service of %s/%s drifted or was deleted; putting it back", *key)
-            state.queue.add(key, apply=True)
 
-    @kopf.on.event("", "v1", "pods", labels=CHILDREN, registry=registry)
-    async def pod_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        state: OperatorState = memo["state"]
-        key = _child_key(body)
-        if key is None:
-            return
-        failing = None if type == "DELETED" else failing_pod(body)
-        if state.cache.put_pod(key, str(body["metadata"]["name"]), failing):
-            state.queue.add(key)
+def service_changed(state: OperatorState, type: str, body: Json) -> None:
+    key = _child_key(body)
+    agent = state.cache.agents.get(key) if key is not None else None
+    if key is None or agent is None or agent["metadata"].get("deletionTimestamp"):
+        return
+    if type == "DELETED" or _service_drifted(body, agent, state):
+        logger.info("service of %s/%s drifted or was deleted; putting it back", *key)
+        state.queue.add(key, apply=True)
+
+
+def pod_changed(state: OperatorState, type: str, body: Json) -> None:
+    key = _child_key(body)
+    if key is None:
+        return
+    failing = None if type == "DELETED" else failing_pod(body)
+    if state.cache.put_pod(key, str(body["metadata"]["name"]), failing):
+        state.queue.add(key)
+
+
+def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
+    """The watches that feed ``state``: UserAgents, and the children the operator labels."""
+    settings = state.settings
+    children = ",".join(f"{k}={v}" for k, v in CHILDREN.items())
+    kinds: list[tuple[str, str, str | None, Callable[[OperatorState, str, Json], None]]] = [
+        (API_VERSION, PLURAL, None, agent_changed),
+        ("apps/v1", "deployments", children, deployment_changed),
+        ("v1", "services", children, service_changed),
+        ("v1", "pods", children, pod_changed),
+    ]
+    namespaces: list[str | None] = list(settings.namespaces) or [None]
+    return [
+        Informer(
+            client,
+            resource_path(api_version, plural, namespace),
+            functools.partial(handler, state),
+            label_selector=selector,
+            timeout_seconds=settings.watch_server_timeout_seconds,
+        )
+        for namespace in namespaces
+        for api_version, plural, selector, handler in kinds
+    ]
 
 
 def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
-    """Whether the fields we own differ from what we would apply."""
+    """Whether the Deployment differs from what the agent's spec would apply."""
     try:
         desired = desired_state(agent, state.reconciler.catalog)
     except InvalidUserAgent:
         return False
-    spec = deployment.get("spec") or {}
-    want_replicas = 0 if desired.spec.suspended else 1
-    if spec.get("replicas") != want_replicas:
-        return True
-    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
-    if not containers:
-        return True
-    container = containers[0]
-    image = desired.spec.image or state.reconciler.template.default_image
-    resources = container.get("resources") or {}
+    template = state.reconciler.template
+    wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
+    return manifests.deployment_drifted(deployment, wanted)
 
-    def same(actual: Mapping[str, Any] | None, wanted: Mapping[str, str]) -> bool:
-        if not actual or set(actual) != set(wanted):
-            return False
-        return all(quantity.parse(str(actual[k])) == quantity.parse(v) for k, v in wanted.items())
 
-    return bool(
-        container.get("image") != image
-        or not same(resources.get("limits"), desired.sizing.limits)
-        or not same(resources.get("requests"), desired.sizing.requests)
-    )
+def _service_drifted(
+    service: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState
+) -> bool:
+    """Whether the Service differs from what the agent's spec would apply."""
+    try:
+        desired = desired_state(agent, state.reconciler.catalog)
+    except InvalidUserAgent:
+        return False
+    wanted = manifests.service(desired.owner, desired.spec, state.reconciler.template)
+    return manifests.service_drifted(service, wanted)

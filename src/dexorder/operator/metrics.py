@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dexorder.core.useragent import Phase, UserAgentStatus
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECONCILES = Counter(
@@ -51,9 +53,9 @@ class AgentsCollector(Collector):
         )
         tally: Tally[tuple[str, str]] = Tally()
         for body in self._source():
-            phase = (body.get("status") or {}).get("phase") or "Pending"
+            reported = UserAgentStatus.parse(body.get("status")).phase or Phase.PENDING
             tier = (body.get("spec") or {}).get("tier") or "unknown"
-            tally[(phase, tier)] += 1
+            tally[(reported.value, tier)] += 1
         for (phase, tier), count in sorted(tally.items()):
             agents.add_metric([phase, tier], count)
         yield agents

@@ -36,6 +36,7 @@ from dexorder.core.useragent import (
     PLURAL,
     Sizing,
     UserAgentSpec,
+    UserAgentStatus,
     resolve_sizing,
 )
 
@@ -192,7 +193,7 @@ class Reconciler:
         pods: Iterable[Mapping[str, Any]],
         storage: StorageState,
         spec_error: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> UserAgentStatus:
         metadata = body["metadata"]
         owner = (
             desired.owner
@@ -200,8 +201,7 @@ class Reconciler:
             else manifests.Owner(metadata["name"], metadata["namespace"], metadata["uid"])
         )
         spec = desired.spec if desired else None
-        previous = (body.get("status") or {}).get("conditions") or []
-        status = derive_status(
+        return derive_status(
             spec=spec
             or UserAgentSpec(userId=str((body.get("spec") or {}).get("userId") or "?"), tier="?"),
             generation=int(metadata.get("generation", 0)),
@@ -210,25 +210,24 @@ class Reconciler:
             storage=storage,
             endpoint=manifests.endpoint(owner, self.template),
             token_secret=naming.token_secret_name(owner.name),
-            previous_conditions=previous,
+            previous_conditions=UserAgentStatus.parse(body.get("status")).conditions,
             now=dt.datetime.now(dt.UTC),
             spec_error=spec_error,
+            last_activity=last_activity(body),
         )
-        activity = last_activity(body)
-        if activity is not None:
-            status["lastActivity"] = rfc3339(activity)
-        return status
 
     async def write_status(
-        self, body: Mapping[str, Any], status: dict[str, Any]
+        self, body: Mapping[str, Any], status: UserAgentStatus
     ) -> dict[str, Any] | None:
         """Patch the status subresource when it changed; the updated object, or None."""
         current = dict(body.get("status") or {})
-        if all(current.get(key) == value for key, value in status.items()):
+        written = status.to_body()
+        if all(current.get(key) == value for key, value in written.items()):
             return None
         metadata = body["metadata"]
         return await self.client.merge_patch(
-            user_agent_path(metadata["namespace"], metadata["name"], "status"), {"status": status}
+            user_agent_path(metadata["namespace"], metadata["name"], "status"),
+            {"status": written},
         )
 
     async def post_event(

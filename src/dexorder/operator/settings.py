@@ -39,9 +39,12 @@ class OperatorSettings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(default=8080, ge=0, le=65535)
     health_port: int = Field(default=8081, ge=0, le=65535)
-    watch_server_timeout_seconds: int = Field(default=300, ge=10)
-    watch_client_timeout_seconds: int = Field(default=330, ge=10)
-    watch_connect_timeout_seconds: int = Field(default=10, ge=1)
+    watch_server_timeout_seconds: int = Field(
+        default=300,
+        ge=10,
+        description="Each watch is ended by the server after this long and opened again; "
+        "the client gives up 15 s later, so a watch that went silent is noticed.",
+    )
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -271,8 +271,6 @@ OPERATOR_MAY = [
     *[(verb, "pods", "agents") for verb in ("get", "list", "watch")],
     ("create", "events", "agents"),
     ("create", "events.events.k8s.io", "agents"),
-    ("list", "namespaces", "cluster"),
-    ("watch", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
 ]
 OPERATOR_MAY_NOT = [
     ("list", "secrets", "agents"),
@@ -288,6 +286,9 @@ OPERATOR_MAY_NOT = [
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", "cluster"),
     ("create", "rolebindings.rbac.authorization.k8s.io", "agents"),
     ("delete", "namespaces", "cluster"),
+    # Nothing cluster-wide: no discovery of namespaces or CRDs.
+    ("list", "namespaces", "cluster"),
+    ("watch", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
 ]
 GATEWAY_MAY = [
     *[

@@ -1,6 +1,7 @@
 """The children of a UserAgent, checked as plain dicts (no cluster)."""
 
 import base64
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -134,3 +135,102 @@ def test_sizing_takes_the_tiers_guarantee_as_requests_and_the_spec_overrides_as_
         {"cpu": "250m", "memory": "256Mi"},
         {"cpu": "4", "memory": "256Mi"},
     )
+
+
+# --- drift: the observed object against what the builder would apply -------------------
+
+
+def test_a_deployment_as_built_has_not_drifted_nor_with_amounts_written_otherwise() -> None:
+    built = manifests.deployment(OWNER, spec(), SIZING, TEMPLATE)
+    assert not manifests.deployment_drifted(built, built)
+    observed = copy.deepcopy(built)
+    container = observed["spec"]["template"]["spec"]["containers"][0]
+    container["resources"] = {
+        "limits": {"cpu": "2", "memory": "2048Mi"},
+        "requests": {"cpu": "2000m", "memory": "2Gi"},
+    }
+    # Fields outside what the operator owns (set by the API server or others) are not drift.
+    container["terminationMessagePath"] = "/dev/termination-log"
+    observed["spec"]["paused"] = False
+    observed["spec"]["template"]["spec"]["containers"].append({"name": "sidecar", "image": "x"})
+    assert not manifests.deployment_drifted(observed, built)
+
+
+def test_replicas_image_or_resources_changed_are_drift() -> None:
+    built = manifests.deployment(OWNER, spec(), SIZING, TEMPLATE)
+
+    def edited(path: str, value: object) -> dict[str, object]:
+        observed = copy.deepcopy(built)
+        *parents, last = path.split(".")
+        target = observed["spec"]
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        if value is None:
+            del target[last]
+        else:
+            target[last] = value
+        return observed
+
+    container = "template.spec.containers.0"
+    for path, value in [
+        ("replicas", 0),
+        (f"{container}.image", "other:2"),
+        (f"{container}.resources.limits", {"cpu": "8", "memory": "2Gi"}),
+        (f"{container}.resources.requests", {"cpu": "2"}),  # memory request dropped
+        (f"{container}.resources.limits", None),
+        (f"{container}.resources.requests", {"cpu": "lots", "memory": "2Gi"}),
+        ("template.spec.containers", []),
+    ]:
+        assert manifests.deployment_drifted(edited(path, value), built), (path, value)
+    suspended = manifests.deployment(OWNER, spec(suspended=True), SIZING, TEMPLATE)
+    assert manifests.deployment_drifted(built, suspended)
+
+
+def test_the_owned_deployment_fields_are_what_drift_compares() -> None:
+    built = manifests.deployment(OWNER, spec(), SIZING, TEMPLATE)
+    owned = manifests.deployment_owned_fields(built)
+    assert owned == {
+        "replicas": 1,
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "agent",
+                        "image": "dexorder/agent:1",
+                        "resources": {
+                            "requests": {"cpu": "2000m", "memory": "2Gi"},
+                            "limits": {"cpu": "2000m", "memory": "2Gi"},
+                        },
+                    }
+                ]
+            }
+        },
+    }
+    # The owned fields alone, as the operator's cache keeps them, are enough to compare.
+    assert not manifests.deployment_drifted({"spec": owned}, built)
+    assert manifests.deployment_owned_fields({})["template"]["spec"]["containers"] == []
+
+
+def test_a_service_as_built_has_not_drifted_whatever_its_cluster_ip() -> None:
+    built = manifests.service(OWNER, spec(), TEMPLATE)
+    assert not manifests.service_drifted(built, built)
+    with_ip = copy.deepcopy(built)
+    with_ip["spec"]["clusterIP"] = "10.0.0.7"
+    headless = manifests.service(
+        OWNER, spec(), dataclasses.replace(TEMPLATE, headless_service=True)
+    )
+    assert not manifests.service_drifted(with_ip, headless)
+
+
+def test_a_service_with_other_ports_or_selector_has_drifted() -> None:
+    built = manifests.service(OWNER, spec(), TEMPLATE)
+    for field, value in [
+        ("ports", [{"name": "mcp", "port": 9000, "targetPort": "mcp", "protocol": "TCP"}]),
+        ("ports", [{"name": "mcp", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]),
+        ("ports", []),
+        ("selector", {"dexorder.ai/agent": "someone-else"}),
+        ("selector", None),
+    ]:
+        observed = copy.deepcopy(built)
+        observed["spec"][field] = value
+        assert manifests.service_drifted(observed, built), (field, value)

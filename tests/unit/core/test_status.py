@@ -2,7 +2,7 @@ import datetime as dt
 from typing import Any
 
 from dexorder.core.status import StorageState, derive_status
-from dexorder.core.useragent import UserAgentSpec
+from dexorder.core.useragent import Condition, UserAgentSpec, UserAgentStatus
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 SPEC = UserAgentSpec.model_validate({"userId": "u", "tier": "free"})
@@ -14,7 +14,7 @@ def deployment(**status: Any) -> dict[str, Any]:
 
 def derive(
     spec: UserAgentSpec = SPEC, dep: dict[str, Any] | None = None, **kwargs: Any
-) -> dict[str, Any]:
+) -> UserAgentStatus:
     return derive_status(
         spec=spec,
         generation=3,
@@ -29,28 +29,30 @@ def derive(
     )
 
 
-def ready_condition(status: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in status["conditions"] if c["type"] == "Ready")
+def ready_condition(status: UserAgentStatus) -> Condition:
+    ready = status.condition("Ready")
+    assert ready is not None
+    return ready
 
 
 def test_available_deployment_is_ready() -> None:
     status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1))
-    assert status["phase"] == "Ready"
-    assert status["observedGeneration"] == 3
-    assert ready_condition(status)["status"] == "True"
-    assert status["endpoint"] == "http://x/mcp"
+    assert status.phase == "Ready"
+    assert status.observed_generation == 3
+    assert ready_condition(status).status == "True"
+    assert status.endpoint == "http://x/mcp"
 
 
 def test_stale_rollout_is_still_provisioning() -> None:
     dep = deployment(availableReplicas=1, updatedReplicas=1)
     dep["status"]["observedGeneration"] = 1
-    assert derive(dep=dep)["phase"] == "Provisioning"
+    assert derive(dep=dep).phase == "Provisioning"
 
 
 def test_no_deployment_yet_is_pending_and_suspended_wins() -> None:
-    assert derive()["phase"] == "Pending"
+    assert derive().phase == "Pending"
     suspended = UserAgentSpec.model_validate({"userId": "u", "tier": "free", "suspended": True})
-    assert derive(spec=suspended, dep=deployment())["phase"] == "Suspended"
+    assert derive(spec=suspended, dep=deployment()).phase == "Suspended"
 
 
 def test_quota_refusal_is_a_failure_with_its_reason() -> None:
@@ -65,9 +67,9 @@ def test_quota_refusal_is_a_failure_with_its_reason() -> None:
         ]
     )
     status = derive(dep=dep)
-    assert status["phase"] == "Failed"
-    assert ready_condition(status)["reason"] == "QuotaExceeded"
-    assert "exceeded quota" in ready_condition(status)["message"]
+    assert status.phase == "Failed"
+    assert ready_condition(status).reason == "QuotaExceeded"
+    assert "exceeded quota" in ready_condition(status).message
 
 
 def test_image_pull_failure_from_pods() -> None:
@@ -84,8 +86,8 @@ def test_image_pull_failure_from_pods() -> None:
         }
     }
     status = derive(dep=deployment(), pods=[pod])
-    assert status["phase"] == "Failed"
-    assert ready_condition(status)["reason"] == "ImagePullBackOff"
+    assert status.phase == "Failed"
+    assert ready_condition(status).reason == "ImagePullBackOff"
 
 
 def test_a_pods_reason_outranks_the_progress_deadline_it_causes() -> None:
@@ -105,7 +107,7 @@ def test_a_pods_reason_outranks_the_progress_deadline_it_causes() -> None:
         ]
     )
     ready = ready_condition(derive(dep=dep, pods=[pod]))
-    assert (ready["reason"], ready["message"]) == ("ErrImagePull", "no such host")
+    assert (ready.reason, ready.message) == ("ErrImagePull", "no such host")
 
 
 def test_progress_deadline() -> None:
@@ -114,22 +116,24 @@ def test_progress_deadline() -> None:
             {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
         ]
     )
-    assert ready_condition(derive(dep=dep))["reason"] == "ProgressDeadlineExceeded"
+    assert ready_condition(derive(dep=dep)).reason == "ProgressDeadlineExceeded"
 
 
 def test_transition_time_is_kept_while_a_condition_holds() -> None:
     earlier = "2026-11-01T00:00:00Z"
-    previous = [{"type": "Ready", "status": "True", "lastTransitionTime": earlier}]
+    previous = [
+        Condition(type="Ready", status="True", reason="AgentAvailable", lastTransitionTime=earlier)
+    ]
     status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1), previous=previous)
-    assert ready_condition(status)["lastTransitionTime"] == earlier
+    assert ready_condition(status).last_transition_time == earlier
     flipped = derive(dep=deployment(), previous=previous)
-    assert ready_condition(flipped)["lastTransitionTime"] == "2026-11-24T12:00:00Z"
+    assert ready_condition(flipped).last_transition_time == "2026-11-24T12:00:00Z"
 
 
 def test_spec_error_is_reported_as_failed() -> None:
     status = derive(spec_error="unknown tier 'gold'")
-    assert status["phase"] == "Failed"
-    assert ready_condition(status)["reason"] == "InvalidSpec"
+    assert status.phase == "Failed"
+    assert ready_condition(status).reason == "InvalidSpec"
 
 
 def test_storage_state_is_reported() -> None:
@@ -137,6 +141,7 @@ def test_storage_state_is_reported() -> None:
         ready=True, reason="ExpansionUnsupported", message="cannot grow", requested="1Gi"
     )
     status = derive(dep=deployment(), storage=storage)
-    condition = next(c for c in status["conditions"] if c["type"] == "StorageReady")
-    assert condition["reason"] == "ExpansionUnsupported"
-    assert status["storage"] == {"requested": "1Gi", "capacity": "1Gi"}
+    condition = status.condition("StorageReady")
+    assert condition is not None
+    assert condition.reason == "ExpansionUnsupported"
+    assert status.to_body()["storage"] == {"requested": "1Gi", "capacity": "1Gi"}

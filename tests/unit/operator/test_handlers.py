@@ -8,6 +8,7 @@ from dexorder.core import manifests
 from dexorder.core.manifests import AgentTemplate, Owner
 from dexorder.core.status import StorageState
 from dexorder.core.tiers import parse_tier_catalog
+from dexorder.core.useragent import UserAgentStatus
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.operator.handlers import OperatorState, _drifted, _reclaim_policy, _status_behind
 from dexorder.operator.reconcile import FINALIZER, Desired, Reconciler, desired_state
@@ -118,7 +119,7 @@ class RecordingReconciler(Reconciler):
         )
 
     async def write_status(
-        self, body: Mapping[str, Any], status: dict[str, Any]
+        self, body: Mapping[str, Any], status: UserAgentStatus
     ) -> dict[str, Any] | None:
         self.calls.append("status")
         return None

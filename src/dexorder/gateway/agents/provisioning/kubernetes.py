@@ -14,6 +14,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from dexorder.adapters.kubernetes import (
     Conflict,
     Gone,
@@ -26,7 +28,16 @@ from dexorder.core import naming
 from dexorder.core.licenses import EffectiveLicense
 from dexorder.core.manifests import TOKEN_KEY
 from dexorder.core.status import rfc3339
-from dexorder.core.useragent import API_VERSION, KIND, LAST_ACTIVITY_ANNOTATION, PLURAL, Phase
+from dexorder.core.useragent import (
+    API_VERSION,
+    KIND,
+    LAST_ACTIVITY_ANNOTATION,
+    PLURAL,
+    Overrides,
+    Phase,
+    UserAgentSpec,
+    UserAgentStatus,
+)
 from dexorder.gateway.agents.provisioning.base import (
     AgentEndpoint,
     Progress,
@@ -38,53 +49,71 @@ from dexorder.gateway.agents.provisioning.base import (
 _ENDPOINT_CACHE_SECONDS = 30.0
 
 
-def desired_spec(license: EffectiveLicense) -> dict[str, Any]:
+def desired_spec(license: EffectiveLicense) -> UserAgentSpec:
     """The UserAgent spec a license asks for (``suspended`` false: we want it running)."""
-    overrides: dict[str, Any] = {}
     resources = license.resource_overrides
-    for field in ("memory", "cpu", "storage"):
-        value = getattr(resources, field)
-        if value is not None:
-            overrides[field] = value
-    if license.idle_timeout_override is not None:
-        overrides["idleTimeoutSeconds"] = license.idle_timeout_override * 60
-    spec: dict[str, Any] = {
-        "userId": license.user_id,
-        "tier": license.tier.name,
-        "suspended": False,
-    }
-    if overrides:
-        spec["overrides"] = overrides
-    return spec
-
-
-def _needs_patch(current: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return any(current.get(key) != value for key, value in wanted.items()) or (
-        "overrides" not in wanted and bool(current.get("overrides"))
+    idle = license.idle_timeout_override
+    return UserAgentSpec(
+        userId=license.user_id,
+        tier=license.tier.name,
+        suspended=False,
+        overrides=Overrides(
+            memory=resources.memory,
+            cpu=resources.cpu,
+            storage=resources.storage,
+            idleTimeoutSeconds=idle * 60 if idle is not None else None,
+        ),
     )
 
 
+# The spec fields a license decides; ``image`` and ``storage`` are the administrator's,
+# so the gateway never writes them.
+_LICENSED_FIELDS = frozenset({"user_id", "tier", "suspended", "overrides"})
+
+
+def spec_body(spec: UserAgentSpec) -> dict[str, Any]:
+    """The licensed fields of ``spec`` as written on create; no overrides: none written."""
+    body = spec.model_dump(by_alias=True, include=set(_LICENSED_FIELDS), exclude_none=True)
+    if not body["overrides"]:
+        del body["overrides"]
+    return body
+
+
+def spec_patch(spec: UserAgentSpec) -> dict[str, Any]:
+    """A merge patch setting the licensed fields; overrides the license no longer has go."""
+    body = spec_body(spec)
+    return {**body, "overrides": body.get("overrides")}
+
+
+def _needs_patch(current: dict[str, Any], wanted: UserAgentSpec) -> bool:
+    try:
+        have = UserAgentSpec.from_body(current)
+    except ValidationError:
+        return True  # the patch rewrites every field the license decides
+    return any(getattr(have, field) != getattr(wanted, field) for field in _LICENSED_FIELDS)
+
+
+def _status(body: dict[str, Any]) -> UserAgentStatus:
+    return UserAgentStatus.parse(body.get("status"))
+
+
 def _is_ready(body: dict[str, Any]) -> bool:
-    status = body.get("status") or {}
+    status = _status(body)
     return bool(
-        status.get("phase") == Phase.READY
-        and status.get("observedGeneration") == body["metadata"].get("generation")
-        and status.get("endpoint")
+        status.phase == Phase.READY
+        and status.current(body["metadata"].get("generation"))
+        and status.endpoint
     )
 
 
 def _failure(body: dict[str, Any]) -> ProvisioningError | None:
-    status = body.get("status") or {}
-    if status.get("phase") != Phase.FAILED:
+    status = _status(body)
+    if status.phase != Phase.FAILED or not status.current(body["metadata"].get("generation")):
         return None
-    if status.get("observedGeneration") != body["metadata"].get("generation"):
-        return None
-    ready: dict[str, Any] = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
-    )
-    return ProvisioningError(
-        ready.get("reason", "Failed"), ready.get("message", "the agent failed")
-    )
+    ready = status.condition("Ready")
+    if ready is None:
+        return ProvisioningError("Failed", "the agent failed")
+    return ProvisioningError(ready.reason, ready.message or "the agent failed")
 
 
 class KubernetesProvisioner:
@@ -118,7 +147,7 @@ class KubernetesProvisioner:
                 body = await self._wait_ready(body)
             endpoint = AgentEndpoint(
                 user_id=license.user_id,
-                url=str(body["status"]["endpoint"]),
+                url=_status(body).endpoint,
                 token=await self._token(body),
                 starting=starting,
             )
@@ -145,7 +174,7 @@ class KubernetesProvisioner:
                     "namespace": self._namespace,
                     "annotations": {LAST_ACTIVITY_ANNOTATION: now},
                 },
-                "spec": wanted,
+                "spec": spec_body(wanted),
             }
             try:
                 created: dict[str, Any] = await self._client.create(self._path(), manifest)
@@ -164,7 +193,7 @@ class KubernetesProvisioner:
             return body
         if spec.get("suspended"):
             await progress(Stage.WAKING, "waking your agent")
-        patch: dict[str, Any] = {"spec": {**wanted, "overrides": wanted.get("overrides")}}
+        patch: dict[str, Any] = {"spec": spec_patch(wanted)}
         patch["metadata"] = {"annotations": {LAST_ACTIVITY_ANNOTATION: now}}
         self._activity[license.user_id] = time.monotonic()
         patched: dict[str, Any] = await self._client.merge_patch(self._path(name), patch)
@@ -214,7 +243,7 @@ class KubernetesProvisioner:
                 version = latest["metadata"]["resourceVersion"]
 
     async def _token(self, body: dict[str, Any]) -> str:
-        secret_name = (body.get("status") or {}).get("tokenSecret") or naming.token_secret_name(
+        secret_name = _status(body).token_secret or naming.token_secret_name(
             body["metadata"]["name"]
         )
         try:
