@@ -268,9 +268,10 @@ async def test_an_agent_that_refuses_connections_is_unavailable_not_late() -> No
     assert not isinstance(caught.value, AgentTimeout)
 
 
-async def test_an_agent_whose_connection_never_completes_is_unavailable_not_late() -> None:
-    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
-    # hangs until the client's connect timeout (an aiohttp ConnectionTimeoutError).
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A port where a connect never completes: a listener whose accept queue is full, so the
+    kernel drops further SYNs, as no host answers at a deleted pod's old address."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -279,17 +280,36 @@ async def test_an_agent_whose_connection_never_completes_is_unavailable_not_late
     for filler in fillers:
         filler.setblocking(False)
         filler.connect_ex(("127.0.0.1", port))  # the later ones stay half-open, which is the point
-    session = AgentSession(
-        AgentEndpoint("unreachable-user", f"http://127.0.0.1:{port}/mcp", None),
-        timeout=0.3,
-        read_timeout=5,
-    )
     try:
-        with pytest.raises(AgentUnavailable, match="could not be reached") as caught:
-            await session.list_tools()
+        yield port
     finally:
-        await session.close()
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+@pytest.mark.parametrize(
+    "short_timeouts",
+    [
+        pytest.param(True, id="short connect timeout"),
+        # With the defaults too: a connect timeout as long as the read timeout made a gone
+        # pod look busy (AgentTimeout), so the agent was neither dropped nor woken.
+        pytest.param(False, id="defaults"),
+    ],
+)
+async def test_an_agent_whose_connection_never_completes_is_unavailable_not_late(
+    short_timeouts: bool,
+) -> None:
+    with black_hole() as port:
+        endpoint = AgentEndpoint("unreachable-user", f"http://127.0.0.1:{port}/mcp", None)
+        session = (
+            AgentSession(endpoint, connect_timeout=0.3, read_timeout=5)
+            if short_timeouts
+            else AgentSession(endpoint)
+        )
+        try:
+            with pytest.raises(AgentUnavailable, match="could not be reached") as caught:
+                await session.list_tools()
+        finally:
+            await session.close()
     assert not isinstance(caught.value, AgentTimeout)

@@ -59,6 +59,10 @@ CLIENT_INFO = {"name": "dexorder-gateway", "version": "0.1.0"}
 
 #: How long a read (a resource, the tool list) may take by default (DEXORDER_AGENT_READ_SECONDS).
 DEFAULT_READ_SECONDS = 30.0
+CONNECT_SECONDS = 5.0
+"""How long a connection to the agent may take. An agent accepts in milliseconds; no answer
+in this long means nothing listens at that address any more (its pod is gone, and with it
+the address), which is ``AgentUnavailable``, not a busy agent's ``AgentTimeout``."""
 
 _Result = TypeVar("_Result", ListToolsResult, CallToolResult, ReadResourceResult)
 
@@ -123,7 +127,7 @@ class AgentSession:
         endpoint: AgentEndpoint,
         *,
         host_map: Mapping[str, str] | None = None,
-        timeout: float = 30.0,
+        connect_timeout: float = CONNECT_SECONDS,
         connect_grace: float = 0.0,
         read_timeout: float = DEFAULT_READ_SECONDS,
         tool_timeout: float = 300.0,
@@ -138,7 +142,7 @@ class AgentSession:
         self._transport = StreamableHTTP(
             map_host(endpoint.url, host_map or {}),
             endpoint.token,
-            connect_timeout=timeout,
+            connect_timeout=connect_timeout,
             answer_timeout=read_timeout,
         )
         #: The protocol version the agent chose at the first open (sent on every message).

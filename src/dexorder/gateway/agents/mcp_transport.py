@@ -92,7 +92,11 @@ class StreamableHTTP:
             # backtest: minutes); a cap would queue the others behind slow tools. Each
             # conversation runs one turn at a time, which bounds them.
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_SECONDS),
+                # No DNS cache: an agent's name resolves to its pod, and a new pod (woken,
+                # restarted) has a new address; a cached old one would be connected to.
+                connector=aiohttp.TCPConnector(
+                    limit=0, keepalive_timeout=_KEEPALIVE_SECONDS, use_dns_cache=False
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
                 read_bufsize=_READ_BUFFER,
             )
