@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from dexorder.core import naming
-from dexorder.core.licenses import EffectiveLicense
 from dexorder.gateway.agents.provisioning.agent_process import LocalAgentProcess
 from dexorder.gateway.agents.provisioning.base import (
     AgentEndpoint,
@@ -23,6 +22,7 @@ from dexorder.gateway.agents.provisioning.base import (
     Stage,
 )
 from dexorder.gateway.agents.provisioning.child_process import ChildProcessFailed
+from dexorder.gateway.pure.licenses import EffectiveLicense
 
 logger = logging.getLogger(__name__)
 
