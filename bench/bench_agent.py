@@ -21,9 +21,9 @@ import httpx
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from dexorder.core.backtest import run_backtest
-from dexorder.core.ohlcv import build_series
-from dexorder.core.strategy import parse_strategy
+from dexorder.agent.trading.backtest import run_backtest
+from dexorder.agent.trading.ohlcv import build_series
+from dexorder.agent.trading.strategy import parse_strategy
 from dexorder.devenv.agent import AgentProcess
 
 CROSSOVER: dict[str, Any] = {

@@ -41,12 +41,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dexorder.core.licenses import License, LicenseLimits, RateLimitOverrides
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.devenv.postgres import PostgresService
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
 from dexorder.devenv.redis import RedisService
+from dexorder.gateway.pure.licenses import License, LicenseLimits, RateLimitOverrides
 
 ISSUER = "https://id.bench.dexorder"
 AUDIENCE = "dexorder-gateway"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from dexorder.core.events import EventStream, UsageEvent
 from dexorder.core.tiers import RateLimits
 from dexorder.devenv.kafka import KafkaService
 from dexorder.devenv.redis import RedisService
 from dexorder.gateway.events import JsonlSink, KafkaSink
+from dexorder.gateway.pure.events import EventStream, UsageEvent
 from dexorder.gateway.spool import Spool
 from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
 

@@ -24,13 +24,13 @@ from typing import Any
 
 import yaml
 
-from dexorder.core.complexity import classify
-from dexorder.core.routing import LLMTarget, RouteChoice, RouteSource
 from dexorder.devenv.fake_llm import FailureScript, FakeLLMServer, TextScript
 from dexorder.gateway.llm.adapter import RoundReader, TextDelta, litellm_request, load_litellm
 from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
+from dexorder.gateway.pure.complexity import classify
+from dexorder.gateway.pure.routing import LLMTarget, RouteChoice, RouteSource
 
-LABELS = Path(__file__).resolve().parents[1] / "tests/unit/core/data/complexity_labels.yaml"
+LABELS = Path(__file__).resolve().parents[1] / "tests/unit/gateway/pure/data/complexity_labels.yaml"
 QUESTION = [{"role": "user", "content": "How did the market do?"}]
 TEXT = " ".join(f"w{i}" for i in range(32))
 

@@ -15,12 +15,12 @@ import math
 import statistics
 import time
 
-from dexorder.core.risk import RiskAssessment
 from dexorder.devenv.agent import AgentProcess
 from dexorder.devenv.postgres import PostgresService
 from dexorder.gateway.agents.mcp_client import AgentSession
 from dexorder.gateway.agents.provisioning import AgentEndpoint
 from dexorder.gateway.migrations import apply_migrations
+from dexorder.gateway.pure.risk import RiskAssessment
 from dexorder.gateway.workflows.strategy_review import (
     ReviewContext,
     StepTimings,

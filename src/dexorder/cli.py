@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
-from dexorder.devenv import stack
+# Every command but ``chat`` runs the development harness, which only a source checkout has.
+HARNESS_COMMANDS = frozenset({"devenv", "build", "images", "demo"})
+HARNESS_MISSING = (
+    "needs the development harness (dexorder.devenv), which the dexorder wheel does not"
+    " ship: run it from a source checkout, where `uv sync --extra test` installs the"
+    " project editable"
+)
+
+
+def has_harness() -> bool:
+    return importlib.util.find_spec("dexorder.devenv") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dexorder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    stack.add_arguments(commands.add_parser("devenv", help="local real services: up, down, status"))
+    devenv = commands.add_parser("devenv", help="local real services: up, down, status")
+    if has_harness():
+        from dexorder.devenv import stack
+
+        stack.add_arguments(devenv)
+    else:
+        # Accepted whatever follows, so the answer is the missing harness, not a usage error.
+        devenv.add_argument("arguments", nargs=argparse.REMAINDER)
     build = commands.add_parser(
         "build", help="build and cache the Go binaries (control plane, node, helm)"
     )
@@ -61,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         "--demo-dir", type=Path, default=None, help="the running demo's state directory"
     )
     args = parser.parse_args(argv)
+    if args.command in HARNESS_COMMANDS and not has_harness():
+        print(f"dexorder {args.command}: {HARNESS_MISSING}", file=sys.stderr)
+        return 1
     if args.command == "demo":
-        from dexorder import demo as demo_module
+        from dexorder.devenv import demo as demo_module
 
         if args.node:
             return demo_module.run_on_node(state_dir=args.state_dir)
@@ -72,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return chat_client.main(args.url, args.token, args.demo_dir or chat_client.DEMO_DIR)
     if args.command == "devenv":
+        from dexorder.devenv import stack
+
         return stack.dispatch(args)
     if args.command == "build":
         from dexorder.devenv import binaries

@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import urllib.request
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from dexorder.devenv.fixtures_kube import Kubectl
 from dexorder.devenv.kubernetes import ControlPlane
 from dexorder.devenv.paths import REPO_ROOT, TIER_CATALOG
 from dexorder.devenv.process import ManagedProcess, free_port, wait_until
+
+IMAGE_SCRIPTS = ["dexorder-agent", "dexorder-operator", "dexorder-gateway"]
 
 
 def _run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -57,15 +60,18 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     purelib = Path(
         _run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
     )
+    # pip --python installs for the fresh interpreter, so the console scripts start that
+    # interpreter (a --prefix install would point them at this one, and so at the editable
+    # source tree).
     _run(
         sys.executable,
         "-m",
         "pip",
+        "--python",
+        str(python),
         "install",
         "--no-deps",
         "--no-compile",
-        f"--prefix={root}",
-        "--ignore-installed",
         str(wheel),
     )
     (purelib / "zz_project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -93,7 +99,66 @@ def test_the_wheel_is_what_gets_imported(venv: Path, tmp_path: Path) -> None:
     assert "0001_licenses.sql" in data_files
 
 
-@pytest.mark.parametrize("script", ["dexorder-agent", "dexorder-operator", "dexorder-gateway"])
+def test_the_wheel_leaves_out_the_development_harness(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        members = archive.namelist()
+    assert "dexorder/gateway/agents/provisioning/agent_process.py" in members
+    assert "dexorder/cli.py" in members
+    assert [name for name in members if name.startswith("dexorder/devenv/")] == []
+
+
+@pytest.mark.parametrize("script", ["dexorder", *IMAGE_SCRIPTS])
+def test_each_console_script_runs_the_fresh_interpreter(venv: Path, script: str) -> None:
+    shebang = (venv / "bin" / script).read_text().splitlines()[0]
+    assert shebang == f"#!{venv / 'bin' / 'python'}"
+
+
+def test_the_fresh_interpreter_does_not_find_the_harness(venv: Path, tmp_path: Path) -> None:
+    found = _run(
+        str(venv / "bin" / "python"),
+        "-c",
+        "import importlib.util; print(importlib.util.find_spec('dexorder.devenv'))",
+        env=_environment(venv),
+        cwd=tmp_path,
+    )
+    assert found.strip() == "None"
+
+
+@pytest.mark.parametrize(
+    "command", [["devenv", "up"], ["build"], ["images", "build"], ["demo", "--port", "0"]]
+)
+def test_the_harness_commands_say_they_need_a_source_checkout(
+    venv: Path, tmp_path: Path, command: list[str]
+) -> None:
+    # A short timeout: were the harness found, these would start real services.
+    result = subprocess.run(
+        [str(venv / "bin" / "dexorder"), *command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_environment(venv, DEXORDER_CACHE=str(tmp_path / "cache")),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"dexorder {command[0]}: needs the development harness" in result.stderr
+    assert "source checkout" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_chat_client_needs_no_harness(venv: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(venv / "bin" / "dexorder"), "chat", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_environment(venv),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--url" in result.stdout
+
+
+@pytest.mark.parametrize("script", IMAGE_SCRIPTS)
 def test_each_console_script_is_installed(venv: Path, script: str) -> None:
     assert (venv / "bin" / script).exists()
 

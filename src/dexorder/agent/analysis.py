@@ -10,10 +10,10 @@ from dexorder.agent.datasets import DatasetStore
 from dexorder.agent.errors import InvalidInput
 from dexorder.agent.limits import MAX_INDICATOR_VALUES, MAX_INLINE_PRICES
 from dexorder.agent.strategies import StrategyStore, validate_strategy
-from dexorder.core import indicators
-from dexorder.core.backtest import BacktestError, run_backtest
-from dexorder.core.indicators import INDICATOR_NAMES, IndicatorError, Series
-from dexorder.core.ohlcv import OhlcvSeries
+from dexorder.agent.trading import indicators
+from dexorder.agent.trading.backtest import BacktestError, run_backtest
+from dexorder.agent.trading.indicators import INDICATOR_NAMES, IndicatorError, Series
+from dexorder.agent.trading.ohlcv import OhlcvSeries
 
 _PARAMS: dict[str, tuple[str, ...]] = {
     "sma": (),

@@ -9,8 +9,14 @@ from typing import Any
 from dexorder.agent.errors import InvalidInput, NotFound
 from dexorder.agent.limits import MAX_DATASET_BYTES
 from dexorder.agent.store.db import Database, utc_now
+from dexorder.agent.trading.ohlcv import (
+    COLUMNS,
+    DatasetError,
+    DatasetFormat,
+    OhlcvSeries,
+    parse_dataset,
+)
 from dexorder.agent.validation import check_name
-from dexorder.core.ohlcv import COLUMNS, DatasetError, DatasetFormat, OhlcvSeries, parse_dataset
 
 _ITEM_SIZE = array("d").itemsize
 

@@ -12,8 +12,8 @@ from typing import Any
 from dexorder.agent.errors import InvalidInput, NotFound
 from dexorder.agent.limits import MAX_STRATEGY_BYTES
 from dexorder.agent.store.db import Database, utc_now
+from dexorder.agent.trading.strategy import Strategy, StrategyError, parse_strategy
 from dexorder.agent.validation import check_name, check_size
-from dexorder.core.strategy import Strategy, StrategyError, parse_strategy
 
 
 def validate_strategy(definition: Any) -> Strategy:

@@ -6,7 +6,7 @@ import re
 
 from dexorder.agent.errors import InvalidInput
 from dexorder.agent.limits import MAX_SESSION_ID_LENGTH
-from dexorder.core.strategy import NAME_PATTERN
+from dexorder.agent.trading.strategy import NAME_PATTERN
 
 _NAME = re.compile(NAME_PATTERN)
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")

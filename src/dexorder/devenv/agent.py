@@ -1,20 +1,15 @@
-"""A real ``dexorder-agent`` process on loopback, for tests, benchmarks and local provisioning."""
+"""A real ``dexorder-agent`` process on loopback, for tests and benchmarks: the local
+provisioner's runner as a harness :class:`Service`."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from dexorder.devenv.errors import ServiceFailed
-from dexorder.devenv.process import LOOPBACK, ManagedProcess, free_port, wait_until
 from dexorder.devenv.service import Service
-
-ENV_PREFIX = "DEXORDER_AGENT_"
+from dexorder.gateway.agents.provisioning.agent_process import LocalAgentProcess
+from dexorder.gateway.agents.provisioning.child_process import ChildProcessFailed, free_port
 
 
 class AgentProcess(Service):
@@ -39,14 +34,28 @@ class AgentProcess(Service):
         start_timeout: float = 30.0,
     ) -> None:
         super().__init__()
-        self.user_id = user_id
-        self.token = token if token is not None else secrets.token_urlsafe(32)
-        self.port = port if port is not None else free_port()
         self._explicit_data_dir = data_dir
         self._token_in_file = token_in_file
         self._start_timeout = start_timeout
-        self._process: ManagedProcess | None = None
-        self.last_start_seconds: float | None = None
+        # Chosen once, so that a start after a stop answers on the same port and token.
+        self.token = token if token is not None else secrets.token_urlsafe(32)
+        self.port = port if port is not None else free_port()
+        self.user_id = user_id
+        # Built on first use: a temporary data directory exists only once it is needed.
+        self._runner: LocalAgentProcess | None = None
+
+    @property
+    def runner(self) -> LocalAgentProcess:
+        if self._runner is None:
+            self._runner = LocalAgentProcess(
+                self.user_id,
+                data_dir=self.data_dir,
+                token=self.token,
+                port=self.port,
+                token_in_file=self._token_in_file,
+                start_timeout=self._start_timeout,
+            )
+        return self._runner
 
     @property
     def data_dir(self) -> Path:
@@ -56,73 +65,40 @@ class AgentProcess(Service):
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/mcp"
+        return self.runner.url
 
     @property
     def health_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/healthz"
+        return self.runner.health_url
 
     @property
     def pid(self) -> int:
-        if self._process is None:
-            raise ServiceFailed("the agent is not running")
-        return self._process.pid
+        try:
+            return self.runner.pid
+        except ChildProcessFailed as error:
+            raise ServiceFailed(str(error)) from error
 
     @property
     def running(self) -> bool:
-        return self._process is not None and not self._process.exited
+        return self._runner is not None and self._runner.running
 
-    def _environment(self) -> dict[str, str]:
-        # A variable inherited from the caller's shell must not contradict ours.
-        env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
-        env.update(
-            {
-                f"{ENV_PREFIX}USER_ID": self.user_id,
-                f"{ENV_PREFIX}DATA_DIR": str(self.data_dir),
-                f"{ENV_PREFIX}HOST": LOOPBACK,
-                f"{ENV_PREFIX}PORT": str(self.port),
-            }
-        )
-        if self._token_in_file:
-            token_file = self.data_dir / "token"
-            token_file.write_text(self.token, encoding="utf-8")
-            token_file.chmod(0o600)
-            env[f"{ENV_PREFIX}TOKEN_FILE"] = str(token_file)
-        else:
-            env[f"{ENV_PREFIX}TOKEN"] = self.token
-        return env
+    @property
+    def last_start_seconds(self) -> float | None:
+        return None if self._runner is None else self._runner.last_start_seconds
 
     def start(self) -> None:
-        if self.running:
-            return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        process = ManagedProcess(
-            f"dexorder-agent[{self.user_id}]",
-            [sys.executable, "-m", "dexorder.agent"],
-            log_path=self.data_dir / "agent.log",
-            env=self._environment(),
-        )
-        began = time.monotonic()
-        self._process = process.start()
-        wait_until(
-            self.healthy,
-            timeout=self._start_timeout,
-            what=f"agent for {self.user_id} on port {self.port}",
-            process=process,
-            interval=0.02,
-        )
-        self.last_start_seconds = time.monotonic() - began
+        try:
+            self.runner.start()
+        except ChildProcessFailed as error:
+            raise ServiceFailed(str(error)) from error
 
     def healthy(self) -> bool:
-        with urllib.request.urlopen(self.health_url, timeout=1) as response:
-            body = json.loads(response.read())
-        return bool(response.status == 200 and body.get("status") == "ok")
+        return self.runner.healthy()
 
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would; the data stays for a restart."""
-        if self._process is not None:
-            self._process.kill()
-            self._process = None
+        if self._runner is not None:
+            self._runner.kill()
 
     def restart(self) -> None:
         """Stop gracefully and start again on the same port and data directory."""
@@ -130,18 +106,19 @@ class AgentProcess(Service):
         self.start()
 
     def _stop_processes(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
+        if self._runner is not None:
+            self._runner.stop()
 
     def stop(self) -> None:
         if self._explicit_data_dir is not None:
             self._stop_processes()
             return
         super().stop()
+        # The temporary directory is gone: a later start makes a new one.
+        self._runner = None
 
     def log_tail(self) -> str:
-        return self._process.log_tail() if self._process is not None else ""
+        return self._runner.log_tail() if self._runner is not None else ""
 
     def describe(self) -> dict[str, str]:
         return {

@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from dexorder.core.licenses import EffectiveLicense
 from dexorder.gateway import metrics
 from dexorder.gateway.agents.mcp_client import DEFAULT_READ_SECONDS, AgentSession
 from dexorder.gateway.agents.provisioning import (
@@ -26,6 +25,7 @@ from dexorder.gateway.agents.provisioning import (
 )
 from dexorder.gateway.agents.sessions import AgentLease, AgentSessions
 from dexorder.gateway.harness import read_agent_context
+from dexorder.gateway.pure.licenses import EffectiveLicense
 from dexorder.gateway.turns import AgentContext
 
 logger = logging.getLogger(__name__)

@@ -22,11 +22,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dexorder.core import protocol
-from dexorder.core.events import TurnOutcome
-from dexorder.core.licenses import EffectiveLicense, License, resolve_license
-from dexorder.core.ratelimit import Decision
-from dexorder.core.routing import LLMTarget, RoutingError
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
 from dexorder.gateway.agent_handle import AgentAccess, AgentHandle
@@ -36,6 +31,11 @@ from dexorder.gateway.failures import error_frame
 from dexorder.gateway.harness import Harness
 from dexorder.gateway.llm.adapter import LLMError
 from dexorder.gateway.llm.routing import ModelRouter
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.events import TurnOutcome
+from dexorder.gateway.pure.licenses import EffectiveLicense, License, resolve_license
+from dexorder.gateway.pure.ratelimit import Decision
+from dexorder.gateway.pure.routing import LLMTarget, RoutingError
 from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
 from dexorder.gateway.stores.usage import Turn, UsageRecorder

@@ -26,8 +26,8 @@ from typing import IO, Any, Protocol
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import Counter, Gauge
 
-from dexorder.core.events import Event, EventStream
 from dexorder.gateway import metrics
+from dexorder.gateway.pure.events import Event, EventStream
 from dexorder.gateway.settings import GatewaySettings
 from dexorder.gateway.spool import Outgoing, Spool, SpooledRecord, SpoolFull
 

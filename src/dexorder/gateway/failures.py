@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dexorder.core import protocol
-from dexorder.core.routing import RoutingError
 from dexorder.gateway.agents.mcp_client import AgentUnavailable
 from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.llm.adapter import LLMError
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.routing import RoutingError
 from dexorder.gateway.stores.limits import LimiterUnavailable
 
 

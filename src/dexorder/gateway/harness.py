@@ -24,12 +24,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dexorder.core import protocol
-from dexorder.core.routing import RouteChoice
 from dexorder.gateway import metrics
 from dexorder.gateway.agents.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
 from dexorder.gateway.llm.adapter import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
 from dexorder.gateway.llm.routing import Fallback, ModelRouter, RoutedEvent
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.routing import RouteChoice
 from dexorder.gateway.turns import (
     HISTORY_TURNS,
     AgentContext,

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Final, Protocol
 import psycopg
 from aiohttp import web
 
-from dexorder.core import protocol
 from dexorder.gateway.bearer import request_identity
 from dexorder.gateway.conversation import ConversationError, effective_license
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.state import CHAT_SERVICES, SETTINGS
 from dexorder.gateway.stores.licenses import Pool
 

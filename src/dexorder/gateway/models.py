@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from dexorder.core.routing import (
+from dexorder.gateway.pure.routing import (
     Deployment,
     LLMTarget,
     ModelList,

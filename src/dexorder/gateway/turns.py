@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, assert_never
 
-from dexorder.core import protocol
-from dexorder.core.routing import RouteChoice
 from dexorder.gateway.llm.adapter import Usage
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.routing import RouteChoice
 
 HISTORY_TURNS = 20
 """Past turns a prompt carries (and a carried context keeps)."""

@@ -16,7 +16,7 @@ TOOLS = {
     "list_strategies", "backtest", "approve_strategy",
 }  # fmt: skip
 
-# The hand-worked series of tests/unit/core/test_backtest.py (open, high, low, close).
+# The hand-worked series of tests/unit/agent/trading/test_backtest.py (open, high, low, close).
 BARS = [
     (9, 9.5, 8.5, 9),
     (9, 11, 9, 11),

@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 from dexorder.adapters.kubernetes import KubeClient, load_kubeconfig
-from dexorder.core.licenses import License, resolve_license
 from dexorder.core.naming import user_agent_name
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
@@ -38,6 +37,7 @@ from dexorder.devenv.kubernetes import ControlPlane
 from dexorder.devenv.paths import CRD_DIR, TIER_CATALOG
 from dexorder.gateway.agents.provisioning.base import Stage
 from dexorder.gateway.agents.provisioning.kubernetes import KubernetesProvisioner
+from dexorder.gateway.pure.licenses import License, resolve_license
 
 CRD = "customresourcedefinition/useragents.dexorder.ai"
 RESTRICTED = [

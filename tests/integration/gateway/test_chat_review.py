@@ -9,12 +9,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dexorder.core import protocol
 from dexorder.devenv.fake_llm.scripts import TextScript, ToolScript
 from dexorder.devenv.fake_llm.server import FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.gateway.agents.mcp_client import AgentSession
 from dexorder.gateway.conversation import effective_license
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.state import CHAT_SERVICES
 from tests.integration.gateway.conftest import RunningGateway, connect
 from tests.integration.gateway.test_strategy_review import CROSSOVER, trending_csv

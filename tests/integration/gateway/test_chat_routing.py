@@ -9,9 +9,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dexorder.core.licenses import License
 from dexorder.devenv.fake_llm import FailureScript, FakeLLMServer, TextScript, ToolScript
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway.pure.licenses import License
 from dexorder.gateway.state import CHAT_SERVICES
 from tests.integration.gateway.conftest import (
     RunningGateway,

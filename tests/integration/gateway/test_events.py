@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer
 
-from dexorder.core.events import Event, EventStream, UsageEvent, UserMessageEvent, event_from_json
 from dexorder.devenv.kafka import KafkaService
 from dexorder.devenv.process import free_port
 from dexorder.gateway.events import EventsRefused, JsonlSink, KafkaSink, open_event_sink
+from dexorder.gateway.pure.events import (
+    Event,
+    EventStream,
+    UsageEvent,
+    UserMessageEvent,
+    event_from_json,
+)
 from dexorder.gateway.settings import GatewaySettings
 from dexorder.gateway.spool import Spool
 from dexorder.gateway.stores.usage import UsageRecorder

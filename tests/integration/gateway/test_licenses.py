@@ -17,17 +17,17 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from dexorder.core.licenses import (
+from dexorder.core.tiers import parse_tier_catalog
+from dexorder.devenv.postgres import PostgresService
+from dexorder.devenv.process import free_port
+from dexorder.gateway.migrations import MigrationError, apply_migrations, load_migrations
+from dexorder.gateway.pure.licenses import (
     FeatureFlags,
     License,
     LicenseLimits,
     RateLimitOverrides,
     resolve_license,
 )
-from dexorder.core.tiers import parse_tier_catalog
-from dexorder.devenv.postgres import PostgresService
-from dexorder.devenv.process import free_port
-from dexorder.gateway.migrations import MigrationError, apply_migrations, load_migrations
 from dexorder.gateway.stores.licenses import (
     ChannelAlreadyLinked,
     InvalidLicense,

@@ -15,8 +15,8 @@ from typing import cast
 import pytest
 from redis.asyncio import Redis
 
-from dexorder.core.ratelimit import Limit
 from dexorder.core.tiers import RateLimits
+from dexorder.gateway.pure.ratelimit import Limit
 from dexorder.gateway.stores.limits import LimiterUnavailable, RedisLimiter
 
 LIMITS = RateLimits(messages_per_minute=5, tokens_per_day=1000, concurrent_generations=2)

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.routing import LLMTarget
 from dexorder.devenv.fake_llm import (
     FailureScript,
     FakeLLMServer,
@@ -31,6 +30,7 @@ from dexorder.gateway.llm.adapter import (
     load_litellm,
 )
 from dexorder.gateway.llm.routing import ModelRouter, RoutedEvent, RouterPolicy
+from dexorder.gateway.pure.routing import LLMTarget
 
 TEXT = "Bitcoin closed higher today, while ether was flat."
 LONG_TEXT = " ".join(f"word{i}" for i in range(200))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dexorder.core.licenses import License, resolve_license
-from dexorder.core.protocol import Stage
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.agents.provisioning.local import LocalProvisioner
+from dexorder.gateway.pure.licenses import License, resolve_license
+from dexorder.gateway.pure.protocol import Stage
 
 CATALOG = parse_tier_catalog(TIER_CATALOG.read_text())
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.routing import LLMTarget, RouteChoice, RouteSource
 from dexorder.devenv.fake_llm import FailureScript, FakeLLMServer, Script, TextScript, ToolScript
 from dexorder.gateway import metrics
 from dexorder.gateway.llm.adapter import (
@@ -37,6 +36,7 @@ from dexorder.gateway.llm.routing import (
     RouterPolicy,
     Transport,
 )
+from dexorder.gateway.pure.routing import LLMTarget, RouteChoice, RouteSource
 
 ANSWER = "Bitcoin closed higher today, while ether was flat."
 BROKEN = "This reply will break before it is finished, in the middle of a sentence."

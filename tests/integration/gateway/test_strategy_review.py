@@ -254,7 +254,7 @@ WAIT_IN_ANOTHER_PROCESS = textwrap.dedent(
     from dexorder.gateway.agents.mcp_client import AgentSession
     from dexorder.gateway.agents.provisioning import AgentEndpoint
     from dexorder.gateway.workflows.strategy_review import ReviewContext, StrategyReviews
-    from dexorder.core.risk import RiskAssessment
+    from dexorder.gateway.pure.risk import RiskAssessment
 
     async def summarize(assessment: RiskAssessment, name: str) -> str:
         return "summary from the first gateway"

@@ -11,7 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dexorder.core.events import (
+from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
+from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway.pure.events import (
     AssistantReplyEvent,
     ToolCallEvent,
     TurnOutcome,
@@ -19,8 +21,6 @@ from dexorder.core.events import (
     UserMessageEvent,
     event_from_json,
 )
-from dexorder.devenv.fake_llm import FakeLLMServer, TextScript, ToolScript
-from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.gateway.stores.licenses import open_pool
 from dexorder.gateway.stores.usage import DailyUsage, UsageStore
 from tests.integration.gateway.conftest import (

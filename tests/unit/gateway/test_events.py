@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dexorder.core.events import UserMessageEvent, event_from_json
 from dexorder.gateway.events import EventsRefused, JsonlSink
+from dexorder.gateway.pure.events import UserMessageEvent, event_from_json
 
 
 def message(content: str) -> UserMessageEvent:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dexorder.core import protocol
-from dexorder.core.routing import RoutingError
 from dexorder.gateway.agents.mcp_client import AgentTimeout, AgentUnavailable
 from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.failures import error_frame
 from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.routing import RoutingError
 from dexorder.gateway.stores.limits import LimiterUnavailable
 
 Code = protocol.ErrorCode

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from dexorder.core.ratelimit import Limit
 from dexorder.core.tiers import RateLimits
+from dexorder.gateway.pure.ratelimit import Limit
 from dexorder.gateway.stores.limits import MemoryLimiter
 
 LIMITS = RateLimits(messages_per_minute=3, tokens_per_day=100, concurrent_generations=2)

@@ -4,9 +4,9 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.routing import LLMTarget
 from dexorder.gateway.llm.adapter import LLMErrorCode, RoundReader, ToolCall, Usage
 from dexorder.gateway.llm.wire import _load_json, error_for_status, wire_target
+from dexorder.gateway.pure.routing import LLMTarget
 
 
 def test_openai_and_openrouter_deployments_have_a_wire_form() -> None:

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.licenses import License, LicenseLimits, ResourceOverrides, resolve_license
 from dexorder.core.status import StorageState, derive_status
 from dexorder.core.tiers import TierCatalog, parse_tier_catalog
 from dexorder.core.useragent import UserAgentSpec
@@ -17,6 +16,12 @@ from dexorder.gateway.agents.provisioning.kubernetes import (
     desired_spec,
     spec_body,
     spec_patch,
+)
+from dexorder.gateway.pure.licenses import (
+    License,
+    LicenseLimits,
+    ResourceOverrides,
+    resolve_license,
 )
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)

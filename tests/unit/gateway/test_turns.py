@@ -8,12 +8,12 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from dexorder.core import protocol
 from dexorder.gateway.agent_handle import CONTEXT_FRESH_SECONDS, fresh
 from dexorder.gateway.agents.mcp_client import AgentSession, ToolSpec
 from dexorder.gateway.agents.provisioning import AgentEndpoint
 from dexorder.gateway.harness import carried_context, openai_tools
 from dexorder.gateway.llm.adapter import Usage
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.turn_runner import relay_turn
 from dexorder.gateway.turns import (
     AgentContext,

@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.events import (
+from dexorder.gateway.events import JsonlSink
+from dexorder.gateway.llm.pricing import litellm_cost
+from dexorder.gateway.metrics import REGISTRY
+from dexorder.gateway.pure.events import (
     AssistantReplyEvent,
     Event,
     ToolCallEvent,
@@ -20,9 +23,6 @@ from dexorder.core.events import (
     UserMessageEvent,
     event_from_json,
 )
-from dexorder.gateway.events import JsonlSink
-from dexorder.gateway.llm.pricing import litellm_cost
-from dexorder.gateway.metrics import REGISTRY
 from dexorder.gateway.stores.usage import (
     DailyIncrement,
     Turn,

@@ -9,11 +9,11 @@ import threading
 import urllib.request
 from typing import Any, Literal
 
-from dexorder.core.routing import LLMTarget
 from dexorder.devenv.fake_llm.scripts import SCRIPT_ADAPTER, Script
 from dexorder.devenv.fake_llm.server import FAKE_API_KEY, FakeLLMServer
 from dexorder.devenv.process import LOOPBACK, ManagedProcess, free_port, wait_until
 from dexorder.devenv.service import Service
+from dexorder.gateway.pure.routing import LLMTarget
 
 # --- running it beside the tests, or as its own process ------------------------------------
 

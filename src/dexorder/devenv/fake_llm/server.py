@@ -13,7 +13,6 @@ from typing import Any, Final
 from aiohttp import web
 from pydantic import ValidationError
 
-from dexorder.core.routing import LLMTarget
 from dexorder.devenv.fake_llm.scripts import (
     SCRIPT_ADAPTER,
     FailureScript,
@@ -29,6 +28,7 @@ from dexorder.devenv.fake_llm.scripts import (
     split_tokens,
 )
 from dexorder.devenv.process import LOOPBACK, free_port
+from dexorder.gateway.pure.routing import LLMTarget
 
 FAKE_API_KEY: Final = "fake-llm-key"
 CREATED: Final = 1_700_000_000  # a fixed timestamp keeps every reply byte-for-byte repeatable

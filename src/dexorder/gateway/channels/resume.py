@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from dexorder.core import protocol
 from dexorder.gateway.conversation import Conversation
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.stores.sessions import SessionError, SessionFrame, SessionStore
 from dexorder.gateway.turns import TurnEvent, frame_for
 

@@ -19,7 +19,6 @@ import uuid
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
-from dexorder.core import protocol
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import AuthError, Identity, TokenVerifier
 from dexorder.gateway.bearer import bearer_token, verified
@@ -39,6 +38,7 @@ from dexorder.gateway.conversation import (
     ConversationError,
     effective_license,
 )
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.state import (
     CHAT_SERVICES,
     DRAINING,

@@ -23,7 +23,7 @@ from enum import StrEnum
 from types import ModuleType
 from typing import Any, Final
 
-from dexorder.core.routing import LLMTarget
+from dexorder.gateway.pure.routing import LLMTarget
 
 _litellm: ModuleType | None = None
 

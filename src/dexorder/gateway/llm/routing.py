@@ -2,7 +2,7 @@
 
 Every deployment of the model list is named ``<group>:<index>`` (``standard:0``, ``standard:1``...),
 so the order a route tries them in is exact. ``ModelRouter.choose`` picks the route of a message
-(``dexorder.core.routing.choose_route``: tier, then preference, then complexity) and counts it;
+(``dexorder.gateway.pure.routing.choose_route``: tier, then preference, then complexity) and counts it;
 ``ModelRouter.stream`` streams one model round along that route, walking its deployments in order.
 
 Each deployment is called through one of two transports. Deployments whose provider speaks
@@ -51,13 +51,6 @@ from typing import Any, Final, Literal
 
 from prometheus_client import Counter
 
-from dexorder.core.routing import (
-    LLMTarget,
-    RouteChoice,
-    RouteSource,
-    allowed_groups,
-    choose_route,
-)
 from dexorder.gateway import metrics
 from dexorder.gateway.llm.adapter import (
     LLMError,
@@ -71,6 +64,13 @@ from dexorder.gateway.llm.adapter import (
     wrap_error,
 )
 from dexorder.gateway.llm.wire import WireClient, WireTarget, wire_target
+from dexorder.gateway.pure.routing import (
+    LLMTarget,
+    RouteChoice,
+    RouteSource,
+    allowed_groups,
+    choose_route,
+)
 
 logger = logging.getLogger(__name__)
 

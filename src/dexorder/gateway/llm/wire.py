@@ -24,9 +24,9 @@ from typing import Any, Final
 
 import aiohttp
 
-from dexorder.core.routing import LLMTarget
 from dexorder.gateway.http_body import ended_within
 from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode, tools_json
+from dexorder.gateway.pure.routing import LLMTarget
 from dexorder.gateway.sse import SSEReader
 
 #: litellm's provider prefixes whose API is OpenAI's Chat Completions, and their default base.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dexorder.core import protocol
+from dexorder.gateway.pure import protocol
 
 EXCERPT_CHARS = 200
 _INSTRUCTIONS = (

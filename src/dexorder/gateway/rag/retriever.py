@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from dexorder.core import protocol
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.rag.context import RetrievedChunk, context_message, sources_frame
 from dexorder.gateway.rag.embeddings import Embedder, create_embedder
 from dexorder.gateway.rag.errors import RagError

@@ -21,9 +21,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
-from dexorder.core.licenses import License
 from dexorder.core.tiers import FALLBACK_TIER, describe_validation_error
 from dexorder.gateway.migrations import describe_dsn
+from dexorder.gateway.pure.licenses import License
 from dexorder.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

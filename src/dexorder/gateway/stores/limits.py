@@ -22,7 +22,8 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from dexorder.core.ratelimit import (
+from dexorder.core.tiers import RateLimits
+from dexorder.gateway.pure.ratelimit import (
     DAY,
     LEASE_SECONDS,
     MINUTE,
@@ -33,7 +34,6 @@ from dexorder.core.ratelimit import (
     refuse_tokens,
     sliding_window,
 )
-from dexorder.core.tiers import RateLimits
 
 logger = logging.getLogger(__name__)
 

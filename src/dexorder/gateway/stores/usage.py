@@ -26,7 +26,10 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter
 
-from dexorder.core.events import (
+from dexorder.gateway import metrics
+from dexorder.gateway.events import EventSink, EventsRefused
+from dexorder.gateway.llm.pricing import litellm_cost
+from dexorder.gateway.pure.events import (
     AssistantReplyEvent,
     Event,
     ToolCallEvent,
@@ -35,9 +38,6 @@ from dexorder.core.events import (
     UserMessageEvent,
     new_event_id,
 )
-from dexorder.gateway import metrics
-from dexorder.gateway.events import EventSink, EventsRefused
-from dexorder.gateway.llm.pricing import litellm_cost
 from dexorder.gateway.stores.licenses import Pool
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.turns import ToolFinished, ToolStarted, TurnEvent, TurnTally

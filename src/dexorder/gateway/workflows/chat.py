@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from dexorder.core import protocol
 from dexorder.gateway.agents.mcp_client import AgentSession, ToolOutcome, ToolSpec
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.workflows.strategy_review import (
     ApprovalRequest,
     ReviewContext,

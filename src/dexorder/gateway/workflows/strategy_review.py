@@ -33,7 +33,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from dexorder.core import risk
+from dexorder.gateway.pure import risk
 
 logger = logging.getLogger(__name__)
 

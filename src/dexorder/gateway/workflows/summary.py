@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 
-from dexorder.core.risk import RiskAssessment
 from dexorder.gateway.llm.adapter import LLMError, TextDelta
 from dexorder.gateway.llm.routing import ModelRouter
+from dexorder.gateway.pure.risk import RiskAssessment
 from dexorder.gateway.workflows.strategy_review import Summarizer
 
 INSTRUCTIONS = (

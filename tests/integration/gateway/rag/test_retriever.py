@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from dexorder.core import protocol
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.rag.embeddings import EmbeddedEmbedder, OllamaEmbedder
 from dexorder.gateway.rag.ingest import ingest_path
 from dexorder.gateway.rag.retriever import Retriever

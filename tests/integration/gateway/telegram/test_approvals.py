@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import re
 
-from dexorder.core.licenses import License, LicenseLimits, RateLimitOverrides
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.fake_llm.scripts import ToolScript
 from dexorder.devenv.fake_telegram import FakeTelegram
 from dexorder.devenv.jwks import LocalJwksIssuer
+from dexorder.gateway.pure.licenses import License, LicenseLimits, RateLimitOverrides
 from dexorder.gateway.state import CHAT_SERVICES
 from tests.integration.gateway.telegram.conftest import TelegramGateway
 from tests.integration.gateway.telegram.test_chat import final_messages, send

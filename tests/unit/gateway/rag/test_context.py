@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dexorder.core import protocol
+from dexorder.gateway.pure import protocol
 from dexorder.gateway.rag.context import (
     RetrievedChunk,
     context_message,

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dexorder.core.licenses import EffectiveLicense
-from dexorder.core.protocol import Stage
+from dexorder.gateway.pure.licenses import EffectiveLicense
+from dexorder.gateway.pure.protocol import Stage
 
 __all__ = ["AgentEndpoint", "Progress", "Provisioner", "ProvisioningError", "Stage"]
 

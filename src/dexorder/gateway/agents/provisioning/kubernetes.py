@@ -25,7 +25,6 @@ from dexorder.adapters.kubernetes import (
     resource_path,
 )
 from dexorder.core import naming
-from dexorder.core.licenses import EffectiveLicense
 from dexorder.core.manifests import TOKEN_KEY
 from dexorder.core.status import rfc3339
 from dexorder.core.useragent import (
@@ -44,6 +43,7 @@ from dexorder.gateway.agents.provisioning.base import (
     ProvisioningError,
     Stage,
 )
+from dexorder.gateway.pure.licenses import EffectiveLicense
 
 # A Ready agent is trusted for this long before its UserAgent is read again.
 _ENDPOINT_CACHE_SECONDS = 30.0

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 from dexorder.core import naming
-from dexorder.core.licenses import EffectiveLicense
-from dexorder.devenv.agent import AgentProcess
-from dexorder.devenv.errors import DevenvError
+from dexorder.gateway.agents.provisioning.agent_process import LocalAgentProcess
 from dexorder.gateway.agents.provisioning.base import (
     AgentEndpoint,
     Progress,
     ProvisioningError,
     Stage,
 )
+from dexorder.gateway.agents.provisioning.child_process import ChildProcessFailed
+from dexorder.gateway.pure.licenses import EffectiveLicense
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,13 @@ class LocalProvisioner:
         self._root = root
         self._reap_interval = reap_interval
         self._start_timeout = start_timeout
-        self._agents: dict[str, AgentProcess] = {}
+        self._agents: dict[str, LocalAgentProcess] = {}
         self._idle_limits: dict[str, float | None] = {}
         self._last_activity: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         # Agents whose start is under way: close() must stop them too, or they outlive us.
-        self._starting: dict[str, AgentProcess] = {}
+        self._starting: dict[str, LocalAgentProcess] = {}
         self._closed = False
 
     def is_closed(self) -> bool:
@@ -69,7 +69,9 @@ class LocalProvisioner:
                     await progress(Stage.WAKING, "waking your agent")
                 else:
                     await progress(Stage.PROVISIONING, "creating your personal agent")
-                agent = AgentProcess(user_id, data_dir=data_dir, start_timeout=self._start_timeout)
+                agent = LocalAgentProcess(
+                    user_id, data_dir=data_dir, start_timeout=self._start_timeout
+                )
                 await progress(Stage.STARTING, "starting your agent")
                 # The start runs in a thread that a cancel cannot stop: wait for it, then
                 # stop what it started, so no agent process outlives a cancelled request.
@@ -82,7 +84,7 @@ class LocalProvisioner:
                         await starting
                     await asyncio.to_thread(agent.stop)
                     raise
-                except DevenvError as error:
+                except ChildProcessFailed as error:
                     await asyncio.to_thread(agent.stop)
                     raise ProvisioningError(
                         "StartFailed", f"the agent did not start: {error}"

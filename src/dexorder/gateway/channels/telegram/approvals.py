@@ -17,14 +17,14 @@ from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
 
-from dexorder.core import protocol
-from dexorder.core.telegram_format import (
+from dexorder.gateway.channels.telegram.reply import send_text
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.telegram_format import (
     TELEGRAM_MESSAGE_LIMIT,
     approval_html,
     escape,
     split_html,
 )
-from dexorder.gateway.channels.telegram.reply import send_text
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ class TelegramNotConfigured(Exception):
 
 
 def make_bot(settings: GatewaySettings) -> Bot:
-    """A bot that sends HTML (see ``dexorder.core.telegram_format``); the caller closes its
+    """A bot that sends HTML (see ``dexorder.gateway.pure.telegram_format``); the caller closes its
     session (``await bot.session.close()``)."""
     if settings.telegram_bot_token is None:
         raise TelegramNotConfigured(f"{env_name('telegram_bot_token')} is not set")

@@ -34,8 +34,6 @@ from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError
 from aiogram.types import CallbackQuery, Message, Update
 
-from dexorder.core import protocol
-from dexorder.core.telegram_format import escape, rate_limited_html, sources_html
 from dexorder.gateway.channels.telegram.approvals import (
     ask_approval,
     outcome_html,
@@ -55,6 +53,8 @@ from dexorder.gateway.linking import (
     LinkError,
     normalize_code,
 )
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.telegram_format import escape, rate_limited_html, sources_html
 from dexorder.gateway.turns import (
     FellBack,
     ReplyDelta,

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dexorder.core.ratelimit import LEASE_SECONDS
+from dexorder.gateway.pure.ratelimit import LEASE_SECONDS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

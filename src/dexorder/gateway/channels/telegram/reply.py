@@ -27,7 +27,7 @@ from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramRetryAfter
 from aiogram.types import InlineKeyboardMarkup, ReplyParameters
 
-from dexorder.core.telegram_format import TELEGRAM_MESSAGE_LIMIT, escape, split_markdown
+from dexorder.gateway.pure.telegram_format import TELEGRAM_MESSAGE_LIMIT, escape, split_markdown
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import uuid
 
 import pytest
 
-from dexorder.core import protocol
 from dexorder.gateway.channels.telegram.approvals import (
     CALLBACK_DATA_LIMIT,
     approval_keyboard,
@@ -14,6 +13,7 @@ from dexorder.gateway.channels.telegram.approvals import (
     parse_review_callback,
     review_callback,
 )
+from dexorder.gateway.pure import protocol
 
 
 def test_button_data_carries_the_review_and_the_answer_within_64_bytes() -> None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dexorder.core.events import (
+from dexorder.gateway.pure.events import (
     AssistantReplyEvent,
     EventFormatError,
     EventStream,

@@ -8,7 +8,7 @@ tried first in the default group, and stands in for any group with no usable dep
 
 ``choose_route`` then picks, per message, the group and the deployment that answer it: the
 groups the tier allows, the user's preferred model where allowed, else the message's
-complexity (``dexorder.core.complexity``), with the reason in words.
+complexity (``dexorder.gateway.pure.complexity``), with the reason in words.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dexorder.core.complexity import Complexity, Level, classify
+from dexorder.gateway.pure.complexity import Complexity, Level, classify
 
 
 class RoutingError(Exception):

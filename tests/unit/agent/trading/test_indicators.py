@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from dexorder.core import indicators
-from dexorder.core.indicators import IndicatorError
+from dexorder.agent.trading import indicators
+from dexorder.agent.trading.indicators import IndicatorError
 
 TOLERANCE = 1e-9
 

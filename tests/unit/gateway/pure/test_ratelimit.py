@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dexorder.core.ratelimit import (
+from dexorder.gateway.pure.ratelimit import (
     CONCURRENCY_RETRY_SECONDS,
     DAY,
     Limit,

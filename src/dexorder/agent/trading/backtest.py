@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from dexorder.core import indicators
-from dexorder.core.indicators import IndicatorError, Series
-from dexorder.core.ohlcv import OhlcvSeries
-from dexorder.core.strategy import (
+from dexorder.agent.trading import indicators
+from dexorder.agent.trading.indicators import IndicatorError, Series
+from dexorder.agent.trading.ohlcv import OhlcvSeries
+from dexorder.agent.trading.strategy import (
     Condition,
     ConstantOperand,
     IndicatorOperand,

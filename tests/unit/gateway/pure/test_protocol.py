@@ -10,8 +10,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from dexorder.core import protocol
-from dexorder.core.protocol import (
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.protocol import (
     MAX_FRAME_BYTES,
     ApprovalFrame,
     ApprovalRequestFrame,
@@ -41,8 +41,8 @@ from dexorder.core.protocol import (
     parse_gateway_frame,
 )
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "schemas" / "ws-protocol.schema.json"
-REGENERATE = "python -m dexorder.core.protocol > schemas/ws-protocol.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[4] / "schemas" / "ws-protocol.schema.json"
+REGENERATE = "python -m dexorder.gateway.pure.protocol > schemas/ws-protocol.schema.json"
 
 CLIENT_EXAMPLES: list[Frame] = [
     AuthFrame(token="eyJhbGciOi.x.y"),
@@ -240,7 +240,7 @@ def test_a_delta_frame_is_encoded_byte_for_byte_as_pydantic_does(content: str) -
 
 
 def test_the_direct_delta_encoding_knows_every_field_of_a_delta_frame() -> None:
-    # A new field would be left out of the direct encoding (core.protocol._delta_json):
+    # A new field would be left out of the direct encoding (pure.protocol._delta_json):
     # add it there too, then here.
     assert list(DeltaFrame.model_fields) == ["seq", "type", "content"]
 

@@ -408,7 +408,7 @@ def protocol_json_schema() -> dict[str, Any]:
             f"{CLOSE_MESSAGE_TOO_BIG}; a bad token closes it with {CLOSE_UNAUTHORIZED}; "
             f"another user's session id or a refused license closes it with {CLOSE_FORBIDDEN}; "
             f"a gateway shutting down closes it with {CLOSE_SERVICE_RESTART}. Generated from "
-            "dexorder.core.protocol: python -m dexorder.core.protocol > "
+            "dexorder.gateway.pure.protocol: python -m dexorder.gateway.pure.protocol > "
             "schemas/ws-protocol.schema.json"
         ),
         "oneOf": [{"$ref": "#/$defs/ClientFrame"}, {"$ref": "#/$defs/GatewayFrame"}],

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.risk import (
+from dexorder.gateway.pure.risk import (
     LIMITS_BY_PROFILE,
     RiskInputError,
     annualised_volatility,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.strategy import (
+from dexorder.agent.trading.strategy import (
     ConstantOperand,
     IndicatorOperand,
     PriceOperand,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dexorder.core.licenses import (
+from dexorder.core.tiers import TierCatalog, UnknownTier, parse_tier_catalog
+from dexorder.gateway.pure.licenses import (
     FeatureFlags,
     License,
     LicenseLimits,
@@ -16,14 +17,13 @@ from dexorder.core.licenses import (
     ResourceOverrides,
     resolve_license,
 )
-from dexorder.core.tiers import TierCatalog, UnknownTier, parse_tier_catalog
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
 def catalog() -> TierCatalog:
-    path = Path(__file__).parents[3] / "config" / "tiers.yaml"
+    path = Path(__file__).parents[4] / "config" / "tiers.yaml"
     return parse_tier_catalog(path.read_text())
 
 

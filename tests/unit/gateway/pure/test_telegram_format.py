@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from dexorder.core.telegram_format import (
+from dexorder.gateway.pure.telegram_format import (
     TELEGRAM_MESSAGE_LIMIT,
     approval_html,
     escape,

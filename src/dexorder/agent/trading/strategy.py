@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from dexorder.core.indicators import INDICATOR_NAMES
+from dexorder.agent.trading.indicators import INDICATOR_NAMES
 
 PriceField = Literal["open", "high", "low", "close", "volume"]
 IndicatorName = Literal["sma", "ema", "rsi", "macd", "bollinger", "atr"]

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from dexorder.core.complexity import Level
-from dexorder.core.licenses import FeatureFlags, License, resolve_license
-from dexorder.core.routing import (
+from dexorder.core.tiers import parse_tier_catalog
+from dexorder.gateway.pure.complexity import Level
+from dexorder.gateway.pure.licenses import FeatureFlags, License, resolve_license
+from dexorder.gateway.pure.routing import (
     Deployment,
     LLMTarget,
     ModelList,
@@ -28,9 +29,8 @@ from dexorder.core.routing import (
     resolve,
     resolve_groups,
 )
-from dexorder.core.tiers import parse_tier_catalog
 
-CONFIG = Path(__file__).resolve().parents[3] / "config"
+CONFIG = Path(__file__).resolve().parents[4] / "config"
 
 MODELS = ModelList(
     default_group="standard",

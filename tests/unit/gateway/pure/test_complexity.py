@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dexorder.core.complexity import DEEP_FROM, STANDARD_FROM, Level, classify, level_for
+from dexorder.gateway.pure.complexity import DEEP_FROM, STANDARD_FROM, Level, classify, level_for
 
 LABELS = Path(__file__).parent / "data" / "complexity_labels.yaml"
 #: The floors the classifier must stay above; the measured figures are in the test's output.

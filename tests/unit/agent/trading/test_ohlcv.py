@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dexorder.core.ohlcv import MAX_ROWS, DatasetError, parse_dataset
+from dexorder.agent.trading.ohlcv import MAX_ROWS, DatasetError, parse_dataset
 
 CSV = """Timestamp,Open,High,Low,Close,Volume
 1,10,11,9,10.5,100

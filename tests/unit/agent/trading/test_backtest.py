@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.backtest import BacktestError, max_drawdown, run_backtest, sharpe_ratio
-from dexorder.core.ohlcv import OhlcvSeries, build_series
-from dexorder.core.strategy import parse_strategy
+from dexorder.agent.trading.backtest import BacktestError, max_drawdown, run_backtest, sharpe_ratio
+from dexorder.agent.trading.ohlcv import OhlcvSeries, build_series
+from dexorder.agent.trading.strategy import parse_strategy
 
 TOLERANCE = 1e-9
 

@@ -23,7 +23,7 @@ from pydantic import (
     ValidationError,
 )
 
-from dexorder.core.licenses import UserId
+from dexorder.gateway.pure.licenses import UserId
 
 SCHEMA_VERSION: Literal[1] = 1
 
