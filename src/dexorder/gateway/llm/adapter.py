@@ -77,7 +77,7 @@ def _warm_up(litellm: ModuleType) -> None:
 # --- events ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     content: str
 
