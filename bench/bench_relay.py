@@ -113,11 +113,6 @@ async def measure(tokens: int, turns: int, repeats: int) -> list[float]:
     outbox._ws = Socket()  # type: ignore[assignment]  # attached without a replay
     recorder = _usage.UsageRecorder(Sink(), None, cost=lambda *_: 0.0)
     agent, router = Agent(), Router(tokens)
-    done = protocol.DoneFrame(
-        usage=protocol.Usage(prompt_tokens=100, completion_tokens=tokens, total_tokens=116),
-        model="bench",
-        route=protocol.Route(**ROUTE.summary()),
-    )
 
     async def one_turn() -> None:
         harness = Harness(
@@ -138,7 +133,19 @@ async def measure(tokens: int, turns: int, repeats: int) -> list[float]:
             )
             await outbox.show(finished)
         else:
-            await harness.run_turn("hello", turn.observe(outbox.emit))  # type: ignore[call-arg]
+            result = await harness.run_turn("hello", turn.observe(outbox.emit))  # type: ignore[call-arg]
+            # Its ``done`` frame, built as its conversation built it, for each turn.
+            usage = result.usage
+            done = protocol.DoneFrame(
+                usage=protocol.Usage(
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    total_tokens=usage.total_tokens,
+                ),
+                model=result.model,
+                cancelled=False,
+                route=protocol.Route(**result.route.summary()),
+            )
             await outbox.emit(done)
 
     for _ in range(200):  # warm

@@ -41,15 +41,14 @@ async def relay_turn(
     the events ended without one)."""
     async with contextlib.aclosing(events):
         async for event in events:
-            kind = type(event)
-            if kind is TurnFinished:
+            if isinstance(event, TurnFinished):
                 return event
             tally.see(event)
             try:
                 # The usage record takes tool calls alone: the text, nearly every event,
                 # skips it.
                 if (
-                    kind is not ReplyDelta
+                    type(event) is not ReplyDelta
                     and usage is not None
                     and (recorded := usage.see(event)) is not None
                 ):

@@ -104,7 +104,9 @@ async def test_a_route_whose_every_deployment_failed_leads_back_to_the_provider_
     logged = [r for r in caplog.records if r.getMessage().startswith("model round failed")]
     assert len(logged) == 1
     assert logged[0].exc_info is not None
-    assert provider in _causes(logged[0].exc_info[1])
+    logged_error = logged[0].exc_info[1]
+    assert logged_error is not None
+    assert provider in _causes(logged_error)
     assert "ServiceUnavailableError" in caplog.text
 
 
