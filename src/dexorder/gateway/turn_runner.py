@@ -11,8 +11,8 @@ For each event, in this order:
 ``TurnFinished`` is not relayed: the conversation counts the turn against the limits and
 records its usage first, then shows it, last, since a client may close on ``done``.
 
-Per streamed token this adds the event object and nothing else: no queue, no task, and no
-coroutine but the channel's own.
+Per streamed token this adds the event object and the step through the harness's generator,
+and nothing else: no queue, no task, and no coroutine but the channel's own.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from dexorder.gateway import metrics
 from dexorder.gateway.stores.usage import Turn
-from dexorder.gateway.turns import TurnEvent, TurnFinished, TurnTally
+from dexorder.gateway.turns import ReplyDelta, TurnEvent, TurnFinished, TurnTally
 
 ShowEvent = Callable[[TurnEvent], Awaitable[None]]
 
@@ -45,7 +45,13 @@ async def relay_turn(
                 return event
             tally.see(event)
             try:
-                if usage is not None and (recorded := usage.see(event)) is not None:
+                # The usage record takes tool calls alone: the text, nearly every event,
+                # skips it.
+                if (
+                    type(event) is not ReplyDelta
+                    and usage is not None
+                    and (recorded := usage.see(event)) is not None
+                ):
                     await recorded
                 await show(event)
             except asyncio.CancelledError as cancel:

@@ -77,7 +77,7 @@ def _warm_up(litellm: ModuleType) -> None:
 # --- events ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     content: str
 
@@ -302,7 +302,8 @@ def _never_connected(error: BaseException) -> bool:
 
 
 def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> LLMError:
-    """Our error for one of litellm's, keeping its status and Retry-After."""
+    """Our error for one of litellm's, keeping its status and Retry-After, and the error
+    itself as its ``__cause__``."""
     if isinstance(error, LLMError):
         # Ours already (the wire transport's): only the caller knows whether text was shown.
         error.after_output = error.after_output or after_output
@@ -312,13 +313,17 @@ def wrap_error(error: Exception, litellm: ModuleType, *, after_output: bool) -> 
         (seconds for cause in _causes(error) if (seconds := _retry_after_of(cause)) is not None),
         None,
     )
-    return LLMError(
+    wrapped = LLMError(
         _code_of(error, litellm),
         str(detail),
         status=_status_of(error),
         retry_after=retry_after,
         after_output=after_output,
     )
+    # Set here, not by a ``raise ... from``: a retryable failure is kept, not raised, and may
+    # become the cause of the route's last error, which must still lead to the provider's.
+    wrapped.__cause__ = error
+    return wrapped
 
 
 # --- the stream -----------------------------------------------------------------------------

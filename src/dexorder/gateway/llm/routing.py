@@ -284,7 +284,8 @@ class ModelRouter:
                 except Exception as error:
                     wrapped = wrap_error(error, self._litellm, after_output=after_output)
                     if not wrapped.retryable:
-                        raise wrapped from error
+                        # From its own cause: the wire's errors are raised as they are.
+                        raise _failed(wrapped) from wrapped.__cause__
                     self.cool([name], wrapped.retry_after)
                     failures.append((name, wrapped))
                     walk_failures.append(wrapped)
@@ -296,13 +297,15 @@ class ModelRouter:
                 "walk %d of %d over %s failed: %s", walk + 1, self.policy.rounds, models, first_line
             )
             if walk + 1 >= self.policy.rounds:
-                raise LLMError(
+                failure = LLMError(
                     first.code,
                     f"no model of the route answered ({models}); the first said: {first_line}",
                     status=first.status,
                     retry_after=first.retry_after,
                     after_output=after_output,
-                ) from first
+                )
+                failure.__cause__ = first  # before it is logged
+                raise _failed(failure) from first
             # The longest Retry-After of the walk lengthens the wait (up to the cap).
             slowest = max(walk_failures, key=lambda failure: failure.retry_after or 0.0)
             await asyncio.sleep(self.policy.backoff(walk, slowest))
@@ -366,7 +369,7 @@ class ModelRouter:
                 if failure.retryable:
                     self.cool([answered], failure.retry_after)
                 if not failure.retryable or not rest:
-                    raise failure from error
+                    raise _failed(failure) from failure.__cause__
                 continued = bool(shown)
                 logger.warning(
                     "%s broke (%s); %s %s",
@@ -398,6 +401,13 @@ class ModelRouter:
                 yield usage
             yield reader.finish(self.model_of(answered))
             return
+
+
+def _failed(failure: LLMError) -> LLMError:
+    """``failure``, logged with its causes (the provider's own error, which the user is not
+    shown) as the round gives up with it."""
+    logger.warning("model round failed: %s", failure, exc_info=failure)
+    return failure
 
 
 async def _close(stream: Any) -> None:

@@ -38,7 +38,7 @@ from dexorder.gateway.stores.licenses import (
     open_pool,
 )
 
-CATALOG = parse_tier_catalog((Path(__file__).parents[3] / "config" / "tiers.yaml").read_text())
+CATALOG = parse_tier_catalog((Path(__file__).parents[4] / "config" / "tiers.yaml").read_text())
 
 
 @pytest.fixture

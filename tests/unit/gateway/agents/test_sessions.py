@@ -1,7 +1,7 @@
 """The shared-session pool's bookkeeping: who shares, who closes, what a drop reaches.
 
 No agent is involved: a session opens at its first call, and none is made here (the
-integration tests in tests/integration/gateway/test_agent_sessions.py make them)."""
+integration tests in tests/integration/gateway/agents/test_sessions.py make them)."""
 
 from __future__ import annotations
 
