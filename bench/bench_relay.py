@@ -27,10 +27,10 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
-from dexorder.core import protocol
-from dexorder.core.routing import RouteChoice, RouteSource
 from dexorder.gateway.channels.resume import SessionOutbox
 from dexorder.gateway.harness import Harness
+from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.routing import RouteChoice, RouteSource
 
 
 def _first_module(*names: str) -> Any:

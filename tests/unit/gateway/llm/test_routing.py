@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from dexorder.core.routing import LLMTarget
 from dexorder.gateway.llm.adapter import LLMError, LLMErrorCode, load_litellm, wrap_error
 from dexorder.gateway.llm.routing import Fallback, ModelRouter, RouterPolicy, deployment_name
+from dexorder.gateway.pure.routing import LLMTarget
 
 
 def test_deployments_are_named_by_group_and_position() -> None:
