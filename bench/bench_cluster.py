@@ -7,7 +7,10 @@ an agent, and what an agent costs.
   the node: the gateway creates the UserAgent, the operator its children, the kubelet the pod,
   which starts, passes its probes and answers over MCP; then the model's first token.
 - Wake from idle to first token: the agent suspended (``spec.suspended``, as the idle timer
-  sets it) and its pod gone, then a message: p50 and p99 over ``--wakes``.
+  sets it) and its pod gone, then, after ``--idle-seconds``, a message: p50 and p99 over
+  ``--wakes``. The default, 31 s, outlasts the gateway's cache of a ready agent's endpoint
+  (30 s), as any idle timeout (15 minutes or more) does; ``--idle-seconds 0`` measures an
+  agent suspended right after a chat, whose cached endpoint is tried first.
 - The agent pod's memory (its cgroup's RSS and the whole charge, page cache included)
   against its tier's guarantee and limit, after the chats.
 
@@ -122,11 +125,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=3, help="cold provisions, one user each")
     parser.add_argument("--wakes", type=int, default=10)
+    parser.add_argument("--idle-seconds", type=float, default=31.0)
+    parser.add_argument(
+        "--cluster-ip",
+        action="store_true",
+        help="agent Services with a cluster IP (the operator's default is headless)",
+    )
     options = parser.parse_args()
 
     archives = images.build_images(tag=TAG)
     helm = Helm(binaries.build_helm() / "helm", Path(tempfile.mkdtemp(prefix="helm-home-")))
-    with NodeCluster() as node, installed_chart(node, helm, archives, TAG) as chart:
+    operator_env = {"DEXORDER_OPERATOR_HEADLESS_SERVICES": "false"} if options.cluster_ip else None
+    with (
+        NodeCluster() as node,
+        installed_chart(node, helm, archives, TAG, operator_env) as chart,
+    ):
         with chart.gateway_url() as url:
             cold = [
                 asyncio.run(_first_token_seconds(url, f"auth0|bench-{index}"))
@@ -137,6 +150,7 @@ def main() -> None:
             wakes = []
             for _ in range(options.wakes):
                 _suspend(chart, agent)
+                time.sleep(options.idle_seconds)
                 wakes.append(asyncio.run(_first_token_seconds(url, user)))
         [pod] = _pods(chart, agent)
         memory = json.loads(

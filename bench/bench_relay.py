@@ -29,8 +29,6 @@ from typing import Any
 
 from dexorder.gateway.channels.resume import SessionOutbox
 from dexorder.gateway.harness import Harness
-from dexorder.gateway.pure import protocol
-from dexorder.gateway.pure.routing import RouteChoice, RouteSource
 
 
 def _first_module(*names: str) -> Any:
@@ -41,6 +39,11 @@ def _first_module(*names: str) -> Any:
         except ImportError:
             continue
     raise ImportError(f"none of {names}")
+
+
+protocol = _first_module("dexorder.gateway.pure.protocol", "dexorder.core.protocol")
+_routing = _first_module("dexorder.gateway.pure.routing", "dexorder.core.routing")
+RouteChoice, RouteSource = _routing.RouteChoice, _routing.RouteSource
 
 
 _llm = _first_module("dexorder.gateway.llm.adapter", "dexorder.gateway.llm")

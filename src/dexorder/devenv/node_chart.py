@@ -100,9 +100,14 @@ class NodeChart:
 
 @contextmanager
 def installed_chart(
-    node: NodeCluster, helm: Helm, archives: dict[str, Path], tag: str
+    node: NodeCluster,
+    helm: Helm,
+    archives: dict[str, Path],
+    tag: str,
+    operator_env: dict[str, str] | None = None,
 ) -> Iterator[NodeChart]:
-    """Load the built images, start the host's services and `helm install` the chart; on
+    """Load the built images, start the host's services and `helm install` the chart (with
+    ``operator_env`` set in the operator's environment, for a benchmark's variants); on
     exit, uninstall it (what uninstall keeps, the CRD and the users' volumes, goes with the
     node) and stop the services."""
     network = node.network
@@ -126,8 +131,13 @@ def installed_chart(
             "--from-literal=OPENAI_API_KEY=fake-key",
         )
         built = {name: f"localhost/dexorder-{name}:{tag}" for name in archives}
+        chosen = chart_values(built, llm.base_url)
+        if operator_env:
+            chosen["operator"]["extraEnv"] = [
+                {"name": name, "value": value} for name, value in operator_env.items()
+            ]
         values = node.data_dir / "values.yaml"
-        values.write_text(yaml.safe_dump(chart_values(built, llm.base_url)))
+        values.write_text(yaml.safe_dump(chosen))
         cluster_helm = helm.against(node.kubeconfig)
         cluster_helm.run(
             "install",
