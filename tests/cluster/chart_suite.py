@@ -192,6 +192,17 @@ def idle_override(install: ChartInstall, agent: str, seconds: int | None) -> Non
     )
 
 
+def token_secrets(install: ChartInstall, agent: str) -> list[dict[str, Any]]:
+    secrets: list[dict[str, Any]] = get_json(
+        install,
+        f"--namespace={AGENTS_NAMESPACE}",
+        "get",
+        "secrets",
+        f"--selector=dexorder.ai/agent={agent}",
+    )["items"]
+    return secrets
+
+
 def pod_ip(install: ChartInstall, namespace: str, pod: str) -> str:
     return str(
         get_json(install, f"--namespace={namespace}", "get", f"pod/{pod}")["status"]["podIP"]
@@ -344,15 +355,8 @@ class ChartSuite:
         secrets: list[dict[str, Any]] = []
 
         def secret_exists() -> bool:
-            found = get_json(
-                installed,
-                f"--namespace={AGENTS_NAMESPACE}",
-                "get",
-                "secrets",
-                "--selector=dexorder.ai/agent=dave",
-            )["items"]
-            secrets[:] = found
-            return bool(found)
+            secrets[:] = token_secrets(installed, "dave")
+            return bool(secrets)
 
         wait_for(secret_exists, "dave's token Secret", timeout=60)
         assert useragent(installed, "dave").get("status", {}).get("phase") != "Ready"
@@ -365,13 +369,7 @@ class ChartSuite:
         )
         agent_pod(installed, "dave")
         [before] = secrets
-        [after] = get_json(
-            installed,
-            f"--namespace={AGENTS_NAMESPACE}",
-            "get",
-            "secrets",
-            "--selector=dexorder.ai/agent=dave",
-        )["items"]
+        [after] = token_secrets(installed, "dave")
         assert (after["metadata"]["uid"], after["data"]) == (
             before["metadata"]["uid"],
             before["data"],

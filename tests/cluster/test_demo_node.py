@@ -6,7 +6,6 @@ kubectl command shows that pod, and Ctrl-C uninstalls and removes the node."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shlex
 import signal
@@ -20,7 +19,7 @@ import pytest
 from dexorder.devenv.network import NodeNetwork
 from dexorder.devenv.paths import REPO_ROOT
 from dexorder.devenv.process import wait_until
-from tests.e2e.quickstart import clean_environment
+from tests.e2e.quickstart import demo_process
 from tests.e2e.test_demo import chat_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -47,31 +46,9 @@ def test_the_install_section_starts_with_the_node_demo() -> None:
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
     state, log = tmp_path / "state", tmp_path / "demo.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("dexorder")),
-                "demo",
-                "--node",
-                "--state-dir",
-                str(state),
-            ],
-            env=clean_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    argv = [str(Path(sys.executable).with_name("dexorder")), "demo", "--node"]
+    with demo_process([*argv, "--state-dir", str(state)], log, stop_seconds=180) as process:
         yield process, state, log
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
 
 
 def test_demo_on_a_real_node_answers_from_an_agent_pod_and_stops_cleanly(

@@ -6,9 +6,12 @@ uv.lock's versions (from uv's cache under ~/.cache/dexorder once they were downl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from dexorder.devenv.paths import REPO_ROOT
@@ -68,6 +71,35 @@ def clean_environment() -> dict[str, str]:
         for key, value in os.environ.items()
         if key not in FOREIGN_SETTINGS and not key.startswith("DEXORDER_")
     }
+
+
+@contextlib.contextmanager
+def demo_process(
+    argv: list[str], log: Path, *, cwd: Path | None = None, stop_seconds: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``dexorder demo`` started as a person starts it: a clean environment, its own session,
+    its output in ``log``. On exit, still running, it gets Ctrl-C, and after ``stop_seconds``
+    its process group is killed."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=clean_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=stop_seconds)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
 
 
 def fresh_venv(checkout: Path) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
@@ -21,8 +20,8 @@ import pytest
 
 from dexorder.devenv.process import free_port, tcp_answers, wait_until
 from tests.e2e.quickstart import (
-    clean_environment,
     copy_checkout,
+    demo_process,
     fresh_venv,
 )
 
@@ -47,29 +46,9 @@ def demo(checkout: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byte
     state = tmp_path / "state"
     log = tmp_path / "demo.log"
     port = free_port()
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [
-                str(checkout / ".venv" / "bin" / "dexorder"),
-                *("demo", "--port", str(port), "--state-dir", str(state)),
-            ],
-            cwd=checkout,
-            env=clean_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    argv = [str(checkout / ".venv" / "bin" / "dexorder"), "demo", "--port", str(port)]
+    with demo_process([*argv, "--state-dir", str(state)], log, cwd=checkout) as process:
         yield process, state, log
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 def processes_running(checkout: Path) -> dict[int, str]:

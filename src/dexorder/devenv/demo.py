@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -240,82 +241,13 @@ def _fresh_state(state_dir: Path | None) -> Path:
     return state
 
 
-def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = False) -> int:
-    """Start the demo and block until Ctrl-C or SIGTERM; everything started is stopped."""
-    started = time.monotonic()
-    state = _fresh_state(state_dir)
+def _run_until_stopped(state: Path, serve: Callable[[contextlib.ExitStack], int]) -> int:
+    """Run ``serve``, which starts what it needs on the stack and waits for Ctrl-C or SIGTERM,
+    and return its exit status; whatever it started is stopped, however it ends."""
     _interrupt_once_on_signals()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DEXORDER_")}
     try:
         with contextlib.ExitStack() as stack:
-            print(f"dexorder demo: {_in_process_note()}", flush=True)
-            print("starting PostgreSQL …", flush=True)
-            postgres = stack.enter_context(PostgresService())
-            asyncio.run(_seed(postgres.dsn))
-            label, models_path = _choose_model(stack, state, env)
-            print(f"model: {label}", flush=True)
-            kube = _start_kubernetes(stack, state, env) if kubernetes else None
-            secret = secrets.token_urlsafe(32)
-            gateway_port = port or free_port()
-            env.update(
-                {
-                    "DATABASE_URL": postgres.dsn,
-                    "DEXORDER_DEV_HS256_SECRET": secret,
-                    "DEXORDER_JWT_ISSUER": ISSUER,
-                    "DEXORDER_JWT_AUDIENCE": AUDIENCE,
-                    "DEXORDER_PROVISIONER": "local",
-                    "DEXORDER_LOCAL_AGENTS_DIR": str(state / "agents"),
-                    "DEXORDER_EVENTS_DIR": str(state / "events"),
-                    "DEXORDER_TIERS_PATH": str(TIER_CATALOG),
-                    "DEXORDER_MODELS_PATH": str(models_path),
-                    "DEXORDER_PORT": str(gateway_port),
-                    "DEXORDER_DEMO_MODE": "true",
-                    "DEXORDER_DEMO_USER_ID": DEMO_USER,
-                    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                }
-            )
-            if kube is not None:
-                env.update(kube.gateway_env())
-            print("starting the gateway …", flush=True)
-            gateway = ManagedProcess(
-                "dexorder-gateway",
-                [sys.executable, "-m", "dexorder.gateway"],
-                log_path=state / "gateway.log",
-                env=env,
-            ).start()
-            stack.callback(gateway.stop)
-            url = f"http://127.0.0.1:{gateway_port}"
-
-            def healthy() -> bool:
-                with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                    return bool(response.status == 200)
-
-            wait_until(healthy, timeout=120, what="the gateway", process=gateway)
-            token = demo_token(secret)
-            (state / "token").write_text(token)
-            (state / "url").write_text(url)
-            print(
-                f"\nDexorder demo is up in {time.monotonic() - started:.1f} s.\n"
-                f"Model: {label}\n"
-                f"Agents: {_provisioner_note(kube, state)}\n\n"
-                f"  Open the chat:  {url}/\n"
-                f"  WebSocket:      {url.replace('http', 'ws', 1)}/ws/chat\n"
-                f"  Demo token:     {token}\n\n"
-                f"Chat in a terminal:  .venv/bin/dexorder chat\n"
-                f"Gateway log: {state / 'gateway.log'}\n"
-                "Stop with Ctrl-C.\n",
-                flush=True,
-            )
-            watched = [gateway] if kube is None else [gateway, kube.operator]
-            try:
-                while not any(process.exited for process in watched):
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print("stopping …", flush=True)
-                return 0
-            [exited] = [process for process in watched if process.exited][:1]
-            print(f"{exited.name} exited; see {exited.log_path}", file=sys.stderr, flush=True)
-            return 1
+            return serve(stack)
     except DevenvError as error:
         print(f"dexorder demo: {error}", file=sys.stderr, flush=True)
         return 1
@@ -326,6 +258,85 @@ def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = F
         for stale in ("token", "url"):
             (state / stale).unlink(missing_ok=True)
         print("stopped.", flush=True)
+
+
+def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = False) -> int:
+    """Start the demo and block until Ctrl-C or SIGTERM; everything started is stopped."""
+    started = time.monotonic()
+    state = _fresh_state(state_dir)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DEXORDER_")}
+
+    def serve(stack: contextlib.ExitStack) -> int:
+        print(f"dexorder demo: {_in_process_note()}", flush=True)
+        print("starting PostgreSQL …", flush=True)
+        postgres = stack.enter_context(PostgresService())
+        asyncio.run(_seed(postgres.dsn))
+        label, models_path = _choose_model(stack, state, env)
+        print(f"model: {label}", flush=True)
+        kube = _start_kubernetes(stack, state, env) if kubernetes else None
+        secret = secrets.token_urlsafe(32)
+        gateway_port = port or free_port()
+        env.update(
+            {
+                "DATABASE_URL": postgres.dsn,
+                "DEXORDER_DEV_HS256_SECRET": secret,
+                "DEXORDER_JWT_ISSUER": ISSUER,
+                "DEXORDER_JWT_AUDIENCE": AUDIENCE,
+                "DEXORDER_PROVISIONER": "local",
+                "DEXORDER_LOCAL_AGENTS_DIR": str(state / "agents"),
+                "DEXORDER_EVENTS_DIR": str(state / "events"),
+                "DEXORDER_TIERS_PATH": str(TIER_CATALOG),
+                "DEXORDER_MODELS_PATH": str(models_path),
+                "DEXORDER_PORT": str(gateway_port),
+                "DEXORDER_DEMO_MODE": "true",
+                "DEXORDER_DEMO_USER_ID": DEMO_USER,
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            }
+        )
+        if kube is not None:
+            env.update(kube.gateway_env())
+        print("starting the gateway …", flush=True)
+        gateway = ManagedProcess(
+            "dexorder-gateway",
+            [sys.executable, "-m", "dexorder.gateway"],
+            log_path=state / "gateway.log",
+            env=env,
+        ).start()
+        stack.callback(gateway.stop)
+        url = f"http://127.0.0.1:{gateway_port}"
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                return bool(response.status == 200)
+
+        wait_until(healthy, timeout=120, what="the gateway", process=gateway)
+        token = demo_token(secret)
+        (state / "token").write_text(token)
+        (state / "url").write_text(url)
+        print(
+            f"\nDexorder demo is up in {time.monotonic() - started:.1f} s.\n"
+            f"Model: {label}\n"
+            f"Agents: {_provisioner_note(kube, state)}\n\n"
+            f"  Open the chat:  {url}/\n"
+            f"  WebSocket:      {url.replace('http', 'ws', 1)}/ws/chat\n"
+            f"  Demo token:     {token}\n\n"
+            f"Chat in a terminal:  .venv/bin/dexorder chat\n"
+            f"Gateway log: {state / 'gateway.log'}\n"
+            "Stop with Ctrl-C.\n",
+            flush=True,
+        )
+        watched = [gateway] if kube is None else [gateway, kube.operator]
+        try:
+            while not any(process.exited for process in watched):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping …", flush=True)
+            return 0
+        [exited] = [process for process in watched if process.exited][:1]
+        print(f"{exited.name} exited; see {exited.log_path}", file=sys.stderr, flush=True)
+        return 1
+
+    return _run_until_stopped(state, serve)
 
 
 def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
@@ -345,49 +356,40 @@ def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
 
     started = time.monotonic()
     state = _fresh_state(state_dir)
-    _interrupt_once_on_signals()
-    try:
-        with contextlib.ExitStack() as stack:
-            print("building the images (buildah; minutes the first time) …", flush=True)
-            archives = images.build_images(tag=tag)
-            print("starting the node (containerd, kubelet, CoreDNS, …) …", flush=True)
-            node = stack.enter_context(NodeCluster())
-            print("helm install …", flush=True)
-            helm = Helm(binaries.build_helm() / "helm", state / "helm-home")
-            chart = stack.enter_context(installed_chart(node, helm, archives, tag))
-            url = stack.enter_context(chart.gateway_url())
-            claims = {
-                "sub": NODE_DEMO_USER,
-                "iss": CHART_ISSUER,
-                "aud": CHART_AUDIENCE,
-                "exp": int(time.time()) + 12 * 3600,
-            }
-            token = jwt.encode(claims, SECRET, algorithm="HS256")
-            (state / "token").write_text(token)
-            (state / "url").write_text(url)
-            kubectl = f"{node.control_plane.binary('kubectl')} --kubeconfig {node.kubeconfig}"
-            print(
-                f"\nDexorder is installed on a real node in {time.monotonic() - started:.1f} s.\n"
-                f"  Gateway (its Service):  {url}/\n"
-                f"  Token for {NODE_DEMO_USER}:  {token}\n\n"
-                "Chat in a terminal:  .venv/bin/dexorder chat\n"
-                f"Your agent's pod:    {kubectl} get ua,pods -n {CHART_AGENTS}\n"
-                "Stop with Ctrl-C (helm uninstall, then the node is removed).\n",
-                flush=True,
-            )
-            try:
-                while True:
-                    time.sleep(1)
-            except KeyboardInterrupt:
-                print("stopping …", flush=True)
-                return 0
-    except DevenvError as error:
-        print(f"dexorder demo: {error}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted while starting; everything started is stopped.", flush=True)
-        return 130
-    finally:
-        for stale in ("token", "url"):
-            (state / stale).unlink(missing_ok=True)
-        print("stopped.", flush=True)
+
+    def serve(stack: contextlib.ExitStack) -> int:
+        print("building the images (buildah; minutes the first time) …", flush=True)
+        archives = images.build_images(tag=tag)
+        print("starting the node (containerd, kubelet, CoreDNS, …) …", flush=True)
+        node = stack.enter_context(NodeCluster())
+        print("helm install …", flush=True)
+        helm = Helm(binaries.build_helm() / "helm", state / "helm-home")
+        chart = stack.enter_context(installed_chart(node, helm, archives, tag))
+        url = stack.enter_context(chart.gateway_url())
+        claims = {
+            "sub": NODE_DEMO_USER,
+            "iss": CHART_ISSUER,
+            "aud": CHART_AUDIENCE,
+            "exp": int(time.time()) + 12 * 3600,
+        }
+        token = jwt.encode(claims, SECRET, algorithm="HS256")
+        (state / "token").write_text(token)
+        (state / "url").write_text(url)
+        kubectl = f"{node.control_plane.binary('kubectl')} --kubeconfig {node.kubeconfig}"
+        print(
+            f"\nDexorder is installed on a real node in {time.monotonic() - started:.1f} s.\n"
+            f"  Gateway (its Service):  {url}/\n"
+            f"  Token for {NODE_DEMO_USER}:  {token}\n\n"
+            "Chat in a terminal:  .venv/bin/dexorder chat\n"
+            f"Your agent's pod:    {kubectl} get ua,pods -n {CHART_AGENTS}\n"
+            "Stop with Ctrl-C (helm uninstall, then the node is removed).\n",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("stopping …", flush=True)
+            return 0
+
+    return _run_until_stopped(state, serve)
