@@ -135,9 +135,7 @@ def route_frame(route: RouteChoice | None) -> protocol.Route | None:
 def frame_for(event: TurnEvent) -> protocol.Frame:
     """The protocol frame that shows ``event`` (the WebSocket channel's rendering)."""
     if isinstance(event, ReplyDelta):  # nearly every event: tested first
-        # Not validated again: ``content`` is a str by the event's type, and validating a
-        # frame per token was the relay's dearest step (encode_frame writes it directly).
-        return protocol.DeltaFrame.model_construct(content=event.content)
+        return protocol.DeltaFrame(content=event.content)
     if isinstance(event, ToolStarted):
         return protocol.ToolCallFrame(
             id=event.call_id, name=event.name, arguments=dict(event.arguments)

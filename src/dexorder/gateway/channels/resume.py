@@ -29,7 +29,7 @@ from aiohttp import web
 from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.stores.sessions import SessionError, SessionFrame, SessionStore
-from dexorder.gateway.turns import TurnEvent, frame_for
+from dexorder.gateway.turns import ReplyDelta, TurnEvent, frame_for
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +104,21 @@ class SessionOutbox:
 
     def show(self, event: TurnEvent) -> Awaitable[None]:
         """A turn's event, as its frame; no coroutine of its own (one runs per token)."""
+        if type(event) is ReplyDelta:  # nearly every event: its text, with no frame built
+            return self._send(protocol.encode_delta(event.content), ends=False)
         return self.emit(frame_for(event))
 
-    async def emit(self, frame: protocol.Frame) -> None:
+    def emit(self, frame: protocol.Frame) -> Awaitable[None]:
+        return self._send(protocol.encode_frame(frame), ends=isinstance(frame, _TURN_ENDS))
+
+    async def _send(self, text: str, *, ends: bool) -> None:
+        """Number, record and send one encoded frame; ``ends``: it ends the reply."""
         # Runs for every streamed token, so it makes no coroutine it can do without: the lock
         # is taken without ``async with`` (whose enter and exit are coroutines), and
         # ``send_text`` is inlined.
         lock = self._lock
         await lock.acquire()
         try:
-            text = protocol.encode_frame(frame)
-            ends = isinstance(frame, _TURN_ENDS)
             next_seq, self._next_seq = self._next_seq, None
             try:
                 if next_seq is None:

@@ -352,6 +352,13 @@ def parse_gateway_frame(text: str | bytes) -> GatewayFrame:
         ) from error
 
 
+def encode_delta(content: str) -> str:
+    """The JSON text of ``DeltaFrame(content=content)``, without building the frame: one is
+    sent per streamed token, and building it cost more than the rest of a token's relay."""
+    text = _delta_json(content)
+    return text if text is not None else encode_frame(DeltaFrame(content=content))
+
+
 def encode_frame(frame: Frame) -> str:
     """The JSON text of a frame; unset optional fields are left out."""
     if type(frame) is DeltaFrame and frame.seq is None:

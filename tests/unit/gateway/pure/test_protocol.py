@@ -36,6 +36,7 @@ from dexorder.gateway.pure.protocol import (
     ToolCallFrame,
     ToolResultFrame,
     Usage,
+    encode_delta,
     encode_frame,
     parse_client_frame,
     parse_gateway_frame,
@@ -239,6 +240,11 @@ def test_a_delta_frame_is_encoded_byte_for_byte_as_pydantic_does(content: str) -
         assert parse_gateway_frame(encoded) == frame
 
 
+@pytest.mark.parametrize("content", TRICKY_TEXTS, ids=repr)
+def test_a_delta_encoded_from_its_text_is_the_frames_encoding(content: str) -> None:
+    assert encode_delta(content) == encode_frame(DeltaFrame(content=content))
+
+
 def test_the_direct_delta_encoding_knows_every_field_of_a_delta_frame() -> None:
     # A new field would be left out of the direct encoding (pure.protocol._delta_json):
     # add it there too, then here.
@@ -255,6 +261,8 @@ def test_text_with_lone_surrogates_fails_to_encode_as_it_does_in_pydantic(conten
         frame.model_dump_json(exclude_none=True)
     assert type(direct.value) is type(pydantic_s.value)
     assert str(direct.value) == str(pydantic_s.value)
+    with pytest.raises(ValueError, match="surrogates not allowed"):
+        encode_delta(content)
 
 
 def test_random_text_is_encoded_as_pydantic_does() -> None:
