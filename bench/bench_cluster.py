@@ -28,18 +28,15 @@ import time
 from pathlib import Path
 
 import aiohttp
-import jwt
 
 from dexorder.devenv import binaries, images
 from dexorder.devenv.fixtures_helm import Helm
 from dexorder.devenv.node import NodeCluster
 from dexorder.devenv.node_chart import (
     AGENTS_NAMESPACE,
-    AUDIENCE,
-    ISSUER,
-    SECRET,
     NodeChart,
     installed_chart,
+    user_token,
 )
 
 TAG = "bench"
@@ -51,18 +48,13 @@ print(json.dumps({"rss": int(stat["total_rss"]), "usage": usage}))
 """
 
 
-def _token(user: str) -> str:
-    claims = {"sub": user, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 3600}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
 async def _first_token_seconds(url: str, user: str) -> float:
     """From sending a message to its first delta; the reply is then read to its end."""
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(
             f"{url.replace('http', 'ws', 1)}/ws/chat",
-            headers={"Authorization": f"Bearer {_token(user)}"},
+            headers={"Authorization": f"Bearer {user_token(user)}"},
             timeout=aiohttp.ClientWSTimeout(ws_receive=300),
         ) as socket,
     ):

@@ -17,18 +17,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-import jwt
-
 from dexorder.devenv.fake_llm.runners import FakeLLMProcess
 from dexorder.devenv.fake_llm.scripts import ToolScript
 from dexorder.devenv.fixtures_helm import Helm
 from dexorder.devenv.node_chart import (
     AGENTS_NAMESPACE,
-    AUDIENCE,
-    ISSUER,
     NAMESPACE,
     RELEASE,
-    SECRET,
+    user_token,
 )
 from dexorder.devenv.paths import REPO_ROOT
 from tests.e2e.chat_frames import chat_frames
@@ -98,15 +94,10 @@ class ChartInstall(Protocol):
         """Make ``image`` available to the cluster under ``new_tag``; the new reference."""
 
 
-def token(user: str) -> str:
-    claims = {"sub": user, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 600}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
 def chat(install: ChartInstall, content: str, user: str = CHAT_USER) -> list[dict[str, Any]]:
     with install.gateway_url() as url:
         return asyncio.run(
-            chat_frames(f"{url.replace('http', 'ws', 1)}/ws/chat", token(user), content)
+            chat_frames(f"{url.replace('http', 'ws', 1)}/ws/chat", user_token(user), content)
         )
 
 

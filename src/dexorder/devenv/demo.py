@@ -350,9 +350,7 @@ def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
     from dexorder.devenv.fixtures_helm import Helm
     from dexorder.devenv.node import NodeCluster
     from dexorder.devenv.node_chart import AGENTS_NAMESPACE as CHART_AGENTS
-    from dexorder.devenv.node_chart import AUDIENCE as CHART_AUDIENCE
-    from dexorder.devenv.node_chart import ISSUER as CHART_ISSUER
-    from dexorder.devenv.node_chart import SECRET, installed_chart
+    from dexorder.devenv.node_chart import installed_chart, user_token
 
     started = time.monotonic()
     state = _fresh_state(state_dir)
@@ -366,13 +364,7 @@ def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
         helm = Helm(binaries.build_helm() / "helm", state / "helm-home")
         chart = stack.enter_context(installed_chart(node, helm, archives, tag))
         url = stack.enter_context(chart.gateway_url())
-        claims = {
-            "sub": NODE_DEMO_USER,
-            "iss": CHART_ISSUER,
-            "aud": CHART_AUDIENCE,
-            "exp": int(time.time()) + 12 * 3600,
-        }
-        token = jwt.encode(claims, SECRET, algorithm="HS256")
+        token = user_token(NODE_DEMO_USER, hours=12)
         (state / "token").write_text(token)
         (state / "url").write_text(url)
         kubectl = f"{node.control_plane.binary('kubectl')} --kubeconfig {node.kubeconfig}"

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import yaml
 
 from dexorder.devenv import images
@@ -29,6 +31,12 @@ ISSUER = AUDIENCE = "dexorder-cluster-test"
 # The gateway's development HS256 secret: tests sign their users' JWTs with it.
 SECRET = "cluster-development-secret-of-at-least-32-chars"
 GATEWAY_SECRET = "dexorder-gateway"
+
+
+def user_token(user: str, *, hours: float = 1) -> str:
+    """A JWT for ``user`` that the installed gateway accepts (the development HS256 secret)."""
+    claims = {"sub": user, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time() + hours * 3600)}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 def scripted_models_yaml(base_url: str) -> str:
