@@ -17,9 +17,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+from dexorder.core.quantity import parse as parse_quantity
+from dexorder.core.tiers import parse_tier_catalog
 from dexorder.devenv.fake_llm.runners import FakeLLMProcess
 from dexorder.devenv.fake_llm.scripts import ToolScript
-from dexorder.devenv.fixtures_helm import Helm
+from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.node_chart import (
     AGENTS_NAMESPACE,
     NAMESPACE,
@@ -31,12 +33,8 @@ from tests.e2e.chat_frames import chat_frames
 
 CHAT_USER = "auth0|carol"
 AGENT_UID = 10001
-# What the kernel enforces for each tier (config/tiers.yaml): the memory limit in bytes, the
-# CPU limit as a CFS quota per 100 ms period, and the guarantee as CPU shares (1024 a core).
-KERNEL_LIMITS = {
-    "free": {"memory": 512 * 2**20, "cpu_quota": 50_000, "cpu_shares": 102},
-    "pro": {"memory": 2 * 2**30, "cpu_quota": 200_000, "cpu_shares": 256},
-}
+# The tiers as the chart ships them (a test keeps this copy equal to config/tiers.yaml).
+CATALOG = parse_tier_catalog((CHART_DIR / "files" / "config" / "tiers.yaml").read_text())
 # Reads the container's own cgroup limits, under cgroup v1 or v2.
 CGROUP_LIMITS = r"""
 import json, os
@@ -57,12 +55,19 @@ print(json.dumps(seen))
 
 
 def expected_cgroup(tier: str, cgroup_v2: bool) -> dict[str, int]:
-    """The tier's limits as the kernel shows them: under cgroup v2 the CPU guarantee is a
-    weight, which runc derives from the shares."""
-    expected = dict(KERNEL_LIMITS[tier])
+    """The tier's limits and guarantee as the kernel shows them: the memory limit in bytes,
+    the CPU limit as a CFS quota per 100 ms period, and the CPU guarantee as shares (1024 a
+    core), or under cgroup v2 as the weight runc derives from the shares."""
+    resources = CATALOG.get(tier).resources
+    shares = int(parse_quantity(resources.request("cpu")) * 1024)
+    expected = {
+        "memory": int(parse_quantity(resources.memory)),
+        "cpu_quota": int(parse_quantity(resources.cpu) * 100_000),
+    }
     if cgroup_v2:
-        shares = expected.pop("cpu_shares")
         expected["cpu_weight"] = 1 + ((shares - 2) * 9999) // 262142
+    else:
+        expected["cpu_shares"] = shares
     return expected
 
 
