@@ -156,11 +156,22 @@ def offered_tools(body: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return offered
 
 
+_CHOICES: Final = re.compile(r"[a-z][\w-]*(?:, [a-z][\w-]*)* or [a-z][\w-]*")
+
+
 def _example_value(schema: Mapping[str, Any], user_text: str) -> Any:
     if schema.get("enum"):
         return schema["enum"][0]
     kind = schema.get("type")
     if kind == "string":
+        # A description that is only a list of choices ("sma, ema or rsi"): the one the user
+        # named, else the first.
+        choices = _CHOICES.fullmatch(str(schema.get("description", "")).strip())
+        if choices is not None:
+            options = re.split(r", | or ", choices.group(0))
+            words = set(re.findall(r"[\w-]+", user_text.lower()))
+            named = [option for option in options if option in words]
+            return (named or options)[0]
         return user_text[:200] or "hello"
     if kind == "integer":
         low, high = schema.get("minimum", 1), schema.get("maximum", 10**9)
@@ -181,15 +192,26 @@ def _example_value(schema: Mapping[str, Any], user_text: str) -> Any:
     return user_text[:200]
 
 
+def _takes_prices(schema: Mapping[str, Any]) -> bool:
+    """A list of numbers, alone or as one choice of an ``anyOf`` (an optional list)."""
+    choices = schema.get("anyOf") or [schema]
+    return any(
+        choice.get("type") == "array" and (choice.get("items") or {}).get("type") == "number"
+        for choice in choices
+    )
+
+
 def example_arguments(parameters: Mapping[str, Any], user_text: str) -> dict[str, Any]:
-    """Arguments that satisfy a tool's required parameters, made from the user's words."""
+    """Arguments that satisfy a tool's required parameters, made from the user's words, and
+    the demo's prices for an optional list of numbers (the offline demo has no saved
+    dataset, so a tool that takes prices or a dataset gets the prices)."""
     properties = parameters.get("properties") or {}
-    required = parameters.get("required") or []
-    return {
-        name: _example_value(properties.get(name) or {}, user_text)
-        for name in required
-        if isinstance(name, str)
-    }
+    required = [name for name in parameters.get("required") or [] if isinstance(name, str)]
+    arguments = {name: _example_value(properties.get(name) or {}, user_text) for name in required}
+    for name, schema in properties.items():
+        if name not in arguments and isinstance(schema, Mapping) and _takes_prices(schema):
+            arguments[name] = DEMO_PRICES
+    return arguments
 
 
 def choose_offline_tool(tools: Mapping[str, Mapping[str, Any]], user_text: str) -> str:
