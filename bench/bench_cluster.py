@@ -39,7 +39,7 @@ from dexorder.devenv.node_chart import (
     user_token,
 )
 
-TAG = "bench"
+TAG = images.DEFAULT_TAG  # the tests' and the demo's tag: one build serves all
 MEMORY = r"""
 import json
 stat = dict(line.split() for line in open("/sys/fs/cgroup/memory/memory.stat"))

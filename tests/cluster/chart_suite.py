@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from dexorder.core.quantity import parse as parse_quantity
 from dexorder.core.tiers import parse_tier_catalog
-from dexorder.devenv.fake_llm.runners import FakeLLMProcess
+from dexorder.devenv.fake_llm.runners import FakeLLMClient
 from dexorder.devenv.fake_llm.scripts import ToolScript
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.node_chart import (
@@ -86,7 +86,7 @@ except OSError:
 class ChartInstall(Protocol):
     """The chart installed on some cluster, with the scripted model where pods reach it."""
 
-    llm: FakeLLMProcess
+    llm: FakeLLMClient
     helm: Helm
 
     def kubectl(self, *args: str, timeout: float = 120) -> str:

@@ -26,7 +26,7 @@ from tests.cluster.conftest import Containerd
 
 pytestmark = pytest.mark.slow
 
-TAG = "test"
+TAG = images.DEFAULT_TAG  # the tag the chart suite's demo builds: one build serves both
 # What each image installs from uv.lock (the Dockerfiles' `uv sync --extra ...`).
 EXTRAS = {"operator": ("operator",), "gateway": ("gateway", "agent"), "agent": ("agent",)}
 # Run inside an image: every installed distribution and its version, as JSON.
@@ -285,7 +285,9 @@ def test_a_code_change_rebuilds_the_wheel_but_not_the_dependencies(
     steps = _steps((output / "build-changed.log").read_text())
     [dependencies] = [step for step in steps if "uv sync --frozen" in step]
     [source] = [step for step in steps if step.startswith("COPY src")]
+    [environment] = [step for step in steps if step.startswith("COPY --from=dependencies")]
     assert steps[dependencies], "the locked dependencies were installed again"
+    assert steps[environment], "the image's environment layer was made again"
     assert not steps[source], "the changed source was taken from the cache"
     subprocess.run(["buildah", "rmi", images.image_reference("agent", "changed")], check=False)
 

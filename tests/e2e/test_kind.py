@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dexorder.devenv.fake_llm.runners import FakeLLMProcess
+from dexorder.devenv.fake_llm.runners import FakeLLMClient, FakeLLMProcess
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.node_chart import (
     AUDIENCE,
@@ -94,7 +94,7 @@ class KindChart:
 
     cluster: Any  # pytest-kind's KindCluster
     helm: Helm
-    llm: FakeLLMProcess
+    llm: FakeLLMClient
 
     def kubectl(self, *args: str, timeout: float = 120) -> str:
         return str(self.cluster.kubectl(*args))
@@ -172,7 +172,7 @@ def installed(
             "--wait",
             "--timeout=600s",
         )
-        yield KindChart(kind_cluster, cluster_helm, llm)
+        yield KindChart(kind_cluster, cluster_helm, llm.client)
         cluster_helm.run("uninstall", RELEASE, f"--namespace={NAMESPACE}", check=False)
 
 

@@ -67,8 +67,10 @@ def test_the_image_follows_the_release_checklist(name: str, script: str) -> None
     assert text.count("\nFROM ") >= 2
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+$", text, re.MULTILINE)
     assert text.count("build --wheel") == 1
-    # The runtime stage gets the built environment, not the source tree.
-    assert "COPY --from=build /opt/dexorder /opt/dexorder" in final
+    # The runtime stage gets the locked environment, then the package as a layer of its own
+    # (a code change ships only that layer), and not the source tree.
+    dependencies = final.index("COPY --from=dependencies /opt/dexorder /opt/dexorder")
+    assert dependencies < final.index("COPY --from=build /package/ /")
     assert "COPY src" not in final
     # A numeric, non-root user.
     [user] = re.findall(r"^USER (\S+)$", final, re.MULTILINE)
@@ -86,7 +88,10 @@ def test_the_image_follows_the_release_checklist(name: str, script: str) -> None
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_the_image_installs_the_lock_in_its_own_layer_then_the_wheel_alone(name: str) -> None:
     text = (REPO_ROOT / name).read_text()
-    build = re.split(r"^FROM ", text, flags=re.MULTILINE)[1]
+    stages = re.split(r"^FROM ", text, flags=re.MULTILINE)
+    assert stages[1].startswith("${PYTHON_IMAGE} AS dependencies")
+    assert stages[2].startswith("dependencies AS build")
+    build = stages[1] + stages[2]
     # The lock (and nothing of the source) is copied, then installed as locked, hashes checked.
     lock_layer = build.index("COPY pyproject.toml uv.lock ./")
     sync = build.index("uv sync --frozen --no-install-project")

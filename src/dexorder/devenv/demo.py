@@ -233,10 +233,15 @@ def _interrupt_once_on_signals() -> None:
     signal.signal(signal.SIGINT, request_stop)
 
 
+# What a running demo writes into its state directory, and removes when it stops: the
+# gateway's URL, a token for `dexorder chat`, and (with --node) where the chart is.
+STATE_FILES = ("token", "url", "chart.json")
+
+
 def _fresh_state(state_dir: Path | None) -> Path:
     state = state_dir or DEFAULT_STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    for stale in ("token", "url"):
+    for stale in STATE_FILES:
         (state / stale).unlink(missing_ok=True)
     return state
 
@@ -255,7 +260,7 @@ def _run_until_stopped(state: Path, serve: Callable[[contextlib.ExitStack], int]
         print("interrupted while starting; everything started is stopped.", flush=True)
         return 130
     finally:
-        for stale in ("token", "url"):
+        for stale in STATE_FILES:
             (state / stale).unlink(missing_ok=True)
         print("stopped.", flush=True)
 
@@ -367,6 +372,8 @@ def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
         token = user_token(NODE_DEMO_USER, hours=12)
         (state / "token").write_text(token)
         (state / "url").write_text(url)
+        # Where the node and the chart are, for whoever looks after this process (its test).
+        (state / "chart.json").write_text(chart.to_json())
         kubectl = f"{node.control_plane.binary('kubectl')} --kubeconfig {node.kubeconfig}"
         print(
             f"\nDexorder is installed on a real node in {time.monotonic() - started:.1f} s.\n"

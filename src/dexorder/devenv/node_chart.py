@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,7 +19,8 @@ import jwt
 import yaml
 
 from dexorder.devenv import images
-from dexorder.devenv.fake_llm.runners import FakeLLMProcess
+from dexorder.devenv.errors import ServiceFailed
+from dexorder.devenv.fake_llm.runners import FakeLLMClient, FakeLLMProcess
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
 from dexorder.devenv.node import NodeCluster
 from dexorder.devenv.postgres import PostgresService
@@ -80,15 +82,28 @@ def chart_values(images_by_name: dict[str, str], model_url: str) -> dict[str, An
 
 @dataclass(frozen=True)
 class NodeChart:
-    """The chart on the real node: kubectl and helm against it, its gateway's URL, and the
-    scripted model the gateway streams from."""
+    """The chart on the real node: kubectl and helm against it, its containerd, and the
+    scripted model the gateway streams from. It names only paths and addresses, so another
+    process can hold it too: ``dexorder demo --node`` writes it (``to_json``) where a test
+    of the demo reads it (``from_json``)."""
 
-    node: NodeCluster
+    kubectl_binary: Path
+    kubeconfig: Path
+    containerd_address: Path
     helm: Helm
-    llm: FakeLLMProcess
+    llm: FakeLLMClient
 
     def kubectl(self, *args: str, timeout: float = 120) -> str:
-        return self.node.kubectl(*args, timeout=timeout)
+        result = subprocess.run(
+            [str(self.kubectl_binary), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServiceFailed(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
 
     @contextmanager
     def gateway_url(self) -> Iterator[str]:
@@ -102,8 +117,32 @@ class NodeChart:
 
     def tag_image(self, image: str, new_tag: str) -> str:
         new_image = f"{image.rpartition(':')[0]}:{new_tag}"
-        images.tag_image(image, new_image, str(self.node.containerd_address))
+        images.tag_image(image, new_image, str(self.containerd_address))
         return new_image
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kubectl": str(self.kubectl_binary),
+                "kubeconfig": str(self.kubeconfig),
+                "containerd": str(self.containerd_address),
+                "helm": str(self.helm.binary),
+                "helm_home": str(self.helm.home),
+                "model": self.llm.root_url,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeChart:
+        fields = json.loads(text)
+        kubeconfig = Path(fields["kubeconfig"])
+        return cls(
+            kubectl_binary=Path(fields["kubectl"]),
+            kubeconfig=kubeconfig,
+            containerd_address=Path(fields["containerd"]),
+            helm=Helm(Path(fields["helm"]), Path(fields["helm_home"])).against(kubeconfig),
+            llm=FakeLLMClient(fields["model"]),
+        )
 
 
 @contextmanager
@@ -158,6 +197,12 @@ def installed_chart(
             timeout=330,
         )
         try:
-            yield NodeChart(node, cluster_helm, llm)
+            yield NodeChart(
+                kubectl_binary=Path(node.control_plane.binary("kubectl")),
+                kubeconfig=node.kubeconfig,
+                containerd_address=node.containerd_address,
+                helm=cluster_helm,
+                llm=llm.client,
+            )
         finally:
             cluster_helm.run("uninstall", RELEASE, f"--namespace={NAMESPACE}", check=False)

@@ -376,16 +376,16 @@ def test_subprocess_form_serves_and_is_scripted_over_http(process: FakeLLMProces
     url = f"{process.base_url}/chat/completions"
     default = post_json(url, chat_body("anything"))
     assert default["choices"][0]["message"]["content"].startswith("Hello from the scripted")
-    process.set_script("echo", TextScript(text="set over HTTP"))
+    process.client.set_script("echo", TextScript(text="set over HTTP"))
     assert post_json(url, chat_body("echo"))["choices"][0]["message"]["content"] == "set over HTTP"
-    process.queue(OfflineScript())
+    process.client.queue(OfflineScript())
     offline = post_json(url, chat_body("echo", "ping"))["choices"][0]["message"]["content"]
     assert offline.startswith(OFFLINE_LABEL)
-    recorded = process.requests()
+    recorded = process.client.requests()
     assert [r["script"] for r in recorded] == ["text", "text", "offline"]
     assert all(r["completed"] for r in recorded)
-    process.reset()
-    assert process.requests() == []
+    process.client.reset()
+    assert process.client.requests() == []
 
 
 def test_subprocess_stops_and_leaves_nothing() -> None:

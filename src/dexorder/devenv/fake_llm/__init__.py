@@ -12,9 +12,11 @@ Three ways to run it:
 - ``FakeLLMServer``: on the running event loop (``await start()`` / ``await stop()``);
 - ``FakeLLMThread``: a ``Service`` with its own event loop in a background thread;
 - ``FakeLLMProcess``: a ``Service`` running ``python -m dexorder.devenv.fake_llm --port N``.
+
+``FakeLLMClient`` scripts any of them over HTTP, knowing only where it listens.
 """
 
-from dexorder.devenv.fake_llm.runners import FakeLLMProcess, FakeLLMThread
+from dexorder.devenv.fake_llm.runners import FakeLLMClient, FakeLLMProcess, FakeLLMThread
 from dexorder.devenv.fake_llm.scripts import (
     DEMO_PRICES,
     OFFLINE_LABEL,
@@ -32,6 +34,7 @@ __all__ = [
     "FAKE_API_KEY",
     "OFFLINE_LABEL",
     "FailureScript",
+    "FakeLLMClient",
     "FakeLLMProcess",
     "FakeLLMServer",
     "FakeLLMThread",

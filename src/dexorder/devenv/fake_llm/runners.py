@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 import urllib.request
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from dexorder.devenv.fake_llm.scripts import SCRIPT_ADAPTER, Script
@@ -58,6 +59,34 @@ class FakeLLMThread(Service):
         if self.server is None:
             return {}
         return {"url": self.server.base_url, "api_key": FAKE_API_KEY}
+
+
+@dataclass(frozen=True)
+class FakeLLMClient:
+    """Scripts a running fake LLM over its HTTP control routes (``/_fake/...``), from any
+    process: the one that started it, or a test that only knows where it listens."""
+
+    root_url: str  # http://host:port, without /v1
+
+    def call(self, method: str, path: str, payload: bytes | None = None) -> Any:
+        request = urllib.request.Request(f"{self.root_url}{path}", data=payload, method=method)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.loads(reply.read())
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Each recorded request's summary (see ``RecordedRequest.summary``)."""
+        recorded: list[dict[str, Any]] = self.call("GET", "/_fake/requests")
+        return recorded
+
+    def queue(self, script: Script) -> None:
+        self.call("POST", "/_fake/queue", SCRIPT_ADAPTER.dump_json(script))
+
+    def set_script(self, model: str, script: Script) -> None:
+        self.call("PUT", f"/_fake/scripts/{model}", SCRIPT_ADAPTER.dump_json(script))
+
+    def reset(self) -> None:
+        self.call("POST", "/_fake/reset", b"{}")
 
 
 class FakeLLMProcess(Service):
@@ -113,27 +142,9 @@ class FakeLLMProcess(Service):
     def describe(self) -> dict[str, str]:
         return {"url": self.base_url, "api_key": FAKE_API_KEY}
 
-    def _call(self, method: str, path: str, payload: bytes | None = None) -> Any:
-        request = urllib.request.Request(
-            f"http://{self.host}:{self.port}{path}", data=payload, method=method
-        )
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return json.loads(reply.read())
+    @property
+    def client(self) -> FakeLLMClient:
+        return FakeLLMClient(f"http://{self.host}:{self.port}")
 
     def _get(self, path: str) -> Any:
-        return self._call("GET", path)
-
-    def requests(self) -> list[dict[str, Any]]:
-        """Each recorded request's summary (see ``RecordedRequest.summary``)."""
-        recorded: list[dict[str, Any]] = self._get("/_fake/requests")
-        return recorded
-
-    def queue(self, script: Script) -> None:
-        self._call("POST", "/_fake/queue", SCRIPT_ADAPTER.dump_json(script))
-
-    def set_script(self, model: str, script: Script) -> None:
-        self._call("PUT", f"/_fake/scripts/{model}", SCRIPT_ADAPTER.dump_json(script))
-
-    def reset(self) -> None:
-        self._call("POST", "/_fake/reset", b"{}")
+        return self.client.call("GET", path)
