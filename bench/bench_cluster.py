@@ -48,8 +48,12 @@ print(json.dumps({"rss": int(stat["total_rss"]), "usage": usage}))
 """
 
 
-async def _first_token_seconds(url: str, user: str) -> float:
-    """From sending a message to its first delta; the reply is then read to its end."""
+async def _first_token_seconds(url: str, user: str) -> dict[str, float]:
+    """Seconds from opening the socket (a connect may start the wake) to the first of each
+    kind of frame (a status frame by its stage), the first delta among them as ``first
+    token``; the reply is read to its end."""
+    milestones: dict[str, float] = {}
+    started = time.monotonic()
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(
@@ -58,20 +62,20 @@ async def _first_token_seconds(url: str, user: str) -> float:
             timeout=aiohttp.ClientWSTimeout(ws_receive=300),
         ) as socket,
     ):
-        started = time.monotonic()
         await socket.send_json({"type": "message", "content": "hello"})
-        first: float | None = None
         async for message in socket:
             frame = json.loads(message.data)
-            if frame["type"] == "delta" and first is None:
-                first = time.monotonic() - started
+            kind = "first token" if frame["type"] == "delta" else frame["type"]
+            if kind == "status":
+                kind = f"status {frame['stage']}"
+            milestones.setdefault(kind, time.monotonic() - started)
             if frame["type"] == "error":
                 raise RuntimeError(f"the chat failed: {frame}")
             if frame["type"] == "done":
                 break
-    if first is None:
+    if "first token" not in milestones:
         raise RuntimeError("the reply had no text")
-    return first
+    return milestones
 
 
 def _agent_of(chart: NodeChart, user: str) -> str:
@@ -134,16 +138,18 @@ def main() -> None:
     ):
         with chart.gateway_url() as url:
             cold = [
-                asyncio.run(_first_token_seconds(url, f"auth0|bench-{index}"))
+                asyncio.run(_first_token_seconds(url, f"auth0|bench-{index}"))["first token"]
                 for index in range(options.users)
             ]
             user = "auth0|bench-0"
             agent = _agent_of(chart, user)
-            wakes = []
+            wakes: list[float] = []
+            timeline: list[dict[str, float]] = []
             for _ in range(options.wakes):
                 _suspend(chart, agent)
                 time.sleep(options.idle_seconds)
-                wakes.append(asyncio.run(_first_token_seconds(url, user)))
+                timeline.append(asyncio.run(_first_token_seconds(url, user)))
+                wakes.append(timeline[-1]["first token"])
         [pod] = _pods(chart, agent)
         memory = json.loads(
             chart.kubectl(
@@ -157,6 +163,18 @@ def main() -> None:
     print(
         f"wake to first token over {len(wakes)} wakes: p50 {statistics.median(wakes):.2f} s, "
         f"p99 {_percentile(wakes, 0.99):.2f} s, min {min(wakes):.2f} s, max {max(wakes):.2f} s"
+    )
+    milestones = sorted(
+        set().union(*timeline),
+        key=lambda kind: statistics.median(t[kind] for t in timeline if kind in t),
+    )
+    print(
+        "  of which, p50 / max from opening the socket: "
+        + "; ".join(
+            f"{kind} {statistics.median(t[kind] for t in timeline if kind in t):.2f}"
+            f" / {max(t[kind] for t in timeline if kind in t):.2f} s"
+            for kind in milestones
+        )
     )
     mib = 2**20
     print(

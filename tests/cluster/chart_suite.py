@@ -249,8 +249,14 @@ class ChartSuite:
         assert ".svc" in agent["status"]["endpoint"]  # reached by its Service's DNS name
         [pod] = running_pods(installed, agent["metadata"]["name"])
         assert all(status["ready"] for status in pod["status"]["containerStatuses"])
-        claims = get_json(installed, f"--namespace={AGENTS_NAMESPACE}", "get", "pvc")["items"]
-        assert [claim["status"]["phase"] for claim in claims] == ["Bound"]
+        # The pod mounts its own claim, which is bound (other users' agents have theirs).
+        [claim] = [
+            volume["persistentVolumeClaim"]["claimName"]
+            for volume in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in volume
+        ]
+        bound = get_json(installed, f"--namespace={AGENTS_NAMESPACE}", "get", f"pvc/{claim}")
+        assert bound["status"]["phase"] == "Bound"
 
     def test_the_readme_example_gets_a_running_agent(self, installed: ChartInstall) -> None:
         example = REPO_ROOT / "examples" / "useragent.yaml"

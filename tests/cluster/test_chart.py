@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ import pytest
 from dexorder.devenv.network import NodeNetwork
 from dexorder.devenv.node_chart import NodeChart
 from dexorder.devenv.paths import REPO_ROOT
-from dexorder.devenv.process import wait_until
 from tests.cluster.chart_suite import ChartSuite
 from tests.e2e.quickstart import demo_process
 from tests.e2e.test_demo import chat_once
@@ -57,15 +57,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeDemo]:
     state, log = directory / "state", directory / "demo.log"
     argv = [str(Path(sys.executable).with_name("dexorder")), "demo", "--node"]
     with demo_process([*argv, "--state-dir", str(state)], log, stop_seconds=180) as process:
-
-        def is_up() -> bool:
+        # Not devenv's wait_until: it retries a check that raises, and would wait out the
+        # whole budget for a demo that already failed.
+        deadline = time.monotonic() + UP_BUDGET_SECONDS
+        while "Dexorder is installed on a real node" not in log.read_text():
             if process.poll() is not None:
-                raise AssertionError(
-                    f"the demo exited with {process.returncode}:\n{log.read_text()}"
-                )
-            return "Dexorder is installed on a real node" in log.read_text()
-
-        wait_until(is_up, timeout=UP_BUDGET_SECONDS, what="the demo on the real node")
+                pytest.fail(f"the demo exited with {process.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the demo was not up in {UP_BUDGET_SECONDS:.0f} s:\n{log.read_text()}")
+            time.sleep(0.5)
         yield NodeDemo(process, state, log)
 
 
