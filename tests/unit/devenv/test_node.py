@@ -134,3 +134,12 @@ def test_kube_dns_has_the_labels_and_address_that_policies_and_the_kubelet_use()
         "namespace": "kube-system",
         "labels": {"k8s-app": "kube-dns"},
     }
+
+
+def test_containerd_keeps_its_root_in_memory_only_when_the_machine_can_spare_it() -> None:
+    gib = node.GIB
+    assert node.containerd_tmpfs_bytes(24 * gib) == node.CONTAINERD_TMPFS_MAX
+    assert node.containerd_tmpfs_bytes(7 * gib) == int(3.5 * gib)
+    assert node.containerd_tmpfs_bytes(6 * gib) == 3 * gib
+    assert node.containerd_tmpfs_bytes(6 * gib - 2) is None
+    assert node.containerd_tmpfs_bytes(0) is None
