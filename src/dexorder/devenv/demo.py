@@ -361,11 +361,14 @@ def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
     state = _fresh_state(state_dir)
 
     def serve(stack: contextlib.ExitStack) -> int:
-        print("building the images (buildah; minutes the first time) …", flush=True)
+        def step(what: str) -> None:
+            print(f"[{time.monotonic() - started:5.1f} s] {what} …", flush=True)
+
+        step("building the images (buildah; minutes the first time)")
         archives = images.build_images(tag=tag)
-        print("starting the node (containerd, kubelet, CoreDNS, …) …", flush=True)
+        step("starting the node (containerd, kubelet, CoreDNS, …)")
         node = stack.enter_context(NodeCluster())
-        print("helm install …", flush=True)
+        step("helm install (the images loaded, PostgreSQL, the scripted model, then the chart)")
         helm = Helm(binaries.build_helm() / "helm", state / "helm-home")
         chart = stack.enter_context(installed_chart(node, helm, archives, tag))
         url = stack.enter_context(chart.gateway_url())
