@@ -2,6 +2,7 @@
 
 .venv/bin/python bench/bench_images.py            # cold base (in a scratch cache) too
 .venv/bin/python bench/bench_images.py --no-cold-base
+.venv/bin/python bench/bench_images.py --against REV [--rounds 2]   # a code change, side by side
 
 Cold base: mmdebstrap from Debian's mirrors into an empty cache. Cold image: buildah with
 --no-cache (every step again, the locked dependencies downloaded from PyPI). Cached image:
@@ -13,12 +14,16 @@ Each build is timed to its OCI archive. The cache the project uses is left as wa
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from dexorder.devenv import images
 from dexorder.devenv.paths import REPO_ROOT
@@ -42,11 +47,16 @@ def _timed_base(cache: Path | None) -> tuple[float, Path]:
 
 
 def _timed_image(
-    name: str, base: Path, output: Path, use_cache: bool, context: Path = REPO_ROOT
+    name: str,
+    base: Path,
+    output: Path,
+    use_cache: bool,
+    context: Path = REPO_ROOT,
+    tag: str = TAG,
 ) -> tuple[float, Path]:
     started = time.monotonic()
     [archive] = images.build_images(
-        tag=TAG,
+        tag=tag,
         names=[name],
         output_dir=output,
         base_archive=base,
@@ -56,20 +66,93 @@ def _timed_image(
     return time.monotonic() - started, archive
 
 
-def _changed_tree(directory: Path) -> Path:
+def _changed_tree(directory: Path, source: Path = REPO_ROOT) -> Path:
     """A copy of what the Dockerfiles read, with one module changed: a developer's next build."""
     directory.mkdir()
     for name in (".dockerignore", "pyproject.toml", "uv.lock", "README.md"):
-        shutil.copy2(REPO_ROOT / name, directory / name)
+        shutil.copy2(source / name, directory / name)
     for name in images.IMAGE_NAMES:
-        shutil.copy2(REPO_ROOT / f"Dockerfile.{name}", directory / f"Dockerfile.{name}")
-    shutil.copytree(
-        REPO_ROOT / "src", directory / "src", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copytree(REPO_ROOT / "config", directory / "config")
+        shutil.copy2(source / f"Dockerfile.{name}", directory / f"Dockerfile.{name}")
+    shutil.copytree(source / "src", directory / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(source / "config", directory / "config")
     with (directory / "src/dexorder/core/__init__.py").open("a") as module:
         module.write(f"# changed at {time.time()}\n")
     return directory
+
+
+def _layers(archive: Path) -> dict[str, int]:
+    """Each layer of a one-image OCI archive: its diff id (the digest of its tar) and the
+    size of its blob, which is what a node pulls when the layer is new to it."""
+    with tarfile.open(archive) as tar:
+
+        def blob(digest: str) -> Any:
+            member = tar.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+            assert member is not None
+            return json.loads(member.read())
+
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+        manifest = blob(index["manifests"][0]["digest"])
+        diff_ids = blob(manifest["config"]["digest"])["rootfs"]["diff_ids"]
+        return {
+            diff_id: int(layer["size"])
+            for diff_id, layer in zip(diff_ids, manifest["layers"], strict=True)
+        }
+
+
+def _compare_code_changes(against: str, rounds: int, scratch: Path, base: Path) -> None:
+    """A one-module change built on this tree's Dockerfiles and on ``against``'s, alternated:
+    the build's time and the bytes of new layers a node then pulls."""
+    old_tree = scratch / "old-tree"
+    old_tree.mkdir()
+    exported = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", against], capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(exported)) as tar:
+        tar.extractall(old_tree, filter="data")
+    trees = {"this tree": REPO_ROOT, against: old_tree}
+    print(
+        "| image | tree | one module changed: build (s), each round | new layers a node pulls (MB) |"
+    )
+    print("|---|---|---|---|")
+    for name in images.IMAGE_NAMES:
+        previous: dict[str, dict[str, int]] = {}
+        times: dict[str, list[float]] = {label: [] for label in trees}
+        pulled: dict[str, list[float]] = {label: [] for label in trees}
+        for label, tree in trees.items():  # warm each tree's cache, untimed
+            _, archive = _timed_image(name, base, scratch / label, True, tree, _tag(label))
+            previous[label] = _layers(archive)
+        for round_ in range(rounds):
+            order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
+            for label in order:
+                changed = _changed_tree(scratch / f"changed-{label}-{round_}", trees[label])
+                seconds, archive = _timed_image(
+                    name, base, scratch / label, True, changed, _tag(label)
+                )
+                layers = _layers(archive)
+                new = sum(
+                    size for diff_id, size in layers.items() if diff_id not in previous[label]
+                )
+                previous[label] = layers
+                times[label].append(seconds)
+                pulled[label].append(new / 1e6)
+        for label in trees:
+            print(
+                f"| dexorder-{name} | {label} | "
+                + ", ".join(f"{t:.1f}" for t in times[label])
+                + " | "
+                + ", ".join(f"{mb:.1f}" for mb in pulled[label])
+                + " |"
+            )
+        for label in trees:
+            subprocess.run(
+                ["buildah", "rmi", images.image_reference(name, _tag(label))],
+                capture_output=True,
+                check=False,
+            )
+
+
+def _tag(label: str) -> str:
+    return TAG if label == "this tree" else f"{TAG}-old"
 
 
 def _image_size(name: str) -> int:
@@ -105,7 +188,20 @@ def main() -> None:
     parser.add_argument(
         "--no-cold-base", action="store_true", help="skip the cold base build (about 1.5 min)"
     )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="instead: a one-module change on this tree and on git revision REV, alternated",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --against")
     args = parser.parse_args()
+    if args.against:
+        before = _untagged_leaves()
+        with tempfile.TemporaryDirectory(prefix="dexorder-bench-images-") as scratch:
+            _compare_code_changes(args.against, args.rounds, Path(scratch), _timed_base(None)[1])
+        for image_id in _untagged_leaves() - before:
+            subprocess.run(["buildah", "rmi", image_id], capture_output=True, check=False)
+        return
     rows: list[tuple[str, str, str, str]] = []
     # The cold builds add a second set of layers: what they leave untagged is removed at the
     # end; what was there before (anyone's) is kept.
