@@ -18,25 +18,24 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from dexorder.devenv import oci
 from dexorder.devenv.binaries import cache_root
 from dexorder.devenv.errors import DevenvError, PrerequisiteMissing
 from dexorder.devenv.paths import REPO_ROOT
 
 # Bumped whenever the way a base archive is written changes, so old cache entries are not reused.
-BASE_FORMAT = 1
+BASE_FORMAT = 2
 IMAGE_NAMES = ("operator", "gateway", "agent")
 DEFAULT_TAG = "dev"
 CONTAINERD_NAMESPACE = "k8s.io"
 # A fixed date in every base archive, so the same inputs give the same config digest.
 _EPOCH = "1970-01-01T00:00:00Z"
-_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 # Where Debian (both bases are Debian) keeps its CA bundle, in the machine and in the images.
 IMAGE_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -100,7 +99,7 @@ def mmdebstrap_command(recipe: BaseRecipe, rootfs_tar: Path) -> list[str]:
     return command
 
 
-def oci_base_config(diff_id: str, architecture: str) -> dict[str, object]:
+def oci_base_config(architecture: str) -> dict[str, object]:
     """The image config of the one-layer base (the environment python:3.11-slim also sets)."""
     return {
         "created": _EPOCH,
@@ -113,50 +112,8 @@ def oci_base_config(diff_id: str, architecture: str) -> dict[str, object]:
             ],
             "Cmd": ["python3"],
         },
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": _EPOCH, "created_by": "mmdebstrap (dexorder images)"}],
     }
-
-
-def _descriptor(media_type: str, content: bytes) -> dict[str, object]:
-    return {
-        "mediaType": media_type,
-        "digest": "sha256:" + hashlib.sha256(content).hexdigest(),
-        "size": len(content),
-    }
-
-
-def oci_layout_files(
-    layer_digest: str, layer_size: int, diff_id: str, architecture: str, ref_name: str
-) -> dict[str, bytes]:
-    """The files of an OCI image layout around one gzipped layer, by their path in the
-    layout (blobs included, except the layer itself)."""
-    config = json.dumps(oci_base_config(diff_id, architecture), sort_keys=True).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": _descriptor("application/vnd.oci.image.config.v1+json", config),
-            "layers": [
-                {"mediaType": _LAYER_MEDIA_TYPE, "digest": layer_digest, "size": layer_size}
-            ],
-        },
-        sort_keys=True,
-    ).encode()
-    manifest_descriptor = _descriptor("application/vnd.oci.image.manifest.v1+json", manifest)
-    manifest_descriptor["annotations"] = {"org.opencontainers.image.ref.name": ref_name}
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [manifest_descriptor],
-        },
-        sort_keys=True,
-    ).encode()
-    files = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index}
-    for blob in (config, manifest):
-        files["blobs/sha256/" + hashlib.sha256(blob).hexdigest()] = blob
-    return files
 
 
 def image_reference(name: str, tag: str) -> str:
@@ -297,12 +254,10 @@ class _HashingWriter:
 
 
 def write_oci_archive(rootfs_tar: Path, archive: Path, architecture: str, ref_name: str) -> None:
-    """Wrap a root filesystem tarball as a one-layer OCI image archive."""
+    """Wrap a root filesystem tarball as a one-layer OCI image archive, its layer gzipped."""
     with tempfile.TemporaryDirectory(dir=archive.parent) as scratch:
-        layout = Path(scratch)
-        (layout / "blobs" / "sha256").mkdir(parents=True)
-        layer_path = layout / "layer"
-        with layer_path.open("wb") as raw:
+        compressed = Path(scratch) / "layer"
+        with compressed.open("wb") as raw:
             compressed_writer = _HashingWriter(raw)
             # mtime=0 and no file name: the same tarball always gives the same gzip bytes.
             with gzip.GzipFile(
@@ -313,17 +268,15 @@ def write_oci_archive(rootfs_tar: Path, archive: Path, architecture: str, ref_na
                     while chunk := source.read(1 << 20):
                         plain.update(chunk)
                         zipped.write(chunk)
-        layer_digest = "sha256:" + compressed_writer.sha256.hexdigest()
-        diff_id = "sha256:" + plain.hexdigest()
-        layer_path.rename(layout / "blobs" / "sha256" / layer_digest.removeprefix("sha256:"))
-        files = oci_layout_files(
-            layer_digest, compressed_writer.size, diff_id, architecture, ref_name
+        layer = oci.Layer(
+            source=compressed,
+            media_type=oci.LAYER_TAR_GZIP,
+            digest="sha256:" + compressed_writer.sha256.hexdigest(),
+            size=compressed_writer.size,
+            diff_id="sha256:" + plain.hexdigest(),
         )
-        for relative, content in files.items():
-            (layout / relative).write_bytes(content)
-        with tarfile.open(archive, "w") as out:
-            for path in sorted(layout.rglob("*")):
-                out.add(path, arcname=str(path.relative_to(layout)), recursive=False)
+        annotations = {"org.opencontainers.image.ref.name": ref_name}
+        oci.write_image_archive(archive, layer, oci_base_config(architecture), annotations)
 
 
 def ensure_base_image(recipe: BaseRecipe | None = None) -> Path:

@@ -1,6 +1,7 @@
-"""A small OCI image written by hand: one uncompressed layer, a config and an index, packed as
-the archive that ``ctr images import`` reads. The real node's own images (the pod sandbox and
-the volume helper) are made this way, since no registry can be reached and they need no build.
+"""One-layer OCI images written by hand, as the archive that ``ctr images import`` and
+buildah's ``oci-archive:`` read: the real node's own small images (the pod sandbox, CoreDNS),
+made from a few files since no registry can be reached, and the Debian base of the project's
+images (devenv/images.py), one gzipped root filesystem.
 
 The archive is reproducible: the same files give the same digests, whatever the clock says.
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 _MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 _CONFIG = "application/vnd.oci.image.config.v1+json"
-_LAYER = "application/vnd.oci.image.layer.v1.tar"
+_INDEX = "application/vnd.oci.image.index.v1+json"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @dataclass(frozen=True)
@@ -55,61 +58,71 @@ def layer_tar(content: ImageFiles) -> bytes:
     return buffer.getvalue()
 
 
-def _blob(data: bytes) -> tuple[str, bytes]:
-    return "sha256:" + hashlib.sha256(data).hexdigest(), data
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _canonical(document: object) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
-def image_blobs(
-    name: str, content: ImageFiles, entrypoint: list[str]
+@dataclass(frozen=True)
+class Layer:
+    """An image's one layer as the blob that goes into the archive: in memory (``source``
+    as bytes) or in a file (a big root filesystem, streamed)."""
+
+    source: bytes | Path
+    media_type: str
+    digest: str  # of the blob
+    size: int  # of the blob
+    diff_id: str  # of the uncompressed tar
+
+    @classmethod
+    def uncompressed(cls, tar: bytes) -> Layer:
+        digest = _digest(tar)
+        return cls(tar, LAYER_TAR, digest, len(tar), digest)
+
+
+def image_documents(
+    layer: Layer, config: dict[str, object], annotations: dict[str, str]
 ) -> tuple[dict[str, bytes], dict[str, object]]:
-    """Every blob by digest, and the index that names the image ``name`` (``repo:tag``)."""
-    layer_digest, layer = _blob(layer_tar(content))
-    config_digest, config = _blob(
-        _canonical(
-            {
-                "architecture": "amd64",
-                "os": "linux",
-                "config": {"Entrypoint": entrypoint, "WorkingDir": "/"},
-                "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-            }
-        )
+    """The config and manifest blobs by digest, and the index that names the image by
+    ``annotations``, around ``layer``; ``config`` is the image config without its rootfs."""
+    config_blob = _canonical({**config, "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}})
+    manifest = _canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": _MANIFEST,
+            "config": {
+                "mediaType": _CONFIG,
+                "digest": _digest(config_blob),
+                "size": len(config_blob),
+            },
+            "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}],
+        }
     )
-    manifest_digest, manifest = _blob(
-        _canonical(
-            {
-                "schemaVersion": 2,
-                "mediaType": _MANIFEST,
-                "config": {"mediaType": _CONFIG, "digest": config_digest, "size": len(config)},
-                "layers": [{"mediaType": _LAYER, "digest": layer_digest, "size": len(layer)}],
-            }
-        )
-    )
-    index = {
+    index: dict[str, object] = {
         "schemaVersion": 2,
+        "mediaType": _INDEX,
         "manifests": [
             {
                 "mediaType": _MANIFEST,
-                "digest": manifest_digest,
+                "digest": _digest(manifest),
                 "size": len(manifest),
-                "annotations": {
-                    # containerd names the imported image by this one.
-                    "io.containerd.image.name": name,
-                    "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1],
-                },
+                "annotations": annotations,
             }
         ],
     }
-    blobs = {layer_digest: layer, config_digest: config, manifest_digest: manifest}
-    return blobs, index
+    return {_digest(config_blob): config_blob, _digest(manifest): manifest}, index
 
 
-def write_archive(path: Path, name: str, content: ImageFiles, entrypoint: list[str]) -> Path:
-    """The image as an OCI archive at ``path``, written whole or not at all."""
-    blobs, index = image_blobs(name, content, entrypoint)
+def write_image_archive(
+    path: Path, layer: Layer, config: dict[str, object], annotations: dict[str, str]
+) -> Path:
+    """A one-layer image as an OCI archive at ``path`` (what ``ctr images import`` and
+    buildah's ``oci-archive:`` read), written whole or not at all. Equal inputs give equal
+    bytes, so an image's digest does not drift between builds."""
+    blobs, index = image_documents(layer, config, annotations)
     partial = path.with_suffix(path.suffix + ".partial")
     with tarfile.open(partial, mode="w") as tar:
 
@@ -122,5 +135,28 @@ def write_archive(path: Path, name: str, content: ImageFiles, entrypoint: list[s
         add("index.json", _canonical(index))
         for digest, data in sorted(blobs.items()):
             add(f"blobs/sha256/{digest.removeprefix('sha256:')}", data)
+        layer_member = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+        if isinstance(layer.source, bytes):
+            add(layer_member, layer.source)
+        else:
+            info = tarfile.TarInfo(layer_member)
+            info.size, info.mode = layer.size, 0o644
+            with layer.source.open("rb") as blob:
+                tar.addfile(info, blob)
     partial.rename(path)
     return path
+
+
+def write_archive(path: Path, name: str, content: ImageFiles, entrypoint: list[str]) -> Path:
+    """``content`` as the image ``name`` (``repo:tag``), uncompressed, in an OCI archive."""
+    annotations = {
+        # containerd names the imported image by this one.
+        "io.containerd.image.name": name,
+        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[-1],
+    }
+    config: dict[str, object] = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": entrypoint, "WorkingDir": "/"},
+    }
+    return write_image_archive(path, Layer.uncompressed(layer_tar(content)), config, annotations)

@@ -9,10 +9,11 @@ import json
 import tarfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dexorder.devenv import images
+from dexorder.devenv import images, oci
 
 BASE = Path("/cache/images/base-bookworm-amd64-0123/base.oci.tar")
 
@@ -52,13 +53,19 @@ def test_mmdebstrap_makes_a_small_python_root_filesystem_tarball() -> None:
 
 
 def test_the_oci_layout_points_from_the_index_to_the_manifest_to_the_config() -> None:
-    files = images.oci_layout_files(
-        "sha256:" + "a" * 64, 1234, "sha256:" + "b" * 64, "amd64", "dexorder-base:bookworm"
+    layer = oci.Layer(
+        source=b"",
+        media_type=oci.LAYER_TAR_GZIP,
+        digest="sha256:" + "a" * 64,
+        size=1234,
+        diff_id="sha256:" + "b" * 64,
     )
-    assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
-    [entry] = json.loads(files["index.json"])["manifests"]
-    assert entry["annotations"] == {"org.opencontainers.image.ref.name": "dexorder-base:bookworm"}
-    manifest_bytes = files["blobs/sha256/" + entry["digest"].removeprefix("sha256:")]
+    annotations = {"org.opencontainers.image.ref.name": "dexorder-base:bookworm"}
+    blobs, index = oci.image_documents(layer, images.oci_base_config("amd64"), annotations)
+    manifests: Any = index["manifests"]
+    [entry] = manifests
+    assert entry["annotations"] == annotations
+    manifest_bytes = blobs[entry["digest"]]
     assert entry["size"] == len(manifest_bytes)
     manifest = json.loads(manifest_bytes)
     assert manifest["layers"] == [
@@ -68,14 +75,14 @@ def test_the_oci_layout_points_from_the_index_to_the_manifest_to_the_config() ->
             "size": 1234,
         }
     ]
-    config_bytes = files["blobs/sha256/" + manifest["config"]["digest"].removeprefix("sha256:")]
+    config_bytes = blobs[manifest["config"]["digest"]]
     assert manifest["config"]["digest"] == "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     config = json.loads(config_bytes)
     assert config["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + "b" * 64]}
     assert (config["os"], config["architecture"]) == ("linux", "amd64")
     # Equal inputs, equal bytes: the base's digest does not drift between builds.
-    assert files == images.oci_layout_files(
-        "sha256:" + "a" * 64, 1234, "sha256:" + "b" * 64, "amd64", "dexorder-base:bookworm"
+    assert (blobs, index) == oci.image_documents(
+        layer, images.oci_base_config("amd64"), annotations
     )
 
 
@@ -190,7 +197,8 @@ def test_a_root_filesystem_tarball_becomes_a_one_layer_oci_archive(tmp_path: Pat
     again = tmp_path / "again.oci.tar"
     images.write_oci_archive(rootfs, again, "amd64", "dexorder-base:bookworm")
     with tarfile.open(again) as layout:
-        assert _member(layout, "index.json") == json.dumps(index, sort_keys=True).encode()
+        assert json.loads(_member(layout, "index.json")) == index
+    assert again.read_bytes() == archive.read_bytes()
 
 
 def _member(archive: tarfile.TarFile, name: str) -> bytes:
