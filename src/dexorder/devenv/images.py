@@ -309,6 +309,10 @@ def ensure_base_image(recipe: BaseRecipe | None = None) -> Path:
     finally:
         rootfs.unlink(missing_ok=True)
     (directory / ".complete").write_text(base_cache_key(recipe) + "\n")
+    # The same suite's bases of another recipe or format are never read again.
+    for stale in directory.parent.glob(f"base-{recipe.suite}-{recipe.architecture}-*"):
+        if stale != directory:
+            shutil.rmtree(stale, ignore_errors=True)
     return archive
 
 
