@@ -178,8 +178,17 @@ def buildah_bud_command(
 def buildah_push_command(name: str, tag: str, archive: Path) -> list[str]:
     # Compressed: buildah 1.28 ignores --disable-compression here (it reuses the compressed
     # blobs it knows), and the archive is the form an image also takes to another machine.
+    # zstd, which containerd unpacks since 1.5: every push compresses every layer again, and
+    # zstd does the gateway's in half gzip's time (15 s against 32 s on a busy 2-core machine).
     reference = image_reference(name, tag)
-    return ["buildah", "push", reference, f"oci-archive:{archive}:{reference}"]
+    return [
+        "buildah",
+        "push",
+        "--compression-format",
+        "zstd",
+        reference,
+        f"oci-archive:{archive}:{reference}",
+    ]
 
 
 def _ctr_images(containerd_address: str, *args: str) -> list[str]:

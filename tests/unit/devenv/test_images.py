@@ -116,6 +116,8 @@ def test_push_names_the_image_inside_its_archive() -> None:
     assert images.buildah_push_command("gateway", "v1", Path("/out/g.tar")) == [
         "buildah",
         "push",
+        "--compression-format",
+        "zstd",
         "localhost/dexorder-gateway:v1",
         "oci-archive:/out/g.tar:localhost/dexorder-gateway:v1",
     ]
