@@ -246,9 +246,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 host_map=settings.agent_host_map,
                 connect_seconds=settings.agent_connect_seconds,
                 read_seconds=settings.agent_read_seconds,
-                external_mcp_token=(
-                    settings.external_mcp_token.get_secret_value()
-                    if settings.external_mcp_token
+                external_mcp_secret=(
+                    settings.external_mcp_secret.get_secret_value()
+                    if settings.external_mcp_secret
                     else None
                 ),
             ),

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dexorder.core.tiers import TierCatalog, TierCatalogError, parse_tier_catalog
+from dexorder.gateway.pure.credentials import MIN_SECRET_LENGTH
 
 ENV_PREFIX = "DEXORDER_"
 # Set while GatewaySettings.from_values builds settings from explicit values only.
@@ -169,9 +170,11 @@ class GatewaySettings(BaseSettings):
     # auto: OpenAI-compatible deployments are streamed directly (gateway/llm/wire.py), the
     # rest through litellm; litellm: every deployment through litellm.
     llm_transport: Literal["auto", "litellm"] = "auto"
-    # The bearer token the gateway presents to an MCP server that a license names in
-    # mcp_server_url (the user's own server, not provisioned). The user's JWT is never sent.
-    external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = None
+    # The secret each user's credential for their own MCP server (a license's
+    # mcp_server_url) is derived from: HMAC(secret, user id), gateway/pure/credentials.py.
+    # The user's JWT is never sent. (The shared EXTERNAL_MCP_TOKEN of before is refused.)
+    external_mcp_secret: Annotated[SecretStr | None, EmptyIsNone] = None
+    external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = Field(None, exclude=True)
     # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
     agent_connect_seconds: float = Field(10.0, ge=0, le=120)
     # A read of the agent (preferences, history, tool list) that takes longer fails the
@@ -287,6 +290,18 @@ class GatewaySettings(BaseSettings):
                 problems.append(
                     f"DEFAULT_MODEL_PROVIDER={provider.value} needs {env_name(needed)} to be set"
                 )
+        if self.external_mcp_token is not None:
+            problems.append(
+                f"{env_name('external_mcp_token')} is no longer used: one token for every "
+                f"user's own MCP server let each user reach the others'. Set "
+                f"{env_name('external_mcp_secret')} instead; each user's server then checks "
+                "its own credential (docs/security.md)"
+            )
+        mcp_secret = self.external_mcp_secret
+        if mcp_secret is not None and len(mcp_secret) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"{env_name('external_mcp_secret')} must be at least {MIN_SECRET_LENGTH} characters"
+            )
         if (self.telegram_bot_token is None) != (self.telegram_webhook_secret is None):
             problems.append(
                 f"{env_name('telegram_bot_token')} and {env_name('telegram_webhook_secret')}"

@@ -289,3 +289,17 @@ def test_the_example_env_file_names_every_setting() -> None:
 
     for field in GatewaySettings.model_fields:
         assert env_name(field) in example, env_name(field)
+
+
+def test_one_shared_external_mcp_token_is_refused(env: pytest.MonkeyPatch) -> None:
+    env.setenv("DEXORDER_EXTERNAL_MCP_TOKEN", "t" * 40)
+    with pytest.raises(SettingsError, match="DEXORDER_EXTERNAL_MCP_TOKEN is no longer used"):
+        load_settings(env_file=None)
+
+
+def test_the_external_mcp_secret_must_be_long(env: pytest.MonkeyPatch) -> None:
+    env.setenv("DEXORDER_EXTERNAL_MCP_SECRET", "s" * 31)
+    with pytest.raises(SettingsError, match="EXTERNAL_MCP_SECRET must be at least 32"):
+        load_settings(env_file=None)
+    env.setenv("DEXORDER_EXTERNAL_MCP_SECRET", "s" * 32)
+    assert load_settings(env_file=None).external_mcp_secret is not None
