@@ -72,6 +72,8 @@ def chart_values(images_by_name: dict[str, str], model_url: str) -> dict[str, An
         "gateway": {
             "image": image("gateway"),
             "replicas": 1,
+            # Test users are enrolled on their first connection (the chart's default is off).
+            "autoEnroll": True,
             "auth": {"issuer": ISSUER, "audience": AUDIENCE},
         },
         "config": {"models": scripted_models_yaml(model_url)},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from dexorder.gateway.state import (
     REDIS,
     SESSIONS,
     SETTINGS,
+    USER_SOCKETS,
     VERIFIER,
 )
 from dexorder.gateway.stores.licenses import LicenseStore, open_pool
@@ -85,6 +87,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[DRAINING] = asyncio.Event()
     app[LIVE_SOCKETS] = {}
+    app[USER_SOCKETS] = Counter()
     app[Health] = []
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -110,7 +113,10 @@ async def _open_provisioner(
     if settings.provisioner == ProvisionerKind.KUBERNETES:
         client = await stack.enter_async_context(KubeClient(load_credentials(settings.kubeconfig)))
         provisioner: Provisioner = KubernetesProvisioner(
-            client, settings.agents_namespace, timeout=settings.provision_timeout_seconds
+            client,
+            settings.agents_namespace,
+            timeout=settings.provision_timeout_seconds,
+            max_agents=settings.max_agents,
         )
     else:
         provisioner = LocalProvisioner(settings.local_agents_dir)

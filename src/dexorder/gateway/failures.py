@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dexorder.gateway.agents.mcp_client import AgentUnavailable
-from dexorder.gateway.agents.provisioning import ProvisioningError
+from dexorder.gateway.agents.provisioning import AgentsAtCapacity, ProvisioningError
 from dexorder.gateway.llm.adapter import LLMError
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.routing import RoutingError
@@ -33,6 +33,7 @@ def _provisioning(error: Exception) -> str:
 
 
 SHOWN: tuple[tuple[type[Exception], Shown], ...] = (
+    (AgentsAtCapacity, Shown(protocol.ErrorCode.AGENTS_AT_CAPACITY, _provisioning)),
     (ProvisioningError, Shown(protocol.ErrorCode.AGENT_UNAVAILABLE, _provisioning)),
     # AgentTimeout too: busy or gone, the user can only wait and try again.
     (AgentUnavailable, Shown(protocol.ErrorCode.AGENT_UNAVAILABLE)),

@@ -161,6 +161,9 @@ class GatewaySettings(BaseSettings):
         None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
     )
     provision_timeout_seconds: float = Field(120.0, gt=0)
+    # The Kubernetes provisioner creates no new UserAgent once the namespace holds this many
+    # (None: no cap); the user is told so (an `agents_at_capacity` error frame).
+    max_agents: Annotated[int | None, EmptyIsNone] = Field(None, ge=1)
     # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
@@ -195,6 +198,9 @@ class GatewaySettings(BaseSettings):
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
     drain_seconds: float = Field(20.0, ge=0, le=600)
     max_queued_messages: int = Field(4, ge=1, le=100)
+    # WebSocket connections one user may hold at once on this replica (a tier's
+    # max_sockets_per_user may raise it); one more is refused with 4429.
+    max_sockets_per_user: int = Field(5, ge=1, le=1000)
 
     # --- local agents and agent addressing -------------------------------------------
     local_agents_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "agents"

@@ -19,6 +19,7 @@ import uuid
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
+from dexorder.core.tiers import Tier
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import AuthError, Identity, TokenVerifier
 from dexorder.gateway.bearer import bearer_token, verified
@@ -45,6 +46,7 @@ from dexorder.gateway.state import (
     LIVE_SOCKETS,
     SESSIONS,
     SETTINGS,
+    USER_SOCKETS,
     VERIFIER,
 )
 from dexorder.gateway.stores.sessions import (
@@ -129,6 +131,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+def socket_cap(setting: int, tier: Tier) -> int:
+    """How many sockets a user of ``tier`` may hold on one replica: the setting, or more
+    where the tier catalog raises it."""
+    return max(setting, tier.max_sockets_per_user or 0)
+
+
 async def _refuse(
     ws: web.WebSocketResponse, code: protocol.ErrorCode, message: str, close: int
 ) -> None:
@@ -175,6 +183,7 @@ async def serve(
     outbox: SessionOutbox | None = None
     follower: asyncio.Task[None] | None = None
     clean = True
+    admitted = False
     try:
         try:
             license = await effective_license(services, identity.user, identity.email)
@@ -186,6 +195,18 @@ async def serve(
             )
             await _refuse(ws, error.code, error.message, close_code)
             return
+        cap = socket_cap(app[SETTINGS].max_sockets_per_user, license.tier)
+        # Counted and checked with no await in between: concurrent connects see each other.
+        if app[USER_SOCKETS][identity.user] >= cap:
+            await _refuse(
+                ws,
+                protocol.ErrorCode.TOO_MANY_SOCKETS,
+                f"you have {cap} connections open, the most allowed; close one and reconnect",
+                protocol.CLOSE_TOO_MANY_SOCKETS,
+            )
+            return
+        app[USER_SOCKETS][identity.user] += 1
+        admitted = True
         store = app[SESSIONS]
         session = await _claim(ws, store, session_id, identity.user)
         if session is None:
@@ -241,6 +262,10 @@ async def serve(
         clean = await _read_frames(ws, conversation, outbox, following)
     finally:
         metrics.CONNECTIONS.labels(channel="websocket").dec()
+        if admitted:
+            app[USER_SOCKETS][identity.user] -= 1
+            if app[USER_SOCKETS][identity.user] <= 0:
+                del app[USER_SOCKETS][identity.user]
         try:
             if follower is not None:
                 await _stop(follower)
