@@ -7,6 +7,7 @@ Values come from the environment, then from an optional ``.env`` file.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
@@ -74,6 +75,21 @@ def _http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {value!r}")
     return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" or is_loopback_host(parts.hostname or "")
 
 
 def _database_url(value: str) -> str:
@@ -152,6 +168,8 @@ class GatewaySettings(BaseSettings):
     # --- licenses --------------------------------------------------------------------
     auto_enroll: bool = True
     license_cache_seconds: float = Field(30.0, ge=0)
+    # An open socket reads its user's license again this often: withdrawn, it closes (4403).
+    license_recheck_seconds: float = Field(300.0, gt=0)
 
     # --- provisioning ----------------------------------------------------------------
     provisioner: ProvisionerKind = ProvisionerKind.LOCAL
@@ -287,6 +305,11 @@ class GatewaySettings(BaseSettings):
             problems.append(f"{jwks} is required (or, for development only, {secret})")
         if self.jwks_url is not None and self.dev_hs256_secret is not None:
             problems.append(f"{jwks} and {secret} are both set; set only one")
+        if self.jwks_url is not None and not _https_or_loopback(self.jwks_url):
+            problems.append(
+                f"{jwks} must be https (plain http only on loopback): the keys that sign "
+                "users' tokens must not be swappable on the way"
+            )
         if self.dev_hs256_secret is not None and len(self.dev_hs256_secret) < 32:
             problems.append(f"{secret} must be at least 32 characters")
         provider = self.default_model_provider

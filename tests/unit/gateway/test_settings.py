@@ -303,3 +303,26 @@ def test_the_external_mcp_secret_must_be_long(env: pytest.MonkeyPatch) -> None:
         load_settings(env_file=None)
     env.setenv("DEXORDER_EXTERNAL_MCP_SECRET", "s" * 32)
     assert load_settings(env_file=None).external_mcp_secret is not None
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("https://id.example.com/.well-known/jwks.json", True),
+        ("http://127.0.0.1:8000/jwks.json", True),
+        ("http://localhost/jwks.json", True),
+        ("http://[::1]:9000/jwks.json", True),
+        ("http://id.example.com/.well-known/jwks.json", False),
+        ("http://10.0.0.5/jwks.json", False),
+        ("http://127.0.0.1.example.com/jwks.json", False),
+    ],
+)
+def test_the_jwks_must_come_over_https_except_on_loopback(
+    env: pytest.MonkeyPatch, url: str, accepted: bool
+) -> None:
+    env.setenv("DEXORDER_JWKS_URL", url)
+    if accepted:
+        assert load_settings(env_file=None).jwks_url == url
+    else:
+        with pytest.raises(SettingsError, match="DEXORDER_JWKS_URL must be https"):
+            load_settings(env_file=None)
