@@ -138,6 +138,8 @@ def installed_chart(
             GATEWAY_SECRET,
             f"--from-literal=DATABASE_URL={postgres.dsn.replace('127.0.0.1', network.gateway)}",
             f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
+            # A test cluster: the development secret is acknowledged with the cluster.
+            "--from-literal=DEXORDER_DEV_SECRET_WITH_KUBERNETES=true",
             "--from-literal=OPENAI_API_KEY=fake-key",
         )
         built = {name: f"localhost/dexorder-{name}:{tag}" for name in archives}

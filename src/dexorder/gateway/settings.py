@@ -210,7 +210,15 @@ class GatewaySettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     tiers_path: Path = Path("config/tiers.yaml")
     models_path: Path = Path("config/models.yaml")
+    # Demo mode serves a token to anyone who asks: only on a loopback bind (DEXORDER_HOST),
+    # and only to requests whose Host header names loopback (no DNS rebinding).
     demo_mode: bool = False
+    # Browser origins (scheme://host[:port]) allowed to open /ws/chat besides the gateway's
+    # own; a socket from any other page is refused with 403 before the upgrade.
+    allowed_origins: list[str] = Field(default_factory=list)
+    # The development HS256 secret is refused with the Kubernetes provisioner (a real
+    # cluster); a test cluster or the demo's local API server says so explicitly with this.
+    dev_secret_with_kubernetes: bool = False
     # The user the demo-mode token endpoint signs for (demo mode only).
     demo_user_id: str = Field("demo-user", min_length=1)
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
@@ -305,6 +313,21 @@ class GatewaySettings(BaseSettings):
             problems.append(f"{jwks} is required (or, for development only, {secret})")
         if self.jwks_url is not None and self.dev_hs256_secret is not None:
             problems.append(f"{jwks} and {secret} are both set; set only one")
+        if self.demo_mode and not is_loopback_host(self.host):
+            problems.append(
+                f"{env_name('demo_mode')} hands a token to anyone who asks: it needs "
+                f"{env_name('host')} on loopback (127.0.0.1, ::1 or localhost), not {self.host!r}"
+            )
+        if (
+            self.dev_hs256_secret is not None
+            and self.provisioner == ProvisionerKind.KUBERNETES
+            and not self.dev_secret_with_kubernetes
+        ):
+            problems.append(
+                f"{secret} is for development and cannot be used with "
+                f"{env_name('provisioner')}=kubernetes: set {jwks} (a test cluster may set "
+                f"{env_name('dev_secret_with_kubernetes')}=true)"
+            )
         if self.jwks_url is not None and not _https_or_loopback(self.jwks_url):
             problems.append(
                 f"{jwks} must be https (plain http only on loopback): the keys that sign "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import psycopg
+import pytest
 
 from dexorder.devenv.fake_llm import FakeLLMServer
 from dexorder.devenv.jwks import LocalJwksIssuer
@@ -124,3 +125,26 @@ async def test_a_detached_conversation_is_never_handed_to_another_user(
         assert await closed_with(intruder) == protocol.CLOSE_FORBIDDEN
         assert not [f for f in intruder.frames if f["type"] == "delta"]
         assert len(detached_conversations(gateway.app)) == 0
+
+
+async def test_a_page_on_another_site_cannot_open_a_chat_socket(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(
+                gateway.ws_url,
+                headers={
+                    "Authorization": f"Bearer {issuer.mint(user_id)}",
+                    "Origin": "https://evil.example",
+                },
+            )
+        assert refused.value.status == 403
+        own = gateway.ws_url.replace("ws://", "http://").split("/ws/")[0]
+        client = await connect(session, gateway, issuer.mint(user_id))
+        await client.ws.close()
+        ws = await session.ws_connect(
+            gateway.ws_url,
+            headers={"Authorization": f"Bearer {issuer.mint(user_id)}", "Origin": own},
+        )
+        await ws.close()

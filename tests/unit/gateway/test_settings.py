@@ -326,3 +326,26 @@ def test_the_jwks_must_come_over_https_except_on_loopback(
     else:
         with pytest.raises(SettingsError, match="DEXORDER_JWKS_URL must be https"):
             load_settings(env_file=None)
+
+
+def test_demo_mode_is_refused_unless_bound_to_loopback(env: pytest.MonkeyPatch) -> None:
+    env.delenv("DEXORDER_JWKS_URL")
+    env.setenv("DEXORDER_DEV_HS256_SECRET", "d" * 32)
+    env.setenv("DEXORDER_DEMO_MODE", "true")
+    env.setenv("DEXORDER_HOST", "0.0.0.0")
+    with pytest.raises(SettingsError, match="DEXORDER_HOST on loopback"):
+        load_settings(env_file=None)
+    env.setenv("DEXORDER_HOST", "127.0.0.1")
+    assert load_settings(env_file=None).demo_mode
+
+
+def test_the_development_secret_is_refused_with_the_kubernetes_provisioner(
+    env: pytest.MonkeyPatch,
+) -> None:
+    env.delenv("DEXORDER_JWKS_URL")
+    env.setenv("DEXORDER_DEV_HS256_SECRET", "d" * 32)
+    env.setenv("DEXORDER_PROVISIONER", "kubernetes")
+    with pytest.raises(SettingsError, match="cannot be used with DEXORDER_PROVISIONER=kub"):
+        load_settings(env_file=None)
+    env.setenv("DEXORDER_DEV_SECRET_WITH_KUBERNETES", "true")  # a test cluster, said so
+    assert load_settings(env_file=None).dev_hs256_secret is not None

@@ -21,6 +21,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
@@ -196,10 +198,26 @@ def _after(request: web.Request) -> int | None:
     return int(raw)
 
 
+def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
+    """Whether a socket from ``origin`` may open: no Origin (not a browser), the gateway's
+    own page (the Origin's host is the request's Host), or one of ``allowed``. A page on
+    another site cannot ride a browser's credentials (cross-site WebSocket hijacking)."""
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and host is not None and parts.netloc == host
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     if app[DRAINING].is_set():
         raise web.HTTPServiceUnavailable(text="the gateway is shutting down; reconnect")
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.host, app[SETTINGS].allowed_origins):
+        logger.warning("refused a chat socket from origin %r", origin)
+        raise web.HTTPForbidden(text="this page's origin may not open a chat socket")
     verifier = app[VERIFIER]
     identity: Identity | None = None
     token = bearer_token(request)
