@@ -32,6 +32,7 @@ from dexorder.gateway.state import (
     DB_POOL,
     DRAINING,
     LIVE_SOCKETS,
+    METRICS_PORT,
     REDIS,
     SESSIONS,
     SETTINGS,
@@ -82,6 +83,26 @@ async def serve_metrics(_: web.Request) -> web.Response:
     )
 
 
+async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
+    """``/metrics`` on its own port: what the gateway counts (users, errors, models) is for
+    the operator's scraper, not for whoever reaches the public port."""
+    settings = app[SETTINGS]
+    assert settings.metrics_port is not None
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", serve_metrics)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.metrics_port)
+        await site.start()
+        address = runner.addresses[0]
+        app[METRICS_PORT] = int(address[1])
+        logger.info("metrics on port %d", app[METRICS_PORT])
+        yield
+    finally:
+        await runner.cleanup()
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
@@ -91,10 +112,11 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[Health] = []
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/ws/chat", websocket.chat)
     app.router.add_get(USAGE_PATH, get_usage)
     app.cleanup_ctx.append(_services)
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(_metrics_site)
     # Channels beyond the socket add their routes and their own cleanup_ctx after the
     # shared services, so those are open first and closed last.
     web_page.install(app)

@@ -208,6 +208,9 @@ class GatewaySettings(BaseSettings):
     # --- serving ---------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # /metrics is served on its own port, never on the public one (the chart's Ingress
+    # routes only the public port); empty: no metrics endpoint; 0: any free port (tests).
+    metrics_port: Annotated[int | None, EmptyIsNone] = Field(None, ge=0, le=65535)
     tiers_path: Path = Path("config/tiers.yaml")
     models_path: Path = Path("config/models.yaml")
     # Demo mode serves a token to anyone who asks: only on a loopback bind (DEXORDER_HOST),

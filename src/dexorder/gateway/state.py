@@ -27,6 +27,8 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 # How many WebSockets each user holds open on this replica (for the per-user cap).
 USER_SOCKETS: web.AppKey[Counter[str]] = web.AppKey("user_sockets")
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
+# The port /metrics is served on (its own site; see app._metrics_site), once it listens.
+METRICS_PORT = web.AppKey("metrics_port", int)
 # Opened once by the app's shared services, for every channel to use.
 DB_POOL: web.AppKey[Pool] = web.AppKey("db_pool")
 REDIS = web.AppKey("redis", Redis)  # set only with REDIS_URL

@@ -268,3 +268,33 @@ def test_the_agents_quota_caps_useragents_and_the_gateway_knows_the_cap(
     default_settings = env(container(one(defaults, "Deployment", "gateway"), "gateway"))
     assert "DEXORDER_MAX_AGENTS" not in default_settings
     assert default_settings["DEXORDER_AUTO_ENROLL"] == "false"
+
+
+def test_the_ingress_routes_neither_probes_nor_metrics(everything: list[Manifest]) -> None:
+    ingress = one(everything, "Ingress")
+    paths = {
+        (path["path"], path["pathType"])
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert paths == {
+        ("/", "Exact"),
+        ("/static/", "Prefix"),
+        ("/ws/chat", "Exact"),
+        ("/webhook/telegram", "Exact"),
+        ("/api/", "Prefix"),
+    }
+    backends = {
+        path["backend"]["service"]["port"]["name"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert backends == {"http"}
+    gateway = container(one(everything, "Deployment", "gateway"), "gateway")
+    assert env(gateway)["DEXORDER_METRICS_PORT"] == "9090"
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {
+        "http": 8080,
+        "metrics": 9090,
+    }
+    service = one(everything, "Service", "gateway")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]

@@ -177,8 +177,11 @@ async def test_health_ready_metrics(gateway: RunningGateway) -> None:
             assert response.status == 200, body
             assert body["checks"] == {"database": True, "provisioner": True, "events": True}
             assert body["events_backlog"] == 0
-        async with session.get(gateway.url + "/metrics") as response:
+        async with session.get(gateway.metrics_url) as response:
             assert "dexorder_gateway_connections" in await response.text()
+        # Not on the public port, which the chart's Ingress routes.
+        async with session.get(gateway.url + "/metrics") as response:
+            assert response.status == 404
 
 
 async def test_no_task_is_left_behind(
