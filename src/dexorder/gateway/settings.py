@@ -8,6 +8,7 @@ Values come from the environment, then from an optional ``.env`` file.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
@@ -75,6 +76,9 @@ def _http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {value!r}")
     return value
+
+
+_TELEGRAM_SECRET = re.compile(r"[A-Za-z0-9_-]{32,256}")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -356,6 +360,15 @@ class GatewaySettings(BaseSettings):
         if mcp_secret is not None and len(mcp_secret) < MIN_SECRET_LENGTH:
             problems.append(
                 f"{env_name('external_mcp_secret')} must be at least {MIN_SECRET_LENGTH} characters"
+            )
+        webhook_secret = self.telegram_webhook_secret
+        if webhook_secret is not None and (
+            _TELEGRAM_SECRET.fullmatch(webhook_secret.get_secret_value()) is None
+        ):
+            problems.append(
+                f"{env_name('telegram_webhook_secret')} must be 32 to 256 characters of "
+                "A-Z a-z 0-9 _ - (what Telegram allows; it is all that tells Telegram's "
+                "updates from anyone's)"
             )
         if (self.telegram_bot_token is None) != (self.telegram_webhook_secret is None):
             problems.append(

@@ -349,3 +349,27 @@ def test_the_development_secret_is_refused_with_the_kubernetes_provisioner(
         load_settings(env_file=None)
     env.setenv("DEXORDER_DEV_SECRET_WITH_KUBERNETES", "true")  # a test cluster, said so
     assert load_settings(env_file=None).dev_hs256_secret is not None
+
+
+@pytest.mark.parametrize(
+    ("secret", "accepted"),
+    [
+        ("a" * 32, True),
+        ("Ab0_-" * 7, True),
+        ("x" * 256, True),
+        ("a" * 31, False),
+        ("x" * 257, False),
+        ("a" * 31 + "!", False),  # outside Telegram's alphabet
+        ("short", False),
+    ],
+)
+def test_the_telegram_webhook_secret_must_be_strong(
+    env: pytest.MonkeyPatch, secret: str, accepted: bool
+) -> None:
+    env.setenv("TELEGRAM_BOT_TOKEN", "123:abc")
+    env.setenv("DEXORDER_TELEGRAM_WEBHOOK_SECRET", secret)
+    if accepted:
+        assert load_settings(env_file=None).telegram_webhook_secret is not None
+    else:
+        with pytest.raises(SettingsError, match="WEBHOOK_SECRET must be 32 to 256 characters"):
+            load_settings(env_file=None)
