@@ -252,6 +252,8 @@ class RedisAttemptLimiter:
 # --- POST /api/link-codes ------------------------------------------------------------------
 
 LINK_CODES = web.AppKey("link_codes", LinkCodeStore)
+#: Codes issued per user, counted like wrong codes: at most ``max_failures`` a window.
+LINK_ISSUES: web.AppKey[AttemptLimiter] = web.AppKey("link_issues")
 
 
 async def create_link_code(request: web.Request) -> web.Response:
@@ -265,6 +267,20 @@ async def create_link_code(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": error.code.value, "message": error.message}, status=status
         )
+    issues = request.app[LINK_ISSUES]
+    key = f"issue:{identity.user}"
+    wait = await issues.retry_after(key)
+    if wait is not None:
+        return web.json_response(
+            {
+                "error": protocol.ErrorCode.RATE_LIMITED.value,
+                "message": "too many link codes asked for; use the last one, or wait",
+                "retry_after": round(wait),
+            },
+            status=429,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    await issues.failed(key)  # counts an issue
     try:
         issued = await request.app[LINK_CODES].issue(identity.user)
     except LinkUnavailable as error:
@@ -287,6 +303,7 @@ async def create_link_code(request: web.Request) -> web.Response:
 __all__ = [
     "CODE_ALPHABET",
     "LINK_CODES",
+    "LINK_ISSUES",
     "AlreadyLinked",
     "AttemptLimiter",
     "CodeRefused",

@@ -148,3 +148,28 @@ async def test_a_page_on_another_site_cannot_open_a_chat_socket(
             headers={"Authorization": f"Bearer {issuer.mint(user_id)}", "Origin": own},
         )
         await ws.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?session=abcdefgh%0A",  # a trailing newline that `^...$` with match() let through
+        "?after=%C2%B2",  # "²": a digit to str.isdigit, not to int()
+        "?after=%D9%A3",  # an Arabic-Indic three
+    ],
+)
+async def test_malformed_query_values_get_400_before_the_upgrade(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, user_id: str, query: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(
+                gateway.ws_url + query,
+                headers={"Authorization": f"Bearer {issuer.mint(user_id)}"},
+            )
+        assert refused.value.status == 400
+        async with session.get(
+            gateway.url + "/api/usage?days=%C2%B2",
+            headers={"Authorization": f"Bearer {issuer.mint(user_id)}"},
+        ) as usage:
+            assert usage.status == 400

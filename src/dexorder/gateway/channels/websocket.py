@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0
 CLOSE_SERVICE_RESTART = 1012
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class SocketToken:
@@ -193,7 +193,8 @@ def _after(request: web.Request) -> int | None:
     raw = request.query.get("after")
     if raw is None:
         return None
-    if not raw.isdigit():
+    # ASCII only: "²" is a digit to str.isdigit, and int() refuses it.
+    if not (raw.isascii() and raw.isdigit()):
         raise web.HTTPBadRequest(text="after must be a sequence number (0 or more)")
     return int(raw)
 
@@ -225,7 +226,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         identity = await verified(request, token)
 
     session_id = request.query.get("session") or uuid.uuid4().hex
-    if not _SESSION_ID.match(session_id):
+    if not _SESSION_ID.fullmatch(session_id):
         raise web.HTTPBadRequest(text="session must be 8 to 64 characters of A-Z a-z 0-9 _ -")
     after = _after(request)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aiohttp
 import psycopg
 
 from dexorder.core import naming
@@ -105,3 +106,22 @@ async def test_a_chat_relinked_to_another_user_reaches_the_new_users_agent(
     contents = [m.get("content") for m in llm.requests[-1].body["messages"]]
     assert "my secret plan" not in contents
     assert (tmp_path / "agents" / naming.user_agent_name(new_user)).exists()
+
+
+async def test_issuing_link_codes_is_rate_limited_per_user(
+    tg_gateway: TelegramGateway, issuer: LocalJwksIssuer, user_id: str
+) -> None:
+    token = issuer.mint(user_id)
+    for _ in range(5):
+        await issue_code(tg_gateway.url, token)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            tg_gateway.url + "/api/link-codes", headers={"Authorization": f"Bearer {token}"}
+        ) as answer,
+    ):
+        assert answer.status == 429
+        assert int(answer.headers["Retry-After"]) > 0
+        assert (await answer.json())["error"] == "rate_limited"
+    # Another user is not affected.
+    await issue_code(tg_gateway.url, issuer.mint(f"{user_id}-other"))
