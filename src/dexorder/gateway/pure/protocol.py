@@ -233,6 +233,14 @@ class ErrorFrame(GatewayFrameBase):
     retry_after: float | None = Field(
         default=None, ge=0, description="Seconds until a retry may succeed."
     )
+    reference: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "Names this failure in the gateway's logs, where its detail is; the message "
+            "is generic then. Quote it when reporting the problem."
+        ),
+    )
 
 
 class PongFrame(GatewayFrameBase):
