@@ -19,13 +19,20 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dexorder.gateway import metrics
-from dexorder.gateway.agents.mcp_client import AgentSession, AgentUnavailable, ToolOutcome, ToolSpec
+from dexorder.gateway.agents.mcp_client import (
+    AgentSession,
+    AgentTimeout,
+    AgentUnavailable,
+    ToolOutcome,
+    ToolSpec,
+)
 from dexorder.gateway.llm.adapter import EncodedTools, Finish, LLMError, TextDelta, ToolCall, Usage
 from dexorder.gateway.llm.routing import Fallback, ModelRouter, RoutedEvent
 from dexorder.gateway.pure import protocol
@@ -403,8 +410,15 @@ class Harness:
             else:
                 logger.warning("refused the model's call of a tool not offered: %r", call.name)
                 outcome = ToolOutcome(f"there is no tool named {call.name!r}", is_error=True)
-        except AgentUnavailable as error:
+        except AgentTimeout as error:  # our own words: "did not answer in 30 s"
             return ToolFinished(call.id, str(error), is_error=True), f"error: {error}"
+        except AgentUnavailable as error:
+            # What the agent answered (an HTTP error's body) is for the log, under a
+            # reference the user can quote (issue 21).
+            reference = uuid.uuid4().hex[:12]
+            logger.warning("tool %r failed, reference %s: %s", call.name, reference, error)
+            shown = f"your agent could not run {call.name} right now (reference {reference})"
+            return ToolFinished(call.id, shown, is_error=True), f"error: {shown}"
         return ToolFinished(call.id, outcome.content, outcome.is_error), outcome.content
 
     async def _notify(self, frame: protocol.Frame) -> None:
