@@ -14,6 +14,7 @@ from dexorder.agent.trading import indicators
 from dexorder.agent.trading.backtest import BacktestError, run_backtest
 from dexorder.agent.trading.indicators import INDICATOR_NAMES, IndicatorError, Series
 from dexorder.agent.trading.ohlcv import OhlcvSeries
+from dexorder.agent.trading.strategy import MAX_PERIOD
 
 _PARAMS: dict[str, tuple[str, ...]] = {
     "sma": (),
@@ -62,6 +63,15 @@ def compute_indicator(
         )
     if indicator == "macd" and period is not None:
         raise InvalidInput("macd takes params fast, slow and signal instead of period")
+    # The same limit as a strategy's operands: the tool must not compute what no strategy
+    # may use, and an indicator's work grows with its period.
+    lengths: dict[str, float | None] = {
+        "period": period,
+        **{key: extra[key] for key in ("fast", "slow", "signal") if key in extra},
+    }
+    for key, length in lengths.items():
+        if length is not None and not 1 <= length <= MAX_PERIOD:
+            raise InvalidInput(f"{key} must be between 1 and {MAX_PERIOD:,}, got {length:g}")
     if series is None:
         if indicator == "atr":
             raise InvalidInput("atr needs high, low and close: pass a dataset, not prices")

@@ -20,7 +20,7 @@ MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
 
 
-def build_server(state: AgentState) -> FastMCP[Any]:
+def build_server(state: AgentState, token: str) -> FastMCP[Any]:
     # AgentMCP: FastMCP whose tools/call compiles each output schema's validator once.
     server: FastMCP[Any] = AgentMCP(
         name="dexorder-agent",
@@ -36,7 +36,7 @@ def build_server(state: AgentState) -> FastMCP[Any]:
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         log_level="WARNING",
     )
-    tools.register(server, state)
+    tools.register(server, state, approval_key=token)
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok", "user": state.user_id})
@@ -48,5 +48,5 @@ def build_server(state: AgentState) -> FastMCP[Any]:
 
 
 def build_app(state: AgentState, token: str) -> ASGIApp:
-    server = build_server(state)
+    server = build_server(state, token)
     return BearerAuth(server.streamable_http_app(), token, protected_prefix=MCP_PATH)

@@ -26,7 +26,8 @@ class BearerAuth:
         if protected and not self._authorised(scope):
             client = scope.get("client")
             logger.warning(
-                "refused %s %s from %s: missing or wrong bearer token",
+                # repr: the path is the sender's text, and must not forge log lines.
+                "refused %s %r from %s: missing or wrong bearer token",
                 scope.get("method"),
                 scope["path"],
                 client[0] if client else "unknown",

@@ -2,6 +2,10 @@
 
 Saving a strategy again replaces it and resets it to ``draft``: an approval covers the
 definition that was reviewed, not whatever the name holds later. Nothing here trades.
+
+An approval needs an approval id from the gateway's review workflow
+(``dexorder.core.approval``), used once: the same id again is answered as before while the
+approval it made stands (the workflow may retry its last step), and refused afterwards.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dexorder.agent.limits import MAX_STRATEGY_BYTES
 from dexorder.agent.store.db import Database, utc_now
 from dexorder.agent.trading.strategy import Strategy, StrategyError, parse_strategy
 from dexorder.agent.validation import check_name, check_size
+from dexorder.core.approval import verified_review_id
 
 
 def validate_strategy(definition: Any) -> Strategy:
@@ -24,6 +29,10 @@ def validate_strategy(definition: Any) -> Strategy:
         return parse_strategy(definition)
     except StrategyError as error:
         raise InvalidInput(str(error)) from error
+
+
+class ApprovalRefused(InvalidInput):
+    """An approval without a valid, unused approval id from the gateway's review workflow."""
 
 
 class StrategyStore:
@@ -72,9 +81,28 @@ class StrategyStore:
             raise NotFound(f"no strategy named {name!r}; list_strategies shows the saved ones")
         return Strategy.model_validate_json(row[0])
 
-    def approve(self, name: str) -> dict[str, Any]:
+    def approve(self, name: str, approval_id: str, *, approval_key: str) -> dict[str, Any]:
+        review_id = verified_review_id(approval_key, approval_id, name)
+        if review_id is None:
+            raise ApprovalRefused(
+                "only the user can approve a strategy: start a review (review_strategy) and "
+                "the user's approval records it"
+            )
         now = utc_now()
         with self._db.transaction() as connection:
+            used = connection.execute(
+                "SELECT name, approved_at FROM strategy_approvals WHERE review_id = ?",
+                (review_id,),
+            ).fetchone()
+            if used is not None:
+                current = connection.execute(
+                    "SELECT status, approved_at FROM strategies WHERE name = ?", (name,)
+                ).fetchone()
+                if current is not None and tuple(current) == ("approved", used[1]):
+                    return {"name": name, "status": "approved", "approved_at": used[1]}
+                raise ApprovalRefused(
+                    "this approval id was used already; a new review asks the user again"
+                )
             updated = connection.execute(
                 "UPDATE strategies SET status = 'approved', approved_at = ?, updated_at = ? "
                 "WHERE name = ?",
@@ -82,6 +110,10 @@ class StrategyStore:
             )
             if updated.rowcount == 0:
                 raise NotFound(f"no strategy named {name!r}; save it before approving it")
+            connection.execute(
+                "INSERT INTO strategy_approvals (review_id, name, approved_at) VALUES (?, ?, ?)",
+                (review_id, name, now),
+            )
         return {"name": name, "status": "approved", "approved_at": now}
 
     def counts(self) -> tuple[int, int]:

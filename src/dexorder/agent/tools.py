@@ -74,11 +74,13 @@ async def run_short(state: AgentState, work: Callable[[], T]) -> T:
     return await _in_thread(work)
 
 
-def register(server: FastMCP[Any], state: AgentState) -> None:
+def register(server: FastMCP[Any], state: AgentState, *, approval_key: str) -> None:
+    """Every tool and resource. ``approval_key`` checks ``approve_strategy``'s approval ids
+    (the agent's bearer token: ``dexorder.core.approval``)."""
     _register_memory(server, state)
     _register_preferences(server, state)
     _register_history(server, state)
-    _register_market(server, state)
+    _register_market(server, state, approval_key)
     _register_resources(server, state)
 
 
@@ -166,7 +168,7 @@ def _register_history(server: FastMCP[Any], state: AgentState) -> None:
         return await _in_thread(functools.partial(state.history.page, session_id, limit, before_id))
 
 
-def _register_market(server: FastMCP[Any], state: AgentState) -> None:
+def _register_market(server: FastMCP[Any], state: AgentState, approval_key: str) -> None:
     @server.tool()
     async def save_dataset(
         name: Annotated[str, Field(description="Dataset name; saving again replaces it")],
@@ -275,9 +277,17 @@ def _register_market(server: FastMCP[Any], state: AgentState) -> None:
     @server.tool()
     async def approve_strategy(
         name: Annotated[str, Field(description="A saved strategy's name")],
+        approval_id: Annotated[
+            str, Field(description="The one-time id the gateway's review workflow issued")
+        ],
     ) -> dict[str, Any]:
-        """Mark a saved strategy approved after review: a record of a decision, never a trade."""
-        return await _in_thread(functools.partial(state.strategies.approve, name))
+        """Mark a saved strategy approved after the user approved its review: a record of a
+        decision, never a trade. Internal: only the gateway's review workflow calls it."""
+        return await _in_thread(
+            functools.partial(
+                state.strategies.approve, name, approval_id, approval_key=approval_key
+            )
+        )
 
 
 def _register_resources(server: FastMCP[Any], state: AgentState) -> None:

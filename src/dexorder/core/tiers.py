@@ -121,6 +121,9 @@ class Tier(_Frozen):
     idle_timeout_minutes: PositiveInt | None
     rate_limits: RateLimits
     model_groups: ModelGroups
+    # WebSocket connections one user may hold at once on a gateway replica; None: the
+    # gateway's DEXORDER_MAX_SOCKETS_PER_USER. A tier can raise the cap, never lower it.
+    max_sockets_per_user: PositiveInt | None = None
 
     @property
     def idle_timeout(self) -> timedelta | None:

@@ -146,6 +146,8 @@ class KubernetesDemo:
             "DEXORDER_AGENT_HOST_MAP": json.dumps(self.host_map),
             # The agent runner starts the agent only once its Deployment is Ready.
             "DEXORDER_AGENT_CONNECT_SECONDS": "30",
+            # The demo signs its token with the development secret; its API server is local.
+            "DEXORDER_DEV_SECRET_WITH_KUBERNETES": "true",
         }
 
     def get_ua_command(self) -> str:

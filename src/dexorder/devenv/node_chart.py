@@ -74,6 +74,8 @@ def chart_values(images_by_name: dict[str, str], model_url: str) -> dict[str, An
         "gateway": {
             "image": image("gateway"),
             "replicas": 1,
+            # Test users are enrolled on their first connection (the chart's default is off).
+            "autoEnroll": True,
             "auth": {"issuer": ISSUER, "audience": AUDIENCE},
         },
         "config": {"models": scripted_models_yaml(model_url)},
@@ -175,6 +177,8 @@ def installed_chart(
             GATEWAY_SECRET,
             f"--from-literal=DATABASE_URL={postgres.dsn.replace('127.0.0.1', network.gateway)}",
             f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
+            # A test cluster: the development secret is acknowledged with the cluster.
+            "--from-literal=DEXORDER_DEV_SECRET_WITH_KUBERNETES=true",
             "--from-literal=OPENAI_API_KEY=fake-key",
         )
         built = {name: f"localhost/dexorder-{name}:{tag}" for name in archives}

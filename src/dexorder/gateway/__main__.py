@@ -4,6 +4,8 @@ dexorder-gateway [serve]     the HTTP and WebSocket server
 dexorder-gateway migrate     apply the PostgreSQL migrations
 dexorder-gateway set-webhook register the Telegram webhook URL and secret with the Bot API
 dexorder-gateway rag ...     the knowledge base: `rag ingest PATH [--user U]`
+dexorder-gateway mcp-credential USER_ID
+                             the credential a user's own MCP server must accept
 """
 
 from __future__ import annotations
@@ -87,13 +89,30 @@ def _migrate() -> int:
     return 0
 
 
+def _mcp_credential(arguments: list[str]) -> int:
+    from dexorder.gateway.pure.credentials import external_mcp_credential
+
+    if len(arguments) != 1:
+        print("usage: dexorder-gateway mcp-credential USER_ID", file=sys.stderr)
+        return 2
+    secret = load_settings().external_mcp_secret
+    if secret is None:
+        print("dexorder-gateway: DEXORDER_EXTERNAL_MCP_SECRET is not set", file=sys.stderr)
+        return 2
+    print(external_mcp_credential(secret.get_secret_value(), arguments[0]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     parser = argparse.ArgumentParser(prog="dexorder-gateway", description=__doc__)
     parser.add_argument(
-        "command", nargs="?", default="serve", choices=["serve", "migrate", "set-webhook", "rag"]
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "migrate", "set-webhook", "rag", "mcp-credential"],
     )
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -108,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             from dexorder.gateway.rag.cli import main as rag_main
 
             return rag_main(load_settings(), list(args.arguments))
+        if args.command == "mcp-credential":
+            return _mcp_credential(list(args.arguments))
         return _serve()
     except SettingsError as error:
         print(f"dexorder-gateway: bad configuration:\n  {error}", file=sys.stderr)

@@ -25,6 +25,7 @@ from dexorder.gateway.agents.provisioning import (
 )
 from dexorder.gateway.agents.sessions import AgentLease, AgentSessions
 from dexorder.gateway.harness import read_agent_context
+from dexorder.gateway.pure.credentials import external_mcp_credential
 from dexorder.gateway.pure.licenses import EffectiveLicense
 from dexorder.gateway.turns import AgentContext
 
@@ -48,15 +49,16 @@ class AgentAccess:
 
     ``connect_seconds``: how long a just-provisioned agent may take to answer its first MCP
     request; ``read_seconds``: how long a read of the agent (preferences, history, tool list)
-    may take; ``external_mcp_token`` is presented to MCP servers a license names
-    (``mcp_server_url``), never the user's JWT."""
+    may take; ``external_mcp_secret`` derives each user's credential for the MCP server
+    their license names (``mcp_server_url``; ``pure/credentials.py``), never the user's
+    JWT, and never one user's credential at another's server."""
 
     provisioner: Provisioner
     sessions: AgentSessions = field(default_factory=AgentSessions)
     host_map: Mapping[str, str] = field(default_factory=dict)
     connect_seconds: float = 10.0
     read_seconds: float = DEFAULT_READ_SECONDS
-    external_mcp_token: str | None = None
+    external_mcp_secret: str | None = None
 
 
 class AgentHandle:
@@ -122,9 +124,9 @@ class AgentHandle:
                 await lease.release()
             access = self._access
             if self._license.mcp_server_url:
-                endpoint = AgentEndpoint(
-                    self._license.user_id, self._license.mcp_server_url, access.external_mcp_token
-                )
+                user_id, secret = self._license.user_id, access.external_mcp_secret
+                credential = None if secret is None else external_mcp_credential(secret, user_id)
+                endpoint = AgentEndpoint(user_id, self._license.mcp_server_url, credential)
             else:
                 started = time.perf_counter()
                 endpoint = await access.provisioner.ensure_agent(self._license, progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -31,9 +32,11 @@ from dexorder.gateway.state import (
     DB_POOL,
     DRAINING,
     LIVE_SOCKETS,
+    METRICS_PORT,
     REDIS,
     SESSIONS,
     SETTINGS,
+    USER_SOCKETS,
     VERIFIER,
 )
 from dexorder.gateway.stores.licenses import LicenseStore, open_pool
@@ -80,18 +83,40 @@ async def serve_metrics(_: web.Request) -> web.Response:
     )
 
 
+async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
+    """``/metrics`` on its own port: what the gateway counts (users, errors, models) is for
+    the operator's scraper, not for whoever reaches the public port."""
+    settings = app[SETTINGS]
+    assert settings.metrics_port is not None
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", serve_metrics)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.metrics_port)
+        await site.start()
+        address = runner.addresses[0]
+        app[METRICS_PORT] = int(address[1])
+        logger.info("metrics on port %d", app[METRICS_PORT])
+        yield
+    finally:
+        await runner.cleanup()
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[DRAINING] = asyncio.Event()
     app[LIVE_SOCKETS] = {}
+    app[USER_SOCKETS] = Counter()
     app[Health] = []
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/ws/chat", websocket.chat)
     app.router.add_get(USAGE_PATH, get_usage)
     app.cleanup_ctx.append(_services)
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(_metrics_site)
     # Channels beyond the socket add their routes and their own cleanup_ctx after the
     # shared services, so those are open first and closed last.
     web_page.install(app)
@@ -110,7 +135,10 @@ async def _open_provisioner(
     if settings.provisioner == ProvisionerKind.KUBERNETES:
         client = await stack.enter_async_context(KubeClient(load_credentials(settings.kubeconfig)))
         provisioner: Provisioner = KubernetesProvisioner(
-            client, settings.agents_namespace, timeout=settings.provision_timeout_seconds
+            client,
+            settings.agents_namespace,
+            timeout=settings.provision_timeout_seconds,
+            max_agents=settings.max_agents,
         )
     else:
         provisioner = LocalProvisioner(settings.local_agents_dir)
@@ -246,9 +274,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 host_map=settings.agent_host_map,
                 connect_seconds=settings.agent_connect_seconds,
                 read_seconds=settings.agent_read_seconds,
-                external_mcp_token=(
-                    settings.external_mcp_token.get_secret_value()
-                    if settings.external_mcp_token
+                external_mcp_secret=(
+                    settings.external_mcp_secret.get_secret_value()
+                    if settings.external_mcp_secret
                     else None
                 ),
             ),

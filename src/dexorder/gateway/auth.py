@@ -174,6 +174,11 @@ class JwksKeySource:
     Every fetch, whether it succeeds or not, waits ``min_refetch_seconds`` after the last
     attempt, so neither junk tokens nor a down identity provider cause a fetch storm.
     When a refresh fails, the keys already known keep working.
+
+    A token with an unknown ``kid`` that arrives inside that interval waits for its end, and
+    then one fetch serves every token waiting: so a flood of junk ``kid`` s, which spends
+    the fetch, cannot lock out a key the provider has just published (its tokens wait at
+    most ``min_refetch_seconds``, not until the flood stops).
     """
 
     def __init__(
@@ -183,23 +188,30 @@ class JwksKeySource:
         min_refetch_seconds: float,
         cache_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._fetch = fetch
+        self._sleep = sleep
         self._min_refetch = min_refetch_seconds
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._keys: dict[str | None, VerificationKey] | None = None
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
+        # Counts finished fetch attempts: a task that waited for the lock sees whether one
+        # finished meanwhile, and then looks again instead of fetching again.
+        self._attempts_done = 0
         self._lock = asyncio.Lock()
         self.fetch_count = 0
 
     async def key_for(self, kid: str | None, algorithm: str) -> VerificationKey:
+        fetched = False
         if self._keys is None or self._clock() - self._fetched_at >= self._cache_seconds:
-            await self._refresh()
+            fetched = await self._refresh()
         key = self._lookup(kid)
-        if key is None:
-            await self._refresh()
+        if key is None and not fetched:
+            # No keys at all: the provider is down, and waiting would not make it answer.
+            await self._refresh(wait_for_window=self._keys is not None)
             key = self._lookup(kid)
         if key is None:
             if self._keys is None:
@@ -221,13 +233,19 @@ class JwksKeySource:
             return next(iter(self._keys.values()))
         return self._keys.get(kid)
 
-    async def _refresh(self) -> None:
-        attempted_before = self._attempted_at
+    async def _refresh(self, *, wait_for_window: bool = False) -> bool:
+        """Fetch the JWKS unless the interval forbids it; True when a fetch attempt ended
+        during this call (this task's, or another's it waited for)."""
+        done_before = self._attempts_done
         async with self._lock:
-            if self._attempted_at != attempted_before:
-                return  # another task fetched while this one waited
-            if self._clock() - self._attempted_at < self._min_refetch:
-                return
+            if self._attempts_done != done_before:
+                return True  # another task fetched while this one waited
+            remaining = self._min_refetch - (self._clock() - self._attempted_at)
+            if remaining > 0:
+                if not wait_for_window:
+                    return False
+                # Holding the lock: the tokens queued behind it find the fetch made, above.
+                await self._sleep(remaining)
             self._attempted_at = self._clock()
             self.fetch_count += 1
             try:
@@ -236,10 +254,13 @@ class JwksKeySource:
                 log.warning(
                     "JWKS refresh failed, keeping %s known keys: %s", len(self._keys or {}), error
                 )
-                return
+                return True
+            finally:
+                self._attempts_done += 1
             self._keys = keys
             self._fetched_at = self._clock()
             log.info("JWKS refreshed: %d signing keys", len(keys))
+            return True
 
 
 _FAILURES: tuple[tuple[type[jwt.PyJWTError], AuthFailure], ...] = (

@@ -255,8 +255,21 @@ class Conversation:
         """Get the agent ready before the first message, showing progress; errors are frames.
 
         Reviews still waiting for this user's approval, from any replica and however old,
-        are asked again once the agent is ready. A channel may call it before ``start``;
-        then the worker does not run it again."""
+        are asked again. A channel may call it before ``start`` (Telegram, which opens a
+        conversation for a message); the WebSocket does not: its worker gets the agent
+        ready for the first message, never for a connection alone, which may be all a
+        script opening sockets sends (issue 21)."""
+        if self._prepared:
+            return
+        await self._remind()
+        await self._agent_ready()
+
+    async def _remind(self) -> None:
+        """Ask again for the reviews waiting for this user (the database's, not the agent's)."""
+        if self._setup.reviews is not None:
+            await self._setup.reviews.remind(self.user_id, self._emit)
+
+    async def _agent_ready(self) -> None:
         if self._prepared:
             return
         self._prepared = True
@@ -267,8 +280,6 @@ class Conversation:
             return
         # The first turn's context (and the MCP handshake) off the first message's path.
         await self.agent.read_ahead_next(agent)
-        if self._setup.reviews is not None:
-            await self._setup.reviews.remind(self.user_id, self._emit)
 
     async def answer_approval(self, frame: protocol.ApprovalFrame) -> None:
         """The user's answer to an `approval_request`; the outcome or the refusal is a frame."""
@@ -292,9 +303,11 @@ class Conversation:
         if self._usage is not None:
             # A limiter that lost today's count (restart without Redis) gets it from PostgreSQL.
             await self._usage.seed_budget(self._limiter, self.user_id)
-        await self.prepare()
+        if not self._prepared:
+            await self._remind()
         while True:
             text = await self._queue.get()
+            await self._agent_ready()  # provisioned for a message, not for a connection
             try:
                 await self._handle(text)
             except asyncio.CancelledError:

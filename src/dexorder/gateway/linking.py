@@ -3,7 +3,9 @@
 ``POST /api/link-codes`` (JWT, the socket's verifier) issues a code valid for
 ``link_code_ttl_seconds``. Only its SHA-256 is stored, in ``link_codes``. Redeeming it
 (``/link CODE`` in Telegram) consumes the code and writes ``user_channel_links`` in one
-transaction, so a code links at most once and a refused link leaves the code usable.
+transaction, so a code links at most once. Any attempt consumes the code, refused or not
+(an account linked elsewhere, a rate-limited sender, a group chat): a code that was shown
+to someone it did not link is void. Issuing is rate-limited per user.
 Wrong codes are counted per channel account, and too many lock that account out for a
 while (``AttemptLimiter``, in Redis when there is one so the count holds across replicas).
 """
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 # No 0/O, 1/I/L or U: a code read aloud or typed on a phone survives.
 CODE_ALPHABET: Final = "ABCDEFGHJKMNPQRSTVWXYZ23456789"
 CODE_LENGTH: Final = 10  # about 49 bits
-_CODE_SHAPE = re.compile(rf"^[{CODE_ALPHABET}]{{{CODE_LENGTH}}}$")
+_CODE_SHAPE = re.compile(rf"[{CODE_ALPHABET}]{{{CODE_LENGTH}}}")
 
 
 class LinkError(Exception):
@@ -74,7 +76,7 @@ def display_code(code: str) -> str:
 def normalize_code(text: str) -> str | None:
     """The code a user typed, in canonical form, or None when it cannot be one."""
     cleaned = re.sub(r"[\s\-_]", "", text).upper()
-    return cleaned if _CODE_SHAPE.match(cleaned) else None
+    return cleaned if _CODE_SHAPE.fullmatch(cleaned) else None
 
 
 def hash_code(code: str) -> str:
@@ -141,19 +143,35 @@ class LinkCodeStore:
                     cursor = await connection.execute(_DESCRIBE, (digest,))
                     raise _refusal(await cursor.fetchone())
                 user_id = str(row[0])
+                refusal: LinkError | None = None
                 cursor = await connection.execute(_LINK, (user_id, channel_type, channel_user_id))
                 if await cursor.fetchone() is None:
                     cursor = await connection.execute(_OWNER, (channel_type, channel_user_id))
                     owner = await cursor.fetchone()
                     if owner is not None and str(owner[0]) != user_id:
-                        # Rolled back with the transaction: the code stays usable.
-                        raise AlreadyLinked(
+                        # Committed: the code is consumed though it linked nothing.
+                        refusal = AlreadyLinked(
                             "already_linked",
-                            "this account is linked to another Dexorder user; send /unlink first",
+                            "this account is linked to another Dexorder user; send /unlink "
+                            "first, then get a new code",
                         )
         except psycopg.Error as error:
             raise LinkUnavailable("unavailable", "linking is unavailable right now") from error
+        if refusal is not None:
+            raise refusal
         return user_id
+
+    async def void(self, code: str) -> None:
+        """Consume ``code`` without linking anything (it was offered where it must not be).
+        Best effort: with the database away the code lives on to its expiry, logged."""
+        try:
+            async with self._pool.connection() as connection:
+                await connection.execute(
+                    "UPDATE link_codes SET used_at = now() WHERE code_hash = %s AND used_at IS NULL",
+                    (hash_code(code),),
+                )
+        except psycopg.Error as error:
+            log.warning("a link code offered in the open could not be voided: %s", error)
 
 
 def _refusal(row: tuple[object, ...] | None) -> CodeRefused:
@@ -234,6 +252,8 @@ class RedisAttemptLimiter:
 # --- POST /api/link-codes ------------------------------------------------------------------
 
 LINK_CODES = web.AppKey("link_codes", LinkCodeStore)
+#: Codes issued per user, counted like wrong codes: at most ``max_failures`` a window.
+LINK_ISSUES: web.AppKey[AttemptLimiter] = web.AppKey("link_issues")
 
 
 async def create_link_code(request: web.Request) -> web.Response:
@@ -247,6 +267,20 @@ async def create_link_code(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": error.code.value, "message": error.message}, status=status
         )
+    issues = request.app[LINK_ISSUES]
+    key = f"issue:{identity.user}"
+    wait = await issues.retry_after(key)
+    if wait is not None:
+        return web.json_response(
+            {
+                "error": protocol.ErrorCode.RATE_LIMITED.value,
+                "message": "too many link codes asked for; use the last one, or wait",
+                "retry_after": round(wait),
+            },
+            status=429,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    await issues.failed(key)  # counts an issue
     try:
         issued = await request.app[LINK_CODES].issue(identity.user)
     except LinkUnavailable as error:
@@ -269,6 +303,7 @@ async def create_link_code(request: web.Request) -> web.Response:
 __all__ = [
     "CODE_ALPHABET",
     "LINK_CODES",
+    "LINK_ISSUES",
     "AlreadyLinked",
     "AttemptLimiter",
     "CodeRefused",

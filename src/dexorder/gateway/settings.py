@@ -7,6 +7,8 @@ Values come from the environment, then from an optional ``.env`` file.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
@@ -27,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dexorder.core.tiers import TierCatalog, TierCatalogError, parse_tier_catalog
+from dexorder.gateway.pure.credentials import MIN_SECRET_LENGTH
 
 ENV_PREFIX = "DEXORDER_"
 # Set while GatewaySettings.from_values builds settings from explicit values only.
@@ -73,6 +76,24 @@ def _http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {value!r}")
     return value
+
+
+_TELEGRAM_SECRET = re.compile(r"[A-Za-z0-9_-]{32,256}")
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" or is_loopback_host(parts.hostname or "")
 
 
 def _database_url(value: str) -> str:
@@ -151,6 +172,8 @@ class GatewaySettings(BaseSettings):
     # --- licenses --------------------------------------------------------------------
     auto_enroll: bool = True
     license_cache_seconds: float = Field(30.0, ge=0)
+    # An open socket reads its user's license again this often: withdrawn, it closes (4403).
+    license_recheck_seconds: float = Field(300.0, gt=0)
 
     # --- provisioning ----------------------------------------------------------------
     provisioner: ProvisionerKind = ProvisionerKind.LOCAL
@@ -160,6 +183,9 @@ class GatewaySettings(BaseSettings):
         None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
     )
     provision_timeout_seconds: float = Field(120.0, gt=0)
+    # The Kubernetes provisioner creates no new UserAgent once the namespace holds this many
+    # (None: no cap); the user is told so (an `agents_at_capacity` error frame).
+    max_agents: Annotated[int | None, EmptyIsNone] = Field(None, ge=1)
     # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
@@ -169,9 +195,11 @@ class GatewaySettings(BaseSettings):
     # auto: OpenAI-compatible deployments are streamed directly (gateway/llm/wire.py), the
     # rest through litellm; litellm: every deployment through litellm.
     llm_transport: Literal["auto", "litellm"] = "auto"
-    # The bearer token the gateway presents to an MCP server that a license names in
-    # mcp_server_url (the user's own server, not provisioned). The user's JWT is never sent.
-    external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = None
+    # The secret each user's credential for their own MCP server (a license's
+    # mcp_server_url) is derived from: HMAC(secret, user id), gateway/pure/credentials.py.
+    # The user's JWT is never sent. (The shared EXTERNAL_MCP_TOKEN of before is refused.)
+    external_mcp_secret: Annotated[SecretStr | None, EmptyIsNone] = None
+    external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = Field(None, exclude=True)
     # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
     agent_connect_seconds: float = Field(10.0, ge=0, le=120)
     # A read of the agent (preferences, history, tool list) that takes longer fails the
@@ -184,14 +212,28 @@ class GatewaySettings(BaseSettings):
     # --- serving ---------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # /metrics is served on its own port, never on the public one (the chart's Ingress
+    # routes only the public port); empty: no metrics endpoint; 0: any free port (tests).
+    metrics_port: Annotated[int | None, EmptyIsNone] = Field(None, ge=0, le=65535)
     tiers_path: Path = Path("config/tiers.yaml")
     models_path: Path = Path("config/models.yaml")
+    # Demo mode serves a token to anyone who asks: only on a loopback bind (DEXORDER_HOST),
+    # and only to requests whose Host header names loopback (no DNS rebinding).
     demo_mode: bool = False
+    # Browser origins (scheme://host[:port]) allowed to open /ws/chat besides the gateway's
+    # own; a socket from any other page is refused with 403 before the upgrade.
+    allowed_origins: list[str] = Field(default_factory=list)
+    # The development HS256 secret is refused with the Kubernetes provisioner (a real
+    # cluster); a test cluster or the demo's local API server says so explicitly with this.
+    dev_secret_with_kubernetes: bool = False
     # The user the demo-mode token endpoint signs for (demo mode only).
     demo_user_id: str = Field("demo-user", min_length=1)
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
     drain_seconds: float = Field(20.0, ge=0, le=600)
     max_queued_messages: int = Field(4, ge=1, le=100)
+    # WebSocket connections one user may hold at once on this replica (a tier's
+    # max_sockets_per_user may raise it); one more is refused with 4429.
+    max_sockets_per_user: int = Field(5, ge=1, le=1000)
 
     # --- local agents and agent addressing -------------------------------------------
     local_agents_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "agents"
@@ -278,6 +320,26 @@ class GatewaySettings(BaseSettings):
             problems.append(f"{jwks} is required (or, for development only, {secret})")
         if self.jwks_url is not None and self.dev_hs256_secret is not None:
             problems.append(f"{jwks} and {secret} are both set; set only one")
+        if self.demo_mode and not is_loopback_host(self.host):
+            problems.append(
+                f"{env_name('demo_mode')} hands a token to anyone who asks: it needs "
+                f"{env_name('host')} on loopback (127.0.0.1, ::1 or localhost), not {self.host!r}"
+            )
+        if (
+            self.dev_hs256_secret is not None
+            and self.provisioner == ProvisionerKind.KUBERNETES
+            and not self.dev_secret_with_kubernetes
+        ):
+            problems.append(
+                f"{secret} is for development and cannot be used with "
+                f"{env_name('provisioner')}=kubernetes: set {jwks} (a test cluster may set "
+                f"{env_name('dev_secret_with_kubernetes')}=true)"
+            )
+        if self.jwks_url is not None and not _https_or_loopback(self.jwks_url):
+            problems.append(
+                f"{jwks} must be https (plain http only on loopback): the keys that sign "
+                "users' tokens must not be swappable on the way"
+            )
         if self.dev_hs256_secret is not None and len(self.dev_hs256_secret) < 32:
             problems.append(f"{secret} must be at least 32 characters")
         provider = self.default_model_provider
@@ -287,6 +349,27 @@ class GatewaySettings(BaseSettings):
                 problems.append(
                     f"DEFAULT_MODEL_PROVIDER={provider.value} needs {env_name(needed)} to be set"
                 )
+        if self.external_mcp_token is not None:
+            problems.append(
+                f"{env_name('external_mcp_token')} is no longer used: one token for every "
+                f"user's own MCP server let each user reach the others'. Set "
+                f"{env_name('external_mcp_secret')} instead; each user's server then checks "
+                "its own credential (docs/security.md)"
+            )
+        mcp_secret = self.external_mcp_secret
+        if mcp_secret is not None and len(mcp_secret) < MIN_SECRET_LENGTH:
+            problems.append(
+                f"{env_name('external_mcp_secret')} must be at least {MIN_SECRET_LENGTH} characters"
+            )
+        webhook_secret = self.telegram_webhook_secret
+        if webhook_secret is not None and (
+            _TELEGRAM_SECRET.fullmatch(webhook_secret.get_secret_value()) is None
+        ):
+            problems.append(
+                f"{env_name('telegram_webhook_secret')} must be 32 to 256 characters of "
+                "A-Z a-z 0-9 _ - (what Telegram allows; it is all that tells Telegram's "
+                "updates from anyone's)"
+            )
         if (self.telegram_bot_token is None) != (self.telegram_webhook_secret is None):
             problems.append(
                 f"{env_name('telegram_bot_token')} and {env_name('telegram_webhook_secret')}"

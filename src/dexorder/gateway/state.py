@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -23,7 +24,11 @@ LIVE_SOCKETS: web.AppKey[dict[web.WebSocketResponse[bool], Conversation]] = web.
     "live_sockets"
 )
 DRAINING = web.AppKey("draining", asyncio.Event)
+# How many WebSockets each user holds open on this replica (for the per-user cap).
+USER_SOCKETS: web.AppKey[Counter[str]] = web.AppKey("user_sockets")
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
+# The port /metrics is served on (its own site; see app._metrics_site), once it listens.
+METRICS_PORT = web.AppKey("metrics_port", int)
 # Opened once by the app's shared services, for every channel to use.
 DB_POOL: web.AppKey[Pool] = web.AppKey("db_pool")
 REDIS = web.AppKey("redis", Redis)  # set only with REDIS_URL

@@ -23,7 +23,7 @@ MAX_DAYS = 90
 
 def _days(request: web.Request) -> int:
     text = request.query.get("days", str(DEFAULT_DAYS))
-    if not text.isdigit() or not 1 <= int(text) <= MAX_DAYS:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_DAYS:
         raise web.HTTPBadRequest(text=f"days must be a whole number from 1 to {MAX_DAYS}")
     return int(text)
 

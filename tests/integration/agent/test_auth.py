@@ -72,6 +72,6 @@ async def test_the_log_holds_no_token(agent: AgentProcess) -> None:
     async with connect(agent) as session:
         await call(session, "get_preferences")
     log = (agent.data_dir / "agent.log").read_text()
-    assert "refused POST /mcp" in log
+    assert "refused POST '/mcp'" in log  # the path quoted: it is the sender's text
     assert agent.token not in log
     assert "wrong-token-of-some-length" not in log

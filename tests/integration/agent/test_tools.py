@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from dexorder.core.approval import issue_approval_id
 from dexorder.devenv.agent import AgentProcess
 from tests.integration.agent.mcp_helpers import call, call_error, connect, read_json
 
@@ -175,7 +176,10 @@ async def test_datasets_indicators_strategies_and_a_hand_worked_backtest(
         assert inline["final_equity"] == result["final_equity"]
 
         before = await read_json(session, "dexorder://profile")
-        approved = await call(session, "approve_strategy", name="threshold")
+        approval_id = issue_approval_id(agent.token, "0" * 32, "threshold")
+        approved = await call(
+            session, "approve_strategy", name="threshold", approval_id=approval_id
+        )
         assert approved["status"] == "approved"
         after = await read_json(session, "dexorder://profile")
         assert after["approved_strategies"] == before["approved_strategies"] + 1
@@ -236,7 +240,11 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("backtest", {"dataset": "bad-tiny", "strategy": TOO_SHORT_STRATEGY}, "too short for sma(50)"),
     ("backtest", {"dataset": "bad-tiny"}, "exactly one of strategy"),
     ("backtest", {"dataset": "bad-tiny", "strategy_name": "nope"}, "no strategy named 'nope'"),
-    ("approve_strategy", {"name": "nope"}, "no strategy named 'nope'"),
+    (
+        "approve_strategy",
+        {"name": "threshold", "approval_id": "0" * 32},
+        "only the user can approve a strategy",
+    ),
     (
         "save_dataset",
         {

@@ -249,3 +249,52 @@ def test_the_kind_suites_values_render(helm: Helm, tmp_path: Path) -> None:
     assert env(operator)["DEXORDER_OPERATOR_DEFAULT_IMAGE"] == "dexorder/agent:e2e"
     assert env(operator)["DEXORDER_OPERATOR_NAMESPACES"] == AGENTS_NAMESPACE
     assert env(operator)["DEXORDER_OPERATOR_IDLE_CHECK_INTERVAL_SECONDS"] == "2"
+
+
+def test_the_agents_quota_caps_useragents_and_the_gateway_knows_the_cap(
+    everything: list[Manifest], defaults: list[Manifest]
+) -> None:
+    quota = one(everything, "ResourceQuota")
+    assert quota["metadata"]["namespace"] == "dexorder-agents-all"
+    assert quota["spec"]["hard"] == {
+        "count/useragents.dexorder.ai": "500",
+        "pods": "500",
+        "requests.storage": "500Gi",
+    }
+    settings = env(container(one(everything, "Deployment", "gateway"), "gateway"))
+    assert settings["DEXORDER_MAX_AGENTS"] == "500"
+    # Off by default: no quota, no cap, and no account enrolled without a license.
+    assert not of_kind(defaults, "ResourceQuota")
+    default_settings = env(container(one(defaults, "Deployment", "gateway"), "gateway"))
+    assert "DEXORDER_MAX_AGENTS" not in default_settings
+    assert default_settings["DEXORDER_AUTO_ENROLL"] == "false"
+
+
+def test_the_ingress_routes_neither_probes_nor_metrics(everything: list[Manifest]) -> None:
+    ingress = one(everything, "Ingress")
+    paths = {
+        (path["path"], path["pathType"])
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert paths == {
+        ("/", "Exact"),
+        ("/static/", "Prefix"),
+        ("/ws/chat", "Exact"),
+        ("/webhook/telegram", "Exact"),
+        ("/api/", "Prefix"),
+    }
+    backends = {
+        path["backend"]["service"]["port"]["name"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    }
+    assert backends == {"http"}
+    gateway = container(one(everything, "Deployment", "gateway"), "gateway")
+    assert env(gateway)["DEXORDER_METRICS_PORT"] == "9090"
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {
+        "http": 8080,
+        "metrics": 9090,
+    }
+    service = one(everything, "Service", "gateway")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]

@@ -28,7 +28,7 @@ from dexorder.gateway.app import create_app
 from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.migrations import apply_migrations
 from dexorder.gateway.settings import GatewaySettings
-from dexorder.gateway.state import LIVE_SOCKETS
+from dexorder.gateway.state import LIVE_SOCKETS, METRICS_PORT
 
 ISSUER = "https://id.test.dexorder"
 AUDIENCE = "dexorder-gateway"
@@ -69,6 +69,7 @@ def gateway_settings(
         "openai_api_key": FAKE_API_KEY,
         "provisioner": "local",
         "local_agents_dir": str(tmp_path / "agents"),
+        "metrics_port": 0,  # its own port, any free one: RunningGateway.metrics_url
         # Without KAFKA_BOOTSTRAP, turn events go to JSON lines: here, not in the home directory.
         "events_dir": str(tmp_path / "events"),
         "tiers_path": str(TIER_CATALOG),
@@ -89,6 +90,10 @@ class RunningGateway:
     @property
     def ws_url(self) -> str:
         return self.url.replace("http", "ws", 1) + "/ws/chat"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.app[METRICS_PORT]}/metrics"
 
 
 @contextlib.asynccontextmanager

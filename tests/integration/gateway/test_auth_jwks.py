@@ -158,11 +158,9 @@ async def test_unknown_kids_refetch_at_most_once_per_interval(
     assert set(reasons) == {AuthFailure.UNKNOWN_KEY}
     assert issuer.fetch_count == 2
 
-    # A real rotation inside the same interval waits for the interval, then works.
+    # A real rotation inside the same interval (the junk spent its fetch) is not locked
+    # out: its token waits for the interval's end, then one fetch serves it (issue 21).
     rotated = issuer.rotate()
-    assert await refusal(verifier, issuer.mint(key=rotated)) is AuthFailure.UNKNOWN_KEY
-    assert issuer.fetch_count == 2
-    await asyncio.sleep(MIN_REFETCH_SECONDS)
     assert (await verifier.verify(issuer.mint(key=rotated))).user == "user-1"
     assert issuer.fetch_count == 3
 

@@ -83,6 +83,18 @@ async def statuses_until_settled(client: ChatClient) -> list[dict[str, Any]]:
             return frames
 
 
+async def say_hello(client: ChatClient, llm: FakeLLMServer, text: str) -> None:
+    """The first message: the agent is provisioned for it, not for the connection."""
+    llm.queue(TextScript(text=text))
+    await client.send({"type": "message", "content": "hello"})
+
+
+async def reply_text(client: ChatClient) -> str:
+    frames = await client.until("done", timeout=90)
+    assert not [f for f in frames if f["type"] == "error"], frames
+    return "".join(f["content"] for f in frames if f["type"] == "delta")
+
+
 async def chat_once(client: ChatClient, llm: FakeLLMServer, text: str) -> str:
     llm.queue(TextScript(text=text))
     await client.send({"type": "message", "content": "hello"})
@@ -98,12 +110,15 @@ async def test_from_nothing_the_chat_shows_provisioning_then_ready_then_streams(
     async with aiohttp.ClientSession() as session:
         client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
         assert (await client.next())["type"] == "ready"
+        # A connection alone creates nothing: a ping is answered, and no agent is made.
+        await client.send({"type": "ping"})
+        assert (await client.next())["type"] == "pong"
+        assert await kube_chat.kube.get_or_none(kube_chat.agent_path) is None
+        await say_hello(client, llm, "Your agent runs in the cluster.")
         stages = [f.get("stage") for f in await statuses_until_settled(client)]
         assert stages[0] == "provisioning", stages
         assert stages[-1] == "ready", stages
-        assert await chat_once(client, llm, "Your agent runs in the cluster.") == (
-            "Your agent runs in the cluster."
-        )
+        assert await reply_text(client) == "Your agent runs in the cluster."
         await client.ws.close()
 
     body = await kube_chat.kube.get(kube_chat.agent_path)
@@ -133,10 +148,11 @@ async def test_a_suspended_agent_is_woken(
     async with aiohttp.ClientSession() as session:
         client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
         assert (await client.next())["type"] == "ready"
+        await say_hello(client, llm, "Good morning.")
         stages = [f.get("stage") for f in await statuses_until_settled(client)]
         assert stages[0] == "waking", stages
         assert stages[-1] == "ready", stages
-        assert await chat_once(client, llm, "Good morning.") == "Good morning."
+        assert await reply_text(client) == "Good morning."
         await client.ws.close()
     assert (await kube_chat.kube.get(kube_chat.agent_path))["spec"]["suspended"] is False
 
@@ -151,7 +167,6 @@ async def test_an_agent_suspended_while_its_endpoint_is_cached_wakes_at_once(
     async with aiohttp.ClientSession() as session:
         client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
         assert (await client.next())["type"] == "ready"
-        await statuses_until_settled(client)
         assert await chat_once(client, llm, "First.") == "First."
         await client.ws.close()
 
@@ -171,7 +186,10 @@ async def test_an_agent_suspended_while_its_endpoint_is_cached_wakes_at_once(
 
 
 async def test_a_failed_agent_shows_the_operators_reason(
-    kube_chat: KubeChat, issuer: LocalJwksIssuer
+    kube_chat: KubeChat,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     quota = {
         "apiVersion": "v1",
@@ -183,18 +201,26 @@ async def test_a_failed_agent_shows_the_operators_reason(
     async with aiohttp.ClientSession() as session:
         client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
         assert (await client.next())["type"] == "ready"
+        await say_hello(client, llm, "never shown")
         frames = await statuses_until_settled(client)
         error = frames[-1]
         assert error["type"] == "error", frames
         assert error["code"] == "agent_unavailable"
-        assert error["message"].startswith("QuotaExceeded:"), error
-        assert "exceeded quota" in error["message"]
+        # The operator's reason code; its detail (the quota's text) only in the log.
+        assert "(QuotaExceeded)" in error["message"], error
+        assert "exceeded quota" not in error["message"]
+        assert error["reference"] in error["message"]
+        logged = [r.getMessage() for r in caplog.records if error["reference"] in r.getMessage()]
+        assert any("exceeded quota" in line for line in logged), logged
         assert [f.get("stage") for f in frames[:-1]] == ["provisioning", "starting"]
         await client.ws.close()
 
 
 async def test_an_image_that_cannot_be_pulled_reaches_the_user_with_its_reason(
-    kube_chat: KubeChat, issuer: LocalJwksIssuer
+    kube_chat: KubeChat,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     image = f"{UNPULLABLE_REGISTRY}/agent:0"
     await kube_chat.kube.create(
@@ -212,13 +238,15 @@ async def test_an_image_that_cannot_be_pulled_reaches_the_user_with_its_reason(
     async with aiohttp.ClientSession() as session:
         client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
         assert (await client.next())["type"] == "ready"
+        await say_hello(client, llm, "never shown")
         frames = await statuses_until_settled(client)
         error = frames[-1]
         assert error["type"] == "error", frames
         assert error["code"] == "agent_unavailable"
-        reason = error["message"].split(":", 1)[0]
-        assert reason in ("ErrImagePull", "ImagePullBackOff"), error
-        assert image in error["message"]
+        assert "(ErrImagePull)" in error["message"] or "(ImagePullBackOff)" in error["message"]
+        assert image not in error["message"]  # the image's name is for the log
+        logged = [r.getMessage() for r in caplog.records if error["reference"] in r.getMessage()]
+        assert any(image in line for line in logged), logged
         await client.ws.close()
     assert kube_chat.runner.starts[kube_chat.user] == 0
 
@@ -237,3 +265,49 @@ async def wait_phase(chat: KubeChat, phase: str, timeout: float = 60) -> None:
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"the agent never reached {phase}: {last}")
+
+
+async def test_a_new_agent_past_the_cap_is_refused_with_a_clear_error(
+    control_plane: ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    user_id: str,
+) -> None:
+    """DEXORDER_MAX_AGENTS=1 and another user's agent already there: no UserAgent is
+    created for this user, who is told why; the other user is not affected."""
+    async with KubeClient(load_kubeconfig(control_plane.kubeconfig)) as kube:
+        other = f"{user_id}-first"
+        await kube.create(
+            resource_path(API_VERSION, PLURAL, namespace),
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {"name": naming.user_agent_name(other), "namespace": namespace},
+                "spec": {"userId": other, "tier": "free", "suspended": True},
+            },
+        )
+        settings = gateway_settings(
+            migrated_dsn,
+            issuer,
+            llm,
+            tmp_path,
+            provisioner="kubernetes",
+            kubeconfig=str(control_plane.kubeconfig),
+            agents_namespace=namespace,
+            max_agents=1,
+        )
+        async with serve_gateway(settings) as gateway, aiohttp.ClientSession() as session:
+            client = await connect(session, gateway, issuer.mint(user_id))
+            assert (await client.next())["type"] == "ready"
+            await say_hello(client, llm, "never shown")
+            error = (await client.until("error", timeout=90))[-1]
+            assert error["code"] == "agents_at_capacity"
+            assert "cannot create yours right now" in error["message"]
+            assert "UserAgent" not in error["message"]  # the cap's detail is for the log
+            await client.ws.close()
+        mine = resource_path(API_VERSION, PLURAL, namespace, naming.user_agent_name(user_id))
+        assert await kube.get_or_none(mine) is None

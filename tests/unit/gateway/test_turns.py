@@ -131,3 +131,19 @@ async def test_a_sessions_tools_are_encoded_once_for_the_model(
     assert len(asked) == 2
     assert json.loads(first.json)[0]["function"]["name"] == "recall"
     await session.close()
+
+
+async def test_the_model_is_offered_only_the_allowed_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    session = AgentSession(AgentEndpoint("u", "http://127.0.0.1:9/mcp", None))
+    listed = [
+        ToolSpec(name, "", {})
+        for name in ("recall", "approve_strategy", "append_turns", "added_later")
+    ]
+
+    async def list_tools() -> list[ToolSpec]:
+        return listed
+
+    monkeypatch.setattr(session, "list_tools", list_tools)
+    offered = json.loads((await openai_tools(session)).json)
+    assert [tool["function"]["name"] for tool in offered] == ["recall"]
+    await session.close()

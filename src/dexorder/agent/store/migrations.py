@@ -59,6 +59,17 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         );
         """,
     ),
+    (
+        3,
+        """
+        -- Each approval id the review workflow issued and the agent used: one use each.
+        CREATE TABLE strategy_approvals (
+            review_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            approved_at TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 LATEST_VERSION: Final = MIGRATIONS[-1][0]

@@ -14,14 +14,16 @@ and speaks the WebSocket protocol with first-frame auth. Two JSON routes exist o
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 import jwt
 from aiohttp import web
 
-from dexorder.gateway.settings import GatewaySettings, SettingsError, env_name
+from dexorder.gateway.settings import GatewaySettings, SettingsError, env_name, is_loopback_host
 from dexorder.gateway.state import CHAT_SERVICES, SETTINGS
 
 OFFLINE_MODEL: Final = "openai/offline"
@@ -122,6 +124,20 @@ async def demo_token(request: web.Request) -> web.Response:
     )
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def loopback_host_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Demo mode answers only requests addressed to loopback: a web page on another site
+    that re-points its own name at 127.0.0.1 (DNS rebinding) sends its name as Host, and is
+    refused, so it cannot fetch a demo token from the user's browser."""
+    hostname = urlsplit(f"//{request.host}").hostname or ""
+    if not is_loopback_host(hostname):
+        raise web.HTTPMisdirectedRequest(text="demo mode answers only on localhost")
+    return await handler(request)
+
+
 def install(app: web.Application) -> None:
     """Add the page's routes to ``app``; the demo routes only in demo mode."""
     settings = app[SETTINGS]
@@ -134,5 +150,6 @@ def install(app: web.Application) -> None:
                     f"{env_name('demo_mode')} needs {env_name('dev_hs256_secret')} to sign demo tokens"
                 ]
             )
+        app.middlewares.append(loopback_host_only)
         app.router.add_get("/api/info", demo_info)
         app.router.add_post("/api/demo-token", demo_token)

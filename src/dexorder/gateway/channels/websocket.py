@@ -5,6 +5,11 @@ the upgrade), or, for browsers, as the first frame ``{"type":"auth"}`` within 10
 bad one closes with 4401). ``?session=<id>`` resumes a session: its history (kept by the
 agent) and, with ``&after=<seq>``, the frames the client missed (see ``resume``). Another
 user's session id is refused with 4403.
+
+A socket lives no longer than its token: at the token's ``exp`` it closes with 4401, unless
+an ``auth`` frame with a fresh token for the same user came first. The license is read
+again every ``license_recheck_seconds``: a license withdrawn closes the socket with 4403, a
+changed one with 1012 (reconnect, and the new license applies).
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import contextlib
 import functools
 import logging
 import re
+import time
 import uuid
+from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 
+from dexorder.core.tiers import Tier
 from dexorder.gateway import metrics
 from dexorder.gateway.auth import AuthError, Identity, TokenVerifier
 from dexorder.gateway.bearer import bearer_token, verified
@@ -39,12 +48,14 @@ from dexorder.gateway.conversation import (
     effective_license,
 )
 from dexorder.gateway.pure import protocol
+from dexorder.gateway.pure.licenses import EffectiveLicense
 from dexorder.gateway.state import (
     CHAT_SERVICES,
     DRAINING,
     LIVE_SOCKETS,
     SESSIONS,
     SETTINGS,
+    USER_SOCKETS,
     VERIFIER,
 )
 from dexorder.gateway.stores.sessions import (
@@ -58,7 +69,90 @@ logger = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0
 CLOSE_SERVICE_RESTART = 1012
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+class SocketToken:
+    """The socket's user and when its token expires; an ``auth`` frame renews it."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.user = identity.user
+        self.expires_at = _expiry(identity)
+        self.renewed = asyncio.Event()
+
+    def renew(self, identity: Identity) -> None:
+        self.expires_at = _expiry(identity)
+        self.renewed.set()
+
+
+def _expiry(identity: Identity) -> float:
+    """The token's ``exp`` (the verifier requires it), as a UNIX time."""
+    exp = identity.claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) else 0.0
+
+
+async def _close_at_expiry(ws: web.WebSocketResponse, token: SocketToken) -> None:
+    while not ws.closed:
+        remaining = token.expires_at - time.time()
+        if remaining <= 0:
+            metrics.ERRORS.labels(code=protocol.ErrorCode.UNAUTHORIZED.value).inc()
+            await _send(
+                ws,
+                protocol.ErrorFrame(
+                    code=protocol.ErrorCode.UNAUTHORIZED,
+                    message="your token expired; reconnect, or send a fresh one in an auth frame",
+                ),
+            )
+            await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"token expired")
+            return
+        token.renewed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await token.renewed.wait()
+
+
+async def _recheck_license(
+    ws: web.WebSocketResponse,
+    services: ChatServices,
+    identity: Identity,
+    license: EffectiveLicense,
+    every: float,
+) -> None:
+    """Read the license again now and then: a socket must not outlive its license."""
+    while not ws.closed:
+        await asyncio.sleep(every)
+        try:
+            now = await effective_license(services, identity.user, identity.email)
+        except ConversationError as error:
+            if error.code != protocol.ErrorCode.LICENSE_REFUSED:
+                continue  # the license service is down: keep serving what was licensed
+            await _refuse(ws, error.code, error.message, protocol.CLOSE_FORBIDDEN)
+            return
+        if (now.tier.name, now.rate_limits, now.model_groups, now.notice) != (
+            license.tier.name,
+            license.rate_limits,
+            license.model_groups,
+            license.notice,
+        ):
+            await ws.close(code=CLOSE_SERVICE_RESTART, message=b"your license changed; reconnect")
+            return
+
+
+async def _renew(
+    ws: web.WebSocketResponse, verifier: TokenVerifier, token: SocketToken, raw: str
+) -> None:
+    """An ``auth`` frame on an open socket: a fresh token for the same user moves the expiry;
+    a bad one, or another user's, closes the socket."""
+    try:
+        identity = await verifier.verify(raw)
+    except AuthError as error:
+        await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=str(error.reason).encode()[:120])
+        return
+    if identity.user != token.user:
+        await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"a token for another user")
+        return
+    token.renew(identity)
+    await _send(ws, protocol.StatusFrame(stage=protocol.Stage.READY, message="token renewed"))
 
 
 async def _send(ws: web.WebSocketResponse, frame: protocol.Frame) -> None:
@@ -99,15 +193,32 @@ def _after(request: web.Request) -> int | None:
     raw = request.query.get("after")
     if raw is None:
         return None
-    if not raw.isdigit():
+    # ASCII only: "²" is a digit to str.isdigit, and int() refuses it.
+    if not (raw.isascii() and raw.isdigit()):
         raise web.HTTPBadRequest(text="after must be a sequence number (0 or more)")
     return int(raw)
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
+    """Whether a socket from ``origin`` may open: no Origin (not a browser), the gateway's
+    own page (the Origin's host is the request's Host), or one of ``allowed``. A page on
+    another site cannot ride a browser's credentials (cross-site WebSocket hijacking)."""
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and host is not None and parts.netloc == host
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     if app[DRAINING].is_set():
         raise web.HTTPServiceUnavailable(text="the gateway is shutting down; reconnect")
+    origin = request.headers.get("Origin")
+    if not origin_allowed(origin, request.host, app[SETTINGS].allowed_origins):
+        logger.warning("refused a chat socket from origin %r", origin)
+        raise web.HTTPForbidden(text="this page's origin may not open a chat socket")
     verifier = app[VERIFIER]
     identity: Identity | None = None
     token = bearer_token(request)
@@ -115,7 +226,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         identity = await verified(request, token)
 
     session_id = request.query.get("session") or uuid.uuid4().hex
-    if not _SESSION_ID.match(session_id):
+    if not _SESSION_ID.fullmatch(session_id):
         raise web.HTTPBadRequest(text="session must be 8 to 64 characters of A-Z a-z 0-9 _ -")
     after = _after(request)
 
@@ -127,6 +238,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return ws
     await serve(ws, app[CHAT_SERVICES], identity, session_id, app, after=after)
     return ws
+
+
+def socket_cap(setting: int, tier: Tier) -> int:
+    """How many sockets a user of ``tier`` may hold on one replica: the setting, or more
+    where the tier catalog raises it."""
+    return max(setting, tier.max_sockets_per_user or 0)
 
 
 async def _refuse(
@@ -175,6 +292,8 @@ async def serve(
     outbox: SessionOutbox | None = None
     follower: asyncio.Task[None] | None = None
     clean = True
+    admitted = False
+    watchers: list[asyncio.Task[None]] = []
     try:
         try:
             license = await effective_license(services, identity.user, identity.email)
@@ -186,6 +305,28 @@ async def serve(
             )
             await _refuse(ws, error.code, error.message, close_code)
             return
+        cap = socket_cap(app[SETTINGS].max_sockets_per_user, license.tier)
+        # Counted and checked with no await in between: concurrent connects see each other.
+        if app[USER_SOCKETS][identity.user] >= cap:
+            await _refuse(
+                ws,
+                protocol.ErrorCode.TOO_MANY_SOCKETS,
+                f"you have {cap} connections open, the most allowed; close one and reconnect",
+                protocol.CLOSE_TOO_MANY_SOCKETS,
+            )
+            return
+        app[USER_SOCKETS][identity.user] += 1
+        admitted = True
+        token = SocketToken(identity)
+        watchers.append(asyncio.create_task(_close_at_expiry(ws, token), name="token-expiry"))
+        watchers.append(
+            asyncio.create_task(
+                _recheck_license(
+                    ws, services, identity, license, app[SETTINGS].license_recheck_seconds
+                ),
+                name="license-recheck",
+            )
+        )
         store = app[SESSIONS]
         session = await _claim(ws, store, session_id, identity.user)
         if session is None:
@@ -207,6 +348,21 @@ async def serve(
         since = session.last_seq if after is None else after
         following = FollowState()
         taken = detached_conversations(app).take(session_id)
+        if taken is not None and taken.conversation.user_id != identity.user:
+            # The store forgot whose session this was (expired, or wiped): its conversation
+            # is still the other user's, never handed over. Closed, since it was taken.
+            logger.warning("refused to hand session %s to another user", session_id)
+            try:
+                await taken.conversation.close()
+            finally:
+                await taken.outbox.clear_generating()
+            await _refuse(
+                ws,
+                protocol.ErrorCode.UNAUTHORIZED,
+                "this session belongs to another user; open a new one",
+                protocol.CLOSE_FORBIDDEN,
+            )
+            return
         if taken is not None:
             # This replica still runs the conversation of a socket that dropped: take it over.
             conversation, outbox = taken.conversation, taken.outbox
@@ -238,9 +394,15 @@ async def serve(
                 await outbox.attach(ws, since)
                 await take_queued(ws, conversation, outbox, session.queued)
             conversation.start()
-        clean = await _read_frames(ws, conversation, outbox, following)
+        clean = await _read_frames(ws, conversation, outbox, following, app[VERIFIER], token)
     finally:
         metrics.CONNECTIONS.labels(channel="websocket").dec()
+        for watcher in watchers:
+            await _stop(watcher)
+        if admitted:
+            app[USER_SOCKETS][identity.user] -= 1
+            if app[USER_SOCKETS][identity.user] <= 0:
+                del app[USER_SOCKETS][identity.user]
         try:
             if follower is not None:
                 await _stop(follower)
@@ -300,6 +462,8 @@ async def _read_frames(
     conversation: Conversation,
     outbox: SessionOutbox,
     following: FollowState,
+    verifier: TokenVerifier,
+    token: SocketToken,
 ) -> bool:
     """Serve the client's frames until the socket ends; True if the client closed it (a
     close frame), False if it dropped (EOF, reset, missed heartbeats)."""
@@ -334,12 +498,7 @@ async def _read_frames(
         elif isinstance(frame, protocol.PingFrame):
             await _send(ws, protocol.PongFrame())
         elif isinstance(frame, protocol.AuthFrame):
-            await _send(
-                ws,
-                protocol.ErrorFrame(
-                    code=protocol.ErrorCode.BAD_REQUEST, message="already authenticated"
-                ),
-            )
+            await _renew(ws, verifier, token, frame.token)
         else:
             await conversation.answer_approval(frame)
 

@@ -27,6 +27,8 @@ CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_UNAUTHORIZED: Final = 4401
 CLOSE_FORBIDDEN: Final = 4403
 """The session (or the user's license) is not this user's to open."""
+CLOSE_TOO_MANY_SOCKETS: Final = 4429
+"""The user has as many sockets open as their tier allows; close one and reconnect."""
 
 SCHEMA_ID: Final = "https://dexorder.ai/schemas/ws-protocol.schema.json"
 
@@ -44,6 +46,8 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     APPROVAL_INVALID = "approval_invalid"
     INTERNAL = "internal"
+    TOO_MANY_SOCKETS = "too_many_sockets"
+    AGENTS_AT_CAPACITY = "agents_at_capacity"
 
 
 class Stage(StrEnum):
@@ -87,7 +91,10 @@ class Frame(BaseModel):
 
 
 class AuthFrame(Frame):
-    """The first frame of a browser, which cannot set `Authorization` on the upgrade."""
+    """The first frame of a browser, which cannot set `Authorization` on the upgrade; later,
+    a fresh token for the same user, before the current one's `exp`, keeps the socket open
+    (without one it closes with 4401 at `exp`). A renewal is answered with `status`
+    `ready`; a token for another user or a bad one closes the socket with 4401."""
 
     type: Literal["auth"] = "auth"
     token: str = Field(min_length=1)
@@ -225,6 +232,14 @@ class ErrorFrame(GatewayFrameBase):
     message: str
     retry_after: float | None = Field(
         default=None, ge=0, description="Seconds until a retry may succeed."
+    )
+    reference: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "Names this failure in the gateway's logs, where its detail is; the message "
+            "is generic then. Quote it when reporting the problem."
+        ),
     )
 
 
@@ -414,6 +429,9 @@ def protocol_json_schema() -> dict[str, Any]:
             f"A frame over {MAX_FRAME_BYTES} bytes closes the socket with "
             f"{CLOSE_MESSAGE_TOO_BIG}; a bad token closes it with {CLOSE_UNAUTHORIZED}; "
             f"another user's session id or a refused license closes it with {CLOSE_FORBIDDEN}; "
+            f"the token's `exp` passing without a renewing `auth` frame closes it with "
+            f"{CLOSE_UNAUTHORIZED}; a user's socket past their cap is refused with "
+            f"{CLOSE_TOO_MANY_SOCKETS}; "
             f"a gateway shutting down closes it with {CLOSE_SERVICE_RESTART}. Generated from "
             "dexorder.gateway.pure.protocol: python -m dexorder.gateway.pure.protocol > "
             "schemas/ws-protocol.schema.json"

@@ -45,6 +45,8 @@
     queue_full: "Too many messages waiting",
     approval_invalid: "Nothing is waiting for approval",
     internal: "Something went wrong in the gateway",
+    too_many_sockets: "Too many open connections",
+    agents_at_capacity: "No room for a new agent",
   };
 
   const state = {
@@ -437,7 +439,7 @@
       if (frame.retry_after) text += " Try again in " + Math.ceil(frame.retry_after) + " s.";
       addError(title, text);
       // Every refused or failed message ends its turn with an error instead of `done`.
-      const ends = ["rate_limited", "agent_unavailable", "llm_error", "service_unavailable", "license_refused", "queue_full", "internal"];
+      const ends = ["rate_limited", "agent_unavailable", "agents_at_capacity", "llm_error", "service_unavailable", "license_refused", "queue_full", "internal"];
       // A full queue refuses the message just sent, not the one being answered.
       const entry = frame.code === "queue_full" ? state.turns[state.turns.length - 1] : currentTurn();
       if (entry && ends.includes(frame.code)) {

@@ -60,7 +60,9 @@ class ReviewChat:
         return tool_name == REVIEW_TOOL.name
 
     def _context(self, agent: AgentSession) -> ReviewContext:
-        return ReviewContext(tools=agent, summarize=self._summarize)
+        return ReviewContext(
+            tools=agent, summarize=self._summarize, approval_key=agent.endpoint.token or ""
+        )
 
     async def call(
         self, arguments: Mapping[str, Any], *, user_id: str, agent: AgentSession, emit: Emit

@@ -33,6 +33,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from dexorder.core.approval import issue_approval_id
 from dexorder.gateway.pure import risk
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,13 @@ class StepTimings:
 
 @dataclass(frozen=True)
 class ReviewContext:
+    """What a review runs with: the user's agent, the summarizer, and ``approval_key``, the
+    key the agent checks approval ids with (its bearer token; ``dexorder.core.approval``).
+    Only this workflow issues approval ids, and only after the user's approval."""
+
     tools: AgentTools
     summarize: Summarizer
+    approval_key: str
     timings: StepTimings = field(default_factory=StepTimings)
 
 
@@ -187,7 +193,8 @@ async def record_decision(state: ReviewState, runtime: Runtime[ReviewContext]) -
     name = state["strategy_name"]
     if state["decision"] != "approved":
         return {"outcome": f"Strategy {name!r} was rejected and stays a draft."}
-    await _call(runtime.context, "approve_strategy", {"name": name})
+    approval_id = issue_approval_id(runtime.context.approval_key, state["review_id"], name)
+    await _call(runtime.context, "approve_strategy", {"name": name, "approval_id": approval_id})
     return {"outcome": f"Strategy {name!r} is approved (a record only: nothing was traded)."}
 
 

@@ -28,7 +28,7 @@ from dexorder.gateway.settings import GatewaySettings
 from tests.integration.gateway.conftest import gateway_settings
 from tests.integration.gateway.telegram.replica import FAST
 
-WEBHOOK_SECRET = "test-webhook-secret_0123456789"
+WEBHOOK_SECRET = "test-webhook-secret_0123456789abcdef"  # 32+ of A-Z a-z 0-9 _ -
 # Redis database of these tests, flushed before each: other tests use database 0.
 REDIS_DB = 9
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jwt
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from dexorder.gateway.channels.web_page import (
     DEMO_TOKEN_SECONDS,
@@ -14,6 +15,7 @@ from dexorder.gateway.channels.web_page import (
     WebPageError,
     install,
     is_offline_model,
+    loopback_host_only,
     mint_demo_token,
 )
 from dexorder.gateway.settings import GatewaySettings
@@ -110,3 +112,36 @@ def test_demo_mode_without_the_development_secret_stops_start_up() -> None:
     app[SETTINGS] = settings(dev_hs256_secret=None, jwks_url="https://id.example/jwks.json")
     with pytest.raises(WebPageError, match="DEXORDER_DEMO_MODE needs DEXORDER_DEV_HS256_SECRET"):
         install(app)
+
+
+@pytest.mark.parametrize(
+    ("host", "answered"),
+    [
+        ("127.0.0.1:8080", True),
+        ("localhost:8080", True),
+        ("[::1]:8080", True),
+        ("127.0.0.1", True),
+        ("attacker.example:8080", False),  # a rebound name: the page's own, pointed at us
+        ("127.0.0.1.attacker.example", False),
+        ("192.168.1.20:8080", False),
+    ],
+)
+async def test_demo_mode_answers_only_requests_addressed_to_loopback(
+    host: str, answered: bool
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="token")
+
+    request = make_mocked_request("POST", "/api/demo-token", headers={"Host": host})
+    if answered:
+        assert (await loopback_host_only(request, handler)).status == 200
+    else:
+        with pytest.raises(web.HTTPMisdirectedRequest):
+            await loopback_host_only(request, handler)
+
+
+def test_demo_mode_installs_the_host_check() -> None:
+    demo = web.Application()
+    demo[SETTINGS] = settings()
+    install(demo)
+    assert loopback_host_only in demo.middlewares

@@ -200,6 +200,8 @@ def test_error_codes_are_stable() -> None:
         "queue_full",
         "approval_invalid",
         "internal",
+        "too_many_sockets",
+        "agents_at_capacity",
     }
 
 
@@ -208,7 +210,8 @@ def test_close_codes() -> None:
         protocol.CLOSE_MESSAGE_TOO_BIG,
         protocol.CLOSE_SERVICE_RESTART,
         protocol.CLOSE_UNAUTHORIZED,
-    ) == (1009, 1012, 4401)
+        protocol.CLOSE_TOO_MANY_SOCKETS,
+    ) == (1009, 1012, 4401, 4429)
 
 
 # Text a model may stream: JSON's escapes, every control character, DEL, non-ASCII of each

@@ -2,10 +2,18 @@
 
 from dexorder.gateway.agents.provisioning.base import (
     AgentEndpoint,
+    AgentsAtCapacity,
     Progress,
     Provisioner,
     ProvisioningError,
     Stage,
 )
 
-__all__ = ["AgentEndpoint", "Progress", "Provisioner", "ProvisioningError", "Stage"]
+__all__ = [
+    "AgentEndpoint",
+    "AgentsAtCapacity",
+    "Progress",
+    "Provisioner",
+    "ProvisioningError",
+    "Stage",
+]

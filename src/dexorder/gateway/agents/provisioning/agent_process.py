@@ -20,6 +20,20 @@ from dexorder.gateway.agents.provisioning.child_process import (
 )
 
 ENV_PREFIX = "DEXORDER_AGENT_"
+#: What an agent inherits from the gateway's environment, and nothing else: the gateway's
+#: holds the provider keys, the database URL and the bot token, which an agent (its code
+#: driven by a model) must never see.
+INHERITED_VARIABLES = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "PYTHONDONTWRITEBYTECODE",
+)
 
 
 class LocalAgentProcess:
@@ -69,8 +83,7 @@ class LocalAgentProcess:
         return self._process is not None and not self._process.exited
 
     def _environment(self) -> dict[str, str]:
-        # A variable inherited from the caller's shell must not contradict ours.
-        env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+        env = {name: os.environ[name] for name in INHERITED_VARIABLES if name in os.environ}
         env.update(
             {
                 f"{ENV_PREFIX}USER_ID": self.user_id,

@@ -9,7 +9,14 @@ from typing import Protocol
 from dexorder.gateway.pure.licenses import EffectiveLicense
 from dexorder.gateway.pure.protocol import Stage
 
-__all__ = ["AgentEndpoint", "Progress", "Provisioner", "ProvisioningError", "Stage"]
+__all__ = [
+    "AgentEndpoint",
+    "AgentsAtCapacity",
+    "Progress",
+    "Provisioner",
+    "ProvisioningError",
+    "Stage",
+]
 
 Progress = Callable[[Stage, str], Awaitable[None]]
 
@@ -36,6 +43,22 @@ class ProvisioningError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+class AgentsAtCapacity(ProvisioningError):
+    """A new agent would pass the cap on agents (DEXORDER_MAX_AGENTS, or the agents
+    namespace's ResourceQuota); existing users are still served."""
+
+    code = "agents_at_capacity"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "AgentsAtCapacity",
+            "the service has as many personal agents as it can run and cannot create yours "
+            "right now; try again later",
+        )
+        #: For the log, never the user: the cap, or the API server's quota message.
+        self.detail = detail
 
 
 class Provisioner(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -39,6 +40,7 @@ from dexorder.core.useragent import (
 )
 from dexorder.gateway.agents.provisioning.base import (
     AgentEndpoint,
+    AgentsAtCapacity,
     Progress,
     ProvisioningError,
     Stage,
@@ -47,6 +49,8 @@ from dexorder.gateway.pure.licenses import EffectiveLicense
 
 # A Ready agent is trusted for this long before its UserAgent is read again.
 _ENDPOINT_CACHE_SECONDS = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 def desired_spec(license: EffectiveLicense) -> UserAgentSpec:
@@ -124,8 +128,10 @@ class KubernetesProvisioner:
         *,
         timeout: float = 120.0,
         activity_interval: float = 60.0,
+        max_agents: int | None = None,
     ) -> None:
         self._client = client
+        self._max_agents = max_agents
         self._namespace = namespace
         self._timeout = timeout
         self._activity_interval = activity_interval
@@ -165,6 +171,7 @@ class KubernetesProvisioner:
         now = rfc3339(dt.datetime.now(dt.UTC))
         body = await self._client.get_or_none(self._path(name))
         if body is None:
+            await self._check_capacity()
             await progress(Stage.PROVISIONING, "creating your personal agent")
             manifest = {
                 "apiVersion": API_VERSION,
@@ -181,6 +188,13 @@ class KubernetesProvisioner:
             except Conflict:
                 # Another replica created it a moment ago: carry on with theirs.
                 return await self._create_or_update(license, progress)
+            except KubernetesError as error:
+                # The namespace's ResourceQuota (count/useragents...): the hard cap, which
+                # also holds when replicas race past the count below.
+                if error.status == 403 and "exceeded quota" in str(error):
+                    logger.warning("a new agent was refused by the quota: %s", error)
+                    raise AgentsAtCapacity(str(error)) from error
+                raise
             self._activity[license.user_id] = time.monotonic()
             return created
         spec = body.get("spec") or {}
@@ -198,6 +212,19 @@ class KubernetesProvisioner:
         self._activity[license.user_id] = time.monotonic()
         patched: dict[str, Any] = await self._client.merge_patch(self._path(name), patch)
         return patched
+
+    async def _check_capacity(self) -> None:
+        """Refuse a new agent once the namespace holds ``max_agents`` (one LIST; replicas
+        racing may pass it by a few, which the chart's ResourceQuota stops)."""
+        if self._max_agents is None:
+            return
+        listed = await self._client.list(self._path())
+        count = len(listed.get("items") or [])
+        if count >= self._max_agents:
+            logger.warning(
+                "a new agent was refused: %d UserAgents, cap %d", count, self._max_agents
+            )
+            raise AgentsAtCapacity(f"{count} UserAgents, cap {self._max_agents}")
 
     async def _wait_ready(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body["metadata"]["name"]

@@ -30,6 +30,7 @@ from dexorder.gateway.channels.telegram.reply import Pace
 from dexorder.gateway.channels.telegram.webhook import INBOX, WEBHOOK_SECRET, receive
 from dexorder.gateway.linking import (
     LINK_CODES,
+    LINK_ISSUES,
     AttemptLimiter,
     LinkCodeStore,
     MemoryAttemptLimiter,
@@ -87,9 +88,11 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
         if redis is not None:
             inbox = RedisInbox(redis, options.inbox)
             attempts = RedisAttemptLimiter(redis)
+            app[LINK_ISSUES] = RedisAttemptLimiter(redis)
             log.info("Telegram updates: durable in a Redis stream, shared by every replica")
         else:
             inbox, attempts = MemoryInbox(options.inbox), MemoryAttemptLimiter()
+            app[LINK_ISSUES] = MemoryAttemptLimiter()
             log.info(
                 "Telegram updates: no REDIS_URL, so they are queued in this process only and "
                 "are lost if it stops (repeated update ids are still dropped)"

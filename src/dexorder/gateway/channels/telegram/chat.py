@@ -416,7 +416,11 @@ class TelegramChat:
         if name in ("start", "help"):
             await send_text(self.bot, chat_id, HELP, reply_to)
         elif name == "link":
-            await send_text(self.bot, chat_id, await self._link(user_id, argument), reply_to)
+            if message.chat.type != "private":
+                answer = await self._void(argument)
+            else:
+                answer = await self._link(user_id, argument)
+            await send_text(self.bot, chat_id, answer, reply_to)
         elif name == "unlink":
             removed = await self.services.licenses.unlink_channel(CHANNEL, str(user_id))
             await self._control_everywhere("new", chat_id, user_id)
@@ -437,10 +441,23 @@ class TelegramChat:
             return False  # an unknown command is a message like any other
         return True
 
+    async def _void(self, argument: str) -> str:
+        """``/link`` in a group: everyone there saw the code, so it links nothing, ever."""
+        code = normalize_code(argument)
+        if code is not None:
+            await self.link_codes.void(code)
+        return (
+            "Send /link only in a private chat with me: everyone here can read the code. "
+            "That code is now void; get a new one in the web app."
+        )
+
     async def _link(self, telegram_user: int, argument: str) -> str:
         key = f"{CHANNEL}:{telegram_user}"
         wait = await self.attempts.retry_after(key)
         if wait is not None:
+            code = normalize_code(argument)
+            if code is not None:
+                await self.link_codes.void(code)  # any attempt consumes the code
             minutes = max(1, round(wait / 60))
             return f"Too many wrong codes. Try again in about {minutes} min."
         code = normalize_code(argument)
@@ -483,6 +500,11 @@ class TelegramChat:
         submitted = False
         try:
             async with chat.lock:
+                if chat.conversation is not None and chat.conversation.user_id != user:
+                    # Linked to another user since it opened (an unlink and a relink this
+                    # replica missed the broadcast of): never the old user's agent.
+                    old, chat.conversation = chat.conversation, None
+                    await old.close()
                 if chat.conversation is None and not await self._open(chat, user, chat_id, user_id):
                     return
             assert chat.conversation is not None
