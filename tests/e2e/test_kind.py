@@ -134,6 +134,8 @@ def installed(
         "dexorder-gateway",
         f"--from-literal=DATABASE_URL={DATABASE_URL}",
         f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
+        # A test cluster: the development secret is acknowledged with the cluster.
+        "--from-literal=DEXORDER_DEV_SECRET_WITH_KUBERNETES=true",
         "--from-literal=OPENAI_API_KEY=fake-key",
     )
     kind_cluster.kubectl(
