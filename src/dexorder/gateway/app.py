@@ -30,6 +30,7 @@ from dexorder.gateway.state import (
     CHAT_SERVICES,
     DB_POOL,
     DRAINING,
+    HEALTH,
     LIVE_SOCKETS,
     REDIS,
     SESSIONS,
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Health = web.AppKey("health", list)  # probes for /ready: async callables returning bool
 EVENT_SINK = web.AppKey("event_sink", EventSink)
 
 
@@ -57,7 +57,7 @@ async def health(_: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = request.app[Health]
+    checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = request.app[HEALTH]
     results: dict[str, bool] = {}
     for name, check in checks:
         try:
@@ -85,7 +85,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[DRAINING] = asyncio.Event()
     app[LIVE_SOCKETS] = {}
-    app[Health] = []
+    app[HEALTH] = []
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", serve_metrics)
@@ -269,7 +269,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 await connection.execute("SELECT 1")
             return True
 
-        app[Health].extend(
+        app[HEALTH].extend(
             [
                 ("database", database_ok),
                 ("provisioner", provisioner.healthy),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -27,3 +28,5 @@ SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
 # Opened once by the app's shared services, for every channel to use.
 DB_POOL: web.AppKey[Pool] = web.AppKey("db_pool")
 REDIS = web.AppKey("redis", Redis)  # set only with REDIS_URL
+# Probes for /ready, added by the services and channels that own them: (name, check).
+HEALTH: web.AppKey[list[tuple[str, Callable[[], Awaitable[bool]]]]] = web.AppKey("health")

@@ -36,7 +36,7 @@ from dexorder.gateway.linking import (
     RedisAttemptLimiter,
     create_link_code,
 )
-from dexorder.gateway.state import CHAT_SERVICES, DB_POOL, REDIS, SETTINGS
+from dexorder.gateway.state import CHAT_SERVICES, DB_POOL, HEALTH, REDIS, SETTINGS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -95,6 +95,7 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
                 "are lost if it stops (repeated update ids are still dropped)"
             )
         app[INBOX] = inbox
+        app[HEALTH].append(("telegram_inbox", inbox.healthy))
         chat = TelegramChat(
             bot=bot,
             services=app[CHAT_SERVICES],

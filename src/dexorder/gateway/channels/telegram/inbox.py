@@ -8,7 +8,12 @@ With Redis, ``RedisInbox`` appends each update to a stream before the webhook an
 - entries a crashed replica left pending are idle, and ``XAUTOCLAIM`` hands them to a
   live worker after ``claim_idle_seconds``;
 - a key per ``update_id`` (``SET NX`` with a TTL) says who processes it and when it is
-  done, so Telegram's redelivery of an update, or two entries of it, is processed once.
+  done, so Telegram's redelivery of an update, or two entries of it, is processed once;
+- Redis may lose everything (a restart without persistence, a failover to an empty
+  replica): the webhook's ``XADD`` recreates the stream but not the group, so after any
+  Redis error the loop creates the group again (``BUSYGROUP`` means it was there), with a
+  capped backoff and one warning per outage, and ``healthy`` (in ``/ready``) is false
+  until a read succeeds again.
 
 Without Redis, ``MemoryInbox`` queues in the process and still drops repeated ids; what
 is queued dies with the process.
@@ -54,6 +59,9 @@ class Inbox(Protocol):
     def stop(self) -> None:
         """Ask ``run`` to return; updates in progress are left for another worker."""
 
+    async def healthy(self) -> bool:
+        """For ``/ready``: updates are being read (the webhook's 200 means they will be)."""
+
 
 @dataclass(frozen=True)
 class InboxOptions:
@@ -65,11 +73,52 @@ class InboxOptions:
     dedupe_ttl_seconds: float = 86_400.0
     stream_max_length: int = 100_000
     block_ms: int = 1000
+    # After a Redis error the loop waits this long, doubling up to the cap, then tries
+    # again (creating the consumer group anew, in case Redis lost it).
+    retry_seconds: float = 0.1
+    retry_cap_seconds: float = 5.0
+    # While Redis stays down, one warning per this many seconds, not one per attempt.
+    warn_every_seconds: float = 60.0
 
 
 def consumer_name() -> str:
     """Unique per process: a restarted replica must not inherit a dead one's entries."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Outage:
+    """Consecutive failures of one loop against Redis: the wait before the next attempt
+    (doubling from ``retry_seconds`` to ``retry_cap_seconds``) and whether a warning is
+    due (the first failure, then one per ``warn_every_seconds``). ``clock`` is monotonic
+    seconds, passed in."""
+
+    def __init__(self, options: InboxOptions, clock: Callable[[], float] = time.monotonic):
+        self._options = options
+        self._clock = clock
+        self.failures = 0
+        self._warned_at: float | None = None
+
+    @property
+    def ongoing(self) -> bool:
+        return self.failures > 0
+
+    def failed(self) -> tuple[float, bool]:
+        """Count a failure; returns (seconds to wait, whether to warn)."""
+        self.failures += 1
+        wait = min(
+            self._options.retry_seconds * 2 ** min(self.failures - 1, 30),
+            self._options.retry_cap_seconds,
+        )
+        now = self._clock()
+        warn = self._warned_at is None or now - self._warned_at >= self._options.warn_every_seconds
+        if warn:
+            self._warned_at = now
+        return wait, warn
+
+    def recovered(self) -> int:
+        """Forget the outage; returns how many failures it had."""
+        failures, self.failures, self._warned_at = self.failures, 0, None
+        return failures
 
 
 class _Workers:
@@ -156,6 +205,9 @@ class MemoryInbox:
     def stop(self) -> None:
         """Nothing to do: cancelling ``run`` stops it."""
 
+    async def healthy(self) -> bool:
+        return True
+
     async def run(self, handle: Handler) -> None:
         workers = _Workers(self.options.concurrency)
         try:
@@ -192,6 +244,11 @@ class RedisInbox:
         self.consumer = consumer or consumer_name()
         self._in_flight: set[bytes] = set()
         self._stopping = asyncio.Event()
+        # False until the group exists and a read succeeded, and again after any failure.
+        self._reading = False
+
+    async def healthy(self) -> bool:
+        return self._reading
 
     def stop(self) -> None:
         # A flag, not only a cancel: a cancel that lands inside the Redis client's blocking
@@ -239,13 +296,17 @@ class RedisInbox:
     async def run(self, handle: Handler) -> None:
         from redis.exceptions import RedisError
 
-        await self.ensure_group()
         workers = _Workers(self.options.concurrency)
+        outage = Outage(self.options)
         claim_every = max(self.options.claim_idle_seconds / 2, 0.1)
         next_claim = 0.0
+        group_known = False
         try:
             while not self._stopping.is_set():
                 try:
+                    if not group_known:
+                        await self.ensure_group()
+                        group_known = True
                     if time.monotonic() >= next_claim:
                         next_claim = time.monotonic() + claim_every
                         for entry_id, fields in await self._claim_abandoned(workers.free):
@@ -254,7 +315,14 @@ class RedisInbox:
                                 f"telegram-entry:{entry_id!r}",
                             )
                     await workers.wait_free()
-                    for entry_id, fields in await self._read_new(workers.free):
+                    entries = await self._read_new(workers.free)
+                    self._reading = True
+                    if outage.ongoing:
+                        log.warning(
+                            "reading Telegram updates from Redis again, after %d failed attempts",
+                            outage.recovered(),
+                        )
+                    for entry_id, fields in entries:
                         await workers.spawn(
                             self._process(handle, entry_id, fields, reclaimed=False),
                             f"telegram-entry:{entry_id!r}",
@@ -262,9 +330,23 @@ class RedisInbox:
                 except RedisError as error:
                     if self._stopping.is_set():
                         break
-                    log.warning("reading Telegram updates from Redis failed: %s", error)
-                    await asyncio.sleep(1.0)
+                    # The group may be gone with Redis's data (NOGROUP): create it again
+                    # before the next read; BUSYGROUP then says it was still there.
+                    group_known, self._reading = False, False
+                    wait, warn = outage.failed()
+                    if warn:
+                        log.warning(
+                            "reading Telegram updates from Redis failed (attempt %d; retrying "
+                            "with backoff, next warning in %.0f s if it persists): %s",
+                            outage.failures,
+                            self.options.warn_every_seconds,
+                            error,
+                        )
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._stopping.wait()
         finally:
+            self._reading = False
             await workers.cancel_all()
 
     async def _read_new(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -364,6 +446,7 @@ __all__ = [
     "InboxOptions",
     "InboxUnavailable",
     "MemoryInbox",
+    "Outage",
     "RedisInbox",
     "consumer_name",
 ]
