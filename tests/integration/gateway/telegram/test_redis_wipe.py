@@ -38,14 +38,15 @@ HANDLED_WITHIN = FAST.inbox.claim_idle_seconds + 5.0
 
 
 class StoppableRedis(RedisService):
-    """A private Redis that can go down and come back empty on the same port."""
+    """A private Redis that can go down and come back on the same port, empty or not."""
 
     def go_down(self) -> None:
         self._stop_processes()
 
-    def come_back_empty(self) -> None:
-        # Its append-only files removed: a restart without persistence.
-        shutil.rmtree(self.data_dir / "appendonlydir", ignore_errors=True)
+    def come_back(self, *, keep_data: bool = False) -> None:
+        if not keep_data:
+            # Its append-only files removed: a restart without persistence.
+            shutil.rmtree(self.data_dir / "appendonlydir", ignore_errors=True)
         self._process = ManagedProcess(
             "redis-server",
             [require_binary("redis-server", "apt-get install redis-server"), "redis.conf"],
@@ -158,7 +159,7 @@ async def test_redis_restarted_without_its_data_and_down_at_start(
             )
             == 503
         ), "not persisted, so Telegram must retry it"
-        own_redis.come_back_empty()
+        own_redis.come_back()
         await gateway.link(issuer.mint(user_id), chat_id, telegram_user)
         await chat_once(gateway, llm, chat_id, telegram_user, "first")
         assert (await ready(gateway.url))["checks"]["telegram_inbox"] is True
@@ -166,7 +167,7 @@ async def test_redis_restarted_without_its_data_and_down_at_start(
         own_redis.go_down()
         await asyncio.sleep(1.0)
         assert (await ready(gateway.url))["checks"]["telegram_inbox"] is False
-        own_redis.come_back_empty()
+        own_redis.come_back()
         await chat_once(gateway, llm, chat_id, telegram_user, "after the restart")
         assert (await ready(gateway.url))["checks"]["telegram_inbox"] is True
     assert inbox_warnings(caplog) < 20
@@ -192,7 +193,7 @@ async def test_an_inbox_started_while_redis_is_down_reads_once_it_is_back(
         async with running(inbox, recorder):
             await asyncio.sleep(3.0)  # many failed attempts, a handful of warnings
             assert not await inbox.healthy()
-            own_redis.come_back_empty()
+            own_redis.come_back()
             await inbox.put(1, b"{}")
             await until(lambda: recorder.seen == [1], timeout=HANDLED_WITHIN)
             assert await inbox.healthy()

@@ -114,7 +114,7 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
             # Not fatal: only group mentions need the bot's name, and it is fetched again.
             log.warning("Telegram getMe failed at start: %s", error)
         tasks = [
-            asyncio.create_task(inbox.run(chat.handle), name="telegram-inbox"),
+            asyncio.create_task(inbox.run(chat.handle, chat.give_up), name="telegram-inbox"),
             asyncio.create_task(_janitor(chat, options.janitor_seconds), name="telegram-janitor"),
         ]
         if redis is not None:
