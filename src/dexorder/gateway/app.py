@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -144,10 +145,17 @@ async def _sweep_sessions(app: web.Application) -> None:
             logger.exception("sweeping idle sessions failed; trying again next period")
 
 
-async def _open_limiter(redis: Redis | None, stack: contextlib.AsyncExitStack) -> Limiter:
+async def _open_limiter(
+    redis: Redis | None, store: UsageStore, stack: contextlib.AsyncExitStack
+) -> Limiter:
+    async def durable_tokens(user_id: str) -> int:
+        # The limiter's day is UTC, as the usage store's.
+        return (await store.on(user_id, dt.datetime.now(dt.UTC).date())).total_tokens
+
     if redis is None:
-        return MemoryLimiter()
-    limiter = RedisLimiter(redis)
+        return MemoryLimiter(durable=durable_tokens)
+    # A count Redis lost (a restart or failover without the data) is seeded again.
+    limiter = RedisLimiter(redis, durable=durable_tokens)
     # Pushed after the client's close, so it runs first: leases stop renewing, then Redis goes.
     stack.push_async_callback(limiter.close)
     return limiter
@@ -207,13 +215,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[DB_POOL] = pool
         if redis is not None:
             app[REDIS] = redis
-        limiter = await _open_limiter(redis, stack)
+        usage_store = UsageStore(pool)
+        limiter = await _open_limiter(redis, usage_store, stack)
         app[SESSIONS] = _session_store(settings, redis)
         stack.push_async_callback(app[SESSIONS].close)
         sweeper = asyncio.create_task(_sweep_sessions(app), name="sweep-sessions")
         stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)
-        usage = UsageRecorder(sink, UsageStore(pool), daily_batch_seconds=DAILY_BATCH_SECONDS)
+        usage = UsageRecorder(sink, usage_store, daily_batch_seconds=DAILY_BATCH_SECONDS)
         # Pushed after the pool's close, so it runs first: the last daily totals are written.
         stack.push_async_callback(usage.close)
         app[EVENT_SINK] = sink
