@@ -221,7 +221,9 @@ class GatewaySettings(BaseSettings):
     # Without KAFKA_BOOTSTRAP, events are appended here as JSON lines; with it, the
     # spool of events the broker has not yet acknowledged lives here too.
     events_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "events"
-    events_spool_max: int = Field(100_000, ge=1)
+    # The spool's cap in bytes on disk (its volume must hold it): past it, the oldest
+    # unsent events are shed and counted (dexorder_gateway_events_shed), chat goes on.
+    events_spool_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
 
     # --- RAG (issue 8) ----------------------------------------------------------------
     # Off by default: Qdrant's local mode locks its folder to one process, and the
