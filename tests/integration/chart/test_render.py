@@ -121,8 +121,8 @@ def test_the_event_spool_is_on_a_pvc_per_replica_by_default(
     gateway = gateway_workload(ephemeral)
     assert gateway["kind"] == "Deployment"
     assert "volumeClaimTemplates" not in gateway["spec"]
-    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["events"]["emptyDir"] == {"sizeLimit": "1024Mi"}
+    by_name = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert by_name["events"]["emptyDir"] == {"sizeLimit": "1024Mi"}
     assert one(ephemeral, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == (
         "Deployment"
     )
