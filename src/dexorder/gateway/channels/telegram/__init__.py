@@ -27,7 +27,8 @@ from dexorder.gateway.channels.telegram.bot import WEBHOOK_PATH, make_bot
 from dexorder.gateway.channels.telegram.chat import SessionDirectory, TelegramChat
 from dexorder.gateway.channels.telegram.inbox import Inbox, InboxOptions, MemoryInbox, RedisInbox
 from dexorder.gateway.channels.telegram.reply import Pace
-from dexorder.gateway.channels.telegram.webhook import INBOX, WEBHOOK_SECRET, receive
+from dexorder.gateway.channels.telegram.urgent import UrgentLane
+from dexorder.gateway.channels.telegram.webhook import INBOX, URGENT, WEBHOOK_SECRET, receive
 from dexorder.gateway.linking import (
     LINK_CODES,
     AttemptLimiter,
@@ -108,6 +109,9 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
         )
         app[TELEGRAM_CHAT] = chat
         stack.push_async_callback(chat.close)
+        # /stop at once, beside the inbox's workers (closed before the chat is).
+        app[URGENT] = UrgentLane(chat.handle)
+        stack.push_async_callback(app[URGENT].close)
         try:
             await chat.start()
         except TelegramAPIError as error:

@@ -66,6 +66,10 @@ class Inbox(Protocol):
     async def put(self, update_id: int, body: bytes) -> None:
         """Keep the update; returns once it is persisted (or queued, in memory)."""
 
+    async def mark_done(self, update_id: int) -> bool:
+        """Record the update as processed, for one handled outside the inbox; False when
+        it was seen already (a redelivery). Raises ``InboxUnavailable``."""
+
     async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
         """Process updates with ``handle`` until ``stop()`` (or a cancel); ``give_up`` is
         told of an update that still asked to be tried later after ``max_deliveries``."""
@@ -230,6 +234,9 @@ class MemoryInbox:
         self._seen[update_id] = now
         return True
 
+    async def mark_done(self, update_id: int) -> bool:
+        return self._first_time(update_id)
+
     async def put(self, update_id: int, body: bytes) -> None:
         if self._first_time(update_id):
             self._queue.put_nowait((update_id, body))
@@ -339,6 +346,17 @@ class RedisInbox:
                 await self.redis.xgroup_delconsumer(self.stream, self.group, name)
                 departed += 1
         return departed
+
+    async def mark_done(self, update_id: int) -> bool:
+        from redis.exceptions import RedisError
+
+        try:
+            done = await self.redis.set(
+                self._key(update_id), _DONE, nx=True, ex=int(self.options.dedupe_ttl_seconds)
+            )
+        except RedisError as error:
+            raise InboxUnavailable(f"the update queue is unavailable: {error}") from error
+        return bool(done)
 
     async def put(self, update_id: int, body: bytes) -> None:
         from redis.exceptions import RedisError
