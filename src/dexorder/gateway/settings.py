@@ -206,6 +206,9 @@ class GatewaySettings(BaseSettings):
     telegram_webhook_secret: Annotated[SecretStr | None, EmptyIsNone] = None
     # Tests point aiogram at a local server speaking the Bot API.
     telegram_api_url: HttpUrlText = "https://api.telegram.org"
+    # Bot API calls a second of this replica (a token bucket; a burst is a fifth of it):
+    # Telegram allows a bot about 30 a second in all; divide by the replica count.
+    telegram_calls_per_second: float = Field(25.0, gt=0)
     # The gateway's public base URL, for `dexorder-gateway set-webhook`.
     public_url: Annotated[HttpUrlText | None, EmptyIsNone] = None
     link_code_ttl_seconds: float = Field(600.0, gt=0)

@@ -94,3 +94,46 @@ async def test_stop_is_heard_while_every_worker_is_busy(
     )
     stopped = next(call for call in final_messages(fake, chat_id) if "(stopped)" in call.text)
     assert stopped.text.count("slow") < 300
+
+
+async def test_many_chats_streaming_at_once_stay_under_the_bot_wide_limit(
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    fake_telegram: FakeTelegram,
+    telegram_redis_url: str,
+) -> None:
+    settings = gateway_settings(
+        migrated_dsn,
+        issuer,
+        llm,
+        tmp_path,
+        **telegram_values(fake_telegram, telegram_redis_url),
+        telegram_calls_per_second=6,
+    )
+    chats = [(900_000_001 + n, f"user-rate-{n}-{tmp_path.name[-6:]}") for n in range(3)]
+    async with serve_telegram_gateway(settings, fake_telegram) as gateway:
+        await register_webhook(settings.model_copy(update={"public_url": gateway.url}))
+        for chat_id, user in chats:
+            await gateway.link(issuer.mint(user), chat_id, chat_id)
+        fake_telegram.limit_rate(8)  # Telegram's flood limit, scaled down
+        words = " ".join(f"word{n}" for n in range(40))
+        for _ in chats:
+            llm.queue(TextScript(text=words, tokens_per_second=15))
+        for chat_id, _user in chats:
+            await send(fake_telegram, chat_id, chat_id, "stream please")
+        await fake_telegram.wait_for(
+            lambda: all(
+                any(call.text == words for call in final_messages(fake_telegram, chat_id))
+                for chat_id, _ in chats
+            ),
+            timeout=90,
+            what="every chat's reply",
+        )
+        refused = [call for call in fake_telegram.calls if call.status == 429]
+        assert refused == [], f"{len(refused)} calls refused for flooding"
+        drafts = [
+            c for chat_id, _ in chats for c in fake_telegram.calls_of("sendMessageDraft", chat_id)
+        ]
+        assert len(drafts) >= 6, "the replies still streamed"
