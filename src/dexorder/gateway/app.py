@@ -40,6 +40,7 @@ from dexorder.gateway.state import (
 )
 from dexorder.gateway.stores.licenses import LicenseStore, open_pool
 from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.stores.redis_client import open_redis
 from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
@@ -122,7 +123,12 @@ async def _open_provisioner(
 async def _open_redis(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Redis | None:
     if not settings.redis_url:
         return None
-    redis: Redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        connect_timeout=settings.redis_connect_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+    )
     stack.push_async_callback(redis.aclose)
     return redis
 

@@ -131,6 +131,11 @@ class GatewaySettings(BaseSettings):
     redis_url: Annotated[str | None, EmptyIsNone] = Field(
         None, validation_alias=_seed("REDIS_URL"), repr=False
     )
+    # Bounded waits on Redis, and its pool (see stores/redis_client.py): the socket timeout
+    # must outlast the longest blocking read (about a second).
+    redis_socket_timeout_seconds: float = Field(5.0, gt=1.0)
+    redis_connect_timeout_seconds: float = Field(2.0, gt=0)
+    redis_max_connections: int = Field(512, ge=8)
     kafka_bootstrap: Annotated[str | None, EmptyIsNone] = Field(
         None, validation_alias=_seed("KAFKA_BOOTSTRAP")
     )

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,13 @@ class StoppableRedis(RedisService):
 
     def go_down(self) -> None:
         self._stop_processes()
+
+    def pause(self) -> None:
+        """Stop answering, with every connection left open (a partition, a frozen host)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
 
     def come_back(self, *, keep_data: bool = False) -> None:
         if not keep_data:
@@ -96,6 +105,12 @@ async def ready(url: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session, session.get(url + "/ready") as answer:
         body: dict[str, Any] = await answer.json()
         return body
+
+
+async def inbox_ready(url: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not (await ready(url))["checks"]["telegram_inbox"]:  # noqa: ASYNC110 - polled over HTTP
+            await asyncio.sleep(0.1)
 
 
 def inbox_warnings(caplog: pytest.LogCaptureFixture) -> int:
@@ -160,6 +175,7 @@ async def test_redis_restarted_without_its_data_and_down_at_start(
             == 503
         ), "not persisted, so Telegram must retry it"
         own_redis.come_back()
+        await inbox_ready(gateway.url)  # within the Redis client's circuit cooldown
         await gateway.link(issuer.mint(user_id), chat_id, telegram_user)
         await chat_once(gateway, llm, chat_id, telegram_user, "first")
         assert (await ready(gateway.url))["checks"]["telegram_inbox"] is True
@@ -168,6 +184,7 @@ async def test_redis_restarted_without_its_data_and_down_at_start(
         await asyncio.sleep(1.0)
         assert (await ready(gateway.url))["checks"]["telegram_inbox"] is False
         own_redis.come_back()
+        await inbox_ready(gateway.url)
         await chat_once(gateway, llm, chat_id, telegram_user, "after the restart")
         assert (await ready(gateway.url))["checks"]["telegram_inbox"] is True
     assert inbox_warnings(caplog) < 20
