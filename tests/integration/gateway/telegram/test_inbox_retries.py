@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from dexorder.gateway.channels.telegram.inbox import InboxOptions, RedisInbox, T
 from dexorder.gateway.migrations import apply_migrations
 from tests.integration.gateway.conftest import gateway_settings
 from tests.integration.gateway.telegram.conftest import serve_telegram_gateway, telegram_values
+from tests.integration.gateway.telegram.replica import FAST
 from tests.integration.gateway.telegram.test_inbox import Recorder, running, until
 from tests.integration.gateway.telegram.test_redis_wipe import StoppableRedis
 from tests.integration.gateway.test_database_outage import StoppablePostgres
@@ -188,3 +190,44 @@ async def test_a_message_sent_while_the_database_is_down_is_answered_once_it_is_
         texts = [call.text for call in fake_telegram.calls_of("sendMessage", chat_id)]
         assert texts.count("Answered after the outage.") == 1
         assert GIVEN_UP not in texts
+
+
+async def test_a_message_the_database_never_lets_through_is_given_up_with_a_notice(
+    own_postgres: StoppablePostgres,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    fake_telegram: FakeTelegram,
+    telegram_redis_url: str,
+    user_id: str,
+    telegram_ids: tuple[int, int],
+) -> None:
+    await apply_migrations(own_postgres.dsn)
+    chat_id, telegram_user = telegram_ids
+    settings = gateway_settings(
+        own_postgres.dsn,
+        issuer,
+        llm,
+        tmp_path,
+        **telegram_values(fake_telegram, telegram_redis_url),
+    )
+    options = replace(FAST, inbox=replace(FAST.inbox, max_deliveries=2))
+    async with serve_telegram_gateway(settings, fake_telegram, options) as gateway:
+        await register_webhook(settings.model_copy(update={"public_url": gateway.url}))
+        await gateway.link(issuer.mint(user_id), chat_id, telegram_user)
+        await asyncio.to_thread(own_postgres.go_down)
+        try:
+            update = fake_telegram.message_update("hello?", chat_id=chat_id, user_id=telegram_user)
+            assert await fake_telegram.deliver(update) == 200
+            await fake_telegram.wait_for(
+                lambda: any(
+                    call.text == GIVEN_UP for call in fake_telegram.calls_of("sendMessage", chat_id)
+                ),
+                timeout=90,
+                what="the notice that the message was given up",
+            )
+        finally:
+            await asyncio.to_thread(own_postgres.come_back)
+        await asyncio.sleep(FAST.inbox.claim_idle_seconds * 2)
+        texts = [call.text for call in fake_telegram.calls_of("sendMessage", chat_id)]
+        assert texts.count(GIVEN_UP) == 1, "given up once, and not tried again after"
