@@ -151,7 +151,7 @@ async def main() -> None:
                 sink = KafkaSink(
                     kafka.bootstrap,
                     {EventStream.USAGE: topic, EventStream.CONVERSATION: topic},
-                    Spool(Path(tmp) / f"spool{batch}", max_records=10**6),
+                    Spool(Path(tmp) / f"spool{batch}", max_bytes=1 << 30),
                 )
                 await sink.start()
                 await sink_rates(sink, 2000, batch)  # warm-up: topic creation, PID

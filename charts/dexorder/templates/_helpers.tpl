@@ -125,3 +125,8 @@ capabilities:
 {{- fail "config.models must be a model list in YAML with a top-level 'groups' map (see config/models.yaml)" -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The gateway's workload kind: a StatefulSet when its event spool is on a PVC. */ -}}
+{{- define "dexorder.gateway.kind" -}}
+{{- if .Values.gateway.eventSpool.persistent -}}StatefulSet{{- else -}}Deployment{{- end -}}
+{{- end -}}

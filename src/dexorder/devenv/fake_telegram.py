@@ -22,6 +22,7 @@ import html
 import itertools
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -133,6 +134,9 @@ class FakeTelegram:
     keyboards: dict[tuple[int, int], list[list[tuple[str, str]]]] = field(default_factory=dict)
     answered_callbacks: dict[str, Mapping[str, str]] = field(default_factory=dict)
     _failures: dict[str, _Failure] = field(default_factory=dict)
+    # Telegram's bot-wide flood limit when set: calls a second, past which a call gets 429.
+    calls_per_second: int | None = None
+    _recent: deque[float] = field(default_factory=deque)
     _message_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _update_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1000))
     _callback_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(5000))
@@ -169,6 +173,12 @@ class FakeTelegram:
         await self.stop()
 
     # --- test controls --------------------------------------------------------------
+
+    def limit_rate(self, calls_per_second: int | None) -> None:
+        """Answer 429 (``retry_after`` 1) to calls past ``calls_per_second`` in any second,
+        as Telegram does to a bot that floods it; None lifts the limit."""
+        self.calls_per_second = calls_per_second
+        self._recent.clear()
 
     def fail_next(self, method: str, times: int = 1, retry_after: int = 1) -> None:
         """Answer the next ``times`` calls of ``method`` with 429 and ``retry_after``."""
@@ -332,6 +342,13 @@ class FakeTelegram:
     def _answer(self, token: str, method: str, params: dict[str, str]) -> Any:
         if token != self.token:
             raise BotApiError(401, "Unauthorized")
+        if self.calls_per_second is not None and method != "getMe":
+            now = time.monotonic()
+            while self._recent and self._recent[0] <= now - 1.0:
+                self._recent.popleft()
+            if len(self._recent) >= self.calls_per_second:
+                raise BotApiError(429, "Too Many Requests: retry after 1", 1)
+            self._recent.append(now)
         failure = self._failures.get(method)
         if failure is not None and failure.remaining > 0:
             failure.remaining -= 1

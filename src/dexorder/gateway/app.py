@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ from dexorder.gateway.state import (
     CHAT_SERVICES,
     DB_POOL,
     DRAINING,
+    HEALTH,
     LIVE_SOCKETS,
     METRICS_PORT,
     REDIS,
@@ -41,6 +43,7 @@ from dexorder.gateway.state import (
 )
 from dexorder.gateway.stores.licenses import LicenseStore, open_pool
 from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
+from dexorder.gateway.stores.redis_client import open_redis
 from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
@@ -51,7 +54,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Health = web.AppKey("health", list)  # probes for /ready: async callables returning bool
 EVENT_SINK = web.AppKey("event_sink", EventSink)
 
 
@@ -60,7 +62,7 @@ async def health(_: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = request.app[Health]
+    checks: list[tuple[str, Callable[[], Awaitable[bool]]]] = request.app[HEALTH]
     results: dict[str, bool] = {}
     for name, check in checks:
         try:
@@ -108,8 +110,12 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[DRAINING] = asyncio.Event()
     app[LIVE_SOCKETS] = {}
+<<<<<<< HEAD
     app[USER_SOCKETS] = Counter()
     app[Health] = []
+=======
+    app[HEALTH] = []
+>>>>>>> gwb
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/ws/chat", websocket.chat)
@@ -149,7 +155,12 @@ async def _open_provisioner(
 async def _open_redis(settings: GatewaySettings, stack: contextlib.AsyncExitStack) -> Redis | None:
     if not settings.redis_url:
         return None
-    redis: Redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        connect_timeout=settings.redis_connect_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+    )
     stack.push_async_callback(redis.aclose)
     return redis
 
@@ -172,10 +183,17 @@ async def _sweep_sessions(app: web.Application) -> None:
             logger.exception("sweeping idle sessions failed; trying again next period")
 
 
-async def _open_limiter(redis: Redis | None, stack: contextlib.AsyncExitStack) -> Limiter:
+async def _open_limiter(
+    redis: Redis | None, store: UsageStore, stack: contextlib.AsyncExitStack
+) -> Limiter:
+    async def durable_tokens(user_id: str) -> int:
+        # The limiter's day is UTC, as the usage store's.
+        return (await store.on(user_id, dt.datetime.now(dt.UTC).date())).total_tokens
+
     if redis is None:
-        return MemoryLimiter()
-    limiter = RedisLimiter(redis)
+        return MemoryLimiter(durable=durable_tokens)
+    # A count Redis lost (a restart or failover without the data) is seeded again.
+    limiter = RedisLimiter(redis, durable=durable_tokens)
     # Pushed after the client's close, so it runs first: leases stop renewing, then Redis goes.
     stack.push_async_callback(limiter.close)
     return limiter
@@ -235,13 +253,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[DB_POOL] = pool
         if redis is not None:
             app[REDIS] = redis
-        limiter = await _open_limiter(redis, stack)
+        usage_store = UsageStore(pool)
+        limiter = await _open_limiter(redis, usage_store, stack)
         app[SESSIONS] = _session_store(settings, redis)
         stack.push_async_callback(app[SESSIONS].close)
         sweeper = asyncio.create_task(_sweep_sessions(app), name="sweep-sessions")
         stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)
-        usage = UsageRecorder(sink, UsageStore(pool), daily_batch_seconds=DAILY_BATCH_SECONDS)
+        usage = UsageRecorder(sink, usage_store, daily_batch_seconds=DAILY_BATCH_SECONDS)
         # Pushed after the pool's close, so it runs first: the last daily totals are written.
         stack.push_async_callback(usage.close)
         app[EVENT_SINK] = sink
@@ -297,7 +316,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 await connection.execute("SELECT 1")
             return True
 
-        app[Health].extend(
+        app[HEALTH].extend(
             [
                 ("database", database_ok),
                 ("provisioner", provisioner.healthy),

@@ -1,11 +1,20 @@
 """Where usage and conversation events go: Kafka through a disk spool, or JSON-lines files.
 
-``KafkaSink`` writes each event to the spool first and then hands it to an idempotent
-confluent-kafka producer (``acks=all``), keyed by user so a user's events stay in order
-on one partition. An event leaves the spool only when the broker's delivery report says
-it has it. A broker that is down loses nothing: undelivered events are produced again
-after a back-off, at once when the broker answers again, and at the next start. All
-Kafka work runs on one thread of its own, so the event loop never waits for the broker.
+``KafkaSink`` writes each event to the spool first (durable: a group-committed ``fsync``
+before ``publish`` returns) and then hands it to an idempotent confluent-kafka producer
+(``acks=all``), keyed by user so a user's events stay in order on one partition. An event
+leaves the spool only when the broker's delivery report says it has it. A broker that is
+down loses nothing: undelivered events are produced again after a back-off, at once when
+the broker answers again, and at the next start; in spool order, and with nothing newer
+produced before them, so a user's events keep their order across retries. All Kafka work
+runs on one thread of its own, so the event loop never waits for the broker. A fatal
+producer error (or any failure of that thread's loop) replaces the producer and produces
+every unacknowledged event again from the spool.
+
+A broker outage long enough to fill the spool sheds the oldest events (counted in
+``dexorder_gateway_events_shed``, with ``dexorder_gateway_events_spool_full`` at 1 to
+alert on) rather than refusing new ones: ``/ready`` stays true, so a Kafka outage never
+becomes a chat outage across every replica at once.
 
 ``JsonlSink`` is the fallback without ``KAFKA_BOOTSTRAP``: one file per UTC day.
 """
@@ -23,13 +32,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from prometheus_client import Counter, Gauge
 
 from dexorder.gateway import metrics
 from dexorder.gateway.pure.events import Event, EventStream
 from dexorder.gateway.settings import GatewaySettings
-from dexorder.gateway.spool import Outgoing, Spool, SpooledRecord, SpoolFull
+from dexorder.gateway.spool import GroupCommit, Outgoing, Spool, SpooledRecord, SpoolFull
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,26 @@ EVENTS_REFUSED = Counter(
 EVENTS_BACKLOG = Gauge(
     "dexorder_gateway_events_backlog",
     "Events in the spool that the broker has not acknowledged yet.",
+    registry=metrics.REGISTRY,
+)
+EVENTS_SHED = Counter(
+    "dexorder_gateway_events_shed",
+    "Unsent events given up, oldest first, to keep the spool under its byte cap.",
+    registry=metrics.REGISTRY,
+)
+EVENTS_SPOOL_FULL = Gauge(
+    "dexorder_gateway_events_spool_full",
+    "1 while the event spool is at its byte cap (new events shed old ones): alert on it.",
+    registry=metrics.REGISTRY,
+)
+EVENTS_SPOOL_BYTES = Gauge(
+    "dexorder_gateway_events_spool_bytes",
+    "Bytes of the event spool on disk.",
+    registry=metrics.REGISTRY,
+)
+PRODUCER_RESTARTS = Counter(
+    "dexorder_gateway_events_producer_restarts",
+    "Kafka producers replaced after a fatal error or a failure of the Kafka thread.",
     registry=metrics.REGISTRY,
 )
 
@@ -163,29 +192,42 @@ def producer_config(bootstrap: str, *, message_timeout_ms: int) -> dict[str, Any
 
 
 class _Retries:
-    """Records whose delivery failed, with when to produce each again."""
+    """Records whose delivery failed, produced again together after a back-off, in spool
+    order. While any wait, newer records wait behind them (``hold``): producing a newer
+    event of a user before an older one would reorder that user's events."""
 
     def __init__(self) -> None:
-        self._due: list[tuple[float, SpooledRecord]] = []
+        self._waiting: list[SpooledRecord] = []
+        self._due_at = 0.0
         self._delay = RETRY_MIN_SECONDS
 
     def add(self, record: SpooledRecord, now: float) -> None:
-        self._due.append((now + self._delay, record))
-        self._delay = min(RETRY_MAX_SECONDS, self._delay * 2)
+        if not self._waiting:
+            self._due_at = now + self._delay
+            self._delay = min(RETRY_MAX_SECONDS, self._delay * 2)
+        self._waiting.append(record)
+
+    def hold(self, record: SpooledRecord) -> None:
+        """A new record, queued behind the ones waiting."""
+        self._waiting.append(record)
 
     def reconnected(self) -> None:
         # The broker took a record: everything waiting may go now.
         self._delay = RETRY_MIN_SECONDS
-        self._due = [(0.0, record) for _, record in self._due]
+        self._due_at = 0.0
 
     def take_due(self, now: float) -> list[SpooledRecord]:
-        due = [record for when, record in self._due if when <= now]
-        if due:
-            self._due = [(when, record) for when, record in self._due if when > now]
+        if not self._waiting or now < self._due_at:
+            return []
+        due = sorted(self._waiting, key=lambda record: (record.segment, record.index))
+        self._waiting = []
         return due
 
+    def clear(self) -> None:
+        self._waiting = []
+
     def __len__(self) -> int:
-        return len(self._due)
+        return len(self._waiting)
 
 
 class KafkaSink:
@@ -205,11 +247,18 @@ class KafkaSink:
         self._topics = dict(topics)
         self._spool = spool
         self._config = producer_config(bootstrap, message_timeout_ms=message_timeout_ms)
+        self._config["error_cb"] = self._on_error
         self._inbox: queue.SimpleQueue[SpooledRecord] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._retries = _Retries()
+        self._commit = GroupCommit(spool.sync)
+        # Set by librdkafka's error callback on a fatal error: the producer is replaced.
+        self._fatal: KafkaError | None = None
+        # Delivery reports of a replaced producer are ignored: its records are resent.
+        self._generation = 0
         self.delivered = 0
+        self.producer_restarts = 0
 
     @property
     def backlog(self) -> int:
@@ -226,6 +275,8 @@ class KafkaSink:
             self._inbox.put(record)
         producer = Producer(self._config)
         EVENTS_BACKLOG.set_function(lambda: self._spool.backlog)
+        EVENTS_SPOOL_FULL.set_function(lambda: int(self._spool.full))
+        EVENTS_SPOOL_BYTES.set_function(lambda: self._spool.size)
         self._thread = threading.Thread(
             target=self._run, args=(producer,), name="kafka-events", daemon=True
         )
@@ -240,6 +291,7 @@ class KafkaSink:
             Outgoing(self._topics[event.stream], event.user_id, event.event_id, event.to_json())
             for event in events
         ]
+        shed_before = self._spool.shed
         try:
             # A short local write; the broker is never waited for here.
             records = self._spool.append(outgoing)
@@ -249,28 +301,84 @@ class KafkaSink:
         except OSError as error:
             EVENTS_REFUSED.inc(len(events))
             raise EventsRefused(f"cannot write to the event spool: {error}") from error
+        if self._spool.shed > shed_before:
+            EVENTS_SHED.inc(self._spool.shed - shed_before)
         for event, record in zip(events, records, strict=True):
             EVENTS_ACCEPTED.labels(stream=_stream_label(event)).inc()
             self._inbox.put(record)
+        try:
+            await self._commit.durable()
+        except OSError as error:
+            # With the OS already: only a machine crash before the next sync could lose them.
+            logger.warning("syncing the event spool failed: %s", error)
 
     async def healthy(self) -> bool:
-        running = self._thread is not None and self._thread.is_alive()
-        return running and not self._spool.full
+        # A full spool sheds its oldest events and says so in metrics; it is not a reason
+        # to take this replica, and so every replica at once, out of service.
+        return self._thread is not None and self._thread.is_alive()
 
     # --- the Kafka thread -------------------------------------------------------------
 
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+        else:
+            logger.debug("Kafka client: %s", error)
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise KafkaException(self._fatal)
+
     def _run(self, producer: Producer) -> None:
-        try:
-            while not self._stopping.is_set():
-                self._produce_waiting(producer)
-                producer.poll(_POLL_SECONDS)
-        except Exception:
-            logger.exception("the Kafka event thread failed; events stay in the spool")
-        finally:
-            self._final_flush(producer)
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                while not self._stopping.is_set():
+                    self._raise_fatal()
+                    self._produce_waiting(producer)
+                    producer.poll(_POLL_SECONDS)
+                    failures = 0
+            except Exception:
+                failures += 1
+                logger.exception(
+                    "the Kafka producer failed; replacing it and producing every "
+                    "unacknowledged event again from the spool"
+                )
+                producer = self._replace(producer, failures)
+        self._final_flush(producer)
+
+    def _replace(self, producer: Producer, failures: int) -> Producer:
+        """A new producer, fed every unacknowledged record in spool order."""
+        self._generation += 1  # the old producer's delivery reports are ignored from now
+        with contextlib.suppress(Exception):
+            producer.purge()
+            producer.flush(0)
+        self._fatal = None
+        self._stopping.wait(min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2 ** (failures - 1)))
+        self._retries.clear()
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        for record in self._spool.unacknowledged():
+            self._inbox.put(record)
+        self.producer_restarts += 1
+        PRODUCER_RESTARTS.inc()
+        return Producer(self._config)
 
     def _produce_waiting(self, producer: Producer) -> None:
-        waiting = self._retries.take_due(time.monotonic())
+        if len(self._retries):
+            waiting = self._retries.take_due(time.monotonic())
+            if not waiting:
+                # Older records wait for their retry: newer ones queue behind them.
+                while True:
+                    try:
+                        self._retries.hold(self._inbox.get_nowait())
+                    except queue.Empty:
+                        return
+        else:
+            waiting = []
         while True:
             try:
                 waiting.append(self._inbox.get_nowait())
@@ -278,7 +386,7 @@ class KafkaSink:
                 break
         for position, record in enumerate(waiting):
             if not self._produce(producer, record):
-                # The client's queue is full: the rest wait for the next round.
+                # The client's queue is full: the rest wait for the next round, in order.
                 now = time.monotonic()
                 for later in waiting[position:]:
                     self._retries.add(later, now)
@@ -287,8 +395,11 @@ class KafkaSink:
     def _produce(self, producer: Producer, record: SpooledRecord) -> bool:
         outgoing = record.outgoing
 
+        generation = self._generation
+
         def delivered(error: KafkaError | None, _message: Message) -> None:
-            self._on_delivery(record, error)
+            if generation == self._generation:
+                self._on_delivery(record, error)
 
         try:
             producer.produce(
@@ -342,7 +453,7 @@ async def open_event_sink(settings: GatewaySettings) -> EventSink:
     """The Kafka sink when ``KAFKA_BOOTSTRAP`` is set, else JSON lines; started."""
     if settings.kafka_bootstrap is None:
         return JsonlSink(settings.events_dir)
-    spool = Spool(settings.events_dir / "spool", max_records=settings.events_spool_max)
+    spool = Spool(settings.events_dir / "spool", max_bytes=settings.events_spool_max_bytes)
     sink = KafkaSink(
         settings.kafka_bootstrap,
         {

@@ -152,6 +152,11 @@ class GatewaySettings(BaseSettings):
     redis_url: Annotated[str | None, EmptyIsNone] = Field(
         None, validation_alias=_seed("REDIS_URL"), repr=False
     )
+    # Bounded waits on Redis, and its pool (see stores/redis_client.py): the socket timeout
+    # must outlast the longest blocking read (about a second).
+    redis_socket_timeout_seconds: float = Field(5.0, gt=1.0)
+    redis_connect_timeout_seconds: float = Field(2.0, gt=0)
+    redis_max_connections: int = Field(512, ge=8)
     kafka_bootstrap: Annotated[str | None, EmptyIsNone] = Field(
         None, validation_alias=_seed("KAFKA_BOOTSTRAP")
     )
@@ -248,6 +253,9 @@ class GatewaySettings(BaseSettings):
     telegram_webhook_secret: Annotated[SecretStr | None, EmptyIsNone] = None
     # Tests point aiogram at a local server speaking the Bot API.
     telegram_api_url: HttpUrlText = "https://api.telegram.org"
+    # Bot API calls a second of this replica (a token bucket; a burst is a fifth of it):
+    # Telegram allows a bot about 30 a second in all; divide by the replica count.
+    telegram_calls_per_second: float = Field(25.0, gt=0)
     # The gateway's public base URL, for `dexorder-gateway set-webhook`.
     public_url: Annotated[HttpUrlText | None, EmptyIsNone] = None
     link_code_ttl_seconds: float = Field(600.0, gt=0)
@@ -263,7 +271,9 @@ class GatewaySettings(BaseSettings):
     # Without KAFKA_BOOTSTRAP, events are appended here as JSON lines; with it, the
     # spool of events the broker has not yet acknowledged lives here too.
     events_dir: Path = Path.home() / ".local" / "share" / "dexorder" / "events"
-    events_spool_max: int = Field(100_000, ge=1)
+    # The spool's cap in bytes on disk (its volume must hold it): past it, the oldest
+    # unsent events are shed and counted (dexorder_gateway_events_shed), chat goes on.
+    events_spool_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
 
     # --- RAG (issue 8) ----------------------------------------------------------------
     # Off by default: Qdrant's local mode locks its folder to one process, and the

@@ -7,15 +7,23 @@ and every record in it is acknowledged. On open, every record without an acknowl
 is handed back to be sent again, so a crash or a broker outage loses nothing; a record
 acknowledged just before a crash may be sent twice, which its event id makes harmless.
 
+Bounded in bytes on disk (``max_bytes``, the volume it lives on): a record that would
+pass the cap makes room by shedding the oldest segments whole, and the records shed are
+counted (``shed``), so a long broker outage costs the oldest events, never chat. Appends
+reach the OS at once; ``sync`` makes them durable (``fsync``), and the caller groups many
+appends into one sync (``GroupCommit``). Segment files are synced before they are sealed.
+
 Thread-safe: records are appended on the event loop and acknowledged from the Kafka
 client's delivery callbacks, on another thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -28,7 +36,7 @@ _FIELDS = 5
 
 
 class SpoolFull(Exception):
-    """The spool holds its maximum of unacknowledged records; the new ones were refused."""
+    """One batch is larger than the whole spool may be; it was refused."""
 
 
 class SpoolError(Exception):
@@ -84,20 +92,24 @@ def _decode(line: str) -> tuple[int, Outgoing] | None:
 
 
 class Spool:
-    def __init__(self, directory: Path, *, max_records: int, segment_records: int = 1000) -> None:
-        if max_records < 1 or segment_records < 1:
-            raise ValueError("max_records and segment_records must be at least 1")
+    def __init__(self, directory: Path, *, max_bytes: int, segment_records: int = 1000) -> None:
+        if max_bytes < 1 or segment_records < 1:
+            raise ValueError("max_bytes and segment_records must be at least 1")
         self.directory = directory
-        self.max_records = max_records
+        self.max_bytes = max_bytes
         self.segment_records = segment_records
         self._lock = threading.Lock()
         self._pending: dict[int, set[int]] = {}
+        self._sizes: dict[int, int] = {}  # bytes of each segment file on disk
         self._acks: dict[int, IO[str]] = {}
         self._active = 0
         self._active_file: IO[str] | None = None
         self._active_count = 0
         self._backlog = 0
+        self._bytes = 0
         self._opened = False
+        self._shedding = False
+        self.shed = 0  # records given up to stay under max_bytes, since open
 
     @property
     def backlog(self) -> int:
@@ -105,8 +117,14 @@ class Spool:
         return self._backlog
 
     @property
+    def size(self) -> int:
+        """Bytes of the segment files on disk."""
+        return self._bytes
+
+    @property
     def full(self) -> bool:
-        return self._backlog >= self.max_records
+        """At the cap, or shedding since the backlog was last empty: what to alert on."""
+        return self._shedding or self._bytes >= self.max_bytes
 
     def _path(self, segment: int, suffix: str) -> Path:
         return self.directory / f"{segment:010d}{suffix}"
@@ -139,8 +157,10 @@ class Spool:
                 self._delete(segment)
                 continue
             self._pending[segment] = {record.index for record in pending}
+            self._sizes[segment] = self._path(segment, _SEGMENT_SUFFIX).stat().st_size
             recovered.extend(pending)
         self._backlog = len(recovered)
+        self._bytes = sum(self._sizes.values())
         self._active = (segments[-1] if segments else 0) + 1
         return recovered
 
@@ -166,16 +186,19 @@ class Spool:
         return records
 
     def append(self, items: Sequence[Outgoing]) -> list[SpooledRecord]:
-        """Write records durably to the spool (all or none); raises ``SpoolFull``."""
+        """Write records to the spool (all or none), shedding the oldest segments to stay
+        under ``max_bytes``; raises ``SpoolFull`` for a batch larger than the cap."""
         values = [_check(outgoing) for outgoing in items]
         with self._lock:
             if not self._opened:
                 raise SpoolError("the spool is not open")
-            if self._backlog + len(items) > self.max_records:
+            needed = self._bytes_of(items, values)
+            if needed > self.max_bytes:
                 raise SpoolFull(
-                    f"the event spool holds {self._backlog} unsent records "
-                    f"(at most {self.max_records}); {len(items)} refused"
+                    f"{len(items)} records of {needed} bytes exceed the whole event spool "
+                    f"(at most {self.max_bytes} bytes); refused"
                 )
+            self._make_room(needed)
             records = []
             lines: list[str] = []
             for outgoing, value in zip(items, values, strict=True):
@@ -193,14 +216,50 @@ class Spool:
             self._backlog += len(records)
             return records
 
+    def _bytes_of(self, items: Sequence[Outgoing], values: list[str]) -> int:
+        """The bytes ``append`` will write for ``items``, with the indices they will get."""
+        count = self._active_count if self._active_file is not None else self.segment_records
+        total = 0
+        for outgoing, value in zip(items, values, strict=True):
+            if count >= self.segment_records:
+                count = 0
+            total += len(_encode(count, outgoing, value).encode())
+            count += 1
+        return total
+
+    def _make_room(self, needed: int) -> None:
+        """Shed the oldest segments, whole, until ``needed`` more bytes fit."""
+        while self._bytes + needed > self.max_bytes:
+            older = sorted(segment for segment in self._sizes if segment != self._active)
+            if not older:
+                return  # only the segment being written: the cap is passed by this batch
+            oldest = older[0]
+            lost = len(self._pending.get(oldest, ()))
+            self._shedding = True
+            self.shed += lost
+            self._backlog -= lost
+            logger.error(
+                "event spool at its cap of %d bytes: %d unsent records of segment %d shed",
+                self.max_bytes,
+                lost,
+                oldest,
+            )
+            self._forget(oldest)
+
     def _write(self, lines: list[str]) -> None:
         assert self._active_file is not None
-        self._active_file.write("".join(lines))
-        # Flushed to the OS: it survives the process dying (not the machine losing power).
+        text = "".join(lines)
+        self._active_file.write(text)
+        # Flushed to the OS: it survives the process dying; ``sync`` survives the machine.
         self._active_file.flush()
+        written = len(text.encode())
+        self._sizes[self._active] = self._sizes.get(self._active, 0) + written
+        self._bytes += written
 
     def _rotate(self) -> None:
         if self._active_file is not None:
+            # Sealed durable: a sync only covers the segment being written.
+            os.fsync(self._active_file.fileno())
             self._active_file.close()
             sealed = self._active
             self._active += 1
@@ -208,6 +267,35 @@ class Spool:
                 self._forget(sealed)
         self._active_file = self._path(self._active, _SEGMENT_SUFFIX).open("a", encoding="utf-8")
         self._active_count = 0
+        self._sizes.setdefault(self._active, 0)
+        _sync_directory(self.directory)
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (one ``fsync``, off the lock)."""
+        with self._lock:
+            if self._active_file is None:
+                return
+            descriptor = os.dup(self._active_file.fileno())
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def unacknowledged(self) -> list[SpooledRecord]:
+        """Every record not yet acknowledged, oldest first, read back from disk (to give
+        a new producer after the old one failed)."""
+        with self._lock:
+            if self._active_file is not None:
+                self._active_file.flush()
+            pending = {segment: set(indices) for segment, indices in self._pending.items()}
+            records: list[SpooledRecord] = []
+            for segment in sorted(pending):
+                records.extend(
+                    record
+                    for record in self._read_segment(segment)
+                    if record.index in pending[segment]
+                )
+            return records
 
     def ack(self, record: SpooledRecord) -> None:
         """The broker has the record: never send it again."""
@@ -217,6 +305,8 @@ class Spool:
                 return
             pending.discard(record.index)
             self._backlog -= 1
+            if not self._backlog:
+                self._shedding = False
             if not pending and record.segment != self._active:
                 self._forget(record.segment)
                 return
@@ -229,6 +319,7 @@ class Spool:
 
     def _forget(self, segment: int) -> None:
         self._pending.pop(segment, None)
+        self._bytes -= self._sizes.pop(segment, 0)
         acks = self._acks.pop(segment, None)
         if acks is not None:
             acks.close()
@@ -241,6 +332,7 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             if self._active_file is not None:
+                os.fsync(self._active_file.fileno())
                 self._active_file.close()
                 self._active_file = None
                 if not self._pending.get(self._active):
@@ -249,3 +341,46 @@ class Spool:
                 acks.close()
             self._acks.clear()
             self._opened = False
+
+
+def _sync_directory(directory: Path) -> None:
+    """A new segment's name durable in its directory (where the platform allows it)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class GroupCommit:
+    """Many appends made durable by one ``sync``: a caller waits for a sync that began
+    after its append; while one runs, the appends that arrive meanwhile share the next.
+    ``sync`` runs in a thread, so the event loop never waits on the disk."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._appended = 0
+        self._synced = 0
+        self._running: asyncio.Task[None] | None = None
+
+    async def durable(self) -> None:
+        """Return once everything appended before this call is synced."""
+        self._appended += 1
+        target = self._appended
+        while self._synced < target:
+            if self._running is None:
+                self._running = asyncio.create_task(self._run(), name="spool-sync")
+            await asyncio.shield(self._running)
+
+    async def _run(self) -> None:
+        upto = self._appended
+        try:
+            await asyncio.to_thread(self._sync)
+            self._synced = max(self._synced, upto)
+        finally:
+            self._running = None

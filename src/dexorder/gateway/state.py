@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -32,3 +33,5 @@ METRICS_PORT = web.AppKey("metrics_port", int)
 # Opened once by the app's shared services, for every channel to use.
 DB_POOL: web.AppKey[Pool] = web.AppKey("db_pool")
 REDIS = web.AppKey("redis", Redis)  # set only with REDIS_URL
+# Probes for /ready, added by the services and channels that own them: (name, check).
+HEALTH: web.AppKey[list[tuple[str, Callable[[], Awaitable[bool]]]]] = web.AppKey("health")

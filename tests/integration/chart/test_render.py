@@ -18,6 +18,17 @@ from tests.integration.chart.manifests import Manifest, container, documents, en
 ALL_OPTIONS = CHART_DIR / "ci" / "all-options-values.yaml"
 
 
+def gateway_workload(manifests: list[Manifest]) -> Manifest:
+    """The gateway's StatefulSet (its event spool on PVCs, the default) or Deployment."""
+    found = [
+        manifest
+        for manifest in of_kind(manifests, "StatefulSet") + of_kind(manifests, "Deployment")
+        if manifest["metadata"]["name"].endswith("gateway")
+    ]
+    assert len(found) == 1, [manifest["metadata"]["name"] for manifest in found]
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def defaults(helm: Helm) -> list[Manifest]:
     return documents(helm.template("dx", namespace="dexorder").stdout)
@@ -56,7 +67,7 @@ def test_crds_install_false_leaves_the_crd_out(helm: Helm) -> None:
 
 def test_no_secret_and_no_secret_value_is_rendered(everything: list[Manifest], helm: Helm) -> None:
     assert of_kind(everything, "Secret") == []
-    gateway = container(one(everything, "Deployment", "-gateway"), "gateway")
+    gateway = container(gateway_workload(everything), "gateway")
     assert gateway["envFrom"] == [{"secretRef": {"name": "dexorder-gateway-secrets"}}]
     assert not {"DATABASE_URL", "REDIS_URL", "ANTHROPIC_API_KEY"} & set(env(gateway))
 
@@ -72,7 +83,7 @@ def test_the_operator_is_one_replica_rolled_by_recreate(defaults: list[Manifest]
 
 
 def test_the_gateway_provisions_in_the_agents_namespace(defaults: list[Manifest]) -> None:
-    gateway = one(defaults, "Deployment", "-gateway")
+    gateway = gateway_workload(defaults)
     assert gateway["spec"]["replicas"] == 2
     settings = env(container(gateway, "gateway"))
     assert settings["DEXORDER_PROVISIONER"] == "kubernetes"
@@ -80,8 +91,45 @@ def test_the_gateway_provisions_in_the_agents_namespace(defaults: list[Manifest]
     assert "OLLAMA_URL" not in settings
 
 
+def test_the_event_spool_is_on_a_pvc_per_replica_by_default(
+    helm: Helm, defaults: list[Manifest]
+) -> None:
+    gateway = gateway_workload(defaults)
+    assert gateway["kind"] == "StatefulSet"
+    assert gateway["spec"]["podManagementPolicy"] == "Parallel"
+    assert gateway["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    (claim,) = gateway["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "events"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1024Mi"
+    spec = container(gateway, "gateway")
+    mounts = {mount["name"]: mount["mountPath"] for mount in spec["volumeMounts"]}
+    assert env(spec)["DEXORDER_EVENTS_DIR"] == mounts["events"]
+    assert int(env(spec)["DEXORDER_EVENTS_SPOOL_MAX_BYTES"]) == 1024 * 1024 * 1024 * 9 // 10
+    volumes = {volume["name"] for volume in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert "events" not in volumes  # the claim's, not the pod's
+
+    ephemeral = documents(
+        helm.template(
+            "dx",
+            "--set",
+            "gateway.eventSpool.persistent=false",
+            "--set",
+            "gateway.autoscaling.enabled=true",
+            namespace="dexorder",
+        ).stdout
+    )
+    gateway = gateway_workload(ephemeral)
+    assert gateway["kind"] == "Deployment"
+    assert "volumeClaimTemplates" not in gateway["spec"]
+    by_name = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert by_name["events"]["emptyDir"] == {"sizeLimit": "1024Mi"}
+    assert one(ephemeral, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == (
+        "Deployment"
+    )
+
+
 def test_every_pod_meets_the_restricted_profile(everything: list[Manifest]) -> None:
-    for deployment in of_kind(everything, "Deployment"):
+    for deployment in of_kind(everything, "Deployment") + of_kind(everything, "StatefulSet"):
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -149,25 +197,26 @@ def test_each_ollama_mode(
     rendered = documents(
         helm.template("dx", "--set", f"ollama.mode={mode}", *extra, namespace="dexorder").stdout
     )
-    gateway = one(rendered, "Deployment", "-gateway")
+    gateway = gateway_workload(rendered)
     assert env(container(gateway, "gateway")).get("OLLAMA_URL") == url
     names = [c["name"] for c in gateway["spec"]["template"]["spec"]["containers"]]
     assert names == (["gateway", "ollama"] if mode == "sidecar" else ["gateway"])
-    assert len(of_kind(rendered, "Deployment")) == deployments
+    assert len(of_kind(rendered, "Deployment") + of_kind(rendered, "StatefulSet")) == deployments
 
 
 def test_the_hpa_replaces_the_fixed_replica_count(everything: list[Manifest]) -> None:
-    assert "replicas" not in one(everything, "Deployment", "-gateway")["spec"]
+    assert "replicas" not in gateway_workload(everything)["spec"]
     hpa = one(everything, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == gateway_workload(everything)["kind"]
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
     assert one(everything, "Ingress")["spec"]["tls"][0]["secretName"] == "chat-example-com-tls"
 
 
 def test_a_changed_tier_catalog_rolls_the_pods(helm: Helm, defaults: list[Manifest]) -> None:
     changed = documents(helm.template("dx", "-f", str(ALL_OPTIONS), namespace="dexorder").stdout)
-    for suffix in ("-operator", "-gateway"):
-        before = one(defaults, "Deployment", suffix)["spec"]["template"]["metadata"]
-        after = one(changed, "Deployment", suffix)["spec"]["template"]["metadata"]
+    for find in (lambda m: one(m, "Deployment", "-operator"), gateway_workload):
+        before = find(defaults)["spec"]["template"]["metadata"]
+        after = find(changed)["spec"]["template"]["metadata"]
         assert before["annotations"]["checksum/config"] != after["annotations"]["checksum/config"]
 
 
@@ -222,7 +271,7 @@ def test_the_documented_minimal_values_install(
     values_file = tmp_path / "my-values.yaml"
     values_file.write_text(values)
     rendered = documents(helm.template("dexorder", "-f", str(values_file)).stdout)
-    gateway = container(one(rendered, "Deployment", "gateway"), "gateway")
+    gateway = container(gateway_workload(rendered), "gateway")
     assert gateway["image"].startswith("registry.example.com/dexorder/gateway:")
     assert env(gateway)["DEXORDER_JWKS_URL"] == "https://auth.example.com/.well-known/jwks.json"
     assert gateway["envFrom"] == [{"secretRef": {"name": "dexorder-gateway"}}]
@@ -242,7 +291,7 @@ def test_the_kind_suites_values_render(helm: Helm, tmp_path: Path) -> None:
     rendered = documents(
         helm.template("dexorder", f"--values={values}", namespace=NAMESPACE).stdout
     )
-    gateway = container(one(rendered, "Deployment", "gateway"), "gateway")
+    gateway = container(gateway_workload(rendered), "gateway")
     assert gateway["image"] == "dexorder/gateway:e2e"
     assert gateway["imagePullPolicy"] == "Never"
     operator = container(one(rendered, "Deployment", "operator"), "operator")

@@ -16,7 +16,8 @@ from confluent_kafka import Consumer
 
 from dexorder.devenv.kafka import KafkaService
 from dexorder.devenv.process import free_port
-from dexorder.gateway.events import EventsRefused, JsonlSink, KafkaSink, open_event_sink
+from dexorder.gateway.events import JsonlSink, KafkaSink, open_event_sink
+from dexorder.gateway.metrics import REGISTRY
 from dexorder.gateway.pure.events import (
     Event,
     EventStream,
@@ -88,7 +89,7 @@ def consume(bootstrap: str, topic: str, expected: int, *, settle: float = 2.0) -
 def kafka_sink(
     bootstrap: str, spool_dir: Path, chosen: dict[EventStream, str], **options: int
 ) -> KafkaSink:
-    return KafkaSink(bootstrap, chosen, Spool(spool_dir, max_records=10_000), **options)
+    return KafkaSink(bootstrap, chosen, Spool(spool_dir, max_bytes=64 << 20), **options)
 
 
 async def run_turns(recorder: UsageRecorder, users: list[str], turns: int) -> list[str]:
@@ -242,36 +243,48 @@ async def test_without_kafka_events_go_to_json_lines(tmp_path: Path) -> None:
     assert len(events) == 3 * 4
 
 
-async def test_a_full_spool_refuses_events_and_reports_not_ready(tmp_path: Path) -> None:
+async def test_a_full_spool_sheds_its_oldest_events_and_stays_ready(tmp_path: Path) -> None:
     chosen = topics()
-    spool = Spool(tmp_path / "spool", max_records=4)
+    # No broker: every event stays; room for about three turns' events.
+    spool = Spool(tmp_path / "spool", max_bytes=8 * 1024, segment_records=4)
     sink = KafkaSink(f"127.0.0.1:{free_port()}", chosen, spool)
     await sink.start()
+    shed_before = REGISTRY.get_sample_value("dexorder_gateway_events_shed_total") or 0.0
     try:
         recorder = UsageRecorder(sink, None)
-        await run_turns(recorder, ["hal"], 1)  # four events: the spool is full
-        assert sink.backlog == 4
-        assert not await sink.healthy()
-        with pytest.raises(EventsRefused, match="at most 4"):
-            await sink.publish([usage_event("hal")])
-        # The recorder logs and counts a refusal; the turn itself goes on.
-        await run_turns(recorder, ["hal"], 1)
-        assert sink.backlog == 4
+        await run_turns(recorder, ["hal"], 20)
+        assert spool.shed > 0
+        assert spool.size <= 8 * 1024
+        assert sink.backlog + spool.shed == 20 * 4  # every event kept or counted
+        assert await sink.healthy(), "a full spool must not take the replica out of service"
+        shed = REGISTRY.get_sample_value("dexorder_gateway_events_shed_total")
+        assert shed == shed_before + spool.shed
+        assert REGISTRY.get_sample_value("dexorder_gateway_events_spool_full") == 1.0
     finally:
         await sink.close(timeout=0.2)
 
 
-def usage_event(user_id: str) -> UsageEvent:
-    return UsageEvent(
-        occurred_at=dt.datetime.now(dt.UTC),
-        user_id=user_id,
-        session_id="s",
-        turn_id="t",
-        channel="websocket",
-        tier="free",
-        model="m",
-        prompt_tokens=1,
-        completion_tokens=1,
-        cost_usd=None,
-        latency_ms=1.0,
-    )
+async def test_a_users_events_keep_their_order_across_retries(
+    kafka_service: KafkaService, tmp_path: Path
+) -> None:
+    chosen = topics()
+    bootstrap = kafka_service.bootstrap
+    sink = kafka_sink(bootstrap, tmp_path / "spool", chosen, message_timeout_ms=2000)
+    await sink.start()
+    recorder = UsageRecorder(sink, None)
+    try:
+        await run_turns(recorder, ["ivy"], 1)
+        await wait_for(lambda: sink.backlog == 0, 30, "the first turn to be delivered")
+        await asyncio.to_thread(kafka_service.stop_broker)
+        during = await run_turns(recorder, ["ivy"], 6)
+        await asyncio.sleep(5)  # the client gave up on them: they wait for a retry
+        await asyncio.to_thread(kafka_service.start)
+        after = await run_turns(recorder, ["ivy"], 6)  # while the older ones still wait
+        await wait_for(lambda: sink.backlog == 0, 90, "everything to be delivered")
+    finally:
+        await recorder.close()
+    usage = await asyncio.to_thread(consume, bootstrap, chosen[EventStream.USAGE], 13)
+    # One partition per user: the topic's order is the order the user met them.
+    order = [r.event.turn_id for r in usage if r.event.turn_id in set(during + after)]
+    first_seen = list(dict.fromkeys(order))
+    assert first_seen == during + after

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dexorder.gateway.spool import Outgoing, Spool, SpoolFull
+from dexorder.gateway.spool import GroupCommit, Outgoing, Spool, SpoolFull
 
 
 def item(n: int) -> Outgoing:
@@ -20,8 +22,8 @@ class Spools:
     def __init__(self) -> None:
         self.opened: list[Spool] = []
 
-    def open(self, directory: Path, *, max_records: int = 100, segment_records: int = 4) -> Spool:
-        spool = Spool(directory, max_records=max_records, segment_records=segment_records)
+    def open(self, directory: Path, *, max_bytes: int = 1 << 20, segment_records: int = 4) -> Spool:
+        spool = Spool(directory, max_bytes=max_bytes, segment_records=segment_records)
         self.opened.append(spool)
         return spool
 
@@ -75,16 +77,62 @@ def test_a_sealed_segment_is_deleted_once_every_record_is_acknowledged(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_full_spool_refuses_the_whole_batch(tmp_path: Path, spools: Spools) -> None:
-    spool = spools.open(tmp_path, max_records=3)
+def line_bytes(spool_dir: Path) -> int:
+    return sum(path.stat().st_size for path in spool_dir.glob("*.seg"))
+
+
+def test_a_full_spool_sheds_its_oldest_segments_and_counts_them(
+    tmp_path: Path, spools: Spools
+) -> None:
+    # About 57 bytes a record: room for ten, in segments of four.
+    spool = spools.open(tmp_path, max_bytes=580)
     assert spool.open() == []
-    spool.append([item(0), item(1)])
-    with pytest.raises(SpoolFull, match="at most 3"):
-        spool.append([item(2), item(3)])
-    assert spool.backlog == 2
-    assert not spool.full
-    spool.append([item(2)])
-    assert spool.full
+    for n in range(14):
+        spool.append([item(n)])
+        assert spool.size == line_bytes(tmp_path) <= 580
+    assert spool.shed > 0
+    assert spool.shed % 4 == 0  # whole segments, the oldest
+    assert spool.backlog + spool.shed == 14
+    spool.close()
+    recovered = spools.open(tmp_path, max_bytes=580).open()
+    assert [r.outgoing for r in recovered] == [item(n) for n in range(spool.shed, 14)]
+
+
+def test_a_batch_larger_than_the_whole_spool_is_refused(tmp_path: Path, spools: Spools) -> None:
+    spool = spools.open(tmp_path, max_bytes=100)
+    assert spool.open() == []
+    with pytest.raises(SpoolFull, match="at most 100 bytes"):
+        spool.append([item(0), item(1)])
+    assert spool.backlog == 0
+    assert spool.shed == 0
+
+
+def test_unacknowledged_records_are_read_back_in_order(tmp_path: Path, spools: Spools) -> None:
+    spool = spools.open(tmp_path)
+    assert spool.open() == []
+    records = spool.append([item(n) for n in range(6)])
+    spool.ack(records[1])
+    spool.ack(records[4])
+    assert [r.outgoing for r in spool.unacknowledged()] == [item(n) for n in (0, 2, 3, 5)]
+
+
+async def test_concurrent_appends_share_one_sync() -> None:
+    started: list[int] = []
+    gate = threading.Event()
+
+    def sync() -> None:
+        started.append(len(started))
+        gate.wait(5)
+
+    commit = GroupCommit(sync)
+    first = asyncio.create_task(commit.durable())
+    await asyncio.sleep(0.05)  # its sync is running
+    later = [asyncio.create_task(commit.durable()) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(first, *later)
+    # The first sync began before the twenty: they all share the second one.
+    assert len(started) == 2
 
 
 def test_a_torn_last_line_is_skipped(tmp_path: Path, spools: Spools) -> None:

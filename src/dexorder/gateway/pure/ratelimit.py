@@ -92,3 +92,26 @@ def day_bucket(now: float) -> int:
 
 def seconds_until_next_day(now: float) -> float:
     return math.ceil((day_bucket(now) + 1) * DAY - now)
+
+
+class TokenBucket:
+    """``rate`` calls a second on average, ``burst`` at once: ``reserve(now)`` takes the
+    next token and returns the seconds to wait before using it (0 when one was saved up).
+
+    Tokens may be owed: callers who reserve while the bucket is empty each wait for a
+    later token of their own, in the order they came, so a burst is spread out, not
+    refused. Pure: the caller passes the clock's ``now`` (monotonic seconds)."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1: {rate}, {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = now
+
+    def reserve(self, now: float) -> float:
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = max(self._at, now)
+        self._tokens -= 1
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

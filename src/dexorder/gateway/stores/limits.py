@@ -7,6 +7,15 @@ replica count, as LiteLLM's users found). Without Redis, one process keeps them 
 A generation holds a lease: a slot with an expiry, renewed by the process that holds it
 while the generation runs. When a replica dies mid-generation its slots expire within
 ``lease_seconds`` instead of blocking the user for good.
+
+Today's token count is re-seeded from the durable usage (``DurableTokens``, PostgreSQL)
+whenever it is missing, not only when a conversation starts: a Redis that lost its data
+(a restart without persistence, a failover to an empty replica) mid-conversation would
+otherwise restart every active user's daily budget from zero. The scripts say when the
+count is missing instead of treating it as zero; the limiter then seeds it (``SET NX``,
+so the first replica's seed wins) and asks again. A seed that cannot be read in
+``seed_timeout`` is skipped for this turn (logged at most once a minute), and the count
+stays missing so the next turn tries again.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import logging
 import time
 import uuid
 from collections import Counter, defaultdict, deque
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -40,6 +50,49 @@ logger = logging.getLogger(__name__)
 
 class LimiterUnavailable(Exception):
     """The limit store cannot be reached; the message is refused, not let through."""
+
+
+DurableTokens = Callable[[str], Awaitable[int]]
+"""The user's tokens today (UTC) as the durable usage store has them."""
+
+SEED_TIMEOUT_SECONDS = 2.0
+_SEED_WARN_EVERY = 60.0
+
+
+class _Seeder:
+    """Reads a user's durable tokens for today, bounded in time, warning at most once a
+    minute when it cannot (a database outage would otherwise warn once per turn)."""
+
+    def __init__(self, durable: DurableTokens | None, timeout: float) -> None:
+        self._durable = durable
+        self._timeout = timeout
+        self._warned_at = -_SEED_WARN_EVERY
+        self._skipped = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a missing count can be seeded; without a store it starts at zero."""
+        return self._durable is not None
+
+    async def read(self, user_id: str) -> int | None:
+        if self._durable is None:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._durable(user_id)
+        except Exception as error:  # a best-effort read: any failure only skips the seed
+            self._skipped += 1
+            now = time.monotonic()
+            if now - self._warned_at >= _SEED_WARN_EVERY:
+                self._warned_at = now
+                logger.warning(
+                    "today's token count is missing and could not be seeded from the usage "
+                    "store (%d skipped since the last warning): %r",
+                    self._skipped,
+                    error,
+                )
+                self._skipped = 0
+            return None
 
 
 class Limiter(Protocol):
@@ -153,7 +206,10 @@ class _HeldLeases:
 class MemoryLimiter:
     """The same limits in one process, for running without Redis."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, durable: DurableTokens | None = None, seed_timeout: float = SEED_TIMEOUT_SECONDS
+    ) -> None:
+        self._seeder = _Seeder(durable, seed_timeout)
         # Each user's message times in the last minute, oldest first: a check drops the
         # expired ones from the front, not rescans (and sorts) a minute of messages.
         self._messages: dict[str, deque[float]] = defaultdict(deque)
@@ -180,9 +236,15 @@ class MemoryLimiter:
             window.append(now)
         return decision
 
+    async def _seed_if_missing(self, user_id: str) -> None:
+        key = (user_id, day_bucket(time.time()))
+        if key not in self._tokens and (seed := await self._seeder.read(user_id)) is not None:
+            self._tokens.setdefault(key, seed)
+
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
+        await self._seed_if_missing(user_id)
         now = time.time()
-        if self._tokens[(user_id, day_bucket(now))] >= limits.tokens_per_day:
+        if self._tokens.get((user_id, day_bucket(now)), 0) >= limits.tokens_per_day:
             return refuse_tokens(limits.tokens_per_day, now)
         if self._held.count_by_user[user_id] >= limits.concurrent_generations:
             return refuse_concurrency(limits.concurrent_generations)
@@ -214,6 +276,7 @@ class MemoryLimiter:
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens < 0:
             raise ValueError(f"tokens must not be negative: {tokens}")
+        await self._seed_if_missing(user_id)
         self._tokens[(user_id, day_bucket(time.time()))] += tokens
 
     async def tokens_today(self, user_id: str) -> int:
@@ -248,10 +311,12 @@ return {0, math.max(0, tonumber(oldest[2]) + window - now)}
 """
 
 # KEYS[1] tokens today, KEYS[2] leases (zset: lease id -> expiry ms);
-# ARGV: token limit, concurrency limit, lease ms, lease id. Returns {allowed, why}:
-# why 1 is the token budget, 2 the concurrency.
+# ARGV: token limit, concurrency limit, lease ms, lease id, '1' to refuse a missing count.
+# Returns {allowed, why}: why 1 is the token budget, 2 the concurrency, 3 a missing count.
 _GENERATION_SCRIPT = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local count = redis.call('GET', KEYS[1])
+if not count and ARGV[5] == '1' then return {0, 3} end
+local used = tonumber(count or '0')
 if used >= tonumber(ARGV[1]) then return {0, 1} end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -264,8 +329,9 @@ return {1, 0}
 """
 
 # KEYS[1] message window, KEYS[2] tokens today, KEYS[3] leases; ARGV: window ms, message
-# limit, token limit, concurrency limit, lease ms, lease id (also the window's member).
-# Returns {allowed, why, retry_after_ms}: why 0 the messages, 1 the tokens, 2 the concurrency.
+# limit, token limit, concurrency limit, lease ms, lease id (also the window's member), '1'
+# to refuse a missing count. Returns {allowed, why, retry_after_ms}: why 0 the messages,
+# 1 the tokens, 2 the concurrency, 3 a missing count (nothing counted: seed, then ask again).
 _TURN_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -276,7 +342,9 @@ if count >= limit then
   local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
   return {0, 0, math.max(0, tonumber(oldest[2]) + window - now)}
 end
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+local count = redis.call('GET', KEYS[2])
+if not count and ARGV[7] == '1' then return {0, 3, 0} end
+local used = tonumber(count or '0')
 if used >= tonumber(ARGV[3]) then return {0, 1, 0} end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return {0, 2, 0} end
@@ -285,6 +353,17 @@ redis.call('PEXPIRE', KEYS[1], window)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[6])
 redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[5]))
 return {1, 0, 0}
+"""
+
+# KEYS[1] tokens today, KEYS[2] leases; ARGV: tokens, count ttl s, lease id or '', '1' to
+# leave a missing count missing. Frees the lease; returns 1 when the tokens were counted,
+# 0 when the count is missing (the caller seeds it, then adds them).
+_ADD_TOKENS_SCRIPT = """
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[2], ARGV[3]) end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 # KEYS[1] leases; ARGV: lease ms, lease ids. Extends the leases still held; returns how many.
@@ -311,10 +390,14 @@ class RedisLimiter:
         *,
         prefix: str = "dexorder:limits",
         lease_seconds: float = LEASE_SECONDS,
+        durable: DurableTokens | None = None,
+        seed_timeout: float = SEED_TIMEOUT_SECONDS,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive: {lease_seconds}")
         self._redis = redis
+        self._seeder = _Seeder(durable, seed_timeout)
+        self._add_tokens = redis.register_script(_ADD_TOKENS_SCRIPT)
         self._prefix = prefix
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._message = redis.register_script(_MESSAGE_SCRIPT)
@@ -345,20 +428,35 @@ class RedisLimiter:
             return Decision(True)
         return refuse_messages(limits.messages_per_minute, int(retry_ms) / 1000)
 
+    async def _seed(self, user_id: str) -> bool:
+        """Seed a missing count from the durable usage; False when it could not be read."""
+        tokens = await self._seeder.read(user_id)
+        if tokens is None:
+            return False
+        await self.seed_tokens(user_id, tokens)
+        return True
+
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
         lease = uuid.uuid4().hex
-        try:
-            allowed, why = await self._generation(
-                keys=[self._tokens_key(user_id), self._key("leases", user_id)],
-                args=[
-                    limits.tokens_per_day,
-                    limits.concurrent_generations,
-                    self._lease_ms,
-                    lease,
-                ],
-            )
-        except RedisError as error:
-            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        refuse_missing = self._seeder.enabled
+        while True:
+            try:
+                allowed, why = await self._generation(
+                    keys=[self._tokens_key(user_id), self._key("leases", user_id)],
+                    args=[
+                        limits.tokens_per_day,
+                        limits.concurrent_generations,
+                        self._lease_ms,
+                        lease,
+                        int(refuse_missing),
+                    ],
+                )
+            except RedisError as error:
+                raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+            if int(why) != 3:
+                break
+            await self._seed(user_id)
+            refuse_missing = False  # asked once more whatever the seed: never a loop
         if not allowed:
             if int(why) == 1:
                 return refuse_tokens(limits.tokens_per_day, time.time())
@@ -369,24 +467,31 @@ class RedisLimiter:
 
     async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
         lease = uuid.uuid4().hex
-        try:
-            allowed, why, retry_ms = await self._turn(
-                keys=[
-                    self._key("messages", user_id),
-                    self._tokens_key(user_id),
-                    self._key("leases", user_id),
-                ],
-                args=[
-                    round(MINUTE * 1000),
-                    limits.messages_per_minute,
-                    limits.tokens_per_day,
-                    limits.concurrent_generations,
-                    self._lease_ms,
-                    lease,
-                ],
-            )
-        except RedisError as error:
-            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        refuse_missing = self._seeder.enabled
+        while True:
+            try:
+                allowed, why, retry_ms = await self._turn(
+                    keys=[
+                        self._key("messages", user_id),
+                        self._tokens_key(user_id),
+                        self._key("leases", user_id),
+                    ],
+                    args=[
+                        round(MINUTE * 1000),
+                        limits.messages_per_minute,
+                        limits.tokens_per_day,
+                        limits.concurrent_generations,
+                        self._lease_ms,
+                        lease,
+                        int(refuse_missing),
+                    ],
+                )
+            except RedisError as error:
+                raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+            if int(why) != 3:
+                break
+            await self._seed(user_id)
+            refuse_missing = False  # asked once more whatever the seed: never a loop
         if not allowed:
             if int(why) == 0:
                 return refuse_messages(limits.messages_per_minute, int(retry_ms) / 1000)
@@ -416,18 +521,7 @@ class RedisLimiter:
     async def end_generation(self, user_id: str, lease: str | None, tokens: int) -> None:
         if tokens < 0:
             raise ValueError(f"tokens must not be negative: {tokens}")
-        taken = self._take_held(user_id, lease)
-        key = self._tokens_key(user_id)
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, tokens)
-                pipe.expire(key, int(DAY * 2))
-                if taken is not None:
-                    pipe.zrem(self._key("leases", user_id), taken)
-                await pipe.execute()
-        except RedisError as error:
-            # The slot expires by itself; the tokens are lost to today's budget, so say so.
-            raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
+        await self._count(user_id, tokens, self._take_held(user_id, lease))
 
     def turn(self, user_id: str, limits: RateLimits) -> TurnSlot:
         return TurnSlot(self, user_id, limits)
@@ -435,13 +529,20 @@ class RedisLimiter:
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens < 0:
             raise ValueError(f"tokens must not be negative: {tokens}")
-        key = self._tokens_key(user_id)
+        await self._count(user_id, tokens, None)
+
+    async def _count(self, user_id: str, tokens: int, lease: str | None) -> None:
+        """Add ``tokens`` to today's count and free ``lease``. A missing count is seeded
+        first: counting from zero would restart the day's budget. If the seed cannot be
+        read, the count stays missing; these tokens reach the durable usage anyway, so
+        the next seed has them."""
+        keys = [self._tokens_key(user_id), self._key("leases", user_id)]
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, tokens)
-                pipe.expire(key, int(DAY * 2))
-                await pipe.execute()
+            args: list[str | int] = [tokens, int(DAY * 2), lease or "", int(self._seeder.enabled)]
+            if int(await self._add_tokens(keys=keys, args=args)) == 0 and await self._seed(user_id):
+                await self._add_tokens(keys=keys, args=[tokens, int(DAY * 2), "", 0])
         except RedisError as error:
+            # The slot expires by itself; the tokens are lost to today's budget, so say so.
             raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
 
     async def tokens_today(self, user_id: str) -> int:

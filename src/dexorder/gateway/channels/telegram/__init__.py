@@ -27,7 +27,8 @@ from dexorder.gateway.channels.telegram.bot import WEBHOOK_PATH, make_bot
 from dexorder.gateway.channels.telegram.chat import SessionDirectory, TelegramChat
 from dexorder.gateway.channels.telegram.inbox import Inbox, InboxOptions, MemoryInbox, RedisInbox
 from dexorder.gateway.channels.telegram.reply import Pace
-from dexorder.gateway.channels.telegram.webhook import INBOX, WEBHOOK_SECRET, receive
+from dexorder.gateway.channels.telegram.urgent import UrgentLane
+from dexorder.gateway.channels.telegram.webhook import INBOX, URGENT, WEBHOOK_SECRET, receive
 from dexorder.gateway.linking import (
     LINK_CODES,
     LINK_ISSUES,
@@ -37,7 +38,7 @@ from dexorder.gateway.linking import (
     RedisAttemptLimiter,
     create_link_code,
 )
-from dexorder.gateway.state import CHAT_SERVICES, DB_POOL, REDIS, SETTINGS
+from dexorder.gateway.state import CHAT_SERVICES, DB_POOL, HEALTH, REDIS, SETTINGS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -98,6 +99,7 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
                 "are lost if it stops (repeated update ids are still dropped)"
             )
         app[INBOX] = inbox
+        app[HEALTH].append(("telegram_inbox", inbox.healthy))
         chat = TelegramChat(
             bot=bot,
             services=app[CHAT_SERVICES],
@@ -110,13 +112,16 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
         )
         app[TELEGRAM_CHAT] = chat
         stack.push_async_callback(chat.close)
+        # /stop at once, beside the inbox's workers (closed before the chat is).
+        app[URGENT] = UrgentLane(chat.handle)
+        stack.push_async_callback(app[URGENT].close)
         try:
             await chat.start()
         except TelegramAPIError as error:
             # Not fatal: only group mentions need the bot's name, and it is fetched again.
             log.warning("Telegram getMe failed at start: %s", error)
         tasks = [
-            asyncio.create_task(inbox.run(chat.handle), name="telegram-inbox"),
+            asyncio.create_task(inbox.run(chat.handle, chat.give_up), name="telegram-inbox"),
             asyncio.create_task(_janitor(chat, options.janitor_seconds), name="telegram-janitor"),
         ]
         if redis is not None:

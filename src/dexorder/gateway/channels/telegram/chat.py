@@ -30,9 +30,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import psycopg
 from aiogram import Bot
-from aiogram.exceptions import TelegramAPIError
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+    TelegramServerError,
+)
 from aiogram.types import CallbackQuery, Message, Update
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dexorder.gateway.channels.telegram.approvals import (
     ask_approval,
@@ -40,6 +48,7 @@ from dexorder.gateway.channels.telegram.approvals import (
     parse_review_callback,
     remove_buttons,
 )
+from dexorder.gateway.channels.telegram.inbox import TryLater
 from dexorder.gateway.channels.telegram.reply import Pace, ReplyStream, send_text
 from dexorder.gateway.conversation import (
     ChatServices,
@@ -55,6 +64,7 @@ from dexorder.gateway.linking import (
 )
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.telegram_format import escape, rate_limited_html, sources_html
+from dexorder.gateway.stores.licenses import ServiceUnavailable
 from dexorder.gateway.turns import (
     FellBack,
     ReplyDelta,
@@ -82,6 +92,22 @@ NOT_LINKED = (
     "This Telegram account is not linked to a Dexorder account yet. In the web app, "
     "choose <b>Link Telegram</b> to get a one-time code, then send <code>/link CODE</code> "
     "here."
+)
+GIVEN_UP = (
+    "⚠️ Sorry, I could not take your message: a service I depend on is unavailable. "
+    "Please send it again in a few minutes."
+)
+# Failures that pass: an update that meets one before it is answered is tried again
+# later (the inbox's delivery cap, then ``GIVEN_UP``). Once a turn is submitted, its
+# failures are the conversation's and end in an error frame, never in a second answer.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    ServiceUnavailable,  # the license database, as its store says it
+    psycopg.OperationalError,  # the pool's PoolTimeout too
+    RedisConnectionError,
+    RedisTimeoutError,
+    TelegramNetworkError,
+    TelegramServerError,
+    TelegramRetryAfter,
 )
 _STAGE_LINES = {
     protocol.Stage.PROVISIONING: "Setting up your agent…",
@@ -286,12 +312,25 @@ class TelegramChat:
 
     async def handle(self, update_id: int, body: bytes) -> None:
         update = Update.model_validate_json(body, context={"bot": self.bot})
-        message = update.message
-        if message is None:
-            if update.callback_query is not None:
-                await self.handle_callback(update.callback_query)
-            return
-        await self.handle_message(message)
+        try:
+            message = update.message
+            if message is None:
+                if update.callback_query is not None:
+                    await self.handle_callback(update.callback_query)
+                return
+            await self.handle_message(message)
+        except TRANSIENT_ERRORS as error:
+            raise TryLater(f"{type(error).__name__}: {error}") from error
+
+    async def give_up(self, update_id: int, body: bytes) -> None:
+        """Tell the sender that an update kept meeting transient failures and is dropped."""
+        update = Update.model_validate_json(body, context={"bot": self.bot})
+        if update.message is not None:
+            message = update.message
+            reply_to = None if message.chat.type == "private" else message.message_id
+            await send_text(self.bot, message.chat.id, GIVEN_UP, reply_to)
+        elif update.callback_query is not None:
+            await self._answer_tap(update.callback_query, GIVEN_UP, alert=True)
 
     async def handle_callback(self, query: CallbackQuery) -> None:
         """A tap on an Approve or Reject button; only the linked owner's answer counts."""
@@ -571,4 +610,12 @@ class TelegramChat:
         return True
 
 
-__all__ = ["CHANNEL", "HELP", "NOT_LINKED", "SessionDirectory", "TelegramChat"]
+__all__ = [
+    "CHANNEL",
+    "GIVEN_UP",
+    "HELP",
+    "NOT_LINKED",
+    "TRANSIENT_ERRORS",
+    "SessionDirectory",
+    "TelegramChat",
+]

@@ -7,8 +7,20 @@ With Redis, ``RedisInbox`` appends each update to a stream before the webhook an
   idle time), so a long reply is not taken over by another replica;
 - entries a crashed replica left pending are idle, and ``XAUTOCLAIM`` hands them to a
   live worker after ``claim_idle_seconds``;
-- a key per ``update_id`` (``SET NX`` with a TTL) says who processes it and when it is
-  done, so Telegram's redelivery of an update, or two entries of it, is processed once.
+- a key per ``update_id`` says who processes it (a lease of ``claim_idle_seconds``,
+  renewed with the claim) and, once it is done, that it is done (for the dedupe TTL), so
+  Telegram's redelivery of an update, or two entries of it, is processed once; a worker
+  that takes over an entry takes the key only when it is free (``SET NX``), so a live
+  owner whose renewal came late is never doubled, and a finish that fails is retried
+  while the lease is still renewed;
+- a handler that meets a transient failure raises ``TryLater``: the entry stays pending
+  and is delivered again after ``claim_idle_seconds``, at most ``max_deliveries`` times;
+  then ``give_up`` tells the user, and the entry is done;
+- Redis may lose everything (a restart without persistence, a failover to an empty
+  replica): the webhook's ``XADD`` recreates the stream but not the group, so after any
+  Redis error the loop creates the group again (``BUSYGROUP`` means it was there), with a
+  capped backoff and one warning per outage, and ``healthy`` (in ``/ready``) is false
+  until a read succeeds again.
 
 Without Redis, ``MemoryInbox`` queues in the process and still drops repeated ids; what
 is queued dies with the process.
@@ -36,6 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[int, bytes], Awaitable[None]]
+"""Processes one update (its id and JSON body); raises ``TryLater`` to have it again."""
+
+
+class TryLater(Exception):
+    """Raised by a handler that met a transient failure (a database or Redis outage)
+    before it answered: the update is delivered again later, up to the delivery cap."""
 
 
 class InboxUnavailable(Exception):
@@ -48,11 +66,19 @@ class Inbox(Protocol):
     async def put(self, update_id: int, body: bytes) -> None:
         """Keep the update; returns once it is persisted (or queued, in memory)."""
 
-    async def run(self, handle: Handler) -> None:
-        """Process updates with ``handle`` until ``stop()`` (or a cancel)."""
+    async def mark_done(self, update_id: int) -> bool:
+        """Record the update as processed, for one handled outside the inbox; False when
+        it was seen already (a redelivery). Raises ``InboxUnavailable``."""
+
+    async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
+        """Process updates with ``handle`` until ``stop()`` (or a cancel); ``give_up`` is
+        told of an update that still asked to be tried later after ``max_deliveries``."""
 
     def stop(self) -> None:
         """Ask ``run`` to return; updates in progress are left for another worker."""
+
+    async def healthy(self) -> bool:
+        """For ``/ready``: updates are being read (the webhook's 200 means they will be)."""
 
 
 @dataclass(frozen=True)
@@ -65,11 +91,55 @@ class InboxOptions:
     dedupe_ttl_seconds: float = 86_400.0
     stream_max_length: int = 100_000
     block_ms: int = 1000
+    # After a Redis error the loop waits this long, doubling up to the cap, then tries
+    # again (creating the consumer group anew, in case Redis lost it).
+    retry_seconds: float = 0.1
+    retry_cap_seconds: float = 5.0
+    # While Redis stays down, one warning per this many seconds, not one per attempt.
+    warn_every_seconds: float = 60.0
+    # Deliveries of an update whose handler keeps raising TryLater before it is given up
+    # (each comes claim_idle_seconds after the last).
+    max_deliveries: int = 5
 
 
 def consumer_name() -> str:
     """Unique per process: a restarted replica must not inherit a dead one's entries."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Outage:
+    """Consecutive failures of one loop against Redis: the wait before the next attempt
+    (doubling from ``retry_seconds`` to ``retry_cap_seconds``) and whether a warning is
+    due (the first failure, then one per ``warn_every_seconds``). ``clock`` is monotonic
+    seconds, passed in."""
+
+    def __init__(self, options: InboxOptions, clock: Callable[[], float] = time.monotonic):
+        self._options = options
+        self._clock = clock
+        self.failures = 0
+        self._warned_at: float | None = None
+
+    @property
+    def ongoing(self) -> bool:
+        return self.failures > 0
+
+    def failed(self) -> tuple[float, bool]:
+        """Count a failure; returns (seconds to wait, whether to warn)."""
+        self.failures += 1
+        wait = min(
+            self._options.retry_seconds * 2 ** min(self.failures - 1, 30),
+            self._options.retry_cap_seconds,
+        )
+        now = self._clock()
+        warn = self._warned_at is None or now - self._warned_at >= self._options.warn_every_seconds
+        if warn:
+            self._warned_at = now
+        return wait, warn
+
+    def recovered(self) -> int:
+        """Forget the outage; returns how many failures it had."""
+        failures, self.failures, self._warned_at = self.failures, 0, None
+        return failures
 
 
 class _Workers:
@@ -114,14 +184,31 @@ class _Workers:
                 await task
 
 
-async def _run_handler(handle: Handler, update_id: int, body: bytes) -> None:
+async def _run_handler(handle: Handler, update_id: int, body: bytes) -> bool:
+    """True when the update is done with: handled, or a poison update (logged) that must
+    not be retried forever; False when the handler asked for it again (``TryLater``)."""
     try:
         await handle(update_id, body)
     except asyncio.CancelledError:
         raise
+    except TryLater as error:
+        log.warning("Telegram update %d will be tried again: %s", update_id, error)
+        return False
     except Exception:
-        # A poison update must not be retried forever: it counts as processed.
         log.exception("processing Telegram update %d failed", update_id)
+    return True
+
+
+async def _give_up(give_up: Handler | None, update_id: int, body: bytes) -> None:
+    log.error("Telegram update %d given up after repeated transient failures", update_id)
+    if give_up is None:
+        return
+    try:
+        await give_up(update_id, body)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("telling the user that Telegram update %d was given up failed", update_id)
 
 
 class MemoryInbox:
@@ -147,6 +234,9 @@ class MemoryInbox:
         self._seen[update_id] = now
         return True
 
+    async def mark_done(self, update_id: int) -> bool:
+        return self._first_time(update_id)
+
     async def put(self, update_id: int, body: bytes) -> None:
         if self._first_time(update_id):
             self._queue.put_nowait((update_id, body))
@@ -156,19 +246,47 @@ class MemoryInbox:
     def stop(self) -> None:
         """Nothing to do: cancelling ``run`` stops it."""
 
-    async def run(self, handle: Handler) -> None:
+    async def healthy(self) -> bool:
+        return True
+
+    async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
         workers = _Workers(self.options.concurrency)
+        retries: set[asyncio.TimerHandle] = set()
+        deliveries: dict[int, int] = {}
+
+        async def process(update_id: int, body: bytes) -> None:
+            deliveries[update_id] = deliveries.get(update_id, 0) + 1
+            if deliveries[update_id] > self.options.max_deliveries:
+                await _give_up(give_up, update_id, body)
+            elif not await _run_handler(handle, update_id, body):
+                retry = asyncio.get_running_loop().call_later(
+                    self.options.claim_idle_seconds,
+                    lambda: self._queue.put_nowait((update_id, body)),
+                )
+                retries.add(retry)
+                return
+            deliveries.pop(update_id, None)
+
         try:
             while True:
                 update_id, body = await self._queue.get()
-                await workers.spawn(
-                    _run_handler(handle, update_id, body), f"telegram-update:{update_id}"
-                )
+                await workers.spawn(process(update_id, body), f"telegram-update:{update_id}")
         finally:
+            for retry in retries:
+                retry.cancel()
             await workers.cancel_all()
 
 
 _DONE = b"done"
+# Extends or deletes the update's key only while it still names this worker.
+_RENEW_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 class RedisInbox:
@@ -190,8 +308,14 @@ class RedisInbox:
         self.stream = stream
         self.group = group
         self.consumer = consumer or consumer_name()
+        self._owner = f"processing:{self.consumer}".encode()
         self._in_flight: set[bytes] = set()
         self._stopping = asyncio.Event()
+        # False until the group exists and a read succeeded, and again after any failure.
+        self._reading = False
+
+    async def healthy(self) -> bool:
+        return self._reading
 
     def stop(self) -> None:
         # A flag, not only a cancel: a cancel that lands inside the Redis client's blocking
@@ -223,6 +347,17 @@ class RedisInbox:
                 departed += 1
         return departed
 
+    async def mark_done(self, update_id: int) -> bool:
+        from redis.exceptions import RedisError
+
+        try:
+            done = await self.redis.set(
+                self._key(update_id), _DONE, nx=True, ex=int(self.options.dedupe_ttl_seconds)
+            )
+        except RedisError as error:
+            raise InboxUnavailable(f"the update queue is unavailable: {error}") from error
+        return bool(done)
+
     async def put(self, update_id: int, body: bytes) -> None:
         from redis.exceptions import RedisError
 
@@ -236,35 +371,60 @@ class RedisInbox:
         except RedisError as error:
             raise InboxUnavailable(f"the update queue is unavailable: {error}") from error
 
-    async def run(self, handle: Handler) -> None:
+    async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
         from redis.exceptions import RedisError
 
-        await self.ensure_group()
         workers = _Workers(self.options.concurrency)
+        outage = Outage(self.options)
         claim_every = max(self.options.claim_idle_seconds / 2, 0.1)
         next_claim = 0.0
+        group_known = False
         try:
             while not self._stopping.is_set():
                 try:
+                    if not group_known:
+                        await self.ensure_group()
+                        group_known = True
                     if time.monotonic() >= next_claim:
                         next_claim = time.monotonic() + claim_every
                         for entry_id, fields in await self._claim_abandoned(workers.free):
                             await workers.spawn(
-                                self._process(handle, entry_id, fields, reclaimed=True),
+                                self._process(handle, give_up, entry_id, fields, reclaimed=True),
                                 f"telegram-entry:{entry_id!r}",
                             )
                     await workers.wait_free()
-                    for entry_id, fields in await self._read_new(workers.free):
+                    entries = await self._read_new(workers.free)
+                    self._reading = True
+                    if outage.ongoing:
+                        log.warning(
+                            "reading Telegram updates from Redis again, after %d failed attempts",
+                            outage.recovered(),
+                        )
+                    for entry_id, fields in entries:
                         await workers.spawn(
-                            self._process(handle, entry_id, fields, reclaimed=False),
+                            self._process(handle, give_up, entry_id, fields, reclaimed=False),
                             f"telegram-entry:{entry_id!r}",
                         )
                 except RedisError as error:
                     if self._stopping.is_set():
                         break
-                    log.warning("reading Telegram updates from Redis failed: %s", error)
-                    await asyncio.sleep(1.0)
+                    # The group may be gone with Redis's data (NOGROUP): create it again
+                    # before the next read; BUSYGROUP then says it was still there.
+                    group_known, self._reading = False, False
+                    wait, warn = outage.failed()
+                    if warn:
+                        log.warning(
+                            "reading Telegram updates from Redis failed (attempt %d; retrying "
+                            "with backoff, next warning in %.0f s if it persists): %s",
+                            outage.failures,
+                            self.options.warn_every_seconds,
+                            error,
+                        )
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._stopping.wait()
         finally:
+            self._reading = False
             await workers.cancel_all()
 
     async def _read_new(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -301,27 +461,45 @@ class RedisInbox:
             log.info("took over %d Telegram updates another worker left pending", len(claimed))
         return claimed
 
-    async def _begin(self, update_id: int, reclaimed: bool) -> bool:
-        """True when this worker should process the update now."""
-        owner = f"processing:{self.consumer}".encode()
-        ttl = int(self.options.dedupe_ttl_seconds)
-        if not reclaimed:
-            return bool(await self.redis.set(self._key(update_id), owner, nx=True, ex=ttl))
-        state = await self.redis.get(self._key(update_id))
-        if state == _DONE:
-            return False
-        # The previous owner went silent for claim_idle_seconds: it is gone; take over.
-        await self.redis.set(self._key(update_id), owner, ex=ttl)
-        return True
+    @property
+    def _lease_ms(self) -> int:
+        return max(int(self.options.claim_idle_seconds * 1000), 1)
 
-    async def _renew(self, entry_id: bytes) -> None:
-        """Keep the entry's idle time low while it is processed, so no one takes it over."""
+    async def _begin(self, entry_id: bytes, update_id: int, reclaimed: bool) -> bool:
+        """True when this worker should process the update now.
+
+        The update's key is taken only when free: a live owner keeps renewing it, and a
+        dead one's lease runs out by the time its entry is idle long enough to reclaim."""
+        if await self.redis.set(self._key(update_id), self._owner, nx=True, px=self._lease_ms):
+            return True
+        state = await self.redis.get(self._key(update_id))
+        if state == _DONE or not reclaimed:
+            # Done, or a second entry of an update another worker holds: drop this entry.
+            log.info("Telegram update %d is processed elsewhere or done; skipped", update_id)
+            await self._finish(entry_id, None)
+        else:
+            # Its owner lives but renewed late: the entry is left to it (it acks it).
+            log.info("Telegram update %d is still being processed by its owner", update_id)
+        return False
+
+    async def _renew(self, entry_id: bytes, update_id: int) -> None:
+        """Keep the entry's idle time low and the update's lease alive while it is
+        processed, so no one takes it over."""
         while True:
             await asyncio.sleep(self.options.claim_idle_seconds / 3)
             with contextlib.suppress(Exception):
                 await self.redis.xclaim(
                     self.stream, self.group, self.consumer, 0, [entry_id], justid=True
                 )
+                await self.redis.eval(
+                    _RENEW_IF_OWNER, 1, self._key(update_id), self._owner, self._lease_ms
+                )
+
+    async def _deliveries(self, entry_id: bytes) -> int:
+        pending: Any = await self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 1
 
     async def _finish(self, entry_id: bytes, update_id: int | None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -331,31 +509,70 @@ class RedisInbox:
             pipe.xdel(self.stream, entry_id)
             await pipe.execute()
 
+    async def _finish_surely(self, entry_id: bytes, update_id: int) -> None:
+        """``_finish`` for an update that was answered, retried through a Redis outage:
+        the caller keeps renewing its lease meanwhile, so no one answers it again."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        outage = Outage(self.options)
+        while True:
+            try:
+                await self._finish(entry_id, update_id)
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                wait, warn = outage.failed()
+                if warn:
+                    log.warning(
+                        "marking Telegram update %d done failed; retrying: %s", update_id, error
+                    )
+                await asyncio.sleep(wait)
+            else:
+                return
+
     async def _process(
-        self, handle: Handler, entry_id: bytes, fields: dict[bytes, bytes], *, reclaimed: bool
+        self,
+        handle: Handler,
+        give_up: Handler | None,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        *,
+        reclaimed: bool,
     ) -> None:
+        from redis.exceptions import RedisError
+
         try:
             update_id = int(fields[b"update_id"])
             body = fields[b"body"]
         except (KeyError, ValueError):
             log.warning("dropping a malformed Telegram stream entry %r", entry_id)
-            await self._finish(entry_id, None)
+            with contextlib.suppress(RedisError):
+                await self._finish(entry_id, None)
             return
-        if not await self._begin(update_id, reclaimed):
-            log.info("Telegram update %d is processed elsewhere or done; skipped", update_id)
-            await self._finish(entry_id, None)
-            return
-        renewal = asyncio.create_task(self._renew(entry_id), name=f"renew:{entry_id!r}")
         self._in_flight.add(entry_id)
+        renewal: asyncio.Task[None] | None = None
         try:
-            await _run_handler(handle, update_id, body)
+            if not await self._begin(entry_id, update_id, reclaimed):
+                return
+            renewal = asyncio.create_task(
+                self._renew(entry_id, update_id), name=f"renew:{entry_id!r}"
+            )
+            if reclaimed and await self._deliveries(entry_id) > self.options.max_deliveries:
+                await _give_up(give_up, update_id, body)
+            elif not await _run_handler(handle, update_id, body):
+                # Pending still: delivered again once idle for claim_idle_seconds.
+                await self.redis.eval(_RELEASE_IF_OWNER, 1, self._key(update_id), self._owner)
+                return
+            # Cancelled before this (shutdown): no ack, so another replica finishes it.
+            await self._finish_surely(entry_id, update_id)
+        except RedisError as error:
+            # The entry stays pending and is taken over once idle: nothing is lost.
+            log.warning("Telegram update entry %r left pending: %s", entry_id, error)
         finally:
             self._in_flight.discard(entry_id)
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
-        # Cancelled above (shutdown): no ack, so another replica finishes the update.
-        await self._finish(entry_id, update_id)
+            if renewal is not None:
+                renewal.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewal
 
 
 __all__ = [
@@ -364,6 +581,8 @@ __all__ = [
     "InboxOptions",
     "InboxUnavailable",
     "MemoryInbox",
+    "Outage",
     "RedisInbox",
+    "TryLater",
     "consumer_name",
 ]

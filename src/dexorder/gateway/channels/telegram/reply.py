@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiogram import Bot
-from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramRetryAfter
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+)
 from aiogram.types import InlineKeyboardMarkup, ReplyParameters
 
 from dexorder.gateway.pure.telegram_format import TELEGRAM_MESSAGE_LIMIT, escape, split_markdown
@@ -34,7 +39,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TYPING_EVERY = 4.5  # Telegram shows "typing" for 5 s
-_MAX_RETRIES = 5
+# A final piece is retried through 429s (each says how long to wait) and network errors
+# for this long, not a number of times: a reply's end is never dropped for a busy bot.
+FINAL_DEADLINE_SECONDS = 600.0
+_NETWORK_RETRY_SECONDS = (1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -237,8 +245,11 @@ class ReplyStream:
         self._committed = len(pieces)
 
     async def _paced(self, call: Callable[[], Awaitable[Any]]) -> None:
-        """A call that must happen: wait for the pace, retry on 429, give up on other errors."""
-        for _ in range(_MAX_RETRIES):
+        """A call that must happen: wait for the pace, retry on 429 and on network errors
+        until ``FINAL_DEADLINE_SECONDS``, give up only on a refusal (a bad request)."""
+        deadline = self._clock() + FINAL_DEADLINE_SECONDS
+        network_failures = 0
+        while True:
             wait = self._not_before - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -246,7 +257,13 @@ class ReplyStream:
                 await call()
             except TelegramRetryAfter as error:
                 self._back_off(error.retry_after)
-                continue
+            except TelegramNetworkError as error:
+                wait = _NETWORK_RETRY_SECONDS[
+                    min(network_failures, len(_NETWORK_RETRY_SECONDS) - 1)
+                ]
+                network_failures += 1
+                log.warning("Telegram reply in chat %d failed, retrying: %s", self.chat_id, error)
+                self._back_off(wait)
             except TelegramBadRequest as error:
                 if "not modified" not in str(error):
                     log.warning("Telegram refused a reply in chat %d: %s", self.chat_id, error)
@@ -254,12 +271,19 @@ class ReplyStream:
             except TelegramAPIError as error:
                 log.warning("Telegram reply failed in chat %d: %s", self.chat_id, error)
                 return
-            if not self.private:
-                self._not_before = self._clock() + self.pace.edit_interval
-            if self.first_visible_at is None:
-                self.first_visible_at = self._clock()
-            return
-        log.warning("gave up on a reply in chat %d after repeated 429s", self.chat_id)
+            else:
+                if not self.private:
+                    self._not_before = self._clock() + self.pace.edit_interval
+                if self.first_visible_at is None:
+                    self.first_visible_at = self._clock()
+                return
+            if self._not_before > deadline:
+                log.error(
+                    "gave up on a reply in chat %d: Telegram kept refusing it for %.0f s",
+                    self.chat_id,
+                    FINAL_DEADLINE_SECONDS,
+                )
+                return
 
 
 async def send_text(
