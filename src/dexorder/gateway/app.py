@@ -110,12 +110,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app[DRAINING] = asyncio.Event()
     app[LIVE_SOCKETS] = {}
-<<<<<<< HEAD
     app[USER_SOCKETS] = Counter()
-    app[Health] = []
-=======
     app[HEALTH] = []
->>>>>>> gwb
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/ws/chat", websocket.chat)
