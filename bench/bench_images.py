@@ -124,7 +124,7 @@ def _compare_code_changes(against: str, rounds: int, scratch: Path, base: Path) 
         for round_ in range(rounds):
             order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
             for label in order:
-                changed = _changed_tree(scratch / f"changed-{label}-{round_}", trees[label])
+                changed = _changed_tree(scratch / f"changed-{name}-{label}-{round_}", trees[label])
                 seconds, archive = _timed_image(
                     name, base, scratch / label, True, changed, _tag(label)
                 )

@@ -205,7 +205,9 @@ def pod_ip(install: ChartInstall, namespace: str, pod: str) -> str:
     )
 
 
-def gateway_pod(install: ChartInstall) -> str:
+def gateway_pods(install: ChartInstall) -> list[dict[str, Any]]:
+    """The gateway's pods that are not being deleted (its workload is a StatefulSet or a
+    Deployment, as the chart's eventSpool.persistent says)."""
     pods = get_json(
         install,
         f"--namespace={NAMESPACE}",
@@ -213,7 +215,11 @@ def gateway_pod(install: ChartInstall) -> str:
         "pods",
         "--selector=app.kubernetes.io/component=gateway",
     )["items"]
-    [pod] = [p for p in pods if "deletionTimestamp" not in p["metadata"]]
+    return [p for p in pods if "deletionTimestamp" not in p["metadata"]]
+
+
+def gateway_pod(install: ChartInstall) -> str:
+    [pod] = gateway_pods(install)
     return str(pod["metadata"]["name"])
 
 
@@ -378,13 +384,10 @@ class ChartSuite:
         )
 
     def test_helm_upgrade_with_a_new_tag_rolls_the_gateway(self, installed: ChartInstall) -> None:
-        deployment = get_json(
-            installed, f"--namespace={NAMESPACE}", "get", "deployment/dexorder-gateway"
-        )
-        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        [old_pod] = gateway_pods(installed)
+        [container] = old_pod["spec"]["containers"]
         repository, _, tag = container["image"].rpartition(":")
         new_image = installed.tag_image(container["image"], f"{tag}-next")
-        old_pod = gateway_pod(installed)
         installed.helm.run(
             "upgrade",
             RELEASE,
@@ -396,10 +399,14 @@ class ChartSuite:
             "--timeout=300s",
             timeout=330,
         )
-        wait_for(lambda: gateway_pod(installed) != old_pod, "the old gateway pod to go")
-        pod = get_json(
-            installed, f"--namespace={NAMESPACE}", "get", f"pod/{gateway_pod(installed)}"
-        )
+
+        def replaced() -> bool:
+            # By uid: a StatefulSet's new pod keeps the old one's name.
+            pods = gateway_pods(installed)
+            return len(pods) == 1 and pods[0]["metadata"]["uid"] != old_pod["metadata"]["uid"]
+
+        wait_for(replaced, "the old gateway pod to be replaced")
+        [pod] = gateway_pods(installed)
         assert pod["spec"]["containers"][0]["image"] == new_image
         assert new_image.startswith(repository)
         assert chat(installed, "what is my RSI?")[-1]["type"] == "done"
@@ -415,7 +422,8 @@ class ChartSuite:
         }
         assert len(claims_before) >= 3, claims_before  # carol's, alice's, bob's, dave's
         installed.helm.run("uninstall", RELEASE, f"--namespace={NAMESPACE}", "--wait", timeout=330)
-        assert get_json(installed, f"--namespace={NAMESPACE}", "get", "deployments")["items"] == []
+        for workloads in ("deployments", "statefulsets"):
+            assert get_json(installed, f"--namespace={NAMESPACE}", "get", workloads)["items"] == []
         installed.kubectl("get", "crd/useragents.dexorder.ai")
         claims_after = {
             claim["metadata"]["name"]

@@ -77,9 +77,6 @@ def chart_values(images_by_name: dict[str, str], model_url: str) -> dict[str, An
             # Test users are enrolled on their first connection (the chart's default is off).
             "autoEnroll": True,
             "auth": {"issuer": ISSUER, "audience": AUDIENCE},
-            # No Kafka here, so no spool to keep: the suite's rolling-upgrade test expects
-            # a Deployment (a StatefulSet's replaced pod keeps its name).
-            "eventSpool": {"persistent": False},
         },
         "config": {"models": scripted_models_yaml(model_url)},
     }
