@@ -74,7 +74,8 @@ def layout(node: NodeCluster, helm: Helm) -> dict[str, str]:
     [gateway] = [
         doc
         for doc in documents
-        if doc["kind"] == "Deployment" and doc["metadata"]["name"].endswith("gateway")
+        if doc["kind"] in ("Deployment", "StatefulSet")
+        and doc["metadata"]["name"].endswith("gateway")
     ]
     gateway_labels = gateway["spec"]["selector"]["matchLabels"]
     for namespace in (gateway_ns, agents_ns, other_ns):
