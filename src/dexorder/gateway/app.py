@@ -110,7 +110,10 @@ async def _open_provisioner(
     if settings.provisioner == ProvisionerKind.KUBERNETES:
         client = await stack.enter_async_context(KubeClient(load_credentials(settings.kubeconfig)))
         provisioner: Provisioner = KubernetesProvisioner(
-            client, settings.agents_namespace, timeout=settings.provision_timeout_seconds
+            client,
+            settings.agents_namespace,
+            timeout=settings.provision_timeout_seconds,
+            activity_interval=settings.agent_activity_seconds,
         )
     else:
         provisioner = LocalProvisioner(settings.local_agents_dir)

@@ -160,6 +160,9 @@ class GatewaySettings(BaseSettings):
         None, validation_alias=AliasChoices("DEXORDER_KUBECONFIG", "KUBECONFIG", "kubeconfig")
     )
     provision_timeout_seconds: float = Field(120.0, gt=0)
+    # How often a running turn re-records its agent's activity (and the least time between
+    # two activity writes for one user): well under the shortest idle timeout.
+    agent_activity_seconds: float = Field(60.0, gt=0)
     # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)

@@ -317,9 +317,15 @@ class OperatorState:
                     logger.warning("cannot suspend idle agent %s: %s", key, error)
 
     async def _suspend(self, key: Key, agent: Mapping[str, Any], desired: Desired) -> None:
-        logger.info("suspending idle agent %s/%s", *key)
+        updated = await self.reconciler.suspend(agent)
+        if updated is None:
+            # Activity was recorded (or the agent changed) since this sweep read it: it is
+            # in use. Read it afresh so the next sweep judges what the gateway wrote.
+            logger.info("not suspending %s/%s: it was active since it was judged idle", *key)
+            await self._refresh(key)
+            return
+        logger.info("suspended idle agent %s/%s", *key)
         metrics.SUSPENSIONS.inc()
-        updated = await self.reconciler.suspend(*key)
         self.cache.put_agent(updated)
         self.queue.add(key, apply=True)
         with contextlib.suppress(KubernetesError):

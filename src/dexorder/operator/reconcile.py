@@ -33,6 +33,7 @@ from dexorder.core.tiers import TierCatalog, UnknownTier
 from dexorder.core.useragent import (
     API_VERSION,
     KIND,
+    LAST_ACTIVITY_ANNOTATION,
     PLURAL,
     Sizing,
     UserAgentSpec,
@@ -44,6 +45,8 @@ FIELD_MANAGER = "dexorder-operator"
 # Held on every UserAgent until its volume has been dealt with as reclaimPolicy says.
 FINALIZER = "dexorder.ai/cleanup"
 JSON_PATCH = "application/json-patch+json"
+# The activity annotation as a JSON pointer ("/" in its name escaped as "~1").
+_ACTIVITY_POINTER = "/metadata/annotations/" + LAST_ACTIVITY_ANNOTATION.replace("/", "~1")
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,38 @@ class Reconciler:
     async def get_user_agent(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.client.get_or_none(user_agent_path(namespace, name))
 
-    async def suspend(self, namespace: str, name: str) -> dict[str, Any]:
-        return await self.client.merge_patch(
-            user_agent_path(namespace, name), {"spec": {"suspended": True}}
+    async def suspend(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Suspend the agent ``body`` shows, if its recorded activity is still the one judged.
+
+        A JSON patch that tests the activity annotation (and that it is not suspended
+        already) before it sets ``spec.suspended``: a turn that started since the sweeper
+        read the agent has written a newer activity, and the API server refuses the patch
+        (422) instead of stopping the agent under it. None when refused: the agent is busy.
+        """
+        metadata = body["metadata"]
+        judged = (metadata.get("annotations") or {}).get(LAST_ACTIVITY_ANNOTATION)
+        # No activity was ever recorded: the idle time ran from creation, and any write
+        # since (the gateway's first activity among them) changed the resourceVersion.
+        precondition = (
+            {"op": "test", "path": _ACTIVITY_POINTER, "value": judged}
+            if judged is not None
+            else {
+                "op": "test",
+                "path": "/metadata/resourceVersion",
+                "value": metadata.get("resourceVersion"),
+            }
         )
+        patch = [
+            precondition,
+            {"op": "test", "path": "/spec/suspended", "value": False},
+            {"op": "replace", "path": "/spec/suspended", "value": True},
+        ]
+        try:
+            return await self.client.request(
+                "PATCH",
+                user_agent_path(metadata["namespace"], metadata["name"]),
+                body=patch,
+                content_type=JSON_PATCH,
+            )
+        except Invalid:
+            return None
