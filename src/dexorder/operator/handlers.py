@@ -36,11 +36,12 @@ from dexorder.adapters.kubernetes import (
     Invalid,
     KubeClient,
     KubernetesError,
+    Unreachable,
     resource_path,
 )
 from dexorder.core import manifests
 from dexorder.core.idle import idle_deadline_passed, last_activity
-from dexorder.core.status import StorageState, rfc3339
+from dexorder.core.status import RECONCILE_ERROR, StorageState, rfc3339
 from dexorder.core.useragent import (
     AGENT_LABEL,
     API_VERSION,
@@ -66,6 +67,8 @@ from dexorder.operator.workqueue import WorkQueue, backoff
 logger = logging.getLogger(__name__)
 
 CHILDREN = {MANAGED_BY_LABEL: MANAGED_BY}
+# The least time between two Warning Events for the same failure of one agent.
+WARNING_INTERVAL = 600.0
 # Phases worth a Normal Event of their own. Failures always get a Warning; Ready is left
 # out on purpose: the status says it, and in a burst a thousand Events are a thousand
 # writes on the API server that the agents are waiting on.
@@ -122,6 +125,8 @@ class OperatorState:
             self.process, workers=settings.reconcile_workers, retry_delay=retry_delay
         )
         self._sweeper: asyncio.Task[None] | None = None
+        # The last Warning posted per agent: (reason, time.monotonic()).
+        self._warned: dict[Key, tuple[str, float]] = {}
 
     @property
     def agents(self) -> dict[Key, Json]:
@@ -143,6 +148,7 @@ class OperatorState:
         self.cache.forget_agent(key)
         self.storage.pop(key, None)
         self.applied.pop(key, None)
+        self._warned.pop(key, None)
         self.queue.forget(key)
 
     def agent_event(self, type: str, body: Mapping[str, Any]) -> None:
@@ -188,10 +194,23 @@ class OperatorState:
         if needs_apply:
             work.append(self._apply(key, desired))
         # The finalizer patch rides along with the children's writes: no extra round trip.
-        await self._together(*work)
+        try:
+            await self._together(*work)
+        except KubernetesError as error:
+            if _reportable(error):
+                await self._report_apply_error(key, error)
+            raise  # the work queue retries, backing off
         if needs_apply:
             self.applied[key] = applied
         await self._write_status(key)
+
+    async def _report_apply_error(self, key: Key, error: KubernetesError) -> None:
+        """The API server refused a child: say so in the status (Failed, ``ReconcileError``
+        and its message, which the gateway shows the user) and in a Warning Event."""
+        try:
+            await self._write_status(key, reconcile_error=str(error))
+        except KubernetesError as status_error:
+            logger.warning("cannot report %s's apply error %s: %s", key, error, status_error)
 
     @staticmethod
     async def _together(*steps: Awaitable[None]) -> None:
@@ -246,14 +265,16 @@ class OperatorState:
         self.storage[key] = storage
         self.cache.put_deployment(key, deployment)
 
-    async def _write_status(self, key: Key, spec_error: str | None = None) -> None:
+    async def _write_status(
+        self, key: Key, spec_error: str | None = None, reconcile_error: str | None = None
+    ) -> None:
         """Derive the status from the newest cached state and write it if it changed."""
         agent = self.cache.agents.get(key)
         if agent is None:
             return
         desired: Desired | None = None
         if spec_error is None:
-            if self.applied.get(key) != _generation(agent):
+            if reconcile_error is None and self.applied.get(key) != _generation(agent):
                 return  # a newer spec is not applied yet; its own pass will report it
             try:
                 desired = desired_state(agent, self.reconciler.catalog)
@@ -266,13 +287,16 @@ class OperatorState:
             self.cache.pods_of(key),
             self.storage.get(key, StorageState(ready=True)),
             spec_error,
+            reconcile_error,
         )
-        previous_phase = UserAgentStatus.parse(agent.get("status")).phase
+        previous = UserAgentStatus.parse(agent.get("status"))
         updated = await self.reconciler.write_status(agent, status)
         if updated is None:
             return
         self.cache.put_agent(updated)
-        if status.phase is not None and status.phase != previous_phase:
+        # A refused apply is announced even on an agent that was failing already.
+        refused = _ready_reason(status) == RECONCILE_ERROR != _ready_reason(previous)
+        if status.phase is not None and (status.phase != previous.phase or refused):
             await self._announce(agent, status.phase, status)
 
     async def _announce(
@@ -282,6 +306,13 @@ class OperatorState:
         assert ready is not None, "derive_status always reports the Ready condition"
         if phase == Phase.FAILED:
             metrics.FAILURES.labels(reason=ready.reason).inc()
+            # One Warning per agent and failure in WARNING_INTERVAL: a failure that comes
+            # and goes with each retry must not write an Event per retry.
+            key, now = _key(agent), time.monotonic()
+            last = self._warned.get(key)
+            if last is not None and last[0] == ready.reason and now - last[1] < WARNING_INTERVAL:
+                return
+            self._warned[key] = (ready.reason, now)
         elif phase not in _ANNOUNCED:
             return
         try:
@@ -335,6 +366,18 @@ class OperatorState:
                 reason="Idle",
                 message=f"no activity for {desired.sizing.idle_timeout}; suspending",
             )
+
+
+def _reportable(error: KubernetesError) -> bool:
+    """Whether an apply error is the API server's refusal worth reporting on the agent:
+    not a conflict (retried at once) nor an unreachable API server (no status can be
+    written, and it is no fault of the agent)."""
+    return not isinstance(error, Conflict | Unreachable)
+
+
+def _ready_reason(status: UserAgentStatus) -> str | None:
+    ready = status.condition("Ready")
+    return ready.reason if ready is not None else None
 
 
 def _status_behind(agent: Mapping[str, Any]) -> bool:

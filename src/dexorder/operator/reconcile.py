@@ -196,6 +196,7 @@ class Reconciler:
         pods: Iterable[Mapping[str, Any]],
         storage: StorageState,
         spec_error: str | None = None,
+        reconcile_error: str | None = None,
     ) -> UserAgentStatus:
         metadata = body["metadata"]
         owner = (
@@ -217,6 +218,7 @@ class Reconciler:
             now=dt.datetime.now(dt.UTC),
             spec_error=spec_error,
             last_activity=last_activity(body),
+            reconcile_error=reconcile_error,
         )
 
     async def write_status(

@@ -198,6 +198,30 @@ async def test_a_failed_agent_shows_the_operators_reason(
         await client.ws.close()
 
 
+async def test_a_volume_the_quota_refuses_reaches_the_user_with_its_reason(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer
+) -> None:
+    """The operator cannot create the agent's volume: the user is told why at once, not
+    after the provisioning timeout."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-claims", "namespace": kube_chat.namespace},
+        "spec": {"hard": {"persistentvolumeclaims": "0"}},
+    }
+    await kube_chat.kube.create(resource_path("v1", "resourcequotas", kube_chat.namespace), quota)
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        frames = await statuses_until_settled(client)
+        error = frames[-1]
+        assert error["type"] == "error", frames
+        assert error["code"] == "agent_unavailable"
+        assert error["message"].startswith("ReconcileError:"), error
+        assert "exceeded quota: no-claims" in error["message"]
+        await client.ws.close()
+
+
 async def test_an_image_that_cannot_be_pulled_reaches_the_user_with_its_reason(
     kube_chat: KubeChat, issuer: LocalJwksIssuer
 ) -> None:

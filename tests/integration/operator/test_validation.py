@@ -58,3 +58,19 @@ def test_user_id_is_immutable(kubectl: Kubectl, useragent_crd: object, namespace
     assert apply(kubectl, namespace, "same", "  userId: alice\n  tier: free") == ""
     error = apply(kubectl, namespace, "same", "  userId: mallory\n  tier: free")
     assert "userId is immutable" in error
+
+
+@pytest.mark.parametrize("name", ["a" * 58, "9lives", "dotted.name"])
+def test_a_name_the_children_cannot_carry_is_refused(
+    kubectl: Kubectl, useragent_crd: object, namespace: str, name: str
+) -> None:
+    """The API server accepts any DNS-1123 subdomain as a UserAgent's name; the agent's
+    Service needs a DNS-1035 label of at most 63 characters with "-agent" appended."""
+    error = apply(kubectl, namespace, name, "  userId: u\n  tier: free")
+    assert "metadata.name must be at most 57 characters" in error, error
+
+
+def test_a_57_character_name_is_accepted(
+    kubectl: Kubectl, useragent_crd: object, namespace: str
+) -> None:
+    assert apply(kubectl, namespace, "a" * 57, "  userId: u\n  tier: free") == ""
