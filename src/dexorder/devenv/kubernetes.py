@@ -418,6 +418,12 @@ class ControlPlane(Service):
         self.stop_apiserver()
         self.start_apiserver()
 
+    @property
+    def etcd_url(self) -> str:
+        """etcd's client URL (its JSON gateway answers on /v3/...), for tests that change
+        what the API server cannot, such as a deletion while it is stopped, or compaction."""
+        return f"http://{self._address}:{self.etcd_port}"
+
     def stop_apiserver(self) -> None:
         """Stop kube-apiserver only (an outage); :meth:`start_apiserver` brings it back."""
         apiserver = self.process("kube-apiserver")

@@ -36,6 +36,7 @@ from dexorder.adapters.kubernetes import (
     Invalid,
     KubeClient,
     KubernetesError,
+    NotFound,
     Unreachable,
     resource_path,
 )
@@ -175,6 +176,12 @@ class OperatorState:
 
     async def process(self, key: Key, apply: bool) -> None:
         agent = self.cache.agents.get(key)
+        if agent is not None and apply and self.applied.get(key) == _generation(agent):
+            # A child of an applied spec was deleted or edited: read the owner first, so
+            # that children are never re-created for an agent that is gone (the garbage
+            # collector would delete them again, for ever) and a newer one is seen.
+            await self._refresh(key)
+            agent = self.cache.agents.get(key)
         if agent is None:
             return
         if agent["metadata"].get("deletionTimestamp"):
@@ -223,6 +230,9 @@ class OperatorState:
     async def _add_finalizer(self, key: Key, agent: Json) -> None:
         try:
             updated = await self.reconciler.add_finalizer(agent)
+        except NotFound:
+            self.forget(key)
+            return
         except (Conflict, Invalid) as error:
             # The finalizers changed since we read them (or the agent is being deleted):
             # read them again and retry soon.
@@ -290,7 +300,11 @@ class OperatorState:
             reconcile_error,
         )
         previous = UserAgentStatus.parse(agent.get("status"))
-        updated = await self.reconciler.write_status(agent, status)
+        try:
+            updated = await self.reconciler.write_status(agent, status)
+        except NotFound:
+            self.forget(key)  # the agent itself is gone: nothing to report on
+            return
         if updated is None:
             return
         self.cache.put_agent(updated)
@@ -348,7 +362,12 @@ class OperatorState:
                     logger.warning("cannot suspend idle agent %s: %s", key, error)
 
     async def _suspend(self, key: Key, agent: Mapping[str, Any], desired: Desired) -> None:
-        updated = await self.reconciler.suspend(agent)
+        try:
+            updated = await self.reconciler.suspend(agent)
+        except NotFound:
+            logger.info("forgetting %s/%s: it is gone", *key)
+            self.forget(key)
+            return
         if updated is None:
             # Activity was recorded (or the agent changed) since this sweep read it: it is
             # in use. Read it afresh so the next sweep judges what the gateway wrote.
@@ -358,7 +377,7 @@ class OperatorState:
         logger.info("suspended idle agent %s/%s", *key)
         metrics.SUSPENSIONS.inc()
         self.cache.put_agent(updated)
-        self.queue.add(key, apply=True)
+        self.queue.add(key, urgent=True)  # a new generation: its pass applies it
         with contextlib.suppress(KubernetesError):
             await self.reconciler.post_event(
                 agent,
@@ -391,6 +410,13 @@ def _status_behind(agent: Mapping[str, Any]) -> bool:
 
 def agent_changed(state: OperatorState, type: str, body: Json) -> None:
     state.agent_event(type, body)
+
+
+def agents_listed(state: OperatorState, namespace: str | None, listed: set[Key]) -> None:
+    """The UserAgents of ``namespace`` (None: all) were listed: forget any other."""
+    for key in [k for k in state.cache.agents if namespace in (None, k[0]) and k not in listed]:
+        logger.info("forgetting %s/%s: no longer listed", *key)
+        state.forget(key)
 
 
 def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
@@ -448,6 +474,11 @@ def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
             functools.partial(handler, state),
             label_selector=selector,
             timeout_seconds=settings.watch_server_timeout_seconds,
+            # Only the agents are listed again: a ghost agent is what costs requests.
+            relist_seconds=settings.relist_seconds if plural == PLURAL else None,
+            on_listed=functools.partial(agents_listed, state, namespace)
+            if plural == PLURAL
+            else None,
         )
         for namespace in namespaces
         for api_version, plural, selector, handler in kinds

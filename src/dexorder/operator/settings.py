@@ -46,6 +46,13 @@ class OperatorSettings(BaseSettings):
         "the client gives up 15 s later, so a watch that went silent is noticed.",
     )
 
+    relist_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="The UserAgents are listed again this often, and any agent the list no "
+        "longer has is forgotten (however its deletion was missed).",
+    )
+
     @field_validator("namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

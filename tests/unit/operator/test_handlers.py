@@ -130,6 +130,13 @@ class RecordingReconciler(Reconciler):
     async def remove_finalizer(self, body: Mapping[str, Any]) -> None:
         self.calls.append("remove finalizer")
 
+    async def get_user_agent(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The agent as the API server has it: ``stored``, or gone when None."""
+        self.calls.append("read agent")
+        return copy.deepcopy(self.stored)
+
+    stored: dict[str, Any] | None = None
+
 
 def recording_state() -> tuple[OperatorState, RecordingReconciler]:
     reconciler = RecordingReconciler()
@@ -153,8 +160,22 @@ async def test_the_finalizer_is_added_once_alongside_the_first_children() -> Non
     assert held == ["someone.else/keep", FINALIZER]
 
     reconciler.calls.clear()
+    reconciler.stored = operator.cache.agents[("ns", "a")]
     await operator.process(("ns", "a"), apply=True)
-    assert reconciler.calls == ["apply children", "status"]  # no second finalizer write
+    # No second finalizer write; a re-apply of the same spec reads the owner first.
+    assert reconciler.calls == ["read agent", "apply children", "status"]
+
+
+async def test_a_child_is_not_put_back_for_an_agent_that_is_gone() -> None:
+    operator, reconciler = recording_state()
+    operator.cache.put_agent(live_agent())
+    await operator.process(("ns", "a"), apply=True)
+    reconciler.calls.clear()
+    # Its Deployment was deleted (by the garbage collector, after the agent): the agent
+    # is read first, found gone, and forgotten.
+    await operator.process(("ns", "a"), apply=True)
+    assert reconciler.calls == ["read agent"]
+    assert ("ns", "a") not in operator.cache.agents
 
 
 async def test_an_agent_that_retains_its_volume_needs_no_finalizer() -> None:
