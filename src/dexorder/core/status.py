@@ -144,7 +144,6 @@ def derive_status(
     previous_conditions: Iterable[Condition],
     now: dt.datetime,
     spec_error: str | None = None,
-    last_activity: dt.datetime | None = None,
     reconcile_error: str | None = None,
 ) -> UserAgentStatus:
     """``spec_error``: the catalog refused the spec (``InvalidSpec``); ``reconcile_error``:
@@ -227,5 +226,4 @@ def derive_status(
         )
         if storage.requested
         else None,
-        lastActivity=rfc3339(last_activity) if last_activity is not None else None,
     )

@@ -41,8 +41,8 @@ from dexorder.adapters.kubernetes import (
     resource_path,
 )
 from dexorder.core import manifests
-from dexorder.core.idle import idle_deadline_passed, last_activity
-from dexorder.core.status import RECONCILE_ERROR, StorageState, rfc3339
+from dexorder.core.idle import idle_deadline_passed
+from dexorder.core.status import RECONCILE_ERROR, StorageState
 from dexorder.core.useragent import (
     AGENT_LABEL,
     API_VERSION,
@@ -400,12 +400,10 @@ def _ready_reason(status: UserAgentStatus) -> str | None:
 
 
 def _status_behind(agent: Mapping[str, Any]) -> bool:
-    """Whether the written status lags the object: a new generation, or new activity."""
+    """Whether the written status lags the object's spec (a new generation). Activity is
+    not mirrored in the status: a status write per activity would cost more than it says."""
     status = UserAgentStatus.parse(agent.get("status"))
-    if status.observed_generation != agent["metadata"].get("generation"):
-        return True
-    activity = last_activity(agent)
-    return activity is not None and rfc3339(activity) != status.last_activity
+    return bool(status.observed_generation != agent["metadata"].get("generation"))
 
 
 def agent_changed(state: OperatorState, type: str, body: Json) -> None:

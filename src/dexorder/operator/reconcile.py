@@ -27,7 +27,6 @@ from dexorder.adapters.kubernetes import (
     resource_path,
 )
 from dexorder.core import manifests, naming, quantity
-from dexorder.core.idle import last_activity
 from dexorder.core.status import StorageState, derive_status, rfc3339
 from dexorder.core.tiers import TierCatalog, UnknownTier
 from dexorder.core.useragent import (
@@ -217,7 +216,6 @@ class Reconciler:
             previous_conditions=UserAgentStatus.parse(body.get("status")).conditions,
             now=dt.datetime.now(dt.UTC),
             spec_error=spec_error,
-            last_activity=last_activity(body),
             reconcile_error=reconcile_error,
         )
 

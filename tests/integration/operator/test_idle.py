@@ -16,12 +16,13 @@ from dexorder.core.manifests import AgentTemplate
 from dexorder.core.status import rfc3339
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.core.useragent import LAST_ACTIVITY_ANNOTATION
+from dexorder.devenv.fixtures_kube import OperatorProcess
 from dexorder.devenv.kubernetes import ControlPlane
 from dexorder.devenv.paths import TIER_CATALOG
 from dexorder.operator.handlers import OperatorState
 from dexorder.operator.reconcile import Reconciler
 from dexorder.operator.settings import OperatorSettings
-from tests.integration.operator.conftest import eventually, ua_path, user_agent
+from tests.integration.operator.conftest import eventually, ua_path, user_agent, wait_phase
 
 SWEEP_SECONDS = 0.2
 
@@ -78,3 +79,31 @@ async def test_activity_written_while_the_sweeper_decides_prevents_the_suspend(
     busy = await kube.get(ua_path(namespace, "busy"))
     assert busy["spec"]["suspended"] is False
     assert busy["metadata"]["annotations"][LAST_ACTIVITY_ANNOTATION] == now
+
+
+def status_writes(operator: OperatorProcess) -> float:
+    """The operator's status writes so far, from its own request counters."""
+    for line in operator.metrics().splitlines():
+        if line.startswith(
+            'dexorder_operator_api_requests_by_kind{kind="PATCH useragents/status"}'
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_recorded_activity_costs_the_operator_no_status_write(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("chatty", namespace, "chatty"))
+    await wait_phase(kube, namespace, "chatty", "Ready")
+    await asyncio.sleep(2)  # let the Ready pass settle
+    before = status_writes(operator)
+    for _ in range(3):  # a turn's start, heartbeat and end
+        now = rfc3339(dt.datetime.now(dt.UTC))
+        await kube.merge_patch(
+            ua_path(namespace, "chatty"),
+            {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: now}}},
+        )
+        await asyncio.sleep(1.1)
+    await asyncio.sleep(1)
+    assert status_writes(operator) == before

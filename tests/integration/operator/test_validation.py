@@ -26,7 +26,7 @@ def apply(kubectl: Kubectl, namespace: str, name: str, spec: str) -> str:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("  userId: u\n  tier: gold", 'Unsupported value: "gold"'),
+        ("  userId: u\n  tier: Gold!", "spec.tier in body should match"),
         ("  tier: free", "spec.userId: Required value"),
         (
             "  userId: u\n  tier: free\n  overrides:\n    idleTimeoutSeconds: -5",
@@ -74,3 +74,11 @@ def test_a_57_character_name_is_accepted(
     kubectl: Kubectl, useragent_crd: object, namespace: str
 ) -> None:
     assert apply(kubectl, namespace, "a" * 57, "  userId: u\n  tier: free") == ""
+
+
+def test_a_tier_the_catalog_does_not_know_is_accepted_by_the_api_server(
+    kubectl: Kubectl, useragent_crd: object, namespace: str
+) -> None:
+    """Tiers are the catalog's data: the operator, not the schema, says a tier is unknown
+    (tests/integration/operator/test_lifecycle.py: InvalidSpec)."""
+    assert apply(kubectl, namespace, "newtier", "  userId: u\n  tier: platinum") == ""
