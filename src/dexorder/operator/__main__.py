@@ -29,6 +29,7 @@ logger = logging.getLogger("dexorder.operator")
 
 INFORMERS = web.AppKey("informers", list[Informer])
 WATCHES = web.AppKey("watches", list["asyncio.Task[None]"])
+STATE = web.AppKey("state", OperatorState)
 
 
 async def _serve_metrics(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -45,11 +46,14 @@ async def _serve_metrics(app: web.Application, host: str, port: int) -> web.AppR
 
 
 async def _serve_health(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Alive while every watch runs; ready (200 with "synced") once each has listed."""
+    """Alive while every watch, the work queue and the idle sweeper run; ready (200 with
+    "synced") once each watch has listed."""
 
     async def healthz(request: web.Request) -> web.Response:
         if any(task.done() for task in request.app[WATCHES]):
             return web.Response(status=500, text="a watch stopped")
+        if not request.app[STATE].alive:
+            return web.Response(status=500, text="the work queue or the idle sweeper stopped")
         synced = all(informer.synced.is_set() for informer in request.app[INFORMERS])
         return web.Response(text="synced" if synced else "listing")
 
@@ -89,6 +93,7 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
         health = web.Application()
         health[INFORMERS] = watched
         health[WATCHES] = watches
+        health[STATE] = state
         runners = [
             await _serve_metrics(web.Application(), settings.metrics_host, settings.metrics_port),
             await _serve_health(health, settings.metrics_host, settings.health_port),

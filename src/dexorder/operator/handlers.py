@@ -137,6 +137,11 @@ class OperatorState:
         self.queue.start()
         self._sweeper = asyncio.create_task(self._sweep_idle())
 
+    @property
+    def alive(self) -> bool:
+        """The work queue's workers and the idle sweeper all run (for the liveness probe)."""
+        return self.queue.running and self._sweeper is not None and not self._sweeper.done()
+
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -374,17 +379,14 @@ class OperatorState:
             logger.info("not suspending %s/%s: it was active since it was judged idle", *key)
             await self._refresh(key)
             return
-        logger.info("suspended idle agent %s/%s", *key)
+        logger.info(
+            "suspended idle agent %s/%s: no activity for %s", *key, desired.sizing.idle_timeout
+        )
         metrics.SUSPENSIONS.inc()
         self.cache.put_agent(updated)
-        self.queue.add(key, urgent=True)  # a new generation: its pass applies it
-        with contextlib.suppress(KubernetesError):
-            await self.reconciler.post_event(
-                agent,
-                warning=False,
-                reason="Idle",
-                message=f"no activity for {desired.sizing.idle_timeout}; suspending",
-            )
+        # A new generation: its pass applies it, and its status (Suspended) posts the one
+        # Event of this suspend.
+        self.queue.add(key, urgent=True)
 
 
 def _reportable(error: KubernetesError) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
@@ -30,9 +31,13 @@ Process = Callable[[K, bool], Awaitable[None]]
 RetryDelay = Callable[[BaseException, int], float]
 
 
-def backoff(error: BaseException, attempt: int) -> float:
-    """0.5 s, 1 s, 2 s, ... up to 30 s."""
-    return float(min(0.5 * 2 ** max(attempt - 1, 0), 30.0))
+def backoff(
+    error: BaseException, attempt: int, *, jitter: Callable[[], float] = random.random
+) -> float:
+    """0.5 s, 1 s, 2 s, ... up to 30 s, each between half and all of that ("equal jitter"):
+    agents that failed together (an API server restart) do not all retry together."""
+    ceiling = min(0.5 * 2 ** max(attempt - 1, 0), 30.0)
+    return float(ceiling * (0.5 + jitter() / 2))
 
 
 class WorkQueue(Generic[K]):
@@ -104,6 +109,11 @@ class WorkQueue(Generic[K]):
     @property
     def idle(self) -> bool:
         return not self._pending and not self._active
+
+    @property
+    def running(self) -> bool:
+        """Started, and no worker has stopped (a worker only stops by a bug or a cancel)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]

@@ -113,6 +113,12 @@ async def test_idle_agent_is_suspended_and_woken(
     suspended = await wait_phase(kube, namespace, "dave", "Suspended", timeout=60)
     assert suspended["spec"]["suspended"] is True
     assert "lastActivity" not in suspended["status"]  # not mirrored: a write per activity
+    await asyncio.sleep(2)  # time for a second Event, if one were posted
+    listed = await kube.get(
+        resource_path("v1", "events", namespace) + "?fieldSelector=involvedObject.name=dave"
+    )
+    normal = [e["reason"] for e in listed["items"] if e["type"] == "Normal"]
+    assert normal == ["Suspended"], normal  # one Event per suspend
     assert (await get_deployment(kube, namespace, "dave"))["spec"]["replicas"] == 0
     assert await kube.get_or_none(
         resource_path("v1", "persistentvolumeclaims", namespace, "dave-data")

@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import copy
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -230,3 +231,19 @@ async def test_an_event_during_the_first_apply_does_not_apply_again() -> None:
         await operator.stop()
     assert reconciler.calls.count("apply children") == 1
     assert reconciler.calls.count("add finalizer") == 1
+
+
+async def test_the_operator_is_not_alive_once_its_sweeper_or_a_worker_stopped() -> None:
+    for stop in ("sweeper", "worker"):
+        operator = state()
+        operator.start()
+        try:
+            assert operator.alive
+            task = operator._sweeper if stop == "sweeper" else operator.queue._tasks[0]
+            assert task is not None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert not operator.alive
+        finally:
+            await operator.stop()

@@ -112,10 +112,17 @@ def test_a_queue_needs_a_worker() -> None:
 
 def test_retry_delays() -> None:
     error = KubernetesError("x", status=500)
-    assert [backoff(error, n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
-    assert backoff(error, 20) == 30.0
+    assert [backoff(error, n, jitter=lambda: 1.0) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert [backoff(error, n, jitter=lambda: 0.0) for n in (1, 2, 3)] == [0.25, 0.5, 1.0]
+    assert backoff(error, 20, jitter=lambda: 1.0) == 30.0
     assert retry_delay(Conflict("x", status=409), 5) == 0.2
-    assert retry_delay(error, 2) == 1.0
+    assert 0.5 <= retry_delay(error, 2) <= 1.0
+
+
+def test_retries_that_failed_together_spread_out() -> None:
+    delays = {backoff(KubernetesError("x", status=500), 4) for _ in range(20)}
+    assert len(delays) > 1
+    assert all(2.0 <= delay <= 4.0 for delay in delays)
 
 
 async def test_urgent_marks_are_served_before_status_only_ones() -> None:
