@@ -9,6 +9,9 @@ them. Nothing here talks to a cluster.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,9 @@ TOKEN_MOUNT = "/var/run/dexorder/token"
 DATA_MOUNT = "/data"
 AGENT_UID = 10001
 DEFAULT_ENDPOINT_TEMPLATE = "http://{service}.{namespace}.svc:{port}/mcp"
+# On the Deployment: the hash of every child as rendered, and of the operator's template,
+# when they were last applied (see :func:`children_hash`).
+APPLIED_HASH_ANNOTATION = "dexorder.ai/applied-hash"
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,23 @@ def service(owner: Owner, spec: UserAgentSpec, template: AgentTemplate) -> Manif
         "metadata": _metadata(naming.service_name(owner.name), owner, spec),
         "spec": service_spec,
     }
+
+
+def children_hash(
+    owner: Owner, spec: UserAgentSpec, sizing: Sizing, template: AgentTemplate
+) -> str:
+    """A digest of the children as :func:`deployment`, :func:`service` and
+    :func:`persistent_volume_claim` render them, and of the operator's template. Equal
+    digests mean that applying them again would change nothing the operator owns (the token
+    Secret is left out: it is created once, never rewritten)."""
+    rendered = [
+        deployment(owner, spec, sizing, template),
+        service(owner, spec, template),
+        persistent_volume_claim(owner, spec, sizing, template),
+        dataclasses.asdict(template),
+    ]
+    encoded = json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:32]
 
 
 def endpoint(owner: Owner, template: AgentTemplate) -> str:

@@ -64,6 +64,13 @@ async def _serve_health(app: web.Application, host: str, port: int) -> web.AppRu
     return runner
 
 
+async def _start_when_listed(state: OperatorState, watched: list[Informer]) -> None:
+    """Start the work once every watch has listed: an agent's pass then sees its children
+    (after a restart, the hash on its Deployment says whether they need applying at all)."""
+    await asyncio.gather(*(informer.synced.wait() for informer in watched))
+    state.start()
+
+
 async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
     """Run until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -87,9 +94,9 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
                 lambda: client.requests_by_kind,
             )
         )
-        state.start()
         watched = informers(state, client)
         watches = [asyncio.create_task(informer.run()) for informer in watched]
+        starting = asyncio.create_task(_start_when_listed(state, watched))
         health = web.Application()
         health[INFORMERS] = watched
         health[WATCHES] = watches
@@ -102,6 +109,9 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
         try:
             await stop.wait()
         finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
             for runner in runners:
                 await runner.cleanup()
             for task in watches:

@@ -139,8 +139,11 @@ class OperatorState:
 
     @property
     def alive(self) -> bool:
-        """The work queue's workers and the idle sweeper all run (for the liveness probe)."""
-        return self.queue.running and self._sweeper is not None and not self._sweeper.done()
+        """Nothing that was started has stopped: the work queue's workers and the idle
+        sweeper run, or they have not been started yet (the watches are listing)."""
+        if self._sweeper is None:
+            return True
+        return self.queue.running and not self._sweeper.done()
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -173,8 +176,14 @@ class OperatorState:
         # Forcing it would apply twice when an event lands while the first apply is in
         # flight (the finalizer patch's own event does, for every new agent).
         # Urgent though: a spec not applied yet goes before agents that only need a status.
+        # One whose status reports this generation was applied before (by this operator
+        # before a restart): its pass most likely finds its children as applied (the hash
+        # on its Deployment), so it waits behind everything else.
         unapplied = self.applied.get(key) != _generation(agent)
-        if unapplied or _status_behind(agent):
+        behind = _status_behind(agent)
+        if unapplied and not behind:
+            self.queue.add(key, resync=True)
+        elif unapplied or behind:
             self.queue.add(key, urgent=unapplied)
 
     # --- one pass over one agent ---------------------------------------------------------
@@ -203,6 +212,12 @@ class OperatorState:
             return
         applied = _generation(agent)
         needs_apply = apply or self.applied.get(key) != applied
+        if needs_apply and not apply and self._applied_before(key, agent, desired):
+            # Its children are as this spec and this operator's template render them: what
+            # a restart would otherwise re-apply for every agent.
+            self.applied[key] = applied
+            self.storage.setdefault(key, _storage_reported(agent))
+            needs_apply = False
         if needs_apply:
             work.append(self._apply(key, desired))
         # The finalizer patch rides along with the children's writes: no extra round trip.
@@ -215,6 +230,22 @@ class OperatorState:
         if needs_apply:
             self.applied[key] = applied
         await self._write_status(key)
+
+    def _applied_before(self, key: Key, agent: Mapping[str, Any], desired: Desired) -> bool:
+        """Whether this generation's children were applied already (before a restart): its
+        status reports it without an apply error, and the Deployment carries the hash of
+        the children as they would be rendered now."""
+        status = UserAgentStatus.parse(agent.get("status"))
+        if not status.current(agent["metadata"].get("generation")):
+            return False
+        if _ready_reason(status) in (RECONCILE_ERROR, "InvalidSpec"):
+            return False
+        deployment = self.cache.deployments.get(key)
+        if deployment is None:
+            return False
+        annotations = deployment["metadata"].get("annotations") or {}
+        recorded = annotations.get(manifests.APPLIED_HASH_ANNOTATION)
+        return recorded is not None and recorded == self.reconciler.applied_hash(desired)
 
     async def _report_apply_error(self, key: Key, error: KubernetesError) -> None:
         """The API server refused a child: say so in the status (Failed, ``ReconcileError``
@@ -394,6 +425,20 @@ def _reportable(error: KubernetesError) -> bool:
     not a conflict (retried at once) nor an unreachable API server (no status can be
     written, and it is no fault of the agent)."""
     return not isinstance(error, Conflict | Unreachable)
+
+
+def _storage_reported(agent: Mapping[str, Any]) -> StorageState:
+    """The volume's state as the written status reports it (the claim is not watched)."""
+    status = UserAgentStatus.parse(agent.get("status"))
+    condition = status.condition("StorageReady")
+    storage = status.storage
+    return StorageState(
+        ready=condition is None or condition.status == "True",
+        reason=condition.reason if condition is not None else "Bound",
+        message=condition.message if condition is not None else "",
+        requested=storage.requested if storage is not None else "",
+        capacity=storage.capacity if storage is not None else "",
+    )
 
 
 def _ready_reason(status: UserAgentStatus) -> str | None:

@@ -151,9 +151,16 @@ class Reconciler:
         # switch to Retain drops the reference, since server-side apply owns that field.
         return body
 
+    def applied_hash(self, desired: Desired) -> str:
+        return manifests.children_hash(desired.owner, desired.spec, desired.sizing, self.template)
+
     async def apply_deployment(self, desired: Desired) -> dict[str, Any]:
         owner = desired.owner
         body = manifests.deployment(owner, desired.spec, desired.sizing, self.template)
+        # Read back after a restart: children applied with this hash need no apply again.
+        body["metadata"]["annotations"] = {
+            manifests.APPLIED_HASH_ANNOTATION: self.applied_hash(desired)
+        }
         path = resource_path(
             "apps/v1", "deployments", owner.namespace, naming.deployment_name(owner.name)
         )

@@ -234,3 +234,21 @@ def test_a_service_with_other_ports_or_selector_has_drifted() -> None:
         observed = copy.deepcopy(built)
         observed["spec"][field] = value
         assert manifests.service_drifted(observed, built), (field, value)
+
+
+def test_the_children_hash_changes_with_what_would_be_applied_only() -> None:
+    spec = UserAgentSpec(userId="auth0|alice", tier="pro")
+    same = manifests.children_hash(OWNER, spec, SIZING, TEMPLATE)
+    assert same == manifests.children_hash(OWNER, spec, SIZING, TEMPLATE)
+    changed = [
+        manifests.children_hash(OWNER, spec.model_copy(update={"image": "x:2"}), SIZING, TEMPLATE),
+        manifests.children_hash(OWNER, spec, SIZING.model_copy(update={"cpu": "1"}), TEMPLATE),
+        manifests.children_hash(
+            OWNER, spec, SIZING, dataclasses.replace(TEMPLATE, default_image="dexorder/agent:2")
+        ),
+        manifests.children_hash(
+            OWNER, spec, SIZING, dataclasses.replace(TEMPLATE, endpoint_template="http://{service}")
+        ),
+    ]
+    assert same not in changed
+    assert len(set(changed)) == len(changed)

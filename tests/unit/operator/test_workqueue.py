@@ -199,3 +199,29 @@ async def test_a_retried_urgent_pass_stays_urgent() -> None:
         assert calls == ["new", "busy", "new", "status"]
     finally:
         await queue.stop()
+
+
+async def test_resync_marks_wait_behind_everything_else_until_asked_for_sooner() -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "busy":
+            await release.wait()
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1)
+    queue.start()
+    try:
+        queue.add("busy")
+        await asyncio.sleep(0.01)
+        queue.add("resumed-1", resync=True)
+        queue.add("resumed-2", resync=True)
+        queue.add("status")
+        queue.add("new", urgent=True)
+        queue.add("resumed-2")  # its status changed meanwhile: a normal pass, once
+        release.set()
+        await wait_idle(queue)
+        assert calls == ["busy", "new", "status", "resumed-2", "resumed-1"]
+    finally:
+        await queue.stop()
