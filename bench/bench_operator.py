@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_operator.py --agents 1000
     .venv/bin/python bench/bench_operator.py --agents 1000 --baseline
+    .venv/bin/python bench/bench_operator.py --agents 1000 --restart [--operator-src OLD/src]
 
 Reports create-to-children and create-to-Ready (p50, p99, under kwok), the time until all
 are Ready, the operator's peak RSS and API requests per reconcile, as a Markdown table.
@@ -13,6 +14,10 @@ floor the control plane sets on this machine; the operator run divided by it is 
 operator's own cost.
 
 Times are taken from watches (no polling), so the bench adds little load of its own.
+
+``--restart`` then restarts the operator over the Ready agents (issue 19): the requests the
+new process makes per existing agent (the goal: under 0.1) and the time until an agent
+created as it starts is Ready (the goal: under 5 s).
 """
 
 from __future__ import annotations
@@ -292,6 +297,46 @@ async def burst(
         return results
 
 
+# One LIST and one watch per kind the operator watches (UserAgents, Deployments, Services,
+# Pods): what any start costs, whatever the number of agents.
+INFORMER_REQUESTS = 4 * 2
+
+
+async def restart_cost(kubeconfig: Path, operator: OperatorProcess, agents: int) -> dict[str, str]:
+    """Restart the operator over ``agents`` Ready agents: the requests the new process
+    makes until it holds still (its own counters), and how long a new agent created as it
+    starts takes to become Ready."""
+    operator.stop()
+    stopped = time.monotonic()
+    operator.start()
+    started = time.monotonic()
+    async with KubeClient(load_kubeconfig(kubeconfig)) as kube:
+        ua_path = resource_path(API_VERSION, PLURAL, NAMESPACE)
+        await kube.create(ua_path, user_agent("restart-newcomer"))
+        created = time.monotonic()
+        while True:  # polled: the bench's own watch would start with the operator's load
+            if agent_ready(await kube.get(f"{ua_path}/restart-newcomer")):
+                break
+            await asyncio.sleep(0.1)
+        newcomer_ready = time.monotonic() - created
+    # The newcomer's own requests are in the count too (about 6); held still for 5 s.
+    previous, requests = -1.0, 0.0
+    while requests != previous:
+        previous = requests
+        await asyncio.sleep(5)
+        requests = _metric(operator.metrics(), r"^dexorder_operator_api_requests (\S+)")
+    settled = time.monotonic() - started
+    per_agent = (requests - INFORMER_REQUESTS) / agents
+    return {
+        "restart: process start (stop to metrics answering)": f"{started - stopped:.1f} s",
+        "restart: API requests until settled (incl. the newcomer's)": f"{requests:.0f}",
+        # An upper bound: the newcomer's requests are counted as the existing agents'.
+        "restart: requests per existing agent (beyond the watches), at most": f"{per_agent:.3f}",
+        "restart: a new agent created at start, Ready after": f"{newcomer_ready:.2f} s",
+        "restart: until the request count held still": f"{settled:.1f} s",
+    }
+
+
 async def apiserver_write_latency(kube: KubeClient) -> dict[str, str]:
     """Mean API server latency and count of writes by resource, from its own metrics."""
     async with kube.session.get("/metrics", headers=kube._headers()) as response:
@@ -341,6 +386,12 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this long (s)")
     parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="after the burst, restart the operator: its requests per existing agent and "
+        "the time a new agent created at its start takes to become Ready",
+    )
+    parser.add_argument(
         "--operator-src",
         help="run the operator from this src directory (another version, for a comparison)",
     )
@@ -372,6 +423,8 @@ def main() -> None:
                     post=args.post,
                 )
             )
+            if args.restart and operator is not None:
+                results.update(asyncio.run(restart_cost(plane.kubeconfig, operator, args.agents)))
         finally:
             if operator is not None:
                 operator.stop()
