@@ -1,7 +1,8 @@
-"""``dexorder-operator``: run the UserAgent operator (one replica, Recreate rollout).
+"""``dexorder-operator``: run the UserAgent operator (replicas elect a leader on a Lease).
 
-One Kubernetes client, logged in once, serves the watches and every write; the
-informers feed the handlers, the work queue reconciles, and SIGTERM stops it all.
+One Kubernetes client, logged in once, serves the watches, the Lease and every write; the
+informers feed the handlers on every replica (a warm standby), the leader's work queue
+reconciles, and SIGTERM stops it all (giving the Lease up).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 
 from aiohttp import web
@@ -22,6 +25,7 @@ from dexorder.core.tiers import TierCatalog, TierCatalogError, parse_tier_catalo
 from dexorder.operator import metrics
 from dexorder.operator.handlers import OperatorState, informers
 from dexorder.operator.informer import Informer
+from dexorder.operator.leader import LeaderElection, LeaseTiming
 from dexorder.operator.reconcile import Reconciler
 from dexorder.operator.settings import OperatorSettings
 
@@ -64,10 +68,14 @@ async def _serve_health(app: web.Application, host: str, port: int) -> web.AppRu
     return runner
 
 
-async def _start_when_listed(state: OperatorState, watched: list[Informer]) -> None:
-    """Start the work once every watch has listed: an agent's pass then sees its children
-    (after a restart, the hash on its Deployment says whether they need applying at all)."""
+async def _start_when_listed(
+    state: OperatorState, watched: list[Informer], leading: asyncio.Event
+) -> None:
+    """Start the work once every watch has listed and this replica leads: an agent's pass
+    then sees its children (after a restart or a failover, the hash on its Deployment says
+    whether they need applying at all). A standby keeps its cache warm meanwhile."""
     await asyncio.gather(*(informer.synced.wait() for informer in watched))
+    await leading.wait()
     state.start()
 
 
@@ -96,7 +104,26 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
         )
         watched = informers(state, client)
         watches = [asyncio.create_task(informer.run()) for informer in watched]
-        starting = asyncio.create_task(_start_when_listed(state, watched))
+        leading = asyncio.Event()
+        election: LeaderElection | None = None
+        electing: asyncio.Task[None] | None = None
+        if settings.leader_election:
+            election = LeaderElection(
+                client,
+                settings.leader_election_namespace,
+                f"{socket.gethostname()}-{os.getpid()}",
+                timing=LeaseTiming(
+                    lease_seconds=settings.lease_seconds,
+                    renew_deadline_seconds=settings.lease_renew_deadline_seconds,
+                    retry_seconds=settings.lease_retry_seconds,
+                ),
+            )
+            electing = asyncio.create_task(election.run(leading.set))
+            # It ends only when leadership is lost: then this process stops working at once.
+            electing.add_done_callback(lambda _: stop.set())
+        else:
+            leading.set()
+        starting = asyncio.create_task(_start_when_listed(state, watched, leading))
         health = web.Application()
         health[INFORMERS] = watched
         health[WATCHES] = watches
@@ -106,12 +133,18 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
             await _serve_health(health, settings.metrics_host, settings.health_port),
         ]
         logger.info("watching %d collections", len(watches))
+        lost: BaseException | None = None
         try:
             await stop.wait()
         finally:
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            for task in (starting, electing):
+                if task is None:
+                    continue
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                if not task.cancelled() and task.exception() is not None:
+                    lost = task.exception()
             for runner in runners:
                 await runner.cleanup()
             for task in watches:
@@ -120,6 +153,10 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await state.stop()
+            if election is not None:
+                await election.release()  # after the work stopped: never two at once
+    if lost is not None:
+        raise SystemExit(f"dexorder-operator: {lost}")
 
 
 def main() -> None:

@@ -53,6 +53,18 @@ class OperatorSettings(BaseSettings):
         "longer has is forgotten (however its deletion was missed).",
     )
 
+    leader_election: bool = Field(
+        default=True,
+        description="Work only while holding the Lease (replicas beyond one stand by, "
+        "watching); off: work at once, and never run two.",
+    )
+    leader_election_namespace: str = Field(
+        default="default", description="Where the Lease (dexorder-operator) lives."
+    )
+    lease_seconds: float = Field(default=10.0, gt=0)
+    lease_renew_deadline_seconds: float = Field(default=7.0, gt=0)
+    lease_retry_seconds: float = Field(default=2.0, gt=0)
+
     @field_validator("namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

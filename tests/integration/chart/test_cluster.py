@@ -198,7 +198,7 @@ def test_install_makes_every_deployment_available(kubectl: Kubectl, release: Rel
     ]
     for name, deployment in deployments.items():
         assert deployment["status"].get("availableReplicas") == deployment["spec"]["replicas"], name
-    assert deployments["dx-dexorder-operator"]["spec"]["replicas"] == 1
+    assert deployments["dx-dexorder-operator"]["spec"]["replicas"] == 2
 
 
 def test_the_agents_namespace_enforces_restricted(kubectl: Kubectl, release: Release) -> None:
@@ -269,6 +269,7 @@ OPERATOR_MAY = [
     ("create", "secrets", "agents"),
     *[(verb, "pods", "agents") for verb in ("get", "list", "watch")],
     ("create", "events", "agents"),
+    *[(verb, "leases.coordination.k8s.io", "agents") for verb in ("get", "create", "update")],
 ]
 OPERATOR_MAY_NOT = [
     ("get", "secrets", "agents"),
