@@ -96,8 +96,11 @@ async def test_recorded_activity_costs_the_operator_no_status_write(
 ) -> None:
     await kube.create(ua_path(namespace), user_agent("chatty", namespace, "chatty"))
     await wait_phase(kube, namespace, "chatty", "Ready")
-    await asyncio.sleep(2)  # let the Ready pass settle
-    before = status_writes(operator)
+    # Until the status holds still (the Deployment's last changes after Ready).
+    before = -1.0
+    while (writes := status_writes(operator)) != before:
+        before = writes
+        await asyncio.sleep(3)
     for _ in range(3):  # a turn's start, heartbeat and end
         now = rfc3339(dt.datetime.now(dt.UTC))
         await kube.merge_patch(
