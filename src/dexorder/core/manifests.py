@@ -329,6 +329,48 @@ def deployment_drifted(actual: Mapping[str, Any], desired: Mapping[str, Any]) ->
     )
 
 
+def _contains(actual: Any, desired: Any) -> bool:
+    """Whether ``actual`` has every field ``desired`` sets, with the same value (lists by
+    position). Fields the API server or others added are not compared."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(
+            key in actual and _contains(actual[key], value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) >= len(desired)
+            and all(_contains(have, want) for have, want in zip(actual, desired, strict=False))
+        )
+    return bool(actual == desired)
+
+
+def _without_resources(template: Mapping[str, Any]) -> Manifest:
+    """A pod template with its containers' resources left out (compared by amount instead)."""
+    spec = dict(_object(template, "spec"))
+    spec["containers"] = [
+        {key: value for key, value in container.items() if key != "resources"}
+        for container in spec.get("containers") or []
+        if isinstance(container, Mapping)
+    ]
+    return {**template, "spec": spec}
+
+
+def deployment_edited(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether a whole observed Deployment lost anything :func:`deployment` sets beyond the
+    owned fields :func:`deployment_drifted` compares: its labels, and every field of its pod
+    template (environment, volumes, probes, security context, labels) and strategy."""
+    if not _contains(
+        _object(_object(actual, "metadata"), "labels"), _object(desired["metadata"], "labels")
+    ):
+        return True
+    have, want = dict(_object(actual, "spec")), dict(desired["spec"])
+    for spec in (have, want):
+        spec.pop("replicas", None)
+        spec["template"] = _without_resources(_object(spec, "template"))
+    return not _contains(have, want)
+
+
 def service_owned_fields(body: Mapping[str, Any]) -> Manifest:
     """The fields of a Service whose drift the operator undoes: its selector, and each
     port's number and target. (Not the cluster IP: one that exists cannot change.)"""

@@ -476,7 +476,11 @@ def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
     if agent is None or agent["metadata"].get("deletionTimestamp"):
         return
     deployment = state.cache.deployments.get(key)
-    drifted = deployment is None or _drifted(deployment, agent, state)
+    drifted = (
+        deployment is None
+        or _drifted(deployment, agent, state)
+        or (type != "DELETED" and _edited(body, agent, state))
+    )
     if drifted and state.applied.get(key) == _generation(agent):
         logger.info("deployment of %s/%s drifted or was deleted; putting it back", *key)
     state.queue.add(key, apply=drifted)
@@ -539,6 +543,17 @@ def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: Ope
     template = state.reconciler.template
     wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
     return manifests.deployment_drifted(deployment, wanted)
+
+
+def _edited(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
+    """Whether a whole Deployment (an event's) lost what the agent's spec would apply."""
+    try:
+        desired = desired_state(agent, state.reconciler.catalog)
+    except InvalidUserAgent:
+        return False
+    template = state.reconciler.template
+    wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
+    return manifests.deployment_edited(deployment, wanted)
 
 
 def _service_drifted(

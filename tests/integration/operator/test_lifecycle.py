@@ -102,6 +102,40 @@ async def test_drift_is_put_back(
     await eventually(resources_back, timeout=30, what="the Deployment's resources to be put back")
 
 
+async def test_an_edited_environment_or_label_is_put_back(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("frank", namespace, "frank"))
+    await wait_phase(kube, namespace, "frank", "Ready")
+    deployment_path = resource_path("apps/v1", "deployments", namespace, "frank-agent")
+    patch = {
+        "metadata": {"labels": {"dexorder.ai/tier": "enterprise"}},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "agent", "env": [{"name": "DEXORDER_AGENT_PORT", "value": "1"}]}
+                    ]
+                }
+            }
+        },
+    }
+    await kube.request(
+        "PATCH", deployment_path, body=patch, content_type="application/strategic-merge-patch+json"
+    )
+
+    async def put_back() -> bool:
+        deployment = await kube.get(deployment_path)
+        env = {
+            e["name"]: e.get("value")
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        tier = deployment["metadata"]["labels"]["dexorder.ai/tier"]
+        return env["DEXORDER_AGENT_PORT"] == "8000" and tier == "free"
+
+    await eventually(put_back, timeout=30, what="the environment and the label to be put back")
+
+
 async def test_idle_agent_is_suspended_and_woken(
     kube: KubeClient, namespace: str, operator: OperatorProcess
 ) -> None:

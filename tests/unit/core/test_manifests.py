@@ -3,7 +3,9 @@
 import base64
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dexorder.core import manifests
 from dexorder.core.tiers import parse_tier_catalog
@@ -252,3 +254,40 @@ def test_the_children_hash_changes_with_what_would_be_applied_only() -> None:
     ]
     assert same not in changed
     assert len(set(changed)) == len(changed)
+
+
+def test_a_whole_deployment_is_edited_when_it_lost_what_the_builder_sets() -> None:
+    built = manifests.deployment(OWNER, spec(), SIZING, TEMPLATE)
+    observed = copy.deepcopy(built)
+    pod = observed["spec"]["template"]["spec"]
+    # What the API server and others add, and amounts written otherwise, are no edit.
+    pod["dnsPolicy"] = "ClusterFirst"
+    pod["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
+    pod["containers"][0]["resources"]["limits"] = {"cpu": "2", "memory": "2048Mi"}
+    pod["containers"].append({"name": "sidecar", "image": "x"})
+    observed["metadata"]["labels"]["team"] = "ops"
+    observed["spec"]["replicas"] = 0  # deployment_drifted's to judge
+    assert not manifests.deployment_edited(observed, built)
+
+    def edit(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        copied = copy.deepcopy(built)
+        change(copied)
+        return copied
+
+    container = ("spec", "template", "spec", "containers", 0)
+
+    def at(body: Any, path: tuple[str | int, ...]) -> Any:
+        for part in path:
+            body = body[part]
+        return body
+
+    for change in [
+        lambda d: at(d, container)["env"][0].update(value="someone-else"),
+        lambda d: at(d, container).pop("livenessProbe"),
+        lambda d: at(d, container)["securityContext"].update(readOnlyRootFilesystem=False),
+        lambda d: d["spec"]["template"]["spec"]["volumes"].pop(),
+        lambda d: d["spec"]["template"]["metadata"]["labels"].pop("dexorder.ai/agent"),
+        lambda d: d["metadata"]["labels"].update({"dexorder.ai/tier": "enterprise"}),
+    ]:
+        assert manifests.deployment_edited(edit(change), built)
