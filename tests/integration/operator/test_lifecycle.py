@@ -131,7 +131,7 @@ async def test_an_edited_environment_or_label_is_put_back(
             for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         }
         tier = deployment["metadata"]["labels"]["dexorder.ai/tier"]
-        return env["DEXORDER_AGENT_PORT"] == "8000" and tier == "free"
+        return bool(env["DEXORDER_AGENT_PORT"] == "8000" and tier == "free")
 
     await eventually(put_back, timeout=30, what="the environment and the label to be put back")
 
