@@ -35,6 +35,7 @@ FATAL_WAITING_REASONS = frozenset(
 
 
 RECONCILE_ERROR = "ReconcileError"
+MAX_CONDITION_MESSAGE = 32768  # metav1.Condition's, and the CRD's
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _condition(
         type=kind,
         status=status,
         reason=reason,
-        message=message,
+        message=message[:MAX_CONDITION_MESSAGE],
         observedGeneration=generation,
         lastTransitionTime=since,
     )

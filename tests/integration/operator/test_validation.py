@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from dexorder.adapters.kubernetes import KubeClient, KubernetesError
 from dexorder.devenv.fixtures_kube import Kubectl
+from tests.integration.operator.conftest import ua_path, user_agent
 
 BASE = """
 apiVersion: dexorder.ai/v1alpha1
@@ -82,3 +86,32 @@ def test_a_tier_the_catalog_does_not_know_is_accepted_by_the_api_server(
     """Tiers are the catalog's data: the operator, not the schema, says a tier is unknown
     (tests/integration/operator/test_lifecycle.py: InvalidSpec)."""
     assert apply(kubectl, namespace, "newtier", "  userId: u\n  tier: platinum") == ""
+
+
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        ({"reason": "not a reason!"}, "should match"),
+        ({"reason": None}, "reason: Required value"),
+        ({"message": None}, "message: Required value"),
+    ],
+)
+async def test_a_condition_is_a_metav1_condition(
+    kube: KubeClient, useragent_crd: object, namespace: str, condition: dict[str, Any], message: str
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("cond", namespace, "cond"))
+    ready: dict[str, Any] = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "AgentAvailable",
+        "message": "",
+        "lastTransitionTime": "2026-12-07T00:00:00Z",
+    }
+    ready.update(condition)
+    ready = {key: value for key, value in ready.items() if value is not None}
+    with pytest.raises(KubernetesError) as refused:
+        await kube.merge_patch(
+            ua_path(namespace, "cond") + "/status", {"status": {"conditions": [ready]}}
+        )
+    assert refused.value.status == 422
+    assert message in str(refused.value)
