@@ -25,7 +25,7 @@ from dexorder.core.tiers import TierCatalog, TierCatalogError, parse_tier_catalo
 from dexorder.operator import metrics
 from dexorder.operator.handlers import OperatorState, informers
 from dexorder.operator.informer import Informer
-from dexorder.operator.leader import LeaderElection, LeaseTiming
+from dexorder.operator.leader import LeaderElection, LeadershipLost, LeaseTiming
 from dexorder.operator.reconcile import Reconciler
 from dexorder.operator.settings import OperatorSettings
 
@@ -68,15 +68,31 @@ async def _serve_health(app: web.Application, host: str, port: int) -> web.AppRu
     return runner
 
 
-async def _start_when_listed(
-    state: OperatorState, watched: list[Informer], leading: asyncio.Event
+async def _work_while_leading(
+    state: OperatorState, watched: list[Informer], election: LeaderElection | None
 ) -> None:
-    """Start the work once every watch has listed and this replica leads: an agent's pass
-    then sees its children (after a restart or a failover, the hash on its Deployment says
-    whether they need applying at all). A standby keeps its cache warm meanwhile."""
+    """Work once every watch has listed and while this replica leads: an agent's pass then
+    sees its children (after a restart or a failover, the hash on its Deployment says
+    whether they need applying at all). A standby, or a leader that lost its Lease (the API
+    server unreachable too long), keeps its cache warm and stands by again."""
     await asyncio.gather(*(informer.synced.wait() for informer in watched))
-    await leading.wait()
-    state.start()
+    if election is None:
+        state.start()
+        return
+    while True:
+        leading = asyncio.Event()
+        electing = asyncio.create_task(election.run(leading.set))
+        try:
+            await leading.wait()
+            state.start()
+            await electing
+        except LeadershipLost as error:
+            logger.warning("stopped working, standing by: %s", error)
+        finally:
+            electing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeadershipLost):
+                await electing
+            await state.stop()  # before another replica may take the Lease
 
 
 async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
@@ -104,9 +120,7 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
         )
         watched = informers(state, client)
         watches = [asyncio.create_task(informer.run()) for informer in watched]
-        leading = asyncio.Event()
         election: LeaderElection | None = None
-        electing: asyncio.Task[None] | None = None
         if settings.leader_election:
             election = LeaderElection(
                 client,
@@ -118,12 +132,7 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
                     retry_seconds=settings.lease_retry_seconds,
                 ),
             )
-            electing = asyncio.create_task(election.run(leading.set))
-            # It ends only when leadership is lost: then this process stops working at once.
-            electing.add_done_callback(lambda _: stop.set())
-        else:
-            leading.set()
-        starting = asyncio.create_task(_start_when_listed(state, watched, leading))
+        working = asyncio.create_task(_work_while_leading(state, watched, election))
         health = web.Application()
         health[INFORMERS] = watched
         health[WATCHES] = watches
@@ -133,18 +142,12 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
             await _serve_health(health, settings.metrics_host, settings.health_port),
         ]
         logger.info("watching %d collections", len(watches))
-        lost: BaseException | None = None
         try:
             await stop.wait()
         finally:
-            for task in (starting, electing):
-                if task is None:
-                    continue
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                if not task.cancelled() and task.exception() is not None:
-                    lost = task.exception()
+            working.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await working
             for runner in runners:
                 await runner.cleanup()
             for task in watches:
@@ -155,8 +158,6 @@ async def run(settings: OperatorSettings, catalog: TierCatalog) -> None:
             await state.stop()
             if election is not None:
                 await election.release()  # after the work stopped: never two at once
-    if lost is not None:
-        raise SystemExit(f"dexorder-operator: {lost}")
 
 
 def main() -> None:

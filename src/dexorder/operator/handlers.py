@@ -126,6 +126,10 @@ class OperatorState:
             self.process, workers=settings.reconcile_workers, retry_delay=retry_delay
         )
         self._sweeper: asyncio.Task[None] | None = None
+        # Running agents restarting for an upgrade (a new rendering of the same spec), until
+        # they are Ready (or Failed, or suspended) again; and those waiting for a slot.
+        self.rolling: set[Key] = set()
+        self._deferred: dict[Key, asyncio.TimerHandle] = {}
         # The last Warning posted per agent: (reason, time.monotonic()).
         self._warned: dict[Key, tuple[str, float]] = {}
 
@@ -146,6 +150,12 @@ class OperatorState:
         return self.queue.running and not self._sweeper.done()
 
     async def stop(self) -> None:
+        """Stop working (shutting down, or leadership lost); pending work is kept, so a
+        :meth:`start` later (leading again) picks it up."""
+        deferred, self._deferred = self._deferred, {}
+        for key, handle in deferred.items():
+            handle.cancel()
+            self.queue.add(key, resync=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,6 +168,10 @@ class OperatorState:
         self.storage.pop(key, None)
         self.applied.pop(key, None)
         self._warned.pop(key, None)
+        self.rolling.discard(key)
+        deferred = self._deferred.pop(key, None)
+        if deferred is not None:
+            deferred.cancel()
         self.queue.forget(key)
 
     def agent_event(self, type: str, body: Mapping[str, Any]) -> None:
@@ -212,12 +226,20 @@ class OperatorState:
             return
         applied = _generation(agent)
         needs_apply = apply or self.applied.get(key) != applied
-        if needs_apply and not apply and self._applied_before(key, agent, desired):
+        recorded = self._applied_hash(key, agent) if needs_apply and not apply else None
+        if recorded is not None and recorded == self.reconciler.applied_hash(desired):
             # Its children are as this spec and this operator's template render them: what
             # a restart would otherwise re-apply for every agent.
             self.applied[key] = applied
             self.storage.setdefault(key, _storage_reported(agent))
             needs_apply = False
+        elif recorded is not None and not desired.spec.suspended and not self._rollout_slot(key):
+            # The same spec renders differently (a new image or tier size since the restart):
+            # a running agent restarts for it only while fewer than max_rollouts do. A
+            # suspended one takes it at once (nothing restarts) and runs it at its wake.
+            self._defer(key)
+            await self._together(*work)
+            return
         if needs_apply:
             work.append(self._apply(key, desired))
         # The finalizer patch rides along with the children's writes: no extra round trip.
@@ -231,21 +253,40 @@ class OperatorState:
             self.applied[key] = applied
         await self._write_status(key)
 
-    def _applied_before(self, key: Key, agent: Mapping[str, Any], desired: Desired) -> bool:
-        """Whether this generation's children were applied already (before a restart): its
-        status reports it without an apply error, and the Deployment carries the hash of
-        the children as they would be rendered now."""
+    def _applied_hash(self, key: Key, agent: Mapping[str, Any]) -> str | None:
+        """The hash of the children applied for this generation before (a restart), when
+        its status reports the generation without an apply error; else None."""
         status = UserAgentStatus.parse(agent.get("status"))
         if not status.current(agent["metadata"].get("generation")):
-            return False
+            return None
         if _ready_reason(status) in (RECONCILE_ERROR, "InvalidSpec"):
-            return False
+            return None
         deployment = self.cache.deployments.get(key)
         if deployment is None:
-            return False
+            return None
         annotations = deployment["metadata"].get("annotations") or {}
         recorded = annotations.get(manifests.APPLIED_HASH_ANNOTATION)
-        return recorded is not None and recorded == self.reconciler.applied_hash(desired)
+        return str(recorded) if recorded is not None else None
+
+    def _rollout_slot(self, key: Key) -> bool:
+        """Whether ``key`` may restart for an upgrade now (at most ``max_rollouts`` at once)."""
+        if key in self.rolling or len(self.rolling) < self.settings.max_rollouts:
+            self.rolling.add(key)
+            return True
+        return False
+
+    def _defer(self, key: Key) -> None:
+        """Come back to ``key`` when a rollout slot may have freed (behind other work)."""
+        if key in self._deferred:
+            return
+
+        def due() -> None:
+            self._deferred.pop(key, None)
+            self.queue.add(key, resync=True)
+
+        self._deferred[key] = asyncio.get_running_loop().call_later(
+            self.settings.rollout_retry_seconds, due
+        )
 
     async def _report_apply_error(self, key: Key, error: KubernetesError) -> None:
         """The API server refused a child: say so in the status (Failed, ``ReconcileError``
@@ -335,6 +376,8 @@ class OperatorState:
             spec_error,
             reconcile_error,
         )
+        if status.phase in (Phase.READY, Phase.FAILED, Phase.SUSPENDED):
+            self.rolling.discard(key)  # its rollout, if any, is over
         previous = UserAgentStatus.parse(agent.get("status"))
         try:
             updated = await self.reconciler.write_status(agent, status)
@@ -481,7 +524,12 @@ def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
         or _drifted(deployment, agent, state)
         or (type != "DELETED" and _edited(body, agent, state))
     )
-    if drifted and state.applied.get(key) == _generation(agent):
+    if drifted and state.applied.get(key) != _generation(agent):
+        # Not applied by this process yet (a restart): an edit if the Deployment was
+        # applied with what this operator renders now; else an upgrade, which its pending
+        # pass rolls out at its pace (or, a spec not applied at all, simply applies).
+        drifted = deployment is not None and _applied_as_rendered(deployment, agent, state)
+    elif drifted:
         logger.info("deployment of %s/%s drifted or was deleted; putting it back", *key)
     state.queue.add(key, apply=drifted)
 
@@ -543,6 +591,20 @@ def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: Ope
     template = state.reconciler.template
     wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
     return manifests.deployment_drifted(deployment, wanted)
+
+
+def _applied_as_rendered(
+    deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState
+) -> bool:
+    """Whether the Deployment's applied hash is that of the agent's children as this
+    operator renders them now (so any difference is someone's edit, not an upgrade)."""
+    try:
+        desired = desired_state(agent, state.reconciler.catalog)
+    except InvalidUserAgent:
+        return False
+    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+    recorded = annotations.get(manifests.APPLIED_HASH_ANNOTATION)
+    return recorded is not None and recorded == state.reconciler.applied_hash(desired)
 
 
 def _edited(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:

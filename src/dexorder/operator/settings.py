@@ -53,6 +53,14 @@ class OperatorSettings(BaseSettings):
         "longer has is forgotten (however its deletion was missed).",
     )
 
+    max_rollouts: int = Field(
+        default=10,
+        ge=1,
+        description="Running agents restarted at once for an upgrade (a new default image "
+        "or tier size renders the same spec differently); the rest wait their turn, and "
+        "suspended agents take it at once, to run it at their next wake.",
+    )
+    rollout_retry_seconds: float = Field(default=2.0, gt=0)
     leader_election: bool = Field(
         default=True,
         description="Work only while holding the Lease (replicas beyond one stand by, "

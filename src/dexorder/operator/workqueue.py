@@ -71,7 +71,8 @@ class WorkQueue(Generic[K]):
         self._waiting = asyncio.Semaphore(0)
         self._active: set[K] = set()
         self._failures: dict[K, int] = {}
-        self._retries: dict[K, asyncio.TimerHandle] = {}
+        # Per key: the scheduled retry, and what it will ask for (apply, urgent).
+        self._retries: dict[K, tuple[asyncio.TimerHandle, bool, bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def add(
@@ -113,7 +114,7 @@ class WorkQueue(Generic[K]):
         self._failures.pop(key, None)
         retry = self._retries.pop(key, None)
         if retry is not None:
-            retry.cancel()
+            retry[0].cancel()
 
     @property
     def idle(self) -> bool:
@@ -128,15 +129,18 @@ class WorkQueue(Generic[K]):
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
 
     async def stop(self) -> None:
-        for retry in self._retries.values():
-            retry.cancel()
-        self._retries.clear()
+        """Stop the workers. Nothing is lost: a pass cut short and a retry not yet due are
+        marked again, so a :meth:`start` later (this replica leads again) does them."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        retries, self._retries = self._retries, {}
+        for key, (handle, apply, urgent) in retries.items():
+            handle.cancel()
+            self.add(key, apply=apply, urgent=urgent)
 
     async def _work(self) -> None:
         while True:
@@ -154,6 +158,8 @@ class WorkQueue(Generic[K]):
             try:
                 await self._process(key, apply)
             except asyncio.CancelledError:
+                self._active.discard(key)
+                self.add(key, apply=apply, urgent=lane == Lane.URGENT)  # cut short: again
                 raise
             except Exception as error:
                 self._schedule_retry(key, apply, lane, error)
@@ -171,11 +177,13 @@ class WorkQueue(Generic[K]):
         logger.warning("%s failed (attempt %d), retrying in %.1fs: %s", key, attempt, delay, error)
         previous = self._retries.pop(key, None)
         if previous is not None:
-            previous.cancel()
+            previous[0].cancel()
+        # A retried first apply stays first; a failed resync is retried as status work.
+        urgent = lane == Lane.URGENT
 
         def retry() -> None:
             self._retries.pop(key, None)
-            # A retried first apply stays first; a failed resync is retried as status work.
-            self.add(key, apply=apply, urgent=lane == Lane.URGENT)
+            self.add(key, apply=apply, urgent=urgent)
 
-        self._retries[key] = asyncio.get_running_loop().call_later(delay, retry)
+        handle = asyncio.get_running_loop().call_later(delay, retry)
+        self._retries[key] = (handle, apply, urgent)

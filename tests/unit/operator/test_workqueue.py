@@ -225,3 +225,30 @@ async def test_resync_marks_wait_behind_everything_else_until_asked_for_sooner()
         assert calls == ["busy", "new", "status", "resumed-2", "resumed-1"]
     finally:
         await queue.stop()
+
+
+async def test_work_cut_short_by_a_stop_is_done_after_a_start() -> None:
+    """Leadership lost and won again: the pass that was running and the retry that was
+    not due yet are both done by the next workers."""
+    calls: list[str] = []
+    hold = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "running" and calls.count("running") == 1:
+            await hold.wait()
+        if key == "failing" and calls.count("failing") == 1:
+            raise KubernetesError("refused", status=500)
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=2, retry_delay=lambda e, n: 60.0)
+    queue.start()
+    queue.add("running")
+    queue.add("failing")
+    await asyncio.sleep(0.02)  # "running" holds a worker; "failing" waits 60 s to retry
+    await queue.stop()
+    queue.start()
+    try:
+        await wait_idle(queue)
+        assert sorted(calls) == ["failing", "failing", "running", "running"]
+    finally:
+        await queue.stop()
