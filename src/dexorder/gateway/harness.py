@@ -63,31 +63,6 @@ _CONTEXT_FROM = {
 }
 
 
-MODEL_TOOLS: frozenset[str] = frozenset(
-    {
-        "remember",
-        "recall",
-        "forget",
-        "get_preferences",
-        "set_preference",
-        "get_history",
-        "save_dataset",
-        "list_datasets",
-        "indicators",
-        "save_strategy",
-        "list_strategies",
-        "backtest",
-    }
-)
-"""The agent's tools the model may see and call: an allow-list, so a tool the agent adds
-later stays the gateway's until it is listed here. Left off on purpose: ``append_turns``
-(the gateway records each turn; a model writing turns could fake the user's words into the
-history) and ``approve_strategy`` (only the user's answer to a review approves). The
-gateway's own tools (``review_strategy``) are offered beside these. A prompt injection in a
-tool result or a document can make the model ask for any name: a name not offered here is
-refused by the harness, not sent to the agent."""
-
-
 #: Each session's tools as the model is offered them, encoded once for the session's life
 #: (its tool list is fetched once too); forgotten with the session.
 _ENCODED_TOOLS: weakref.WeakKeyDictionary[AgentSession, tuple[list[ToolSpec], EncodedTools]] = (
@@ -96,13 +71,11 @@ _ENCODED_TOOLS: weakref.WeakKeyDictionary[AgentSession, tuple[list[ToolSpec], En
 
 
 async def openai_tools(agent: AgentSession) -> EncodedTools:
-    """The agent's tools the model may use (``MODEL_TOOLS``), in OpenAI's form (the MCP
-    adapter knows nothing of models)."""
+    """The agent's tools in OpenAI's form (the MCP adapter knows nothing of models)."""
     tools = await agent.list_tools()
     encoded = _ENCODED_TOOLS.get(agent)
     if encoded is None or encoded[0] is not tools:
-        offered = (tool.as_openai_tool() for tool in tools if tool.name in MODEL_TOOLS)
-        encoded = (tools, EncodedTools(offered))
+        encoded = (tools, EncodedTools(tool.as_openai_tool() for tool in tools))
         _ENCODED_TOOLS[agent] = encoded
     return encoded[1]
 
@@ -398,11 +371,8 @@ class Harness:
                 outcome = await self.gateway_tools.call(
                     arguments, user_id=self.user_id, agent=self.agent, emit=self._notify
                 )
-            elif call.name in MODEL_TOOLS:
-                outcome = await self.agent.call_tool(call.name, arguments)
             else:
-                logger.warning("refused the model's call of a tool not offered: %r", call.name)
-                outcome = ToolOutcome(f"there is no tool named {call.name!r}", is_error=True)
+                outcome = await self.agent.call_tool(call.name, arguments)
         except AgentUnavailable as error:
             return ToolFinished(call.id, str(error), is_error=True), f"error: {error}"
         return ToolFinished(call.id, outcome.content, outcome.is_error), outcome.content

@@ -299,11 +299,6 @@ async def test_a_turn_longer_than_the_idle_timeout_keeps_its_agent(
         assert (await client.next())["type"] == "ready"
         await statuses_until_settled(client)
         assert await chat_once(client, llm, "Ready.") == "Ready."
-        # Within the gateway's endpoint cache (30 s): it does not patch the timeout back.
-        await kube_chat.kube.merge_patch(
-            kube_chat.agent_path,
-            {"spec": {"overrides": {"idleTimeoutSeconds": IDLE_TIMEOUT_SECONDS}}},
-        )
         suspended_during_turn: list[dict[str, Any]] = []
 
         async def watch_for_suspension() -> None:
@@ -313,13 +308,22 @@ async def test_a_turn_longer_than_the_idle_timeout_keeps_its_agent(
                     suspended_during_turn.append(body)
                 await asyncio.sleep(0.2)
 
-        # About 12 s of reply at 2 words a second: three idle timeouts.
-        words = " ".join(f"w{i}" for i in range(24))
+        # About 15 s of reply at 2 words a second: several idle timeouts.
+        words = " ".join(f"w{i}" for i in range(30))
         llm.queue(TextScript(text=words, tokens_per_second=2))
+        await client.send({"type": "message", "content": "a long answer, please"})
+        frames = [await client.next(timeout=60)]
+        while frames[-1]["type"] != "delta":
+            frames.append(await client.next(timeout=60))
+        # The reply streams: only now does the agent get a timeout shorter than the reply
+        # (within the gateway's endpoint cache, 30 s: it does not patch it back).
+        await kube_chat.kube.merge_patch(
+            kube_chat.agent_path,
+            {"spec": {"overrides": {"idleTimeoutSeconds": IDLE_TIMEOUT_SECONDS}}},
+        )
         watcher = asyncio.create_task(watch_for_suspension())
         try:
-            await client.send({"type": "message", "content": "a long answer, please"})
-            frames = await client.until("done", timeout=90)
+            frames += await client.until("done", timeout=90)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

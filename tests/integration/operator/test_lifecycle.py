@@ -163,7 +163,9 @@ async def test_idle_agent_is_suspended_and_woken(
         ua_path(namespace, "dave"),
         {
             "metadata": {"annotations": {"dexorder.ai/last-activity": now}},
-            "spec": {"suspended": False},
+            # Woken for longer than a loaded machine may take to start it (3 s would
+            # suspend it again before it is Ready).
+            "spec": {"suspended": False, "overrides": {"idleTimeoutSeconds": 600}},
         },
     )
     await wait_phase(kube, namespace, "dave", "Ready", timeout=60)
