@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_operator.py --agents 1000
     .venv/bin/python bench/bench_operator.py --agents 1000 --baseline
     .venv/bin/python bench/bench_operator.py --agents 1000 --restart [--operator-src OLD/src]
+    .venv/bin/python bench/bench_operator.py --agents 1000 --failover
 
 Reports create-to-children and create-to-Ready (p50, p99, under kwok), the time until all
 are Ready, the operator's peak RSS and API requests per reconcile, as a Markdown table.
@@ -346,6 +347,40 @@ async def restart_cost(kubeconfig: Path, operator: OperatorProcess, agents: int)
     }
 
 
+async def failover(kubeconfig: Path, leader: OperatorProcess, log_dir: Path) -> dict[str, str]:
+    """Start a standby beside ``leader``, kill the leader (SIGKILL: no Lease given up) and
+    time until the standby holds the Lease, and until an agent created at the kill is Ready."""
+    lease_path = resource_path("coordination.k8s.io/v1", "leases", "default", "dexorder-operator")
+    standby = OperatorProcess(kubeconfig, log_dir, dict(leader.env_overrides))
+    standby.start()
+    try:
+        async with KubeClient(load_kubeconfig(kubeconfig)) as kube:
+
+            async def holder() -> str:
+                lease = await kube.get_or_none(lease_path)
+                return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+
+            before = await holder()
+            leader.kill()
+            killed = time.monotonic()
+            ua_path = resource_path(API_VERSION, PLURAL, NAMESPACE)
+            await kube.create(ua_path, user_agent("failover-newcomer"))
+            taken = 0.0
+            while True:  # polled every 0.1 s: the Lease changes a handful of times
+                if not taken and (await holder()) not in ("", before):
+                    taken = time.monotonic() - killed
+                if taken and agent_ready(await kube.get(f"{ua_path}/failover-newcomer")):
+                    break
+                await asyncio.sleep(0.1)
+            ready = time.monotonic() - killed
+    finally:
+        standby.stop()
+    return {
+        "failover: SIGKILL of the leader to the standby holding the Lease": f"{taken:.1f} s",
+        "failover: an agent created at the kill, Ready after": f"{ready:.1f} s",
+    }
+
+
 async def apiserver_write_latency(kube: KubeClient) -> dict[str, str]:
     """Mean API server latency and count of writes by resource, from its own metrics."""
     async with kube.session.get("/metrics", headers=kube._headers()) as response:
@@ -395,6 +430,12 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this long (s)")
     parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="after the burst (and --restart), start a standby, SIGKILL the leader, and time "
+        "the standby's takeover and a new agent's Ready",
+    )
+    parser.add_argument(
         "--restart",
         action="store_true",
         help="after the burst, restart the operator: its requests per existing agent and "
@@ -434,6 +475,9 @@ def main() -> None:
             )
             if args.restart and operator is not None:
                 results.update(asyncio.run(restart_cost(plane.kubeconfig, operator, args.agents)))
+            if args.failover and operator is not None:
+                standby_logs = Path(tempfile.mkdtemp(prefix="bench-standby-"))
+                results.update(asyncio.run(failover(plane.kubeconfig, operator, standby_logs)))
         finally:
             if operator is not None:
                 operator.stop()
