@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_operator.py --agents 1000
     .venv/bin/python bench/bench_operator.py --agents 1000 --baseline
+    .venv/bin/python bench/bench_operator.py --agents 1000 --restart [--operator-src OLD/src]
+    .venv/bin/python bench/bench_operator.py --agents 1000 --failover
 
 Reports create-to-children and create-to-Ready (p50, p99, under kwok), the time until all
 are Ready, the operator's peak RSS and API requests per reconcile, as a Markdown table.
@@ -13,6 +15,10 @@ floor the control plane sets on this machine; the operator run divided by it is 
 operator's own cost.
 
 Times are taken from watches (no polling), so the bench adds little load of its own.
+
+``--restart`` then restarts the operator over the Ready agents (issue 19): the requests the
+new process makes per existing agent (the goal: under 0.1) and the time until an agent
+created as it starts is Ready (the goal: under 5 s).
 """
 
 from __future__ import annotations
@@ -292,6 +298,89 @@ async def burst(
         return results
 
 
+# One LIST and one watch per kind the operator watches (UserAgents, Deployments, Services,
+# Pods): what any start costs, whatever the number of agents.
+INFORMER_REQUESTS = 4 * 2
+
+
+async def restart_cost(kubeconfig: Path, operator: OperatorProcess, agents: int) -> dict[str, str]:
+    """Restart the operator over ``agents`` Ready agents: the requests the new process
+    makes until it holds still (its own counters), and how long a new agent created as it
+    starts takes to become Ready."""
+    operator.stop()
+    stopped = time.monotonic()
+    operator.start()
+    started = time.monotonic()
+    async with KubeClient(load_kubeconfig(kubeconfig)) as kube:
+        ua_path = resource_path(API_VERSION, PLURAL, NAMESPACE)
+        await kube.create(ua_path, user_agent("restart-newcomer"))
+        created = time.monotonic()
+        while True:  # polled: the bench's own watch would start with the operator's load
+            if agent_ready(await kube.get(f"{ua_path}/restart-newcomer")):
+                break
+            await asyncio.sleep(0.1)
+        newcomer_ready = time.monotonic() - created
+    # The newcomer's own requests are in the count too (about 6); held still for 5 s. The
+    # Lease's renewals (every few seconds, whatever the number of agents) are left out.
+    previous, requests = -1.0, 0.0
+    while requests != previous:
+        previous = requests
+        await asyncio.sleep(5)
+        requests = sum(
+            float(value)
+            for kind, value in re.findall(
+                r'^dexorder_operator_api_requests_by_kind\{kind="([^"]+)"\} (\S+)',
+                operator.metrics(),
+                re.M,
+            )
+            if not kind.endswith(" leases")
+        )
+    settled = time.monotonic() - started
+    per_agent = (requests - INFORMER_REQUESTS) / agents
+    return {
+        "restart: process start (stop to metrics answering)": f"{started - stopped:.1f} s",
+        "restart: API requests until settled (incl. the newcomer's)": f"{requests:.0f}",
+        # An upper bound: the newcomer's requests are counted as the existing agents'.
+        "restart: requests per existing agent (beyond the watches), at most": f"{per_agent:.3f}",
+        "restart: a new agent created at start, Ready after": f"{newcomer_ready:.2f} s",
+        "restart: until the request count held still": f"{settled:.1f} s",
+    }
+
+
+async def failover(kubeconfig: Path, leader: OperatorProcess, log_dir: Path) -> dict[str, str]:
+    """Start a standby beside ``leader``, kill the leader (SIGKILL: no Lease given up) and
+    time until the standby holds the Lease, and until an agent created at the kill is Ready."""
+    lease_path = resource_path("coordination.k8s.io/v1", "leases", "default", "dexorder-operator")
+    standby = OperatorProcess(kubeconfig, log_dir, dict(leader.env_overrides))
+    standby.start()
+    try:
+        async with KubeClient(load_kubeconfig(kubeconfig)) as kube:
+
+            async def holder() -> str:
+                lease = await kube.get_or_none(lease_path)
+                return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+
+            before = await holder()
+            leader.kill()
+            killed = time.monotonic()
+            ua_path = resource_path(API_VERSION, PLURAL, NAMESPACE)
+            await kube.create(ua_path, user_agent("failover-newcomer"))
+            taken = 0.0
+            while True:  # polled every 0.1 s: the Lease changes a handful of times
+                if not taken and (await holder()) not in ("", before):
+                    taken = time.monotonic() - killed
+                if taken and agent_ready(await kube.get(f"{ua_path}/failover-newcomer")):
+                    break
+                await asyncio.sleep(0.1)
+            ready = time.monotonic() - killed
+    finally:
+        standby.stop()
+    return {
+        "failover: SIGKILL of the leader to the standby holding the Lease": f"{taken:.1f} s",
+        "failover: an agent created at the kill, Ready after": f"{ready:.1f} s",
+    }
+
+
 async def apiserver_write_latency(kube: KubeClient) -> dict[str, str]:
     """Mean API server latency and count of writes by resource, from its own metrics."""
     async with kube.session.get("/metrics", headers=kube._headers()) as response:
@@ -341,6 +430,18 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600, help="give up after this long (s)")
     parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="after the burst (and --restart), start a standby, SIGKILL the leader, and time "
+        "the standby's takeover and a new agent's Ready",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="after the burst, restart the operator: its requests per existing agent and "
+        "the time a new agent created at its start takes to become Ready",
+    )
+    parser.add_argument(
         "--operator-src",
         help="run the operator from this src directory (another version, for a comparison)",
     )
@@ -372,6 +473,11 @@ def main() -> None:
                     post=args.post,
                 )
             )
+            if args.restart and operator is not None:
+                results.update(asyncio.run(restart_cost(plane.kubeconfig, operator, args.agents)))
+            if args.failover and operator is not None:
+                standby_logs = Path(tempfile.mkdtemp(prefix="bench-standby-"))
+                results.update(asyncio.run(failover(plane.kubeconfig, operator, standby_logs)))
         finally:
             if operator is not None:
                 operator.stop()

@@ -1,7 +1,8 @@
 """Idle detection: when an agent has gone unused longer than its timeout.
 
-The gateway records activity in an annotation; the operator's interval timer asks
-these functions. (kopf's own ``idle=`` timers restart on any patch, the operator's
+The gateway records activity in an annotation (when a turn starts, while it runs, and
+when it ends); the operator's interval timer asks these functions, and suspends only if
+the annotation is still the value it judged (a JSON patch ``test``). (kopf's own ``idle=`` timers restart on any patch, the operator's
 status writes included, so they cannot measure user inactivity.)
 """
 

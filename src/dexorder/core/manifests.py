@@ -9,6 +9,9 @@ them. Nothing here talks to a cluster.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,9 @@ TOKEN_MOUNT = "/var/run/dexorder/token"
 DATA_MOUNT = "/data"
 AGENT_UID = 10001
 DEFAULT_ENDPOINT_TEMPLATE = "http://{service}.{namespace}.svc:{port}/mcp"
+# On the Deployment: the hash of every child as rendered, and of the operator's template,
+# when they were last applied (see :func:`children_hash`).
+APPLIED_HASH_ANNOTATION = "dexorder.ai/applied-hash"
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,23 @@ def service(owner: Owner, spec: UserAgentSpec, template: AgentTemplate) -> Manif
     }
 
 
+def children_hash(
+    owner: Owner, spec: UserAgentSpec, sizing: Sizing, template: AgentTemplate
+) -> str:
+    """A digest of the children as :func:`deployment`, :func:`service` and
+    :func:`persistent_volume_claim` render them, and of the operator's template. Equal
+    digests mean that applying them again would change nothing the operator owns (the token
+    Secret is left out: it is created once, never rewritten)."""
+    rendered = [
+        deployment(owner, spec, sizing, template),
+        service(owner, spec, template),
+        persistent_volume_claim(owner, spec, sizing, template),
+        dataclasses.asdict(template),
+    ]
+    encoded = json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:32]
+
+
 def endpoint(owner: Owner, template: AgentTemplate) -> str:
     return template.endpoint_template.format(
         service=naming.service_name(owner.name), namespace=owner.namespace, port=template.port
@@ -304,6 +327,48 @@ def deployment_drifted(actual: Mapping[str, Any], desired: Mapping[str, Any]) ->
         _amounts(container["resources"].get(kind)) != _amounts(wanted["resources"][kind])
         for kind in ("limits", "requests")
     )
+
+
+def _contains(actual: Any, desired: Any) -> bool:
+    """Whether ``actual`` has every field ``desired`` sets, with the same value (lists by
+    position). Fields the API server or others added are not compared."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(
+            key in actual and _contains(actual[key], value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) >= len(desired)
+            and all(_contains(have, want) for have, want in zip(actual, desired, strict=False))
+        )
+    return bool(actual == desired)
+
+
+def _without_resources(template: Mapping[str, Any]) -> Manifest:
+    """A pod template with its containers' resources left out (compared by amount instead)."""
+    spec = dict(_object(template, "spec"))
+    spec["containers"] = [
+        {key: value for key, value in container.items() if key != "resources"}
+        for container in spec.get("containers") or []
+        if isinstance(container, Mapping)
+    ]
+    return {**template, "spec": spec}
+
+
+def deployment_edited(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether a whole observed Deployment lost anything :func:`deployment` sets beyond the
+    owned fields :func:`deployment_drifted` compares: its labels, and every field of its pod
+    template (environment, volumes, probes, security context, labels) and strategy."""
+    if not _contains(
+        _object(_object(actual, "metadata"), "labels"), _object(desired["metadata"], "labels")
+    ):
+        return True
+    have, want = dict(_object(actual, "spec")), dict(desired["spec"])
+    for spec in (have, want):
+        spec.pop("replicas", None)
+        spec["template"] = _without_resources(_object(spec, "template"))
+    return not _contains(have, want)
 
 
 def service_owned_fields(body: Mapping[str, Any]) -> Manifest:

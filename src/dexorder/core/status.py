@@ -34,6 +34,10 @@ FATAL_WAITING_REASONS = frozenset(
 )
 
 
+RECONCILE_ERROR = "ReconcileError"
+MAX_CONDITION_MESSAGE = 32768  # metav1.Condition's, and the CRD's
+
+
 @dataclass(frozen=True)
 class StorageState:
     """What the operator learnt applying the volume: ready, or why not."""
@@ -123,7 +127,7 @@ def _condition(
         type=kind,
         status=status,
         reason=reason,
-        message=message,
+        message=message[:MAX_CONDITION_MESSAGE],
         observedGeneration=generation,
         lastTransitionTime=since,
     )
@@ -141,10 +145,17 @@ def derive_status(
     previous_conditions: Iterable[Condition],
     now: dt.datetime,
     spec_error: str | None = None,
-    last_activity: dt.datetime | None = None,
+    reconcile_error: str | None = None,
 ) -> UserAgentStatus:
+    """``spec_error``: the catalog refused the spec (``InvalidSpec``); ``reconcile_error``:
+    the API server refused a child (``ReconcileError``, with its message: a quota, a policy,
+    an invalid object). Either is Failed, so the gateway reports it instead of waiting."""
     previous = {c.type: c for c in previous_conditions}
-    failure: Failure | None = Failure("InvalidSpec", spec_error) if spec_error else None
+    failure: Failure | None = None
+    if spec_error:
+        failure = Failure("InvalidSpec", spec_error)
+    elif reconcile_error:
+        failure = Failure(RECONCILE_ERROR, reconcile_error)
     available = False
     if deployment is not None and failure is None:
         available = is_available(deployment)
@@ -216,5 +227,4 @@ def derive_status(
         )
         if storage.requested
         else None,
-        lastActivity=rfc3339(last_activity) if last_activity is not None else None,
     )

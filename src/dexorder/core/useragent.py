@@ -119,7 +119,6 @@ class UserAgentStatus(_Model):
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
     conditions: tuple[Condition, ...] = ()
     storage: StorageStatus | None = None
-    last_activity: str | None = Field(default=None, alias="lastActivity")
 
     def to_body(self) -> dict[str, Any]:
         """The ``status`` to write: CRD field names, unset optional fields left out."""

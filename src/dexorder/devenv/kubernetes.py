@@ -415,9 +415,24 @@ class ControlPlane(Service):
         """Stop kube-apiserver and start it again on the same port, certificates and etcd,
         returning once it serves: what clients see when the API server is upgraded or
         crashes. Everything else (etcd, controllers, kwok, clients) keeps running."""
-        if self._pki is None:
-            raise ServiceFailed("the control plane is not running")
+        self.stop_apiserver()
+        self.start_apiserver()
+
+    @property
+    def etcd_url(self) -> str:
+        """etcd's client URL (its JSON gateway answers on /v3/...), for tests that change
+        what the API server cannot, such as a deletion while it is stopped, or compaction."""
+        return f"http://{self._address}:{self.etcd_port}"
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver only (an outage); :meth:`start_apiserver` brings it back."""
         apiserver = self.process("kube-apiserver")
         apiserver.stop()
         self._processes.remove(apiserver)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again after :meth:`stop_apiserver`, on the same port,
+        certificates and etcd, returning once it serves."""
+        if self._pki is None:
+            raise ServiceFailed("the control plane is not running")
         self._start_apiserver(self._pki, port=self.api_port)

@@ -10,9 +10,11 @@ gone is dropped for every holder, and the provisioner finds or starts it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from dexorder.gateway import metrics
@@ -148,6 +150,12 @@ class AgentHandle:
         """Tell the idle timer the user is active (for an agent the provisioner runs)."""
         if not self.own_server:
             await self._access.provisioner.record_activity(self._license.user_id)
+
+    def busy(self) -> AbstractAsyncContextManager[None]:
+        """Hold the agent awake while a turn runs (see ``Provisioner.busy``)."""
+        if self.own_server:
+            return contextlib.nullcontext()
+        return self._access.provisioner.busy(self._license.user_id)
 
     async def drop(self) -> None:
         """The agent is gone: drop the shared session (every holder's hook is told None,

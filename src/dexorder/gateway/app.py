@@ -141,6 +141,7 @@ async def _open_provisioner(
             settings.agents_namespace,
             timeout=settings.provision_timeout_seconds,
             max_agents=settings.max_agents,
+            activity_interval=settings.agent_activity_seconds,
         )
     else:
         provisioner = LocalProvisioner(settings.local_agents_dir)

@@ -385,7 +385,8 @@ class Conversation:
                 name=f"turn:{self.session_id}",
             )
             try:
-                finished = await self._turn
+                async with self.agent.busy():  # no idle suspend under a running turn
+                    finished = await self._turn
             except asyncio.CancelledError:
                 await self._end_turn(turn, TurnOutcome.CANCELLED, tally)
                 if self._worker is not None and self._worker.cancelling():

@@ -191,6 +191,9 @@ class GatewaySettings(BaseSettings):
     # The Kubernetes provisioner creates no new UserAgent once the namespace holds this many
     # (None: no cap); the user is told so (an `agents_at_capacity` error frame).
     max_agents: Annotated[int | None, EmptyIsNone] = Field(None, ge=1)
+    # How often a running turn re-records its agent's activity (and the least time between
+    # two activity writes for one user): well under the shortest idle timeout.
+    agent_activity_seconds: float = Field(60.0, gt=0)
     # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)

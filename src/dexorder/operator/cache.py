@@ -62,14 +62,19 @@ def slim_agent(body: Mapping[str, Any]) -> Json:
 
 
 def slim_deployment(body: Mapping[str, Any]) -> Json:
-    """The Deployment fields that availability, failure and drift checks read."""
+    """The Deployment fields that availability, failure and drift checks read, and the hash
+    of the children last applied."""
     metadata = body.get("metadata") or {}
+    kept: Json = {
+        key: metadata[key]
+        for key in ("name", "namespace", "generation", "resourceVersion")
+        if key in metadata
+    }
+    applied = (metadata.get("annotations") or {}).get(manifests.APPLIED_HASH_ANNOTATION)
+    if applied is not None:
+        kept["annotations"] = {manifests.APPLIED_HASH_ANNOTATION: applied}
     return {
-        "metadata": {
-            key: metadata[key]
-            for key in ("name", "namespace", "generation", "resourceVersion")
-            if key in metadata
-        },
+        "metadata": kept,
         "spec": manifests.deployment_owned_fields(body),
         "status": dict(body.get("status") or {}),
     }

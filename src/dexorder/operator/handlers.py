@@ -36,11 +36,13 @@ from dexorder.adapters.kubernetes import (
     Invalid,
     KubeClient,
     KubernetesError,
+    NotFound,
+    Unreachable,
     resource_path,
 )
 from dexorder.core import manifests
-from dexorder.core.idle import idle_deadline_passed, last_activity
-from dexorder.core.status import StorageState, rfc3339
+from dexorder.core.idle import idle_deadline_passed
+from dexorder.core.status import RECONCILE_ERROR, StorageState
 from dexorder.core.useragent import (
     AGENT_LABEL,
     API_VERSION,
@@ -66,6 +68,8 @@ from dexorder.operator.workqueue import WorkQueue, backoff
 logger = logging.getLogger(__name__)
 
 CHILDREN = {MANAGED_BY_LABEL: MANAGED_BY}
+# The least time between two Warning Events for the same failure of one agent.
+WARNING_INTERVAL = 600.0
 # Phases worth a Normal Event of their own. Failures always get a Warning; Ready is left
 # out on purpose: the status says it, and in a burst a thousand Events are a thousand
 # writes on the API server that the agents are waiting on.
@@ -122,6 +126,12 @@ class OperatorState:
             self.process, workers=settings.reconcile_workers, retry_delay=retry_delay
         )
         self._sweeper: asyncio.Task[None] | None = None
+        # Running agents restarting for an upgrade (a new rendering of the same spec), until
+        # they are Ready (or Failed, or suspended) again; and those waiting for a slot.
+        self.rolling: set[Key] = set()
+        self._deferred: dict[Key, asyncio.TimerHandle] = {}
+        # The last Warning posted per agent: (reason, time.monotonic()).
+        self._warned: dict[Key, tuple[str, float]] = {}
 
     @property
     def agents(self) -> dict[Key, Json]:
@@ -131,7 +141,21 @@ class OperatorState:
         self.queue.start()
         self._sweeper = asyncio.create_task(self._sweep_idle())
 
+    @property
+    def alive(self) -> bool:
+        """Nothing that was started has stopped: the work queue's workers and the idle
+        sweeper run, or they have not been started yet (the watches are listing)."""
+        if self._sweeper is None:
+            return True
+        return self.queue.running and not self._sweeper.done()
+
     async def stop(self) -> None:
+        """Stop working (shutting down, or leadership lost); pending work is kept, so a
+        :meth:`start` later (leading again) picks it up."""
+        deferred, self._deferred = self._deferred, {}
+        for key, handle in deferred.items():
+            handle.cancel()
+            self.queue.add(key, resync=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,6 +167,11 @@ class OperatorState:
         self.cache.forget_agent(key)
         self.storage.pop(key, None)
         self.applied.pop(key, None)
+        self._warned.pop(key, None)
+        self.rolling.discard(key)
+        deferred = self._deferred.pop(key, None)
+        if deferred is not None:
+            deferred.cancel()
         self.queue.forget(key)
 
     def agent_event(self, type: str, body: Mapping[str, Any]) -> None:
@@ -161,14 +190,26 @@ class OperatorState:
         # Forcing it would apply twice when an event lands while the first apply is in
         # flight (the finalizer patch's own event does, for every new agent).
         # Urgent though: a spec not applied yet goes before agents that only need a status.
+        # One whose status reports this generation was applied before (by this operator
+        # before a restart): its pass most likely finds its children as applied (the hash
+        # on its Deployment), so it waits behind everything else.
         unapplied = self.applied.get(key) != _generation(agent)
-        if unapplied or _status_behind(agent):
+        behind = _status_behind(agent)
+        if unapplied and not behind:
+            self.queue.add(key, resync=True)
+        elif unapplied or behind:
             self.queue.add(key, urgent=unapplied)
 
     # --- one pass over one agent ---------------------------------------------------------
 
     async def process(self, key: Key, apply: bool) -> None:
         agent = self.cache.agents.get(key)
+        if agent is not None and apply and self.applied.get(key) == _generation(agent):
+            # A child of an applied spec was deleted or edited: read the owner first, so
+            # that children are never re-created for an agent that is gone (the garbage
+            # collector would delete them again, for ever) and a newer one is seen.
+            await self._refresh(key)
+            agent = self.cache.agents.get(key)
         if agent is None:
             return
         if agent["metadata"].get("deletionTimestamp"):
@@ -185,13 +226,75 @@ class OperatorState:
             return
         applied = _generation(agent)
         needs_apply = apply or self.applied.get(key) != applied
+        recorded = self._applied_hash(key, agent) if needs_apply and not apply else None
+        if recorded is not None and recorded == self.reconciler.applied_hash(desired):
+            # Its children are as this spec and this operator's template render them: what
+            # a restart would otherwise re-apply for every agent.
+            self.applied[key] = applied
+            self.storage.setdefault(key, _storage_reported(agent))
+            needs_apply = False
+        elif recorded is not None and not desired.spec.suspended and not self._rollout_slot(key):
+            # The same spec renders differently (a new image or tier size since the restart):
+            # a running agent restarts for it only while fewer than max_rollouts do. A
+            # suspended one takes it at once (nothing restarts) and runs it at its wake.
+            self._defer(key)
+            await self._together(*work)
+            return
         if needs_apply:
             work.append(self._apply(key, desired))
         # The finalizer patch rides along with the children's writes: no extra round trip.
-        await self._together(*work)
+        try:
+            await self._together(*work)
+        except KubernetesError as error:
+            if _reportable(error):
+                await self._report_apply_error(key, error)
+            raise  # the work queue retries, backing off
         if needs_apply:
             self.applied[key] = applied
         await self._write_status(key)
+
+    def _applied_hash(self, key: Key, agent: Mapping[str, Any]) -> str | None:
+        """The hash of the children applied for this generation before (a restart), when
+        its status reports the generation without an apply error; else None."""
+        status = UserAgentStatus.parse(agent.get("status"))
+        if not status.current(agent["metadata"].get("generation")):
+            return None
+        if _ready_reason(status) in (RECONCILE_ERROR, "InvalidSpec"):
+            return None
+        deployment = self.cache.deployments.get(key)
+        if deployment is None:
+            return None
+        annotations = deployment["metadata"].get("annotations") or {}
+        recorded = annotations.get(manifests.APPLIED_HASH_ANNOTATION)
+        return str(recorded) if recorded is not None else None
+
+    def _rollout_slot(self, key: Key) -> bool:
+        """Whether ``key`` may restart for an upgrade now (at most ``max_rollouts`` at once)."""
+        if key in self.rolling or len(self.rolling) < self.settings.max_rollouts:
+            self.rolling.add(key)
+            return True
+        return False
+
+    def _defer(self, key: Key) -> None:
+        """Come back to ``key`` when a rollout slot may have freed (behind other work)."""
+        if key in self._deferred:
+            return
+
+        def due() -> None:
+            self._deferred.pop(key, None)
+            self.queue.add(key, resync=True)
+
+        self._deferred[key] = asyncio.get_running_loop().call_later(
+            self.settings.rollout_retry_seconds, due
+        )
+
+    async def _report_apply_error(self, key: Key, error: KubernetesError) -> None:
+        """The API server refused a child: say so in the status (Failed, ``ReconcileError``
+        and its message, which the gateway shows the user) and in a Warning Event."""
+        try:
+            await self._write_status(key, reconcile_error=str(error))
+        except KubernetesError as status_error:
+            logger.warning("cannot report %s's apply error %s: %s", key, error, status_error)
 
     @staticmethod
     async def _together(*steps: Awaitable[None]) -> None:
@@ -204,6 +307,9 @@ class OperatorState:
     async def _add_finalizer(self, key: Key, agent: Json) -> None:
         try:
             updated = await self.reconciler.add_finalizer(agent)
+        except NotFound:
+            self.forget(key)
+            return
         except (Conflict, Invalid) as error:
             # The finalizers changed since we read them (or the agent is being deleted):
             # read them again and retry soon.
@@ -246,14 +352,16 @@ class OperatorState:
         self.storage[key] = storage
         self.cache.put_deployment(key, deployment)
 
-    async def _write_status(self, key: Key, spec_error: str | None = None) -> None:
+    async def _write_status(
+        self, key: Key, spec_error: str | None = None, reconcile_error: str | None = None
+    ) -> None:
         """Derive the status from the newest cached state and write it if it changed."""
         agent = self.cache.agents.get(key)
         if agent is None:
             return
         desired: Desired | None = None
         if spec_error is None:
-            if self.applied.get(key) != _generation(agent):
+            if reconcile_error is None and self.applied.get(key) != _generation(agent):
                 return  # a newer spec is not applied yet; its own pass will report it
             try:
                 desired = desired_state(agent, self.reconciler.catalog)
@@ -266,13 +374,22 @@ class OperatorState:
             self.cache.pods_of(key),
             self.storage.get(key, StorageState(ready=True)),
             spec_error,
+            reconcile_error,
         )
-        previous_phase = UserAgentStatus.parse(agent.get("status")).phase
-        updated = await self.reconciler.write_status(agent, status)
+        if status.phase in (Phase.READY, Phase.FAILED, Phase.SUSPENDED):
+            self.rolling.discard(key)  # its rollout, if any, is over
+        previous = UserAgentStatus.parse(agent.get("status"))
+        try:
+            updated = await self.reconciler.write_status(agent, status)
+        except NotFound:
+            self.forget(key)  # the agent itself is gone: nothing to report on
+            return
         if updated is None:
             return
         self.cache.put_agent(updated)
-        if status.phase is not None and status.phase != previous_phase:
+        # A refused apply is announced even on an agent that was failing already.
+        refused = _ready_reason(status) == RECONCILE_ERROR != _ready_reason(previous)
+        if status.phase is not None and (status.phase != previous.phase or refused):
             await self._announce(agent, status.phase, status)
 
     async def _announce(
@@ -282,6 +399,13 @@ class OperatorState:
         assert ready is not None, "derive_status always reports the Ready condition"
         if phase == Phase.FAILED:
             metrics.FAILURES.labels(reason=ready.reason).inc()
+            # One Warning per agent and failure in WARNING_INTERVAL: a failure that comes
+            # and goes with each retry must not write an Event per retry.
+            key, now = _key(agent), time.monotonic()
+            last = self._warned.get(key)
+            if last is not None and last[0] == ready.reason and now - last[1] < WARNING_INTERVAL:
+                return
+            self._warned[key] = (ready.reason, now)
         elif phase not in _ANNOUNCED:
             return
         try:
@@ -317,31 +441,70 @@ class OperatorState:
                     logger.warning("cannot suspend idle agent %s: %s", key, error)
 
     async def _suspend(self, key: Key, agent: Mapping[str, Any], desired: Desired) -> None:
-        logger.info("suspending idle agent %s/%s", *key)
+        try:
+            updated = await self.reconciler.suspend(agent)
+        except NotFound:
+            logger.info("forgetting %s/%s: it is gone", *key)
+            self.forget(key)
+            return
+        if updated is None:
+            # Activity was recorded (or the agent changed) since this sweep read it: it is
+            # in use. Read it afresh so the next sweep judges what the gateway wrote.
+            logger.info("not suspending %s/%s: it was active since it was judged idle", *key)
+            await self._refresh(key)
+            return
+        logger.info(
+            "suspended idle agent %s/%s: no activity for %s", *key, desired.sizing.idle_timeout
+        )
         metrics.SUSPENSIONS.inc()
-        updated = await self.reconciler.suspend(*key)
         self.cache.put_agent(updated)
-        self.queue.add(key, apply=True)
-        with contextlib.suppress(KubernetesError):
-            await self.reconciler.post_event(
-                agent,
-                warning=False,
-                reason="Idle",
-                message=f"no activity for {desired.sizing.idle_timeout}; suspending",
-            )
+        # A new generation: its pass applies it, and its status (Suspended) posts the one
+        # Event of this suspend.
+        self.queue.add(key, urgent=True)
+
+
+def _reportable(error: KubernetesError) -> bool:
+    """Whether an apply error is the API server's refusal worth reporting on the agent:
+    not a conflict (retried at once) nor an unreachable API server (no status can be
+    written, and it is no fault of the agent)."""
+    return not isinstance(error, Conflict | Unreachable)
+
+
+def _storage_reported(agent: Mapping[str, Any]) -> StorageState:
+    """The volume's state as the written status reports it (the claim is not watched)."""
+    status = UserAgentStatus.parse(agent.get("status"))
+    condition = status.condition("StorageReady")
+    storage = status.storage
+    return StorageState(
+        ready=condition is None or condition.status == "True",
+        reason=condition.reason if condition is not None else "Bound",
+        message=condition.message if condition is not None else "",
+        requested=storage.requested if storage is not None else "",
+        capacity=storage.capacity if storage is not None else "",
+    )
+
+
+def _ready_reason(status: UserAgentStatus) -> str | None:
+    ready = status.condition("Ready")
+    return ready.reason if ready is not None else None
 
 
 def _status_behind(agent: Mapping[str, Any]) -> bool:
-    """Whether the written status lags the object: a new generation, or new activity."""
+    """Whether the written status lags the object's spec (a new generation). Activity is
+    not mirrored in the status: a status write per activity would cost more than it says."""
     status = UserAgentStatus.parse(agent.get("status"))
-    if status.observed_generation != agent["metadata"].get("generation"):
-        return True
-    activity = last_activity(agent)
-    return activity is not None and rfc3339(activity) != status.last_activity
+    return bool(status.observed_generation != agent["metadata"].get("generation"))
 
 
 def agent_changed(state: OperatorState, type: str, body: Json) -> None:
     state.agent_event(type, body)
+
+
+def agents_listed(state: OperatorState, namespace: str | None, listed: set[Key]) -> None:
+    """The UserAgents of ``namespace`` (None: all) were listed: forget any other."""
+    for key in [k for k in state.cache.agents if namespace in (None, k[0]) and k not in listed]:
+        logger.info("forgetting %s/%s: no longer listed", *key)
+        state.forget(key)
 
 
 def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
@@ -356,8 +519,17 @@ def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
     if agent is None or agent["metadata"].get("deletionTimestamp"):
         return
     deployment = state.cache.deployments.get(key)
-    drifted = deployment is None or _drifted(deployment, agent, state)
-    if drifted and state.applied.get(key) == _generation(agent):
+    drifted = (
+        deployment is None
+        or _drifted(deployment, agent, state)
+        or (type != "DELETED" and _edited(body, agent, state))
+    )
+    if drifted and state.applied.get(key) != _generation(agent):
+        # Not applied by this process yet (a restart): an edit if the Deployment was
+        # applied with what this operator renders now; else an upgrade, which its pending
+        # pass rolls out at its pace (or, a spec not applied at all, simply applies).
+        drifted = deployment is not None and _applied_as_rendered(deployment, agent, state)
+    elif drifted:
         logger.info("deployment of %s/%s drifted or was deleted; putting it back", *key)
     state.queue.add(key, apply=drifted)
 
@@ -399,6 +571,11 @@ def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
             functools.partial(handler, state),
             label_selector=selector,
             timeout_seconds=settings.watch_server_timeout_seconds,
+            # Only the agents are listed again: a ghost agent is what costs requests.
+            relist_seconds=settings.relist_seconds if plural == PLURAL else None,
+            on_listed=functools.partial(agents_listed, state, namespace)
+            if plural == PLURAL
+            else None,
         )
         for namespace in namespaces
         for api_version, plural, selector, handler in kinds
@@ -414,6 +591,31 @@ def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: Ope
     template = state.reconciler.template
     wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
     return manifests.deployment_drifted(deployment, wanted)
+
+
+def _applied_as_rendered(
+    deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState
+) -> bool:
+    """Whether the Deployment's applied hash is that of the agent's children as this
+    operator renders them now (so any difference is someone's edit, not an upgrade)."""
+    try:
+        desired = desired_state(agent, state.reconciler.catalog)
+    except InvalidUserAgent:
+        return False
+    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+    recorded = annotations.get(manifests.APPLIED_HASH_ANNOTATION)
+    return recorded is not None and recorded == state.reconciler.applied_hash(desired)
+
+
+def _edited(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
+    """Whether a whole Deployment (an event's) lost what the agent's spec would apply."""
+    try:
+        desired = desired_state(agent, state.reconciler.catalog)
+    except InvalidUserAgent:
+        return False
+    template = state.reconciler.template
+    wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
+    return manifests.deployment_edited(deployment, wanted)
 
 
 def _service_drifted(

@@ -5,7 +5,10 @@ the order the API server sent them. Objects present at the start (or at a new li
 a gap) are handed over as ``ADDED``, which is how the operator resumes after a restart.
 After a gap (the API server restarted, or the version expired: 410 Gone) it lists again,
 and objects that vanished meanwhile are handed over as ``DELETED``: no deletion is missed
-because a watch was down when it happened.
+because a watch was down when it happened. With ``relist_seconds`` it also lists again
+every so often, and hands ``on_listed`` the keys listed, so that whatever the handlers
+keep of an object no longer listed is forgotten, however it was missed; a relist hands
+over again only the objects that changed since they were last handed over.
 
 It uses the operator's one :class:`~dexorder.adapters.kubernetes.KubeClient`, the same
 connection pool and credentials as every write.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +32,7 @@ Handler = Callable[[str, Json], None]
 Key = tuple[str, str]
 
 _KEPT_ON_DELETE = ("name", "namespace", "uid", "labels")
+_VERSION = "resourceVersion"  # beside the metadata kept: the version last handed over
 
 
 def _key(body: Mapping[str, Any]) -> Key:
@@ -46,12 +51,16 @@ class Informer:
         *,
         label_selector: str | None = None,
         timeout_seconds: int = 300,
+        relist_seconds: float | None = None,
+        on_listed: Callable[[set[Key]], None] | None = None,
     ) -> None:
         self._client = client
         self._path = path
         self._handler = handler
         self._label_selector = label_selector
         self._timeout_seconds = timeout_seconds
+        self._relist_seconds = relist_seconds
+        self._on_listed = on_listed
         # What a DELETED for an object that vanished during a gap is made of: the identity
         # and labels (the handlers find an object's agent by its labels).
         self._known: dict[Key, Json] = {}
@@ -64,7 +73,8 @@ class Informer:
         else:
             metadata = body["metadata"]
             self._known[_key(body)] = {
-                "metadata": {k: metadata[k] for k in _KEPT_ON_DELETE if k in metadata}
+                "metadata": {k: metadata[k] for k in _KEPT_ON_DELETE if k in metadata},
+                _VERSION: metadata.get("resourceVersion"),
             }
         try:
             self._handler(type, body)
@@ -77,9 +87,13 @@ class Informer:
         items: list[Json] = listing.get("items") or []
         seen = {_key(item) for item in items}
         for key in [k for k in self._known if k not in seen]:
-            self._deliver("DELETED", self._known[key])
+            self._deliver("DELETED", {"metadata": self._known[key]["metadata"]})
         for item in items:
-            self._deliver("ADDED", item)
+            known = self._known.get(_key(item))
+            if known is None or known[_VERSION] != item["metadata"].get("resourceVersion"):
+                self._deliver("ADDED", item)  # new, or changed since it was handed over
+        if self._on_listed is not None:
+            self._on_listed(seen)
         self.synced.set()
         return str(listing["metadata"]["resourceVersion"])
 
@@ -87,16 +101,23 @@ class Informer:
         """Follow the collection until cancelled; failures back off and resume."""
         version: str | None = None
         attempt = 0
+        loop = asyncio.get_running_loop()
+        relist_at = float("inf")
         self.synced.clear()
         while True:
             try:
-                if version is None:
+                if version is None or loop.time() >= relist_at:
                     version = await self._list()
+                    if self._relist_seconds is not None:
+                        relist_at = loop.time() + self._relist_seconds
+                timeout = self._timeout_seconds
+                if relist_at < float("inf"):  # the server ends the watch by the next relist
+                    timeout = min(timeout, max(1, math.ceil(relist_at - loop.time())))
                 async for event in self._client.watch(
                     self._path,
                     resource_version=version,
                     label_selector=self._label_selector,
-                    timeout_seconds=self._timeout_seconds,
+                    timeout_seconds=timeout,
                 ):
                     body = event["object"]
                     version = str(body["metadata"]["resourceVersion"])

@@ -27,12 +27,12 @@ from dexorder.adapters.kubernetes import (
     resource_path,
 )
 from dexorder.core import manifests, naming, quantity
-from dexorder.core.idle import last_activity
 from dexorder.core.status import StorageState, derive_status, rfc3339
 from dexorder.core.tiers import TierCatalog, UnknownTier
 from dexorder.core.useragent import (
     API_VERSION,
     KIND,
+    LAST_ACTIVITY_ANNOTATION,
     PLURAL,
     Sizing,
     UserAgentSpec,
@@ -44,6 +44,8 @@ FIELD_MANAGER = "dexorder-operator"
 # Held on every UserAgent until its volume has been dealt with as reclaimPolicy says.
 FINALIZER = "dexorder.ai/cleanup"
 JSON_PATCH = "application/json-patch+json"
+# The activity annotation as a JSON pointer ("/" in its name escaped as "~1").
+_ACTIVITY_POINTER = "/metadata/annotations/" + LAST_ACTIVITY_ANNOTATION.replace("/", "~1")
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,16 @@ class Reconciler:
         # switch to Retain drops the reference, since server-side apply owns that field.
         return body
 
+    def applied_hash(self, desired: Desired) -> str:
+        return manifests.children_hash(desired.owner, desired.spec, desired.sizing, self.template)
+
     async def apply_deployment(self, desired: Desired) -> dict[str, Any]:
         owner = desired.owner
         body = manifests.deployment(owner, desired.spec, desired.sizing, self.template)
+        # Read back after a restart: children applied with this hash need no apply again.
+        body["metadata"]["annotations"] = {
+            manifests.APPLIED_HASH_ANNOTATION: self.applied_hash(desired)
+        }
         path = resource_path(
             "apps/v1", "deployments", owner.namespace, naming.deployment_name(owner.name)
         )
@@ -193,6 +202,7 @@ class Reconciler:
         pods: Iterable[Mapping[str, Any]],
         storage: StorageState,
         spec_error: str | None = None,
+        reconcile_error: str | None = None,
     ) -> UserAgentStatus:
         metadata = body["metadata"]
         owner = (
@@ -213,7 +223,7 @@ class Reconciler:
             previous_conditions=UserAgentStatus.parse(body.get("status")).conditions,
             now=dt.datetime.now(dt.UTC),
             spec_error=spec_error,
-            last_activity=last_activity(body),
+            reconcile_error=reconcile_error,
         )
 
     async def write_status(
@@ -343,7 +353,38 @@ class Reconciler:
     async def get_user_agent(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.client.get_or_none(user_agent_path(namespace, name))
 
-    async def suspend(self, namespace: str, name: str) -> dict[str, Any]:
-        return await self.client.merge_patch(
-            user_agent_path(namespace, name), {"spec": {"suspended": True}}
+    async def suspend(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Suspend the agent ``body`` shows, if its recorded activity is still the one judged.
+
+        A JSON patch that tests the activity annotation (and that it is not suspended
+        already) before it sets ``spec.suspended``: a turn that started since the sweeper
+        read the agent has written a newer activity, and the API server refuses the patch
+        (422) instead of stopping the agent under it. None when refused: the agent is busy.
+        """
+        metadata = body["metadata"]
+        judged = (metadata.get("annotations") or {}).get(LAST_ACTIVITY_ANNOTATION)
+        # No activity was ever recorded: the idle time ran from creation, and any write
+        # since (the gateway's first activity among them) changed the resourceVersion.
+        precondition = (
+            {"op": "test", "path": _ACTIVITY_POINTER, "value": judged}
+            if judged is not None
+            else {
+                "op": "test",
+                "path": "/metadata/resourceVersion",
+                "value": metadata.get("resourceVersion"),
+            }
         )
+        patch = [
+            precondition,
+            {"op": "test", "path": "/spec/suspended", "value": False},
+            {"op": "replace", "path": "/spec/suspended", "value": True},
+        ]
+        try:
+            return await self.client.request(
+                "PATCH",
+                user_agent_path(metadata["namespace"], metadata["name"]),
+                body=patch,
+                content_type=JSON_PATCH,
+            )
+        except Invalid:
+            return None

@@ -46,6 +46,33 @@ class OperatorSettings(BaseSettings):
         "the client gives up 15 s later, so a watch that went silent is noticed.",
     )
 
+    relist_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="The UserAgents are listed again this often, and any agent the list no "
+        "longer has is forgotten (however its deletion was missed).",
+    )
+
+    max_rollouts: int = Field(
+        default=10,
+        ge=1,
+        description="Running agents restarted at once for an upgrade (a new default image "
+        "or tier size renders the same spec differently); the rest wait their turn, and "
+        "suspended agents take it at once, to run it at their next wake.",
+    )
+    rollout_retry_seconds: float = Field(default=2.0, gt=0)
+    leader_election: bool = Field(
+        default=True,
+        description="Work only while holding the Lease (replicas beyond one stand by, "
+        "watching); off: work at once, and never run two.",
+    )
+    leader_election_namespace: str = Field(
+        default="default", description="Where the Lease (dexorder-operator) lives."
+    )
+    lease_seconds: float = Field(default=10.0, gt=0)
+    lease_renew_deadline_seconds: float = Field(default=7.0, gt=0)
+    lease_retry_seconds: float = Field(default=2.0, gt=0)
+
     @field_validator("namespaces", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

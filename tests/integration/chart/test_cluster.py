@@ -198,7 +198,7 @@ def test_install_makes_every_deployment_available(kubectl: Kubectl, release: Rel
     ]
     for name, deployment in deployments.items():
         assert deployment["status"].get("availableReplicas") == deployment["spec"]["replicas"], name
-    assert deployments["dx-dexorder-operator"]["spec"]["replicas"] == 1
+    assert deployments["dx-dexorder-operator"]["spec"]["replicas"] == 2
 
 
 def test_the_agents_namespace_enforces_restricted(kubectl: Kubectl, release: Release) -> None:
@@ -267,12 +267,13 @@ OPERATOR_MAY = [
     *[(verb, "services", "agents") for verb in ("get", "list", "watch", "create", "patch")],
     *[(verb, "persistentvolumeclaims", "agents") for verb in ("create", "patch", "delete")],
     ("create", "secrets", "agents"),
-    ("get", "secrets", "agents"),
     *[(verb, "pods", "agents") for verb in ("get", "list", "watch")],
     ("create", "events", "agents"),
-    ("create", "events.events.k8s.io", "agents"),
+    *[(verb, "leases.coordination.k8s.io", "agents") for verb in ("get", "create", "update")],
 ]
 OPERATOR_MAY_NOT = [
+    ("get", "secrets", "agents"),
+    ("create", "events.events.k8s.io", "agents"),
     ("list", "secrets", "agents"),
     ("update", "secrets", "agents"),
     ("delete", "deployments.apps", "agents"),
@@ -291,13 +292,11 @@ OPERATOR_MAY_NOT = [
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", "cluster"),
 ]
 GATEWAY_MAY = [
-    *[
-        (verb, "useragents.dexorder.ai", "agents")
-        for verb in ("get", "list", "watch", "create", "patch")
-    ],
+    *[(verb, "useragents.dexorder.ai", "agents") for verb in ("get", "watch", "create", "patch")],
     ("get", "secrets", "agents"),
 ]
 GATEWAY_MAY_NOT = [
+    ("list", "useragents.dexorder.ai", "agents"),
     ("delete", "useragents.dexorder.ai", "agents"),
     ("patch", "useragents.dexorder.ai/status", "agents"),
     ("list", "secrets", "agents"),
@@ -489,7 +488,7 @@ async def test_the_installed_operator_and_gateway_accounts_bring_an_agent_up(
         "--for=jsonpath={.status.phase}=Ready",
         "--timeout=60s",
     )
-    listed = kubectl.run("get", "ua", f"-n={release.agents}").stdout
+    listed = kubectl.run("get", "ua", f"-n={release.agents}", "-o", "wide").stdout
     assert f"http://smoke-agent.{release.agents}.svc:8000/mcp" in listed, listed
 
     # The gateway's provisioner, with only the chart's rights: create the user's

@@ -72,11 +72,12 @@ def test_no_secret_and_no_secret_value_is_rendered(everything: list[Manifest], h
     assert not {"DATABASE_URL", "REDIS_URL", "ANTHROPIC_API_KEY"} & set(env(gateway))
 
 
-def test_the_operator_is_one_replica_rolled_by_recreate(defaults: list[Manifest]) -> None:
+def test_the_operator_is_two_replicas_electing_a_leader(defaults: list[Manifest]) -> None:
     operator = one(defaults, "Deployment", "-operator")
-    assert operator["spec"]["replicas"] == 1
-    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    assert operator["spec"]["replicas"] == 2
+    assert operator["spec"]["strategy"]["type"] == "RollingUpdate"
     settings = env(container(operator, "operator"))
+    assert settings["DEXORDER_OPERATOR_LEADER_ELECTION_NAMESPACE"] == "dexorder-agents"
     assert settings["DEXORDER_OPERATOR_NAMESPACES"] == "dexorder-agents"
     assert settings["DEXORDER_OPERATOR_DEFAULT_IMAGE"] == "ghcr.io/dexorder/agent:0.1.0"
     assert settings["DEXORDER_OPERATOR_TIER_CATALOG_PATH"] == "/etc/dexorder/tiers.yaml"

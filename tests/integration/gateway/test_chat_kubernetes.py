@@ -4,6 +4,8 @@ and agent processes run locally in place of kwok's empty pods (see ``kube_agents
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from dexorder.devenv.fixtures_kube import OperatorProcess
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.kube_agents import AgentRunner
 from dexorder.devenv.kubernetes import UNPULLABLE_REGISTRY, ControlPlane
+from dexorder.gateway.pure.events import UsageEvent, event_from_json
 from tests.integration.gateway.conftest import (
     ChatClient,
     RunningGateway,
@@ -68,6 +71,8 @@ async def kube_chat(
             provision_timeout_seconds=60,
             # Longer than any wait below: a test that waits out this grace fails.
             agent_connect_seconds=120,
+            # Well under the idle timeout the idle test gives its agent.
+            agent_activity_seconds=1.0,
         )
         async with runner, serve_gateway(settings) as gateway:
             yield KubeChat(gateway, runner, kube, namespace, user_id)
@@ -216,6 +221,30 @@ async def test_a_failed_agent_shows_the_operators_reason(
         await client.ws.close()
 
 
+async def test_a_volume_the_quota_refuses_reaches_the_user_with_its_reason(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer
+) -> None:
+    """The operator cannot create the agent's volume: the user is told why at once, not
+    after the provisioning timeout."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-claims", "namespace": kube_chat.namespace},
+        "spec": {"hard": {"persistentvolumeclaims": "0"}},
+    }
+    await kube_chat.kube.create(resource_path("v1", "resourcequotas", kube_chat.namespace), quota)
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        frames = await statuses_until_settled(client)
+        error = frames[-1]
+        assert error["type"] == "error", frames
+        assert error["code"] == "agent_unavailable"
+        assert error["message"].startswith("ReconcileError:"), error
+        assert "exceeded quota: no-claims" in error["message"]
+        await client.ws.close()
+
+
 async def test_an_image_that_cannot_be_pulled_reaches_the_user_with_its_reason(
     kube_chat: KubeChat,
     issuer: LocalJwksIssuer,
@@ -249,6 +278,96 @@ async def test_an_image_that_cannot_be_pulled_reaches_the_user_with_its_reason(
         assert any(image in line for line in logged), logged
         await client.ws.close()
     assert kube_chat.runner.starts[kube_chat.user] == 0
+
+
+async def test_a_turn_ends_with_done_and_its_usage_while_the_api_server_is_down(
+    kube_chat: KubeChat,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    control_plane: ControlPlane,
+    tmp_path: Path,
+) -> None:
+    """Recording the agent's activity needs the API server; the turn does not: its usage
+    is recorded and the user gets ``done`` while the API server is stopped."""
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        await statuses_until_settled(client)
+        assert await chat_once(client, llm, "First.") == "First."
+        await asyncio.sleep(1.5)  # past the activity interval: the next turn writes again
+        await asyncio.to_thread(control_plane.stop_apiserver)
+        try:
+            # The endpoint is cached: the turn itself needs no API server.
+            assert await chat_once(client, llm, "Second, with the API server down.") == (
+                "Second, with the API server down."
+            )
+        finally:
+            await asyncio.to_thread(control_plane.start_apiserver)
+        await client.ws.close()
+    events = tmp_path / "events" / f"events-{dt.datetime.now(dt.UTC).date().isoformat()}.jsonl"
+    usage = [
+        event
+        for event in (event_from_json(line) for line in events.read_bytes().splitlines())
+        if isinstance(event, UsageEvent)
+    ]
+    assert len(usage) == 2, usage
+
+
+IDLE_TIMEOUT_SECONDS = 4
+
+
+async def test_a_turn_longer_than_the_idle_timeout_keeps_its_agent(
+    kube_chat: KubeChat, issuer: LocalJwksIssuer, llm: FakeLLMServer
+) -> None:
+    """A reply still generating when its idle deadline passes keeps its agent (the gateway
+    records activity while it runs); the agent is suspended only after the reply ends
+    and the timeout passes (the operator's idle check runs every second here)."""
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, kube_chat.gateway, issuer.mint(kube_chat.user))
+        assert (await client.next())["type"] == "ready"
+        await statuses_until_settled(client)
+        assert await chat_once(client, llm, "Ready.") == "Ready."
+        suspended_during_turn: list[dict[str, Any]] = []
+
+        async def watch_for_suspension() -> None:
+            while True:
+                body = await kube_chat.kube.get(kube_chat.agent_path)
+                if body["spec"].get("suspended"):
+                    suspended_during_turn.append(body)
+                await asyncio.sleep(0.2)
+
+        # About 15 s of reply at 2 words a second: several idle timeouts.
+        words = " ".join(f"w{i}" for i in range(30))
+        llm.queue(TextScript(text=words, tokens_per_second=2))
+        await client.send({"type": "message", "content": "a long answer, please"})
+        frames = [await client.next(timeout=60)]
+        while frames[-1]["type"] != "delta":
+            frames.append(await client.next(timeout=60))
+        # The reply streams: only now does the agent get a timeout shorter than the reply
+        # (within the gateway's endpoint cache, 30 s: it does not patch it back).
+        await kube_chat.kube.merge_patch(
+            kube_chat.agent_path,
+            {"spec": {"overrides": {"idleTimeoutSeconds": IDLE_TIMEOUT_SECONDS}}},
+        )
+        watcher = asyncio.create_task(watch_for_suspension())
+        try:
+            frames += await client.until("done", timeout=90)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        ended = time.monotonic()
+        assert not [f for f in frames if f["type"] == "error"], frames
+        assert "".join(f["content"] for f in frames if f["type"] == "delta").split() == (
+            words.split()
+        )
+        assert not suspended_during_turn, "the agent was suspended while its reply ran"
+        await client.ws.close()
+
+    await wait_phase(kube_chat, "Suspended", timeout=IDLE_TIMEOUT_SECONDS + 30)
+    # The last activity was recorded at most one interval (1 s, written to the second)
+    # before the reply ended, so the idle time ran from then.
+    assert time.monotonic() - ended >= IDLE_TIMEOUT_SECONDS - 2
 
 
 async def wait_phase(chat: KubeChat, phase: str, timeout: float = 60) -> None:

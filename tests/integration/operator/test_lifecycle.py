@@ -102,6 +102,40 @@ async def test_drift_is_put_back(
     await eventually(resources_back, timeout=30, what="the Deployment's resources to be put back")
 
 
+async def test_an_edited_environment_or_label_is_put_back(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    await kube.create(ua_path(namespace), user_agent("frank", namespace, "frank"))
+    await wait_phase(kube, namespace, "frank", "Ready")
+    deployment_path = resource_path("apps/v1", "deployments", namespace, "frank-agent")
+    patch = {
+        "metadata": {"labels": {"dexorder.ai/tier": "enterprise"}},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "agent", "env": [{"name": "DEXORDER_AGENT_PORT", "value": "1"}]}
+                    ]
+                }
+            }
+        },
+    }
+    await kube.request(
+        "PATCH", deployment_path, body=patch, content_type="application/strategic-merge-patch+json"
+    )
+
+    async def put_back() -> bool:
+        deployment = await kube.get(deployment_path)
+        env = {
+            e["name"]: e.get("value")
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        tier = deployment["metadata"]["labels"]["dexorder.ai/tier"]
+        return bool(env["DEXORDER_AGENT_PORT"] == "8000" and tier == "free")
+
+    await eventually(put_back, timeout=30, what="the environment and the label to be put back")
+
+
 async def test_idle_agent_is_suspended_and_woken(
     kube: KubeClient, namespace: str, operator: OperatorProcess
 ) -> None:
@@ -112,7 +146,13 @@ async def test_idle_agent_is_suspended_and_woken(
 
     suspended = await wait_phase(kube, namespace, "dave", "Suspended", timeout=60)
     assert suspended["spec"]["suspended"] is True
-    assert suspended["status"]["lastActivity"] == stale
+    assert "lastActivity" not in suspended["status"]  # not mirrored: a write per activity
+    await asyncio.sleep(2)  # time for a second Event, if one were posted
+    listed = await kube.get(
+        resource_path("v1", "events", namespace) + "?fieldSelector=involvedObject.name=dave"
+    )
+    normal = [e["reason"] for e in listed["items"] if e["type"] == "Normal"]
+    assert normal == ["Suspended"], normal  # one Event per suspend
     assert (await get_deployment(kube, namespace, "dave"))["spec"]["replicas"] == 0
     assert await kube.get_or_none(
         resource_path("v1", "persistentvolumeclaims", namespace, "dave-data")
@@ -123,11 +163,25 @@ async def test_idle_agent_is_suspended_and_woken(
         ua_path(namespace, "dave"),
         {
             "metadata": {"annotations": {"dexorder.ai/last-activity": now}},
-            "spec": {"suspended": False},
+            # Woken for longer than a loaded machine may take to start it (3 s would
+            # suspend it again before it is Ready).
+            "spec": {"suspended": False, "overrides": {"idleTimeoutSeconds": 600}},
         },
     )
     await wait_phase(kube, namespace, "dave", "Ready", timeout=60)
     assert (await get_deployment(kube, namespace, "dave"))["spec"]["replicas"] == 1
+
+
+async def test_a_tier_the_catalog_does_not_define_is_reported_as_invalid(
+    kube: KubeClient, namespace: str, operator: OperatorProcess
+) -> None:
+    """The API server accepts any tier name (a tier new to the gateway's catalog must not
+    be refused as "Kubernetes unavailable"); the operator's catalog says it is unknown."""
+    await kube.create(ua_path(namespace), user_agent("plat", namespace, "plat", tier="platinum"))
+    body = await wait_phase(kube, namespace, "plat", "Failed")
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec", ready
+    assert "platinum" in ready["message"]
 
 
 async def test_enterprise_never_idles(

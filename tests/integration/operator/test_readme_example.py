@@ -136,7 +136,9 @@ def test_the_readme_example_becomes_ready_in_kubectl_get_ua(
             break
         time.sleep(0.5)
     header, *rows = [line.split() for line in table.splitlines()]
-    assert header == ["NAME", "USER", "TIER", "PHASE", "ENDPOINT", "AGE"], table
-    assert [row[:5] for row in rows] == [
-        ["alice", "auth0|alice", "pro", "Ready", "http://alice-agent.dexorder-agents.svc:8000/mcp"]
-    ], table
+    assert header == ["NAME", "USER", "TIER", "READY", "PHASE", "AGE"], table
+    assert [row[:5] for row in rows] == [["alice", "auth0|alice", "pro", "True", "Ready"]], table
+    wide = devenv.run("get", "ua", "--namespace=dexorder-agents", "-o", "wide").stdout
+    header, *rows = [line.split() for line in wide.splitlines()]
+    assert header == ["NAME", "USER", "TIER", "READY", "PHASE", "ENDPOINT", "AGE"], wide
+    assert [row[5] for row in rows] == ["http://alice-agent.dexorder-agents.svc:8000/mcp"], wide

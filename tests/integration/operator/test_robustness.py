@@ -149,3 +149,39 @@ async def test_a_pod_that_never_becomes_ready_fails_at_the_progress_deadline(
         )
 
     await eventually(warning_event, timeout=30, what="a ProgressDeadlineExceeded Event")
+
+
+async def test_a_quota_that_refuses_the_volume_is_reported_then_recovered(
+    kube: KubeClient, namespace: str, impatient_operator: OperatorProcess
+) -> None:
+    quota_path = resource_path("v1", "resourcequotas", namespace)
+    await kube.create(
+        quota_path,
+        {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "no-claims", "namespace": namespace},
+            "spec": {"hard": {"persistentvolumeclaims": "0"}},
+        },
+    )
+    await kube.create(ua_path(namespace), user_agent("noroom", namespace, "noroom"))
+    body = await wait_phase(kube, namespace, "noroom", "Failed", timeout=60)
+    ready = ready_condition(body)
+    assert ready["status"] == "False"
+    assert ready["reason"] == "ReconcileError", ready
+    assert "exceeded quota: no-claims" in ready["message"], ready
+
+    async def warnings() -> list[dict[str, Any]]:
+        return [
+            event
+            for event in await events_for(kube, namespace, "noroom")
+            if event["type"] == "Warning" and event["reason"] == "ReconcileError"
+        ]
+
+    events = await eventually(warnings, timeout=30, what="a Warning Event")
+    assert "exceeded quota: no-claims" in events[0]["message"]
+    await asyncio.sleep(8)  # several retries (0.5, 1, 2, 4 s apart), each refused again
+    assert len(await warnings()) == 1
+
+    await kube.delete(resource_path("v1", "resourcequotas", namespace, "no-claims"))
+    await wait_phase(kube, namespace, "noroom", "Ready", timeout=90)

@@ -3,7 +3,9 @@
 import base64
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dexorder.core import manifests
 from dexorder.core.tiers import parse_tier_catalog
@@ -234,3 +236,58 @@ def test_a_service_with_other_ports_or_selector_has_drifted() -> None:
         observed = copy.deepcopy(built)
         observed["spec"][field] = value
         assert manifests.service_drifted(observed, built), (field, value)
+
+
+def test_the_children_hash_changes_with_what_would_be_applied_only() -> None:
+    spec = UserAgentSpec(userId="auth0|alice", tier="pro")
+    same = manifests.children_hash(OWNER, spec, SIZING, TEMPLATE)
+    assert same == manifests.children_hash(OWNER, spec, SIZING, TEMPLATE)
+    changed = [
+        manifests.children_hash(OWNER, spec.model_copy(update={"image": "x:2"}), SIZING, TEMPLATE),
+        manifests.children_hash(OWNER, spec, SIZING.model_copy(update={"cpu": "1"}), TEMPLATE),
+        manifests.children_hash(
+            OWNER, spec, SIZING, dataclasses.replace(TEMPLATE, default_image="dexorder/agent:2")
+        ),
+        manifests.children_hash(
+            OWNER, spec, SIZING, dataclasses.replace(TEMPLATE, endpoint_template="http://{service}")
+        ),
+    ]
+    assert same not in changed
+    assert len(set(changed)) == len(changed)
+
+
+def test_a_whole_deployment_is_edited_when_it_lost_what_the_builder_sets() -> None:
+    built = manifests.deployment(OWNER, spec(), SIZING, TEMPLATE)
+    observed = copy.deepcopy(built)
+    pod = observed["spec"]["template"]["spec"]
+    # What the API server and others add, and amounts written otherwise, are no edit.
+    pod["dnsPolicy"] = "ClusterFirst"
+    pod["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
+    pod["containers"][0]["resources"]["limits"] = {"cpu": "2", "memory": "2048Mi"}
+    pod["containers"].append({"name": "sidecar", "image": "x"})
+    observed["metadata"]["labels"]["team"] = "ops"
+    observed["spec"]["replicas"] = 0  # deployment_drifted's to judge
+    assert not manifests.deployment_edited(observed, built)
+
+    def edit(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        copied = copy.deepcopy(built)
+        change(copied)
+        return copied
+
+    container = ("spec", "template", "spec", "containers", 0)
+
+    def at(body: Any, path: tuple[str | int, ...]) -> Any:
+        for part in path:
+            body = body[part]
+        return body
+
+    for change in [
+        lambda d: at(d, container)["env"][0].update(value="someone-else"),
+        lambda d: at(d, container).pop("livenessProbe"),
+        lambda d: at(d, container)["securityContext"].update(readOnlyRootFilesystem=False),
+        lambda d: d["spec"]["template"]["spec"]["volumes"].pop(),
+        lambda d: d["spec"]["template"]["metadata"]["labels"].pop("dexorder.ai/agent"),
+        lambda d: d["metadata"]["labels"].update({"dexorder.ai/tier": "enterprise"}),
+    ]:
+        assert manifests.deployment_edited(edit(change), built)

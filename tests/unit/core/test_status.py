@@ -136,6 +136,15 @@ def test_spec_error_is_reported_as_failed() -> None:
     assert ready_condition(status).reason == "InvalidSpec"
 
 
+def test_a_refused_apply_is_failed_with_the_api_servers_message() -> None:
+    """Even over a Deployment that is available (the previous spec's)."""
+    message = "PATCH /api/v1/...: 403 exceeded quota: q, requested: persistentvolumeclaims=1"
+    status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1), reconcile_error=message)
+    assert status.phase == "Failed"
+    assert ready_condition(status).reason == "ReconcileError"
+    assert ready_condition(status).message == message
+
+
 def test_storage_state_is_reported() -> None:
     storage = StorageState(
         ready=True, reason="ExpansionUnsupported", message="cannot grow", requested="1Gi"

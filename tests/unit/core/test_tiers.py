@@ -6,13 +6,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import TypeAdapter
 
 from dexorder.core.tiers import (
     FALLBACK_TIER,
     TierCatalogError,
+    TierName,
     UnknownTier,
     parse_tier_catalog,
 )
+from dexorder.devenv.paths import CRD_DIR
 
 SHIPPED_CATALOG = Path(__file__).parents[3] / "config" / "tiers.yaml"
 
@@ -156,3 +160,12 @@ def test_a_limit_lowered_below_the_guarantee_caps_the_request() -> None:
     lowered = resources.model_copy(update={"memory": "128Mi"})
     assert lowered.request("memory") == "128Mi"
     assert resources.request("memory") == "256Mi"
+
+
+def test_the_crd_accepts_exactly_the_tier_names_a_catalog_may_define() -> None:
+    """The CRD holds a pattern, not the catalog's names: a new tier needs no CRD change."""
+    crd = yaml.safe_load((CRD_DIR / "useragents.dexorder.ai.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    tier = schema["properties"]["spec"]["properties"]["tier"]
+    assert "enum" not in tier
+    assert tier["pattern"] == TypeAdapter(TierName).json_schema()["pattern"]

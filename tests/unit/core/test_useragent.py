@@ -28,7 +28,6 @@ def written() -> UserAgentStatus:
         token_secret="u-token",
         previous_conditions=[],
         now=NOW,
-        last_activity=dt.datetime(2026, 11, 24, 11, 0, tzinfo=dt.UTC),
     )
 
 
@@ -55,7 +54,6 @@ def test_the_written_status_is_the_crds_fields_in_the_order_written_before() -> 
             condition("StorageReady", "Bound"),
         ],
         "storage": {"requested": "1Gi", "capacity": "2Gi"},
-        "lastActivity": "2026-11-24T11:00:00Z",
     }
     assert json.dumps(written().to_body()) == json.dumps(expected)
 
@@ -99,7 +97,6 @@ def test_a_status_from_an_older_operator_missing_fields_parses() -> None:
     assert status.conditions == ()
     assert status.condition("Ready") is None
     assert status.storage is None
-    assert status.last_activity is None
 
 
 def test_no_status_yet_is_an_empty_one() -> None:

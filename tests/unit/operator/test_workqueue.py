@@ -112,10 +112,17 @@ def test_a_queue_needs_a_worker() -> None:
 
 def test_retry_delays() -> None:
     error = KubernetesError("x", status=500)
-    assert [backoff(error, n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
-    assert backoff(error, 20) == 30.0
+    assert [backoff(error, n, jitter=lambda: 1.0) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert [backoff(error, n, jitter=lambda: 0.0) for n in (1, 2, 3)] == [0.25, 0.5, 1.0]
+    assert backoff(error, 20, jitter=lambda: 1.0) == 30.0
     assert retry_delay(Conflict("x", status=409), 5) == 0.2
-    assert retry_delay(error, 2) == 1.0
+    assert 0.5 <= retry_delay(error, 2) <= 1.0
+
+
+def test_retries_that_failed_together_spread_out() -> None:
+    delays = {backoff(KubernetesError("x", status=500), 4) for _ in range(20)}
+    assert len(delays) > 1
+    assert all(2.0 <= delay <= 4.0 for delay in delays)
 
 
 async def test_urgent_marks_are_served_before_status_only_ones() -> None:
@@ -190,5 +197,58 @@ async def test_a_retried_urgent_pass_stays_urgent() -> None:
         release.set()
         await wait_idle(queue)
         assert calls == ["new", "busy", "new", "status"]
+    finally:
+        await queue.stop()
+
+
+async def test_resync_marks_wait_behind_everything_else_until_asked_for_sooner() -> None:
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "busy":
+            await release.wait()
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=1)
+    queue.start()
+    try:
+        queue.add("busy")
+        await asyncio.sleep(0.01)
+        queue.add("resumed-1", resync=True)
+        queue.add("resumed-2", resync=True)
+        queue.add("status")
+        queue.add("new", urgent=True)
+        queue.add("resumed-2")  # its status changed meanwhile: a normal pass, once
+        release.set()
+        await wait_idle(queue)
+        assert calls == ["busy", "new", "status", "resumed-2", "resumed-1"]
+    finally:
+        await queue.stop()
+
+
+async def test_work_cut_short_by_a_stop_is_done_after_a_start() -> None:
+    """Leadership lost and won again: the pass that was running and the retry that was
+    not due yet are both done by the next workers."""
+    calls: list[str] = []
+    hold = asyncio.Event()
+
+    async def process(key: str, apply: bool) -> None:
+        calls.append(key)
+        if key == "running" and calls.count("running") == 1:
+            await hold.wait()
+        if key == "failing" and calls.count("failing") == 1:
+            raise KubernetesError("refused", status=500)
+
+    queue: WorkQueue[str] = WorkQueue(process, workers=2, retry_delay=lambda e, n: 60.0)
+    queue.start()
+    queue.add("running")
+    queue.add("failing")
+    await asyncio.sleep(0.02)  # "running" holds a worker; "failing" waits 60 s to retry
+    await queue.stop()
+    queue.start()
+    try:
+        await wait_idle(queue)
+        assert sorted(calls) == ["failing", "failing", "running", "running"]
     finally:
         await queue.stop()

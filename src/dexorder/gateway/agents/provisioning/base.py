@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,7 +70,11 @@ class Provisioner(Protocol):
         """Drop what is cached for the user (after the agent stopped answering)."""
 
     async def record_activity(self, user_id: str) -> None:
-        """Tell the idle timer the user is active (rate-limited inside)."""
+        """Tell the idle timer the user is active (rate-limited inside; never raises)."""
+
+    def busy(self, user_id: str) -> AbstractAsyncContextManager[None]:
+        """The user's agent is in use (a turn runs) until the block ends: the idle timer
+        must not stop it meanwhile, however long the block lasts."""
 
     async def healthy(self) -> bool:
         """False while the provisioner's backend cannot be reached (for ``/ready``)."""

@@ -2,16 +2,20 @@
 
 Creates the user's UserAgent or patches its tier and overrides, wakes it when
 suspended, waits on a watch (not polling) for Ready, reads the token Secret, and
-records activity in the annotation the operator's idle timer reads.
+records activity in the annotation the operator's idle timer reads: when a turn starts,
+every ``activity_interval`` while it runs (:meth:`KubernetesProvisioner.busy`) and when it
+ends. An activity write never fails or holds up a turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -46,6 +50,8 @@ from dexorder.gateway.agents.provisioning.base import (
     Stage,
 )
 from dexorder.gateway.pure.licenses import EffectiveLicense
+
+logger = logging.getLogger(__name__)
 
 # A Ready agent is trusted for this long before its UserAgent is read again.
 _ENDPOINT_CACHE_SECONDS = 30.0
@@ -129,12 +135,14 @@ class KubernetesProvisioner:
         timeout: float = 120.0,
         activity_interval: float = 60.0,
         max_agents: int | None = None,
+        activity_write_seconds: float = 5.0,
     ) -> None:
         self._client = client
         self._max_agents = max_agents
         self._namespace = namespace
         self._timeout = timeout
         self._activity_interval = activity_interval
+        self._activity_write_seconds = activity_write_seconds
         self._endpoints: dict[str, tuple[float, AgentEndpoint]] = {}
         self._activity: dict[str, float] = {}
 
@@ -287,9 +295,39 @@ class KubernetesProvisioner:
         self._endpoints.pop(user_id, None)
 
     async def record_activity(self, user_id: str) -> None:
+        """Write the activity annotation unless written in the last ``activity_interval``.
+
+        Never raises: the idle timer is told on the next turn (or heartbeat) instead, and
+        a turn's end (its usage, its ``done``) must not wait on or fail with the API server.
+        """
         last = self._activity.get(user_id)
         if last is not None and time.monotonic() - last < self._activity_interval:
             return
+        await self._write_activity(user_id)
+
+    @contextlib.asynccontextmanager
+    async def busy(self, user_id: str) -> AsyncIterator[None]:
+        """The user's agent is in use until the block ends: activity is recorded at once
+        (unless just written) and again every ``activity_interval`` while it runs, so
+        that a turn longer than the idle timeout is never suspended under it."""
+        heartbeat = asyncio.create_task(self._heartbeat(user_id), name=f"activity:{user_id}")
+        try:
+            yield
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _heartbeat(self, user_id: str) -> None:
+        while True:
+            last = self._activity.get(user_id)
+            wait = 0.0 if last is None else self._activity_interval - (time.monotonic() - last)
+            if wait <= 0:
+                await self._write_activity(user_id)
+                wait = self._activity_interval
+            await asyncio.sleep(wait)
+
+    async def _write_activity(self, user_id: str) -> None:
         self._activity[user_id] = time.monotonic()
         patch = {
             "metadata": {
@@ -297,9 +335,14 @@ class KubernetesProvisioner:
             }
         }
         try:
-            await self._client.merge_patch(self._path(naming.user_agent_name(user_id)), patch)
+            async with asyncio.timeout(self._activity_write_seconds):
+                await self._client.merge_patch(self._path(naming.user_agent_name(user_id)), patch)
         except NotFound:
             self.forget(user_id)
+        except (KubernetesError, TimeoutError) as error:
+            # Not written: the next call tries again rather than waiting out the interval.
+            self._activity.pop(user_id, None)
+            logger.warning("cannot record activity of %s: %s", user_id, error or "timed out")
 
     async def healthy(self) -> bool:
         try:

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from dexorder.core import naming
@@ -37,6 +39,7 @@ class LocalProvisioner:
         self._agents: dict[str, LocalAgentProcess] = {}
         self._idle_limits: dict[str, float | None] = {}
         self._last_activity: dict[str, float] = {}
+        self._busy: Counter[str] = Counter()  # turns running, per user
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
         # Agents whose start is under way: close() must stop them too, or they outlive us.
@@ -111,6 +114,18 @@ class LocalProvisioner:
     async def record_activity(self, user_id: str) -> None:
         self._last_activity[user_id] = time.monotonic()
 
+    @contextlib.asynccontextmanager
+    async def busy(self, user_id: str) -> AsyncIterator[None]:
+        # The reaper skips a user with a turn running; the idle time counts from its end.
+        self._busy[user_id] += 1
+        try:
+            yield
+        finally:
+            self._busy[user_id] -= 1
+            if not self._busy[user_id]:
+                del self._busy[user_id]
+            self._last_activity[user_id] = time.monotonic()
+
     async def healthy(self) -> bool:
         return True
 
@@ -120,7 +135,11 @@ class LocalProvisioner:
             now = time.monotonic()
             for user_id, agent in list(self._agents.items()):
                 limit = self._idle_limits.get(user_id)
-                if limit is None or now - self._last_activity.get(user_id, now) < limit:
+                if (
+                    limit is None
+                    or user_id in self._busy
+                    or now - self._last_activity.get(user_id, now) < limit
+                ):
                     continue
                 async with self._locks[user_id]:
                     logger.info("stopping idle agent of %s", user_id)
