@@ -40,6 +40,7 @@ from dexorder.gateway.stores.licenses import LicenseStore, open_pool
 from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
 from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
+from dexorder.gateway.supervision import supervise
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         limiter = await _open_limiter(redis, stack)
         app[SESSIONS] = _session_store(settings, redis)
         stack.push_async_callback(app[SESSIONS].close)
-        sweeper = asyncio.create_task(_sweep_sessions(app), name="sweep-sessions")
+        sweeper = supervise(_sweep_sessions(app), name="sweep-sessions")
         stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)
         usage = UsageRecorder(sink, UsageStore(pool), daily_batch_seconds=DAILY_BATCH_SECONDS)

@@ -14,13 +14,14 @@ error looks like, ``usage`` the record of each turn.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import psycopg
 
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
@@ -39,6 +40,7 @@ from dexorder.gateway.pure.routing import LLMTarget, RoutingError
 from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
 from dexorder.gateway.stores.usage import Turn, UsageRecorder
+from dexorder.gateway.supervision import supervise
 from dexorder.gateway.turn_runner import ShowEvent, TurnMetrics, relay_turn
 from dexorder.gateway.turns import TurnFinished, TurnTally
 
@@ -183,7 +185,16 @@ class Conversation:
         return not self.generating and self._queue.empty()
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._work(), name=f"conversation:{self.session_id}")
+        # Every failure inside is an error frame; one that escapes anyway (the channel's
+        # emit failing) is logged and the worker started again, so the messages queued
+        # are still answered.
+        self._worker = supervise(
+            self._work(), name=f"conversation:{self.session_id}", on_failure=self._restart
+        )
+
+    def _restart(self, _error: BaseException) -> None:
+        if not self.agent.is_closing:
+            self.start()
 
     def submit(self, text: str) -> bool:
         """Queue a message; False when the queue is full."""
@@ -211,12 +222,14 @@ class Conversation:
         # or start a read ahead, once this conversation lets go of its own.
         self.agent.closing()
         self.cancel_generation()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        await self.agent.close()
+        try:
+            if self._worker is not None:
+                self._worker.cancel()
+                # A worker that failed was logged by its supervisor: its lease still goes.
+                await asyncio.gather(self._worker, return_exceptions=True)
+                self._worker = None
+        finally:
+            await self.agent.close()
 
     # --- what the user is shown -------------------------------------------------------
 
@@ -268,7 +281,12 @@ class Conversation:
         # The first turn's context (and the MCP handshake) off the first message's path.
         await self.agent.read_ahead_next(agent)
         if self._setup.reviews is not None:
-            await self._setup.reviews.remind(self.user_id, self._emit)
+            try:
+                await self._setup.reviews.remind(self.user_id, self._emit)
+            except psycopg.Error as error:
+                # Kept in the database; asked again on the next chat.
+                logger.warning("reviews waiting for %s not fetched: %s", self.user_id, error)
+                await self._fail(error)
 
     async def answer_approval(self, frame: protocol.ApprovalFrame) -> None:
         """The user's answer to an `approval_request`; the outcome or the refusal is a frame."""
@@ -289,19 +307,26 @@ class Conversation:
         await reviews.answer(frame, user_id=self.user_id, agent=agent, emit=self._emit)
 
     async def _work(self) -> None:
+        await self._shown_if_failing(self._before_first_message())
+        while True:
+            text = await self._queue.get()
+            await self._shown_if_failing(self._handle(text))
+
+    async def _before_first_message(self) -> None:
         if self._usage is not None:
             # A limiter that lost today's count (restart without Redis) gets it from PostgreSQL.
             await self._usage.seed_budget(self._limiter, self.user_id)
         await self.prepare()
-        while True:
-            text = await self._queue.get()
-            try:
-                await self._handle(text)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                logger.exception("turn failed in session %s", self.session_id)
-                await self._error_frame(error_frame(error, foreseen=False))
+
+    async def _shown_if_failing(self, step: Awaitable[None]) -> None:
+        """Run one step of the worker; a failure nobody foresaw ends in an error frame."""
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.exception("session %s failed", self.session_id)
+            await self._error_frame(error_frame(error, foreseen=False))
 
     async def _handle(self, text: str) -> None:
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
+
 from dexorder.gateway.agents.mcp_client import AgentUnavailable
 from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.llm.adapter import LLMError
@@ -43,6 +45,13 @@ SHOWN: tuple[tuple[type[Exception], Shown], ...] = (
         Shown(
             protocol.ErrorCode.SERVICE_UNAVAILABLE,
             lambda _: "the rate limiter is unavailable; try again shortly",
+        ),
+    ),
+    (
+        psycopg.Error,
+        Shown(
+            protocol.ErrorCode.SERVICE_UNAVAILABLE,
+            lambda _: "the database is unavailable; try again shortly",
         ),
     ),
 )
