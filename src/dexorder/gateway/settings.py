@@ -191,6 +191,11 @@ class GatewaySettings(BaseSettings):
     demo_user_id: str = Field("demo-user", min_length=1)
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
     drain_seconds: float = Field(20.0, ge=0, le=600)
+    # A WebSocket client that does not read: one send waits at most this long, and at most
+    # this many bytes of frames queue behind it; past either the socket is aborted (its
+    # reply goes on and stays resumable).
+    ws_send_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    ws_send_buffer_bytes: int = Field(1 << 20, ge=64 << 10)
     max_queued_messages: int = Field(4, ge=1, le=100)
 
     # --- local agents and agent addressing -------------------------------------------

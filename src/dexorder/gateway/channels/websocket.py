@@ -32,6 +32,7 @@ from dexorder.gateway.channels.resume import (
     replica_id,
     take_queued,
 )
+from dexorder.gateway.channels.socket_writer import SendPolicy, SocketWriter
 from dexorder.gateway.conversation import (
     ChatServices,
     Conversation,
@@ -62,8 +63,14 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 
 async def _send(ws: web.WebSocketResponse, frame: protocol.Frame) -> None:
+    """Before the socket has its writer: the refusals that close it."""
     if not ws.closed:
         await ws.send_str(protocol.encode_frame(frame))
+
+
+def _say(out: SocketWriter, frame: protocol.Frame) -> None:
+    """A frame for this socket only (not recorded), through its writer."""
+    out.send(protocol.encode_frame(frame))
 
 
 async def _first_frame_identity(
@@ -125,7 +132,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         identity = await _first_frame_identity(ws, verifier)
         if identity is None:
             return ws
-    await serve(ws, app[CHAT_SERVICES], identity, session_id, app, after=after)
+    await serve(
+        ws, app[CHAT_SERVICES], identity, session_id, app, after=after, transport=request.transport
+    )
     return ws
 
 
@@ -169,11 +178,15 @@ async def serve(
     app: web.Application,
     *,
     after: int | None = None,
+    transport: asyncio.Transport | None = None,
 ) -> None:
+    """Serve a chat on ``ws``; ``transport`` is its connection, aborted to cut off a client
+    that does not read (None: the close handshake alone)."""
     metrics.CONNECTIONS.labels(channel="websocket").inc()
     conversation: Conversation | None = None
     outbox: SessionOutbox | None = None
     follower: asyncio.Task[None] | None = None
+    out: SocketWriter | None = None
     clean = True
     try:
         try:
@@ -190,8 +203,13 @@ async def serve(
         session = await _claim(ws, store, session_id, identity.user)
         if session is None:
             return
-        await _send(
-            ws,
+        settings = app[SETTINGS]
+        policy = SendPolicy(
+            timeout=settings.ws_send_timeout_seconds, max_bytes=settings.ws_send_buffer_bytes
+        )
+        out = SocketWriter(ws, transport, policy, name=session_id)
+        _say(
+            out,
             protocol.ReadyFrame(
                 session_id=session_id,
                 user=identity.user,
@@ -201,9 +219,7 @@ async def serve(
             ),
         )
         if license.notice:
-            await _send(
-                ws, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice)
-            )
+            _say(out, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice))
         since = session.last_seq if after is None else after
         following = FollowState()
         taken = detached_conversations(app).take(session_id)
@@ -211,8 +227,8 @@ async def serve(
             # This replica still runs the conversation of a socket that dropped: take it over.
             conversation, outbox = taken.conversation, taken.outbox
             app[LIVE_SOCKETS][ws] = conversation
-            await outbox.attach(ws, since)
-            await take_queued(ws, conversation, outbox, session.queued)
+            await outbox.attach(out, since)
+            await take_queued(out, conversation, outbox, session.queued)
         else:
             outbox = SessionOutbox(store, session_id, replica_id(app))
             conversation = services.conversation(
@@ -231,21 +247,25 @@ async def serve(
                 # too (the store keeps them until then).
                 following.pending.extend(session.queued)
                 follower = asyncio.create_task(
-                    follow_elsewhere(ws, conversation, outbox, identity.user, since, following),
+                    follow_elsewhere(out, conversation, outbox, identity.user, since, following),
                     name=f"follow:{session_id}",
                 )
             else:
-                await outbox.attach(ws, since)
-                await take_queued(ws, conversation, outbox, session.queued)
+                await outbox.attach(out, since)
+                await take_queued(out, conversation, outbox, session.queued)
             conversation.start()
-        clean = await _read_frames(ws, conversation, outbox, following)
+        clean = await _read_frames(ws, out, conversation, outbox, following)
     finally:
         metrics.CONNECTIONS.labels(channel="websocket").dec()
         try:
             if follower is not None:
                 await _stop(follower)
+            if out is not None:
+                if outbox is not None:
+                    outbox.detach(out)
+                await out.close()
             if conversation is not None and outbox is not None:
-                await _let_go(app, ws, session_id, identity.user, conversation, outbox, clean=clean)
+                await _let_go(app, session_id, conversation, outbox, clean=clean)
         finally:
             app[LIVE_SOCKETS].pop(ws, None)
 
@@ -262,17 +282,15 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 async def _let_go(
     app: web.Application,
-    ws: web.WebSocketResponse,
     session_id: str,
-    user_id: str,
     conversation: Conversation,
     outbox: SessionOutbox,
     *,
     clean: bool,
 ) -> None:
-    """The socket is gone. A client that closed it stops the generation (and its billing)
-    now; one that dropped gets a grace period to resume, on this replica or another."""
-    outbox.detach(ws)
+    """The socket is gone (and detached from ``outbox``). A client that closed it stops the
+    generation (and its billing) now; one that dropped gets a grace period to resume, on
+    this replica or another."""
     close = True
     try:
         if not clean and not app[DRAINING].is_set():
@@ -297,6 +315,7 @@ async def _let_go(
 
 async def _read_frames(
     ws: web.WebSocketResponse,
+    out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
     following: FollowState,
@@ -314,8 +333,8 @@ async def _read_frames(
             # lost connection is not.
             return isinstance(message.data, WebSocketError)
         if message.type != WSMsgType.TEXT:
-            await _send(
-                ws,
+            _say(
+                out,
                 protocol.ErrorFrame(
                     code=protocol.ErrorCode.BAD_REQUEST, message="frames are JSON text"
                 ),
@@ -325,17 +344,17 @@ async def _read_frames(
             frame = protocol.parse_client_frame(message.data)
         except protocol.ProtocolError as error:
             metrics.ERRORS.labels(code=error.code.value).inc()
-            await _send(ws, protocol.ErrorFrame(code=error.code, message=error.message))
+            _say(out, protocol.ErrorFrame(code=error.code, message=error.message))
             continue
         if isinstance(frame, protocol.MessageFrame):
-            await _take_message(ws, conversation, outbox, following, frame.content)
+            await _take_message(out, conversation, outbox, following, frame.content)
         elif isinstance(frame, protocol.CancelFrame):
             conversation.cancel_generation()
         elif isinstance(frame, protocol.PingFrame):
-            await _send(ws, protocol.PongFrame())
+            _say(out, protocol.PongFrame())
         elif isinstance(frame, protocol.AuthFrame):
-            await _send(
-                ws,
+            _say(
+                out,
                 protocol.ErrorFrame(
                     code=protocol.ErrorCode.BAD_REQUEST, message="already authenticated"
                 ),
@@ -345,7 +364,7 @@ async def _read_frames(
 
 
 async def _take_message(
-    ws: web.WebSocketResponse,
+    out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
     following: FollowState,
@@ -358,15 +377,15 @@ async def _take_message(
     if following.active:
         # The reply in progress is another replica's: this one takes the message after it.
         if len(following.pending) >= conversation.max_queued:
-            await _send(ws, queue_full)
+            _say(out, queue_full)
             return
         following.pending.append(text)
         try:
             await outbox.store.set_queued(outbox.session_id, following.pending)
         except SessionError as error:
             logger.warning("queue of session %s not recorded: %s", outbox.session_id, error)
-        await _send(
-            ws,
+        _say(
+            out,
             protocol.StatusFrame(
                 stage=protocol.Stage.QUEUED,
                 message="queued after the reply being generated on another replica",
@@ -374,12 +393,12 @@ async def _take_message(
         )
         return
     if not conversation.submit(text):
-        await _send(ws, queue_full)
+        _say(out, queue_full)
         return
     await outbox.mark_generating()
     if conversation.generating:
-        await _send(
-            ws, protocol.StatusFrame(stage=protocol.Stage.QUEUED, message="queued after the reply")
+        _say(
+            out, protocol.StatusFrame(stage=protocol.Stage.QUEUED, message="queued after the reply")
         )
 
 
