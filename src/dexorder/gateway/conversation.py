@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -30,7 +30,7 @@ from dexorder.gateway.agents.mcp_client import AgentSession, AgentTimeout, Agent
 from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.failures import error_frame
 from dexorder.gateway.harness import Harness
-from dexorder.gateway.llm.adapter import LLMError
+from dexorder.gateway.llm.adapter import LLMError, Usage
 from dexorder.gateway.llm.routing import ModelRouter
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.events import TurnOutcome
@@ -131,6 +131,22 @@ async def effective_license(
             "the license service is unavailable; try again shortly",
         ) from error
     return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
+
+
+@dataclass
+class _Bill:
+    """What one message's attempts (a second one after a lost agent) used: each attempt's
+    harness says what its rounds spent, reported or estimated."""
+
+    attempts: list[Harness] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return next((m for m, _ in map(Harness.spent, reversed(self.attempts)) if m), "")
+
+    @property
+    def usage(self) -> Usage:
+        return sum((harness.spent()[1] for harness in self.attempts), Usage(0, 0, 0))
 
 
 class Conversation:
@@ -354,10 +370,19 @@ class Conversation:
         )
 
     @staticmethod
-    async def _end_turn(turn: Turn | None, outcome: TurnOutcome, tally: TurnTally) -> None:
+    async def _end_unfinished(
+        turn: Turn | None, slot: TurnSlot, outcome: TurnOutcome, tally: TurnTally, bill: _Bill
+    ) -> None:
+        """A cancelled or failed turn still costs what it sent and streamed: counted against
+        the budget and recorded, as a finished one is."""
+        await slot.end(bill.usage.total_tokens)
         if turn is not None:
             await turn.finish(
-                model="", prompt_tokens=0, completion_tokens=0, outcome=outcome, tally=tally
+                model=bill.model,
+                prompt_tokens=bill.usage.prompt_tokens,
+                completion_tokens=bill.usage.completion_tokens,
+                outcome=outcome,
+                tally=tally,
             )
 
     def _harness(self, agent: AgentSession) -> Harness:
@@ -382,14 +407,16 @@ class Conversation:
         metrics.MESSAGES.labels(channel=self.channel).inc()
         turn = await self._start_turn(text)
         tally = TurnTally()  # over both attempts, as the usage record is
+        bill = _Bill()  # over both attempts too
         for attempt in (1, 2):
             try:
                 agent = await self.agent.ensure(self._progress)
             except ProvisioningError as error:
                 await self._fail(error)
-                await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return
             harness = self._harness(agent)
+            bill.attempts.append(harness)
             turn_metrics = TurnMetrics.starting_now()
             events = harness.run_turn(text, context=self.agent.take_read_ahead(agent))
             self._turn = asyncio.create_task(
@@ -399,32 +426,34 @@ class Conversation:
             try:
                 finished = await self._turn
             except asyncio.CancelledError:
-                await self._end_turn(turn, TurnOutcome.CANCELLED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.CANCELLED, tally, bill)
                 if self._worker is not None and self._worker.cancelling():
                     raise
                 # The cancelled turn was written back (marked so) before it ended.
                 await self.agent.read_ahead_next(agent)
-                await self._finished(TurnFinished.of_cancelled(harness.route))
+                await self._finished(
+                    TurnFinished(bill.model, bill.usage, harness.route, cancelled=True)
+                )
                 return
             except AgentTimeout as error:
                 # Busy or stuck, not gone: this turn fails, and the session stays for the
                 # user's other chats (dropping it would fail their calls in flight too).
                 # Nothing was written back; the next turn reads for itself.
                 await self._fail(error)
-                await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return
             except AgentUnavailable as error:
                 # The agent went away (idled, restarted elsewhere): forget it and provision again once.
                 await self.agent.drop()
                 if attempt == 2:
                     await self._fail(error)
-                    await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                    await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                     return
                 continue
             except (LLMError, RoutingError) as error:
                 await self.agent.read_ahead_next(agent)  # nothing was written; read all the same
                 await self._fail(error)
-                await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return
             finally:
                 self._turn = None

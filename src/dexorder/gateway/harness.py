@@ -40,6 +40,7 @@ from dexorder.gateway.turns import (
     ToolStarted,
     TurnEvent,
     TurnFinished,
+    estimated_tokens,
 )
 
 if TYPE_CHECKING:
@@ -151,11 +152,24 @@ class _Round:
     """One model round as it streams: what is shown at once becomes an event (``see``);
     the rest (tool calls, usage, the model) is kept for when the round is over."""
 
+    #: The size of what the round sends the model (messages and tools), for ``spent``.
+    prompt_chars: int = 0
     text: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
     #: The model of the round's last ``Finish``; None before one came.
     model: str | None = None
+
+    def spent(self) -> Usage:
+        """The round's usage as the model reported it; for a round cut short before its
+        report (cancelled, failed), its prompt and what it streamed, estimated."""
+        if self.usage.total_tokens:
+            return self.usage
+        prompt = estimated_tokens(self.prompt_chars)
+        completion = estimated_tokens(
+            len(self.text) + sum(len(call.arguments_json) for call in self.calls)
+        )
+        return Usage(prompt, completion, prompt + completion)
 
     def see(self, event: RoutedEvent) -> ReplyDelta | FellBack | None:
         if isinstance(event, TextDelta):  # nearly every event: tested first
@@ -200,6 +214,14 @@ def _reply(rounds: Sequence[_Round]) -> str:
     return "".join(round_.text for round_ in rounds)
 
 
+def _prompt_chars(messages: Sequence[Mapping[str, Any]], tools: EncodedTools) -> int:
+    """What a round sends the model, in characters: its messages' text and its tools."""
+    return len(tools.json) + sum(
+        len(str(message.get("content") or "")) + len(str(message.get("tool_calls") or ""))
+        for message in messages
+    )
+
+
 class Harness:
     """Runs turns for one chat session against one agent."""
 
@@ -231,6 +253,17 @@ class Harness:
         self.max_tool_rounds = max_tool_rounds
         #: The current turn's route, once chosen; kept for a cancelled turn's ``done`` frame.
         self.route: RouteChoice | None = None
+        #: The current turn's model rounds so far (``spent``).
+        self._rounds: list[_Round] = []
+
+    def spent(self) -> tuple[str, Usage]:
+        """The model and the tokens the current turn has used so far, whatever its
+        outcome: a cancelled or failed turn is billed its prompts and what it streamed."""
+        rounds = self._rounds
+        model = next((r.model for r in reversed(rounds) if r.model is not None), None)
+        if model is None:
+            model = self.route.deployment if self.route is not None else ""
+        return model, sum((round_.spent() for round_ in rounds), Usage(0, 0, 0))
 
     async def _retrieve(self, user_message: str) -> TurnContext | None:
         if self.retriever is None:
@@ -302,6 +335,7 @@ class Harness:
         inside ``contextlib.aclosing``, so a consumer that stops early closes the model's
         stream at once."""
         rounds: list[_Round] = []
+        self._rounds = rounds
         note = ""
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
@@ -311,7 +345,7 @@ class Harness:
                 yield SourcesCited(tuple(retrieved.frame.items))
             route = self._choose_route(user_message, agent_context.preferences)
             for _ in range(self.max_tool_rounds):
-                round_ = _Round()
+                round_ = _Round(prompt_chars=_prompt_chars(messages, tools))
                 rounds.append(round_)
                 # One model round along the route; the router falls back, never repeating
                 # text. aclosing: a cancel closes the model's stream now, not at collection.

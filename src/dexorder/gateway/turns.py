@@ -23,6 +23,15 @@ from dexorder.gateway.pure.routing import RouteChoice
 HISTORY_TURNS = 20
 """Past turns a prompt carries (and a carried context keeps)."""
 
+CHARS_PER_TOKEN = 4
+"""The usual rule of thumb for English text and JSON: what a token is worth in characters,
+for the turns whose usage the model never reported (cancelled or failed mid-stream)."""
+
+
+def estimated_tokens(chars: int) -> int:
+    """The tokens in ``chars`` characters of text, estimated (rounded up)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
 
 @dataclass(frozen=True)
 class AgentContext:
@@ -164,6 +173,7 @@ def frame_for(event: TurnEvent) -> protocol.Frame:
 
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "HISTORY_TURNS",
     "AgentContext",
     "FellBack",
@@ -174,6 +184,7 @@ __all__ = [
     "TurnEvent",
     "TurnFinished",
     "TurnTally",
+    "estimated_tokens",
     "frame_for",
     "route_frame",
 ]
