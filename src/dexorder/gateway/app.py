@@ -41,6 +41,7 @@ from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
 from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
 from dexorder.gateway.supervision import supervise
+from dexorder.gateway.turn_runner import TurnDeadlines
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 if TYPE_CHECKING:
@@ -200,7 +201,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         )
         http = await stack.enter_async_context(_client_session())
         app[VERIFIER] = TokenVerifier.from_settings(settings, http)
-        pool = await open_pool(settings.database_url)
+        pool = await open_pool(
+            settings.database_url,
+            connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
+        )
         stack.push_async_callback(pool.close)
         licenses = LicenseStore.from_settings(settings, pool)
         provisioner = await _open_provisioner(settings, stack)
@@ -258,6 +263,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 max_tool_rounds=settings.max_tool_rounds,
                 retriever=retriever,
                 reviews=reviews,
+                deadlines=TurnDeadlines(
+                    first_token=settings.turn_first_token_seconds,
+                    whole=settings.turn_deadline_seconds,
+                ),
             ),
             max_queued=settings.max_queued_messages,
             usage=usage,

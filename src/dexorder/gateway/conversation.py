@@ -41,7 +41,14 @@ from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, Licen
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
 from dexorder.gateway.stores.usage import Turn, UsageRecorder
 from dexorder.gateway.supervision import supervise
-from dexorder.gateway.turn_runner import ShowEvent, TurnMetrics, relay_turn
+from dexorder.gateway.turn_runner import (
+    ShowEvent,
+    TurnDeadlines,
+    TurnMetrics,
+    TurnTimedOut,
+    await_turn,
+    relay_turn,
+)
 from dexorder.gateway.turns import TurnFinished, TurnTally
 
 if TYPE_CHECKING:
@@ -57,13 +64,15 @@ Emit = Callable[[protocol.Frame], Awaitable[None]]
 @dataclass(frozen=True)
 class TurnSetup:
     """What every turn's harness is built with, the same for every conversation:
-    the model router, the tool rounds allowed, the knowledge-base search (None: off) and
-    the strategy review, a gateway tool with approvals from the user (None: off)."""
+    the model router, the tool rounds allowed, the knowledge-base search (None: off),
+    the strategy review, a gateway tool with approvals from the user (None: off), and how
+    long a turn may take."""
 
     router: ModelRouter
     max_tool_rounds: int = 8
     retriever: Retriever | None = None
     reviews: ReviewChat | None = None
+    deadlines: TurnDeadlines = field(default_factory=TurnDeadlines)
 
 
 @dataclass(frozen=True)
@@ -424,7 +433,7 @@ class Conversation:
                 name=f"turn:{self.session_id}",
             )
             try:
-                finished = await self._turn
+                finished = await await_turn(self._turn, tally, self._setup.deadlines)
             except asyncio.CancelledError:
                 await self._end_unfinished(turn, slot, TurnOutcome.CANCELLED, tally, bill)
                 if self._worker is not None and self._worker.cancelling():
@@ -450,7 +459,7 @@ class Conversation:
                     await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                     return
                 continue
-            except (LLMError, RoutingError) as error:
+            except (LLMError, RoutingError, TurnTimedOut) as error:
                 await self.agent.read_ahead_next(agent)  # nothing was written; read all the same
                 await self._fail(error)
                 await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)

@@ -19,6 +19,7 @@ from dexorder.gateway.llm.adapter import LLMError
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.routing import RoutingError
 from dexorder.gateway.stores.limits import LimiterUnavailable
+from dexorder.gateway.turn_runner import TurnTimedOut
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ SHOWN: tuple[tuple[type[Exception], Shown], ...] = (
     (AgentUnavailable, Shown(protocol.ErrorCode.AGENT_UNAVAILABLE)),
     (LLMError, Shown(protocol.ErrorCode.LLM_ERROR, lambda error: f"the model failed: {error}")),
     (RoutingError, Shown(protocol.ErrorCode.LLM_ERROR)),
+    (TurnTimedOut, Shown(protocol.ErrorCode.LLM_ERROR, lambda error: f"the model failed: {error}")),
     (
         LimiterUnavailable,
         Shown(

@@ -162,6 +162,10 @@ class GatewaySettings(BaseSettings):
     provision_timeout_seconds: float = Field(120.0, gt=0)
     # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
+    # A turn's deadlines, whatever the model's connection does (keep-alive comments do not
+    # extend them): until its reply begins, and in all.
+    turn_first_token_seconds: float = Field(120.0, gt=0)
+    turn_deadline_seconds: float = Field(600.0, gt=0)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
@@ -190,6 +194,10 @@ class GatewaySettings(BaseSettings):
     # The user the demo-mode token endpoint signs for (demo mode only).
     demo_user_id: str = Field("demo-user", min_length=1)
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
+    # PostgreSQL: a connection attempt and a statement (cancelled by the server) give up
+    # after these.
+    database_connect_timeout_seconds: int = Field(5, ge=1, le=120)
+    database_statement_timeout_seconds: float = Field(15.0, gt=0, le=600)
     drain_seconds: float = Field(20.0, ge=0, le=600)
     # A WebSocket client that does not read: one send waits at most this long, and at most
     # this many bytes of frames queue behind it; past either the socket is aborted (its

@@ -428,10 +428,14 @@ class UsageRecorder:
             return
         today = dt.datetime.now(dt.UTC).date()
         try:
-            used = await self.store.on(user_id, today)
-            await limiter.seed_tokens(user_id, used.total_tokens)
-        except (UsageUnavailable, LimiterUnavailable) as error:
-            logger.warning("today's token budget of %s not seeded: %s", user_id, error)
+            # Bounded: a chat's first message waits for it.
+            async with asyncio.timeout(self._daily_timeout):
+                used = await self.store.on(user_id, today)
+                await limiter.seed_tokens(user_id, used.total_tokens)
+        except (UsageUnavailable, LimiterUnavailable, TimeoutError) as error:
+            logger.warning(
+                "today's token budget of %s not seeded: %s", user_id, error or "timed out"
+            )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for the daily totals to be written, those added meanwhile too; past
