@@ -103,7 +103,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
 
 
 async def _drain(app: web.Application) -> None:
-    await websocket.drain(app, app[SETTINGS].drain_seconds)
+    settings = app[SETTINGS]
+    await websocket.drain(app, settings.drain_seconds, settings.ws_close_seconds)
 
 
 async def _open_provisioner(

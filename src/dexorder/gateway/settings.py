@@ -199,6 +199,10 @@ class GatewaySettings(BaseSettings):
     database_connect_timeout_seconds: int = Field(5, ge=1, le=120)
     database_statement_timeout_seconds: float = Field(15.0, gt=0, le=600)
     drain_seconds: float = Field(20.0, ge=0, le=600)
+    # Then every socket is closed with 1012 at once, and those not closed within this
+    # (clients that do not read) are aborted. The chart's grace period is the sum of its
+    # preStop pause, these two, and the flush of usage and events (USAGE_FLUSH_SECONDS).
+    ws_close_seconds: float = Field(3.0, gt=0, le=60)
     # A WebSocket client that does not read: one send waits at most this long, and at most
     # this many bytes of frames queue behind it; past either the socket is aborted (its
     # reply goes on and stays resumable).

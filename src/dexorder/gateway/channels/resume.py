@@ -326,6 +326,12 @@ class DetachedConversations:
             if self._by_session.get(session_id) is detached:
                 del self._by_session[session_id]
 
+    def stop_generating(self) -> None:
+        """Stop every detached reply (the gateway is draining: no one will resume it here);
+        each lingering handler then closes its conversation."""
+        for detached in self._by_session.values():
+            detached.conversation.cancel_generation()
+
     async def sweep(self, expired_sessions: set[str]) -> list[str]:
         """Close the conversations past their grace or whose session expired."""
         now = time.monotonic()

@@ -10,11 +10,11 @@ user's session id is refused with 4403.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import re
 import uuid
+import weakref
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
@@ -208,6 +208,7 @@ async def serve(
             timeout=settings.ws_send_timeout_seconds, max_bytes=settings.ws_send_buffer_bytes
         )
         out = SocketWriter(ws, transport, policy, name=session_id)
+        _writers(app)[ws] = out
         _say(
             out,
             protocol.ReadyFrame(
@@ -268,6 +269,7 @@ async def serve(
                 await _let_go(app, session_id, conversation, outbox, clean=clean)
         finally:
             app[LIVE_SOCKETS].pop(ws, None)
+            _writers(app).pop(ws, None)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -402,16 +404,44 @@ async def _take_message(
         )
 
 
-async def drain(app: web.Application, deadline: float) -> None:
-    """On SIGTERM: let running generations finish up to ``deadline`` seconds, then close 1012."""
+async def drain(app: web.Application, generations: float, close: float) -> None:
+    """On SIGTERM, in one budget whatever the clients do: running generations may finish
+    for up to ``generations`` seconds (replies detached from a socket are stopped at once:
+    nobody is there to read them), then every socket is closed with 1012 at the same time,
+    and those not closed within ``close`` seconds (a client that does not read cannot take
+    the close frame) are aborted."""
     app[DRAINING].set()
+    detached_conversations(app).stop_generating()
     sockets = app[LIVE_SOCKETS].copy()
-    await asyncio.gather(*(conversation.wait_idle(deadline) for conversation in sockets.values()))
-    for ws in sockets:
-        with contextlib.suppress(Exception):
-            await ws.close(
-                code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect"
-            )
+    await asyncio.gather(
+        *(conversation.wait_idle(generations) for conversation in sockets.values())
+    )
+    closing = {
+        asyncio.create_task(
+            ws.close(code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect")
+        ): ws
+        for ws in sockets
+    }
+    if not closing:
+        return
+    _, late = await asyncio.wait(closing, timeout=close)
+    writers = _writers(app)
+    for task in late:
+        task.cancel()
+        writer = writers.get(closing[task])
+        if writer is not None:
+            writer.abort("shutdown")
+    await asyncio.gather(*closing, return_exceptions=True)
+
+
+_Writers = dict[web.WebSocketResponse[bool], SocketWriter]
+_WRITERS: weakref.WeakKeyDictionary[web.Application, _Writers] = weakref.WeakKeyDictionary()
+
+
+def _writers(app: web.Application) -> _Writers:
+    """Each live socket's writer (to abort it at shutdown), kept beside the app as the
+    detached conversations are."""
+    return _WRITERS.setdefault(app, {})
 
 
 async def sweep_sessions(app: web.Application) -> None:
