@@ -331,7 +331,8 @@ class Harness:
         done and fresh); when it ends in None, an error or a cancel, the turn reads.
 
         A cancel, whether it comes while the turn waits or is thrown in at a ``yield``
-        (``athrow``), records the turn as cancelled and is raised again. Read the events
+        (``athrow``), records the turn as cancelled and is raised again; a failure (the
+        model's, say) records it as failed, with its error, and is raised again. Read the events
         inside ``contextlib.aclosing``, so a consumer that stops early closes the model's
         stream at once."""
         rounds: list[_Round] = []
@@ -384,6 +385,14 @@ class Harness:
                 record.append({"role": "assistant", "content": _reply(rounds) + note})
         except asyncio.CancelledError:
             record.append({"role": "assistant", "content": _reply(rounds) + note + " [cancelled]"})
+            await self._write_back(record, shielded=True)
+            raise
+        except AgentUnavailable:
+            raise  # nothing to write the turn to
+        except Exception as error:
+            # The user's message stays in the history, with what went wrong.
+            failed = f" [failed: {error}]"
+            record.append({"role": "assistant", "content": _reply(rounds) + note + failed})
             await self._write_back(record, shielded=True)
             raise
         written = await self._write_back(record, shielded=False)

@@ -100,3 +100,24 @@ async def test_a_reply_the_model_broke_mid_way_is_billed_what_it_streamed(
     assert usage.prompt_tokens > 0
     assert usage.completion_tokens > 0
     assert daily == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_a_failed_turn_stays_in_the_history_with_its_error(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    for _ in range(8):
+        llm.queue(FailureScript(failure="break_midway", chunks_before_break=2))
+    async with aiohttp.ClientSession() as http:
+        client, _ = await open_chat(http, gateway, issuer, user_id)
+        await client.send({"type": "message", "content": "the message that failed"})
+        await client.until("error")
+        llm.reset()  # the failures the routes did not use
+        llm.queue(TextScript(text="Answered."))
+        await client.send({"type": "message", "content": "and now?"})
+        await client.until("done")
+        await client.ws.close()
+    # The next turn's prompt carries the failed one: the user's message, and that it failed.
+    prompt = llm.requests[-1].body["messages"]
+    contents = [str(message.get("content")) for message in prompt]
+    assert "the message that failed" in contents
+    assert any("[failed:" in content for content in contents)
