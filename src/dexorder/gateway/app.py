@@ -268,6 +268,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                     first_token=settings.turn_first_token_seconds,
                     whole=settings.turn_deadline_seconds,
                 ),
+                tool_result_max_bytes=settings.tool_result_max_bytes,
             ),
             max_queued=settings.max_queued_messages,
             usage=usage,

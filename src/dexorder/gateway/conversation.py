@@ -49,7 +49,7 @@ from dexorder.gateway.turn_runner import (
     await_turn,
     relay_turn,
 )
-from dexorder.gateway.turns import TurnFinished, TurnTally
+from dexorder.gateway.turns import TOOL_RESULT_MAX_BYTES, TurnFinished, TurnTally
 
 if TYPE_CHECKING:
     # Both are opened only when configured; their imports (Qdrant, LangGraph) are heavy.
@@ -65,14 +65,15 @@ Emit = Callable[[protocol.Frame], Awaitable[None]]
 class TurnSetup:
     """What every turn's harness is built with, the same for every conversation:
     the model router, the tool rounds allowed, the knowledge-base search (None: off),
-    the strategy review, a gateway tool with approvals from the user (None: off), and how
-    long a turn may take."""
+    the strategy review, a gateway tool with approvals from the user (None: off), how
+    long a turn may take, and how much of a tool's result is kept."""
 
     router: ModelRouter
     max_tool_rounds: int = 8
     retriever: Retriever | None = None
     reviews: ReviewChat | None = None
     deadlines: TurnDeadlines = field(default_factory=TurnDeadlines)
+    tool_result_max_bytes: int = TOOL_RESULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,7 @@ class Conversation:
             retriever=setup.retriever,
             gateway_tools=setup.reviews,
             notify=self._emit,
+            tool_result_max_bytes=setup.tool_result_max_bytes,
         )
 
     async def _generate(self, text: str, slot: TurnSlot) -> None:

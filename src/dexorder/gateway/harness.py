@@ -32,6 +32,7 @@ from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.routing import RouteChoice
 from dexorder.gateway.turns import (
     HISTORY_TURNS,
+    TOOL_RESULT_MAX_BYTES,
     AgentContext,
     FellBack,
     ReplyDelta,
@@ -40,6 +41,7 @@ from dexorder.gateway.turns import (
     ToolStarted,
     TurnEvent,
     TurnFinished,
+    capped_tool_result,
     estimated_tokens,
 )
 
@@ -238,7 +240,10 @@ class Harness:
         retriever: Retriever | None = None,
         gateway_tools: GatewayTools | None = None,
         notify: Emit | None = None,
+        tool_result_max_bytes: int = TOOL_RESULT_MAX_BYTES,
     ) -> None:
+        #: A tool's result beyond this is cut (shown, recorded and given to the model so).
+        self.tool_result_max_bytes = tool_result_max_bytes
         self.agent = agent
         self.user_id = user_id
         self.retriever = retriever
@@ -418,7 +423,8 @@ class Harness:
                 outcome = await self.agent.call_tool(call.name, arguments)
         except AgentUnavailable as error:
             return ToolFinished(call.id, str(error), is_error=True), f"error: {error}"
-        return ToolFinished(call.id, outcome.content, outcome.is_error), outcome.content
+        content = capped_tool_result(outcome.content, self.tool_result_max_bytes)
+        return ToolFinished(call.id, content, outcome.is_error), content
 
     async def _notify(self, frame: protocol.Frame) -> None:
         if self.notify is not None:

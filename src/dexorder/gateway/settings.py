@@ -166,6 +166,8 @@ class GatewaySettings(BaseSettings):
     # extend them): until its reply begins, and in all.
     turn_first_token_seconds: float = Field(120.0, gt=0)
     turn_deadline_seconds: float = Field(600.0, gt=0)
+    # A tool's result past this many bytes is cut (in frames, events and the model's prompt).
+    tool_result_max_bytes: int = Field(64 * 1024, ge=1024)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
