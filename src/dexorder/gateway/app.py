@@ -19,6 +19,7 @@ from dexorder.gateway.agent_handle import AgentAccess
 from dexorder.gateway.agents.provisioning import Provisioner
 from dexorder.gateway.agents.provisioning.kubernetes import KubernetesProvisioner
 from dexorder.gateway.agents.provisioning.local import LocalProvisioner
+from dexorder.gateway.agents.sessions import AgentSessions
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
 from dexorder.gateway.conversation import ChatServices, TurnSetup
@@ -250,6 +251,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             default_group=models.default_group,
             agents=AgentAccess(
                 provisioner,
+                sessions=AgentSessions(max_answer_bytes=settings.mcp_max_answer_bytes),
                 host_map=settings.agent_host_map,
                 connect_seconds=settings.agent_connect_seconds,
                 read_seconds=settings.agent_read_seconds,

@@ -168,6 +168,8 @@ class GatewaySettings(BaseSettings):
     turn_deadline_seconds: float = Field(600.0, gt=0)
     # A tool's result past this many bytes is cut (in frames, events and the model's prompt).
     tool_result_max_bytes: int = Field(64 * 1024, ge=1024)
+    # The most of one answer read from an agent's MCP server; past it that call fails.
+    mcp_max_answer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
