@@ -113,7 +113,13 @@ async def measure(tokens: int, turns: int, repeats: int) -> list[float]:
     store = _sessions.MemorySessionStore(ttl=3600, buffer=1000)
     await store.claim("bench-session", user_id="bench", channel="websocket")
     outbox = SessionOutbox(store, "bench-session", "bench-replica")
-    outbox._ws = Socket()  # type: ignore[assignment]  # attached without a replay
+    if hasattr(outbox, "_out"):  # one writer per socket (issue 20): its task sends
+        from dexorder.gateway.channels.socket_writer import SendPolicy, SocketWriter
+
+        writer = SocketWriter(Socket(), None, SendPolicy(), name="bench")  # type: ignore[arg-type]
+        outbox._out = writer  # attached without a replay
+    else:
+        outbox._ws = Socket()  # type: ignore[attr-defined]  # attached without a replay
     recorder = _usage.UsageRecorder(Sink(), None, cost=lambda *_: 0.0)
     agent, router = Agent(), Router(tokens)
 

@@ -195,13 +195,33 @@ def _raise_for(status: int, body: Any, method: str, path: str) -> None:
     raise error_type(text, status=status, reason=reason)
 
 
+class _Held:
+    """A semaphore slot already acquired, released on leaving the block."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_: object) -> None:
+        self._slots.release()
+
+
 class KubeClient:
     """One HTTP connection pool to the API server; counts the requests it makes."""
 
     def __init__(
-        self, credentials: ClusterCredentials, *, request_timeout: float = 30.0, pool_size: int = 50
+        self,
+        credentials: ClusterCredentials,
+        *,
+        request_timeout: float = 30.0,
+        pool_size: int = 50,
+        slot_timeout: float = 60.0,
     ) -> None:
         self.credentials = credentials
+        #: How long a request may queue for one of the ``pool_size`` slots.
+        self._slot_timeout = slot_timeout
         # sock_connect, not connect: aiohttp's connect timeout also covers the wait for a
         # free pooled connection, which under a burst is queueing, not a dead server.
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=10)
@@ -261,8 +281,16 @@ class KubeClient:
         self.requests_made += 1
         self.requests_by_kind[f"{method} {_resource_of(path)}"] += 1
         try:
+            async with asyncio.timeout(self._slot_timeout):
+                await self._slots.acquire()
+        except TimeoutError as error:
+            raise Unreachable(
+                f"{method} {path}: no free connection to the API server within "
+                f"{self._slot_timeout:g}s"
+            ) from error
+        try:
             async with (
-                self._slots,
+                _Held(self._slots),
                 self.session.request(
                     method,
                     url,

@@ -71,7 +71,9 @@ def _serve() -> int:
         app,
         host=settings.host,
         port=settings.port,
-        shutdown_timeout=settings.drain_seconds + 5,
+        # The drain (on_shutdown) has closed every socket by then; this is the handlers'
+        # last moment before they are cancelled.
+        shutdown_timeout=settings.drain_seconds + settings.ws_close_seconds + 1,
         access_log=None,
         print=lambda text: logging.getLogger("dexorder.gateway").info(text),
         loop=_new_event_loop(),

@@ -21,6 +21,7 @@ from dexorder.gateway.agent_handle import AgentAccess
 from dexorder.gateway.agents.provisioning import Provisioner
 from dexorder.gateway.agents.provisioning.kubernetes import KubernetesProvisioner
 from dexorder.gateway.agents.provisioning.local import LocalProvisioner
+from dexorder.gateway.agents.sessions import AgentSessions
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
 from dexorder.gateway.conversation import ChatServices, TurnSetup
@@ -46,6 +47,8 @@ from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
 from dexorder.gateway.stores.redis_client import open_redis
 from dexorder.gateway.stores.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from dexorder.gateway.stores.usage import DAILY_BATCH_SECONDS, UsageRecorder, UsageStore
+from dexorder.gateway.supervision import supervise
+from dexorder.gateway.turn_runner import TurnDeadlines
 from dexorder.gateway.usage_api import USAGE_PATH, get_usage
 
 if TYPE_CHECKING:
@@ -128,7 +131,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
 
 
 async def _drain(app: web.Application) -> None:
-    await websocket.drain(app, app[SETTINGS].drain_seconds)
+    settings = app[SETTINGS]
+    await websocket.drain(app, settings.drain_seconds, settings.ws_close_seconds)
 
 
 async def _open_provisioner(
@@ -242,7 +246,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         )
         http = await stack.enter_async_context(_client_session())
         app[VERIFIER] = TokenVerifier.from_settings(settings, http)
-        pool = await open_pool(settings.database_url)
+        pool = await open_pool(
+            settings.database_url,
+            connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
+        )
         stack.push_async_callback(pool.close)
         licenses = LicenseStore.from_settings(settings, pool)
         provisioner = await _open_provisioner(settings, stack)
@@ -254,7 +262,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         limiter = await _open_limiter(redis, usage_store, stack)
         app[SESSIONS] = _session_store(settings, redis)
         stack.push_async_callback(app[SESSIONS].close)
-        sweeper = asyncio.create_task(_sweep_sessions(app), name="sweep-sessions")
+        sweeper = supervise(_sweep_sessions(app), name="sweep-sessions")
         stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)
         usage = UsageRecorder(sink, usage_store, daily_batch_seconds=DAILY_BATCH_SECONDS)
@@ -287,6 +295,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             default_group=models.default_group,
             agents=AgentAccess(
                 provisioner,
+                sessions=AgentSessions(max_answer_bytes=settings.mcp_max_answer_bytes),
                 host_map=settings.agent_host_map,
                 connect_seconds=settings.agent_connect_seconds,
                 read_seconds=settings.agent_read_seconds,
@@ -301,6 +310,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 max_tool_rounds=settings.max_tool_rounds,
                 retriever=retriever,
                 reviews=reviews,
+                deadlines=TurnDeadlines(
+                    first_token=settings.turn_first_token_seconds,
+                    whole=settings.turn_deadline_seconds,
+                ),
+                tool_result_max_bytes=settings.tool_result_max_bytes,
             ),
             max_queued=settings.max_queued_messages,
             usage=usage,

@@ -14,13 +14,14 @@ error looks like, ``usage`` the record of each turn.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import psycopg
 
 from dexorder.core.tiers import TierCatalog
 from dexorder.gateway import metrics
@@ -29,7 +30,7 @@ from dexorder.gateway.agents.mcp_client import AgentSession, AgentTimeout, Agent
 from dexorder.gateway.agents.provisioning import ProvisioningError
 from dexorder.gateway.failures import error_frame
 from dexorder.gateway.harness import Harness
-from dexorder.gateway.llm.adapter import LLMError
+from dexorder.gateway.llm.adapter import LLMError, Usage
 from dexorder.gateway.llm.routing import ModelRouter
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.events import TurnOutcome
@@ -39,8 +40,16 @@ from dexorder.gateway.pure.routing import LLMTarget, RoutingError
 from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
 from dexorder.gateway.stores.usage import Turn, UsageRecorder
-from dexorder.gateway.turn_runner import ShowEvent, TurnMetrics, relay_turn
-from dexorder.gateway.turns import TurnFinished, TurnTally
+from dexorder.gateway.supervision import supervise
+from dexorder.gateway.turn_runner import (
+    ShowEvent,
+    TurnDeadlines,
+    TurnMetrics,
+    TurnTimedOut,
+    await_turn,
+    relay_turn,
+)
+from dexorder.gateway.turns import TOOL_RESULT_MAX_BYTES, TurnFinished, TurnTally
 
 if TYPE_CHECKING:
     # Both are opened only when configured; their imports (Qdrant, LangGraph) are heavy.
@@ -55,13 +64,16 @@ Emit = Callable[[protocol.Frame], Awaitable[None]]
 @dataclass(frozen=True)
 class TurnSetup:
     """What every turn's harness is built with, the same for every conversation:
-    the model router, the tool rounds allowed, the knowledge-base search (None: off) and
-    the strategy review, a gateway tool with approvals from the user (None: off)."""
+    the model router, the tool rounds allowed, the knowledge-base search (None: off),
+    the strategy review, a gateway tool with approvals from the user (None: off), how
+    long a turn may take, and how much of a tool's result is kept."""
 
     router: ModelRouter
     max_tool_rounds: int = 8
     retriever: Retriever | None = None
     reviews: ReviewChat | None = None
+    deadlines: TurnDeadlines = field(default_factory=TurnDeadlines)
+    tool_result_max_bytes: int = TOOL_RESULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,22 @@ async def effective_license(
     return resolve_license(license, services.catalog, dt.datetime.now(dt.UTC))
 
 
+@dataclass
+class _Bill:
+    """What one message's attempts (a second one after a lost agent) used: each attempt's
+    harness says what its rounds spent, reported or estimated."""
+
+    attempts: list[Harness] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return next((m for m, _ in map(Harness.spent, reversed(self.attempts)) if m), "")
+
+    @property
+    def usage(self) -> Usage:
+        return sum((harness.spent()[1] for harness in self.attempts), Usage(0, 0, 0))
+
+
 class Conversation:
     """One chat session's queue and worker; see the module's text."""
 
@@ -183,7 +211,16 @@ class Conversation:
         return not self.generating and self._queue.empty()
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._work(), name=f"conversation:{self.session_id}")
+        # Every failure inside is an error frame; one that escapes anyway (the channel's
+        # emit failing) is logged and the worker started again, so the messages queued
+        # are still answered.
+        self._worker = supervise(
+            self._work(), name=f"conversation:{self.session_id}", on_failure=self._restart
+        )
+
+    def _restart(self, _error: BaseException) -> None:
+        if not self.agent.is_closing:
+            self.start()
 
     def submit(self, text: str) -> bool:
         """Queue a message; False when the queue is full."""
@@ -211,12 +248,14 @@ class Conversation:
         # or start a read ahead, once this conversation lets go of its own.
         self.agent.closing()
         self.cancel_generation()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        await self.agent.close()
+        try:
+            if self._worker is not None:
+                self._worker.cancel()
+                # A worker that failed was logged by its supervisor: its lease still goes.
+                await asyncio.gather(self._worker, return_exceptions=True)
+                self._worker = None
+        finally:
+            await self.agent.close()
 
     # --- what the user is shown -------------------------------------------------------
 
@@ -267,7 +306,12 @@ class Conversation:
     async def _remind(self) -> None:
         """Ask again for the reviews waiting for this user (the database's, not the agent's)."""
         if self._setup.reviews is not None:
-            await self._setup.reviews.remind(self.user_id, self._emit)
+            try:
+                await self._setup.reviews.remind(self.user_id, self._emit)
+            except psycopg.Error as error:
+                # Kept in the database; asked again on the next chat.
+                logger.warning("reviews waiting for %s not fetched: %s", self.user_id, error)
+                await self._fail(error)
 
     async def _agent_ready(self) -> None:
         if self._prepared:
@@ -300,21 +344,29 @@ class Conversation:
         await reviews.answer(frame, user_id=self.user_id, agent=agent, emit=self._emit)
 
     async def _work(self) -> None:
+        await self._shown_if_failing(self._before_first_message())
+        while True:
+            text = await self._queue.get()
+            # Provisioned for a message, never for a connection alone (issue 21).
+            await self._shown_if_failing(self._agent_ready())
+            await self._shown_if_failing(self._handle(text))
+
+    async def _before_first_message(self) -> None:
         if self._usage is not None:
             # A limiter that lost today's count (restart without Redis) gets it from PostgreSQL.
             await self._usage.seed_budget(self._limiter, self.user_id)
         if not self._prepared:
             await self._remind()
-        while True:
-            text = await self._queue.get()
-            await self._agent_ready()  # provisioned for a message, not for a connection
-            try:
-                await self._handle(text)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                logger.exception("turn failed in session %s", self.session_id)
-                await self._error_frame(error_frame(error, foreseen=False))
+
+    async def _shown_if_failing(self, step: Awaitable[None]) -> None:
+        """Run one step of the worker; a failure nobody foresaw ends in an error frame."""
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.exception("session %s failed", self.session_id)
+            await self._error_frame(error_frame(error, foreseen=False))
 
     async def _handle(self, text: str) -> None:
         try:
@@ -342,10 +394,19 @@ class Conversation:
         )
 
     @staticmethod
-    async def _end_turn(turn: Turn | None, outcome: TurnOutcome, tally: TurnTally) -> None:
+    async def _end_unfinished(
+        turn: Turn | None, slot: TurnSlot, outcome: TurnOutcome, tally: TurnTally, bill: _Bill
+    ) -> None:
+        """A cancelled or failed turn still costs what it sent and streamed: counted against
+        the budget and recorded, as a finished one is."""
+        await slot.end(bill.usage.total_tokens)
         if turn is not None:
             await turn.finish(
-                model="", prompt_tokens=0, completion_tokens=0, outcome=outcome, tally=tally
+                model=bill.model,
+                prompt_tokens=bill.usage.prompt_tokens,
+                completion_tokens=bill.usage.completion_tokens,
+                outcome=outcome,
+                tally=tally,
             )
 
     def _harness(self, agent: AgentSession) -> Harness:
@@ -361,6 +422,7 @@ class Conversation:
             retriever=setup.retriever,
             gateway_tools=setup.reviews,
             notify=self._emit,
+            tool_result_max_bytes=setup.tool_result_max_bytes,
         )
 
     async def _generate(self, text: str, slot: TurnSlot) -> None:
@@ -370,14 +432,16 @@ class Conversation:
         metrics.MESSAGES.labels(channel=self.channel).inc()
         turn = await self._start_turn(text)
         tally = TurnTally()  # over both attempts, as the usage record is
+        bill = _Bill()  # over both attempts too
         for attempt in (1, 2):
             try:
                 agent = await self.agent.ensure(self._progress)
             except ProvisioningError as error:
                 await self._fail(error)
-                await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return
             harness = self._harness(agent)
+            bill.attempts.append(harness)
             turn_metrics = TurnMetrics.starting_now()
             events = harness.run_turn(text, context=self.agent.take_read_ahead(agent))
             self._turn = asyncio.create_task(
@@ -386,34 +450,36 @@ class Conversation:
             )
             try:
                 async with self.agent.busy():  # no idle suspend under a running turn
-                    finished = await self._turn
+                    finished = await await_turn(self._turn, tally, self._setup.deadlines)
             except asyncio.CancelledError:
-                await self._end_turn(turn, TurnOutcome.CANCELLED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.CANCELLED, tally, bill)
                 if self._worker is not None and self._worker.cancelling():
                     raise
                 # The cancelled turn was written back (marked so) before it ended.
                 await self.agent.read_ahead_next(agent)
-                await self._finished(TurnFinished.of_cancelled(harness.route))
+                await self._finished(
+                    TurnFinished(bill.model, bill.usage, harness.route, cancelled=True)
+                )
                 return
             except AgentTimeout as error:
                 # Busy or stuck, not gone: this turn fails, and the session stays for the
                 # user's other chats (dropping it would fail their calls in flight too).
                 # Nothing was written back; the next turn reads for itself.
                 await self._fail(error)
-                await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return
             except AgentUnavailable as error:
                 # The agent went away (idled, restarted elsewhere): forget it and provision again once.
                 await self.agent.drop()
                 if attempt == 2:
                     await self._fail(error)
-                    await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                    await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                     return
                 continue
-            except (LLMError, RoutingError) as error:
+            except (LLMError, RoutingError, TurnTimedOut) as error:
                 await self.agent.read_ahead_next(agent)  # nothing was written; read all the same
                 await self._fail(error)
-                await self._end_turn(turn, TurnOutcome.FAILED, tally)
+                await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return
             finally:
                 self._turn = None

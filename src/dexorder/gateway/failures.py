@@ -18,12 +18,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
+
 from dexorder.gateway.agents.mcp_client import AgentTimeout, AgentUnavailable
 from dexorder.gateway.agents.provisioning import AgentsAtCapacity, ProvisioningError
 from dexorder.gateway.llm.adapter import LLMError
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.routing import RoutingError
 from dexorder.gateway.stores.limits import LimiterUnavailable
+from dexorder.gateway.turn_runner import TurnTimedOut
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +75,19 @@ SHOWN: tuple[tuple[type[Exception], Shown], ...] = (
     ),
     (LLMError, Shown(protocol.ErrorCode.LLM_ERROR, _model_failed, True)),
     (RoutingError, Shown(protocol.ErrorCode.LLM_ERROR)),
+    (TurnTimedOut, Shown(protocol.ErrorCode.LLM_ERROR, lambda error: f"the model failed: {error}")),
     (
         LimiterUnavailable,
         Shown(
             protocol.ErrorCode.SERVICE_UNAVAILABLE,
             lambda _: "the rate limiter is unavailable; try again shortly",
+        ),
+    ),
+    (
+        psycopg.Error,
+        Shown(
+            protocol.ErrorCode.SERVICE_UNAVAILABLE,
+            lambda _: "the database is unavailable; try again shortly",
         ),
     ),
 )

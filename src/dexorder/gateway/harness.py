@@ -39,6 +39,7 @@ from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.routing import RouteChoice
 from dexorder.gateway.turns import (
     HISTORY_TURNS,
+    TOOL_RESULT_MAX_BYTES,
     AgentContext,
     FellBack,
     ReplyDelta,
@@ -47,6 +48,8 @@ from dexorder.gateway.turns import (
     ToolStarted,
     TurnEvent,
     TurnFinished,
+    capped_tool_result,
+    estimated_tokens,
 )
 
 if TYPE_CHECKING:
@@ -185,11 +188,24 @@ class _Round:
     """One model round as it streams: what is shown at once becomes an event (``see``);
     the rest (tool calls, usage, the model) is kept for when the round is over."""
 
+    #: The size of what the round sends the model (messages and tools), for ``spent``.
+    prompt_chars: int = 0
     text: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=lambda: Usage(0, 0, 0))
     #: The model of the round's last ``Finish``; None before one came.
     model: str | None = None
+
+    def spent(self) -> Usage:
+        """The round's usage as the model reported it; for a round cut short before its
+        report (cancelled, failed), its prompt and what it streamed, estimated."""
+        if self.usage.total_tokens:
+            return self.usage
+        prompt = estimated_tokens(self.prompt_chars)
+        completion = estimated_tokens(
+            len(self.text) + sum(len(call.arguments_json) for call in self.calls)
+        )
+        return Usage(prompt, completion, prompt + completion)
 
     def see(self, event: RoutedEvent) -> ReplyDelta | FellBack | None:
         if isinstance(event, TextDelta):  # nearly every event: tested first
@@ -234,6 +250,14 @@ def _reply(rounds: Sequence[_Round]) -> str:
     return "".join(round_.text for round_ in rounds)
 
 
+def _prompt_chars(messages: Sequence[Mapping[str, Any]], tools: EncodedTools) -> int:
+    """What a round sends the model, in characters: its messages' text and its tools."""
+    return len(tools.json) + sum(
+        len(str(message.get("content") or "")) + len(str(message.get("tool_calls") or ""))
+        for message in messages
+    )
+
+
 class Harness:
     """Runs turns for one chat session against one agent."""
 
@@ -250,7 +274,10 @@ class Harness:
         retriever: Retriever | None = None,
         gateway_tools: GatewayTools | None = None,
         notify: Emit | None = None,
+        tool_result_max_bytes: int = TOOL_RESULT_MAX_BYTES,
     ) -> None:
+        #: A tool's result beyond this is cut (shown, recorded and given to the model so).
+        self.tool_result_max_bytes = tool_result_max_bytes
         self.agent = agent
         self.user_id = user_id
         self.retriever = retriever
@@ -265,6 +292,17 @@ class Harness:
         self.max_tool_rounds = max_tool_rounds
         #: The current turn's route, once chosen; kept for a cancelled turn's ``done`` frame.
         self.route: RouteChoice | None = None
+        #: The current turn's model rounds so far (``spent``).
+        self._rounds: list[_Round] = []
+
+    def spent(self) -> tuple[str, Usage]:
+        """The model and the tokens the current turn has used so far, whatever its
+        outcome: a cancelled or failed turn is billed its prompts and what it streamed."""
+        rounds = self._rounds
+        model = next((r.model for r in reversed(rounds) if r.model is not None), None)
+        if model is None:
+            model = self.route.deployment if self.route is not None else ""
+        return model, sum((round_.spent() for round_ in rounds), Usage(0, 0, 0))
 
     async def _retrieve(self, user_message: str) -> TurnContext | None:
         if self.retriever is None:
@@ -332,10 +370,12 @@ class Harness:
         done and fresh); when it ends in None, an error or a cancel, the turn reads.
 
         A cancel, whether it comes while the turn waits or is thrown in at a ``yield``
-        (``athrow``), records the turn as cancelled and is raised again. Read the events
+        (``athrow``), records the turn as cancelled and is raised again; a failure (the
+        model's, say) records it as failed, with its error, and is raised again. Read the events
         inside ``contextlib.aclosing``, so a consumer that stops early closes the model's
         stream at once."""
         rounds: list[_Round] = []
+        self._rounds = rounds
         note = ""
         record: list[dict[str, Any]] = [{"role": "user", "content": user_message}]
         try:
@@ -345,7 +385,7 @@ class Harness:
                 yield SourcesCited(tuple(retrieved.frame.items))
             route = self._choose_route(user_message, agent_context.preferences)
             for _ in range(self.max_tool_rounds):
-                round_ = _Round()
+                round_ = _Round(prompt_chars=_prompt_chars(messages, tools))
                 rounds.append(round_)
                 # One model round along the route; the router falls back, never repeating
                 # text. aclosing: a cancel closes the model's stream now, not at collection.
@@ -386,6 +426,14 @@ class Harness:
             record.append({"role": "assistant", "content": _reply(rounds) + note + " [cancelled]"})
             await self._write_back(record, shielded=True)
             raise
+        except AgentUnavailable:
+            raise  # nothing to write the turn to
+        except Exception as error:
+            # The user's message stays in the history, with what went wrong.
+            failed = f" [failed: {error}]"
+            record.append({"role": "assistant", "content": _reply(rounds) + note + failed})
+            await self._write_back(record, shielded=True)
+            raise
         written = await self._write_back(record, shielded=False)
         usage = sum((round_.usage for round_ in rounds), Usage(0, 0, 0))
         yield TurnFinished(
@@ -419,7 +467,8 @@ class Harness:
             logger.warning("tool %r failed, reference %s: %s", call.name, reference, error)
             shown = f"your agent could not run {call.name} right now (reference {reference})"
             return ToolFinished(call.id, shown, is_error=True), f"error: {shown}"
-        return ToolFinished(call.id, outcome.content, outcome.is_error), outcome.content
+        content = capped_tool_result(outcome.content, self.tool_result_max_bytes)
+        return ToolFinished(call.id, content, outcome.is_error), content
 
     async def _notify(self, frame: protocol.Frame) -> None:
         if self.notify is not None:

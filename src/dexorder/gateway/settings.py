@@ -196,6 +196,14 @@ class GatewaySettings(BaseSettings):
     agent_activity_seconds: float = Field(60.0, gt=0)
     # Model routing (gateway/llm/routing.py): per-deployment timeout, walks of a route, backoff, cooldown.
     llm_timeout_seconds: float = Field(60.0, gt=0)
+    # A turn's deadlines, whatever the model's connection does (keep-alive comments do not
+    # extend them): until its reply begins, and in all.
+    turn_first_token_seconds: float = Field(120.0, gt=0)
+    turn_deadline_seconds: float = Field(600.0, gt=0)
+    # A tool's result past this many bytes is cut (in frames, events and the model's prompt).
+    tool_result_max_bytes: int = Field(64 * 1024, ge=1024)
+    # The most of one answer read from an agent's MCP server; past it that call fails.
+    mcp_max_answer_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     llm_fallback_rounds: int = Field(2, ge=1, le=10)
     llm_backoff_seconds: float = Field(0.5, ge=0)
     llm_backoff_cap_seconds: float = Field(8.0, ge=0)
@@ -237,7 +245,20 @@ class GatewaySettings(BaseSettings):
     # The user the demo-mode token endpoint signs for (demo mode only).
     demo_user_id: str = Field("demo-user", min_length=1)
     # SIGTERM: running generations may finish for this long before sockets close with 1012.
+    # PostgreSQL: a connection attempt and a statement (cancelled by the server) give up
+    # after these.
+    database_connect_timeout_seconds: int = Field(5, ge=1, le=120)
+    database_statement_timeout_seconds: float = Field(15.0, gt=0, le=600)
     drain_seconds: float = Field(20.0, ge=0, le=600)
+    # Then every socket is closed with 1012 at once, and those not closed within this
+    # (clients that do not read) are aborted. The chart's grace period is the sum of its
+    # preStop pause, these two, and the flush of usage and events (USAGE_FLUSH_SECONDS).
+    ws_close_seconds: float = Field(3.0, gt=0, le=60)
+    # A WebSocket client that does not read: one send waits at most this long, and at most
+    # this many bytes of frames queue behind it; past either the socket is aborted (its
+    # reply goes on and stays resumable).
+    ws_send_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    ws_send_buffer_bytes: int = Field(1 << 20, ge=64 << 10)
     max_queued_messages: int = Field(4, ge=1, le=100)
     # WebSocket connections one user may hold at once on this replica (a tier's
     # max_sockets_per_user may raise it); one more is refused with 4429.

@@ -64,6 +64,55 @@ async def relay_turn(
 
 
 @dataclass(frozen=True)
+class TurnDeadlines:
+    """How long a turn may run: ``first_token`` seconds until its reply begins (its first
+    text or tool call) and ``whole`` seconds in all, each attempt at a message. Measured on
+    the turn's events, not on bytes from the model, so a stream that sends only keep-alive
+    comments still runs out of time."""
+
+    first_token: float = 120.0
+    whole: float = 600.0
+
+
+class TurnTimedOut(Exception):
+    """A turn ran past one of its ``TurnDeadlines``; it was cancelled (and written back so)."""
+
+
+async def await_turn(
+    turn: asyncio.Task[TurnFinished | None], tally: TurnTally, deadlines: TurnDeadlines
+) -> TurnFinished | None:
+    """The turn's result; past a deadline the turn is cancelled and ``TurnTimedOut`` raised.
+
+    Two timers, not a check per event: nothing is added to the path of each token."""
+    loop = asyncio.get_running_loop()
+    expired: list[str] = []
+
+    def no_reply_yet() -> None:
+        if tally.first_token_at is None and tally.tool_calls == 0:
+            expired.append(f"the model began no reply within {deadlines.first_token:g}s")
+            turn.cancel()
+
+    def too_long() -> None:
+        expired.append(f"the reply took longer than {deadlines.whole:g}s")
+        turn.cancel()
+
+    timers = (
+        loop.call_later(deadlines.first_token, no_reply_yet),
+        loop.call_later(deadlines.whole, too_long),
+    )
+    try:
+        return await turn
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if expired and (current is None or not current.cancelling()):
+            raise TurnTimedOut(expired[0]) from None
+        raise
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
+@dataclass(frozen=True)
 class TurnMetrics:
     """The metrics of one attempt at a turn: ``started`` is when the harness was asked
     (``time.perf_counter()``), the start of the first-token histogram."""
@@ -84,4 +133,11 @@ class TurnMetrics:
             metrics.FIRST_TOKEN.observe(first_token - self.started)
 
 
-__all__ = ["ShowEvent", "TurnMetrics", "relay_turn"]
+__all__ = [
+    "ShowEvent",
+    "TurnDeadlines",
+    "TurnMetrics",
+    "TurnTimedOut",
+    "await_turn",
+    "relay_turn",
+]

@@ -23,6 +23,29 @@ from dexorder.gateway.pure.routing import RouteChoice
 HISTORY_TURNS = 20
 """Past turns a prompt carries (and a carried context keeps)."""
 
+CHARS_PER_TOKEN = 4
+"""The usual rule of thumb for English text and JSON: what a token is worth in characters,
+for the turns whose usage the model never reported (cancelled or failed mid-stream)."""
+
+
+TOOL_RESULT_MAX_BYTES = 64 * 1024
+"""What of a tool's result is shown, recorded and given to the model, by default."""
+
+
+def capped_tool_result(content: str, max_bytes: int) -> str:
+    """``content`` if it fits in ``max_bytes`` (UTF-8), else its first ``max_bytes`` and a
+    line saying how much was left out."""
+    encoded = content.encode()
+    if len(encoded) <= max_bytes:
+        return content
+    kept = encoded[:max_bytes].decode(errors="ignore")
+    return f"{kept}\n[truncated: {len(encoded) - max_bytes:,} of {len(encoded):,} bytes left out]"
+
+
+def estimated_tokens(chars: int) -> int:
+    """The tokens in ``chars`` characters of text, estimated (rounded up)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
 
 @dataclass(frozen=True)
 class AgentContext:
@@ -164,7 +187,9 @@ def frame_for(event: TurnEvent) -> protocol.Frame:
 
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "HISTORY_TURNS",
+    "TOOL_RESULT_MAX_BYTES",
     "AgentContext",
     "FellBack",
     "ReplyDelta",
@@ -174,6 +199,8 @@ __all__ = [
     "TurnEvent",
     "TurnFinished",
     "TurnTally",
+    "capped_tool_result",
+    "estimated_tokens",
     "frame_for",
     "route_frame",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,10 +24,12 @@ from dexorder.devenv.postgres import (
 )
 from dexorder.devenv.process import ManagedProcess, wait_until
 from dexorder.gateway.migrations import apply_migrations
+from dexorder.gateway.state import CHAT_SERVICES, LIVE_SOCKETS
 from tests.integration.gateway.conftest import (
     RunningGateway,
     connect,
     gateway_settings,
+    reply_text,
     serve_gateway,
 )
 
@@ -118,3 +121,56 @@ async def test_ready_and_chat_follow_the_database_down_and_back(
             "Back in business."
         )
         await client.ws.close()
+
+
+@pytest.fixture
+async def caching_gateway(
+    own_postgres: StoppablePostgres, issuer: LocalJwksIssuer, llm: FakeLLMServer, tmp_path: Path
+) -> AsyncIterator[RunningGateway]:
+    await apply_migrations(own_postgres.dsn)
+    settings = gateway_settings(own_postgres.dsn, issuer, llm, tmp_path, license_cache_seconds=600)
+    async with serve_gateway(settings) as running:
+        yield running
+
+
+async def test_a_chat_started_while_the_database_is_down_answers_every_message(
+    caching_gateway: RunningGateway,
+    own_postgres: StoppablePostgres,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    user_id: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The license is cached, so the chat opens; what needs the database then fails as an
+    ``error`` frame (or works without it), never as a worker that died unseen."""
+    gateway = caching_gateway
+    async with aiohttp.ClientSession() as session:
+        client = await connect(session, gateway, issuer.mint(user_id))
+        await client.until("ready")
+        await client.ws.close()  # the license is cached now
+
+        await asyncio.to_thread(own_postgres.go_down)
+        llm.queue(TextScript(text="Answered all the same."))
+        client = await connect(session, gateway, issuer.mint(user_id))
+        await client.until("ready")
+        await client.send({"type": "message", "content": "are you there?"})
+        # What needs the database (the reviews waiting for approval) may fail as an error
+        # frame; the message is answered all the same.
+        frames = await client.until("done", timeout=40)
+        assert reply_text(frames) == "Answered all the same."
+        assert all(f["code"] == "service_unavailable" for f in frames if f["type"] == "error")
+        await client.ws.close()
+
+    # Every lease the conversation took is given back once its socket closed.
+    sessions = gateway.app[CHAT_SERVICES].agents.sessions
+    deadline = time.monotonic() + 10
+    while sessions.sessions_of(user_id) and any(
+        sessions.holders(s) for s in sessions.sessions_of(user_id)
+    ):
+        assert time.monotonic() < deadline, "the agent session lease leaked"
+        await asyncio.sleep(0.1)
+    assert not gateway.app[LIVE_SOCKETS]
+    gc.collect()
+    await asyncio.sleep(0)
+    unseen = [r for r in caplog.records if "exception was never retrieved" in r.getMessage()]
+    assert not unseen, unseen

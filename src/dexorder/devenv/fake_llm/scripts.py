@@ -46,7 +46,13 @@ class ToolScript(_Script):
 
 
 FailureKind = Literal[
-    "rate_limit", "server_error", "hang", "context_window", "break_midway", "stall_midway"
+    "rate_limit",
+    "server_error",
+    "hang",
+    "context_window",
+    "break_midway",
+    "stall_midway",
+    "keep_alive_only",
 ]
 
 
@@ -57,7 +63,8 @@ class FailureScript(_Script):
     OpenAI's 400 ``context_length_exceeded``; ``hang`` never answers. ``break_midway`` streams
     ``chunks_before_break`` chunks of ``text`` and drops the connection; ``stall_midway``
     streams as many and then sends nothing more, keeping the connection open, until the client
-    gives up (its read timeout) or the server stops.
+    gives up (its read timeout) or the server stops. ``keep_alive_only`` opens the stream and
+    sends only SSE comments (keep-alives), never a chunk, until the client gives up.
     """
 
     kind: Literal["failure"] = "failure"

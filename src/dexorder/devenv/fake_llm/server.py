@@ -66,7 +66,8 @@ def _error_body(message: str, kind: str, code: str | None) -> dict[str, Any]:
 
 
 #: The failures that answer 200 and fail while streaming.
-MIDSTREAM_FAILURES: Final = frozenset({"break_midway", "stall_midway"})
+MIDSTREAM_FAILURES: Final = frozenset({"break_midway", "stall_midway", "keep_alive_only"})
+KEEP_ALIVE_SECONDS: Final = 0.2
 
 CONTEXT_WINDOW_MESSAGE: Final = (
     "This model's maximum context length is 8192 tokens. However, your messages resulted in "
@@ -262,8 +263,24 @@ class FakeLLMServer:
             record.completed = True
             return web.json_response(self._whole_reply(record, plan))
         breaks_after = script.chunks_before_break if isinstance(script, FailureScript) else None
-        stalls = isinstance(script, FailureScript) and script.failure == "stall_midway"
+        failure = script.failure if isinstance(script, FailureScript) else None
+        if failure == "keep_alive_only":
+            return await self._keep_alive_only(request, record)
+        stalls = failure == "stall_midway"
         return await self._stream(request, record, plan, rate, breaks_after, stalls=stalls)
+
+    async def _keep_alive_only(
+        self, request: web.Request, record: RecordedRequest
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        record.stalled = True
+        while not self._stopping.is_set():
+            await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(KEEP_ALIVE_SECONDS)
+        return response
 
     async def _fail(self, script: FailureScript) -> web.Response:
         if script.failure == "rate_limit":

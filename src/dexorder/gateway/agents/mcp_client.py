@@ -43,10 +43,12 @@ from mcp.types import (
 from pydantic import ValidationError
 
 from dexorder.gateway.agents.mcp_transport import (
+    MAX_ANSWER_BYTES,
     SESSION_HEADER,
     VERSION_HEADER,
     AgentTimeout,
     AgentUnavailable,
+    AnswerTooLarge,
     Disconnected,
     SessionLost,
     StreamableHTTP,
@@ -132,6 +134,7 @@ class AgentSession:
         read_timeout: float = DEFAULT_READ_SECONDS,
         tool_timeout: float = 300.0,
         on_session: Callable[[str | None], Awaitable[None]] | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.endpoint = endpoint
         self._connect_grace = connect_grace
@@ -144,6 +147,7 @@ class AgentSession:
             endpoint.token,
             connect_timeout=connect_timeout,
             answer_timeout=read_timeout,
+            max_answer_bytes=max_answer_bytes,
         )
         #: The protocol version the agent chose at the first open (sent on every message).
         self._version: str | None = None
@@ -374,12 +378,16 @@ class AgentSession:
         ``ClientSession.call_tool`` does): the gateway uses only the text, and that check had
         jsonschema validate the schema itself on every call (1.4 ms of CPU)."""
         operation = f"call_tool {name}"
-        answer = await self._call(
-            operation,
-            "tools/call",
-            {"name": name, "arguments": dict(arguments)},
-            self._tool_timeout,
-        )
+        try:
+            answer = await self._call(
+                operation,
+                "tools/call",
+                {"name": name, "arguments": dict(arguments)},
+                self._tool_timeout,
+            )
+        except AnswerTooLarge as error:
+            # This call failed, the session did not: the model is told, and can ask for less.
+            return ToolOutcome(content=f"{name} failed: {error}", is_error=True)
         result = self._parse(CallToolResult, answer, operation)
         return ToolOutcome(content=_text_of(result), is_error=bool(result.isError))
 

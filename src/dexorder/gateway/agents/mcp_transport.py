@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -38,11 +38,19 @@ _READ_BUFFER = 4 * 1024 * 1024
 #: reader allowed with this read buffer.
 _MAX_EVENT_LINE = 2 * _READ_BUFFER
 
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+"""The most of one answer read from an agent, by default: past it the call fails."""
+
 
 class AgentUnavailable(Exception):
     """The user's agent could not be reached, or broke the protocol."""
 
     code = "agent_unavailable"
+
+
+class AnswerTooLarge(AgentUnavailable):
+    """The agent's answer to one call is longer than the client reads. The session is
+    fine: only this call failed (a tool call shows it as the tool's error)."""
 
 
 class AgentTimeout(AgentUnavailable):
@@ -67,9 +75,16 @@ class StreamableHTTP:
     """The HTTP side of one MCP client session; ``close`` ends it for good."""
 
     def __init__(
-        self, url: str, token: str | None, *, connect_timeout: float, answer_timeout: float
+        self,
+        url: str,
+        token: str | None,
+        *,
+        connect_timeout: float,
+        answer_timeout: float,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.url = url
+        self._max_answer_bytes = max_answer_bytes
         self._connect_timeout = connect_timeout
         # How long our answer to a server's request (in the middle of a stream) may take.
         self._answer_timeout = answer_timeout
@@ -133,7 +148,8 @@ class StreamableHTTP:
                         # or the connection is closed rather than pooled (http_body).
                         await ended_within(response)
                     else:
-                        found = _response_in(await response.read(), message["id"])
+                        raw = await self._read_capped(response)
+                        found = _response_in(raw, message["id"])
                     if found is None:
                         raise AgentUnavailable("the agent's answer held no response")
                     return found, session_id
@@ -152,14 +168,33 @@ class StreamableHTTP:
                 raise AgentUnavailable("the MCP session was closed") from error
             raise AgentUnavailable(f"the agent did not answer ({error!r})") from error
 
+    def _too_large(self) -> AnswerTooLarge:
+        return AnswerTooLarge(
+            f"the agent's answer is over {self._max_answer_bytes:,} bytes, the most read"
+        )
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        body = bytearray()
+        while block := await response.content.readany():
+            body += block
+            if len(body) > self._max_answer_bytes:
+                raise self._too_large()
+        return bytes(body)
+
     async def _response_in_stream(
         self, response: aiohttp.ClientResponse, request_id: int, session: Mapping[str, str]
     ) -> dict[str, Any] | None:
         """Read events until the one that answers ``request_id``; notifications on the way
         are passed over, and requests from the server are answered."""
-        reader = SSEReader(_MAX_EVENT_LINE, kinds=(DEFAULT_EVENT,))
+        limit = self._max_answer_bytes
+        # A line past the limit (a whole answer comes in one) is refused as it is read.
+        reader = SSEReader(min(_MAX_EVENT_LINE, limit + 1024), kinds=(DEFAULT_EVENT,))
+        read = 0
         async with contextlib.aclosing(read_events(response, reader)) as events:
-            async for data in events:
+            async for data in _capped_events(events, self._too_large):
+                read += len(data)
+                if read > limit:
+                    raise self._too_large()
                 try:
                     message = json.loads(data)
                 except ValueError as error:
@@ -213,6 +248,17 @@ class StreamableHTTP:
             await http.close()
 
 
+async def _capped_events(
+    events: AsyncGenerator[bytes, None], too_large: Callable[[], AnswerTooLarge]
+) -> AsyncGenerator[bytes, None]:
+    """``events``, with a line longer than the reader takes reported as ``too_large``."""
+    try:
+        async for data in events:
+            yield data
+    except ValueError as error:
+        raise too_large() from error
+
+
 def _response_in(body: bytes, request_id: int) -> dict[str, Any] | None:
     try:
         message = json.loads(body)
@@ -224,11 +270,13 @@ def _response_in(body: bytes, request_id: int) -> dict[str, Any] | None:
 
 
 __all__ = [
+    "MAX_ANSWER_BYTES",
     "SESSION_HEADER",
     "VERSION_HEADER",
     "AgentTimeout",
     "AgentUnavailable",
     "Answer",
+    "AnswerTooLarge",
     "Disconnected",
     "SessionLost",
     "StreamableHTTP",

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from dexorder.gateway import metrics
 from dexorder.gateway.agents.mcp_client import DEFAULT_READ_SECONDS, AgentSession
+from dexorder.gateway.agents.mcp_transport import MAX_ANSWER_BYTES
 from dexorder.gateway.agents.provisioning.base import AgentEndpoint, ProvisioningError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class _Shared:
         host_map: Mapping[str, str],
         connect_grace: float,
         read_timeout: float,
+        max_answer_bytes: int,
     ) -> None:
         self.endpoint = endpoint
         self.session = AgentSession(
@@ -51,6 +53,7 @@ class _Shared:
             connect_grace=connect_grace,
             read_timeout=read_timeout,
             on_session=self.announce,
+            max_answer_bytes=max_answer_bytes,
         )
         self.leases: set[AgentLease] = set()
         self.dropped = False
@@ -116,8 +119,12 @@ class AgentLease:
 class AgentSessions:
     """The pool of shared sessions; closed with the app."""
 
-    def __init__(self, *, linger: float = LINGER_SECONDS) -> None:
+    def __init__(
+        self, *, linger: float = LINGER_SECONDS, max_answer_bytes: int = MAX_ANSWER_BYTES
+    ) -> None:
         self._linger = linger
+        #: The most of one answer read from an agent (past it, that call fails).
+        self._max_answer_bytes = max_answer_bytes
         self._shared: dict[AgentEndpoint, _Shared] = {}
         self._lingering: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -144,6 +151,7 @@ class AgentSessions:
                 host_map=host_map,
                 connect_grace=connect_grace,
                 read_timeout=read_timeout,
+                max_answer_bytes=self._max_answer_bytes,
             )
             self._shared[endpoint] = shared
             metrics.AGENT_SESSIONS.inc()

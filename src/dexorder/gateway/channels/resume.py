@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from dexorder.gateway.channels.socket_writer import SocketWriter
 from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.pure import protocol
 from dexorder.gateway.stores.sessions import SessionError, SessionFrame, SessionStore
@@ -66,19 +67,6 @@ def frame_type(text: str) -> str:
     return str(loaded.get("type", "")) if isinstance(loaded, dict) else ""
 
 
-async def send_text(ws: web.WebSocketResponse, text: str) -> bool:
-    """Send if the socket is open; False when it is gone (the frame stays in the store).
-
-    ``SessionOutbox.emit`` does the same inline."""
-    if ws.closed:
-        return False
-    try:
-        await ws.send_str(text)
-    except (ConnectionError, RuntimeError):
-        return False
-    return True
-
-
 class SessionOutbox:
     """A session's frames on this replica: recorded in order, then sent to the socket attached.
 
@@ -96,7 +84,7 @@ class SessionOutbox:
         self.store = store
         self.session_id = session_id
         self.replica = replica
-        self._ws: web.WebSocketResponse | None = None
+        self._out: SocketWriter | None = None
         self._lock = asyncio.Lock()
         self._generating = False
         #: The number of this reply's next frame, once the store numbered its first.
@@ -114,8 +102,9 @@ class SessionOutbox:
     async def _send(self, text: str, *, ends: bool) -> None:
         """Number, record and send one encoded frame; ``ends``: it ends the reply."""
         # Runs for every streamed token, so it makes no coroutine it can do without: the lock
-        # is taken without ``async with`` (whose enter and exit are coroutines), and
-        # ``send_text`` is inlined.
+        # is taken without ``async with`` (whose enter and exit are coroutines). Sending
+        # only queues the text for the socket's writer: a client that does not read never
+        # holds this lock (nor the turn).
         lock = self._lock
         await lock.acquire()
         try:
@@ -134,30 +123,23 @@ class SessionOutbox:
             except SessionError as error:
                 # The live reply matters more than its copy for a later resume.
                 logger.warning("frame of session %s not recorded: %s", self.session_id, error)
-            ws = self._ws
-            if ws is None:
-                return
-            if ws.closed:
-                self._ws = None
-                return
-            try:
-                await ws.send_str(text)
-            except (ConnectionError, RuntimeError):
-                self._ws = None
+            out = self._out
+            if out is not None and not out.send(text):
+                self._out = None  # closed, or cut off for not reading: a resume gets the rest
         finally:
             lock.release()
 
-    async def attach(self, ws: web.WebSocketResponse, after: int) -> None:
-        """Send ``ws`` the frames recorded after ``after``, then every new one."""
+    async def attach(self, out: SocketWriter, after: int) -> None:
+        """Send ``out`` the frames recorded after ``after``, then every new one."""
         async with self._lock:
-            await replay(ws, self.store, self.session_id, after)
-            self._ws = ws
+            await replay(out, self.store, self.session_id, after)
+            self._out = out
             # Another replica may have written the session while no socket was here.
             self._next_seq = None
 
-    def detach(self, ws: web.WebSocketResponse) -> None:
-        if self._ws is ws:
-            self._ws = None
+    def detach(self, out: SocketWriter) -> None:
+        if self._out is out:
+            self._out = None
 
     async def mark_generating(self) -> None:
         if self._generating:
@@ -178,33 +160,31 @@ class SessionOutbox:
             logger.warning("session %s: generation mark kept: %s", self.session_id, error)
 
 
-async def replay(
-    ws: web.WebSocketResponse, store: SessionStore, session_id: str, after: int
-) -> int:
+async def replay(out: SocketWriter, store: SessionStore, session_id: str, after: int) -> int:
     """Send the frames recorded after ``after`` (saying so if the buffer lost some); returns
     the last sequence number sent, or ``after``."""
     try:
         missed = await store.replay(session_id, after)
     except SessionError as error:
         logger.warning("session %s: nothing replayed: %s", session_id, error)
-        await _notice(ws, "the frames missed cannot be fetched right now; the history is kept")
+        _notice(out, "the frames missed cannot be fetched right now; the history is kept")
         return after
     if not missed.complete:
         first = missed.frames[0][0] if missed.frames else None
         lost = f"frames {after + 1} to {first - 1}" if first else f"frames after {after}"
-        await _notice(ws, f"{lost} are no longer buffered; the history is still kept")
-    return await _send_frames(ws, missed.frames, after)
+        _notice(out, f"{lost} are no longer buffered; the history is still kept")
+    return _send_frames(out, missed.frames, after)
 
 
-async def _notice(ws: web.WebSocketResponse, message: str) -> None:
+def _notice(out: SocketWriter, message: str) -> None:
     """A ``resumed`` status for this socket only (not recorded: it has no ``seq``)."""
     frame = protocol.StatusFrame(stage=protocol.Stage.RESUMED, message=message)
-    await send_text(ws, protocol.encode_frame(frame))
+    out.send(protocol.encode_frame(frame))
 
 
-async def _send_frames(ws: web.WebSocketResponse, frames: list[SessionFrame], last: int) -> int:
+def _send_frames(out: SocketWriter, frames: list[SessionFrame], last: int) -> int:
     for seq, text in frames:
-        await send_text(ws, with_seq(text, seq))
+        out.send(with_seq(text, seq))
         last = max(last, seq)
     return last
 
@@ -218,7 +198,7 @@ class FollowState:
 
 
 async def follow_elsewhere(
-    ws: web.WebSocketResponse,
+    out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
     user_id: str,
@@ -226,15 +206,15 @@ async def follow_elsewhere(
     state: FollowState,
 ) -> None:
     """Forward the session's frames until the reply generated elsewhere is over, then
-    attach ``ws`` to this replica's outbox and hand it the messages that waited."""
+    attach ``out`` to this replica's outbox and hand it the messages that waited."""
     store, session_id = outbox.store, outbox.session_id
-    await _notice(ws, "a reply is still being generated; following it")
-    last = await replay(ws, store, session_id, after)
+    _notice(out, "a reply is still being generated; following it")
+    last = await replay(out, store, session_id, after)
     quiet_since = time.monotonic()
     try:
         while True:
             frames = await store.follow(session_id, last, FOLLOW_POLL_SECONDS)
-            last = await _send_frames(ws, frames, last)
+            last = _send_frames(out, frames, last)
             if frames:
                 quiet_since = time.monotonic()
                 if not any(frame_type(text) in _TERMINAL_TYPES for _seq, text in frames):
@@ -243,19 +223,19 @@ async def follow_elsewhere(
             if session.generating_on in (None, outbox.replica):
                 break
             if time.monotonic() - quiet_since > FOLLOW_QUIET_LIMIT_SECONDS:
-                await _notice(ws, "the reply being followed went silent; carrying on here")
+                _notice(out, "the reply being followed went silent; carrying on here")
                 break
     except SessionError as error:
         logger.warning("session %s: stopped following: %s", session_id, error)
-        await _notice(ws, "cannot follow the reply right now; carrying on here")
-    await outbox.attach(ws, last)
+        _notice(out, "cannot follow the reply right now; carrying on here")
+    await outbox.attach(out, last)
     state.active = False
     pending, state.pending = state.pending, []
-    await take_queued(ws, conversation, outbox, pending)
+    await take_queued(out, conversation, outbox, pending)
 
 
 async def take_queued(
-    ws: web.WebSocketResponse,
+    out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
     queued: Sequence[str],
@@ -270,7 +250,7 @@ async def take_queued(
                 code=protocol.ErrorCode.QUEUE_FULL,
                 message=f"a message sent before reconnecting was not taken: {text[:80]!r}",
             )
-            await send_text(ws, protocol.encode_frame(refused))
+            out.send(protocol.encode_frame(refused))
     await outbox.mark_generating()
     try:
         await outbox.store.set_queued(outbox.session_id, [])
@@ -345,6 +325,12 @@ class DetachedConversations:
         finally:
             if self._by_session.get(session_id) is detached:
                 del self._by_session[session_id]
+
+    def stop_generating(self) -> None:
+        """Stop every detached reply (the gateway is draining: no one will resume it here);
+        each lingering handler then closes its conversation."""
+        for detached in self._by_session.values():
+            detached.conversation.cancel_generation()
 
     async def sweep(self, expired_sessions: set[str]) -> list[str]:
         """Close the conversations past their grace or whose session expired."""

@@ -21,6 +21,7 @@ import logging
 import re
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -41,6 +42,7 @@ from dexorder.gateway.channels.resume import (
     replica_id,
     take_queued,
 )
+from dexorder.gateway.channels.socket_writer import SendPolicy, SocketWriter
 from dexorder.gateway.conversation import (
     ChatServices,
     Conversation,
@@ -69,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0
 CLOSE_SERVICE_RESTART = 1012
+# How long a closing refusal waits behind the frames already queued for the socket.
+CLOSE_FLUSH_SECONDS = 2.0
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -91,19 +95,19 @@ def _expiry(identity: Identity) -> float:
     return float(exp) if isinstance(exp, int | float) else 0.0
 
 
-async def _close_at_expiry(ws: web.WebSocketResponse, token: SocketToken) -> None:
+async def _close_at_expiry(
+    ws: web.WebSocketResponse, out: SocketWriter, token: SocketToken
+) -> None:
     while not ws.closed:
         remaining = token.expires_at - time.time()
         if remaining <= 0:
-            metrics.ERRORS.labels(code=protocol.ErrorCode.UNAUTHORIZED.value).inc()
-            await _send(
+            await _refuse_served(
                 ws,
-                protocol.ErrorFrame(
-                    code=protocol.ErrorCode.UNAUTHORIZED,
-                    message="your token expired; reconnect, or send a fresh one in an auth frame",
-                ),
+                out,
+                protocol.ErrorCode.UNAUTHORIZED,
+                "your token expired; reconnect, or send a fresh one in an auth frame",
+                protocol.CLOSE_UNAUTHORIZED,
             )
-            await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"token expired")
             return
         token.renewed.clear()
         with contextlib.suppress(TimeoutError):
@@ -113,6 +117,7 @@ async def _close_at_expiry(ws: web.WebSocketResponse, token: SocketToken) -> Non
 
 async def _recheck_license(
     ws: web.WebSocketResponse,
+    out: SocketWriter,
     services: ChatServices,
     identity: Identity,
     license: EffectiveLicense,
@@ -126,7 +131,7 @@ async def _recheck_license(
         except ConversationError as error:
             if error.code != protocol.ErrorCode.LICENSE_REFUSED:
                 continue  # the license service is down: keep serving what was licensed
-            await _refuse(ws, error.code, error.message, protocol.CLOSE_FORBIDDEN)
+            await _refuse_served(ws, out, error.code, error.message, protocol.CLOSE_FORBIDDEN)
             return
         if (now.tier.name, now.rate_limits, now.model_groups, now.notice) != (
             license.tier.name,
@@ -139,7 +144,11 @@ async def _recheck_license(
 
 
 async def _renew(
-    ws: web.WebSocketResponse, verifier: TokenVerifier, token: SocketToken, raw: str
+    ws: web.WebSocketResponse,
+    out: SocketWriter,
+    verifier: TokenVerifier,
+    token: SocketToken,
+    raw: str,
 ) -> None:
     """An ``auth`` frame on an open socket: a fresh token for the same user moves the expiry;
     a bad one, or another user's, closes the socket."""
@@ -152,12 +161,18 @@ async def _renew(
         await ws.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"a token for another user")
         return
     token.renew(identity)
-    await _send(ws, protocol.StatusFrame(stage=protocol.Stage.READY, message="token renewed"))
+    _say(out, protocol.StatusFrame(stage=protocol.Stage.READY, message="token renewed"))
 
 
 async def _send(ws: web.WebSocketResponse, frame: protocol.Frame) -> None:
+    """Before the socket has its writer: the refusals that close it."""
     if not ws.closed:
         await ws.send_str(protocol.encode_frame(frame))
+
+
+def _say(out: SocketWriter, frame: protocol.Frame) -> None:
+    """A frame for this socket only (not recorded), through its writer."""
+    out.send(protocol.encode_frame(frame))
 
 
 async def _first_frame_identity(
@@ -236,7 +251,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         identity = await _first_frame_identity(ws, verifier)
         if identity is None:
             return ws
-    await serve(ws, app[CHAT_SERVICES], identity, session_id, app, after=after)
+    await serve(
+        ws, app[CHAT_SERVICES], identity, session_id, app, after=after, transport=request.transport
+    )
     return ws
 
 
@@ -251,6 +268,17 @@ async def _refuse(
 ) -> None:
     metrics.ERRORS.labels(code=code.value).inc()
     await _send(ws, protocol.ErrorFrame(code=code, message=message))
+    await ws.close(code=close, message=code.value.encode())
+
+
+async def _refuse_served(
+    ws: web.WebSocketResponse, out: SocketWriter, code: protocol.ErrorCode, message: str, close: int
+) -> None:
+    """``_refuse`` on a socket being served: the error goes through its writer, after what
+    is queued (a client that does not read does not hold the close up for long)."""
+    metrics.ERRORS.labels(code=code.value).inc()
+    _say(out, protocol.ErrorFrame(code=code, message=message))
+    await out.flush(CLOSE_FLUSH_SECONDS)
     await ws.close(code=close, message=code.value.encode())
 
 
@@ -286,11 +314,15 @@ async def serve(
     app: web.Application,
     *,
     after: int | None = None,
+    transport: asyncio.Transport | None = None,
 ) -> None:
+    """Serve a chat on ``ws``; ``transport`` is its connection, aborted to cut off a client
+    that does not read (None: the close handshake alone)."""
     metrics.CONNECTIONS.labels(channel="websocket").inc()
     conversation: Conversation | None = None
     outbox: SessionOutbox | None = None
     follower: asyncio.Task[None] | None = None
+    out: SocketWriter | None = None
     clean = True
     admitted = False
     watchers: list[asyncio.Task[None]] = []
@@ -318,21 +350,27 @@ async def serve(
         app[USER_SOCKETS][identity.user] += 1
         admitted = True
         token = SocketToken(identity)
-        watchers.append(asyncio.create_task(_close_at_expiry(ws, token), name="token-expiry"))
-        watchers.append(
-            asyncio.create_task(
-                _recheck_license(
-                    ws, services, identity, license, app[SETTINGS].license_recheck_seconds
-                ),
-                name="license-recheck",
-            )
-        )
         store = app[SESSIONS]
         session = await _claim(ws, store, session_id, identity.user)
         if session is None:
             return
-        await _send(
-            ws,
+        settings = app[SETTINGS]
+        policy = SendPolicy(
+            timeout=settings.ws_send_timeout_seconds, max_bytes=settings.ws_send_buffer_bytes
+        )
+        out = SocketWriter(ws, transport, policy, name=session_id)
+        _writers(app)[ws] = out
+        watchers.append(asyncio.create_task(_close_at_expiry(ws, out, token), name="token-expiry"))
+        watchers.append(
+            asyncio.create_task(
+                _recheck_license(
+                    ws, out, services, identity, license, settings.license_recheck_seconds
+                ),
+                name="license-recheck",
+            )
+        )
+        _say(
+            out,
             protocol.ReadyFrame(
                 session_id=session_id,
                 user=identity.user,
@@ -342,9 +380,7 @@ async def serve(
             ),
         )
         if license.notice:
-            await _send(
-                ws, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice)
-            )
+            _say(out, protocol.StatusFrame(stage=protocol.Stage.READY, message=license.notice))
         since = session.last_seq if after is None else after
         following = FollowState()
         taken = detached_conversations(app).take(session_id)
@@ -367,8 +403,8 @@ async def serve(
             # This replica still runs the conversation of a socket that dropped: take it over.
             conversation, outbox = taken.conversation, taken.outbox
             app[LIVE_SOCKETS][ws] = conversation
-            await outbox.attach(ws, since)
-            await take_queued(ws, conversation, outbox, session.queued)
+            await outbox.attach(out, since)
+            await take_queued(out, conversation, outbox, session.queued)
         else:
             outbox = SessionOutbox(store, session_id, replica_id(app))
             conversation = services.conversation(
@@ -387,14 +423,14 @@ async def serve(
                 # too (the store keeps them until then).
                 following.pending.extend(session.queued)
                 follower = asyncio.create_task(
-                    follow_elsewhere(ws, conversation, outbox, identity.user, since, following),
+                    follow_elsewhere(out, conversation, outbox, identity.user, since, following),
                     name=f"follow:{session_id}",
                 )
             else:
-                await outbox.attach(ws, since)
-                await take_queued(ws, conversation, outbox, session.queued)
+                await outbox.attach(out, since)
+                await take_queued(out, conversation, outbox, session.queued)
             conversation.start()
-        clean = await _read_frames(ws, conversation, outbox, following, app[VERIFIER], token)
+        clean = await _read_frames(ws, out, conversation, outbox, following, app[VERIFIER], token)
     finally:
         metrics.CONNECTIONS.labels(channel="websocket").dec()
         for watcher in watchers:
@@ -406,10 +442,15 @@ async def serve(
         try:
             if follower is not None:
                 await _stop(follower)
+            if out is not None:
+                if outbox is not None:
+                    outbox.detach(out)
+                await out.close()
             if conversation is not None and outbox is not None:
-                await _let_go(app, ws, session_id, identity.user, conversation, outbox, clean=clean)
+                await _let_go(app, session_id, conversation, outbox, clean=clean)
         finally:
             app[LIVE_SOCKETS].pop(ws, None)
+            _writers(app).pop(ws, None)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -424,17 +465,15 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 async def _let_go(
     app: web.Application,
-    ws: web.WebSocketResponse,
     session_id: str,
-    user_id: str,
     conversation: Conversation,
     outbox: SessionOutbox,
     *,
     clean: bool,
 ) -> None:
-    """The socket is gone. A client that closed it stops the generation (and its billing)
-    now; one that dropped gets a grace period to resume, on this replica or another."""
-    outbox.detach(ws)
+    """The socket is gone (and detached from ``outbox``). A client that closed it stops the
+    generation (and its billing) now; one that dropped gets a grace period to resume, on
+    this replica or another."""
     close = True
     try:
         if not clean and not app[DRAINING].is_set():
@@ -459,6 +498,7 @@ async def _let_go(
 
 async def _read_frames(
     ws: web.WebSocketResponse,
+    out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
     following: FollowState,
@@ -478,8 +518,8 @@ async def _read_frames(
             # lost connection is not.
             return isinstance(message.data, WebSocketError)
         if message.type != WSMsgType.TEXT:
-            await _send(
-                ws,
+            _say(
+                out,
                 protocol.ErrorFrame(
                     code=protocol.ErrorCode.BAD_REQUEST, message="frames are JSON text"
                 ),
@@ -489,22 +529,22 @@ async def _read_frames(
             frame = protocol.parse_client_frame(message.data)
         except protocol.ProtocolError as error:
             metrics.ERRORS.labels(code=error.code.value).inc()
-            await _send(ws, protocol.ErrorFrame(code=error.code, message=error.message))
+            _say(out, protocol.ErrorFrame(code=error.code, message=error.message))
             continue
         if isinstance(frame, protocol.MessageFrame):
-            await _take_message(ws, conversation, outbox, following, frame.content)
+            await _take_message(out, conversation, outbox, following, frame.content)
         elif isinstance(frame, protocol.CancelFrame):
             conversation.cancel_generation()
         elif isinstance(frame, protocol.PingFrame):
-            await _send(ws, protocol.PongFrame())
+            _say(out, protocol.PongFrame())
         elif isinstance(frame, protocol.AuthFrame):
-            await _renew(ws, verifier, token, frame.token)
+            await _renew(ws, out, verifier, token, frame.token)
         else:
             await conversation.answer_approval(frame)
 
 
 async def _take_message(
-    ws: web.WebSocketResponse,
+    out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
     following: FollowState,
@@ -517,15 +557,15 @@ async def _take_message(
     if following.active:
         # The reply in progress is another replica's: this one takes the message after it.
         if len(following.pending) >= conversation.max_queued:
-            await _send(ws, queue_full)
+            _say(out, queue_full)
             return
         following.pending.append(text)
         try:
             await outbox.store.set_queued(outbox.session_id, following.pending)
         except SessionError as error:
             logger.warning("queue of session %s not recorded: %s", outbox.session_id, error)
-        await _send(
-            ws,
+        _say(
+            out,
             protocol.StatusFrame(
                 stage=protocol.Stage.QUEUED,
                 message="queued after the reply being generated on another replica",
@@ -533,25 +573,53 @@ async def _take_message(
         )
         return
     if not conversation.submit(text):
-        await _send(ws, queue_full)
+        _say(out, queue_full)
         return
     await outbox.mark_generating()
     if conversation.generating:
-        await _send(
-            ws, protocol.StatusFrame(stage=protocol.Stage.QUEUED, message="queued after the reply")
+        _say(
+            out, protocol.StatusFrame(stage=protocol.Stage.QUEUED, message="queued after the reply")
         )
 
 
-async def drain(app: web.Application, deadline: float) -> None:
-    """On SIGTERM: let running generations finish up to ``deadline`` seconds, then close 1012."""
+async def drain(app: web.Application, generations: float, close: float) -> None:
+    """On SIGTERM, in one budget whatever the clients do: running generations may finish
+    for up to ``generations`` seconds (replies detached from a socket are stopped at once:
+    nobody is there to read them), then every socket is closed with 1012 at the same time,
+    and those not closed within ``close`` seconds (a client that does not read cannot take
+    the close frame) are aborted."""
     app[DRAINING].set()
+    detached_conversations(app).stop_generating()
     sockets = app[LIVE_SOCKETS].copy()
-    await asyncio.gather(*(conversation.wait_idle(deadline) for conversation in sockets.values()))
-    for ws in sockets:
-        with contextlib.suppress(Exception):
-            await ws.close(
-                code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect"
-            )
+    await asyncio.gather(
+        *(conversation.wait_idle(generations) for conversation in sockets.values())
+    )
+    closing = {
+        asyncio.create_task(
+            ws.close(code=CLOSE_SERVICE_RESTART, message=b"the gateway is restarting; reconnect")
+        ): ws
+        for ws in sockets
+    }
+    if not closing:
+        return
+    _, late = await asyncio.wait(closing, timeout=close)
+    writers = _writers(app)
+    for task in late:
+        task.cancel()
+        writer = writers.get(closing[task])
+        if writer is not None:
+            writer.abort("shutdown")
+    await asyncio.gather(*closing, return_exceptions=True)
+
+
+_Writers = dict[web.WebSocketResponse[bool], SocketWriter]
+_WRITERS: weakref.WeakKeyDictionary[web.Application, _Writers] = weakref.WeakKeyDictionary()
+
+
+def _writers(app: web.Application) -> _Writers:
+    """Each live socket's writer (to abort it at shutdown), kept beside the app as the
+    detached conversations are."""
+    return _WRITERS.setdefault(app, {})
 
 
 async def sweep_sessions(app: web.Application) -> None:

@@ -96,11 +96,21 @@ class ChannelAlreadyLinked(LicenseError):
         )
 
 
-async def open_pool(dsn: str, *, max_size: int = 10, timeout_seconds: float = 5.0) -> Pool:
+async def open_pool(
+    dsn: str,
+    *,
+    max_size: int = 10,
+    timeout_seconds: float = 5.0,
+    connect_timeout_seconds: int = 5,
+    statement_timeout_seconds: float = 15.0,
+) -> Pool:
     """An open pool that connects in the background, so start-up survives a database outage.
 
     Each connection is checked before use, so connections broken by a database restart are
-    replaced instead of failing a request. The caller closes the pool.
+    replaced instead of failing a request. A connection attempt gives up after
+    ``connect_timeout_seconds`` (a database host that drops packets), and the server
+    cancels any statement running longer than ``statement_timeout_seconds`` (a lock held
+    elsewhere). The caller closes the pool.
     """
     pool: Pool = AsyncConnectionPool(
         dsn,
@@ -108,7 +118,11 @@ async def open_pool(dsn: str, *, max_size: int = 10, timeout_seconds: float = 5.
         max_size=max_size,
         timeout=timeout_seconds,
         open=False,
-        kwargs={"autocommit": True},
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": max(1, connect_timeout_seconds),
+            "options": f"-c statement_timeout={round(statement_timeout_seconds * 1000)}",
+        },
         check=AsyncConnectionPool.check_connection,
         name=f"licenses@{describe_dsn(dsn)}",
     )

@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from dexorder.gateway import metrics
+from dexorder.gateway.supervision import supervise
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +412,7 @@ class RedisSessionStore:
         self._pending.append((session_id, seq, frame))
         self._given += 1
         if self._writer is None:
-            self._writer = asyncio.create_task(self._write_frames(), name="session-frames")
+            self._writer = supervise(self._write_frames(), name="session-frames")
         self._wake.set()
 
     async def _write_frames(self) -> None:

@@ -40,6 +40,7 @@ from dexorder.gateway.pure.events import (
 )
 from dexorder.gateway.stores.licenses import Pool
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable
+from dexorder.gateway.supervision import supervise
 from dexorder.gateway.turns import ToolFinished, ToolStarted, TurnEvent, TurnTally
 
 logger = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ class UsageRecorder:
         pending.turn_ids.append(usage.turn_id)
         # A writer cancelled before it began (so before its try) left its turns pending.
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_daily(self.store), name="usage:daily")
+            self._writer = supervise(self._write_daily(self.store), name="usage:daily")
 
     async def _write_daily(self, store: UsageStore) -> None:
         """Write until nothing is pending; each write takes all that is pending."""
@@ -427,10 +428,14 @@ class UsageRecorder:
             return
         today = dt.datetime.now(dt.UTC).date()
         try:
-            used = await self.store.on(user_id, today)
-            await limiter.seed_tokens(user_id, used.total_tokens)
-        except (UsageUnavailable, LimiterUnavailable) as error:
-            logger.warning("today's token budget of %s not seeded: %s", user_id, error)
+            # Bounded: a chat's first message waits for it.
+            async with asyncio.timeout(self._daily_timeout):
+                used = await self.store.on(user_id, today)
+                await limiter.seed_tokens(user_id, used.total_tokens)
+        except (UsageUnavailable, LimiterUnavailable, TimeoutError) as error:
+            logger.warning(
+                "today's token budget of %s not seeded: %s", user_id, error or "timed out"
+            )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for the daily totals to be written, those added meanwhile too; past

@@ -313,3 +313,16 @@ async def test_an_agent_whose_connection_never_completes_is_unavailable_not_late
         finally:
             await session.close()
     assert not isinstance(caught.value, AgentTimeout)
+
+
+async def test_an_answer_past_the_byte_limit_fails_that_call_alone(agent: AgentProcess) -> None:
+    endpoint = AgentEndpoint(agent.user_id, agent.url, agent.token)
+    async with AgentSession(endpoint, max_answer_bytes=4096) as session:
+        # The agent's remember echoes what it keeps: here, twice the limit.
+        failed = await session.call_tool("remember", {"text": "x" * 8192})
+        assert failed.is_error
+        assert "over 4,096 bytes" in failed.content
+        # The session is fine: the next call, under the limit, goes through.
+        kept = await session.call_tool("remember", {"text": "short"})
+        assert not kept.is_error
+        assert "short" in kept.content
