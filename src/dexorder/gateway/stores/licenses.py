@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -112,6 +113,9 @@ async def open_pool(
     cancels any statement running longer than ``statement_timeout_seconds`` (a lock held
     elsewhere). The caller closes the pool.
     """
+    # Added to the DSN's own options (a search_path, say), which a kwarg would replace.
+    options = conninfo_to_dict(dsn).get("options") or ""
+    options = f"{options} -c statement_timeout={round(statement_timeout_seconds * 1000)}"
     pool: Pool = AsyncConnectionPool(
         dsn,
         min_size=1,
@@ -121,7 +125,7 @@ async def open_pool(
         kwargs={
             "autocommit": True,
             "connect_timeout": max(1, connect_timeout_seconds),
-            "options": f"-c statement_timeout={round(statement_timeout_seconds * 1000)}",
+            "options": options.strip(),
         },
         check=AsyncConnectionPool.check_connection,
         name=f"licenses@{describe_dsn(dsn)}",

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -438,25 +438,19 @@ class RedisLimiter:
 
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
         lease = uuid.uuid4().hex
-        refuse_missing = self._seeder.enabled
-        while True:
-            try:
-                allowed, why = await self._generation(
-                    keys=[self._tokens_key(user_id), self._key("leases", user_id)],
-                    args=[
-                        limits.tokens_per_day,
-                        limits.concurrent_generations,
-                        self._lease_ms,
-                        lease,
-                        int(refuse_missing),
-                    ],
-                )
-            except RedisError as error:
-                raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
-            if int(why) != 3:
-                break
-            await self._seed(user_id)
-            refuse_missing = False  # asked once more whatever the seed: never a loop
+        allowed, why = await self._seeded_if_missing(
+            user_id,
+            lambda refuse_missing: self._generation(
+                keys=[self._tokens_key(user_id), self._key("leases", user_id)],
+                args=[
+                    limits.tokens_per_day,
+                    limits.concurrent_generations,
+                    self._lease_ms,
+                    lease,
+                    int(refuse_missing),
+                ],
+            ),
+        )
         if not allowed:
             if int(why) == 1:
                 return refuse_tokens(limits.tokens_per_day, time.time())
@@ -465,33 +459,43 @@ class RedisLimiter:
         self._ensure_renewer()
         return Decision(True, lease=lease)
 
-    async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
-        lease = uuid.uuid4().hex
+    async def _seeded_if_missing(self, user_id: str, ask: Callable[[bool], Awaitable[Any]]) -> Any:
+        """An admission script's answer. A script told to refuse a missing count
+        (``ask(True)``) answers ``why == 3`` when Redis lost today's tokens: the count is
+        seeded from PostgreSQL and the script asked once more, counting whatever is there
+        then (never a loop)."""
         refuse_missing = self._seeder.enabled
         while True:
             try:
-                allowed, why, retry_ms = await self._turn(
-                    keys=[
-                        self._key("messages", user_id),
-                        self._tokens_key(user_id),
-                        self._key("leases", user_id),
-                    ],
-                    args=[
-                        round(MINUTE * 1000),
-                        limits.messages_per_minute,
-                        limits.tokens_per_day,
-                        limits.concurrent_generations,
-                        self._lease_ms,
-                        lease,
-                        int(refuse_missing),
-                    ],
-                )
+                answer = await ask(refuse_missing)
             except RedisError as error:
                 raise LimiterUnavailable(f"the rate limiter cannot reach Redis: {error}") from error
-            if int(why) != 3:
-                break
+            if int(answer[1]) != 3 or not refuse_missing:
+                return answer
             await self._seed(user_id)
-            refuse_missing = False  # asked once more whatever the seed: never a loop
+            refuse_missing = False
+
+    async def admit_turn(self, user_id: str, limits: RateLimits) -> Decision:
+        lease = uuid.uuid4().hex
+        allowed, why, retry_ms = await self._seeded_if_missing(
+            user_id,
+            lambda refuse_missing: self._turn(
+                keys=[
+                    self._key("messages", user_id),
+                    self._tokens_key(user_id),
+                    self._key("leases", user_id),
+                ],
+                args=[
+                    round(MINUTE * 1000),
+                    limits.messages_per_minute,
+                    limits.tokens_per_day,
+                    limits.concurrent_generations,
+                    self._lease_ms,
+                    lease,
+                    int(refuse_missing),
+                ],
+            ),
+        )
         if not allowed:
             if int(why) == 0:
                 return refuse_messages(limits.messages_per_minute, int(retry_ms) / 1000)
