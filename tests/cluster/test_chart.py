@@ -96,7 +96,7 @@ def test_the_demo_answers_from_its_users_agent_pod(demo: NodeDemo) -> None:
     [see_it] = [line for line in demo.log.read_text().splitlines() if "get ua,pods" in line]
     command = shlex.split(see_it.split(":", 1)[1])
     shown = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
-    assert re.search(r"auth0\|demo\s+free\s+Ready", shown), shown
+    assert re.search(r"auth0\|demo\s+free\s+True\s+Ready", shown), shown
     assert re.search(r"pod/\S+-agent-\S+\s+1/1\s+Running", shown), shown
 
 

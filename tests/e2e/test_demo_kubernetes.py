@@ -157,9 +157,9 @@ def test_demo_on_kubernetes_answers_shows_the_agent_ready_and_stops_cleanly(demo
     assert Path(command[0]).is_relative_to(binaries.cache_root()), command
     table = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
     header, *rows = [line.split() for line in table.splitlines()]
-    assert header[:4] == ["NAME", "USER", "TIER", "PHASE"], table
-    assert [row[:4] for row in rows] == [
-        [naming.user_agent_name(DEMO_USER), DEMO_USER, "pro", "Ready"]
+    assert header[:5] == ["NAME", "USER", "TIER", "READY", "PHASE"], table
+    assert [row[:5] for row in rows] == [
+        [naming.user_agent_name(DEMO_USER), DEMO_USER, "pro", "True", "Ready"]
     ], table
 
     # Ctrl-C stops everything it started: control plane, operator, gateway, agent.
