@@ -185,7 +185,10 @@ def release(cluster_helm: Helm, kubectl: Kubectl, release_namespace: str) -> Ite
 
 
 def _deployments(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
-    listed = json.loads(kubectl.run("get", "deployments", "-n", namespace, "-o", "json").stdout)
+    """Deployments and StatefulSets (the gateway is one, with its spool's claims) by name."""
+    listed = json.loads(
+        kubectl.run("get", "deployments,statefulsets", "-n", namespace, "-o", "json").stdout
+    )
     return {item["metadata"]["name"]: item for item in listed["items"]}
 
 

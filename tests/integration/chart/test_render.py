@@ -311,11 +311,11 @@ def test_the_agents_quota_caps_useragents_and_the_gateway_knows_the_cap(
         "pods": "500",
         "requests.storage": "500Gi",
     }
-    settings = env(container(one(everything, "Deployment", "gateway"), "gateway"))
+    settings = env(container(gateway_workload(everything), "gateway"))
     assert settings["DEXORDER_MAX_AGENTS"] == "500"
     # Off by default: no quota, no cap, and no account enrolled without a license.
     assert not of_kind(defaults, "ResourceQuota")
-    default_settings = env(container(one(defaults, "Deployment", "gateway"), "gateway"))
+    default_settings = env(container(gateway_workload(defaults), "gateway"))
     assert "DEXORDER_MAX_AGENTS" not in default_settings
     assert default_settings["DEXORDER_AUTO_ENROLL"] == "false"
 
@@ -340,7 +340,7 @@ def test_the_ingress_routes_neither_probes_nor_metrics(everything: list[Manifest
         for path in rule["http"]["paths"]
     }
     assert backends == {"http"}
-    gateway = container(one(everything, "Deployment", "gateway"), "gateway")
+    gateway = container(gateway_workload(everything), "gateway")
     assert env(gateway)["DEXORDER_METRICS_PORT"] == "9090"
     assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {
         "http": 8080,
