@@ -159,6 +159,10 @@ class _Bill:
         return sum((harness.spent()[1] for harness in self.attempts), Usage(0, 0, 0))
 
 
+# How long a new conversation waits to ask again for the reviews still awaiting approval.
+REMIND_SECONDS = 5.0
+
+
 class Conversation:
     """One chat session's queue and worker; see the module's text."""
 
@@ -307,7 +311,16 @@ class Conversation:
         """Ask again for the reviews waiting for this user (the database's, not the agent's)."""
         if self._setup.reviews is not None:
             try:
-                await self._setup.reviews.remind(self.user_id, self._emit)
+                # Bounded: the first message waits behind it (the reviews' pool would wait
+                # 30 s for a connection while the database is down).
+                async with asyncio.timeout(REMIND_SECONDS):
+                    await self._setup.reviews.remind(self.user_id, self._emit)
+            except TimeoutError:
+                error = psycopg.OperationalError(
+                    f"the reviews waiting for approval were not read within {REMIND_SECONDS:g} s"
+                )
+                logger.warning("reviews waiting for %s not fetched: %s", self.user_id, error)
+                await self._fail(error)
             except psycopg.Error as error:
                 # Kept in the database; asked again on the next chat.
                 logger.warning("reviews waiting for %s not fetched: %s", self.user_id, error)
