@@ -48,7 +48,7 @@ print(json.dumps({"rss": int(stat["total_rss"]), "usage": usage}))
 """
 
 
-async def _first_token_seconds(url: str, user: str) -> dict[str, float]:
+async def _milestones(url: str, user: str) -> dict[str, float]:
     """Seconds from opening the socket (a connect may start the wake) to the first of each
     kind of frame (a status frame by its stage), the first delta among them as ``first
     token``; the reply is read to its end."""
@@ -138,24 +138,23 @@ def main() -> None:
     ):
         with chart.gateway_url() as url:
             cold = [
-                asyncio.run(_first_token_seconds(url, f"auth0|bench-{index}"))["first token"]
+                asyncio.run(_milestones(url, f"auth0|bench-{index}"))["first token"]
                 for index in range(options.users)
             ]
             user = "auth0|bench-0"
             agent = _agent_of(chart, user)
-            wakes: list[float] = []
             timeline: list[dict[str, float]] = []
             for _ in range(options.wakes):
                 _suspend(chart, agent)
                 time.sleep(options.idle_seconds)
-                timeline.append(asyncio.run(_first_token_seconds(url, user)))
-                wakes.append(timeline[-1]["first token"])
+                timeline.append(asyncio.run(_milestones(url, user)))
         [pod] = _pods(chart, agent)
         memory = json.loads(
             chart.kubectl(
                 f"--namespace={AGENTS_NAMESPACE}", "exec", pod, "--", "python", "-c", MEMORY
             )
         )
+    wakes = [milestones["first token"] for milestones in timeline]
     print(
         f"cold provision to first token, {options.users} users: "
         + ", ".join(f"{s:.2f} s" for s in cold)
@@ -164,16 +163,15 @@ def main() -> None:
         f"wake to first token over {len(wakes)} wakes: p50 {statistics.median(wakes):.2f} s, "
         f"p99 {_percentile(wakes, 0.99):.2f} s, min {min(wakes):.2f} s, max {max(wakes):.2f} s"
     )
-    milestones = sorted(
-        set().union(*timeline),
-        key=lambda kind: statistics.median(t[kind] for t in timeline if kind in t),
-    )
+    medians = {
+        kind: statistics.median(t[kind] for t in timeline if kind in t)
+        for kind in set().union(*timeline)
+    }
     print(
         "  of which, p50 / max from opening the socket: "
         + "; ".join(
-            f"{kind} {statistics.median(t[kind] for t in timeline if kind in t):.2f}"
-            f" / {max(t[kind] for t in timeline if kind in t):.2f} s"
-            for kind in milestones
+            f"{kind} {median:.2f} / {max(t[kind] for t in timeline if kind in t):.2f} s"
+            for kind, median in sorted(medians.items(), key=lambda item: item[1])
         )
     )
     mib = 2**20

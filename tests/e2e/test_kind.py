@@ -35,6 +35,7 @@ from dexorder.devenv.node_chart import (
     RELEASE,
     SECRET,
     chart_values,
+    gateway_secret_literals,
 )
 from dexorder.devenv.paths import REPO_ROOT
 from tests.cluster.chart_suite import ChartSuite
@@ -132,11 +133,7 @@ def installed(
         "secret",
         "generic",
         "dexorder-gateway",
-        f"--from-literal=DATABASE_URL={DATABASE_URL}",
-        f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
-        # A test cluster: the development secret is acknowledged with the cluster.
-        "--from-literal=DEXORDER_DEV_SECRET_WITH_KUBERNETES=true",
-        "--from-literal=OPENAI_API_KEY=fake-key",
+        *gateway_secret_literals(DATABASE_URL),
     )
     kind_cluster.kubectl(
         "-n",

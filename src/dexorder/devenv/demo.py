@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING
 import jwt
 
 from dexorder.core import naming
-from dexorder.devenv.errors import DevenvError, ServiceFailed
+from dexorder.devenv.errors import DevenvError
 from dexorder.devenv.fake_llm import FakeLLMProcess
 from dexorder.devenv.paths import CRD_DIR, MODEL_LIST, TIER_CATALOG
 from dexorder.devenv.postgres import PostgresService
@@ -155,15 +154,9 @@ class KubernetesDemo:
 
 
 def _kubectl(plane: ControlPlane, *args: str) -> None:
-    result = subprocess.run(
-        [plane.binary("kubectl"), f"--kubeconfig={plane.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise ServiceFailed(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    from dexorder.devenv.kubernetes import run_kubectl
+
+    run_kubectl(plane.binary("kubectl"), plane.kubeconfig, *args)
 
 
 def _start_kubernetes(
@@ -346,7 +339,7 @@ def run(port: int = 8080, state_dir: Path | None = None, *, kubernetes: bool = F
     return _run_until_stopped(state, serve)
 
 
-def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
+def run_on_node(state_dir: Path | None = None) -> int:
     """``dexorder demo --node``: the product as ops install it, on this machine. The real
     node comes up (``dexorder devenv up --services node``), the three images are built from
     this tree and loaded into it (``dexorder images build``), and the chart is
@@ -367,12 +360,12 @@ def run_on_node(state_dir: Path | None = None, tag: str = "dev") -> int:
             print(f"[{time.monotonic() - started:5.1f} s] {what} …", flush=True)
 
         step("building the images (buildah; minutes the first time)")
-        archives = images.build_images(tag=tag)
+        archives = images.build_images(tag=images.DEFAULT_TAG)
         step("starting the node (containerd, kubelet, CoreDNS, …)")
         node = stack.enter_context(NodeCluster())
         step("helm install (the images loaded, PostgreSQL, the scripted model, then the chart)")
         helm = Helm(binaries.build_helm() / "helm", state / "helm-home")
-        chart = stack.enter_context(installed_chart(node, helm, archives, tag))
+        chart = stack.enter_context(installed_chart(node, helm, archives, images.DEFAULT_TAG))
         url = stack.enter_context(chart.gateway_url())
         token = user_token(NODE_DEMO_USER, hours=12)
         (state / "token").write_text(token)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def admin_kubeconfig(server: str, pki: ControlPlanePki) -> dict[str, object]:
         ],
         "current-context": "dexorder-devenv",
     }
+
+
+def run_kubectl(
+    binary: str | Path, kubeconfig: Path, *args: str, check: bool = True, timeout: float = 120
+) -> str:
+    """kubectl's output; with ``check``, a non-zero exit is a ``ServiceFailed`` with stderr."""
+    result = subprocess.run(
+        [str(binary), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise ServiceFailed(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
 
 
 class ControlPlane(Service):

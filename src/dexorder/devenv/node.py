@@ -35,7 +35,7 @@ import yaml
 
 from dexorder.devenv import binaries, images
 from dexorder.devenv.errors import PrerequisiteMissing, ServiceFailed
-from dexorder.devenv.kubernetes import ControlPlane
+from dexorder.devenv.kubernetes import ControlPlane, run_kubectl
 from dexorder.devenv.network import NodeNetwork
 from dexorder.devenv.oci import ImageFiles, write_archive
 from dexorder.devenv.process import ManagedProcess, free_port, require_binary, wait_until
@@ -446,16 +446,8 @@ class NodeCluster(Service):
         return self.data_dir / "containerd" / "containerd.sock"
 
     def kubectl(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        result = subprocess.run(
-            [self.control_plane.binary("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise ServiceFailed(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        binary = self.control_plane.binary("kubectl")
+        return run_kubectl(binary, self.kubeconfig, *args, check=check, timeout=timeout)
 
     def describe(self) -> dict[str, str]:
         return {

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,9 +18,9 @@ import jwt
 import yaml
 
 from dexorder.devenv import images
-from dexorder.devenv.errors import ServiceFailed
 from dexorder.devenv.fake_llm.runners import FakeLLMClient, FakeLLMProcess
 from dexorder.devenv.fixtures_helm import CHART_DIR, Helm
+from dexorder.devenv.kubernetes import run_kubectl
 from dexorder.devenv.node import NodeCluster
 from dexorder.devenv.postgres import PostgresService
 from dexorder.gateway.migrations import apply_migrations
@@ -39,6 +38,17 @@ def user_token(user: str, *, hours: float = 1) -> str:
     """A JWT for ``user`` that the installed gateway accepts (the development HS256 secret)."""
     claims = {"sub": user, "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time() + hours * 3600)}
     return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def gateway_secret_literals(database_url: str) -> list[str]:
+    """``kubectl create secret generic``'s arguments for a test cluster's gateway Secret."""
+    return [
+        f"--from-literal=DATABASE_URL={database_url}",
+        f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
+        # A test cluster: the development secret is acknowledged with the cluster.
+        "--from-literal=DEXORDER_DEV_SECRET_WITH_KUBERNETES=true",
+        "--from-literal=OPENAI_API_KEY=fake-key",
+    ]
 
 
 def scripted_models_yaml(base_url: str) -> str:
@@ -96,16 +106,7 @@ class NodeChart:
     llm: FakeLLMClient
 
     def kubectl(self, *args: str, timeout: float = 120) -> str:
-        result = subprocess.run(
-            [str(self.kubectl_binary), f"--kubeconfig={self.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise ServiceFailed(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        return run_kubectl(self.kubectl_binary, self.kubeconfig, *args, timeout=timeout)
 
     @contextmanager
     def gateway_url(self) -> Iterator[str]:
@@ -175,13 +176,9 @@ def installed_chart(
             "secret",
             "generic",
             GATEWAY_SECRET,
-            f"--from-literal=DATABASE_URL={postgres.dsn.replace('127.0.0.1', network.gateway)}",
-            f"--from-literal=DEXORDER_DEV_HS256_SECRET={SECRET}",
-            # A test cluster: the development secret is acknowledged with the cluster.
-            "--from-literal=DEXORDER_DEV_SECRET_WITH_KUBERNETES=true",
-            "--from-literal=OPENAI_API_KEY=fake-key",
+            *gateway_secret_literals(postgres.dsn.replace("127.0.0.1", network.gateway)),
         )
-        built = {name: f"localhost/dexorder-{name}:{tag}" for name in archives}
+        built = {name: images.image_reference(name, tag) for name in archives}
         chosen = chart_values(built, llm.base_url)
         if operator_env:
             chosen["operator"]["extraEnv"] = [

@@ -80,10 +80,6 @@ def test_the_oci_layout_points_from_the_index_to_the_manifest_to_the_config() ->
     config = json.loads(config_bytes)
     assert config["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + "b" * 64]}
     assert (config["os"], config["architecture"]) == ("linux", "amd64")
-    # Equal inputs, equal bytes: the base's digest does not drift between builds.
-    assert (blobs, index) == oci.image_documents(
-        layer, images.oci_base_config("amd64"), annotations
-    )
 
 
 def test_buildah_builds_on_the_base_with_its_layer_cache_and_the_host_network() -> None:
@@ -198,8 +194,6 @@ def test_a_root_filesystem_tarball_becomes_a_one_layer_oci_archive(tmp_path: Pat
     # The same tarball gives the same layer bytes, so the base's image id is stable.
     again = tmp_path / "again.oci.tar"
     images.write_oci_archive(rootfs, again, "amd64", "dexorder-base:bookworm")
-    with tarfile.open(again) as layout:
-        assert json.loads(_member(layout, "index.json")) == index
     assert again.read_bytes() == archive.read_bytes()
 
 

@@ -128,7 +128,7 @@ class FakeLLMProcess(Service):
             self.name, self._argv, log_path=self.data_dir / "fake-llm.log"
         ).start()
         wait_until(
-            lambda: bool(self._get("/v1/models")),
+            lambda: bool(self.client.call("GET", "/v1/models")),
             timeout=30,
             what="fake LLM server",
             process=self._process,
@@ -145,6 +145,3 @@ class FakeLLMProcess(Service):
     @property
     def client(self) -> FakeLLMClient:
         return FakeLLMClient(f"http://{self.host}:{self.port}")
-
-    def _get(self, path: str) -> Any:
-        return self.client.call("GET", path)
