@@ -348,3 +348,15 @@ def test_the_ingress_routes_neither_probes_nor_metrics(everything: list[Manifest
     }
     service = one(everything, "Service", "gateway")
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_the_gateway_may_list_agents_only_to_count_them_against_a_cap(
+    defaults: list[Manifest], everything: list[Manifest]
+) -> None:
+    def verbs(manifests: list[Manifest]) -> list[str]:
+        role = one(manifests, "Role", "gateway")
+        [rule] = [r for r in role["rules"] if r["resources"] == ["useragents"]]
+        return list(rule["verbs"])
+
+    assert "list" not in verbs(defaults)  # agents.maxAgents 0: no cap, no list
+    assert "list" in verbs(everything)  # the capacity check lists them

@@ -429,3 +429,10 @@ __all__ = [
     "split_markdown",
     "wait_phrase",
 ]
+
+
+def split_command(text: str) -> tuple[str, str]:
+    """A ``/command@Bot argument`` message's command name (lowercased, without the bot's
+    name) and its argument; for any ``/`` text, however short or odd ("/", "/ ")."""
+    command, _, argument = text.partition(" ")
+    return command[1:].split("@", 1)[0].lower(), argument.strip()

@@ -63,7 +63,12 @@ from dexorder.gateway.linking import (
     normalize_code,
 )
 from dexorder.gateway.pure import protocol
-from dexorder.gateway.pure.telegram_format import escape, rate_limited_html, sources_html
+from dexorder.gateway.pure.telegram_format import (
+    escape,
+    rate_limited_html,
+    sources_html,
+    split_command,
+)
 from dexorder.gateway.stores.licenses import ServiceUnavailable
 from dexorder.gateway.turns import (
     FellBack,
@@ -433,9 +438,8 @@ class TelegramChat:
             await send_text(self.bot, chat_id, "I can only read text messages.", reply_to)
             return
         if text.startswith("/"):
-            command, _, argument = text.partition(" ")
-            name = command[1:].split("@", 1)[0].lower()
-            if await self._command(name, argument.strip(), message, reply_to):
+            name, argument = split_command(text)
+            if await self._command(name, argument, message, reply_to):
                 return
         user = await self._linked_user(user_id)
         if user is None:
@@ -492,14 +496,13 @@ class TelegramChat:
 
     async def _link(self, telegram_user: int, argument: str) -> str:
         key = f"{CHANNEL}:{telegram_user}"
+        code = normalize_code(argument)
         wait = await self.attempts.retry_after(key)
         if wait is not None:
-            code = normalize_code(argument)
             if code is not None:
                 await self.link_codes.void(code)  # any attempt consumes the code
             minutes = max(1, round(wait / 60))
             return f"Too many wrong codes. Try again in about {minutes} min."
-        code = normalize_code(argument)
         if code is None:
             await self.attempts.failed(key)
             return "Send the code from the web app like this: <code>/link ABCDE-FGHJK</code>"

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from dexorder.gateway.pure.telegram_format import split_command
+
 log = logging.getLogger(__name__)
 
 URGENT_COMMANDS = frozenset({"stop"})
@@ -28,7 +30,7 @@ def urgent_command(update: Mapping[str, Any]) -> str | None:
     text = message.get("text")
     if not isinstance(text, str) or not text.startswith("/"):
         return None
-    name = text[1:].split(maxsplit=1)[0].split("@", 1)[0].lower() if len(text) > 1 else ""
+    name, _ = split_command(text)
     return name if name in URGENT_COMMANDS else None
 
 

@@ -18,7 +18,7 @@ def test_stop_is_urgent(text: str) -> None:
     assert urgent_command(message(text)) == "stop"
 
 
-@pytest.mark.parametrize("text", ["stop", "/stopper", "/new", "/", "", None, 3])
+@pytest.mark.parametrize("text", ["stop", "/stopper", "/new", "/", "/ ", "/\n", "", None, 3])
 def test_anything_else_is_not(text: Any) -> None:
     assert urgent_command(message(text)) is None
 
