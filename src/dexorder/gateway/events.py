@@ -6,7 +6,9 @@ before ``publish`` returns) and then hands it to an idempotent confluent-kafka p
 leaves the spool only when the broker's delivery report says it has it. A broker that is
 down loses nothing: undelivered events are produced again after a back-off, at once when
 the broker answers again, and at the next start; in spool order, and with nothing newer
-produced before them, so a user's events keep their order across retries. All Kafka work
+produced before them. That is meant to keep a user's events in order across retries, but it
+does not yet always: records still in the client's queue when the broker returns can fail
+after newer ones went out (issue 20 item 11, open; see test_events.py). All Kafka work
 runs on one thread of its own, so the event loop never waits for the broker. A fatal
 producer error (or any failure of that thread's loop) replaces the producer and produces
 every unacknowledged event again from the spool.
@@ -194,7 +196,8 @@ def producer_config(bootstrap: str, *, message_timeout_ms: int) -> dict[str, Any
 class _Retries:
     """Records whose delivery failed, produced again together after a back-off, in spool
     order. While any wait, newer records wait behind them (``hold``): producing a newer
-    event of a user before an older one would reorder that user's events."""
+    event of a user before an older one would reorder that user's events. (Records still
+    in the client when they fail come back here late; the order is not yet guaranteed.)"""
 
     def __init__(self) -> None:
         self._waiting: list[SpooledRecord] = []

@@ -429,8 +429,9 @@ class Harness:
         except AgentUnavailable:
             raise  # nothing to write the turn to
         except Exception as error:
-            # The user's message stays in the history, with what went wrong.
-            failed = f" [failed: {error}]"
+            # The user's message stays in the history, with what kind of failure it met: not
+            # the error's text, which may carry a provider's detail (failures.py).
+            failed = f" [failed: {type(error).__name__}]"
             record.append({"role": "assistant", "content": _reply(rounds) + note + failed})
             await self._write_back(record, shielded=True)
             raise
