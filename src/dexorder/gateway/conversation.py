@@ -315,16 +315,16 @@ class Conversation:
                 # 30 s for a connection while the database is down).
                 async with asyncio.timeout(REMIND_SECONDS):
                     await self._setup.reviews.remind(self.user_id, self._emit)
-            except TimeoutError:
-                error = psycopg.OperationalError(
-                    f"the reviews waiting for approval were not read within {REMIND_SECONDS:g} s"
+            except (TimeoutError, psycopg.Error) as error:
+                # Kept in the database; asked again on the next chat. A timeout is shown as
+                # the database being unavailable, which it is to this chat.
+                shown = (
+                    psycopg.OperationalError(f"no answer within {REMIND_SECONDS:g} s")
+                    if isinstance(error, TimeoutError)
+                    else error
                 )
-                logger.warning("reviews waiting for %s not fetched: %s", self.user_id, error)
-                await self._fail(error)
-            except psycopg.Error as error:
-                # Kept in the database; asked again on the next chat.
-                logger.warning("reviews waiting for %s not fetched: %s", self.user_id, error)
-                await self._fail(error)
+                logger.warning("reviews waiting for %s not fetched: %s", self.user_id, shown)
+                await self._fail(shown)
 
     async def _agent_ready(self) -> None:
         if self._prepared:
@@ -490,7 +490,7 @@ class Conversation:
                     return
                 continue
             except (LLMError, RoutingError, TurnTimedOut) as error:
-                await self.agent.read_ahead_next(agent)  # nothing was written; read all the same
+                await self.agent.read_ahead_next(agent)  # written back, marked failed or cancelled
                 await self._fail(error)
                 await self._end_unfinished(turn, slot, TurnOutcome.FAILED, tally, bill)
                 return

@@ -103,7 +103,8 @@ class FellBack:
 @dataclass(frozen=True, slots=True)
 class TurnFinished:
     """The turn is over: the harness's last event, or made by the conversation for a
-    cancelled turn (no usage, no model). ``usage`` adds up every model round.
+    cancelled turn (``cancelled``, with what it was billed). ``usage`` adds up every model
+    round.
 
     ``next_context`` is for the conversation alone: the next turn's preferences and history
     when they can be known without reading the agent (``AgentContext.carried``), else None.
@@ -114,10 +115,6 @@ class TurnFinished:
     route: RouteChoice | None
     cancelled: bool = False
     next_context: AgentContext | None = None
-
-    @classmethod
-    def of_cancelled(cls, route: RouteChoice | None) -> TurnFinished:
-        return cls(model="", usage=Usage(0, 0, 0), route=route, cancelled=True)
 
 
 TurnEvent = ReplyDelta | SourcesCited | ToolStarted | ToolFinished | FellBack | TurnFinished

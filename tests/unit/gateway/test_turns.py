@@ -46,7 +46,7 @@ def test_each_event_has_its_frame() -> None:
     assert done == protocol.DoneFrame(
         usage=protocol.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5), model="m"
     )
-    cancelled = frame_for(TurnFinished.of_cancelled(None))
+    cancelled = frame_for(TurnFinished(model="", usage=Usage(0, 0, 0), route=None, cancelled=True))
     assert isinstance(cancelled, protocol.DoneFrame)
     assert cancelled.cancelled
 

@@ -460,7 +460,7 @@ async def _stop(task: asyncio.Task[None]) -> None:
     except asyncio.CancelledError:
         pass
     except Exception:
-        logger.exception("following another replica's reply failed")
+        logger.exception("%s failed", task.get_name())
 
 
 async def _let_go(

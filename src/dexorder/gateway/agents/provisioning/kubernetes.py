@@ -56,8 +56,6 @@ logger = logging.getLogger(__name__)
 # A Ready agent is trusted for this long before its UserAgent is read again.
 _ENDPOINT_CACHE_SECONDS = 30.0
 
-logger = logging.getLogger(__name__)
-
 
 def desired_spec(license: EffectiveLicense) -> UserAgentSpec:
     """The UserAgent spec a license asks for (``suspended`` false: we want it running)."""
