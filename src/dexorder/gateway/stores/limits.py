@@ -236,10 +236,13 @@ class MemoryLimiter:
             window.append(now)
         return decision
 
-    async def _seed_if_missing(self, user_id: str) -> None:
+    async def _seed_if_missing(self, user_id: str) -> bool:
+        """Whether today's count is there now (seeded from the durable usage if it was not)."""
         key = (user_id, day_bucket(time.time()))
-        if key not in self._tokens and (seed := await self._seeder.read(user_id)) is not None:
-            self._tokens.setdefault(key, seed)
+        if key in self._tokens or not self._seeder.enabled:
+            return True
+        seed = await self._seeder.read(user_id)
+        return seed is not None and (await self.seed_tokens(user_id, seed) or key in self._tokens)
 
     async def admit_generation(self, user_id: str, limits: RateLimits) -> Decision:
         await self._seed_if_missing(user_id)
@@ -276,8 +279,10 @@ class MemoryLimiter:
     async def add_tokens(self, user_id: str, tokens: int) -> None:
         if tokens < 0:
             raise ValueError(f"tokens must not be negative: {tokens}")
-        await self._seed_if_missing(user_id)
-        self._tokens[(user_id, day_bucket(time.time()))] += tokens
+        if await self._seed_if_missing(user_id):
+            self._tokens[(user_id, day_bucket(time.time()))] += tokens
+        # else: left missing, so the next turn seeds it again; the durable usage, which
+        # records these tokens too, is what it will be seeded from.
 
     async def tokens_today(self, user_id: str) -> int:
         return self._tokens.get((user_id, day_bucket(time.time())), 0)

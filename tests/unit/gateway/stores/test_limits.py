@@ -136,3 +136,20 @@ async def test_a_turn_slot_is_freed_once_with_its_tokens_or_on_leaving() -> None
     async with limiter.turn("u", one) as slot:  # the failed turn's slot was given back
         assert slot.allowed
     assert await limiter.tokens_today("u") == 7
+
+
+async def test_a_count_that_could_not_be_seeded_is_seeded_at_the_next_turn() -> None:
+    # The durable usage is down for the first turn, then answers (it has recorded that
+    # turn's 30 tokens, as PostgreSQL does).
+    answers: list[int | None] = [None, 90]
+
+    async def durable(_user: str) -> int:
+        answer = answers.pop(0)
+        if answer is None:
+            raise ConnectionError("database down")
+        return answer
+
+    limiter = MemoryLimiter(durable=durable)
+    await limiter.add_tokens("u", 30)  # not counted from zero: left missing
+    assert (await limiter.admit_generation("u", LIMITS)).allowed
+    assert await limiter.tokens_today("u") == 90
