@@ -464,10 +464,13 @@ class OperatorState:
 
 
 def _reportable(error: KubernetesError) -> bool:
-    """Whether an apply error is the API server's refusal worth reporting on the agent:
-    not a conflict (retried at once) nor an unreachable API server (no status can be
-    written, and it is no fault of the agent)."""
-    return not isinstance(error, Conflict | Unreachable)
+    """Whether an apply error is the API server's refusal worth reporting on the agent: a
+    client error (a quota, a policy, an invalid child), not a conflict (retried at once),
+    throttling or a server error (the next retry may well succeed), nor an unreachable
+    API server (no status can be written, and it is no fault of the agent)."""
+    if isinstance(error, Conflict | Unreachable):
+        return False
+    return 400 <= error.status < 500 and error.status != 429
 
 
 def _storage_reported(agent: Mapping[str, Any]) -> StorageState:

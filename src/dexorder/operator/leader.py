@@ -4,9 +4,9 @@ Every replica lists and watches (a warm cache); only the one holding the Lease r
 work queue and the idle sweeper. The holder renews the Lease every ``renew_seconds``; a
 standby takes it once it has seen the same record (holder and renew time) unchanged for
 ``lease_seconds``, measured on its own clock, so clock skew between nodes does not matter
-(client-go's rule). A holder that cannot renew within ``renew_deadline_seconds`` stops
-leading (it exits, and its pod restarts as a standby) before a standby may take over, so
-two never work at once. A holder stopping cleanly gives the Lease up, and the standby
+(client-go's rule). A holder that cannot renew within ``renew_deadline_seconds`` (each
+renewal is bounded by that deadline) stops leading and stands by again, before a standby
+may take over, so two never work at once. A holder stopping cleanly gives the Lease up, and the standby
 takes it at its next try.
 
 Writes are ``PUT``s carrying the resourceVersion read: of two standbys racing for an
@@ -98,7 +98,7 @@ class LeaderElection:
         renewed = self._clock()
         while True:
             await asyncio.sleep(self._timing.retry_seconds)
-            if await self._try():
+            if await self._renewed_by(renewed + self._timing.renew_deadline_seconds):
                 renewed = self._clock()
             elif self._observed is not None and self._observed[0] not in (self.identity, ""):
                 self.leading = False
@@ -108,6 +108,16 @@ class LeaderElection:
                 raise LeadershipLost(
                     f"no renewal for {self._timing.renew_deadline_seconds:.0f}s; stopping work"
                 )
+
+    async def _renewed_by(self, deadline: float) -> bool:
+        """One renewal, given up at ``deadline`` (on this clock): a renewal queued behind a
+        busy client must not outlast the renew deadline, or a standby could take the Lease
+        while this replica still works."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                return await self._try()
+        except TimeoutError:
+            return False
 
     async def release(self) -> None:
         """Give the Lease up (a clean stop): a standby takes it at its next try."""

@@ -4,13 +4,14 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dexorder.adapters.kubernetes import ClusterCredentials, KubeClient
+from dexorder.adapters.kubernetes import ClusterCredentials, KubeClient, KubernetesError
 from dexorder.core import manifests
 from dexorder.core.manifests import AgentTemplate, Owner
 from dexorder.core.status import StorageState
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.core.useragent import UserAgentStatus
 from dexorder.devenv.paths import TIER_CATALOG
+from dexorder.operator import handlers
 from dexorder.operator.handlers import OperatorState, _drifted, _reclaim_policy, _status_behind
 from dexorder.operator.reconcile import FINALIZER, Desired, Reconciler, desired_state
 from dexorder.operator.settings import OperatorSettings
@@ -247,3 +248,13 @@ async def test_the_operator_is_not_alive_once_its_sweeper_or_a_worker_stopped() 
             assert not operator.alive
         finally:
             await operator.stop()
+
+
+def test_only_the_api_servers_refusals_are_reported_on_the_agent() -> None:
+    refused = KubernetesError("exceeded quota", status=403, reason="Forbidden")
+    invalid = KubernetesError("name too long", status=422, reason="Invalid")
+    assert handlers._reportable(refused)
+    assert handlers._reportable(invalid)
+    # The next retry may well succeed: not a Failed agent.
+    for status in (429, 500, 503):
+        assert not handlers._reportable(KubernetesError("busy", status=status))
