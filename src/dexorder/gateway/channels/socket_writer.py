@@ -34,8 +34,9 @@ SLOW_CLIENTS = Counter(
 
 @dataclass(frozen=True)
 class SendPolicy:
-    """How long a client may keep its frames waiting: one send may wait ``timeout`` seconds
-    (a full TCP window), and ``max_bytes`` of frames may queue behind it; past either the
+    """How long a client may keep its frames waiting: sending may make no progress for
+    ``timeout`` seconds (a full TCP window), and ``max_bytes`` of frames (counted in
+    characters, so as not to encode each token twice) may queue behind it; past either the
     socket is aborted."""
 
     timeout: float = 10.0
@@ -56,8 +57,13 @@ class SocketWriter:
         self.ws = ws
         self._transport = transport
         self._policy = policy
+        self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[str] = collections.deque()
         self._queued_bytes = 0
+        # When sending last made progress (a frame sent, or sending began), and the one
+        # timer that checks it: a watchdog, so a token costs no timer of its own.
+        self._progress_at = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -77,7 +83,11 @@ class SocketWriter:
             self.abort("queue_full")
             return False
         self._queue.append(text)
-        self._idle.clear()
+        if self._idle.is_set():
+            self._idle.clear()
+            self._progress_at = self._loop.time()
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_later(self._policy.timeout, self._check)
         self._wake.set()
         return True
 
@@ -85,10 +95,7 @@ class SocketWriter:
         """Cut the client off: drop what is queued and abort the connection."""
         if self.gone:
             return
-        self.gone = True
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._idle.set()
+        self._stop_sending()
         SLOW_CLIENTS.labels(why=why).inc()
         logger.warning("client cut off (%s): it does not read its frames", why)
         if self._transport is not None:
@@ -105,32 +112,46 @@ class SocketWriter:
 
     async def close(self) -> None:
         """Stop sending (what is still queued is dropped)."""
+        self._stop_sending()
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+    def _stop_sending(self) -> None:
+        self.gone = True
+        self._queue.clear()
+        self._queued_bytes = 0
         self._idle.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _check(self) -> None:
+        """The watchdog: abort when frames wait and sending made no progress for the
+        timeout; look again when that could next be so; stop looking when idle."""
+        self._watchdog = None
+        if self.gone or self._idle.is_set():
+            return
+        stalled = self._loop.time() - self._progress_at
+        if stalled >= self._policy.timeout:
+            self.abort("send_timeout")
+            self._task.cancel()  # its send waits on the aborted connection
+            return
+        self._watchdog = self._loop.call_later(self._policy.timeout - stalled, self._check)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        queue, ws, limit = self._queue, self.ws, self._policy.timeout
+        loop, queue, ws = self._loop, self._queue, self.ws
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # One timer for a burst, pushed on after each send: no send waits past ``limit``.
             try:
-                async with asyncio.timeout_at(loop.time() + limit) as deadline:
-                    while queue:
-                        text = queue.popleft()
-                        self._queued_bytes -= len(text)
-                        await ws.send_str(text)
-                        deadline.reschedule(loop.time() + limit)
-            except TimeoutError:
-                self.abort("send_timeout")
-                return
+                while queue:
+                    text = queue.popleft()
+                    self._queued_bytes -= len(text)
+                    await ws.send_str(text)
+                    self._progress_at = loop.time()
             except (ConnectionError, RuntimeError):
-                # Closed under us: the reader sees it too.
-                self.gone = True
-                self._queue.clear()
-                self._idle.set()
+                # Closed under us (or aborted by the watchdog): the reader sees it too.
+                self._stop_sending()
                 return
             self._idle.set()
 
