@@ -94,7 +94,10 @@ def test_an_image_from_another_registry_is_refused_for_everyone(
 ) -> None:
     wait_until_enforced(kubectl, namespace)
     refused = create(kubectl, user_agent(namespace, "a", image="evil.example/miner:latest"))
-    assert "spec.image must come from an allowed registry: ghcr.io/" in refused
+    assert "spec.image must come from an allowed registry: ghcr.io/dexorder/agent:" in refused
+    # The agents' own repository, not its whole registry: ghcr.io hosts anyone's images.
+    other = create(kubectl, user_agent(namespace, "o", image="ghcr.io/someone-else/miner:1"))
+    assert "spec.image must come from an allowed registry" in other
     # An administrator may pin an image from the agents' registry.
     assert create(kubectl, user_agent(namespace, "b", image="ghcr.io/dexorder/agent:0.2")) == ""
 
