@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -150,13 +150,18 @@ class _Bill:
 
     attempts: list[Harness] = field(default_factory=list)
 
-    @property
-    def model(self) -> str:
-        return next((m for m, _ in map(Harness.spent, reversed(self.attempts)) if m), "")
+    def spent(self) -> tuple[str, Usage]:
+        """The last model named and the tokens of every attempt."""
+        spent = [harness.spent() for harness in self.attempts]
+        model = next((model for model, _ in reversed(spent) if model), "")
+        return model, sum((usage for _, usage in spent), Usage(0, 0, 0))
 
-    @property
-    def usage(self) -> Usage:
-        return sum((harness.spent()[1] for harness in self.attempts), Usage(0, 0, 0))
+    def with_earlier_attempts(self, finished: TurnFinished) -> TurnFinished:
+        """``finished`` (the last attempt's) billed the attempts before it too."""
+        earlier = [harness.spent()[1] for harness in self.attempts[:-1]]
+        if not earlier:
+            return finished
+        return replace(finished, usage=sum(earlier, finished.usage))
 
 
 # How long a new conversation waits to ask again for the reviews still awaiting approval.
@@ -412,12 +417,13 @@ class Conversation:
     ) -> None:
         """A cancelled or failed turn still costs what it sent and streamed: counted against
         the budget and recorded, as a finished one is."""
-        await slot.end(bill.usage.total_tokens)
+        model, usage = bill.spent()
+        await slot.end(usage.total_tokens)
         if turn is not None:
             await turn.finish(
-                model=bill.model,
-                prompt_tokens=bill.usage.prompt_tokens,
-                completion_tokens=bill.usage.completion_tokens,
+                model=model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
                 outcome=outcome,
                 tally=tally,
             )
@@ -470,9 +476,7 @@ class Conversation:
                     raise
                 # The cancelled turn was written back (marked so) before it ended.
                 await self.agent.read_ahead_next(agent)
-                await self._finished(
-                    TurnFinished(bill.model, bill.usage, harness.route, cancelled=True)
-                )
+                await self._finished(TurnFinished(*bill.spent(), harness.route, cancelled=True))
                 return
             except AgentTimeout as error:
                 # Busy or stuck, not gone: this turn fails, and the session stays for the
@@ -505,7 +509,9 @@ class Conversation:
                 await self.agent.read_ahead_next(agent)
             else:
                 await self.agent.carry(agent, finished.next_context)
-            await self._finish(finished, tally, turn_metrics, turn, slot)
+            await self._finish(
+                bill.with_earlier_attempts(finished), tally, turn_metrics, turn, slot
+            )
             return
 
     async def _finish(
