@@ -169,10 +169,6 @@ class AgentHandle:
         if not self.own_server:
             self._access.provisioner.forget(self._license.user_id)
 
-    @property
-    def is_closing(self) -> bool:
-        return self._closed
-
     def closing(self) -> None:
         """From now on no lease is taken and no read ahead started (``close`` is coming)."""
         self._closed = True

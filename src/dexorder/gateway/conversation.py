@@ -40,7 +40,7 @@ from dexorder.gateway.pure.routing import LLMTarget, RoutingError
 from dexorder.gateway.stores.licenses import LicenseError, LicenseRefused, LicenseStore
 from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable, TurnSlot
 from dexorder.gateway.stores.usage import Turn, UsageRecorder
-from dexorder.gateway.supervision import supervise
+from dexorder.gateway.supervision import restarting
 from dexorder.gateway.turn_runner import (
     ShowEvent,
     TurnDeadlines,
@@ -166,6 +166,8 @@ class _Bill:
 
 # How long a new conversation waits to ask again for the reviews still awaiting approval.
 REMIND_SECONDS = 5.0
+# How long a worker that failed waits before it starts again.
+WORKER_RESTART_SECONDS = 1.0
 
 
 class Conversation:
@@ -222,14 +224,10 @@ class Conversation:
     def start(self) -> None:
         # Every failure inside is an error frame; one that escapes anyway (the channel's
         # emit failing) is logged and the worker started again, so the messages queued
-        # are still answered.
-        self._worker = supervise(
-            self._work(), name=f"conversation:{self.session_id}", on_failure=self._restart
+        # are still answered (after a pause: a failure that repeats does not spin).
+        self._worker = restarting(
+            self._work, name=f"conversation:{self.session_id}", backoff=WORKER_RESTART_SECONDS
         )
-
-    def _restart(self, _error: BaseException) -> None:
-        if not self.agent.is_closing:
-            self.start()
 
     def submit(self, text: str) -> bool:
         """Queue a message; False when the queue is full."""
