@@ -309,9 +309,10 @@ class DetachedConversations:
                 now = time.monotonic()
                 if detached.expired.is_set() or now - detached.since > limit:
                     return True
+                if draining.is_set():
+                    # Nobody will resume it here: closed now, its reply and queue with it.
+                    return True
                 if detached.conversation.idle:
-                    if draining.is_set():
-                        return True
                     if detached.deadline is None:
                         detached.deadline = now + grace
                     elif now >= detached.deadline:
@@ -325,12 +326,6 @@ class DetachedConversations:
         finally:
             if self._by_session.get(session_id) is detached:
                 del self._by_session[session_id]
-
-    def stop_generating(self) -> None:
-        """Stop every detached reply (the gateway is draining: no one will resume it here);
-        each lingering handler then closes its conversation."""
-        for detached in self._by_session.values():
-            detached.conversation.cancel_generation()
 
     async def sweep(self, expired_sessions: set[str]) -> list[str]:
         """Close the conversations past their grace or whose session expired."""

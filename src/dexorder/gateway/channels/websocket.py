@@ -588,8 +588,7 @@ async def drain(app: web.Application, generations: float, close: float) -> None:
     nobody is there to read them), then every socket is closed with 1012 at the same time,
     and those not closed within ``close`` seconds (a client that does not read cannot take
     the close frame) are aborted."""
-    app[DRAINING].set()
-    detached_conversations(app).stop_generating()
+    app[DRAINING].set()  # detached replies: their lingering handlers close them (resume)
     sockets = app[LIVE_SOCKETS].copy()
     await asyncio.gather(
         *(conversation.wait_idle(generations) for conversation in sockets.values())
