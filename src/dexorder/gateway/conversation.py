@@ -368,9 +368,8 @@ class Conversation:
             await self._shown_if_failing(self._handle(text))
 
     async def _before_first_message(self) -> None:
-        if self._usage is not None:
-            # A limiter that lost today's count (restart without Redis) gets it from PostgreSQL.
-            await self._usage.seed_budget(self._limiter, self.user_id)
+        # (A limiter that lost today's count seeds it from PostgreSQL itself, when it
+        # admits the first message: stores/limits.py.)
         if not self._prepared:
             await self._remind()
 

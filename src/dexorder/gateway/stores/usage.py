@@ -39,7 +39,6 @@ from dexorder.gateway.pure.events import (
     new_event_id,
 )
 from dexorder.gateway.stores.licenses import Pool
-from dexorder.gateway.stores.limits import Limiter, LimiterUnavailable
 from dexorder.gateway.supervision import supervise
 from dexorder.gateway.turns import ToolFinished, ToolStarted, TurnEvent, TurnTally
 
@@ -419,23 +418,6 @@ class UsageRecorder:
             # The writer is ours: nothing may escape it unseen.
             logger.exception("daily usage write failed")
             _not_recorded(batch, repr(error))
-
-    async def seed_budget(self, limiter: Limiter, user_id: str) -> None:
-        """Give the limiter today's tokens from PostgreSQL if it has no count of its own
-        (after a restart without Redis, or a Redis that lost its data). Best effort: a
-        database or Redis that is down leaves the limiter as it is."""
-        if self.store is None:
-            return
-        today = dt.datetime.now(dt.UTC).date()
-        try:
-            # Bounded: a chat's first message waits for it.
-            async with asyncio.timeout(self._daily_timeout):
-                used = await self.store.on(user_id, today)
-                await limiter.seed_tokens(user_id, used.total_tokens)
-        except (UsageUnavailable, LimiterUnavailable, TimeoutError) as error:
-            logger.warning(
-                "today's token budget of %s not seeded: %s", user_id, error or "timed out"
-            )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for the daily totals to be written, those added meanwhile too; past

@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from dexorder.core.tiers import RateLimits
 from dexorder.devenv.process import free_port
 from dexorder.gateway.events import JsonlSink
 from dexorder.gateway.metrics import REGISTRY
@@ -120,20 +121,22 @@ async def test_an_unreachable_database_neither_fails_nor_delays_the_turn(tmp_pat
         await dead.close()
 
 
-async def test_a_fresh_limiter_is_seeded_with_todays_durable_usage(
-    pool: Pool, tmp_path: Path
-) -> None:
+async def test_a_fresh_limiter_is_seeded_with_todays_durable_usage(pool: Pool) -> None:
+    limits = RateLimits(messages_per_minute=10, tokens_per_day=10_000, concurrent_generations=2)
     store, who = UsageStore(pool), user()
     today = dt.datetime.now(dt.UTC).date()
     await store.add(who, today, prompt_tokens=400, completion_tokens=100)
-    recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=lambda *_: None)
-    limiter = MemoryLimiter()  # as after a restart: it has counted nothing today
-    await recorder.seed_budget(limiter, who)
+
+    async def durable(user_id: str) -> int:  # as the gateway wires it (app._open_limiter)
+        return (await store.on(user_id, today)).total_tokens
+
+    limiter = MemoryLimiter(durable=durable)  # as after a restart: nothing counted today
+    assert (await limiter.admit_generation(who, limits)).allowed
     assert await limiter.tokens_today(who) == 500
     await limiter.add_tokens(who, 10)
-    await recorder.seed_budget(limiter, who)  # a count of its own is kept
+    await store.add(who, today, prompt_tokens=1, completion_tokens=0)
+    assert (await limiter.admit_generation(who, limits)).allowed  # its own count is kept
     assert await limiter.tokens_today(who) == 510
-    await recorder.close()
 
 
 class CountingStore(UsageStore):
