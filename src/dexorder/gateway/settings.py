@@ -244,19 +244,19 @@ class GatewaySettings(BaseSettings):
     dev_secret_with_kubernetes: bool = False
     # The user the demo-mode token endpoint signs for (demo mode only).
     demo_user_id: str = Field("demo-user", min_length=1)
-    # SIGTERM: running generations may finish for this long before sockets close with 1012.
     # PostgreSQL: a connection attempt and a statement (cancelled by the server) give up
     # after these.
     database_connect_timeout_seconds: int = Field(5, ge=1, le=120)
     database_statement_timeout_seconds: float = Field(15.0, gt=0, le=600)
+    # SIGTERM: running generations may finish for this long before sockets close with 1012.
     drain_seconds: float = Field(20.0, ge=0, le=600)
     # Then every socket is closed with 1012 at once, and those not closed within this
     # (clients that do not read) are aborted. The chart's grace period is the sum of its
-    # preStop pause, these two, and the flush of usage and events (USAGE_FLUSH_SECONDS).
+    # preStop pause, these two, and the flush of usage and events (5 s each at most).
     ws_close_seconds: float = Field(3.0, gt=0, le=60)
-    # A WebSocket client that does not read: one send waits at most this long, and at most
-    # this many bytes of frames queue behind it; past either the socket is aborted (its
-    # reply goes on and stays resumable).
+    # A WebSocket client that does not read: sending may make no progress for this long,
+    # and this much of frames (counted in characters) may queue behind it; past either the
+    # socket is aborted (its reply goes on and stays resumable).
     ws_send_timeout_seconds: float = Field(10.0, gt=0, le=300)
     ws_send_buffer_bytes: int = Field(1 << 20, ge=64 << 10)
     max_queued_messages: int = Field(4, ge=1, le=100)

@@ -15,7 +15,8 @@ and a circuit breaker.
   out or lost their connection; any reply resets the count), new connections are refused
   at once for ``cooldown_seconds`` (``RedisCircuitOpen``, a ``ConnectionError``,
   so every caller's Redis error handling applies): a Redis that is down costs each
-  request nothing, not a connect timeout each. Then one attempt is let through.
+  request nothing, not a connect timeout each. Then attempts are let through again; one
+  more failure opens it again at once.
 """
 
 from __future__ import annotations
