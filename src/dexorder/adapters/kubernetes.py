@@ -195,19 +195,6 @@ def _raise_for(status: int, body: Any, method: str, path: str) -> None:
     raise error_type(text, status=status, reason=reason)
 
 
-class _Held:
-    """A semaphore slot already acquired, released on leaving the block."""
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *_: object) -> None:
-        self._slots.release()
-
-
 class KubeClient:
     """One HTTP connection pool to the API server; counts the requests it makes."""
 
@@ -289,16 +276,13 @@ class KubeClient:
                 f"{self._slot_timeout:g}s"
             ) from error
         try:
-            async with (
-                _Held(self._slots),
-                self.session.request(
-                    method,
-                    url,
-                    data=json.dumps(body) if body is not None else None,
-                    headers=self._headers(content_type if body is not None else None),
-                    timeout=self._timeout,
-                ) as response,
-            ):
+            async with self.session.request(
+                method,
+                url,
+                data=json.dumps(body) if body is not None else None,
+                headers=self._headers(content_type if body is not None else None),
+                timeout=self._timeout,
+            ) as response:
                 payload = await response.read()
                 parsed = json.loads(payload) if payload else {}
                 if response.status >= 400:
@@ -310,6 +294,8 @@ class KubeClient:
             raise KubernetesError(
                 f"{method} {path}: the API server answered with non-JSON"
             ) from error
+        finally:
+            self._slots.release()  # after the response is closed
 
     async def get(self, path: str) -> Json:
         return await self.request("GET", path)
