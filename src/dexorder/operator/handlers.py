@@ -522,16 +522,23 @@ def deployment_changed(state: OperatorState, type: str, body: Json) -> None:
     if agent is None or agent["metadata"].get("deletionTimestamp"):
         return
     deployment = state.cache.deployments.get(key)
-    drifted = (
-        deployment is None
-        or _drifted(deployment, agent, state)
-        or (type != "DELETED" and _edited(body, agent, state))
+    rendered = _rendered(agent, state)  # once: Deployment events are the most frequent
+    drifted = deployment is None or (
+        rendered is not None
+        and (
+            manifests.deployment_drifted(deployment, rendered[1])
+            or (type != "DELETED" and manifests.deployment_edited(body, rendered[1]))
+        )
     )
     if drifted and state.applied.get(key) != _generation(agent):
         # Not applied by this process yet (a restart): an edit if the Deployment was
         # applied with what this operator renders now; else an upgrade, which its pending
         # pass rolls out at its pace (or, a spec not applied at all, simply applies).
-        drifted = deployment is not None and _applied_as_rendered(deployment, agent, state)
+        drifted = (
+            deployment is not None
+            and rendered is not None
+            and _applied_as_rendered(deployment, rendered[0], state)
+        )
     elif drifted:
         logger.info("deployment of %s/%s drifted or was deleted; putting it back", *key)
     state.queue.add(key, apply=drifted)
@@ -585,40 +592,31 @@ def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
     ]
 
 
-def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
-    """Whether the Deployment differs from what the agent's spec would apply."""
+def _rendered(agent: Mapping[str, Any], state: OperatorState) -> tuple[Desired, Json] | None:
+    """The agent's desired state and the Deployment it renders to; None for a spec the
+    operator refuses (reported on the agent by its own pass)."""
     try:
         desired = desired_state(agent, state.reconciler.catalog)
     except InvalidUserAgent:
-        return False
+        return None
     template = state.reconciler.template
-    wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
-    return manifests.deployment_drifted(deployment, wanted)
+    return desired, manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
+
+
+def _drifted(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
+    """Whether the Deployment differs from what the agent's spec would apply."""
+    rendered = _rendered(agent, state)
+    return rendered is not None and manifests.deployment_drifted(deployment, rendered[1])
 
 
 def _applied_as_rendered(
-    deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState
+    deployment: Mapping[str, Any], desired: Desired, state: OperatorState
 ) -> bool:
     """Whether the Deployment's applied hash is that of the agent's children as this
     operator renders them now (so any difference is someone's edit, not an upgrade)."""
-    try:
-        desired = desired_state(agent, state.reconciler.catalog)
-    except InvalidUserAgent:
-        return False
     annotations = (deployment.get("metadata") or {}).get("annotations") or {}
     recorded = annotations.get(manifests.APPLIED_HASH_ANNOTATION)
     return recorded is not None and recorded == state.reconciler.applied_hash(desired)
-
-
-def _edited(deployment: Mapping[str, Any], agent: Mapping[str, Any], state: OperatorState) -> bool:
-    """Whether a whole Deployment (an event's) lost what the agent's spec would apply."""
-    try:
-        desired = desired_state(agent, state.reconciler.catalog)
-    except InvalidUserAgent:
-        return False
-    template = state.reconciler.template
-    wanted = manifests.deployment(desired.owner, desired.spec, desired.sizing, template)
-    return manifests.deployment_edited(deployment, wanted)
 
 
 def _service_drifted(
