@@ -195,19 +195,35 @@ class FakeTelegram:
     async def wait_for(
         self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "a bot call"
     ) -> None:
-        """Wait until ``predicate()`` holds, re-checked after every call."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                if predicate():
-                    return
-                try:
-                    async with asyncio.timeout(0.5):
-                        await self._changed.wait()
-                except TimeoutError:
-                    continue
+        """Wait until ``predicate()`` holds, re-checked after every call. On a timeout the
+        error lists the bot's last calls, so a failure says what happened instead."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    self._changed.clear()
+                    if predicate():
+                        return
+                    try:
+                        async with asyncio.timeout(0.5):
+                            await self._changed.wait()
+                    except TimeoutError:
+                        continue
+        except TimeoutError:
+            pass
         if not predicate():
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for {what}; "
+                f"the bot's last calls:\n{self.describe_calls()}"
+            )
+
+    def describe_calls(self, last: int = 15) -> str:
+        """The bot's last calls, a line each: method, status, chat and text (shortened)."""
+        lines = [
+            f"  {call.method} {call.status} chat={call.params.get('chat_id', '-')} "
+            f"{call.text[:80]!r}"
+            for call in self.calls[-last:]
+        ]
+        return "\n".join(lines) or "  (none)"
 
     # --- updates --------------------------------------------------------------------
 

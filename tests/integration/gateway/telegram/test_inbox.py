@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dexorder.gateway.channels.telegram.inbox import InboxOptions, MemoryInbox, RedisInbox
+from dexorder.gateway.channels.telegram.order import accepted
 
 OPTIONS = InboxOptions(claim_idle_seconds=0.6, block_ms=100)
 
@@ -149,3 +151,47 @@ async def test_consumers_of_departed_replicas_are_forgotten(redis: Redis) -> Non
     assert await quick.forget_departed_consumers() == 1  # "busy" still holds an entry
     names = {c["name"] for c in await redis.xinfo_consumers(gone.stream, gone.group)}
     assert names == {b"busy"}
+
+
+class OrderRecorder:
+    """Holds every update of chat 1 until the test lets it be accepted, so a later update
+    of the same chat that starts before that is seen."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, update_id: int, body: bytes) -> None:
+        self.started.append(update_id)
+        if json.loads(body)["chat"] == 1:
+            await self.release.wait()
+        accepted()
+        await asyncio.sleep(0.2)  # the reply, after acceptance: no longer ordered
+
+
+def by_chat(body: bytes) -> int:
+    return int(json.loads(body)["chat"])
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_a_chats_updates_start_in_the_order_they_came(redis: Redis, kind: str) -> None:
+    """A `/new` and the message right after it: the message starts only once `/new` was
+    accepted. Another chat's update does not wait."""
+    inbox = RedisInbox(redis, OPTIONS) if kind == "redis" else MemoryInbox(OPTIONS)
+    recorder = OrderRecorder()
+    for update_id, chat in ((1, 1), (2, 1), (3, 2), (4, 1)):
+        await inbox.put(update_id, json.dumps({"chat": chat}).encode())
+    task = asyncio.create_task(inbox.run(recorder, order_key=by_chat))
+    try:
+        await until(lambda: 3 in recorder.started)
+        await asyncio.sleep(0.3)
+        assert recorder.started == [1, 3], "chat 1's second update waited for its first"
+        recorder.release.set()
+        await until(lambda: len(recorder.started) == 4)
+        assert recorder.started == [1, 3, 2, 4]
+    finally:
+        inbox.stop()
+        await asyncio.wait({task}, timeout=2)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

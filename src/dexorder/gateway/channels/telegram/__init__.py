@@ -24,7 +24,7 @@ from aiogram.exceptions import TelegramAPIError
 from aiohttp import web
 
 from dexorder.gateway.channels.telegram.bot import WEBHOOK_PATH, make_bot
-from dexorder.gateway.channels.telegram.chat import SessionDirectory, TelegramChat
+from dexorder.gateway.channels.telegram.chat import SessionDirectory, TelegramChat, chat_key
 from dexorder.gateway.channels.telegram.inbox import Inbox, InboxOptions, MemoryInbox, RedisInbox
 from dexorder.gateway.channels.telegram.reply import Pace
 from dexorder.gateway.channels.telegram.urgent import UrgentLane
@@ -121,7 +121,9 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
             # Not fatal: only group mentions need the bot's name, and it is fetched again.
             log.warning("Telegram getMe failed at start: %s", error)
         tasks = [
-            asyncio.create_task(inbox.run(chat.handle, chat.give_up), name="telegram-inbox"),
+            asyncio.create_task(
+                inbox.run(chat.handle, chat.give_up, chat_key), name="telegram-inbox"
+            ),
             asyncio.create_task(_janitor(chat, options.janitor_seconds), name="telegram-janitor"),
         ]
         if redis is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import secrets
 import time
@@ -49,6 +50,7 @@ from dexorder.gateway.channels.telegram.approvals import (
     remove_buttons,
 )
 from dexorder.gateway.channels.telegram.inbox import TryLater
+from dexorder.gateway.channels.telegram.order import accepted
 from dexorder.gateway.channels.telegram.reply import Pace, ReplyStream, send_text
 from dexorder.gateway.conversation import (
     ChatServices,
@@ -128,6 +130,22 @@ _STAGE_LINES = {
 _TAP_FRAMES: contextvars.ContextVar[list[protocol.Frame] | None] = contextvars.ContextVar(
     "telegram_tap_frames", default=None
 )
+
+
+def chat_key(body: bytes) -> tuple[int, int] | None:
+    """The (chat, sender) of an update, whose updates are taken up in the order they came
+    (``inbox.OrderKey``); None for an update without both, or a body that is not JSON."""
+    try:
+        update = json.loads(body)
+        if "message" in update:
+            message = update["message"]
+            return int(message["chat"]["id"]), int(message["from"]["id"])
+        if "callback_query" in update:
+            query = update["callback_query"]
+            return int(query["message"]["chat"]["id"]), int(query["from"]["id"])
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None
 
 
 def notice_html(frame: protocol.ErrorFrame) -> str:
@@ -557,6 +575,8 @@ class TelegramChat:
                 )
                 return
             submitted = True
+            # Queued in its conversation: the chat's next update may start (order.py).
+            accepted()
             if chat.conversation.generating:
                 stream.status(_STAGE_LINES[protocol.Stage.QUEUED])
             async with asyncio.timeout(TURN_TIMEOUT):

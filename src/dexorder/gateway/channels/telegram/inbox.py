@@ -36,10 +36,11 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dexorder.gateway.channels.telegram.order import ArrivalOrder, Place
 from dexorder.gateway.pure.ratelimit import LEASE_SECONDS
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[int, bytes], Awaitable[None]]
 """Processes one update (its id and JSON body); raises ``TryLater`` to have it again."""
+
+OrderKey = Callable[[bytes], Hashable | None]
+"""The key whose updates start in the order they were read (a chat), from an update's
+body; None for one that needs no order. Must not raise."""
 
 
 class TryLater(Exception):
@@ -70,9 +75,13 @@ class Inbox(Protocol):
         """Record the update as processed, for one handled outside the inbox; False when
         it was seen already (a redelivery). Raises ``InboxUnavailable``."""
 
-    async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
+    async def run(
+        self, handle: Handler, give_up: Handler | None = None, order_key: OrderKey | None = None
+    ) -> None:
         """Process updates with ``handle`` until ``stop()`` (or a cancel); ``give_up`` is
-        told of an update that still asked to be tried later after ``max_deliveries``."""
+        told of an update that still asked to be tried later after ``max_deliveries``.
+        Updates with the same ``order_key`` start in the order they were read, each once
+        the one before it was accepted (``order.accepted()``) or returned."""
 
     def stop(self) -> None:
         """Ask ``run`` to return; updates in progress are left for another worker."""
@@ -184,10 +193,13 @@ class _Workers:
                 await task
 
 
-async def _run_handler(handle: Handler, update_id: int, body: bytes) -> bool:
+async def _run_handler(handle: Handler, update_id: int, body: bytes, place: Place) -> bool:
     """True when the update is done with: handled, or a poison update (logged) that must
-    not be retried forever; False when the handler asked for it again (``TryLater``)."""
+    not be retried forever; False when the handler asked for it again (``TryLater``).
+    The handler starts once ``place`` is reached, and may release it early."""
     try:
+        await place.reached()
+        place.bind()
         await handle(update_id, body)
     except asyncio.CancelledError:
         raise
@@ -249,28 +261,36 @@ class MemoryInbox:
     async def healthy(self) -> bool:
         return True
 
-    async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
+    async def run(
+        self, handle: Handler, give_up: Handler | None = None, order_key: OrderKey | None = None
+    ) -> None:
         workers = _Workers(self.options.concurrency)
         retries: set[asyncio.TimerHandle] = set()
         deliveries: dict[int, int] = {}
+        order = ArrivalOrder()
 
-        async def process(update_id: int, body: bytes) -> None:
-            deliveries[update_id] = deliveries.get(update_id, 0) + 1
-            if deliveries[update_id] > self.options.max_deliveries:
-                await _give_up(give_up, update_id, body)
-            elif not await _run_handler(handle, update_id, body):
-                retry = asyncio.get_running_loop().call_later(
-                    self.options.claim_idle_seconds,
-                    lambda: self._queue.put_nowait((update_id, body)),
-                )
-                retries.add(retry)
-                return
-            deliveries.pop(update_id, None)
+        async def process(update_id: int, body: bytes, place: Place) -> None:
+            try:
+                deliveries[update_id] = deliveries.get(update_id, 0) + 1
+                if deliveries[update_id] > self.options.max_deliveries:
+                    await _give_up(give_up, update_id, body)
+                elif not await _run_handler(handle, update_id, body, place):
+                    retry = asyncio.get_running_loop().call_later(
+                        self.options.claim_idle_seconds,
+                        lambda: self._queue.put_nowait((update_id, body)),
+                    )
+                    retries.add(retry)
+                    return
+                deliveries.pop(update_id, None)
+            finally:
+                place.release()
 
         try:
             while True:
                 update_id, body = await self._queue.get()
-                await workers.spawn(process(update_id, body), f"telegram-update:{update_id}")
+                # Taken here, in the order read, before any await of the update's own.
+                place = order.take(order_key(body) if order_key is not None else None)
+                await workers.spawn(process(update_id, body, place), f"telegram-update:{update_id}")
         finally:
             for retry in retries:
                 retry.cancel()
@@ -371,10 +391,13 @@ class RedisInbox:
         except RedisError as error:
             raise InboxUnavailable(f"the update queue is unavailable: {error}") from error
 
-    async def run(self, handle: Handler, give_up: Handler | None = None) -> None:
+    async def run(
+        self, handle: Handler, give_up: Handler | None = None, order_key: OrderKey | None = None
+    ) -> None:
         from redis.exceptions import RedisError
 
         workers = _Workers(self.options.concurrency)
+        order = ArrivalOrder()
         outage = Outage(self.options)
         claim_every = max(self.options.claim_idle_seconds / 2, 0.1)
         next_claim = 0.0
@@ -387,9 +410,12 @@ class RedisInbox:
                         group_known = True
                     if time.monotonic() >= next_claim:
                         next_claim = time.monotonic() + claim_every
+                        # Taken over: their order was lost with the worker that had them.
                         for entry_id, fields in await self._claim_abandoned(workers.free):
                             await workers.spawn(
-                                self._process(handle, give_up, entry_id, fields, reclaimed=True),
+                                self._process(
+                                    handle, give_up, entry_id, fields, order.take(None), True
+                                ),
                                 f"telegram-entry:{entry_id!r}",
                             )
                     await workers.wait_free()
@@ -401,8 +427,13 @@ class RedisInbox:
                             outage.recovered(),
                         )
                     for entry_id, fields in entries:
+                        # Taken here, in the order read, before any await of the entry's own.
+                        body = fields.get(b"body")
+                        key = order_key(body) if order_key is not None and body else None
                         await workers.spawn(
-                            self._process(handle, give_up, entry_id, fields, reclaimed=False),
+                            self._process(
+                                handle, give_up, entry_id, fields, order.take(key), False
+                            ),
                             f"telegram-entry:{entry_id!r}",
                         )
                 except RedisError as error:
@@ -535,7 +566,7 @@ class RedisInbox:
         give_up: Handler | None,
         entry_id: bytes,
         fields: dict[bytes, bytes],
-        *,
+        place: Place,
         reclaimed: bool,
     ) -> None:
         from redis.exceptions import RedisError
@@ -544,6 +575,7 @@ class RedisInbox:
             update_id = int(fields[b"update_id"])
             body = fields[b"body"]
         except (KeyError, ValueError):
+            place.release()
             log.warning("dropping a malformed Telegram stream entry %r", entry_id)
             with contextlib.suppress(RedisError):
                 await self._finish(entry_id, None)
@@ -558,7 +590,7 @@ class RedisInbox:
             )
             if reclaimed and await self._deliveries(entry_id) > self.options.max_deliveries:
                 await _give_up(give_up, update_id, body)
-            elif not await _run_handler(handle, update_id, body):
+            elif not await _run_handler(handle, update_id, body, place):
                 # Pending still: delivered again once idle for claim_idle_seconds.
                 await self.redis.eval(_RELEASE_IF_OWNER, 1, self._key(update_id), self._owner)
                 return
@@ -568,6 +600,7 @@ class RedisInbox:
             # The entry stays pending and is taken over once idle: nothing is lost.
             log.warning("Telegram update entry %r left pending: %s", entry_id, error)
         finally:
+            place.release()
             self._in_flight.discard(entry_id)
             if renewal is not None:
                 renewal.cancel()
@@ -581,6 +614,7 @@ __all__ = [
     "InboxOptions",
     "InboxUnavailable",
     "MemoryInbox",
+    "OrderKey",
     "Outage",
     "RedisInbox",
     "TryLater",
