@@ -167,7 +167,7 @@ async def _open_redis(settings: GatewaySettings, stack: contextlib.AsyncExitStac
 
 
 def _session_store(settings: GatewaySettings, redis: Redis | None) -> SessionStore:
-    ttl, buffer = settings.session_ttl_seconds, settings.resume_buffer_frames
+    ttl, buffer = settings.session_ttl_seconds, settings.resume_buffer_bytes
     if redis is None:
         return MemorySessionStore(ttl=ttl, buffer=buffer)
     return RedisSessionStore(redis, ttl=ttl, buffer=buffer)

@@ -3,15 +3,18 @@
 ``KafkaSink`` writes each event to the spool first (durable: a group-committed ``fsync``
 before ``publish`` returns) and then hands it to an idempotent confluent-kafka producer
 (``acks=all``), keyed by user so a user's events stay in order on one partition. An event
-leaves the spool only when the broker's delivery report says it has it. A broker that is
-down loses nothing: undelivered events are produced again after a back-off, at once when
-the broker answers again, and at the next start; in spool order, and with nothing newer
-produced before them. That is meant to keep a user's events in order across retries, but it
-does not yet always: records still in the client's queue when the broker returns can fail
-after newer ones went out (issue 20 item 11, open; see test_events.py). All Kafka work
-runs on one thread of its own, so the event loop never waits for the broker. A fatal
-producer error (or any failure of that thread's loop) replaces the producer and produces
-every unacknowledged event again from the spool.
+leaves the spool only when the broker's delivery report says it has it.
+
+A user's events keep their order. The producer never times a record out: it retries until
+the broker has it, and the idempotent protocol keeps each partition in order across those
+retries, so a broker outage only delays events (a per-record timeout had failed an older
+record while a newer one of the same user still went out, and resending the older one
+reordered them). A failure that could leave a gap in a partition is fatal
+(``enable.gapless.guarantee``); a fatal error, a failed record, or any other failure of
+the Kafka thread's loop replaces (or purges) the producer and produces every
+unacknowledged event again from the spool, oldest first, with nothing newer before them.
+A Kafka thread that died anyway is started again by the next ``publish`` or ``/ready``.
+All Kafka work runs on that one thread, so the event loop never waits for the broker.
 
 A broker outage long enough to fill the spool sheds the oldest events (counted in
 ``dexorder_gateway_events_shed``, with ``dexorder_gateway_events_spool_full`` at 1 to
@@ -30,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -176,7 +180,7 @@ class JsonlSink:
             self._file = None
 
 
-def producer_config(bootstrap: str, *, message_timeout_ms: int) -> dict[str, Any]:
+def producer_config(bootstrap: str) -> dict[str, Any]:
     return {
         "bootstrap.servers": bootstrap,
         "client.id": "dexorder-gateway",
@@ -185,52 +189,83 @@ def producer_config(bootstrap: str, *, message_timeout_ms: int) -> dict[str, Any
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
-        # After this, a delivery report says "failed" and the spool produces it again.
-        "message.timeout.ms": message_timeout_ms,
+        # No delivery timeout: the client retries a record until the broker has it. A
+        # timeout fails each record on its own clock, so an older record of a user could
+        # fail while a newer one still got through: resending the older one then put the
+        # user's events out of order. The spool keeps every record until it is acknowledged.
+        "message.timeout.ms": 0,
+        # Any failure that would leave a gap in a partition (a batch the broker refuses)
+        # is fatal instead: the sink then replaces the producer and sends every
+        # unacknowledged record again, in spool order.
+        "enable.gapless.guarantee": True,
+        # Records the client holds in memory; the rest wait in the spool, and in order.
+        "queue.buffering.max.kbytes": 65536,
         "reconnect.backoff.max.ms": 2000,
         # librdkafka's own log, through Python logging instead of raw stderr.
         "logger": logging.getLogger("dexorder.gateway.events.kafka"),
     }
 
 
-class _Retries:
-    """Records whose delivery failed, produced again together after a back-off, in spool
-    order. While any wait, newer records wait behind them (``hold``): producing a newer
-    event of a user before an older one would reorder that user's events. (Records still
-    in the client when they fail come back here late; the order is not yet guaranteed.)"""
+def _position(record: SpooledRecord) -> tuple[int, int]:
+    return record.segment, record.index
+
+
+class ProducerFeed:
+    """The records the Kafka thread hands its producer, in spool order, each once per
+    producer: a user's events keep their order because nothing newer is produced before
+    an older record, and a failure restarts the feed from the oldest unacknowledged one.
+
+    ``restart`` takes every unacknowledged record (after a back-off that doubles, up to
+    ``RETRY_MAX_SECONDS``, until a record is delivered); ``add`` takes a newly spooled
+    one, skipping any the restart already took; ``wait`` pauses the feed (the client's
+    queue is full)."""
 
     def __init__(self) -> None:
-        self._waiting: list[SpooledRecord] = []
-        self._due_at = 0.0
+        self._pending: deque[SpooledRecord] = deque()
+        self._last = (-1, -1)
+        self._resume_at = 0.0
         self._delay = RETRY_MIN_SECONDS
 
-    def add(self, record: SpooledRecord, now: float) -> None:
-        if not self._waiting:
-            self._due_at = now + self._delay
+    def restart(
+        self, unacknowledged: Sequence[SpooledRecord], now: float, *, backoff: bool
+    ) -> None:
+        self._pending.clear()
+        self._last = (-1, -1)
+        for record in unacknowledged:
+            self.add(record)
+        if backoff:
+            self._resume_at = now + self._delay
             self._delay = min(RETRY_MAX_SECONDS, self._delay * 2)
-        self._waiting.append(record)
+        else:
+            self._resume_at = now
 
-    def hold(self, record: SpooledRecord) -> None:
-        """A new record, queued behind the ones waiting."""
-        self._waiting.append(record)
+    def add(self, record: SpooledRecord) -> None:
+        position = _position(record)
+        if position > self._last:
+            self._pending.append(record)
+            self._last = position
 
-    def reconnected(self) -> None:
-        # The broker took a record: everything waiting may go now.
+    def delivered(self) -> None:
         self._delay = RETRY_MIN_SECONDS
-        self._due_at = 0.0
 
-    def take_due(self, now: float) -> list[SpooledRecord]:
-        if not self._waiting or now < self._due_at:
-            return []
-        due = sorted(self._waiting, key=lambda record: (record.segment, record.index))
-        self._waiting = []
-        return due
+    def wait(self, until: float) -> None:
+        self._resume_at = until
 
-    def clear(self) -> None:
-        self._waiting = []
+    def due(self, now: float) -> SpooledRecord | None:
+        """The next record to produce, if the feed is not paused; ``sent`` takes it off."""
+        if not self._pending or now < self._resume_at:
+            return None
+        return self._pending[0]
+
+    def sent(self) -> None:
+        self._pending.popleft()
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._pending)
+
+
+#: How long the feed pauses when the client's own queue is full.
+_QUEUE_FULL_WAIT_SECONDS = 0.1
 
 
 class KafkaSink:
@@ -241,27 +276,29 @@ class KafkaSink:
         bootstrap: str,
         topics: Mapping[EventStream, str],
         spool: Spool,
-        *,
-        message_timeout_ms: int = 30_000,
     ) -> None:
         missing = set(EventStream) - set(topics)
         if missing:
             raise ValueError(f"no topic for the event streams {sorted(missing)}")
         self._topics = dict(topics)
         self._spool = spool
-        self._config = producer_config(bootstrap, message_timeout_ms=message_timeout_ms)
+        self._config = producer_config(bootstrap)
         self._config["error_cb"] = self._on_error
         self._inbox: queue.SimpleQueue[SpooledRecord] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._retries = _Retries()
+        self._feed = ProducerFeed()
         self._commit = GroupCommit(spool.sync)
         # Set by librdkafka's error callback on a fatal error: the producer is replaced.
         self._fatal: KafkaError | None = None
-        # Delivery reports of a replaced producer are ignored: its records are resent.
+        # Set when a record of the current producer failed: the feed restarts from the spool.
+        self._failed = False
+        # Delivery reports of a replaced (or purged) producer are ignored: its records are
+        # sent again.
         self._generation = 0
         self.delivered = 0
         self.producer_restarts = 0
+        self.thread_restarts = 0
 
     @property
     def backlog(self) -> int:
@@ -274,22 +311,36 @@ class KafkaSink:
         recovered = await asyncio.to_thread(self._spool.open)
         if recovered:
             logger.info("replaying %d spooled events to Kafka", len(recovered))
-        for record in recovered:
-            self._inbox.put(record)
-        producer = Producer(self._config)
+        producer = Producer(self._config)  # a bad configuration fails the start
         EVENTS_BACKLOG.set_function(lambda: self._spool.backlog)
         EVENTS_SPOOL_FULL.set_function(lambda: int(self._spool.full))
         EVENTS_SPOOL_BYTES.set_function(lambda: self._spool.size)
+        self._start_thread(producer)
+
+    def _start_thread(self, producer: Producer | None) -> None:
         self._thread = threading.Thread(
             target=self._run, args=(producer,), name="kafka-events", daemon=True
         )
         self._thread.start()
+
+    def _ensure_running(self) -> None:
+        """A Kafka thread that died (nothing it catches should let it) is started again:
+        with a new producer, from every unacknowledged record."""
+        thread = self._thread
+        if thread is None or thread.is_alive() or self._stopping.is_set():
+            return
+        logger.error("the Kafka thread died; starting it again")
+        self.thread_restarts += 1
+        PRODUCER_RESTARTS.inc()
+        self._generation += 1  # the dead thread's producer: its reports are ignored
+        self._start_thread(None)
 
     async def publish(self, events: Sequence[Event]) -> None:
         if self._thread is None or self._stopping.is_set():
             raise EventsRefused("the Kafka event sink is not running")
         if not events:
             return
+        self._ensure_running()
         outgoing = [
             Outgoing(self._topics[event.stream], event.user_id, event.event_id, event.to_json())
             for event in events
@@ -318,6 +369,7 @@ class KafkaSink:
     async def healthy(self) -> bool:
         # A full spool sheds its oldest events and says so in metrics; it is not a reason
         # to take this replica, and so every replica at once, out of service.
+        self._ensure_running()
         return self._thread is not None and self._thread.is_alive()
 
     # --- the Kafka thread -------------------------------------------------------------
@@ -328,72 +380,72 @@ class KafkaSink:
         else:
             logger.debug("Kafka client: %s", error)
 
-    def _raise_fatal(self) -> None:
-        if self._fatal is not None:
-            raise KafkaException(self._fatal)
-
-    def _run(self, producer: Producer) -> None:
-        failures = 0
+    def _run(self, producer: Producer | None) -> None:
+        fresh = True  # this thread's first feed goes at once; one after a failure backs off
         while not self._stopping.is_set():
             try:
-                while not self._stopping.is_set():
-                    self._raise_fatal()
-                    self._produce_waiting(producer)
-                    producer.poll(_POLL_SECONDS)
-                    failures = 0
+                if producer is None:
+                    producer = Producer(self._config)
+                self._restart_feed(backoff=not fresh)
+                fresh = False
+                self._pump(producer)
             except Exception:
-                failures += 1
                 logger.exception(
                     "the Kafka producer failed; replacing it and producing every "
                     "unacknowledged event again from the spool"
                 )
-                producer = self._replace(producer, failures)
-        self._final_flush(producer)
+                if producer is not None:
+                    self._discard(producer)
+                producer = None
+                self._fatal = None
+                fresh = False
+                self.producer_restarts += 1
+                PRODUCER_RESTARTS.inc()
+                self._stopping.wait(RETRY_MIN_SECONDS)  # were even the client not made
+        if producer is not None:
+            self._final_flush(producer)
 
-    def _replace(self, producer: Producer, failures: int) -> Producer:
-        """A new producer, fed every unacknowledged record in spool order."""
-        self._generation += 1  # the old producer's delivery reports are ignored from now
+    def _pump(self, producer: Producer) -> None:
+        while not self._stopping.is_set():
+            if self._fatal is not None:
+                raise KafkaException(self._fatal)
+            if self._failed:
+                # Newer records may sit behind the failed one: none may go first.
+                self._discard(producer)
+                self._restart_feed(backoff=True)
+            self._produce_waiting(producer)
+            producer.poll(_POLL_SECONDS)
+
+    def _discard(self, producer: Producer) -> None:
+        """Stop ``producer``'s records: their reports are ignored from now, and every
+        unacknowledged record is produced again."""
+        self._generation += 1
         with contextlib.suppress(Exception):
             producer.purge()
-            producer.flush(0)
-        self._fatal = None
-        self._stopping.wait(min(RETRY_MAX_SECONDS, RETRY_MIN_SECONDS * 2 ** (failures - 1)))
-        self._retries.clear()
-        while True:
+            producer.poll(0)
+
+    def _restart_feed(self, *, backoff: bool) -> None:
+        self._failed = False
+        while True:  # the inbox's records are all in the spool too
             try:
                 self._inbox.get_nowait()
             except queue.Empty:
                 break
-        for record in self._spool.unacknowledged():
-            self._inbox.put(record)
-        self.producer_restarts += 1
-        PRODUCER_RESTARTS.inc()
-        return Producer(self._config)
+        self._feed.restart(self._spool.unacknowledged(), time.monotonic(), backoff=backoff)
 
     def _produce_waiting(self, producer: Producer) -> None:
-        if len(self._retries):
-            waiting = self._retries.take_due(time.monotonic())
-            if not waiting:
-                # Older records wait for their retry: newer ones queue behind them.
-                while True:
-                    try:
-                        self._retries.hold(self._inbox.get_nowait())
-                    except queue.Empty:
-                        return
-        else:
-            waiting = []
         while True:
             try:
-                waiting.append(self._inbox.get_nowait())
+                self._feed.add(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        for position, record in enumerate(waiting):
+        now = time.monotonic()
+        while (record := self._feed.due(now)) is not None:
             if not self._produce(producer, record):
-                # The client's queue is full: the rest wait for the next round, in order.
-                now = time.monotonic()
-                for later in waiting[position:]:
-                    self._retries.add(later, now)
+                # The client's queue is full: this one and the rest wait, in order.
+                self._feed.wait(now + _QUEUE_FULL_WAIT_SECONDS)
                 return
+            self._feed.sent()
 
     def _produce(self, producer: Producer, record: SpooledRecord) -> bool:
         outgoing = record.outgoing
@@ -421,19 +473,27 @@ class KafkaSink:
             self._spool.ack(record)
             self.delivered += 1
             EVENTS_DELIVERED.inc()
-            if len(self._retries):
-                self._retries.reconnected()
+            self._feed.delivered()
             return
         if self._stopping.is_set():
             return  # it stays in the spool for the next start
-        logger.warning("event %s not delivered (%s); retrying", record.outgoing.record_id, error)
-        self._retries.add(record, time.monotonic())
+        if error.fatal():
+            self._fatal = error
+            return
+        logger.warning(
+            "event %s not delivered (%s); producing every unacknowledged event again",
+            record.outgoing.record_id,
+            error,
+        )
+        self._failed = True
 
     def _final_flush(self, producer: Producer) -> None:
         # Whatever is still in the client's queue gets a short chance; it stays spooled anyway.
         try:
             self._produce_waiting(producer)
             remaining = producer.flush(self._flush_seconds)
+            if remaining:
+                producer.purge()  # so that destroying the client does not wait for them
         except Exception:
             logger.exception("flushing Kafka events failed; they stay in the spool")
             return

@@ -286,8 +286,9 @@ class GatewaySettings(BaseSettings):
 
     # --- shared sessions (issue 7) ----------------------------------------------------
     session_ttl_seconds: float = Field(3600.0, gt=0)
-    # Frames kept per session so a reconnecting client gets what it missed.
-    resume_buffer_frames: int = Field(512, ge=0, le=100_000)
+    # Bytes of frames kept per session so a reconnecting client gets what it missed
+    # (consecutive deltas merged into one record); past it, the oldest are dropped.
+    resume_buffer_bytes: int = Field(256 * 1024, ge=0, le=64 << 20)
 
     # --- usage and conversation events (issue 7) -------------------------------------
     kafka_usage_topic: str = Field("dexorder.usage", min_length=1)

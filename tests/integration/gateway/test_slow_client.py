@@ -37,7 +37,7 @@ async def impatient_gateway(
         llm,
         tmp_path,
         ws_send_timeout_seconds=SEND_TIMEOUT,
-        resume_buffer_frames=5000,
+        resume_buffer_bytes=8 << 20,
         # Queued frames never reach the cap here: the send timeout is what cuts it off.
         ws_send_buffer_bytes=64 << 20,
     )

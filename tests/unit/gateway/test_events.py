@@ -1,4 +1,5 @@
-"""The JSON-lines event sink, the fallback without Kafka."""
+"""The JSON-lines event sink, the fallback without Kafka, and the order the Kafka sink
+feeds its producer in."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from dexorder.gateway.events import EventsRefused, JsonlSink
+from dexorder.gateway.events import (
+    RETRY_MAX_SECONDS,
+    RETRY_MIN_SECONDS,
+    EventsRefused,
+    JsonlSink,
+    ProducerFeed,
+)
 from dexorder.gateway.pure.events import UserMessageEvent, event_from_json
+from dexorder.gateway.spool import Outgoing, SpooledRecord
 
 
 def message(content: str) -> UserMessageEvent:
@@ -83,3 +91,64 @@ async def test_a_write_that_fails_leaves_no_half_line_and_is_refused(tmp_path: P
         getattr(event_from_json(line), "content", None) for line in path.read_bytes().splitlines()
     ]
     assert contents == ["kept", "after"]
+
+
+def spooled(segment: int, index: int) -> SpooledRecord:
+    return SpooledRecord(segment, index, Outgoing("topic", "user-1", f"e{segment}.{index}", b"{}"))
+
+
+def drain(feed: ProducerFeed, now: float) -> list[SpooledRecord]:
+    taken = []
+    while (record := feed.due(now)) is not None:
+        taken.append(record)
+        feed.sent()
+    return taken
+
+
+def test_a_restarted_feed_gives_every_unacknowledged_record_once_oldest_first() -> None:
+    feed = ProducerFeed()
+    feed.restart([], 0.0, backoff=False)
+    feed.add(spooled(0, 0))
+    feed.add(spooled(0, 1))
+    assert drain(feed, 0.0) == [spooled(0, 0), spooled(0, 1)]
+    # Record 0.0 failed: everything unacknowledged goes again, with the newest spooled one.
+    unacknowledged = [spooled(0, 0), spooled(0, 1), spooled(1, 0)]
+    feed.restart(unacknowledged, 10.0, backoff=True)
+    # The inbox still held 0.1 and 1.0 (spooled before the restart read the spool): skipped.
+    feed.add(spooled(0, 1))
+    feed.add(spooled(1, 0))
+    feed.add(spooled(1, 1))
+    assert feed.due(10.0) is None  # the back-off: nothing, not even a newer record, goes first
+    assert drain(feed, 10.5) == [*unacknowledged, spooled(1, 1)]
+
+
+def test_the_back_off_doubles_up_to_its_maximum_and_resets_on_a_delivery() -> None:
+    feed = ProducerFeed()
+    waits = []
+    for attempt in range(8):
+        feed.restart([spooled(0, 0)], float(attempt * 100), backoff=True)
+        start = attempt * 100
+        waits.append(next(t / 10 for t in range(0, 200) if feed.due(start + t / 10) is not None))
+    assert waits == [
+        RETRY_MIN_SECONDS,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        RETRY_MAX_SECONDS,
+        RETRY_MAX_SECONDS,
+        RETRY_MAX_SECONDS,
+    ]
+    feed.delivered()
+    feed.restart([spooled(0, 0)], 1000.0, backoff=True)
+    assert feed.due(1000.0 + RETRY_MIN_SECONDS) is not None
+
+
+def test_a_paused_feed_keeps_its_record_for_later() -> None:
+    feed = ProducerFeed()
+    feed.restart([spooled(0, 0), spooled(0, 1)], 0.0, backoff=False)
+    assert feed.due(0.0) == spooled(0, 0)
+    feed.wait(1.0)  # the client's queue was full: 0.0 was not taken
+    assert feed.due(0.5) is None
+    assert drain(feed, 1.0) == [spooled(0, 0), spooled(0, 1)]
+    assert len(feed) == 0

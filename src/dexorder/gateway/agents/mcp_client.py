@@ -54,6 +54,7 @@ from dexorder.gateway.agents.mcp_transport import (
     StreamableHTTP,
 )
 from dexorder.gateway.agents.provisioning.base import AgentEndpoint
+from dexorder.gateway.supervision import supervise
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ CLIENT_INFO = {"name": "dexorder-gateway", "version": "0.1.0"}
 #: How long a read (a resource, the tool list) may take by default (DEXORDER_AGENT_READ_SECONDS).
 DEFAULT_READ_SECONDS = 30.0
 CONNECT_SECONDS = 5.0
+#: How long telling the agent a tool call is cancelled may take (best effort).
+CANCEL_NOTICE_SECONDS = 2.0
 """How long a connection to the agent may take. An agent accepts in milliseconds; no answer
 in this long means nothing listens at that address any more (its pod is gone, and with it
 the address), which is ``AgentUnavailable``, not a busy agent's ``AgentTimeout``."""
@@ -170,6 +173,8 @@ class AgentSession:
         #: None before the first open, and for a server that keeps no sessions.
         self.mcp_session_id: str | None = None
         self._on_session = on_session
+        # ``notifications/cancelled`` still being sent (awaited by ``close``).
+        self._notices: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         await self._first_open()
@@ -274,6 +279,8 @@ class AgentSession:
         if self._closed:
             return
         self._closed = True
+        if self._notices:  # each bounded by CANCEL_NOTICE_SECONDS
+            await asyncio.wait(self._notices)
         session_id, self.mcp_session_id = self.mcp_session_id, None
         self._open_now = False
         await self._transport.close(session_id, self._version)
@@ -325,9 +332,11 @@ class AgentSession:
         return result
 
     async def _request(self, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
-        message = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+        request_id = next(self._ids)
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        headers = self._session_headers()
         try:
-            answer, _ = await self._transport.post(message, self._session_headers(), timeout)
+            answer, _ = await self._transport.post(message, headers, timeout)
         except Disconnected:
             # A pooled connection the agent closed as the request went out (it restarted):
             # a read runs again on a new connection. A tool call does not: it may have run.
@@ -335,7 +344,38 @@ class AgentSession:
                 raise
             message["id"] = next(self._ids)
             answer, _ = await self._transport.post(message, self._session_headers(), timeout)
+        except asyncio.CancelledError:
+            if method == "tools/call":
+                self._cancel_on_agent(request_id, headers, "the turn was stopped")
+            raise
+        except AgentTimeout:
+            if method == "tools/call":
+                reason = f"the gateway stopped waiting after {timeout:g} s"
+                self._cancel_on_agent(request_id, headers, reason)
+            raise
         return self._result_of(answer, method)
+
+    def _cancel_on_agent(self, request_id: int, headers: dict[str, str], reason: str) -> None:
+        """Tell the agent a tool call's answer is no longer wanted (MCP's
+        ``notifications/cancelled``), so it can stop the work: a backtest may run for
+        minutes. Sent in the background: the turn that stopped does not wait for it."""
+        if self._closed:
+            return
+        notice = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id, "reason": reason},
+        }
+        task = supervise(self._notify(notice, headers), name=f"mcp-cancel:{request_id}")
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    async def _notify(self, notice: dict[str, Any], headers: dict[str, str]) -> None:
+        try:
+            await self._transport.post(notice, headers, CANCEL_NOTICE_SECONDS)
+        except (AgentUnavailable, SessionLost) as error:
+            # Best effort: an agent that is gone, or forgot the session, runs nothing of it.
+            logger.info("cancelling a tool call on %s's agent: %s", self.endpoint.user_id, error)
 
     async def _call(
         self, operation: str, method: str, params: dict[str, Any], timeout: float

@@ -170,9 +170,13 @@ async def replay(out: SocketWriter, store: SessionStore, session_id: str, after:
         _notice(out, "the frames missed cannot be fetched right now; the history is kept")
         return after
     if not missed.complete:
-        first = missed.frames[0][0] if missed.frames else None
-        lost = f"frames {after + 1} to {first - 1}" if first else f"frames after {after}"
-        _notice(out, f"{lost} are no longer buffered; the history is still kept")
+        # The buffer is capped in bytes and drops its oldest records first: what is gone is
+        # the start of what this client missed. A merged frame says only where it ends.
+        _notice(
+            out,
+            f"the start of what you missed (after frame {after}) was dropped from the resume "
+            "buffer and is no longer buffered; the rest follows, and the history is still kept",
+        )
     return _send_frames(out, missed.frames, after)
 
 

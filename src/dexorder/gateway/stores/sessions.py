@@ -3,9 +3,10 @@
 messages still queued.
 
 With Redis, a session is three keys that expire together after ``ttl`` seconds without
-activity: a hash (user, channel, MCP session id, frame counter, generating replica), a
-stream of the last ``buffer`` frames whose ids are their sequence numbers, and a list of
-queued messages. Any replica can therefore resume any session, and follow a reply that
+activity: a hash (user, channel, MCP session id, frame counter, generating replica, buffer
+size), a stream of the last frames as records (``pure.resume_buffer``: consecutive deltas
+merged into one) up to ``buffer`` bytes, each with the number of its last frame as its id,
+and a list of queued messages. Any replica can therefore resume any session, and follow a reply that
 another replica is still generating. Without Redis, one process keeps the same in memory.
 
 A reply's frames are numbered by the replica writing it: its first frame is numbered by the
@@ -23,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from prometheus_client import Counter
@@ -31,6 +32,17 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from dexorder.gateway import metrics
+from dexorder.gateway.pure.resume_buffer import (
+    DELTA_END,
+    DELTA_START,
+    MERGED_RECORD_BYTES,
+    Record,
+    complete,
+    frames_after,
+    merged,
+    record_of,
+    trim,
+)
 from dexorder.gateway.supervision import supervise
 
 logger = logging.getLogger(__name__)
@@ -73,10 +85,12 @@ class SessionState:
 
 @dataclass(frozen=True)
 class Replay:
-    """Frames after a client's last seen sequence number.
+    """Frames after a client's last seen sequence number, consecutive deltas merged into
+    one frame numbered as the last of them.
 
-    ``complete`` is False when some were already dropped from the bounded buffer, so the
-    client knows its view has a hole (it still has the history through the agent).
+    ``complete`` is False when the oldest were already dropped from the buffer (capped in
+    bytes), so the client knows the start of what it missed is gone (it still has the
+    history through the agent).
     """
 
     frames: list[SessionFrame]
@@ -121,16 +135,6 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _complete(frames: Sequence[SessionFrame], after: int, last: int) -> bool:
-    """Whether ``frames`` are every frame after ``after`` up to ``last``, none missing."""
-    expected = after + 1
-    for seq, _ in frames:
-        if seq != expected:
-            return False
-        expected += 1
-    return expected > last
-
-
 # --- in memory -----------------------------------------------------------------------------
 
 
@@ -138,8 +142,9 @@ def _complete(frames: Sequence[SessionFrame], after: int, last: int) -> bool:
 class _MemorySession:
     user_id: str
     channel: str
-    frames: deque[SessionFrame]
     touched: float
+    records: deque[Record] = field(default_factory=deque)
+    size: int = 0  # bytes of ``records``
     last_seq: int = 0
     mcp_session_id: str | None = None
     generating_on: str | None = None
@@ -153,6 +158,7 @@ class MemorySessionStore:
     """One process's sessions; expiry happens in ``sweep``, which the app runs on a schedule."""
 
     def __init__(self, *, ttl: float, buffer: int) -> None:
+        """``buffer``: the bytes of records each session's resume buffer keeps."""
         self._ttl = ttl
         self._buffer = buffer
         self._sessions: dict[str, _MemorySession] = {}
@@ -176,12 +182,7 @@ class MemorySessionStore:
         session = self._live(session_id, time.monotonic())
         resumed = session is not None
         if session is None:
-            session = _MemorySession(
-                user_id=user_id,
-                channel=channel,
-                frames=deque(maxlen=self._buffer),
-                touched=time.monotonic(),
-            )
+            session = _MemorySession(user_id=user_id, channel=channel, touched=time.monotonic())
             self._sessions[session_id] = session
         elif session.user_id != user_id:
             raise SessionForbidden(f"session {session_id} belongs to another user")
@@ -201,7 +202,13 @@ class MemorySessionStore:
         seq = max(seq, session.last_seq + 1)
         session.last_seq = seq
         if self._buffer:
-            session.frames.append((seq, frame))
+            record, records = record_of(seq, frame), session.records
+            joined = merged(records[-1], record) if records else None
+            if joined is not None:
+                session.size -= records.pop().size
+                record = joined
+            records.append(record)
+            session.size, _ = trim(records, session.size + record.size, self._buffer)
         if session.appended is not None:
             # Wake every follower; the next one to wait arms a new event.
             session.appended.set()
@@ -226,8 +233,11 @@ class MemorySessionStore:
 
     async def replay(self, session_id: str, after: int) -> Replay:
         session = self._get(session_id)
-        frames = [item for item in session.frames if item[0] > after]
-        return Replay(frames=frames, complete=_complete(frames, after, session.last_seq))
+        records = [record for record in session.records if record.last > after]
+        return Replay(
+            frames=frames_after(records, after),
+            complete=complete(records, after, session.last_seq),
+        )
 
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         session = self._get(session_id)
@@ -280,16 +290,64 @@ return {existed, h[1], h[2], h[3] or '', h[4] or '', queued}
 
 # Append at a number the writer chose (the next after its previous frame); one another
 # writer took meanwhile moves it to the next free number, so no frame is lost or overwritten.
-# Number 0 is always taken: ``append`` asks for it to get the next free one. The number
-# becomes the stream entry's id, so a reader asks for "entries after <seq>-0".
+# Number 0 is always taken: ``append`` asks for it to get the next free one.
+#
+# The frame becomes a record of the stream whose id is its number (a reader asks for
+# "entries after <seq>-0"): fields f (the frame), c (cuts: a delta's escaped content
+# length) and a (the first frame's number, when several are merged). As
+# ``pure.resume_buffer`` does in memory: a delta right after a delta record is merged into
+# it (the record is replaced, under the new number), and the oldest records are dropped
+# until the stream's bytes (kept in the hash's ``bytes``) are within the cap; the newest
+# always stays.
+# ARGV: frame, cap bytes, TTL ms, seq, merge limit bytes, delta start, delta end.
 _APPEND_AT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local seq = tonumber(ARGV[4])
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or 0)
 if seq <= last then seq = last + 1 end
 redis.call('HSET', KEYS[1], 'seq', seq)
-if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', ARGV[1])
+local cap = tonumber(ARGV[2])
+if cap > 0 then
+  local text, first, cuts = ARGV[1], seq, ''
+  local start, finish = ARGV[6], ARGV[7]
+  local function fields_of(entry)
+    local f = {}
+    for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+    return f
+  end
+  local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or 0)
+  if redis.call('XLEN', KEYS[2]) == 0 then bytes = 0 end
+  if string.sub(text, 1, #start) == start and string.sub(text, -#finish) == finish then
+    local content = string.sub(text, #start + 1, #text - #finish)
+    cuts = tostring(#content)
+    local tail = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+    if seq == last + 1 and tail and tail[1] == last .. '-0' then
+      local f = fields_of(tail)
+      if f.c and #f.f + #content <= tonumber(ARGV[5]) then
+        text = string.sub(f.f, 1, #f.f - #finish) .. content .. finish
+        first = tonumber(f.a or last)
+        cuts = f.c .. ',' .. cuts
+        redis.call('XDEL', KEYS[2], tail[1])
+        bytes = bytes - #f.f - #f.c
+      end
+    end
+  end
+  local fields = {'f', text}
+  if cuts ~= '' then fields[#fields + 1] = 'c'; fields[#fields + 1] = cuts end
+  if first ~= seq then fields[#fields + 1] = 'a'; fields[#fields + 1] = first end
+  redis.call('XADD', KEYS[2], seq .. '-0', unpack(fields))
+  bytes = bytes + #text + #cuts
+  while bytes > cap do
+    local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 2)
+    if #oldest < 2 then
+      bytes = #text + #cuts
+      break
+    end
+    local f = fields_of(oldest[1])
+    bytes = bytes - #f.f - #(f.c or '')
+    redis.call('XDEL', KEYS[2], oldest[1][1])
+  end
+  redis.call('HSET', KEYS[1], 'bytes', bytes)
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return seq
@@ -326,12 +384,15 @@ def _seq(entry_id: bytes | str) -> int:
 _Entries = list[tuple[bytes | str, dict[bytes | str, bytes | str]]]
 
 
-def _entries(raw: Any) -> list[SessionFrame]:
+def _records(raw: Any) -> list[Record]:
     entries = cast(_Entries, raw or [])
-    return [
-        (_seq(entry_id), _text(fields[b"f"] if b"f" in fields else fields["f"]))
-        for entry_id, fields in entries
-    ]
+    records = []
+    for entry_id, raw_fields in entries:
+        fields = {_text(name): _text(value) for name, value in raw_fields.items()}
+        last = _seq(entry_id)
+        first = int(fields.get("a", last))
+        records.append(Record(first, last, fields["f"], fields.get("c", "")))
+    return records
 
 
 class RedisSessionStore:
@@ -356,6 +417,10 @@ class RedisSessionStore:
         self._progress = asyncio.Condition()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+
+    def _record_args(self, seq: int) -> tuple[int | str, ...]:
+        """``_APPEND_AT``'s arguments after the frame."""
+        return (self._buffer, self._ttl_ms, seq, MERGED_RECORD_BYTES, DELTA_START, DELTA_END)
 
     def _keys(self, session_id: str) -> list[str]:
         base = self.PREFIX + session_id
@@ -395,7 +460,7 @@ class RedisSessionStore:
     async def _append_now(self, session_id: str, seq: int, frame: str) -> int:
         try:
             reply = await self._append_at(
-                keys=self._keys(session_id), args=[frame, self._buffer, self._ttl_ms, seq]
+                keys=self._keys(session_id), args=[frame, *self._record_args(seq)]
             )
         except RedisError as error:
             raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
@@ -464,9 +529,7 @@ class RedisSessionStore:
                         3,
                         *self._keys(session_id),
                         frame,
-                        self._buffer,
-                        self._ttl_ms,
-                        seq,
+                        *self._record_args(seq),
                     )
                 return list(await pipe.execute(raise_on_error=False))
         except RedisError as error:
@@ -491,8 +554,11 @@ class RedisSessionStore:
                 raw_frames, raw_last = await pipe.execute()
         except RedisError as error:
             raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
-        frames = _entries(raw_frames)
-        return Replay(frames=frames, complete=_complete(frames, after, int(raw_last or 0)))
+        records = _records(raw_frames)
+        return Replay(
+            frames=frames_after(records, after),
+            complete=complete(records, after, int(raw_last or 0)),
+        )
 
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         frames_key = self._keys(session_id)[1]
@@ -503,7 +569,12 @@ class RedisSessionStore:
         except RedisError as error:
             raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
         streams = cast(list[tuple[Any, Any]], reply or [])
-        return [frame for _stream, entries in streams for frame in _entries(entries)]
+        # A merged record comes back under its new number: only the frames after ``after``.
+        return [
+            frame
+            for _stream, entries in streams
+            for frame in frames_after(_records(entries), after)
+        ]
 
     async def _set(self, session_id: str, name: str, value: str | None) -> None:
         base = self._keys(session_id)[0]

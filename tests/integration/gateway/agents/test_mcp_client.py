@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +326,58 @@ async def test_an_answer_past_the_byte_limit_fails_that_call_alone(agent: AgentP
         kept = await session.call_tool("remember", {"text": "short"})
         assert not kept.is_error
         assert "short" in kept.content
+
+
+def slow_server() -> tuple[FastMCP[Any], asyncio.Event, list[str]]:
+    """The SDK's server with a tool that works until it is cancelled; records the call
+    starting (the event) and each cancellation's reason as the server saw it."""
+    server: FastMCP[Any] = FastMCP("slow", log_level="WARNING")
+    started = asyncio.Event()
+    reasons: list[str] = []
+
+    @server.tool()
+    async def crunch(ctx: Context[Any, Any, Any]) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            reasons.append("cancelled")
+            raise
+        return "finished"
+
+    @server.tool()
+    async def quick() -> str:
+        return "quick"
+
+    return server, started, reasons
+
+
+async def polled_until(condition: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - plain state, polled
+            await asyncio.sleep(0.02)
+
+
+async def test_a_tool_call_stopped_midway_is_cancelled_on_the_server() -> None:
+    server, started, reasons = slow_server()
+    async with serving(server) as url, AgentSession(AgentEndpoint("stop-user", url, "")) as session:
+        call = asyncio.create_task(session.call_tool("crunch", {}))
+        await asyncio.wait_for(started.wait(), 10)
+        call.cancel()  # the user pressed stop
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # notifications/cancelled reached the server: it stopped the tool's work.
+        await polled_until(lambda: reasons == ["cancelled"], 10)
+        assert (await session.call_tool("quick", {})).content == "quick"
+        assert session.sessions_opened == 1
+
+
+async def test_a_tool_call_past_its_timeout_is_cancelled_on_the_server() -> None:
+    server, started, reasons = slow_server()
+    async with serving(server) as url:
+        endpoint = AgentEndpoint("late-tool-user", url, "")
+        async with AgentSession(endpoint, tool_timeout=0.5) as session:
+            with pytest.raises(AgentTimeout):
+                await session.call_tool("crunch", {})
+            assert started.is_set()
+            await polled_until(lambda: reasons == ["cancelled"], 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -11,10 +12,12 @@ import pytest
 from redis.asyncio import Redis
 
 from dexorder.devenv.process import free_port
+from dexorder.gateway.pure.protocol import encode_delta
 from dexorder.gateway.stores.sessions import (
     MemorySessionStore,
     RedisSessionStore,
     SessionForbidden,
+    SessionFrame,
     SessionStore,
     SessionStoreUnavailable,
 )
@@ -22,8 +25,11 @@ from dexorder.gateway.stores.sessions import (
 TTL = 60.0
 
 
+BUFFER = 64 * 1024
+
+
 class MakeStore(Protocol):
-    def __call__(self, ttl: float = TTL, buffer: int = 8) -> SessionStore: ...
+    def __call__(self, ttl: float = TTL, buffer: int = BUFFER) -> SessionStore: ...
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -31,7 +37,7 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]
     clients: list[Redis] = []
     stores: list[SessionStore] = []
 
-    def make(ttl: float = TTL, buffer: int = 8) -> SessionStore:
+    def make(ttl: float = TTL, buffer: int = BUFFER) -> SessionStore:
         store: SessionStore
         if request.param == "memory":
             store = MemorySessionStore(ttl=ttl, buffer=buffer)
@@ -55,7 +61,7 @@ def session_id() -> str:
 
 async def claimed(make_store: MakeStore, first_frame: str) -> tuple[SessionStore, str]:
     """A store with a new session of alice's whose first frame, numbered 1, is recorded."""
-    store: SessionStore = make_store(buffer=16)
+    store: SessionStore = make_store()
     sid = session_id()
     await store.claim(sid, user_id="alice", channel="websocket")
     assert await store.append(sid, first_frame) == 1
@@ -79,7 +85,7 @@ async def test_a_session_is_created_then_resumed_by_its_user_only(make_store: Ma
 async def test_replay_gives_the_missed_frames_and_says_when_the_buffer_lost_some(
     make_store: MakeStore,
 ) -> None:
-    store: SessionStore = make_store(buffer=3)
+    store: SessionStore = make_store(buffer=3 * len("frame 1"))  # bytes: three frames
     sid = session_id()
     await store.claim(sid, user_id="alice", channel="websocket")
     seqs = [await store.append(sid, f"frame {n}") for n in range(1, 6)]
@@ -91,7 +97,7 @@ async def test_replay_gives_the_missed_frames_and_says_when_the_buffer_lost_some
     caught_up = await store.replay(sid, after=5)
     assert caught_up.frames == []
     assert caught_up.complete
-    # Frames 1 and 2 fell out of the 3-frame buffer: the client is told its view has a hole.
+    # Frames 1 and 2 fell out of the buffer: the client is told its view has a hole.
     old = await store.replay(sid, after=0)
     assert old.frames == [(3, "frame 3"), (4, "frame 4"), (5, "frame 5")]
     assert not old.complete
@@ -114,6 +120,76 @@ async def test_frames_numbered_by_the_writer_are_recorded_in_order_before_a_repl
     state = await store.claim(sid, user_id="alice", channel="websocket")
     assert state.last_seq == 12
     assert await store.append(sid, "next reply") == 13
+
+
+def delta(text: str) -> str:
+    return encode_delta(text)
+
+
+def text_of(frames: list[SessionFrame]) -> str:
+    return "".join(json.loads(frame)["content"] for _, frame in frames)
+
+
+async def test_consecutive_deltas_are_recorded_as_one_and_cut_where_a_client_was(
+    make_store: MakeStore,
+) -> None:
+    store, sid = await claimed(make_store, delta("Hé"))
+    pieces = ["Hé", "llo", ' "wörld"', "\n", " 🙂"]
+    for seq, piece in enumerate(pieces[1:], start=2):
+        store.record_at(sid, seq, delta(piece))
+    done = '{"type":"done"}'
+    assert await store.append_at(sid, 6, done) == 6
+    store.record_at(sid, 7, delta("next"))  # a new run after the done frame
+
+    replayed = await store.replay(sid, after=0)
+    assert replayed.complete
+    assert replayed.frames == [(5, delta("".join(pieces))), (6, done), (7, delta("next"))]
+    # A client that saw frames 1 and 2 gets exactly the rest, numbered as the last delta.
+    assert (await store.replay(sid, after=2)).frames[0] == (5, delta("".join(pieces[2:])))
+    assert (await store.replay(sid, after=2)).complete
+
+
+async def test_a_follower_gets_only_the_deltas_after_its_own(make_store: MakeStore) -> None:
+    writer: SessionStore = make_store()
+    follower = writer if isinstance(writer, MemorySessionStore) else make_store()
+    sid = session_id()
+    await writer.claim(sid, user_id="alice", channel="websocket")
+    await writer.append(sid, delta("one "))
+    assert await follower.follow(sid, after=0, timeout=1) == [(1, delta("one "))]
+    waiting = asyncio.create_task(follower.follow(sid, after=1, timeout=5))
+    await asyncio.sleep(0.1)
+    await writer.append(sid, delta("two"))  # merged with frame 1 into one record
+    assert await waiting == [(2, delta("two"))]
+
+
+async def test_a_long_reply_fits_and_the_cap_drops_the_oldest_records_first(
+    make_store: MakeStore,
+) -> None:
+    store: SessionStore = make_store(buffer=64 * 1024)
+    sid = session_id()
+    await store.claim(sid, user_id="alice", channel="websocket")
+    words = [f"w{n} " for n in range(5000)]  # about 30 KB of text in 5000 frames
+    await store.append(sid, delta(words[0]))
+    for seq, word in enumerate(words[1:], start=2):
+        store.record_at(sid, seq, delta(word))
+    replayed = await store.replay(sid, after=0)
+    assert replayed.complete
+    assert text_of(replayed.frames) == "".join(words)
+    assert len(replayed.frames) < 20
+    assert replayed.frames[-1][0] == 5000
+
+    small: SessionStore = make_store(buffer=8 * 1024)
+    sid = session_id()
+    await small.claim(sid, user_id="alice", channel="websocket")
+    await small.append(sid, delta(words[0]))
+    for seq, word in enumerate(words[1:], start=2):
+        small.record_at(sid, seq, delta(word))
+    cut = await small.replay(sid, after=100)
+    assert not cut.complete  # the start of what frame 100's client missed is gone
+    kept = text_of(cut.frames)
+    # The cap counts each record's text and its cuts (about 2 bytes per frame of 6 here).
+    assert 4 * 1024 < len(kept) <= 8 * 1024
+    assert "".join(words).endswith(kept)
 
 
 async def test_a_number_another_writer_took_moves_to_the_next_free_one(
@@ -142,7 +218,7 @@ async def test_a_frame_missing_in_the_middle_makes_the_replay_incomplete(
 async def test_frames_still_pending_are_written_when_the_store_closes(redis_url: str) -> None:
     client: Redis = Redis.from_url(redis_url)
     try:
-        store = RedisSessionStore(client, ttl=TTL, buffer=64)
+        store = RedisSessionStore(client, ttl=TTL, buffer=BUFFER)
         sid = session_id()
         await store.claim(sid, user_id="alice", channel="websocket")
         await store.append(sid, "first")
@@ -150,7 +226,7 @@ async def test_frames_still_pending_are_written_when_the_store_closes(redis_url:
             store.record_at(sid, seq, f"frame {seq}")
         await store.close()
         store.record_at(sid, 42, "after close")  # refused, counted, no writer restarted
-        reader = RedisSessionStore(client, ttl=TTL, buffer=64)
+        reader = RedisSessionStore(client, ttl=TTL, buffer=BUFFER)
         replayed = await reader.replay(sid, after=0)
         assert [seq for seq, _ in replayed.frames] == list(range(1, 42))
         assert replayed.complete
@@ -162,7 +238,7 @@ async def test_frames_still_pending_are_written_when_the_store_closes(redis_url:
 async def test_frames_are_recorded_after_redis_forgot_its_scripts(redis_url: str) -> None:
     # A restarted Redis (or SCRIPT FLUSH) answers the pipeline's EVALSHA with NOSCRIPT.
     client: Redis = Redis.from_url(redis_url)
-    store = RedisSessionStore(client, ttl=TTL, buffer=16)
+    store = RedisSessionStore(client, ttl=TTL, buffer=BUFFER)
     try:
         sid = session_id()
         await store.claim(sid, user_id="alice", channel="websocket")
@@ -254,7 +330,7 @@ async def test_an_idle_session_expires(make_store: MakeStore) -> None:
 async def test_marking_an_expired_redis_session_does_not_bring_it_back(redis_url: str) -> None:
     client: Redis = Redis.from_url(redis_url)
     try:
-        store = RedisSessionStore(client, ttl=0.2, buffer=8)
+        store = RedisSessionStore(client, ttl=0.2, buffer=BUFFER)
         sid = session_id()
         await store.claim(sid, user_id="alice", channel="websocket")
         await asyncio.sleep(0.4)
@@ -268,7 +344,7 @@ async def test_marking_an_expired_redis_session_does_not_bring_it_back(redis_url
 async def test_an_unreachable_redis_is_reported_as_such() -> None:
     client: Redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
     try:
-        store = RedisSessionStore(client, ttl=TTL, buffer=8)
+        store = RedisSessionStore(client, ttl=TTL, buffer=BUFFER)
         sid = session_id()
         for call in (
             store.claim(sid, user_id="alice", channel="websocket"),
