@@ -288,6 +288,10 @@ class GatewaySettings(BaseSettings):
     session_ttl_seconds: float = Field(3600.0, gt=0)
     # Frames kept per session so a reconnecting client gets what it missed.
     resume_buffer_frames: int = Field(512, ge=0, le=100_000)
+    # How long a replica's mark "generating this session's reply" outlives its last renewal
+    # (renewed every third of it): a client that reconnects elsewhere stops following a
+    # replica that died mid-reply within this, and is told the reply was interrupted.
+    generation_lease_seconds: float = Field(10.0, gt=0, le=300)
 
     # --- usage and conversation events (issue 7) -------------------------------------
     kafka_usage_topic: str = Field("dexorder.usage", min_length=1)
