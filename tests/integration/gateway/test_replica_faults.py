@@ -86,6 +86,31 @@ async def test_stop_on_another_replica_closes_the_upstream_within_a_second_and_b
     assert daily == usage.prompt_tokens + usage.completion_tokens
 
 
+async def test_stop_on_a_second_socket_stops_the_reply_of_the_first_on_the_same_replica(
+    gateway: RunningGateway, issuer: LocalJwksIssuer, llm: FakeLLMServer, user_id: str
+) -> None:
+    """Without Redis too: the session's reply runs on this replica, for another socket."""
+    llm.queue(TextScript(text=REPLY, tokens_per_second=20))
+    token = issuer.mint(user_id)
+    async with aiohttp.ClientSession() as session:
+        writer = await connect(session, gateway, token)
+        session_id, seen = await reply_under_way(writer)
+        follower = await connect(
+            session, gateway, token, query=f"?session={session_id}&after={max(seqs(seen))}"
+        )
+        await follower.until("delta", timeout=30)  # following the first socket's reply
+        stopped_at = time.monotonic()
+        await follower.send({"type": "cancel"})
+        request = await llm.wait_for_end(0, within=5)
+        done = (await writer.until("done", timeout=30))[-1]
+        await writer.ws.close()
+        await follower.ws.close()
+    assert request.cut_by_client
+    assert request.ended_at is not None
+    assert request.ended_at - stopped_at < 1.0
+    assert done["cancelled"] is True
+
+
 @pytest.mark.slow
 async def test_a_reply_whose_replica_was_killed_ends_elsewhere_with_a_notice_within_its_lease(
     migrated_dsn: str,

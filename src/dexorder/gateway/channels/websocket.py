@@ -11,9 +11,10 @@ an ``auth`` frame with a fresh token for the same user came first. The license i
 again every ``license_recheck_seconds``: a license withdrawn closes the socket with 4403, a
 changed one with 1012 (reconnect, and the new license applies).
 
-A ``cancel`` frame stops the session's reply on this replica, or, when none runs here (the
-socket follows a reply another replica generates), on the replica that runs it: with Redis
-the command goes over the control channel (``control_bus``), as Telegram's ``/stop`` does.
+A ``cancel`` frame stops the reply of the socket's conversation, or, when it has none (the
+socket follows a reply generated elsewhere), the session's reply wherever it runs: another
+conversation of the session on this replica, and, with Redis, on the others through the
+control channel (``control_bus``), as Telegram's ``/stop`` does.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -49,7 +50,6 @@ from dexorder.gateway.channels.resume import (
     take_queued,
 )
 from dexorder.gateway.channels.socket_writer import SendPolicy, SocketWriter
-from dexorder.gateway.control_bus import ControlBus
 from dexorder.gateway.conversation import (
     ChatServices,
     Conversation,
@@ -447,7 +447,14 @@ async def serve(
                 await take_queued(out, conversation, outbox, session.queued)
             conversation.start()
         clean = await _read_frames(
-            ws, out, conversation, outbox, following, app[VERIFIER], token, app.get(CONTROL)
+            ws,
+            out,
+            conversation,
+            outbox,
+            following,
+            app[VERIFIER],
+            token,
+            functools.partial(_stop_everywhere, app, session_id),
         )
     finally:
         metrics.CONNECTIONS.labels(channel="websocket").dec()
@@ -522,7 +529,7 @@ async def _read_frames(
     following: FollowState,
     verifier: TokenVerifier,
     token: SocketToken,
-    control: ControlBus | None,
+    stop_everywhere: Callable[[], Awaitable[None]],
 ) -> bool:
     """Serve the client's frames until the socket ends; True if the client closed it (a
     close frame), False if it dropped (EOF, reset, missed heartbeats)."""
@@ -553,8 +560,8 @@ async def _read_frames(
         if isinstance(frame, protocol.MessageFrame):
             await _take_message(out, conversation, outbox, following, frame.content)
         elif isinstance(frame, protocol.CancelFrame):
-            if not conversation.cancel_generation() and control is not None:
-                await _stop_elsewhere(control, outbox.session_id)
+            if not conversation.cancel_generation():
+                await stop_everywhere()
         elif isinstance(frame, protocol.PingFrame):
             _say(out, protocol.PongFrame())
         elif isinstance(frame, protocol.AuthFrame):
@@ -563,8 +570,13 @@ async def _read_frames(
             await conversation.answer_approval(frame)
 
 
-async def _stop_elsewhere(control: ControlBus, session_id: str) -> None:
-    """Nothing generates for the session here: stop its reply on the replica that runs it."""
+async def _stop_everywhere(app: web.Application, session_id: str) -> None:
+    """Nothing generates for the session on this socket: stop its reply wherever it runs,
+    here first (another socket's or a detached conversation), then on the other replicas."""
+    await apply_control(app, STOP, session_id)
+    control = app.get(CONTROL)
+    if control is None:
+        return
     try:
         await control.publish(STOP, session_id)
     except RedisError as error:
@@ -572,8 +584,9 @@ async def _stop_elsewhere(control: ControlBus, session_id: str) -> None:
 
 
 async def apply_control(app: web.Application, action: str, session_id: str) -> None:
-    """Another replica's command for a session: ``stop`` cancels the reply of every
-    conversation of the session here (a socket's, or one detached after a drop)."""
+    """A command for a session (another replica's, or this one's): ``stop`` cancels the
+    reply of every conversation of the session here (a socket's, or one detached after a
+    drop)."""
     if action != STOP:
         logger.warning("unknown WebSocket control action %r", action)
         return
