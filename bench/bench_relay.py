@@ -112,7 +112,17 @@ async def measure(tokens: int, turns: int, repeats: int) -> list[float]:
     """CPU seconds per turn, once for each of ``repeats`` runs of ``turns`` turns."""
     store = _sessions.MemorySessionStore(ttl=3600, buffer=1000)
     await store.claim("bench-session", user_id="bench", channel="websocket")
-    outbox = SessionOutbox(store, "bench-session", "bench-replica")
+    try:  # the generation mark became a lease (issue 20): the outbox holds it
+        from dexorder.gateway.stores.generation import (
+            HeldLease,
+            LeasePolicy,
+            MemoryGenerationLeases,
+        )
+    except ImportError:
+        outbox = SessionOutbox(store, "bench-session", "bench-replica")  # type: ignore[call-arg]
+    else:
+        leases = MemoryGenerationLeases(LeasePolicy())
+        outbox = SessionOutbox(store, HeldLease(leases, "bench-session", "bench-replica"))
     if hasattr(outbox, "_out"):  # one writer per socket (issue 20): its task sends
         from dexorder.gateway.channels.socket_writer import SendPolicy, SocketWriter
 

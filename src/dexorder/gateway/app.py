@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,8 @@ from dexorder.gateway.agents.provisioning.local import LocalProvisioner
 from dexorder.gateway.agents.sessions import AgentSessions
 from dexorder.gateway.auth import TokenVerifier
 from dexorder.gateway.channels import telegram, web_page, websocket
+from dexorder.gateway.channels.resume import replica_id
+from dexorder.gateway.control_bus import ControlBus
 from dexorder.gateway.conversation import ChatServices, TurnSetup
 from dexorder.gateway.events import EventSink, open_event_sink
 from dexorder.gateway.llm.routing import ModelRouter, RouterPolicy
@@ -31,8 +34,10 @@ from dexorder.gateway.models import load_model_list, model_targets
 from dexorder.gateway.settings import GatewaySettings, ProvisionerKind, load_tier_catalog
 from dexorder.gateway.state import (
     CHAT_SERVICES,
+    CONTROL,
     DB_POOL,
     DRAINING,
+    GENERATION_LEASES,
     HEALTH,
     LIVE_SOCKETS,
     METRICS_PORT,
@@ -41,6 +46,12 @@ from dexorder.gateway.state import (
     SETTINGS,
     USER_SOCKETS,
     VERIFIER,
+)
+from dexorder.gateway.stores.generation import (
+    GenerationLeases,
+    LeasePolicy,
+    MemoryGenerationLeases,
+    RedisGenerationLeases,
 )
 from dexorder.gateway.stores.licenses import LicenseStore, open_pool
 from dexorder.gateway.stores.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -173,6 +184,13 @@ def _session_store(settings: GatewaySettings, redis: Redis | None) -> SessionSto
     return RedisSessionStore(redis, ttl=ttl, buffer=buffer)
 
 
+def _generation_leases(settings: GatewaySettings, redis: Redis | None) -> GenerationLeases:
+    policy = LeasePolicy(ttl_seconds=settings.generation_lease_seconds)
+    if redis is None:
+        return MemoryGenerationLeases(policy)
+    return RedisGenerationLeases(redis, policy)
+
+
 async def _sweep_sessions(app: web.Application) -> None:
     """Expire idle sessions on a schedule, with whatever still runs for them."""
     period = min(60.0, max(0.05, app[SETTINGS].session_ttl_seconds / 4))
@@ -262,6 +280,15 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         limiter = await _open_limiter(redis, usage_store, stack)
         app[SESSIONS] = _session_store(settings, redis)
         stack.push_async_callback(app[SESSIONS].close)
+        app[GENERATION_LEASES] = _generation_leases(settings, redis)
+        if redis is not None:
+            # A cancel on one replica for a reply generating on another.
+            app[CONTROL] = ControlBus(redis, websocket.CONTROL_CHANNEL, replica_id(app))
+            listener = supervise(
+                app[CONTROL].listen(functools.partial(websocket.apply_control, app)),
+                name="websocket-control",
+            )
+            stack.push_async_callback(_cancel, listener)
         sweeper = supervise(_sweep_sessions(app), name="sweep-sessions")
         stack.push_async_callback(_cancel, sweeper)
         sink = await open_event_sink(settings)

@@ -289,6 +289,10 @@ class GatewaySettings(BaseSettings):
     # Bytes of frames kept per session so a reconnecting client gets what it missed
     # (consecutive deltas merged into one record); past it, the oldest are dropped.
     resume_buffer_bytes: int = Field(256 * 1024, ge=0, le=64 << 20)
+    # How long a replica's mark "generating this session's reply" outlives its last renewal
+    # (renewed every third of it): a client that reconnects elsewhere stops following a
+    # replica that died mid-reply within this, and is told the reply was interrupted.
+    generation_lease_seconds: float = Field(10.0, gt=0, le=300)
 
     # --- usage and conversation events (issue 7) -------------------------------------
     kafka_usage_topic: str = Field("dexorder.usage", min_length=1)

@@ -11,7 +11,9 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from dexorder.gateway.auth import TokenVerifier
+from dexorder.gateway.control_bus import ControlBus
 from dexorder.gateway.settings import GatewaySettings
+from dexorder.gateway.stores.generation import GenerationLeases
 from dexorder.gateway.stores.licenses import Pool
 from dexorder.gateway.stores.sessions import SessionStore
 
@@ -28,6 +30,10 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 # How many WebSockets each user holds open on this replica (for the per-user cap).
 USER_SOCKETS: web.AppKey[Counter[str]] = web.AppKey("user_sockets")
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
+# Which replica generates each session's reply (see stores.generation).
+GENERATION_LEASES: web.AppKey[GenerationLeases] = web.AppKey("generation_leases")
+# The WebSocket channel's commands to the other replicas (set only with REDIS_URL).
+CONTROL = web.AppKey("websocket_control", ControlBus)
 # The port /metrics is served on (its own site; see app._metrics_site), once it listens.
 METRICS_PORT = web.AppKey("metrics_port", int)
 # Opened once by the app's shared services, for every channel to use.

@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -29,6 +29,9 @@ from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.migrations import apply_migrations
 from dexorder.gateway.settings import GatewaySettings
 from dexorder.gateway.state import LIVE_SOCKETS, METRICS_PORT
+
+if TYPE_CHECKING:
+    from tests.integration.gateway.gateway_process import GatewayProcess
 
 ISSUER = "https://id.test.dexorder"
 AUDIENCE = "dexorder-gateway"
@@ -219,3 +222,38 @@ async def serving(
     finally:
         runner.should_exit = True
         await task
+
+
+@pytest.fixture
+async def two_gateways(
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    redis_url: str,
+) -> AsyncIterator[tuple[RunningGateway, RunningGateway]]:
+    """Two gateways, each on its own port with its own agents, sharing one Redis."""
+
+    def settings(name: str) -> Any:
+        return gateway_settings(
+            migrated_dsn,
+            issuer,
+            llm,
+            tmp_path / name,
+            redis_url=redis_url,
+            local_agents_dir=str(tmp_path / name / "agents"),
+        )
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with serve_gateway(settings("a")) as first, serve_gateway(settings("b")) as second:
+        yield first, second
+
+
+@pytest.fixture
+def started() -> Iterator[list[GatewayProcess]]:
+    """Every gateway process a test starts, stopped at the end whatever happened."""
+    processes: list[GatewayProcess] = []
+    yield processes
+    for process in processes:
+        process.stop()

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import socket
 from asyncio.trsock import TransportSocket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -274,32 +274,6 @@ async def test_dropped_idle_sessions_are_swept_with_no_task_left_behind(
         await again.ws.close()
 
 
-@pytest.fixture
-async def two_gateways(
-    migrated_dsn: str,
-    issuer: LocalJwksIssuer,
-    llm: FakeLLMServer,
-    tmp_path: Path,
-    redis_url: str,
-) -> AsyncIterator[tuple[RunningGateway, RunningGateway]]:
-    """Two gateways, each on its own port with its own agents, sharing one Redis."""
-
-    def settings(name: str) -> Any:
-        return gateway_settings(
-            migrated_dsn,
-            issuer,
-            llm,
-            tmp_path / name,
-            redis_url=redis_url,
-            local_agents_dir=str(tmp_path / name / "agents"),
-        )
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    async with serve_gateway(settings("a")) as first, serve_gateway(settings("b")) as second:
-        yield first, second
-
-
 async def test_resume_on_a_second_gateway_follows_the_reply_generating_on_the_first(
     two_gateways: tuple[RunningGateway, RunningGateway],
     issuer: LocalJwksIssuer,
@@ -382,15 +356,6 @@ async def test_a_message_queued_while_following_outlives_that_socket_dropping(
     # Taken here, and no longer waiting in the store for a later socket to take again.
     state = await second.app[SESSIONS].claim(session_id, user_id=user_id, channel="websocket")
     assert state.queued == ()
-
-
-@pytest.fixture
-def started() -> Iterator[list[GatewayProcess]]:
-    """Every gateway process a test starts, stopped at the end whatever happened."""
-    processes: list[GatewayProcess] = []
-    yield processes
-    for process in processes:
-        process.stop()
 
 
 @pytest.mark.slow

@@ -8,7 +8,10 @@ back with ``?session=<id>&after=<seq>`` gets what it missed from the store's bou
 - on the replica that still runs its conversation (detached after an abnormal drop), it
   takes the conversation over (``DetachedConversations.take``);
 - elsewhere, while the session's reply is generating on another replica (or on another
-  socket), it follows the store's stream until that reply is ``done``.
+  socket), it follows the store's stream until that reply is ``done``. Which replica
+  generates is a lease (``stores.generation``) that replica renews: one that died
+  mid-reply lets it lapse, and the follower then ends the reply with an error that says
+  it was interrupted, instead of waiting for frames that will never come.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from aiohttp import web
 from dexorder.gateway.channels.socket_writer import SocketWriter
 from dexorder.gateway.conversation import Conversation
 from dexorder.gateway.pure import protocol
+from dexorder.gateway.stores.generation import GenerationLeases, HeldLease
 from dexorder.gateway.stores.sessions import SessionError, SessionFrame, SessionStore
 from dexorder.gateway.turns import ReplyDelta, TurnEvent, frame_for
 
@@ -42,7 +46,13 @@ FOLLOW_POLL_SECONDS = 1.0
 """How long one blocking read of another replica's stream waits before re-checking it."""
 
 FOLLOW_QUIET_LIMIT_SECONDS = 120.0
-"""A followed reply silent for this long is given up (its replica probably died)."""
+"""A followed reply silent for this long is given up, though its replica still holds the
+lease (a replica that died lets the lease lapse, and is given up on sooner)."""
+
+INTERRUPTED = (
+    "the reply was interrupted: the gateway replica writing it stopped. "
+    "What it sent is kept; send your message again for the rest"
+)
 
 _POLL_SECONDS = 0.1
 _TERMINAL_TYPES = frozenset({"done", "error"})
@@ -50,8 +60,9 @@ _TURN_ENDS = (protocol.DoneFrame, protocol.ErrorFrame)
 
 
 def replica_id(app: web.Application) -> str:
-    """This gateway app's name in ``generating_on``: unique across hosts, processes and apps."""
-    return f"{socket.gethostname()}:{os.getpid()}:{id(app):x}"
+    """This gateway app's name as a generation lease's holder and on the control channel:
+    unique across hosts, processes and apps (and without a ``:``, the channel's separator)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{id(app):x}"
 
 
 def with_seq(text: str, seq: int) -> str:
@@ -70,23 +81,22 @@ def frame_type(text: str) -> str:
 class SessionOutbox:
     """A session's frames on this replica: recorded in order, then sent to the socket attached.
 
-    It also keeps the session's ``generating_on`` mark: set when this replica takes a
-    message, and cleared by ``clear_generating``, which the conversation calls when its
-    last turn ends, just before the frame that ends it: a follower that sees ``done`` and
-    reads the mark finds it cleared.
+    It also holds the session's generation lease: taken when this replica takes a
+    message, renewed while the reply runs, and let go by ``clear_generating``, which the
+    conversation calls when its last turn ends, just before the frame that ends it: a
+    follower that sees ``done`` and reads the lease finds it gone.
 
     A reply's first frame is numbered by the store; the outbox numbers the next ones itself
     and has them recorded in the background, so no token waits for the store on its way
     out; the frame that ends the reply waits until all of them are recorded.
     """
 
-    def __init__(self, store: SessionStore, session_id: str, replica: str) -> None:
+    def __init__(self, store: SessionStore, lease: HeldLease) -> None:
         self.store = store
-        self.session_id = session_id
-        self.replica = replica
+        self.session_id = lease.session_id
+        self.lease = lease
         self._out: SocketWriter | None = None
         self._lock = asyncio.Lock()
-        self._generating = False
         #: The number of this reply's next frame, once the store numbered its first.
         self._next_seq: int | None = None
 
@@ -142,22 +152,10 @@ class SessionOutbox:
             self._out = None
 
     async def mark_generating(self) -> None:
-        if self._generating:
-            return
-        self._generating = True
-        try:
-            await self.store.set_generating(self.session_id, self.replica)
-        except SessionError as error:
-            logger.warning("session %s: generation not marked: %s", self.session_id, error)
+        await self.lease.hold()
 
     async def clear_generating(self) -> None:
-        if not self._generating:
-            return
-        self._generating = False
-        try:
-            await self.store.set_generating(self.session_id, None)
-        except SessionError as error:
-            logger.warning("session %s: generation mark kept: %s", self.session_id, error)
+        await self.lease.let_go()
 
 
 async def replay(out: SocketWriter, store: SessionStore, session_id: str, after: int) -> int:
@@ -201,34 +199,68 @@ class FollowState:
     pending: list[str] = field(default_factory=list)
 
 
+async def must_follow(leases: GenerationLeases, store: SessionStore, session_id: str) -> bool:
+    """Whether a socket resuming ``session_id`` (with no conversation of it on this replica)
+    must follow its reply: a replica holds the generation lease, or the session's last
+    reply never ended (its replica died; following tells the client so)."""
+    try:
+        if await leases.holder(session_id) is not None:
+            return True
+        return not await _last_reply_ended(store, session_id)
+    except SessionError as error:
+        logger.warning("session %s: not following: %s", session_id, error)
+        return False
+
+
+async def _last_reply_ended(store: SessionStore, session_id: str) -> bool:
+    """Whether the session's last recorded frame ends a reply (or there is none to tell)."""
+    recorded = await store.last_frame(session_id)
+    return recorded is None or frame_type(recorded[1]) in _TERMINAL_TYPES
+
+
 async def follow_elsewhere(
     out: SocketWriter,
     conversation: Conversation,
     outbox: SessionOutbox,
+    leases: GenerationLeases,
     user_id: str,
     after: int,
     state: FollowState,
 ) -> None:
     """Forward the session's frames until the reply generated elsewhere is over, then
-    attach ``out`` to this replica's outbox and hand it the messages that waited."""
+    attach ``out`` to this replica's outbox and hand it the messages that waited.
+
+    The reply is over at its ``done`` or ``error`` once nobody holds the generation lease.
+    A lease gone with the reply not over, still so one poll later (the frame that ends a
+    reply is recorded just after its lease is let go), means its replica died: the reply
+    is ended here with an error saying so, recorded for any later resume."""
     store, session_id = outbox.store, outbox.session_id
     _notice(out, "a reply is still being generated; following it")
     last = await replay(out, store, session_id, after)
     quiet_since = time.monotonic()
+    lapsed = False
     try:
+        ended = await _last_reply_ended(store, session_id)
         while True:
             frames = await store.follow(session_id, last, FOLLOW_POLL_SECONDS)
             last = _send_frames(out, frames, last)
             if frames:
                 quiet_since = time.monotonic()
-                if not any(frame_type(text) in _TERMINAL_TYPES for _seq, text in frames):
+                ended = frame_type(frames[-1][1]) in _TERMINAL_TYPES
+                if not ended:
                     continue
-            session = await store.claim(session_id, user_id=user_id, channel="websocket")
-            if session.generating_on in (None, outbox.replica):
+            if await leases.holder(session_id) is not None:
+                lapsed = False
+                if time.monotonic() - quiet_since > FOLLOW_QUIET_LIMIT_SECONDS:
+                    _notice(out, "the reply being followed went silent; carrying on here")
+                    break
+                continue
+            if ended:
                 break
-            if time.monotonic() - quiet_since > FOLLOW_QUIET_LIMIT_SECONDS:
-                _notice(out, "the reply being followed went silent; carrying on here")
+            if lapsed:
+                await _record_interrupted(out, store, session_id)
                 break
+            lapsed = True
     except SessionError as error:
         logger.warning("session %s: stopped following: %s", session_id, error)
         _notice(out, "cannot follow the reply right now; carrying on here")
@@ -236,6 +268,18 @@ async def follow_elsewhere(
     state.active = False
     pending, state.pending = state.pending, []
     await take_queued(out, conversation, outbox, pending)
+
+
+async def _record_interrupted(out: SocketWriter, store: SessionStore, session_id: str) -> None:
+    """End a reply whose replica died with an error, recorded (the attach that follows
+    sends it) so that a later resume finds the reply ended."""
+    logger.warning("session %s: its reply's replica stopped renewing its lease", session_id)
+    frame = protocol.ErrorFrame(code=protocol.ErrorCode.SERVICE_UNAVAILABLE, message=INTERRUPTED)
+    try:
+        await store.append(session_id, protocol.encode_frame(frame))
+    except SessionError as error:
+        logger.warning("session %s: interruption not recorded: %s", session_id, error)
+        out.send(protocol.encode_frame(frame))
 
 
 async def take_queued(
@@ -287,6 +331,10 @@ class DetachedConversations:
 
     def __len__(self) -> int:
         return len(self._by_session)
+
+    def peek(self, session_id: str) -> Detached | None:
+        """The detached conversation of ``session_id``, left where it is."""
+        return self._by_session.get(session_id)
 
     def take(self, session_id: str) -> Detached | None:
         """Hand a detached conversation to a resuming socket; its lingering handler lets go."""

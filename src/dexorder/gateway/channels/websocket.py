@@ -10,6 +10,11 @@ A socket lives no longer than its token: at the token's ``exp`` it closes with 4
 an ``auth`` frame with a fresh token for the same user came first. The license is read
 again every ``license_recheck_seconds``: a license withdrawn closes the socket with 4403, a
 changed one with 1012 (reconnect, and the new license applies).
+
+A ``cancel`` frame stops the reply of the socket's conversation, or, when it has none (the
+socket follows a reply generated elsewhere), the session's reply wherever it runs: another
+conversation of the session on this replica, and, with Redis, on the others through the
+control channel (``control_bus``), as Telegram's ``/stop`` does.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import re
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
+from redis.exceptions import RedisError
 
 from dexorder.core.tiers import Tier
 from dexorder.gateway import metrics
@@ -39,6 +45,7 @@ from dexorder.gateway.channels.resume import (
     SessionOutbox,
     detached_conversations,
     follow_elsewhere,
+    must_follow,
     replica_id,
     take_queued,
 )
@@ -53,13 +60,16 @@ from dexorder.gateway.pure import protocol
 from dexorder.gateway.pure.licenses import EffectiveLicense
 from dexorder.gateway.state import (
     CHAT_SERVICES,
+    CONTROL,
     DRAINING,
+    GENERATION_LEASES,
     LIVE_SOCKETS,
     SESSIONS,
     SETTINGS,
     USER_SOCKETS,
     VERIFIER,
 )
+from dexorder.gateway.stores.generation import HeldLease
 from dexorder.gateway.stores.sessions import (
     SessionError,
     SessionForbidden,
@@ -74,6 +84,9 @@ CLOSE_SERVICE_RESTART = 1012
 # How long a closing refusal waits behind the frames already queued for the socket.
 CLOSE_FLUSH_SECONDS = 2.0
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+CONTROL_CHANNEL = "dexorder:websocket:control"
+STOP = "stop"
 
 
 class SocketToken:
@@ -406,7 +419,8 @@ async def serve(
             await outbox.attach(out, since)
             await take_queued(out, conversation, outbox, session.queued)
         else:
-            outbox = SessionOutbox(store, session_id, replica_id(app))
+            leases = app[GENERATION_LEASES]
+            outbox = SessionOutbox(store, HeldLease(leases, session_id, replica_id(app)))
             conversation = services.conversation(
                 license,
                 session_id=session_id,
@@ -417,20 +431,31 @@ async def serve(
                 on_last_turn_ending=outbox.clear_generating,
             )
             app[LIVE_SOCKETS][ws] = conversation
-            if session.generating_on is not None:
+            if await must_follow(leases, store, session_id):
                 following.active = True
                 # Left by a socket that dropped while it followed: taken after this reply
                 # too (the store keeps them until then).
                 following.pending.extend(session.queued)
                 follower = asyncio.create_task(
-                    follow_elsewhere(out, conversation, outbox, identity.user, since, following),
+                    follow_elsewhere(
+                        out, conversation, outbox, leases, identity.user, since, following
+                    ),
                     name=f"follow:{session_id}",
                 )
             else:
                 await outbox.attach(out, since)
                 await take_queued(out, conversation, outbox, session.queued)
             conversation.start()
-        clean = await _read_frames(ws, out, conversation, outbox, following, app[VERIFIER], token)
+        clean = await _read_frames(
+            ws,
+            out,
+            conversation,
+            outbox,
+            following,
+            app[VERIFIER],
+            token,
+            functools.partial(_stop_everywhere, app, session_id),
+        )
     finally:
         metrics.CONNECTIONS.labels(channel="websocket").dec()
         for watcher in watchers:
@@ -504,6 +529,7 @@ async def _read_frames(
     following: FollowState,
     verifier: TokenVerifier,
     token: SocketToken,
+    stop_everywhere: Callable[[], Awaitable[None]],
 ) -> bool:
     """Serve the client's frames until the socket ends; True if the client closed it (a
     close frame), False if it dropped (EOF, reset, missed heartbeats)."""
@@ -534,13 +560,43 @@ async def _read_frames(
         if isinstance(frame, protocol.MessageFrame):
             await _take_message(out, conversation, outbox, following, frame.content)
         elif isinstance(frame, protocol.CancelFrame):
-            conversation.cancel_generation()
+            if not conversation.cancel_generation():
+                await stop_everywhere()
         elif isinstance(frame, protocol.PingFrame):
             _say(out, protocol.PongFrame())
         elif isinstance(frame, protocol.AuthFrame):
             await _renew(ws, out, verifier, token, frame.token)
         else:
             await conversation.answer_approval(frame)
+
+
+async def _stop_everywhere(app: web.Application, session_id: str) -> None:
+    """Nothing generates for the session on this socket: stop its reply wherever it runs,
+    here first (another socket's or a detached conversation), then on the other replicas."""
+    await apply_control(app, STOP, session_id)
+    control = app.get(CONTROL)
+    if control is None:
+        return
+    try:
+        await control.publish(STOP, session_id)
+    except RedisError as error:
+        logger.warning("session %s: stop not sent to the other replicas: %s", session_id, error)
+
+
+async def apply_control(app: web.Application, action: str, session_id: str) -> None:
+    """A command for a session (another replica's, or this one's): ``stop`` cancels the
+    reply of every conversation of the session here (a socket's, or one detached after a
+    drop)."""
+    if action != STOP:
+        logger.warning("unknown WebSocket control action %r", action)
+        return
+    conversations = [c for c in app[LIVE_SOCKETS].values() if c.session_id == session_id]
+    detached = detached_conversations(app).peek(session_id)
+    if detached is not None:
+        conversations.append(detached.conversation)
+    for conversation in conversations:
+        if conversation.cancel_generation():
+            logger.info("session %s: reply stopped from another replica", session_id)
 
 
 async def _take_message(

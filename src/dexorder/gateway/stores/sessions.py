@@ -3,11 +3,12 @@
 messages still queued.
 
 With Redis, a session is three keys that expire together after ``ttl`` seconds without
-activity: a hash (user, channel, MCP session id, frame counter, generating replica, buffer
-size), a stream of the last frames as records (``pure.resume_buffer``: consecutive deltas
-merged into one) up to ``buffer`` bytes, each with the number of its last frame as its id,
-and a list of queued messages. Any replica can therefore resume any session, and follow a reply that
-another replica is still generating. Without Redis, one process keeps the same in memory.
+activity: a hash (user, channel, MCP session id, frame counter, buffer size), a stream of the
+last frames as records (``pure.resume_buffer``: consecutive deltas merged into one) up to
+``buffer`` bytes, each with the number of its last frame as its id, and a list of queued
+messages. Any replica can therefore resume any session, and follow a reply that another
+replica is still generating (which replica is a lease of its own: ``generation``).
+Without Redis, one process keeps the same in memory.
 
 A reply's frames are numbered by the replica writing it: its first frame is numbered by the
 store (``append``), the next ones locally and recorded in the background (``record_at``:
@@ -77,8 +78,6 @@ class SessionState:
     channel: str
     last_seq: int
     mcp_session_id: str | None
-    # The replica generating a reply right now, if any (for a resumed client to follow).
-    generating_on: str | None
     queued: tuple[str, ...]
     resumed: bool
 
@@ -118,13 +117,15 @@ class SessionStore(Protocol):
 
     async def replay(self, session_id: str, after: int) -> Replay: ...
 
+    async def last_frame(self, session_id: str) -> SessionFrame | None:
+        """The last frame recorded, if the buffer still has it."""
+        ...
+
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         """Frames after ``after``, waiting up to ``timeout`` seconds for the first one."""
         ...
 
     async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None: ...
-
-    async def set_generating(self, session_id: str, replica: str | None) -> None: ...
 
     async def set_queued(self, session_id: str, messages: Sequence[str]) -> None: ...
 
@@ -147,7 +148,6 @@ class _MemorySession:
     size: int = 0  # bytes of ``records``
     last_seq: int = 0
     mcp_session_id: str | None = None
-    generating_on: str | None = None
     queued: tuple[str, ...] = ()
     # Set by the next append, for the followers waiting on it; made only when one waits
     # (``follow``), so an append, once per streamed token, makes no event nobody awaits.
@@ -193,7 +193,6 @@ class MemorySessionStore:
             channel=session.channel,
             last_seq=session.last_seq,
             mcp_session_id=session.mcp_session_id,
-            generating_on=session.generating_on,
             queued=session.queued,
             resumed=resumed,
         )
@@ -239,6 +238,10 @@ class MemorySessionStore:
             complete=complete(records, after, session.last_seq),
         )
 
+    async def last_frame(self, session_id: str) -> SessionFrame | None:
+        records = self._get(session_id).records
+        return (records[-1].last, records[-1].text) if records else None
+
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         session = self._get(session_id)
         if session.last_seq <= after:
@@ -254,9 +257,6 @@ class MemorySessionStore:
 
     async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None:
         self._get(session_id).mcp_session_id = mcp_session_id
-
-    async def set_generating(self, session_id: str, replica: str | None) -> None:
-        self._get(session_id).generating_on = replica
 
     async def set_queued(self, session_id: str, messages: Sequence[str]) -> None:
         self._get(session_id).queued = tuple(messages)
@@ -283,9 +283,9 @@ elseif redis.call('HGET', KEYS[1], 'user') ~= ARGV[1] then
   return {-1}
 end
 for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-local h = redis.call('HMGET', KEYS[1], 'channel', 'seq', 'mcp', 'generating')
+local h = redis.call('HMGET', KEYS[1], 'channel', 'seq', 'mcp')
 local queued = redis.call('LRANGE', KEYS[3], 0, -1)
-return {existed, h[1], h[2], h[3] or '', h[4] or '', queued}
+return {existed, h[1], h[2], h[3] or '', queued}
 """
 
 # Append at a number the writer chose (the next after its previous frame); one another
@@ -435,14 +435,13 @@ class RedisSessionStore:
             raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
         if int(reply[0]) == -1:
             raise SessionForbidden(f"session {session_id} belongs to another user")
-        existed, channel_name, seq, mcp, generating, queued = reply
+        existed, channel_name, seq, mcp, queued = reply
         return SessionState(
             session_id=session_id,
             user_id=user_id,
             channel=_text(channel_name),
             last_seq=int(seq),
             mcp_session_id=_text(mcp) or None,
-            generating_on=_text(generating) or None,
             queued=tuple(_text(item) for item in queued),
             resumed=bool(int(existed)),
         )
@@ -560,6 +559,15 @@ class RedisSessionStore:
             complete=complete(records, after, int(raw_last or 0)),
         )
 
+    async def last_frame(self, session_id: str) -> SessionFrame | None:
+        await self._flushed()
+        try:
+            raw = await self._redis.xrevrange(self._keys(session_id)[1], count=1)
+        except RedisError as error:
+            raise SessionStoreUnavailable(f"the session store is unreachable: {error}") from error
+        records = _records(raw)
+        return (records[0].last, records[0].text) if records else None
+
     async def follow(self, session_id: str, after: int, timeout: float) -> list[SessionFrame]:
         frames_key = self._keys(session_id)[1]
         try:
@@ -589,9 +597,6 @@ class RedisSessionStore:
 
     async def set_mcp_session(self, session_id: str, mcp_session_id: str | None) -> None:
         await self._set(session_id, "mcp", mcp_session_id)
-
-    async def set_generating(self, session_id: str, replica: str | None) -> None:
-        await self._set(session_id, "generating", replica)
 
     async def set_queued(self, session_id: str, messages: Sequence[str]) -> None:
         queue_key = self._keys(session_id)[2]

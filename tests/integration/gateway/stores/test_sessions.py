@@ -192,6 +192,16 @@ async def test_a_long_reply_fits_and_the_cap_drops_the_oldest_records_first(
     assert "".join(words).endswith(kept)
 
 
+async def test_the_last_frame_is_the_last_one_recorded(make_store: MakeStore) -> None:
+    store, sid = await claimed(make_store, "one")
+    store.record_at(sid, 2, "two")
+    assert await store.last_frame(sid) == (2, "two")
+    unbuffered = make_store(buffer=0)
+    await unbuffered.claim(sid + "x", user_id="alice", channel="websocket")
+    await unbuffered.append(sid + "x", "kept nowhere")
+    assert await unbuffered.last_frame(sid + "x") is None
+
+
 async def test_a_number_another_writer_took_moves_to_the_next_free_one(
     make_store: MakeStore,
 ) -> None:
@@ -296,19 +306,14 @@ async def test_session_details_are_shared(make_store: MakeStore) -> None:
     sid = session_id()
     await store.claim(sid, user_id="alice", channel="telegram")
     await store.set_mcp_session(sid, "mcp-123")
-    await store.set_generating(sid, "replica-a")
     await store.set_queued(sid, ["second", "third"])
 
     state = await store.claim(sid, user_id="alice", channel="telegram")
-    assert (state.mcp_session_id, state.generating_on, state.queued) == (
-        "mcp-123",
-        "replica-a",
-        ("second", "third"),
-    )
-    await store.set_generating(sid, None)
+    assert (state.mcp_session_id, state.queued) == ("mcp-123", ("second", "third"))
+    await store.set_mcp_session(sid, None)
     await store.set_queued(sid, [])
     state = await store.claim(sid, user_id="alice", channel="telegram")
-    assert (state.generating_on, state.queued) == (None, ())
+    assert (state.mcp_session_id, state.queued) == (None, ())
 
 
 async def test_an_idle_session_expires(make_store: MakeStore) -> None:
@@ -327,14 +332,14 @@ async def test_an_idle_session_expires(make_store: MakeStore) -> None:
     assert (await store.replay(sid, after=0)).frames == []
 
 
-async def test_marking_an_expired_redis_session_does_not_bring_it_back(redis_url: str) -> None:
+async def test_writing_an_expired_redis_session_does_not_bring_it_back(redis_url: str) -> None:
     client: Redis = Redis.from_url(redis_url)
     try:
         store = RedisSessionStore(client, ttl=0.2, buffer=BUFFER)
         sid = session_id()
         await store.claim(sid, user_id="alice", channel="websocket")
         await asyncio.sleep(0.4)
-        await store.set_generating(sid, "replica-a")
+        await store.set_mcp_session(sid, "mcp-123")
         # A key without the session's TTL would live for ever; there must be no key at all.
         assert await client.exists(RedisSessionStore.PREFIX + sid) == 0
     finally:
@@ -351,7 +356,8 @@ async def test_an_unreachable_redis_is_reported_as_such() -> None:
             store.append(sid, "frame"),
             store.replay(sid, 0),
             store.follow(sid, 0, 0.1),
-            store.set_generating(sid, "replica-a"),
+            store.set_mcp_session(sid, "mcp-123"),
+            store.last_frame(sid),
             store.set_queued(sid, ["waiting"]),
         ):
             with pytest.raises(SessionStoreUnavailable, match="unreachable"):

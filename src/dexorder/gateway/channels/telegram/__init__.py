@@ -18,7 +18,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from aiogram.exceptions import TelegramAPIError
 from aiohttp import web
@@ -29,6 +28,7 @@ from dexorder.gateway.channels.telegram.inbox import Inbox, InboxOptions, Memory
 from dexorder.gateway.channels.telegram.reply import Pace
 from dexorder.gateway.channels.telegram.urgent import UrgentLane
 from dexorder.gateway.channels.telegram.webhook import INBOX, URGENT, WEBHOOK_SECRET, receive
+from dexorder.gateway.control_bus import ControlBus
 from dexorder.gateway.linking import (
     LINK_CODES,
     LINK_ISSUES,
@@ -39,9 +39,6 @@ from dexorder.gateway.linking import (
     create_link_code,
 )
 from dexorder.gateway.state import CHAT_SERVICES, DB_POOL, HEALTH, REDIS, SETTINGS
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +81,7 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
         # Names this replica on the control channel, so it skips its own commands' echo.
         replica = uuid.uuid4().hex
         redis = app.get(REDIS)
+        control = ControlBus(redis, CONTROL_CHANNEL, replica) if redis is not None else None
         inbox: Inbox
         attempts: AttemptLimiter
         if redis is not None:
@@ -108,7 +106,7 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
             sessions=SessionDirectory(redis, settings.session_ttl_seconds),
             pace=options.pace,
             idle_seconds=settings.session_ttl_seconds,
-            broadcast=_publisher(redis, replica) if redis is not None else None,
+            broadcast=_publisher(control) if control is not None else None,
         )
         app[TELEGRAM_CHAT] = chat
         stack.push_async_callback(chat.close)
@@ -126,9 +124,9 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
             ),
             asyncio.create_task(_janitor(chat, options.janitor_seconds), name="telegram-janitor"),
         ]
-        if redis is not None:
+        if control is not None:
             tasks.append(
-                asyncio.create_task(_listen(redis, chat, replica), name="telegram-control")
+                asyncio.create_task(control.listen(_applier(chat)), name="telegram-control")
             )
         try:
             yield
@@ -144,36 +142,23 @@ async def _telegram(app: web.Application) -> AsyncIterator[None]:
                     log.error("Telegram task %s failed", task.get_name(), exc_info=task.exception())
 
 
-def _publisher(redis: Redis, replica: str) -> Callable[[str, int, int], Awaitable[None]]:
+# ``/stop`` and ``/new`` go to the replica that holds the conversation; a chat is
+# ``chat_id:user_id`` on the control channel.
+
+
+def _publisher(control: ControlBus) -> Callable[[str, int, int], Awaitable[None]]:
     async def publish(action: str, chat_id: int, user_id: int) -> None:
-        await redis.publish(CONTROL_CHANNEL, f"{replica}:{action}:{chat_id}:{user_id}")
+        await control.publish(action, f"{chat_id}:{user_id}")
 
     return publish
 
 
-async def _listen(redis: Redis, chat: TelegramChat, replica: str) -> None:
-    """Carry ``/stop`` and ``/new`` to the replica that holds the conversation.
+def _applier(chat: TelegramChat) -> Callable[[str, str], Awaitable[None]]:
+    async def apply(action: str, target: str) -> None:
+        chat_id, user_id = target.split(":")
+        await chat.control(action, int(chat_id), int(user_id))
 
-    The replica that got the command applied it at once; it ignores its own echo, which
-    could otherwise arrive after the user's next message and close its fresh session."""
-    while True:
-        pubsub = redis.pubsub()
-        try:
-            await pubsub.subscribe(CONTROL_CHANNEL)
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                sender, action, chat_id, user_id = bytes(message["data"]).decode().split(":")
-                if sender != replica:
-                    await chat.control(action, int(chat_id), int(user_id))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.warning("Telegram control channel failed, resubscribing: %s", error)
-            await asyncio.sleep(1.0)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+    return apply
 
 
 async def _janitor(chat: TelegramChat, every: float) -> None:
