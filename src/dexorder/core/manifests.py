@@ -255,6 +255,25 @@ def children_hash(
     return hashlib.sha256(encoded).hexdigest()[:32]
 
 
+def claim_conflict(claim: Mapping[str, Any] | None, spec: UserAgentSpec) -> str | None:
+    """Why an existing claim of the agent's volume name must not be adopted, or None.
+
+    A claim retained after a deleted agent is adopted by the agent created again under its
+    name, but only when its user label is the new agent's user: else a new agent would get
+    another user's data. The message names neither user (the gateway shows it to one)."""
+    if claim is None:
+        return None
+    metadata = claim.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    if labels.get(USER_LABEL) == naming.label_value(spec.user_id):
+        return None
+    return (
+        f"a volume claim named {metadata.get('name')} already exists for another user (its "
+        f"{USER_LABEL} label differs): it is not adopted, and the agent is not started; "
+        "an administrator must delete or relabel that claim"
+    )
+
+
 def endpoint(owner: Owner, template: AgentTemplate) -> str:
     return template.endpoint_template.format(
         service=naming.service_name(owner.name), namespace=owner.namespace, port=template.port

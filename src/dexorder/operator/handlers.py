@@ -40,9 +40,15 @@ from dexorder.adapters.kubernetes import (
     Unreachable,
     resource_path,
 )
-from dexorder.core import manifests
+from dexorder.core import manifests, naming
 from dexorder.core.idle import idle_deadline_passed
-from dexorder.core.status import RECONCILE_ERROR, StorageState
+from dexorder.core.status import (
+    RECONCILE_ERROR,
+    STORAGE_CONFLICT,
+    Failure,
+    StorageState,
+    volume_state,
+)
 from dexorder.core.useragent import (
     AGENT_LABEL,
     API_VERSION,
@@ -119,7 +125,6 @@ class OperatorState:
         self.settings = settings
         self.reconciler = reconciler
         self.cache = ClusterCache()
-        self.storage: dict[Key, StorageState] = {}
         # (uid, generation) of the spec whose children were last applied, per agent.
         self.applied: dict[Key, tuple[str, int]] = {}
         self.queue: WorkQueue[Key] = WorkQueue(
@@ -165,7 +170,6 @@ class OperatorState:
 
     def forget(self, key: Key) -> None:
         self.cache.forget_agent(key)
-        self.storage.pop(key, None)
         self.applied.pop(key, None)
         self._warned.pop(key, None)
         self.rolling.discard(key)
@@ -231,7 +235,6 @@ class OperatorState:
             # Its children are as this spec and this operator's template render them: what
             # a restart would otherwise re-apply for every agent.
             self.applied[key] = applied
-            self.storage.setdefault(key, _storage_reported(agent))
             needs_apply = False
         elif recorded is not None and not desired.spec.suspended and not self._rollout_slot(key):
             # The same spec renders differently (a new image or tier size since the restart):
@@ -239,6 +242,14 @@ class OperatorState:
             # suspended one takes it at once (nothing restarts) and runs it at its wake.
             self._defer(key)
             await self._together(*work)
+            return
+        conflict = manifests.claim_conflict(self._claim(desired), desired.spec)
+        if needs_apply and conflict is not None:
+            # Another user's retained volume under this agent's name: apply nothing (the
+            # Deployment would mount it), say why, and wait for the claim to change.
+            await self._together(*work)
+            await self._write_status(key, failure=Failure(STORAGE_CONFLICT, conflict))
+            metrics.RECONCILES.labels(result="conflict").inc()
             return
         if needs_apply:
             work.append(self._apply(key, desired))
@@ -259,7 +270,7 @@ class OperatorState:
         status = UserAgentStatus.parse(agent.get("status"))
         if not status.current(agent["metadata"].get("generation")):
             return None
-        if _ready_reason(status) in (RECONCILE_ERROR, "InvalidSpec"):
+        if _ready_reason(status) in (RECONCILE_ERROR, STORAGE_CONFLICT, "InvalidSpec"):
             return None
         deployment = self.cache.deployments.get(key)
         if deployment is None:
@@ -292,7 +303,7 @@ class OperatorState:
         """The API server refused a child: say so in the status (Failed, ``ReconcileError``
         and its message, which the gateway shows the user) and in a Warning Event."""
         try:
-            await self._write_status(key, reconcile_error=str(error))
+            await self._write_status(key, failure=Failure(RECONCILE_ERROR, str(error)))
         except KubernetesError as status_error:
             logger.warning("cannot report %s's apply error %s: %s", key, error, status_error)
 
@@ -342,18 +353,22 @@ class OperatorState:
     async def _apply(self, key: Key, desired: Desired) -> None:
         started = time.perf_counter()
         try:
-            deployment, storage = await self.reconciler.apply_children(desired)
+            deployment, claim = await self.reconciler.apply_children(desired)
         except KubernetesError:
             metrics.RECONCILES.labels(result="error").inc()
             raise
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         metrics.RECONCILES.labels(result="ok").inc()
-        self.storage[key] = storage
+        self.cache.put_claim(claim)
         self.cache.put_deployment(key, deployment)
 
+    def _claim(self, desired: Desired) -> Json | None:
+        owner = desired.owner
+        return self.cache.claims.get((owner.namespace, naming.pvc_name(owner.name)))
+
     async def _write_status(
-        self, key: Key, spec_error: str | None = None, reconcile_error: str | None = None
+        self, key: Key, spec_error: str | None = None, failure: Failure | None = None
     ) -> None:
         """Derive the status from the newest cached state and write it if it changed."""
         agent = self.cache.agents.get(key)
@@ -361,7 +376,7 @@ class OperatorState:
             return
         desired: Desired | None = None
         if spec_error is None:
-            if reconcile_error is None and self.applied.get(key) != _generation(agent):
+            if failure is None and self.applied.get(key) != _generation(agent):
                 return  # a newer spec is not applied yet; its own pass will report it
             try:
                 desired = desired_state(agent, self.reconciler.catalog)
@@ -372,9 +387,11 @@ class OperatorState:
             desired,
             self.cache.deployments.get(key),
             self.cache.pods_of(key),
-            self.storage.get(key, StorageState(ready=True)),
+            volume_state(self._claim(desired), desired.sizing.storage)
+            if desired is not None
+            else StorageState(ready=None, reason="InvalidSpec", message=""),
             spec_error,
-            reconcile_error,
+            failure,
         )
         if status.phase in (Phase.READY, Phase.FAILED, Phase.SUSPENDED):
             self.rolling.discard(key)  # its rollout, if any, is over
@@ -388,7 +405,10 @@ class OperatorState:
             return
         self.cache.put_agent(updated)
         # A refused apply is announced even on an agent that was failing already.
-        refused = _ready_reason(status) == RECONCILE_ERROR != _ready_reason(previous)
+        reason = _ready_reason(status)
+        refused = reason in (RECONCILE_ERROR, STORAGE_CONFLICT) and reason != _ready_reason(
+            previous
+        )
         if status.phase is not None and (status.phase != previous.phase or refused):
             await self._announce(agent, status.phase, status)
 
@@ -473,20 +493,6 @@ def _reportable(error: KubernetesError) -> bool:
     return 400 <= error.status < 500 and error.status != 429
 
 
-def _storage_reported(agent: Mapping[str, Any]) -> StorageState:
-    """The volume's state as the written status reports it (the claim is not watched)."""
-    status = UserAgentStatus.parse(agent.get("status"))
-    condition = status.condition("StorageReady")
-    storage = status.storage
-    return StorageState(
-        ready=condition is None or condition.status == "True",
-        reason=condition.reason if condition is not None else "Bound",
-        message=condition.message if condition is not None else "",
-        requested=storage.requested if storage is not None else "",
-        capacity=storage.capacity if storage is not None else "",
-    )
-
-
 def _ready_reason(status: UserAgentStatus) -> str | None:
     ready = status.condition("Ready")
     return ready.reason if ready is not None else None
@@ -554,6 +560,21 @@ def service_changed(state: OperatorState, type: str, body: Json) -> None:
         state.queue.add(key, apply=True)
 
 
+def claim_changed(state: OperatorState, type: str, body: Json) -> None:
+    """Any volume claim of the watched namespaces: its agent's StorageReady follows its
+    phase, and an agent that refused a claim of its name (another user's) looks again."""
+    metadata = body["metadata"]
+    namespace, name = str(metadata["namespace"]), str(metadata["name"])
+    if type == "DELETED":
+        state.cache.forget_claim((namespace, name))
+        changed = True
+    else:
+        changed = state.cache.put_claim(body)
+    agent = naming.agent_of_pvc(name)
+    if changed and agent is not None and (namespace, agent) in state.cache.agents:
+        state.queue.add((namespace, agent))
+
+
 def pod_changed(state: OperatorState, type: str, body: Json) -> None:
     key = _child_key(body)
     if key is None:
@@ -564,7 +585,9 @@ def pod_changed(state: OperatorState, type: str, body: Json) -> None:
 
 
 def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
-    """The watches that feed ``state``: UserAgents, and the children the operator labels."""
+    """The watches that feed ``state``: UserAgents, the children the operator labels, and
+    every volume claim (a claim of an agent's name that is not the operator's must be seen
+    too, to be refused)."""
     settings = state.settings
     children = ",".join(f"{k}={v}" for k, v in CHILDREN.items())
     kinds: list[tuple[str, str, str | None, Callable[[OperatorState, str, Json], None]]] = [
@@ -572,6 +595,7 @@ def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
         ("apps/v1", "deployments", children, deployment_changed),
         ("v1", "services", children, service_changed),
         ("v1", "pods", children, pod_changed),
+        ("v1", "persistentvolumeclaims", None, claim_changed),
     ]
     namespaces: list[str | None] = list(settings.namespaces) or [None]
     return [

@@ -291,3 +291,18 @@ def test_a_whole_deployment_is_edited_when_it_lost_what_the_builder_sets() -> No
         lambda d: d["metadata"]["labels"].update({"dexorder.ai/tier": "enterprise"}),
     ]:
         assert manifests.deployment_edited(edit(change), built)
+
+
+def test_a_claim_of_another_user_is_not_adopted() -> None:
+    mine = manifests.persistent_volume_claim(OWNER, spec(), SIZING, TEMPLATE)
+    assert manifests.claim_conflict(None, spec()) is None
+    assert manifests.claim_conflict(mine, spec()) is None
+    theirs = manifests.persistent_volume_claim(
+        OWNER, spec(userId="auth0|mallory"), SIZING, TEMPLATE
+    )
+    conflict = manifests.claim_conflict(theirs, spec())
+    assert conflict is not None
+    assert "ua-alice-1234-data" in conflict
+    assert "mallory" not in conflict  # the other user is not named to this one
+    unlabelled = {"metadata": {"name": "ua-alice-1234-data"}}
+    assert manifests.claim_conflict(unlabelled, spec()) is not None
