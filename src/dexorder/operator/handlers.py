@@ -60,6 +60,7 @@ from dexorder.core.useragent import (
 )
 from dexorder.operator import metrics
 from dexorder.operator.cache import ClusterCache, Json, Key, failing_pod
+from dexorder.operator.events import EventKey, EventLog, Posted
 from dexorder.operator.informer import Informer
 from dexorder.operator.reconcile import (
     FINALIZER,
@@ -74,8 +75,6 @@ from dexorder.operator.workqueue import WorkQueue, backoff
 logger = logging.getLogger(__name__)
 
 CHILDREN = {MANAGED_BY_LABEL: MANAGED_BY}
-# The least time between two Warning Events for the same failure of one agent.
-WARNING_INTERVAL = 600.0
 # Phases worth a Normal Event of their own. Failures always get a Warning; Ready is left
 # out on purpose: the status says it, and in a burst a thousand Events are a thousand
 # writes on the API server that the agents are waiting on.
@@ -135,8 +134,7 @@ class OperatorState:
         # they are Ready (or Failed, or suspended) again; and those waiting for a slot.
         self.rolling: set[Key] = set()
         self._deferred: dict[Key, asyncio.TimerHandle] = {}
-        # The last Warning posted per agent: (reason, time.monotonic()).
-        self._warned: dict[Key, tuple[str, float]] = {}
+        self.events = EventLog()
 
     @property
     def agents(self) -> dict[Key, Json]:
@@ -171,7 +169,7 @@ class OperatorState:
     def forget(self, key: Key) -> None:
         self.cache.forget_agent(key)
         self.applied.pop(key, None)
-        self._warned.pop(key, None)
+        self.events.forget(key)
         self.rolling.discard(key)
         deferred = self._deferred.pop(key, None)
         if deferred is not None:
@@ -419,25 +417,45 @@ class OperatorState:
         assert ready is not None, "derive_status always reports the Ready condition"
         if phase == Phase.FAILED:
             metrics.FAILURES.labels(reason=ready.reason).inc()
-            # One Warning per agent and failure in WARNING_INTERVAL: a failure that comes
-            # and goes with each retry must not write an Event per retry.
-            key, now = _key(agent), time.monotonic()
-            last = self._warned.get(key)
-            if last is not None and last[0] == ready.reason and now - last[1] < WARNING_INTERVAL:
-                return
-            self._warned[key] = (ready.reason, now)
         elif phase not in _ANNOUNCED:
             return
+        warning = phase == Phase.FAILED
         try:
-            await self.reconciler.post_event(
-                agent,
-                warning=phase == Phase.FAILED,
-                reason=ready.reason if phase == Phase.FAILED else phase.value,
-                message=ready.message,
+            await self._post_event(
+                agent, warning, ready.reason if warning else phase.value, ready.message
             )
         except KubernetesError as error:
             # The status already says it; a lost Event must not undo the pass.
             logger.warning("cannot post an event on %s: %s", _key(agent), error)
+
+    async def _post_event(
+        self, agent: Mapping[str, Any], warning: bool, reason: str, message: str
+    ) -> None:
+        """Post an Event, or count it again on the same one posted before (see
+        :mod:`~dexorder.operator.events`); nothing past the agent's rate."""
+        key = _key(agent)
+        if not self.events.admit(key, time.monotonic()):
+            logger.info("not posting %s on %s/%s: too many events of late", reason, *key)
+            return
+        what = EventKey(
+            str(agent["metadata"].get("uid", "")),
+            "Warning" if warning else "Normal",
+            reason,
+            message,
+        )
+        before = self.events.posted(key, what)
+        if before is not None:
+            try:
+                await self.reconciler.count_event(key[0], before.name, before.count + 1)
+            except NotFound:
+                pass  # expired: post it anew
+            else:
+                self.events.record(key, what, Posted(before.name, before.count + 1))
+                return
+        name = await self.reconciler.post_event(
+            agent, warning=warning, reason=reason, message=message
+        )
+        self.events.record(key, what, Posted(name, 1))
 
     # --- idleness ------------------------------------------------------------------------
 

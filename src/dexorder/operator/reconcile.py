@@ -232,8 +232,9 @@ class Reconciler:
 
     async def post_event(
         self, body: Mapping[str, Any], *, warning: bool, reason: str, message: str
-    ) -> None:
-        """A Kubernetes Event on the UserAgent, so ``kubectl describe ua`` shows what happened."""
+    ) -> str:
+        """A Kubernetes Event on the UserAgent, so ``kubectl describe ua`` shows what
+        happened; its name."""
         metadata = body["metadata"]
         now = rfc3339(dt.datetime.now(dt.UTC))
         event = {
@@ -260,7 +261,18 @@ class Reconciler:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.client.create(resource_path("v1", "events", metadata["namespace"]), event)
+        posted = await self.client.create(
+            resource_path("v1", "events", metadata["namespace"]), event
+        )
+        return str(posted["metadata"]["name"])
+
+    async def count_event(self, namespace: str, name: str, count: int) -> None:
+        """The Event ``name`` happened again: its ``count`` is now ``count``, last now.
+        NotFound when it expired (the API server keeps Events for an hour by default)."""
+        await self.client.merge_patch(
+            resource_path("v1", "events", namespace, name),
+            {"count": count, "lastTimestamp": rfc3339(dt.datetime.now(dt.UTC))},
+        )
 
     # --- deletion ----------------------------------------------------------------------
 
