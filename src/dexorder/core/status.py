@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from dexorder.core import quantity
 from dexorder.core.useragent import (
+    AgentResources,
     Condition,
     Phase,
     StorageStatus,
@@ -276,8 +277,11 @@ def derive_status(
             now,
         ),
     )
+    image, resources = _running(deployment)
     return UserAgentStatus(
         phase=phase,
+        image=image,
+        resources=resources,
         endpoint=endpoint,
         tokenSecret=token_secret,
         observedGeneration=generation,
@@ -286,5 +290,28 @@ def derive_status(
             requested=storage.requested, capacity=storage.capacity or storage.requested
         )
         if storage.requested
+        else None,
+    )
+
+
+def _running(deployment: Mapping[str, Any] | None) -> tuple[str | None, AgentResources | None]:
+    """The agent container's image and resources, as its Deployment has them."""
+    if deployment is None:
+        return None, None
+    spec = (deployment.get("spec") or {}).get("template", {}).get("spec") or {}
+    containers = spec.get("containers") or []
+    if not containers:
+        return None, None
+    container = containers[0]
+    image = container.get("image")
+    resources = container.get("resources") or {}
+    limits, requests = resources.get("limits"), resources.get("requests")
+    return (
+        str(image) if image else None,
+        AgentResources(
+            limits={k: str(v) for k, v in limits.items()},
+            requests={k: str(v) for k, v in requests.items()},
+        )
+        if isinstance(limits, Mapping) and isinstance(requests, Mapping)
         else None,
     )

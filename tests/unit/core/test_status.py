@@ -192,3 +192,14 @@ def test_a_claim_smaller_or_larger_than_asked_says_why() -> None:
     pending = volume_state(claim("Pending", requested="1Gi"), "50Gi")
     assert pending.reason == "Pending"
     assert "50Gi" in pending.message
+
+
+def test_the_status_records_the_image_and_resources_the_deployment_runs() -> None:
+    resources = {"limits": {"cpu": "500m", "memory": "512Mi"}, "requests": {"cpu": "100m"}}
+    dep = deployment(availableReplicas=1, updatedReplicas=1)
+    dep["spec"] = {
+        "template": {"spec": {"containers": [{"image": "agent:2", "resources": resources}]}}
+    }
+    body = derive(dep=dep).to_body()
+    assert (body["image"], body["resources"]) == ("agent:2", resources)
+    assert "image" not in derive().to_body()  # no Deployment yet: nothing runs
