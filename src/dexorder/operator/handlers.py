@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -130,6 +131,9 @@ class OperatorState:
             self.process, workers=settings.reconcile_workers, retry_delay=retry_delay
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._resyncer: asyncio.Task[None] | None = None
+        # Agents whose next pass is the slow resync's: it reads their children for drift.
+        self._resyncing: set[Key] = set()
         # Running agents restarting for an upgrade (a new rendering of the same spec), until
         # they are Ready (or Failed, or suspended) again; and those waiting for a slot.
         self.rolling: set[Key] = set()
@@ -143,14 +147,16 @@ class OperatorState:
     def start(self) -> None:
         self.queue.start()
         self._sweeper = asyncio.create_task(self._sweep_idle())
+        self._resyncer = asyncio.create_task(self._resync())
 
     @property
     def alive(self) -> bool:
-        """Nothing that was started has stopped: the work queue's workers and the idle
-        sweeper run, or they have not been started yet (the watches are listing)."""
-        if self._sweeper is None:
+        """Nothing that was started has stopped: the work queue's workers, the idle
+        sweeper and the resync run, or they have not been started yet (the watches are
+        listing)."""
+        if self._sweeper is None or self._resyncer is None:
             return True
-        return self.queue.running and not self._sweeper.done()
+        return self.queue.running and not self._sweeper.done() and not self._resyncer.done()
 
     async def stop(self) -> None:
         """Stop working (shutting down, or leadership lost); pending work is kept, so a
@@ -159,11 +165,12 @@ class OperatorState:
         for key, handle in deferred.items():
             handle.cancel()
             self.queue.add(key, resync=True)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._resyncer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._resyncer = None
         await self.queue.stop()
 
     def forget(self, key: Key) -> None:
@@ -171,6 +178,7 @@ class OperatorState:
         self.applied.pop(key, None)
         self.events.forget(key)
         self.rolling.discard(key)
+        self._resyncing.discard(key)
         deferred = self._deferred.pop(key, None)
         if deferred is not None:
             deferred.cancel()
@@ -205,6 +213,8 @@ class OperatorState:
     # --- one pass over one agent ---------------------------------------------------------
 
     async def process(self, key: Key, apply: bool) -> None:
+        resync = key in self._resyncing
+        self._resyncing.discard(key)
         agent = self.cache.agents.get(key)
         if agent is not None and apply and self.applied.get(key) == _generation(agent):
             # A child of an applied spec was deleted or edited: read the owner first, so
@@ -249,6 +259,14 @@ class OperatorState:
             await self._write_status(key, failure=Failure(STORAGE_CONFLICT, conflict))
             metrics.RECONCILES.labels(result="conflict").inc()
             return
+        if resync and not needs_apply:
+            # Children applied by this process, as this spec renders them now: any
+            # difference on the API server is someone's edit that no event showed.
+            drift = await self.reconciler.children_drift(desired)
+            if drift is not None:
+                logger.info("resync of %s/%s: %s; putting it back", *key, drift)
+                metrics.RESYNC_DRIFT.inc()
+                needs_apply = True
         if needs_apply:
             work.append(self._apply(key, desired))
         # The finalizer patch rides along with the children's writes: no extra round trip.
@@ -456,6 +474,23 @@ class OperatorState:
             agent, warning=warning, reason=reason, message=message
         )
         self.events.record(key, what, Posted(name, 1))
+
+    async def _resync(self) -> None:
+        """Every agent, once a round of about ``resync_seconds``: a pass in the lowest lane
+        that reads its children for drift. Jittered (each round's length, and the order),
+        and spread over the round, so neither a start nor a fleet makes a burst of reads."""
+        while True:
+            keys = list(self.cache.agents)
+            random.shuffle(keys)
+            round_seconds = self.settings.resync_seconds * random.uniform(0.75, 1.25)
+            if not keys:
+                await asyncio.sleep(round_seconds)
+                continue
+            for key in keys:
+                await asyncio.sleep(round_seconds / len(keys))
+                if key in self.cache.agents:
+                    self._resyncing.add(key)
+                    self.queue.add(key, resync=True)
 
     # --- idleness ------------------------------------------------------------------------
 

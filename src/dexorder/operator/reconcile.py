@@ -182,6 +182,24 @@ class Reconciler:
         )
         return deployment, claim
 
+    async def children_drift(self, desired: Desired) -> str | None:
+        """Read the Deployment and the Service, and say how they drifted (None: they did
+        not); two reads, so only the slow resync asks."""
+        owner = desired.owner
+        deployment, service = await asyncio.gather(
+            self.client.get_or_none(
+                resource_path(
+                    "apps/v1", "deployments", owner.namespace, naming.deployment_name(owner.name)
+                )
+            ),
+            self.client.get_or_none(
+                resource_path("v1", "services", owner.namespace, naming.service_name(owner.name))
+            ),
+        )
+        return manifests.children_drift(
+            deployment, service, owner, desired.spec, desired.sizing, self.template
+        )
+
     # --- status ----------------------------------------------------------------------
 
     def render_status(

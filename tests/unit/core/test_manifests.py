@@ -306,3 +306,29 @@ def test_a_claim_of_another_user_is_not_adopted() -> None:
     assert "mallory" not in conflict  # the other user is not named to this one
     unlabelled = {"metadata": {"name": "ua-alice-1234-data"}}
     assert manifests.claim_conflict(unlabelled, spec()) is not None
+
+
+def test_children_drift_names_what_differs() -> None:
+    s = spec()
+    applied = manifests.deployment(OWNER, s, SIZING, TEMPLATE)
+    applied["metadata"]["annotations"] = {
+        manifests.APPLIED_HASH_ANNOTATION: manifests.children_hash(OWNER, s, SIZING, TEMPLATE)
+    }
+    svc = manifests.service(OWNER, s, TEMPLATE)
+    svc["spec"]["clusterIP"] = "10.0.0.7"  # an older Service's: not drift
+
+    def drift(dep: Any, service: Any) -> str | None:
+        return manifests.children_drift(dep, service, OWNER, s, SIZING, TEMPLATE)
+
+    assert drift(applied, svc) is None
+    assert drift(None, svc) == "its Deployment is missing"
+    assert drift(applied, None) == "its Service is missing"
+    edited = copy.deepcopy(applied)
+    edited["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = "mallory"
+    assert drift(edited, svc) == "its Deployment was edited"
+    rehashed = copy.deepcopy(applied)
+    rehashed["metadata"]["annotations"] = {manifests.APPLIED_HASH_ANNOTATION: "other"}
+    assert "hash" in str(drift(rehashed, svc))
+    relabelled = copy.deepcopy(svc)
+    relabelled["metadata"]["labels"]["dexorder.ai/tier"] = "enterprise"
+    assert drift(applied, relabelled) == "its Service was edited"
