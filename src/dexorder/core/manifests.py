@@ -255,6 +255,25 @@ def children_hash(
     return hashlib.sha256(encoded).hexdigest()[:32]
 
 
+def claim_conflict(claim: Mapping[str, Any] | None, spec: UserAgentSpec) -> str | None:
+    """Why an existing claim of the agent's volume name must not be adopted, or None.
+
+    A claim retained after a deleted agent is adopted by the agent created again under its
+    name, but only when its user label is the new agent's user: else a new agent would get
+    another user's data. The message names neither user (the gateway shows it to one)."""
+    if claim is None:
+        return None
+    metadata = claim.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    if labels.get(USER_LABEL) == naming.label_value(spec.user_id):
+        return None
+    return (
+        f"a volume claim named {metadata.get('name')} already exists for another user (its "
+        f"{USER_LABEL} label differs): it is not adopted, and the agent is not started; "
+        "an administrator must delete or relabel that claim"
+    )
+
+
 def endpoint(owner: Owner, template: AgentTemplate) -> str:
     return template.endpoint_template.format(
         service=naming.service_name(owner.name), namespace=owner.namespace, port=template.port
@@ -369,6 +388,49 @@ def deployment_edited(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> 
         spec.pop("replicas", None)
         spec["template"] = _without_resources(_object(spec, "template"))
     return not _contains(have, want)
+
+
+def service_edited(actual: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether a whole observed Service lost anything :func:`service` sets: its labels, or
+    a field of its spec (but its cluster IP: one that exists cannot be changed, and an
+    older Service keeps the one it has)."""
+    if not _contains(
+        _object(_object(actual, "metadata"), "labels"), _object(desired["metadata"], "labels")
+    ):
+        return True
+    want = {k: v for k, v in desired["spec"].items() if k != "clusterIP"}
+    return not _contains(_object(actual, "spec"), want)
+
+
+def children_drift(
+    actual_deployment: Mapping[str, Any] | None,
+    actual_service: Mapping[str, Any] | None,
+    owner: Owner,
+    spec: UserAgentSpec,
+    sizing: Sizing,
+    template: AgentTemplate,
+) -> str | None:
+    """How the observed Deployment and Service differ from what they would be applied as
+    (missing, edited, or applied from another rendering than the hash annotation says), or
+    None when they do not."""
+    if actual_deployment is None:
+        return "its Deployment is missing"
+    wanted = deployment(owner, spec, sizing, template)
+    annotations = _object(_object(actual_deployment, "metadata"), "annotations")
+    if annotations.get(APPLIED_HASH_ANNOTATION) != children_hash(owner, spec, sizing, template):
+        return "its Deployment was applied from another rendering (its hash annotation)"
+    if deployment_drifted(actual_deployment, wanted) or deployment_edited(
+        actual_deployment, wanted
+    ):
+        return "its Deployment was edited"
+    if actual_service is None:
+        return "its Service is missing"
+    wanted_service = service(owner, spec, template)
+    if service_drifted(actual_service, wanted_service) or service_edited(
+        actual_service, wanted_service
+    ):
+        return "its Service was edited"
+    return None
 
 
 def service_owned_fields(body: Mapping[str, Any]) -> Manifest:

@@ -67,5 +67,10 @@ def pvc_name(agent: str) -> str:
     return f"{agent}-data"
 
 
+def agent_of_pvc(claim: str) -> str | None:
+    """The agent whose claim would be named ``claim`` (the inverse of :func:`pvc_name`)."""
+    return claim.removesuffix("-data") if claim.endswith("-data") else None
+
+
 def token_secret_name(agent: str) -> str:
     return f"{agent}-token"

@@ -12,7 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dexorder.core import quantity
 from dexorder.core.useragent import (
+    AgentResources,
     Condition,
     Phase,
     StorageStatus,
@@ -35,18 +37,79 @@ FATAL_WAITING_REASONS = frozenset(
 
 
 RECONCILE_ERROR = "ReconcileError"
+# A claim of the agent's name exists for another user: it is not adopted.
+STORAGE_CONFLICT = "StorageConflict"
 MAX_CONDITION_MESSAGE = 32768  # metav1.Condition's, and the CRD's
 
 
 @dataclass(frozen=True)
 class StorageState:
-    """What the operator learnt applying the volume: ready, or why not."""
+    """What ``StorageReady`` reports of the agent's volume claim: ready (True, False, or
+    None for not known), the reason and message, and the size asked for and provided."""
 
-    ready: bool
+    ready: bool | None
     reason: str = "Bound"
     message: str = ""
     requested: str = ""
     capacity: str = ""
+
+
+_CLAIM_PHASES = {
+    "Pending": "the volume claim is waiting for a volume to be bound",
+    "Lost": "the volume claim lost its volume: the agent's data is not available",
+}
+
+
+def volume_state(claim: Mapping[str, Any] | None, wanted: str) -> StorageState:
+    """The volume as its claim (last observed) says: its phase (only ``Bound`` is ready),
+    its size, and why that size is not ``wanted`` (storage only grows, and a claim whose
+    storage class cannot expand keeps its size)."""
+    if claim is None:
+        return StorageState(
+            ready=None, reason="NotObserved", message="the volume claim has not been seen yet"
+        )
+    requested = str(
+        ((claim.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage", "")
+    )
+    status = claim.get("status") or {}
+    capacity = str((status.get("capacity") or {}).get("storage") or "")
+    note_reason, note = _resize_note(requested, wanted)
+    phase = str(status.get("phase") or "Pending")  # the API server's phase for a new claim
+    if phase == "Bound":
+        return StorageState(
+            ready=True,
+            reason=note_reason or "Bound",
+            message=note,
+            requested=requested,
+            capacity=capacity,
+        )
+    message = _CLAIM_PHASES.get(phase, f"the volume claim is {phase}")
+    return StorageState(
+        ready=False,
+        reason=phase if phase in _CLAIM_PHASES else "NotBound",
+        message=f"{message}; {note}" if note else message,
+        requested=requested,
+        capacity=capacity,
+    )
+
+
+def _resize_note(requested: str, wanted: str) -> tuple[str, str]:
+    """Why the claim asks for ``requested`` rather than ``wanted`` ("" when it does not)."""
+    try:
+        have, want = quantity.parse(requested), quantity.parse(wanted)
+    except quantity.InvalidQuantity:
+        return "", ""
+    if have > want:
+        return (
+            "ShrinkNotAllowed",
+            f"storage only grows: keeping {requested} although {wanted} was asked for",
+        )
+    if have < want:
+        return "ExpansionUnsupported", (
+            f"cannot grow the volume from {requested} to {wanted}: its storage class does not "
+            "allow expansion, or the claim is not bound"
+        )
+    return "", ""
 
 
 @dataclass(frozen=True)
@@ -145,17 +208,15 @@ def derive_status(
     previous_conditions: Iterable[Condition],
     now: dt.datetime,
     spec_error: str | None = None,
-    reconcile_error: str | None = None,
+    failure: Failure | None = None,
 ) -> UserAgentStatus:
-    """``spec_error``: the catalog refused the spec (``InvalidSpec``); ``reconcile_error``:
-    the API server refused a child (``ReconcileError``, with its message: a quota, a policy,
-    an invalid object). Either is Failed, so the gateway reports it instead of waiting."""
+    """``spec_error``: the catalog refused the spec (``InvalidSpec``); ``failure``: the
+    children could not be applied (``ReconcileError`` with the API server's message: a
+    quota, a policy, an invalid object; ``StorageConflict``). Either is Failed, so the
+    gateway reports it instead of waiting."""
     previous = {c.type: c for c in previous_conditions}
-    failure: Failure | None = None
     if spec_error:
         failure = Failure("InvalidSpec", spec_error)
-    elif reconcile_error:
-        failure = Failure(RECONCILE_ERROR, reconcile_error)
     available = False
     if deployment is not None and failure is None:
         available = is_available(deployment)
@@ -216,8 +277,11 @@ def derive_status(
             now,
         ),
     )
+    image, resources = _running(deployment)
     return UserAgentStatus(
         phase=phase,
+        image=image,
+        resources=resources,
         endpoint=endpoint,
         tokenSecret=token_secret,
         observedGeneration=generation,
@@ -226,5 +290,28 @@ def derive_status(
             requested=storage.requested, capacity=storage.capacity or storage.requested
         )
         if storage.requested
+        else None,
+    )
+
+
+def _running(deployment: Mapping[str, Any] | None) -> tuple[str | None, AgentResources | None]:
+    """The agent container's image and resources, as its Deployment has them."""
+    if deployment is None:
+        return None, None
+    spec = (deployment.get("spec") or {}).get("template", {}).get("spec") or {}
+    containers = spec.get("containers") or []
+    if not containers:
+        return None, None
+    container = containers[0]
+    image = container.get("image")
+    resources = container.get("resources") or {}
+    limits, requests = resources.get("limits"), resources.get("requests")
+    return (
+        str(image) if image else None,
+        AgentResources(
+            limits={k: str(v) for k, v in limits.items()},
+            requests={k: str(v) for k, v in requests.items()},
+        )
+        if isinstance(limits, Mapping) and isinstance(requests, Mapping)
         else None,
     )

@@ -100,6 +100,14 @@ class StorageStatus(_Model):
     capacity: str
 
 
+class AgentResources(_Model):
+    """The agent container's resources as its Deployment has them (the tier's sizing with
+    the spec's overrides, as applied)."""
+
+    limits: dict[str, str]
+    requests: dict[str, str]
+
+
 class UserAgentStatus(_Model):
     """What the operator reports on a ``UserAgent``, in the CRD's field names.
 
@@ -119,6 +127,10 @@ class UserAgentStatus(_Model):
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
     conditions: tuple[Condition, ...] = ()
     storage: StorageStatus | None = None
+    # What the agent's Deployment runs now: after a new default image or tier size, the
+    # agents not rolled out yet still say the old one.
+    image: str | None = None
+    resources: AgentResources | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The ``status`` to write: CRD field names, unset optional fields left out."""

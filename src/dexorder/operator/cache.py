@@ -1,4 +1,5 @@
-"""What the operator knows of the cluster: slim copies of agents, Deployments and failing pods.
+"""What the operator knows of the cluster: slim copies of agents, Deployments, volume claims
+and failing pods.
 
 The watches feed it, and so do the answers to the operator's own writes, so a status is
 always derived from the newest state seen, whichever of the two arrived first. Only the
@@ -13,7 +14,7 @@ from typing import Any
 
 from dexorder.core import manifests
 from dexorder.core.status import pod_failure
-from dexorder.core.useragent import LAST_ACTIVITY_ANNOTATION
+from dexorder.core.useragent import AGENT_LABEL, LAST_ACTIVITY_ANNOTATION, USER_LABEL
 
 Key = tuple[str, str]
 Json = dict[str, Any]
@@ -80,6 +81,30 @@ def slim_deployment(body: Mapping[str, Any]) -> Json:
     }
 
 
+def slim_claim(body: Mapping[str, Any]) -> Json:
+    """The claim fields that ``StorageReady`` and the adoption check read: whose it is (its
+    agent and user labels), the size it asks for, its phase and capacity."""
+    metadata = body.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    requested = ((body.get("spec") or {}).get("resources") or {}).get("requests") or {}
+    status = body.get("status") or {}
+    return {
+        "metadata": {
+            **{
+                key: metadata[key]
+                for key in ("name", "namespace", "resourceVersion")
+                if key in metadata
+            },
+            "labels": {k: labels[k] for k in (AGENT_LABEL, USER_LABEL) if k in labels},
+        },
+        "spec": {"resources": {"requests": {"storage": requested.get("storage", "")}}},
+        "status": {
+            "phase": status.get("phase", ""),
+            "capacity": {"storage": (status.get("capacity") or {}).get("storage", "")},
+        },
+    }
+
+
 def failing_pod(body: Mapping[str, Any]) -> Json | None:
     """The parts of a pod stuck in a state that will not fix itself, else None."""
     if pod_failure([body]) is None:
@@ -96,11 +121,14 @@ def failing_pod(body: Mapping[str, Any]) -> Json | None:
 
 
 class ClusterCache:
-    """Agents, their Deployments and their failing pods, keyed by (namespace, agent name)."""
+    """Agents, their Deployments and their failing pods, keyed by (namespace, agent name);
+    and every volume claim of the watched namespaces, keyed by (namespace, claim name), ours
+    or not, retained after its agent or not (a claim outlives its agent under Retain)."""
 
     def __init__(self) -> None:
         self.agents: dict[Key, Json] = {}
         self.deployments: dict[Key, Json] = {}
+        self.claims: dict[Key, Json] = {}
         self.failing_pods: dict[Key, dict[str, Json]] = {}
 
     def put_agent(self, body: Mapping[str, Any]) -> Json:
@@ -126,6 +154,24 @@ class ClusterCache:
 
     def forget_deployment(self, key: Key) -> None:
         self.deployments.pop(key, None)
+
+    def put_claim(self, body: Mapping[str, Any]) -> bool:
+        """Store a claim unless a newer version is held; True when what is kept changed."""
+        metadata = body["metadata"]
+        key = (metadata["namespace"], metadata["name"])
+        current = self.claims.get(key)
+        if not newer(body, current):
+            return False
+        slim = slim_claim(body)
+        self.claims[key] = slim
+        if current is None:
+            return True
+        return {k: v for k, v in slim.items() if k != "metadata"} != {
+            k: v for k, v in current.items() if k != "metadata"
+        } or slim["metadata"]["labels"] != current["metadata"]["labels"]
+
+    def forget_claim(self, key: Key) -> None:
+        self.claims.pop(key, None)
 
     def put_pod(self, key: Key, name: str, failing: Json | None) -> bool:
         """Record whether one pod is failing; True when that changes the agent's failures."""

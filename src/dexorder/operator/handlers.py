@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -40,9 +41,15 @@ from dexorder.adapters.kubernetes import (
     Unreachable,
     resource_path,
 )
-from dexorder.core import manifests
+from dexorder.core import manifests, naming
 from dexorder.core.idle import idle_deadline_passed
-from dexorder.core.status import RECONCILE_ERROR, StorageState
+from dexorder.core.status import (
+    RECONCILE_ERROR,
+    STORAGE_CONFLICT,
+    Failure,
+    StorageState,
+    volume_state,
+)
 from dexorder.core.useragent import (
     AGENT_LABEL,
     API_VERSION,
@@ -54,6 +61,7 @@ from dexorder.core.useragent import (
 )
 from dexorder.operator import metrics
 from dexorder.operator.cache import ClusterCache, Json, Key, failing_pod
+from dexorder.operator.events import EventKey, EventLog, Posted
 from dexorder.operator.informer import Informer
 from dexorder.operator.reconcile import (
     FINALIZER,
@@ -68,8 +76,6 @@ from dexorder.operator.workqueue import WorkQueue, backoff
 logger = logging.getLogger(__name__)
 
 CHILDREN = {MANAGED_BY_LABEL: MANAGED_BY}
-# The least time between two Warning Events for the same failure of one agent.
-WARNING_INTERVAL = 600.0
 # Phases worth a Normal Event of their own. Failures always get a Warning; Ready is left
 # out on purpose: the status says it, and in a burst a thousand Events are a thousand
 # writes on the API server that the agents are waiting on.
@@ -119,19 +125,20 @@ class OperatorState:
         self.settings = settings
         self.reconciler = reconciler
         self.cache = ClusterCache()
-        self.storage: dict[Key, StorageState] = {}
         # (uid, generation) of the spec whose children were last applied, per agent.
         self.applied: dict[Key, tuple[str, int]] = {}
         self.queue: WorkQueue[Key] = WorkQueue(
             self.process, workers=settings.reconcile_workers, retry_delay=retry_delay
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._resyncer: asyncio.Task[None] | None = None
+        # Agents whose next pass is the slow resync's: it reads their children for drift.
+        self._resyncing: set[Key] = set()
         # Running agents restarting for an upgrade (a new rendering of the same spec), until
         # they are Ready (or Failed, or suspended) again; and those waiting for a slot.
         self.rolling: set[Key] = set()
         self._deferred: dict[Key, asyncio.TimerHandle] = {}
-        # The last Warning posted per agent: (reason, time.monotonic()).
-        self._warned: dict[Key, tuple[str, float]] = {}
+        self.events = EventLog()
 
     @property
     def agents(self) -> dict[Key, Json]:
@@ -140,14 +147,16 @@ class OperatorState:
     def start(self) -> None:
         self.queue.start()
         self._sweeper = asyncio.create_task(self._sweep_idle())
+        self._resyncer = asyncio.create_task(self._resync())
 
     @property
     def alive(self) -> bool:
-        """Nothing that was started has stopped: the work queue's workers and the idle
-        sweeper run, or they have not been started yet (the watches are listing)."""
-        if self._sweeper is None:
+        """Nothing that was started has stopped: the work queue's workers, the idle
+        sweeper and the resync run, or they have not been started yet (the watches are
+        listing)."""
+        if self._sweeper is None or self._resyncer is None:
             return True
-        return self.queue.running and not self._sweeper.done()
+        return self.queue.running and not self._sweeper.done() and not self._resyncer.done()
 
     async def stop(self) -> None:
         """Stop working (shutting down, or leadership lost); pending work is kept, so a
@@ -156,19 +165,20 @@ class OperatorState:
         for key, handle in deferred.items():
             handle.cancel()
             self.queue.add(key, resync=True)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._resyncer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._resyncer = None
         await self.queue.stop()
 
     def forget(self, key: Key) -> None:
         self.cache.forget_agent(key)
-        self.storage.pop(key, None)
         self.applied.pop(key, None)
-        self._warned.pop(key, None)
+        self.events.forget(key)
         self.rolling.discard(key)
+        self._resyncing.discard(key)
         deferred = self._deferred.pop(key, None)
         if deferred is not None:
             deferred.cancel()
@@ -203,6 +213,8 @@ class OperatorState:
     # --- one pass over one agent ---------------------------------------------------------
 
     async def process(self, key: Key, apply: bool) -> None:
+        resync = key in self._resyncing
+        self._resyncing.discard(key)
         agent = self.cache.agents.get(key)
         if agent is not None and apply and self.applied.get(key) == _generation(agent):
             # A child of an applied spec was deleted or edited: read the owner first, so
@@ -231,7 +243,6 @@ class OperatorState:
             # Its children are as this spec and this operator's template render them: what
             # a restart would otherwise re-apply for every agent.
             self.applied[key] = applied
-            self.storage.setdefault(key, _storage_reported(agent))
             needs_apply = False
         elif recorded is not None and not desired.spec.suspended and not self._rollout_slot(key):
             # The same spec renders differently (a new image or tier size since the restart):
@@ -240,6 +251,22 @@ class OperatorState:
             self._defer(key)
             await self._together(*work)
             return
+        conflict = manifests.claim_conflict(self._claim(desired), desired.spec)
+        if needs_apply and conflict is not None:
+            # Another user's retained volume under this agent's name: apply nothing (the
+            # Deployment would mount it), say why, and wait for the claim to change.
+            await self._together(*work)
+            await self._write_status(key, failure=Failure(STORAGE_CONFLICT, conflict))
+            metrics.RECONCILES.labels(result="conflict").inc()
+            return
+        if resync and not needs_apply:
+            # Children applied by this process, as this spec renders them now: any
+            # difference on the API server is someone's edit that no event showed.
+            drift = await self.reconciler.children_drift(desired)
+            if drift is not None:
+                logger.info("resync of %s/%s: %s; putting it back", *key, drift)
+                metrics.RESYNC_DRIFT.inc()
+                needs_apply = True
         if needs_apply:
             work.append(self._apply(key, desired))
         # The finalizer patch rides along with the children's writes: no extra round trip.
@@ -259,7 +286,7 @@ class OperatorState:
         status = UserAgentStatus.parse(agent.get("status"))
         if not status.current(agent["metadata"].get("generation")):
             return None
-        if _ready_reason(status) in (RECONCILE_ERROR, "InvalidSpec"):
+        if _ready_reason(status) in (RECONCILE_ERROR, STORAGE_CONFLICT, "InvalidSpec"):
             return None
         deployment = self.cache.deployments.get(key)
         if deployment is None:
@@ -292,7 +319,7 @@ class OperatorState:
         """The API server refused a child: say so in the status (Failed, ``ReconcileError``
         and its message, which the gateway shows the user) and in a Warning Event."""
         try:
-            await self._write_status(key, reconcile_error=str(error))
+            await self._write_status(key, failure=Failure(RECONCILE_ERROR, str(error)))
         except KubernetesError as status_error:
             logger.warning("cannot report %s's apply error %s: %s", key, error, status_error)
 
@@ -342,18 +369,22 @@ class OperatorState:
     async def _apply(self, key: Key, desired: Desired) -> None:
         started = time.perf_counter()
         try:
-            deployment, storage = await self.reconciler.apply_children(desired)
+            deployment, claim = await self.reconciler.apply_children(desired)
         except KubernetesError:
             metrics.RECONCILES.labels(result="error").inc()
             raise
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         metrics.RECONCILES.labels(result="ok").inc()
-        self.storage[key] = storage
+        self.cache.put_claim(claim)
         self.cache.put_deployment(key, deployment)
 
+    def _claim(self, desired: Desired) -> Json | None:
+        owner = desired.owner
+        return self.cache.claims.get((owner.namespace, naming.pvc_name(owner.name)))
+
     async def _write_status(
-        self, key: Key, spec_error: str | None = None, reconcile_error: str | None = None
+        self, key: Key, spec_error: str | None = None, failure: Failure | None = None
     ) -> None:
         """Derive the status from the newest cached state and write it if it changed."""
         agent = self.cache.agents.get(key)
@@ -361,7 +392,7 @@ class OperatorState:
             return
         desired: Desired | None = None
         if spec_error is None:
-            if reconcile_error is None and self.applied.get(key) != _generation(agent):
+            if failure is None and self.applied.get(key) != _generation(agent):
                 return  # a newer spec is not applied yet; its own pass will report it
             try:
                 desired = desired_state(agent, self.reconciler.catalog)
@@ -372,9 +403,11 @@ class OperatorState:
             desired,
             self.cache.deployments.get(key),
             self.cache.pods_of(key),
-            self.storage.get(key, StorageState(ready=True)),
+            volume_state(self._claim(desired), desired.sizing.storage)
+            if desired is not None
+            else StorageState(ready=None, reason="InvalidSpec", message=""),
             spec_error,
-            reconcile_error,
+            failure,
         )
         if status.phase in (Phase.READY, Phase.FAILED, Phase.SUSPENDED):
             self.rolling.discard(key)  # its rollout, if any, is over
@@ -388,7 +421,10 @@ class OperatorState:
             return
         self.cache.put_agent(updated)
         # A refused apply is announced even on an agent that was failing already.
-        refused = _ready_reason(status) == RECONCILE_ERROR != _ready_reason(previous)
+        reason = _ready_reason(status)
+        refused = reason in (RECONCILE_ERROR, STORAGE_CONFLICT) and reason != _ready_reason(
+            previous
+        )
         if status.phase is not None and (status.phase != previous.phase or refused):
             await self._announce(agent, status.phase, status)
 
@@ -399,25 +435,62 @@ class OperatorState:
         assert ready is not None, "derive_status always reports the Ready condition"
         if phase == Phase.FAILED:
             metrics.FAILURES.labels(reason=ready.reason).inc()
-            # One Warning per agent and failure in WARNING_INTERVAL: a failure that comes
-            # and goes with each retry must not write an Event per retry.
-            key, now = _key(agent), time.monotonic()
-            last = self._warned.get(key)
-            if last is not None and last[0] == ready.reason and now - last[1] < WARNING_INTERVAL:
-                return
-            self._warned[key] = (ready.reason, now)
         elif phase not in _ANNOUNCED:
             return
+        warning = phase == Phase.FAILED
         try:
-            await self.reconciler.post_event(
-                agent,
-                warning=phase == Phase.FAILED,
-                reason=ready.reason if phase == Phase.FAILED else phase.value,
-                message=ready.message,
+            await self._post_event(
+                agent, warning, ready.reason if warning else phase.value, ready.message
             )
         except KubernetesError as error:
             # The status already says it; a lost Event must not undo the pass.
             logger.warning("cannot post an event on %s: %s", _key(agent), error)
+
+    async def _post_event(
+        self, agent: Mapping[str, Any], warning: bool, reason: str, message: str
+    ) -> None:
+        """Post an Event, or count it again on the same one posted before (see
+        :mod:`~dexorder.operator.events`); nothing past the agent's rate."""
+        key = _key(agent)
+        if not self.events.admit(key, time.monotonic()):
+            logger.info("not posting %s on %s/%s: too many events of late", reason, *key)
+            return
+        what = EventKey(
+            str(agent["metadata"].get("uid", "")),
+            "Warning" if warning else "Normal",
+            reason,
+            message,
+        )
+        before = self.events.posted(key, what)
+        if before is not None:
+            try:
+                await self.reconciler.count_event(key[0], before.name, before.count + 1)
+            except NotFound:
+                pass  # expired: post it anew
+            else:
+                self.events.record(key, what, Posted(before.name, before.count + 1))
+                return
+        name = await self.reconciler.post_event(
+            agent, warning=warning, reason=reason, message=message
+        )
+        self.events.record(key, what, Posted(name, 1))
+
+    async def _resync(self) -> None:
+        """Every agent, once a round of about ``resync_seconds``: a pass in the lowest lane
+        that reads its children for drift. Jittered (each round's length, and the order),
+        and spread over the round, so neither a start nor a fleet makes a burst of reads."""
+        while True:
+            keys = list(self.cache.agents)
+            random.shuffle(keys)
+            round_seconds = self.settings.resync_seconds * random.uniform(0.75, 1.25)
+            if not keys:
+                await asyncio.sleep(round_seconds)
+                continue
+            for key in keys:
+                await asyncio.sleep(round_seconds / len(keys))
+                if key in self.cache.agents:
+                    self._resyncing.add(key)
+                    self.queue.add(key, resync=True)
 
     # --- idleness ------------------------------------------------------------------------
 
@@ -471,20 +544,6 @@ def _reportable(error: KubernetesError) -> bool:
     if isinstance(error, Conflict | Unreachable):
         return False
     return 400 <= error.status < 500 and error.status != 429
-
-
-def _storage_reported(agent: Mapping[str, Any]) -> StorageState:
-    """The volume's state as the written status reports it (the claim is not watched)."""
-    status = UserAgentStatus.parse(agent.get("status"))
-    condition = status.condition("StorageReady")
-    storage = status.storage
-    return StorageState(
-        ready=condition is None or condition.status == "True",
-        reason=condition.reason if condition is not None else "Bound",
-        message=condition.message if condition is not None else "",
-        requested=storage.requested if storage is not None else "",
-        capacity=storage.capacity if storage is not None else "",
-    )
 
 
 def _ready_reason(status: UserAgentStatus) -> str | None:
@@ -554,6 +613,21 @@ def service_changed(state: OperatorState, type: str, body: Json) -> None:
         state.queue.add(key, apply=True)
 
 
+def claim_changed(state: OperatorState, type: str, body: Json) -> None:
+    """Any volume claim of the watched namespaces: its agent's StorageReady follows its
+    phase, and an agent that refused a claim of its name (another user's) looks again."""
+    metadata = body["metadata"]
+    namespace, name = str(metadata["namespace"]), str(metadata["name"])
+    if type == "DELETED":
+        state.cache.forget_claim((namespace, name))
+        changed = True
+    else:
+        changed = state.cache.put_claim(body)
+    agent = naming.agent_of_pvc(name)
+    if changed and agent is not None and (namespace, agent) in state.cache.agents:
+        state.queue.add((namespace, agent))
+
+
 def pod_changed(state: OperatorState, type: str, body: Json) -> None:
     key = _child_key(body)
     if key is None:
@@ -564,7 +638,9 @@ def pod_changed(state: OperatorState, type: str, body: Json) -> None:
 
 
 def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
-    """The watches that feed ``state``: UserAgents, and the children the operator labels."""
+    """The watches that feed ``state``: UserAgents, the children the operator labels, and
+    every volume claim (a claim of an agent's name that is not the operator's must be seen
+    too, to be refused)."""
     settings = state.settings
     children = ",".join(f"{k}={v}" for k, v in CHILDREN.items())
     kinds: list[tuple[str, str, str | None, Callable[[OperatorState, str, Json], None]]] = [
@@ -572,6 +648,7 @@ def informers(state: OperatorState, client: KubeClient) -> list[Informer]:
         ("apps/v1", "deployments", children, deployment_changed),
         ("v1", "services", children, service_changed),
         ("v1", "pods", children, pod_changed),
+        ("v1", "persistentvolumeclaims", None, claim_changed),
     ]
     namespaces: list[str | None] = list(settings.namespaces) or [None]
     return [

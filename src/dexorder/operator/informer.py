@@ -67,6 +67,11 @@ class Informer:
         #: Set once this run has listed the collection (and handed it all over).
         self.synced = asyncio.Event()
 
+    @property
+    def path(self) -> str:
+        """The collection followed."""
+        return self._path
+
     def _deliver(self, type: str, body: Json) -> None:
         if type == "DELETED":
             self._known.pop(_key(body), None)

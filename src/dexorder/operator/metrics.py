@@ -29,6 +29,11 @@ FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+RESYNC_DRIFT = Counter(
+    "dexorder_operator_resync_drift",
+    "Agents whose children the slow resync found drifted (edits no watch event showed).",
+    registry=REGISTRY,
+)
 SUSPENSIONS = Counter(
     "dexorder_operator_idle_suspensions", "Agents suspended for idleness.", registry=REGISTRY
 )

@@ -26,8 +26,8 @@ from dexorder.adapters.kubernetes import (
     NotFound,
     resource_path,
 )
-from dexorder.core import manifests, naming, quantity
-from dexorder.core.status import StorageState, derive_status, rfc3339
+from dexorder.core import manifests, naming
+from dexorder.core.status import Failure, StorageState, derive_status, rfc3339
 from dexorder.core.tiers import TierCatalog, UnknownTier
 from dexorder.core.useragent import (
     API_VERSION,
@@ -99,18 +99,20 @@ class Reconciler:
                 resource_path("v1", "secrets", desired.owner.namespace), secret
             )
 
-    async def apply_storage(self, desired: Desired) -> StorageState:
-        """Apply the volume; storage only ever grows, and a refused expansion is reported.
+    async def apply_storage(self, desired: Desired) -> dict[str, Any]:
+        """Apply the volume claim, and return it as applied; storage only ever grows.
 
         The common case (a new volume, or one of the right size) costs one request; only
-        when the API server refuses the size is the current claim read.
+        when the API server refuses the size is the current claim read, and applied again
+        with the size it has (the status then says why, from the claim: see
+        :func:`~dexorder.core.status.volume_state`).
         """
         owner, wanted = desired.owner, desired.sizing.storage
         path = resource_path(
             "v1", "persistentvolumeclaims", owner.namespace, naming.pvc_name(owner.name)
         )
         try:
-            applied = await self.client.apply(
+            return await self.client.apply(
                 path, self._claim(desired, wanted), field_manager=FIELD_MANAGER
             )
         except KubernetesError as error:
@@ -120,25 +122,12 @@ class Reconciler:
             if current is None:
                 raise
             have = str(current["spec"]["resources"]["requests"]["storage"])
-            capacity = (current.get("status") or {}).get("capacity", {}).get("storage", "")
-            # Keep the volume as it is, and say why.
-            await self.client.apply(path, self._claim(desired, have), field_manager=FIELD_MANAGER)
-            if quantity.parse(wanted) < quantity.parse(have):
-                return StorageState(
-                    ready=True,
-                    reason="ShrinkNotAllowed",
-                    message=f"storage only grows: keeping {have} although {wanted} was asked for",
-                    requested=have,
-                    capacity=capacity,
-                )
-            return StorageState(
-                ready=True,
-                reason="ExpansionUnsupported",
-                message=f"cannot grow the volume from {have} to {wanted}: {error}",
-                requested=have,
+            if have == wanted:
+                raise  # refused for another reason than its size
+            # Keep the volume as it is.
+            return await self.client.apply(
+                path, self._claim(desired, have), field_manager=FIELD_MANAGER
             )
-        capacity = (applied.get("status") or {}).get("capacity", {}).get("storage", "")
-        return StorageState(ready=True, reason="Bound", requested=wanted, capacity=capacity)
 
     def _claim(self, desired: Desired, size: str) -> dict[str, Any]:
         sizing = desired.sizing.model_copy(update={"storage": size})
@@ -181,16 +170,35 @@ class Reconciler:
                 path, manifests.service(owner, desired.spec, with_ip), field_manager=FIELD_MANAGER
             )
 
-    async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], StorageState]:
+    async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Apply the children; the Deployment and the volume claim as applied."""
         # The four writes do not depend on each other (a pod waits for its volume and
         # Secret anyway), so one round trip of latency instead of four.
-        _, storage, deployment, _ = await asyncio.gather(
+        _, claim, deployment, _ = await asyncio.gather(
             self.ensure_token_secret(desired),
             self.apply_storage(desired),
             self.apply_deployment(desired),
             self.apply_service(desired),
         )
-        return deployment, storage
+        return deployment, claim
+
+    async def children_drift(self, desired: Desired) -> str | None:
+        """Read the Deployment and the Service, and say how they drifted (None: they did
+        not); two reads, so only the slow resync asks."""
+        owner = desired.owner
+        deployment, service = await asyncio.gather(
+            self.client.get_or_none(
+                resource_path(
+                    "apps/v1", "deployments", owner.namespace, naming.deployment_name(owner.name)
+                )
+            ),
+            self.client.get_or_none(
+                resource_path("v1", "services", owner.namespace, naming.service_name(owner.name))
+            ),
+        )
+        return manifests.children_drift(
+            deployment, service, owner, desired.spec, desired.sizing, self.template
+        )
 
     # --- status ----------------------------------------------------------------------
 
@@ -202,7 +210,7 @@ class Reconciler:
         pods: Iterable[Mapping[str, Any]],
         storage: StorageState,
         spec_error: str | None = None,
-        reconcile_error: str | None = None,
+        failure: Failure | None = None,
     ) -> UserAgentStatus:
         metadata = body["metadata"]
         owner = (
@@ -223,7 +231,7 @@ class Reconciler:
             previous_conditions=UserAgentStatus.parse(body.get("status")).conditions,
             now=dt.datetime.now(dt.UTC),
             spec_error=spec_error,
-            reconcile_error=reconcile_error,
+            failure=failure,
         )
 
     async def write_status(
@@ -242,8 +250,9 @@ class Reconciler:
 
     async def post_event(
         self, body: Mapping[str, Any], *, warning: bool, reason: str, message: str
-    ) -> None:
-        """A Kubernetes Event on the UserAgent, so ``kubectl describe ua`` shows what happened."""
+    ) -> str:
+        """A Kubernetes Event on the UserAgent, so ``kubectl describe ua`` shows what
+        happened; its name."""
         metadata = body["metadata"]
         now = rfc3339(dt.datetime.now(dt.UTC))
         event = {
@@ -270,7 +279,18 @@ class Reconciler:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.client.create(resource_path("v1", "events", metadata["namespace"]), event)
+        posted = await self.client.create(
+            resource_path("v1", "events", metadata["namespace"]), event
+        )
+        return str(posted["metadata"]["name"])
+
+    async def count_event(self, namespace: str, name: str, count: int) -> None:
+        """The Event ``name`` happened again: its ``count`` is now ``count``, last now.
+        NotFound when it expired (the API server keeps Events for an hour by default)."""
+        await self.client.merge_patch(
+            resource_path("v1", "events", namespace, name),
+            {"count": count, "lastTimestamp": rfc3339(dt.datetime.now(dt.UTC))},
+        )
 
     # --- deletion ----------------------------------------------------------------------
 

@@ -53,6 +53,15 @@ class OperatorSettings(BaseSettings):
         "longer has is forgotten (however its deletion was missed).",
     )
 
+    resync_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Every agent's Deployment and Service are read this often (each round "
+        "a quarter shorter or longer, in a random order, spread over the round; in the "
+        "lowest lane of the work queue) and applied again if they drifted: edits no watch "
+        "event showed. Two reads per agent and round.",
+    )
+
     max_rollouts: int = Field(
         default=10,
         ge=1,

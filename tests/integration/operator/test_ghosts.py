@@ -83,7 +83,10 @@ async def no_children(kube: KubeClient, namespace: str) -> None:
 async def test_the_relist_forgets_an_agent_that_is_no_longer_listed(
     control_plane: ControlPlane, kube: KubeClient, namespace: str
 ) -> None:
-    async with operator_state(control_plane, relist_seconds=1) as (state, _):
+    async with operator_state(control_plane, relist_seconds=1, namespaces=[namespace]) as (
+        state,
+        _,
+    ):
         # Active now: the sweeper leaves it alone, so only the relist can find it out.
         state.cache.put_agent(ghost(namespace, activity=dt.datetime.now(dt.UTC)))
 
@@ -98,8 +101,10 @@ async def test_the_relist_forgets_an_agent_that_is_no_longer_listed(
 async def test_a_404_on_the_agent_forgets_it(
     control_plane: ControlPlane, kube: KubeClient, namespace: str
 ) -> None:
+    # Its own namespace only: agents of earlier tests, in namespaces being deleted, would
+    # make requests of their own during the count.
     async with operator_state(
-        control_plane, relist_seconds=3600, idle_check_interval_seconds=0.2
+        control_plane, relist_seconds=3600, idle_check_interval_seconds=0.2, namespaces=[namespace]
     ) as (state, client):
         # Idle for hours: the sweeper tries to suspend it, and the API server says 404.
         stale = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)

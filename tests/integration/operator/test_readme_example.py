@@ -140,5 +140,6 @@ def test_the_readme_example_becomes_ready_in_kubectl_get_ua(
     assert [row[:5] for row in rows] == [["alice", "auth0|alice", "pro", "True", "Ready"]], table
     wide = devenv.run("get", "ua", "--namespace=dexorder-agents", "-o", "wide").stdout
     header, *rows = [line.split() for line in wide.splitlines()]
-    assert header == ["NAME", "USER", "TIER", "READY", "PHASE", "ENDPOINT", "AGE"], wide
+    assert header == ["NAME", "USER", "TIER", "READY", "PHASE", "ENDPOINT", "IMAGE", "AGE"], wide
     assert [row[5] for row in rows] == ["http://alice-agent.dexorder-agents.svc:8000/mcp"], wide
+    assert [row[6] for row in rows] == ["ghcr.io/dexorder/agent:0.1.0"], wide

@@ -1,6 +1,6 @@
 """An upgrade that renders every agent differently (a new default image) restarts at most
 ``max_rollouts`` running agents at a time; suspended agents take it at once, without a
-restart, and run it at their next wake."""
+restart, and run it at their next wake. Each agent's status says the image it runs."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dexorder.adapters.kubernetes import KubeClient, resource_path
 from dexorder.core.status import is_available
 from dexorder.devenv.fixtures_kube import OperatorProcess
 from dexorder.devenv.kubernetes import ControlPlane
-from tests.integration.operator.conftest import eventually, ua_path, user_agent
+from tests.integration.operator.conftest import eventually, ua_path, user_agent, wait_phase
 
-RUNNING = 20
+RUNNING = 50
 SUSPENDED = 3
 MAX_ROLLOUTS = 3
 OLD, NEW = "dexorder/agent:test", "dexorder/agent:upgraded"
@@ -56,6 +56,8 @@ async def test_an_upgrade_restarts_at_most_max_rollouts_running_agents_at_once(
             return phases == sorted(["Ready"] * RUNNING + ["Suspended"] * SUSPENDED)
 
         await eventually(settled, timeout=180, what="the agents Ready or Suspended")
+        listing = await kube.list(ua_path(namespace))
+        assert {i["status"]["image"] for i in listing["items"]} == {OLD}
     finally:
         before.stop()
 
@@ -87,14 +89,27 @@ async def test_an_upgrade_restarts_at_most_max_rollouts_running_agents_at_once(
                 image(d) == NEW and (is_available(d) or not d["spec"]["replicas"]) for d in items
             )
 
-        await eventually(upgraded, timeout=180, what="every agent on the new image")
+        try:
+            await eventually(upgraded, timeout=180, what="every agent on the new image")
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        assert 0 < most_restarting <= MAX_ROLLOUTS
+        # The suspended agents took the new image without starting: it runs at their wake.
+        for name in asleep:
+            deployment = await kube.get(f"{deployments}/{name}-agent")
+            assert (image(deployment), deployment["spec"]["replicas"]) == (NEW, 0)
+
+        async def reported() -> bool:
+            listing = await kube.list(ua_path(namespace))
+            return {(i["status"] or {}).get("image") for i in listing["items"]} == {NEW}
+
+        await eventually(reported, timeout=60, what="every status to say the new image")
+        await kube.merge_patch(ua_path(namespace, asleep[0]), {"spec": {"suspended": False}})
+        woken = await wait_phase(kube, namespace, asleep[0], "Ready")
+        assert woken["status"]["image"] == NEW
+        deployment = await kube.get(f"{deployments}/{asleep[0]}-agent")
+        assert (image(deployment), deployment["spec"]["replicas"]) == (NEW, 1)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
         after.stop()
-    assert 0 < most_restarting <= MAX_ROLLOUTS
-    # The suspended agents took the new image without starting: it runs at their wake.
-    for name in asleep:
-        deployment = await kube.get(f"{deployments}/{name}-agent")
-        assert (image(deployment), deployment["spec"]["replicas"]) == (NEW, 0)

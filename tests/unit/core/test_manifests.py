@@ -291,3 +291,44 @@ def test_a_whole_deployment_is_edited_when_it_lost_what_the_builder_sets() -> No
         lambda d: d["metadata"]["labels"].update({"dexorder.ai/tier": "enterprise"}),
     ]:
         assert manifests.deployment_edited(edit(change), built)
+
+
+def test_a_claim_of_another_user_is_not_adopted() -> None:
+    mine = manifests.persistent_volume_claim(OWNER, spec(), SIZING, TEMPLATE)
+    assert manifests.claim_conflict(None, spec()) is None
+    assert manifests.claim_conflict(mine, spec()) is None
+    theirs = manifests.persistent_volume_claim(
+        OWNER, spec(userId="auth0|mallory"), SIZING, TEMPLATE
+    )
+    conflict = manifests.claim_conflict(theirs, spec())
+    assert conflict is not None
+    assert "ua-alice-1234-data" in conflict
+    assert "mallory" not in conflict  # the other user is not named to this one
+    unlabelled = {"metadata": {"name": "ua-alice-1234-data"}}
+    assert manifests.claim_conflict(unlabelled, spec()) is not None
+
+
+def test_children_drift_names_what_differs() -> None:
+    s = spec()
+    applied = manifests.deployment(OWNER, s, SIZING, TEMPLATE)
+    applied["metadata"]["annotations"] = {
+        manifests.APPLIED_HASH_ANNOTATION: manifests.children_hash(OWNER, s, SIZING, TEMPLATE)
+    }
+    svc = manifests.service(OWNER, s, TEMPLATE)
+    svc["spec"]["clusterIP"] = "10.0.0.7"  # an older Service's: not drift
+
+    def drift(dep: Any, service: Any) -> str | None:
+        return manifests.children_drift(dep, service, OWNER, s, SIZING, TEMPLATE)
+
+    assert drift(applied, svc) is None
+    assert drift(None, svc) == "its Deployment is missing"
+    assert drift(applied, None) == "its Service is missing"
+    edited = copy.deepcopy(applied)
+    edited["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = "mallory"
+    assert drift(edited, svc) == "its Deployment was edited"
+    rehashed = copy.deepcopy(applied)
+    rehashed["metadata"]["annotations"] = {manifests.APPLIED_HASH_ANNOTATION: "other"}
+    assert "hash" in str(drift(rehashed, svc))
+    relabelled = copy.deepcopy(svc)
+    relabelled["metadata"]["labels"]["dexorder.ai/tier"] = "enterprise"
+    assert drift(applied, relabelled) == "its Service was edited"

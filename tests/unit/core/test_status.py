@@ -1,7 +1,7 @@
 import datetime as dt
 from typing import Any
 
-from dexorder.core.status import StorageState, derive_status
+from dexorder.core.status import Failure, StorageState, derive_status, volume_state
 from dexorder.core.useragent import Condition, UserAgentSpec, UserAgentStatus
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
@@ -139,7 +139,10 @@ def test_spec_error_is_reported_as_failed() -> None:
 def test_a_refused_apply_is_failed_with_the_api_servers_message() -> None:
     """Even over a Deployment that is available (the previous spec's)."""
     message = "PATCH /api/v1/...: 403 exceeded quota: q, requested: persistentvolumeclaims=1"
-    status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1), reconcile_error=message)
+    status = derive(
+        dep=deployment(availableReplicas=1, updatedReplicas=1),
+        failure=Failure("ReconcileError", message),
+    )
     assert status.phase == "Failed"
     assert ready_condition(status).reason == "ReconcileError"
     assert ready_condition(status).message == message
@@ -154,3 +157,49 @@ def test_storage_state_is_reported() -> None:
     assert condition is not None
     assert condition.reason == "ExpansionUnsupported"
     assert status.to_body()["storage"] == {"requested": "1Gi", "capacity": "1Gi"}
+
+
+def claim(phase: str | None, requested: str = "1Gi", capacity: str = "") -> dict[str, Any]:
+    status: dict[str, Any] = {"capacity": {"storage": capacity}} if capacity else {}
+    if phase is not None:
+        status["phase"] = phase
+    return {"spec": {"resources": {"requests": {"storage": requested}}}, "status": status}
+
+
+def test_storage_ready_follows_the_claims_phase() -> None:
+    bound = volume_state(claim("Bound", capacity="2Gi"), "1Gi")
+    assert (bound.ready, bound.reason, bound.capacity) == (True, "Bound", "2Gi")
+    for phase in ("Pending", None):  # no phase yet: a new claim, Pending
+        pending = volume_state(claim(phase), "1Gi")
+        assert (pending.ready, pending.reason) == (False, "Pending")
+    lost = volume_state(claim("Lost"), "1Gi")
+    assert (lost.ready, lost.reason) == (False, "Lost")
+    unseen = volume_state(None, "1Gi")
+    assert unseen.ready is None
+    condition = derive(dep=deployment(), storage=volume_state(claim("Pending"), "1Gi"))
+    storage = condition.condition("StorageReady")
+    assert storage is not None
+    assert (storage.status, storage.reason) == ("False", "Pending")
+
+
+def test_a_claim_smaller_or_larger_than_asked_says_why() -> None:
+    grown = volume_state(claim("Bound", requested="1Gi"), "50Gi")
+    assert (grown.ready, grown.reason, grown.requested) == (True, "ExpansionUnsupported", "1Gi")
+    assert "1Gi" in grown.message
+    assert "50Gi" in grown.message
+    kept = volume_state(claim("Bound", requested="10Gi"), "1Gi")
+    assert kept.reason == "ShrinkNotAllowed"
+    pending = volume_state(claim("Pending", requested="1Gi"), "50Gi")
+    assert pending.reason == "Pending"
+    assert "50Gi" in pending.message
+
+
+def test_the_status_records_the_image_and_resources_the_deployment_runs() -> None:
+    resources = {"limits": {"cpu": "500m", "memory": "512Mi"}, "requests": {"cpu": "100m"}}
+    dep = deployment(availableReplicas=1, updatedReplicas=1)
+    dep["spec"] = {
+        "template": {"spec": {"containers": [{"image": "agent:2", "resources": resources}]}}
+    }
+    body = derive(dep=dep).to_body()
+    assert (body["image"], body["resources"]) == ("agent:2", resources)
+    assert "image" not in derive().to_body()  # no Deployment yet: nothing runs

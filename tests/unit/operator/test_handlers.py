@@ -7,7 +7,6 @@ from typing import Any
 from dexorder.adapters.kubernetes import ClusterCredentials, KubeClient, KubernetesError
 from dexorder.core import manifests
 from dexorder.core.manifests import AgentTemplate, Owner
-from dexorder.core.status import StorageState
 from dexorder.core.tiers import parse_tier_catalog
 from dexorder.core.useragent import UserAgentStatus
 from dexorder.devenv.paths import TIER_CATALOG
@@ -112,13 +111,15 @@ class RecordingReconciler(Reconciler):
         updated["metadata"]["resourceVersion"] = "2"
         return updated
 
-    async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], StorageState]:
+    async def apply_children(self, desired: Desired) -> tuple[dict[str, Any], dict[str, Any]]:
         self.calls.append("apply children")
         self.during_apply()
         await asyncio.sleep(0.01)
-        return {"metadata": {"resourceVersion": "1"}, "spec": {}, "status": {}}, StorageState(
-            ready=True
+        claim = manifests.persistent_volume_claim(
+            desired.owner, desired.spec, desired.sizing, self.template
         )
+        claim["metadata"]["resourceVersion"] = "1"
+        return {"metadata": {"resourceVersion": "1"}, "spec": {}, "status": {}}, claim
 
     async def write_status(
         self, body: Mapping[str, Any], status: UserAgentStatus
