@@ -203,3 +203,79 @@ def test_the_status_records_the_image_and_resources_the_deployment_runs() -> Non
     body = derive(dep=dep).to_body()
     assert (body["image"], body["resources"]) == ("agent:2", resources)
     assert "image" not in derive().to_body()  # no Deployment yet: nothing runs
+
+
+def running_pod(**metadata: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", **metadata},
+        "status": {
+            "containerStatuses": [
+                {"name": "agent", "state": {"running": {"startedAt": "2026-11-24T11:59:59Z"}}}
+            ]
+        },
+    }
+
+
+def started_condition(status: UserAgentStatus) -> Condition:
+    started = status.condition("AgentStarted")
+    assert started is not None
+    return started
+
+
+def test_a_running_agent_container_is_started_before_the_pod_is_ready() -> None:
+    status = derive(dep=deployment(updatedReplicas=1), pods=[running_pod()])
+    assert status.phase == "Provisioning"
+    assert ready_condition(status).status == "False"
+    started = started_condition(status)
+    assert (started.status, started.reason) == ("True", "ContainerRunning")
+    assert started.observed_generation == 3
+    assert started.as_dict()["lastTransitionTime"] == "2026-11-24T12:00:00Z"
+
+
+def test_an_agent_is_not_started_before_its_container_runs() -> None:
+    creating = {
+        "metadata": {"name": "p"},
+        "status": {
+            "containerStatuses": [
+                {"name": "agent", "state": {"waiting": {"reason": "ContainerCreating"}}}
+            ]
+        },
+    }
+    for pods in ([], [creating]):
+        started = started_condition(derive(dep=deployment(updatedReplicas=1), pods=pods))
+        assert (started.status, started.reason) == ("False", "NotRunning")
+    assert started_condition(derive()).status == "False"  # no Deployment yet
+
+
+def test_only_the_agent_container_of_a_current_pod_that_stays_counts() -> None:
+    other = running_pod()
+    other["status"]["containerStatuses"][0]["name"] = "sidecar"
+    going = running_pod(deletionTimestamp="2026-11-24T11:59:00Z")
+    stale = deployment(updatedReplicas=1)
+    stale["status"]["observedGeneration"] = 1  # the controller has not seen the template
+    for dep, pods in [
+        (deployment(updatedReplicas=1), [other]),
+        (deployment(updatedReplicas=1), [going]),  # an old pod, or one a suspend stops
+        (stale, [running_pod()]),  # the old template's pod, still running
+        (deployment(updatedReplicas=0), [running_pod()]),  # no pod of the new template
+    ]:
+        assert started_condition(derive(dep=dep, pods=pods)).status == "False", (dep, pods)
+
+
+def test_an_available_agent_is_started_and_a_suspended_one_is_not() -> None:
+    status = derive(dep=deployment(availableReplicas=1, updatedReplicas=1))
+    assert (ready_condition(status).status, started_condition(status).status) == ("True", "True")
+    suspended = UserAgentSpec.model_validate({"userId": "u", "tier": "free", "suspended": True})
+    started = started_condition(
+        derive(spec=suspended, dep=deployment(updatedReplicas=1), pods=[running_pod()])
+    )
+    assert (started.status, started.reason) == ("False", "Suspended")
+
+
+def test_a_failed_agent_still_says_whether_its_container_runs() -> None:
+    """A refused apply fails the agent whatever runs; the gateway reads the phase first."""
+    status = derive(
+        dep=deployment(updatedReplicas=1), pods=[running_pod()], reconcile_error="forbidden"
+    )
+    assert status.phase == "Failed"
+    assert started_condition(status).status == "True"
