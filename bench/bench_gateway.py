@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
 import json
@@ -30,6 +31,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -343,14 +345,144 @@ async def open_sessions(
         ws = await http.ws_connect(ws_url, headers={"Authorization": f"Bearer {token}"})
         session = ChatSession(ws)
         await session.until(lambda f: f["type"] == "ready")
-        # The agent is ready for the session once the `ready` status arrives.
-        await session.until(lambda f: f["type"] == "status" and f["stage"] == "ready")
+        # The agent is provisioned for a conversation's first message (issue 21): each
+        # session's warm turn gets it ready.
         return session
 
     sessions: list[ChatSession] = []
     for start in range(0, count, 100):  # in batches, as a fleet's clients arrive
         sessions += await asyncio.gather(*(one() for _ in range(min(100, count - start))))
     return sessions
+
+
+class StalledSession:
+    """A chat socket that stops reading once its session is ready, and from then on sends a
+    message every ``interval`` seconds (a reply's duration: it is always generating): its
+    frames fill the kernel's buffers, then the gateway's writer, until the gateway cuts it
+    off. What a client gone to sleep with a chat open does, or one behind a dead link."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, port: int, token: str) -> StalledSession:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n"
+            ).encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(f"no upgrade: {head!r}")
+        await reader.readuntil(b'"type":"ready"')
+        writer.transport.pause_reading()  # and never again: the receive window shuts
+        return cls(writer)
+
+    def _send(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+        self._writer.write(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    async def keep_asking(self, interval: float, stop: asyncio.Event) -> None:
+        message = json.dumps({"type": "message", "content": "stream please"})
+        while not stop.is_set() and not self._writer.transport.is_closing():
+            self._send(message)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    def close(self) -> None:
+        self._writer.transport.abort()
+
+
+def metric_total(metrics_url: str, name: str) -> float | None:
+    """The sum of a counter's samples on the gateway's /metrics (None: the gateway has no
+    such counter, as the code before issue 20 had no socket writer)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:  # the code before issue 21 serves no metrics port
+        return None
+    if f"# TYPE {name} " not in text:
+        return None
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((f"{name} ", f"{name}{{"))
+    )
+
+
+@dataclass
+class SlowRun:
+    """The gateway path run again with stalled sessions beside it."""
+
+    stalled: int
+    normal: Samples
+    rss_before_kib: int = 0
+    rss_peak_kib: int = 0
+    rss_after_kib: int = 0
+    cut_off: float | None = None
+    gateway_cpu: float = 0.0
+
+
+async def run_with_stalled(
+    stack: Stack,
+    pool: SessionPool,
+    level: Level,
+    stalled: int,
+    lead: float,
+    spread: float,
+) -> SlowRun:
+    """The level's gateway rounds again, ``stalled`` stalled sessions asking all along
+    (from ``lead`` seconds before the rounds, so their buffers are full and the gateway's
+    writers hold their frames while the rounds run); the gateway's RSS sampled all along."""
+    port = int(stack.gateway_url.rsplit(":", 1)[1])
+    run = SlowRun(stalled, Samples(), rss_before_kib=rss_kib(stack.gateway_pid))
+    cut_before = metric_total(stack.metrics_url, "dexorder_gateway_slow_clients_cut_off_total")
+    run.rss_peak_kib = run.rss_before_kib
+    done = asyncio.Event()
+
+    async def sample_rss() -> None:
+        while not done.is_set():
+            run.rss_peak_kib = max(run.rss_peak_kib, rss_kib(stack.gateway_pid))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.25)
+
+    sessions: list[StalledSession] = []
+    for start in range(0, stalled, 50):
+        sessions += await asyncio.gather(
+            *(StalledSession.open(port, stack.token) for _ in range(min(50, stalled - start)))
+        )
+    sampler = asyncio.create_task(sample_rss())
+    askers = [asyncio.create_task(s.keep_asking(spread or 0.8, done)) for s in sessions]
+    try:
+        await asyncio.sleep(lead)
+        gateway_before = cpu_seconds([stack.gateway_pid])
+        await run_rounds(level.sessions, level.rounds, pool.turn, run.normal, spread)
+        run.gateway_cpu = cpu_seconds([stack.gateway_pid]) - gateway_before
+    finally:
+        done.set()
+        await asyncio.gather(sampler, *askers)
+        for session in sessions:
+            session.close()
+    cut_after = metric_total(stack.metrics_url, "dexorder_gateway_slow_clients_cut_off_total")
+    if cut_after is not None:
+        run.cut_off = cut_after - (cut_before or 0.0)
+    # The stalled sessions' conversations linger detached for their grace (30 s), then close.
+    await asyncio.sleep(35)
+    run.rss_after_kib = rss_kib(stack.gateway_pid)
+    return run
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -370,6 +502,7 @@ class Stack:
     gateway_pid: int
     token: str
     agents_root: Path
+    metrics_url: str
 
 
 async def save_license(dsn: str) -> None:
@@ -392,7 +525,14 @@ async def save_license(dsn: str) -> None:
 
 
 def gateway_process(
-    workdir: Path, dsn: str, jwks_url: str, model_url: str, port: int, redis_url: str | None
+    workdir: Path,
+    dsn: str,
+    jwks_url: str,
+    model_url: str,
+    port: int,
+    metrics_port: int,
+    redis_url: str | None,
+    gateway_src: Path | None,
 ) -> ManagedProcess:
     models = workdir / "models.yaml"
     models.write_text(models_yaml(model_url))
@@ -411,8 +551,13 @@ def gateway_process(
             "DEXORDER_HOST": "127.0.0.1",
             "DEXORDER_PORT": str(port),
             "DEXORDER_DRAIN_SECONDS": "1",
+            "DEXORDER_METRICS_PORT": str(metrics_port),
+            # Every bench session is one user's (the code before issue 21 ignores this).
+            "DEXORDER_MAX_SOCKETS_PER_USER": "1000",
         }
     )
+    if gateway_src is not None:  # another tree's gateway (its code before a change)
+        env["PYTHONPATH"] = str(gateway_src)
     if redis_url is not None:
         # Sessions (each frame recorded before it is sent) and limits in Redis, as with
         # many replicas.
@@ -446,6 +591,8 @@ class Level:
     client_cpu: float = 0.0
     # Steal over the gateway path, as a share of the machine's CPU time in it.
     steal_share: float = 0.0
+    # The gateway path again with stalled sessions beside it (``--stalled``).
+    slow: SlowRun | None = None
 
 
 async def run_rounds(
@@ -468,7 +615,13 @@ async def run_rounds(
 
 
 async def measure(
-    stack: Stack, levels: list[int], idle: int, spread: float = 0.0, rounds: int = 0
+    stack: Stack,
+    levels: list[int],
+    idle: int,
+    spread: float = 0.0,
+    rounds: int = 0,
+    stalled: int = 0,
+    lead: float = 0.0,
 ) -> tuple[list[Level], float]:
     from dexorder.gateway.llm.adapter import load_litellm
 
@@ -527,6 +680,11 @@ async def measure(
                     level.client_cpu = cpu_seconds([os.getpid()]) - client_before
                     elapsed = (time.monotonic() - started) * (os.cpu_count() or 1)
                     level.steal_share = (steal_seconds() - steal_before) / elapsed
+                    if stalled:
+                        print(f"    gateway with {stalled} stalled sessions", flush=True)
+                        level.slow = await run_with_stalled(
+                            stack, SessionPool(sessions), level, stalled, lead, spread
+                        )
             await asyncio.gather(*(s.close() for s in sessions))
             results.append(level)
     return results, per_connection_kib
@@ -627,6 +785,33 @@ def report(
             f"{ms(level.agent_cpu / replies)} ms | {ms(level.model_cpu / replies)} ms | "
             f"{ms(level.client_cpu / replies)} ms | {level.steal_share:.1%} |"
         )
+    slow = [level for level in levels if level.slow is not None]
+    if slow:
+        lines += [
+            "",
+            "With stalled sessions: the same rounds of the gateway path again, beside sessions "
+            "that stop reading once ready and send a message every reply's duration from "
+            f"{args.lead:g} s before the rounds to their end. Relay of the normal sessions, "
+            "in ms; the gateway's RSS in MiB (after: 35 s after the stalled sockets closed).",
+            "",
+            "| sessions | stalled | relay p50 | relay p99 | p99 without | p99 ratio | "
+            "gateway CPU per normal reply (stalled ones' included) | RSS before / peak / after | cut off |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for level in slow:
+            run = level.slow
+            assert run is not None
+            relay, without = run.normal.relay, level.paths["gateway"].relay
+            replies = level.sessions * level.rounds
+            cut = "n/a" if run.cut_off is None else f"{run.cut_off:.0f}"
+            lines.append(
+                f"| {level.sessions} | {run.stalled} | {ms(percentile(relay, 0.5))} | "
+                f"{ms(percentile(relay, 0.99))} | {ms(percentile(without, 0.99))} | "
+                f"{percentile(relay, 0.99) / percentile(without, 0.99):.2f} | "
+                f"{ms(run.gateway_cpu / replies)} ms | {run.rss_before_kib / 1024:.0f} / "
+                f"{run.rss_peak_kib / 1024:.0f} / {run.rss_after_kib / 1024:.0f} | {cut} |"
+                + (f" ({run.normal.failures} failed)" if run.normal.failures else "")
+            )
     lines += [
         "",
         f"RSS per idle connection (gateway process, {idle} authenticated ready sessions): "
@@ -675,8 +860,16 @@ async def run(args: argparse.Namespace) -> str:
                 )
                 port = free_port()
                 redis_url = redis.url if isinstance(redis, RedisService) else None
+                metrics_port = free_port()
                 gateway = gateway_process(
-                    workdir, postgres.dsn, issuer.jwks_url, model_url, port, redis_url
+                    workdir,
+                    postgres.dsn,
+                    issuer.jwks_url,
+                    model_url,
+                    port,
+                    metrics_port,
+                    redis_url,
+                    args.gateway_src,
                 )
                 processes.append(gateway)
                 gateway_url = f"http://127.0.0.1:{port}"
@@ -694,10 +887,11 @@ async def run(args: argparse.Namespace) -> str:
                     gateway.pid,
                     issuer.mint(USER, expires_in=7200),
                     agents_root=workdir,
+                    metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
                 )
                 spread = args.tokens / args.rate if args.stagger else 0.0
                 levels, per_connection = await measure(
-                    stack, args.levels, args.idle, spread, args.rounds
+                    stack, args.levels, args.idle, spread, args.rounds, args.stalled, args.lead
                 )
                 for process in reversed(processes):
                     await asyncio.to_thread(process.stop, 30)
@@ -738,6 +932,24 @@ def main(argv: list[str] | None = None) -> None:
         "--redis",
         action="store_true",
         help="give the gateway a Redis server for its sessions and limits, as replicas share",
+    )
+    parser.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        help="run each level's gateway path again with this many sessions that stop reading",
+    )
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=15.0,
+        help="seconds the stalled sessions stream before the rounds (their buffers fill)",
+    )
+    parser.add_argument(
+        "--gateway-src",
+        type=Path,
+        default=None,
+        help="run the gateway process from this tree's src (PYTHONPATH), e.g. older code",
     )
     parser.add_argument(
         "--harness-loop",

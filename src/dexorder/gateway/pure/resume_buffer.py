@@ -27,6 +27,8 @@ DELTA_END: Final = '"}'
 DELTA_START: Final = encode_delta("")[: -len(DELTA_END)]
 """How every encoded delta frame begins: ``{"type":"delta","content":"``."""
 
+_FRAMING_BYTES: Final = len(DELTA_START) + len(DELTA_END)  # ASCII: characters are bytes
+
 MERGED_RECORD_BYTES: Final = 4096
 """A run of deltas stops merging at about this size: each merge copies its record, and a
 client that saw part of a record is sent the rest of it, not less."""
@@ -40,7 +42,7 @@ def is_delta(text: str) -> bool:
     return text.startswith(DELTA_START) and text.endswith(DELTA_END)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """Frames ``first`` to ``last`` of a session as one entry of its resume buffer.
 
@@ -67,21 +69,34 @@ def record_of(seq: int, frame: str) -> Record:
     return Record(seq, seq, frame)
 
 
-def merged(tail: Record, record: Record, limit: int = MERGED_RECORD_BYTES) -> Record | None:
-    """``tail`` and the record just after it as one, when both are deltas, ``record``
-    follows ``tail`` with no frame between, and the result stays within ``limit`` bytes;
-    otherwise None."""
-    if not tail.cuts or not record.cuts or record.first != tail.last + 1:
-        return None
-    content = record.text[len(DELTA_START) : -len(DELTA_END)]
-    if utf8_size(tail.text) + utf8_size(content) > limit:
-        return None
-    return Record(
-        tail.first,
-        record.last,
-        tail.text[: -len(DELTA_END)] + content + DELTA_END,
-        f"{tail.cuts},{record.cuts}",
-    )
+def append_frame(
+    records: deque[Record],
+    total: int,
+    seq: int,
+    frame: str,
+    cap: int,
+    limit: int = MERGED_RECORD_BYTES,
+) -> tuple[int, int]:
+    """Add ``frame``, numbered ``seq``, to the end of ``records`` (whose sizes sum to
+    ``total``) and drop the oldest past ``cap`` bytes (``trim``); returns the new total and
+    how many were dropped.
+
+    A delta frame joins the last record when that is a delta record, ends just before
+    ``seq``, and the joined text stays within ``limit`` bytes; otherwise it is a record of
+    its own. This runs for every streamed token: it builds one record, and counts sizes
+    from what changed rather than from the whole text again."""
+    tail = records[-1] if records else None
+    if tail is not None and tail.cuts and tail.last + 1 == seq and is_delta(frame):
+        cut = utf8_size(frame) - _FRAMING_BYTES
+        if utf8_size(tail.text) + cut <= limit:
+            cuts = f"{tail.cuts},{cut}"
+            text = tail.text[: -len(DELTA_END)] + frame[len(DELTA_START) :]
+            records[-1] = Record(tail.first, seq, text, cuts)
+            total += cut + len(cuts) - len(tail.cuts)
+            return trim(records, total, cap) if total > cap else (total, 0)
+    record = record_of(seq, frame)
+    records.append(record)
+    return trim(records, total + record.size, cap)
 
 
 def frame_after(record: Record, after: int) -> tuple[int, str] | None:
@@ -128,11 +143,11 @@ __all__ = [
     "DELTA_START",
     "MERGED_RECORD_BYTES",
     "Record",
+    "append_frame",
     "complete",
     "frame_after",
     "frames_after",
     "is_delta",
-    "merged",
     "record_of",
     "trim",
     "utf8_size",

@@ -38,11 +38,9 @@ from dexorder.gateway.pure.resume_buffer import (
     DELTA_START,
     MERGED_RECORD_BYTES,
     Record,
+    append_frame,
     complete,
     frames_after,
-    merged,
-    record_of,
-    trim,
 )
 from dexorder.gateway.supervision import supervise
 
@@ -201,13 +199,7 @@ class MemorySessionStore:
         seq = max(seq, session.last_seq + 1)
         session.last_seq = seq
         if self._buffer:
-            record, records = record_of(seq, frame), session.records
-            joined = merged(records[-1], record) if records else None
-            if joined is not None:
-                session.size -= records.pop().size
-                record = joined
-            records.append(record)
-            session.size, _ = trim(records, session.size + record.size, self._buffer)
+            session.size, _ = append_frame(session.records, session.size, seq, frame, self._buffer)
         if session.appended is not None:
             # Wake every follower; the next one to wait arms a new event.
             session.appended.set()

@@ -9,10 +9,10 @@ from dexorder.gateway.pure.protocol import Stage, StatusFrame, encode_delta, enc
 from dexorder.gateway.pure.resume_buffer import (
     MERGED_RECORD_BYTES,
     Record,
+    append_frame,
     complete,
     frame_after,
     frames_after,
-    merged,
     record_of,
     trim,
 )
@@ -22,12 +22,20 @@ PIECES = ["Hello", ' "quoted"', "\n", "naïve ", "€uro", "\\", " 🙂 end"]
 
 
 def merge_all(first_seq: int, pieces: list[str]) -> Record:
-    record = record_of(first_seq, encode_delta(pieces[0]))
-    for offset, piece in enumerate(pieces[1:], start=1):
-        joined = merged(record, record_of(first_seq + offset, encode_delta(piece)))
-        assert joined is not None
-        record = joined
-    return record
+    records: deque[Record] = deque()
+    total = 0
+    for offset, piece in enumerate(pieces):
+        total, _ = append_frame(records, total, first_seq + offset, encode_delta(piece), 1 << 20)
+    assert len(records) == 1
+    assert total == records[0].size
+    return records[0]
+
+
+def joined(records: list[Record], seq: int, frame: str) -> bool:
+    """Whether ``frame`` joins the last of ``records`` (rather than a record of its own)."""
+    kept = deque(records)
+    append_frame(kept, sum(record.size for record in kept), seq, frame, 1 << 20)
+    return len(kept) == len(records)
 
 
 def content(frame: tuple[int, str] | None) -> str:
@@ -57,14 +65,32 @@ def test_a_client_that_saw_part_of_a_record_gets_exactly_the_rest() -> None:
 
 def test_only_consecutive_deltas_within_the_limit_merge() -> None:
     delta = record_of(1, encode_delta("a"))
-    done = record_of(2, encode_frame(StatusFrame(stage=Stage.RESUMED, message="m")))
+    status = encode_frame(StatusFrame(stage=Stage.RESUMED, message="m"))
+    done = record_of(2, status)
     assert done.cuts == ""
-    assert merged(delta, done) is None  # not a delta
-    assert merged(done, record_of(3, encode_delta("b"))) is None  # after a non-delta
-    assert merged(delta, record_of(3, encode_delta("b"))) is None  # frame 2 between
+    assert not joined([delta], 2, status)  # not a delta
+    assert not joined([done], 3, encode_delta("b"))  # after a non-delta
+    assert not joined([delta], 3, encode_delta("b"))  # frame 2 between
     big = record_of(1, encode_delta("x" * (MERGED_RECORD_BYTES - 60)))
-    assert merged(big, record_of(2, encode_delta("y" * 20))) is not None
-    assert merged(big, record_of(2, encode_delta("y" * 60))) is None  # over the limit
+    assert joined([big], 2, encode_delta("y" * 20))
+    assert not joined([big], 2, encode_delta("y" * 60))  # over the limit
+
+
+def test_the_total_kept_is_the_records_sizes_and_the_cap_holds() -> None:
+    """``append_frame`` counts sizes from what changed: the sum must stay exact, with
+    multi-byte text, merges, frames of their own and trimming."""
+    records: deque[Record] = deque()
+    total, seq, cap = 0, 0, 600
+    for round_ in range(40):
+        for piece in PIECES:
+            seq += 1
+            total, _ = append_frame(records, total, seq, encode_delta(piece), cap, limit=200)
+            assert total == sum(record.size for record in records)
+        seq += 1
+        total, _ = append_frame(records, total, seq, f'{{"type":"done","n":{round_}}}', cap)
+        assert total == sum(record.size for record in records)
+        assert total <= cap
+    assert records[-1].last == seq
 
 
 def test_a_replay_is_complete_only_when_nothing_after_the_client_is_missing() -> None:
