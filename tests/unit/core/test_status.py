@@ -275,7 +275,9 @@ def test_an_available_agent_is_started_and_a_suspended_one_is_not() -> None:
 def test_a_failed_agent_still_says_whether_its_container_runs() -> None:
     """A refused apply fails the agent whatever runs; the gateway reads the phase first."""
     status = derive(
-        dep=deployment(updatedReplicas=1), pods=[running_pod()], reconcile_error="forbidden"
+        dep=deployment(updatedReplicas=1),
+        pods=[running_pod()],
+        failure=Failure("ReconcileError", "forbidden"),
     )
     assert status.phase == "Failed"
     assert started_condition(status).status == "True"
