@@ -2,7 +2,8 @@
 process with healthy sockets, clients that never read, clients black-holed behind a proxy,
 clients that drop mid-reply, and its Kafka broker stopped. It exits on its own inside the
 chart's grace period, healthy sockets get 1012, and every turn's usage is in PostgreSQL
-and in the event spool, which is still on disk once the process is gone."""
+and in the event spool, which is still on disk once the process is gone: the event sink
+of the next process on it delivers the usage once the broker is back."""
 
 from __future__ import annotations
 
@@ -25,12 +26,18 @@ from dexorder.devenv.fixtures_helm import Helm
 from dexorder.devenv.jwks import LocalJwksIssuer
 from dexorder.devenv.kafka import KafkaService
 from dexorder.devenv.paths import TIER_CATALOG
-from dexorder.gateway.pure.events import TurnOutcome, UsageEvent, event_from_json
+from dexorder.gateway.events import KafkaSink
+from dexorder.gateway.pure.events import EventStream, TurnOutcome, UsageEvent, event_from_json
 from dexorder.gateway.spool import Spool
 from tests.integration.chart.manifests import container, documents, env, of_kind
 from tests.integration.gateway.blackhole_proxy import BlackHoleProxy
-from tests.integration.gateway.gateway_process import GatewayProcess, gateway_env
+from tests.integration.gateway.gateway_process import (
+    GatewayProcess,
+    gateway_env,
+    stop_orphaned_agents,
+)
 from tests.integration.gateway.raw_socket import RawChat
+from tests.integration.gateway.test_events import consume
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +56,8 @@ USERS = 4
 DRAIN_SECONDS, WS_CLOSE_SECONDS, PRE_STOP_SECONDS = 3, 2, 5
 
 SHORT_REPLY = " ".join(f"w{index}" for index in range(12))  # about 1.2 s at 10 tokens/s
-# Far more than the kernel's buffers of a loopback connection hold.
+# 4 MB, more than a loopback connection's buffers take from a reader that never reads
+# (about 3 MB), in words of 8 KiB: few tokens for the gateway to relay.
 LONG_REPLY = " ".join(f"{index:04d}" + "x" * 8187 for index in range(500))
 # Still streaming when the drain ends: stopped then, and billed what streamed.
 ENDLESS_REPLY = " ".join(f"d{index}" for index in range(2000))
@@ -184,7 +192,7 @@ async def test_sigterm_fits_the_grace_period_whatever_the_clients_and_kafka_do(
 ) -> None:
     budget = await asyncio.to_thread(grace_after_sigterm, helm)
     run = uuid.uuid4().hex[:8]
-    usage_topic = f"usage-{run}"
+    usage_topic, conversation_topic = f"usage-{run}", f"conv-{run}"
     events_dir = tmp_path / "events"
     env_vars = gateway_env(
         migrated_dsn,
@@ -199,7 +207,7 @@ async def test_sigterm_fits_the_grace_period_whatever_the_clients_and_kafka_do(
         DEXORDER_TIERS_PATH=str(roomy_tiers(tmp_path / "tiers.yaml")),
         KAFKA_BOOTSTRAP=kafka_service.bootstrap,
         DEXORDER_KAFKA_USAGE_TOPIC=usage_topic,
-        DEXORDER_KAFKA_CONVERSATION_TOPIC=f"conv-{run}",
+        DEXORDER_KAFKA_CONVERSATION_TOPIC=conversation_topic,
         DEXORDER_EVENTS_DIR=str(events_dir),
     )
     users = [f"{user_id}-{index}" for index in range(USERS)]
@@ -215,6 +223,7 @@ async def test_sigterm_fits_the_grace_period_whatever_the_clients_and_kafka_do(
     turns: Counter[tuple[str, TurnOutcome]] = Counter()
     session_user: dict[str, str] = {}
     await asyncio.to_thread(kafka_service.stop_broker)
+    broker_down = True
     try:
         async with aiohttp.ClientSession() as http:
             llm.default = TextScript(text=SHORT_REPLY, tokens_per_second=10)
@@ -286,6 +295,8 @@ async def test_sigterm_fits_the_grace_period_whatever_the_clients_and_kafka_do(
         took = time.monotonic() - terminated_at
         print(f"exited {took:.1f} s after SIGTERM (budget {budget:.0f} s)")
         assert exit_code == 0, gateway.log()
+        # The agents it started went with it.
+        assert stop_orphaned_agents(tmp_path / "agents") == []
 
         for index, (client, closing) in enumerate(zip(healthy, closings, strict=True)):
             assert closing.type == aiohttp.WSMsgType.CLOSE, (index, closing)
@@ -315,8 +326,30 @@ async def test_sigterm_fits_the_grace_period_whatever_the_clients_and_kafka_do(
         assert await daily_totals(migrated_dsn, users) == {
             key: tuple(value) for key, value in expected_totals.items()
         }
+
+        # The sink of the next process on the same spool, the broker back, delivers them.
+        await asyncio.to_thread(kafka_service.start)
+        broker_down = False
+        successor = KafkaSink(
+            kafka_service.bootstrap,
+            {EventStream.USAGE: usage_topic, EventStream.CONVERSATION: conversation_topic},
+            Spool(events_dir / "spool", max_bytes=1 << 30),
+        )
+        await successor.start()
+        try:
+            assert successor.backlog >= len(usage)
+            async with asyncio.timeout(60):
+                while successor.backlog:  # noqa: ASYNC110 - the Kafka thread's doing
+                    await asyncio.sleep(0.1)
+        finally:
+            await successor.close()
+        delivered = await asyncio.to_thread(
+            consume, kafka_service.bootstrap, usage_topic, len(usage)
+        )
+        assert sorted(r.event.event_id for r in delivered) == sorted(e.event_id for e in usage)
     finally:
         for raw in raws:
             raw.close()
         await proxy.close()
-        await asyncio.to_thread(kafka_service.start)
+        if broker_down:
+            await asyncio.to_thread(kafka_service.start)
