@@ -122,8 +122,8 @@ class EventSink(Protocol):
     async def healthy(self) -> bool:
         """Whether new events can be taken; for ``/ready``."""
 
-    async def close(self) -> None:
-        """Deliver what can be delivered in a short time; the rest stays spooled."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deliver what can be delivered within ``timeout`` seconds; the rest stays spooled."""
 
 
 def _stream_label(event: Event) -> str:
@@ -183,7 +183,8 @@ class JsonlSink:
     async def healthy(self) -> bool:
         return True
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        # Every line is written already: nothing to wait for.
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -438,11 +438,15 @@ class UsageRecorder:
             return
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Finish the daily totals (for at most ``timeout``), then close the sink. Turns that
-        end after this are not added to the daily totals (and are counted as such)."""
+        """Finish the daily totals, then close the sink (which delivers what it can), both
+        within ``timeout``: the shutdown's one allowance for usage. Turns that end after
+        this are not added to the daily totals (and are counted as such)."""
         self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         await self.drain(timeout)
-        await self.sink.close()
+        # What the sink cannot deliver in the time left stays in its spool.
+        await self.sink.close(max(0.0, deadline - loop.time()))
 
 
 def _turns(batch: _DailyBatch) -> int:
