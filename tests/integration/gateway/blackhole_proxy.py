@@ -40,6 +40,8 @@ class BlackHoleProxy:
         self._receive_buffer = receive_buffer
         self._server: asyncio.Server | None = None
         self._links: list[_Link] = []
+        self._hang_new = False
+        self._hung: list[asyncio.StreamWriter] = []
         self.black_holed = 0
 
     async def start(self) -> BlackHoleProxy:
@@ -47,6 +49,12 @@ class BlackHoleProxy:
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._hang_new:
+            transport = writer.transport
+            assert isinstance(transport, asyncio.ReadTransport)
+            transport.pause_reading()
+            self._hung.append(writer)
+            return
         upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # Before connect, so the window the target sees is small from the start.
         upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
@@ -60,9 +68,11 @@ class BlackHoleProxy:
         ]
         self._links.append(link)
 
-    async def black_hole(self) -> None:
+    async def black_hole(self, *, later_too: bool = False) -> None:
         """Stop forwarding on every connection open now: nothing more is read or written on
-        either end, and nothing is closed. Later connections are forwarded as usual."""
+        either end, and nothing is closed. Later connections are forwarded as usual, or with
+        ``later_too`` accepted and never answered, as by a host that stopped answering."""
+        self._hang_new = self._hang_new or later_too
         for link in self._links:
             if not link.pumps:
                 continue
@@ -88,6 +98,9 @@ class BlackHoleProxy:
                 assert isinstance(transport, asyncio.WriteTransport)
                 transport.abort()
         self._links.clear()
+        for writer in self._hung:
+            writer.transport.abort()
+        self._hung.clear()
         if server is not None:
             await server.wait_closed()  # which waits for its connections to be gone
 

@@ -291,6 +291,9 @@ class Turn:
         return usage
 
 
+_CANCEL_GRACE_SECONDS = 0.2
+"""How long a cancelled daily write may take to end before it is cancelled again."""
+
 DAILY_BATCH_SECONDS = 0.05
 """How long the gateway's daily-totals writer gathers turns before each write."""
 
@@ -431,6 +434,12 @@ class UsageRecorder:
                 if done:
                     continue  # it ended by itself: the next writer, if any, is waited for
                 writer.cancel()  # a writer that has begun counts what it abandons
+                # psycopg answers a cancel by asking the server to cancel the query, and
+                # waits for it: a server that does not answer never does. A second cancel
+                # makes it close the connection instead.
+                _, late = await asyncio.wait({writer}, timeout=_CANCEL_GRACE_SECONDS)
+                if late:
+                    writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
             if self._writer is writer:  # it was cancelled before it began: count for it
                 self._writer = None

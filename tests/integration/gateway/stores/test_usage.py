@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dexorder.core.tiers import RateLimits
 from dexorder.devenv.process import free_port
@@ -29,6 +30,7 @@ from dexorder.gateway.stores.usage import (
     UsageUnavailable,
 )
 from dexorder.gateway.turns import ReplyDelta, TurnTally
+from tests.integration.gateway.blackhole_proxy import BlackHoleProxy
 
 DAY = dt.date(2026, 11, 24)
 
@@ -295,3 +297,34 @@ async def test_close_fits_the_daily_totals_and_the_event_flush_in_one_timeout(
     reopened = Spool(tmp_path / "spool", max_bytes=1 << 20)
     assert len(reopened.open()) == 3  # the turn's events wait in the spool for the broker
     reopened.close()
+
+
+async def test_close_gives_up_a_write_to_a_database_that_stopped_answering(
+    migrated_dsn: str, tmp_path: Path
+) -> None:
+    """A database that stops answering mid-write (its network path died) never answers the
+    cancel psycopg sends it for the write either: close still ends within its timeout, and
+    counts the write as not recorded."""
+    dsn = conninfo_to_dict(migrated_dsn)
+    proxy = await BlackHoleProxy(int(dsn.get("port") or 5432)).start()
+    pool = await open_pool(make_conninfo(migrated_dsn, host="127.0.0.1", port=str(proxy.port)))
+    try:
+        store, who = UsageStore(pool), user()
+        today = dt.datetime.now(dt.UTC).date()
+        await store.add(who, today, prompt_tokens=1, completion_tokens=1)
+        recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=lambda *_: None)
+        before = not_recorded_daily()
+        await proxy.black_hole(later_too=True)
+        turn = await recorder.start_turn(
+            user_id=who, tier="free", channel="websocket", session_id="s", text="hi"
+        )
+        await turn.finish(model="m", prompt_tokens=10, completion_tokens=1)
+        started = time.monotonic()
+        await recorder.close(timeout=1.0)
+        took = time.monotonic() - started
+        assert took < 2.0, f"closing took {took:.1f} s for an allowance of 1 s"
+        assert not_recorded_daily() == before + 1
+        assert daily_writers() == []
+    finally:
+        await pool.close(timeout=0.5)
+        await proxy.close()
