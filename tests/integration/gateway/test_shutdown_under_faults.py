@@ -20,6 +20,7 @@ import aiohttp
 import psycopg
 import pytest
 import yaml
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.fixtures_helm import Helm
@@ -353,3 +354,86 @@ async def test_sigterm_fits_the_grace_period_whatever_the_clients_and_kafka_do(
         await proxy.close()
         if broker_down:
             await asyncio.to_thread(kafka_service.start)
+
+
+async def test_sigterm_fits_the_grace_period_with_postgresql_not_answering_and_kafka_down(
+    kafka_service: KafkaService,
+    helm: Helm,
+    migrated_dsn: str,
+    issuer: LocalJwksIssuer,
+    llm: FakeLLMServer,
+    tmp_path: Path,
+    user_id: str,
+    started: list[GatewayProcess],
+) -> None:
+    """Every wait of the shutdown at its longest: a reply that outlasts the drain, a client
+    that never reads (aborted at the close deadline), PostgreSQL's network path dead with
+    the last daily writes to come (its connections open, new ones unanswered), and the
+    broker down. The process still exits inside the grace period, and the usage is in the
+    spool."""
+    budget = await asyncio.to_thread(grace_after_sigterm, helm)
+    database_port = int(conninfo_to_dict(migrated_dsn).get("port") or 5432)
+    database = await BlackHoleProxy(database_port).start()
+    run = uuid.uuid4().hex[:8]
+    usage_topic = f"usage-{run}"
+    events_dir = tmp_path / "events"
+    env_vars = gateway_env(
+        make_conninfo(migrated_dsn, host="127.0.0.1", port=str(database.port)),
+        issuer,
+        llm,
+        tmp_path,
+        DEXORDER_DRAIN_SECONDS=str(DRAIN_SECONDS),
+        DEXORDER_WS_CLOSE_SECONDS=str(WS_CLOSE_SECONDS),
+        DEXORDER_WS_SEND_TIMEOUT_SECONDS="300",
+        DEXORDER_WS_SEND_BUFFER_BYTES=str(64 << 20),
+        KAFKA_BOOTSTRAP=kafka_service.bootstrap,
+        DEXORDER_KAFKA_USAGE_TOPIC=usage_topic,
+        DEXORDER_KAFKA_CONVERSATION_TOPIC=f"conv-{run}",
+        DEXORDER_EVENTS_DIR=str(events_dir),
+    )
+    gateway = GatewayProcess(env_vars, tmp_path / "gw")
+    started.append(await asyncio.to_thread(gateway.start))
+    await asyncio.to_thread(kafka_service.stop_broker)
+    turns: Counter[tuple[str, TurnOutcome]] = Counter()
+    raw: RawChat | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            llm.queue(TextScript(text=SHORT_REPLY))
+            client = await Healthy.open(http, gateway.ws_url, issuer.mint(user_id))
+            await client.send({"type": "message", "content": "short one"})
+            await client.until("done", 1)
+            turns[client.session_id, TurnOutcome.COMPLETED] += 1
+
+            llm.queue(TextScript(text=LONG_REPLY, tokens_per_second=5000))
+            raw, session_id = await raw_chat(gateway.port, issuer.mint(f"{user_id}-slow"))
+            await asyncio.to_thread(raw.send, {"type": "message", "content": "say a lot"})
+            await requests_reach(llm, 2)
+            await llm.wait_for_end(within=60)
+            turns[session_id, TurnOutcome.COMPLETED] += 1
+
+            llm.queue(TextScript(text=ENDLESS_REPLY, tokens_per_second=20))
+            await client.send({"type": "message", "content": "go on"})
+            await client.until("delta", len(SHORT_REPLY.split()) + 1)
+            turns[client.session_id, TurnOutcome.CANCELLED] += 1
+
+            await database.black_hole(later_too=True)
+            gateway.terminate()
+            terminated_at = time.monotonic()
+            async with asyncio.timeout(budget):
+                await client.closing
+        exit_code = await asyncio.to_thread(
+            gateway.wait_exit, max(0.0, budget - (time.monotonic() - terminated_at))
+        )
+        took = time.monotonic() - terminated_at
+        print(f"exited {took:.1f} s after SIGTERM (budget {budget:.0f} s)")
+        assert exit_code == 0, gateway.log()
+        assert stop_orphaned_agents(tmp_path / "agents") == []
+        assert client.ws.close_code == SERVICE_RESTART, client.frames
+        usage = await asyncio.to_thread(spooled_usage, events_dir / "spool", usage_topic)
+        assert Counter((event.session_id, event.outcome) for event in usage) == turns
+        assert all(event.completion_tokens > 0 for event in usage)
+    finally:
+        if raw is not None:
+            raw.close()
+        await database.close()
+        await asyncio.to_thread(kafka_service.start)
