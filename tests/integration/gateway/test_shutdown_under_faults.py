@@ -3,7 +3,8 @@ process with healthy sockets, clients that never read, clients black-holed behin
 clients that drop mid-reply, and its Kafka broker stopped. It exits on its own inside the
 chart's grace period, healthy sockets get 1012, and every turn's usage is in PostgreSQL
 and in the event spool, which is still on disk once the process is gone: the event sink
-of the next process on it delivers the usage once the broker is back."""
+of the next process on it delivers the usage once the broker is back. A second test puts
+every wait of the shutdown at its longest, PostgreSQL not answering too."""
 
 from __future__ import annotations
 
