@@ -484,8 +484,8 @@ class KafkaSink:
 
     def _undeliverable(self, record: SpooledRecord, error: KafkaException) -> None:
         """A record the client refuses for its size: no producer will ever send it, and
-        retrying it held back every event after it (the feed keeps spool order) for good,
-        across restarts too. It leaves the spool, counted and logged."""
+        retrying it would hold back every event after it (the feed keeps spool order) for
+        good, across restarts too. It leaves the spool, counted and logged."""
         self._spool.ack(record)  # "never send it again", though no broker has it
         EVENTS_UNDELIVERABLE.inc()
         logger.error(
