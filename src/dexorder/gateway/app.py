@@ -269,7 +269,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             connect_timeout_seconds=settings.database_connect_timeout_seconds,
             statement_timeout_seconds=settings.database_statement_timeout_seconds,
         )
-        stack.push_async_callback(pool.close)
+        # Not past 1 s for a connection attempt to a database that does not answer: the
+        # grace period has no room for the 5 s it would wait by default.
+        stack.push_async_callback(functools.partial(pool.close, timeout=1.0))
         licenses = LicenseStore.from_settings(settings, pool)
         provisioner = await _open_provisioner(settings, stack)
         redis = await _open_redis(settings, stack)

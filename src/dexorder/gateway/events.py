@@ -14,6 +14,9 @@ reordered them). A failure that could leave a gap in a partition is fatal
 the Kafka thread's loop replaces (or purges) the producer and produces every
 unacknowledged event again from the spool, oldest first, with nothing newer before them.
 A Kafka thread that died anyway is started again by the next ``publish`` or ``/ready``.
+An event larger than the client may ever send (``message.max.bytes``) is dropped from the
+spool, counted in ``dexorder_gateway_events_undeliverable``, rather than retried for ever
+ahead of every newer event.
 All Kafka work runs on that one thread, so the event loop never waits for the broker.
 
 A broker outage long enough to fill the spool sheds the oldest events (counted in
@@ -84,6 +87,12 @@ EVENTS_SPOOL_BYTES = Gauge(
     "Bytes of the event spool on disk.",
     registry=metrics.REGISTRY,
 )
+EVENTS_UNDELIVERABLE = Counter(
+    "dexorder_gateway_events_undeliverable",
+    "Events dropped from the spool because no producer can ever send them (larger than "
+    "the client's message.max.bytes).",
+    registry=metrics.REGISTRY,
+)
 PRODUCER_RESTARTS = Counter(
     "dexorder_gateway_events_producer_restarts",
     "Kafka producers replaced after a fatal error or a failure of the Kafka thread.",
@@ -113,8 +122,8 @@ class EventSink(Protocol):
     async def healthy(self) -> bool:
         """Whether new events can be taken; for ``/ready``."""
 
-    async def close(self) -> None:
-        """Deliver what can be delivered in a short time; the rest stays spooled."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deliver what can be delivered within ``timeout`` seconds; the rest stays spooled."""
 
 
 def _stream_label(event: Event) -> str:
@@ -174,7 +183,8 @@ class JsonlSink:
     async def healthy(self) -> bool:
         return True
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
+        # Every line is written already: nothing to wait for.
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -466,7 +476,24 @@ class KafkaSink:
             )
         except BufferError:
             return False
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            self._undeliverable(record, error)
         return True
+
+    def _undeliverable(self, record: SpooledRecord, error: KafkaException) -> None:
+        """A record the client refuses for its size: no producer will ever send it, and
+        retrying it would hold back every event after it (the feed keeps spool order) for
+        good, across restarts too. It leaves the spool, counted and logged."""
+        self._spool.ack(record)  # "never send it again", though no broker has it
+        EVENTS_UNDELIVERABLE.inc()
+        logger.error(
+            "event %s (%d bytes) dropped, it can never be sent to Kafka: %s",
+            record.outgoing.record_id,
+            len(record.outgoing.value),
+            error,
+        )
 
     def _on_delivery(self, record: SpooledRecord, error: KafkaError | None) -> None:
         if error is None:

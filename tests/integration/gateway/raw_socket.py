@@ -1,4 +1,5 @@
-"""A WebSocket client on a raw socket, for clients that misbehave: one that never reads."""
+"""A WebSocket client on a raw socket, for clients that misbehave: one that never reads,
+one that drops its connection with a reset."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ class RawChat:
         except TimeoutError:
             return False
         return True
+
+    def reset(self) -> None:
+        """Drop the connection abruptly: a TCP reset (SO_LINGER 0), no close handshake."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
 
     def close(self) -> None:
         self.sock.close()

@@ -270,6 +270,41 @@ async def test_a_full_spool_sheds_its_oldest_events_and_stays_ready(tmp_path: Pa
         await sink.close(timeout=0.2)
 
 
+async def test_an_event_larger_than_the_producer_sends_is_dropped_and_the_rest_go_on(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A reply event past the producer's ``message.max.bytes`` can never be sent: it leaves
+    the spool (counted), and the events after it, its own turn's usage first, are delivered
+    instead of waiting behind it for ever."""
+    chosen = topics()
+    sink = kafka_sink(kafka_bootstrap, tmp_path / "spool", chosen)
+    await sink.start()
+    recorder = UsageRecorder(sink, None)
+    dropped_before = REGISTRY.get_sample_value("dexorder_gateway_events_undeliverable_total")
+
+    async def shown(_: TurnEvent) -> None:
+        return None
+
+    async def huge() -> AsyncGenerator[TurnEvent, None]:
+        yield ReplyDelta("x" * (2 << 20))
+
+    try:
+        turn = await recorder.start_turn(
+            user_id="jay", tier="pro", channel="websocket", session_id="s-jay", text="a lot"
+        )
+        tally = TurnTally()
+        await relay_turn(huge(), tally=tally, usage=turn, show=shown)
+        await turn.finish(model="gpt-4o", prompt_tokens=3, completion_tokens=2, tally=tally)
+        after = await run_turns(recorder, ["jay"], 3)
+        await wait_for(lambda: sink.backlog == 0, 30, "the events after the large one")
+    finally:
+        await recorder.close()
+    dropped = REGISTRY.get_sample_value("dexorder_gateway_events_undeliverable_total")
+    assert dropped == (dropped_before or 0.0) + 1
+    usage = await asyncio.to_thread(consume, kafka_bootstrap, chosen[EventStream.USAGE], 4)
+    assert [r.event.turn_id for r in usage] == [turn.turn_id, *after]
+
+
 async def test_a_users_events_keep_their_order_across_retries(
     kafka_service: KafkaService, tmp_path: Path
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -13,22 +12,8 @@ from dexorder.devenv.fake_llm import FakeLLMServer, TextScript
 from dexorder.devenv.jwks import LocalJwksIssuer
 from tests.integration.gateway.conftest import ChatClient
 from tests.integration.gateway.gateway_process import GatewayProcess, gateway_env
-from tests.integration.gateway.raw_socket import RawChat
-
-# Far more than the kernel's buffers of a loopback connection hold: a client that never
-# reads keeps most of it queued.
-LONG_REPLY = " ".join(f"{index:05d}" + "x" * 994 for index in range(4000))
 
 SERVICE_RESTART = 1012
-
-
-@pytest.fixture
-def started() -> Iterator[list[GatewayProcess]]:
-    """Every gateway process a test starts, stopped at the end whatever happened."""
-    processes: list[GatewayProcess] = []
-    yield processes
-    for process in processes:
-        process.stop()
 
 
 async def open_chat(
@@ -112,59 +97,3 @@ async def test_a_second_gateway_process_reads_what_the_first_one_wrote(
         await client.ws.close()
     contents = [m.get("content") for m in llm.requests[-1].body["messages"]]
     assert contents[-3:] == ["how is BTC?", "BTC is up.", "and now?"]
-
-
-async def test_sigterm_ends_within_the_grace_period_whatever_the_clients_do(
-    migrated_dsn: str,
-    issuer: LocalJwksIssuer,
-    llm: FakeLLMServer,
-    tmp_path: Path,
-    user_id: str,
-    started: list[GatewayProcess],
-) -> None:
-    """Healthy sockets get 1012 and clients that never read are aborted, all at once: the
-    process exits on its own inside the chart's grace period (drain + close + 10 s)."""
-    drain, close = 2, 2
-    env = gateway_env(
-        migrated_dsn,
-        issuer,
-        llm,
-        tmp_path,
-        DEXORDER_DRAIN_SECONDS=str(drain),
-        DEXORDER_WS_CLOSE_SECONDS=str(close),
-        # Not cut off for being slow before the shutdown: the shutdown must deal with them.
-        DEXORDER_WS_SEND_TIMEOUT_SECONDS="300",
-        DEXORDER_WS_SEND_BUFFER_BYTES=str(64 << 20),
-    )
-    gateway = GatewayProcess(env, tmp_path / "gw")
-    started.append(await asyncio.to_thread(gateway.start))
-    stalled: list[RawChat] = []
-    try:
-        for index in range(3):
-            llm.queue(TextScript(text=LONG_REPLY, tokens_per_second=5000))
-            raw = await asyncio.to_thread(RawChat, gateway.port, issuer.mint(f"{user_id}-{index}"))
-            stalled.append(raw)
-            assert (await asyncio.to_thread(raw.read_frame))["type"] == "ready"
-            await asyncio.to_thread(raw.send, {"type": "message", "content": "say a lot"})
-            async with asyncio.timeout(60):
-                while len(llm.requests) <= index:  # noqa: ASYNC110 - another process's doing
-                    await asyncio.sleep(0.1)
-            await llm.wait_for_end(within=60)  # its reply is stuck in the socket's buffers
-        async with aiohttp.ClientSession() as session:
-            healthy = [
-                await open_chat(session, gateway.ws_url, issuer.mint(f"{user_id}-h{index}"))
-                for index in range(8)
-            ]
-            gateway.terminate()
-            for client in healthy:
-                # Past the frames of its agent starting, the close.
-                while (closing := await client.ws.receive(timeout=drain + close + 10)).type == (
-                    aiohttp.WSMsgType.TEXT
-                ):
-                    pass
-                assert closing.type == aiohttp.WSMsgType.CLOSE
-                assert client.ws.close_code == SERVICE_RESTART
-        assert await asyncio.to_thread(gateway.wait_exit, drain + close + 10) == 0
-    finally:
-        for raw in stalled:
-            raw.close()

@@ -291,6 +291,9 @@ class Turn:
         return usage
 
 
+_CANCEL_GRACE_SECONDS = 0.2
+"""How long a cancelled daily write may take to end before it is cancelled again."""
+
 DAILY_BATCH_SECONDS = 0.05
 """How long the gateway's daily-totals writer gathers turns before each write."""
 
@@ -431,6 +434,12 @@ class UsageRecorder:
                 if done:
                     continue  # it ended by itself: the next writer, if any, is waited for
                 writer.cancel()  # a writer that has begun counts what it abandons
+                # psycopg answers a cancel by asking the server to cancel the query, and
+                # waits for it: a server that does not answer never does. A second cancel
+                # makes it close the connection instead.
+                _, late = await asyncio.wait({writer}, timeout=_CANCEL_GRACE_SECONDS)
+                if late:
+                    writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
             if self._writer is writer:  # it was cancelled before it began: count for it
                 self._writer = None
@@ -438,11 +447,15 @@ class UsageRecorder:
             return
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Finish the daily totals (for at most ``timeout``), then close the sink. Turns that
-        end after this are not added to the daily totals (and are counted as such)."""
+        """Finish the daily totals, then close the sink (which delivers what it can), both
+        within ``timeout``: the shutdown's one allowance for usage. Turns that end after
+        this are not added to the daily totals (and are counted as such)."""
         self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         await self.drain(timeout)
-        await self.sink.close()
+        # What the sink cannot deliver in the time left stays in its spool.
+        await self.sink.close(max(0.0, deadline - loop.time()))
 
 
 def _turns(batch: _DailyBatch) -> int:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dexorder.core.tiers import RateLimits
 from dexorder.devenv.process import free_port
-from dexorder.gateway.events import JsonlSink
+from dexorder.gateway.events import JsonlSink, KafkaSink
 from dexorder.gateway.metrics import REGISTRY
+from dexorder.gateway.pure.events import EventStream
+from dexorder.gateway.spool import Spool
 from dexorder.gateway.stores.licenses import Pool, open_pool
 from dexorder.gateway.stores.limits import MemoryLimiter
 from dexorder.gateway.stores.usage import (
@@ -26,6 +30,7 @@ from dexorder.gateway.stores.usage import (
     UsageUnavailable,
 )
 from dexorder.gateway.turns import ReplyDelta, TurnTally
+from tests.integration.gateway.blackhole_proxy import BlackHoleProxy
 
 DAY = dt.date(2026, 11, 24)
 
@@ -260,3 +265,66 @@ async def test_a_write_held_up_past_close_is_given_up_and_counted(
     # what was counted as not recorded is not in the total either; and the pool still works.
     await store.add(who, today, prompt_tokens=1, completion_tokens=0)
     assert await store.on(who, today) == DailyUsage(today, 2, 1, 2)
+
+
+async def test_close_fits_the_daily_totals_and_the_event_flush_in_one_timeout(
+    pool: Pool, migrated_dsn: str, tmp_path: Path
+) -> None:
+    """The shutdown gives usage one allowance: a database that holds the last daily write
+    up and a broker that is down share it, rather than taking it each in turn (the chart's
+    grace period counts it once)."""
+    store, who = UsageStore(pool), user()
+    today = dt.datetime.now(dt.UTC).date()
+    await store.add(who, today, prompt_tokens=1, completion_tokens=1)
+    topics = {EventStream.USAGE: "usage-unsent", EventStream.CONVERSATION: "conv-unsent"}
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    sink = KafkaSink(f"127.0.0.1:{free_port()}", topics, spool)  # no broker there
+    await sink.start()
+    recorder = UsageRecorder(sink, store, cost=lambda *_: None)
+    async with await psycopg.AsyncConnection.connect(migrated_dsn) as locker:
+        await locker.execute(
+            "SELECT 1 FROM usage_daily WHERE user_id = %s AND day = %s FOR UPDATE", (who, today)
+        )
+        turn = await recorder.start_turn(
+            user_id=who, tier="free", channel="websocket", session_id="s", text="hi"
+        )
+        await turn.finish(model="m", prompt_tokens=10, completion_tokens=1)
+        started = time.monotonic()
+        await recorder.close(timeout=1.0)
+        took = time.monotonic() - started
+        await locker.rollback()
+    assert took < 2.0, f"closing took {took:.1f} s for an allowance of 1 s"
+    reopened = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    assert len(reopened.open()) == 3  # the turn's events wait in the spool for the broker
+    reopened.close()
+
+
+async def test_close_gives_up_a_write_to_a_database_that_stopped_answering(
+    migrated_dsn: str, tmp_path: Path
+) -> None:
+    """A database that stops answering mid-write (its network path died) never answers the
+    cancel psycopg sends it for the write either: close still ends within its timeout, and
+    counts the write as not recorded."""
+    dsn = conninfo_to_dict(migrated_dsn)
+    proxy = await BlackHoleProxy(int(dsn.get("port") or 5432)).start()
+    pool = await open_pool(make_conninfo(migrated_dsn, host="127.0.0.1", port=str(proxy.port)))
+    try:
+        store, who = UsageStore(pool), user()
+        today = dt.datetime.now(dt.UTC).date()
+        await store.add(who, today, prompt_tokens=1, completion_tokens=1)
+        recorder = UsageRecorder(JsonlSink(tmp_path), store, cost=lambda *_: None)
+        before = not_recorded_daily()
+        await proxy.black_hole(later_too=True)
+        turn = await recorder.start_turn(
+            user_id=who, tier="free", channel="websocket", session_id="s", text="hi"
+        )
+        await turn.finish(model="m", prompt_tokens=10, completion_tokens=1)
+        started = time.monotonic()
+        await recorder.close(timeout=1.0)
+        took = time.monotonic() - started
+        assert took < 2.0, f"closing took {took:.1f} s for an allowance of 1 s"
+        assert not_recorded_daily() == before + 1
+        assert daily_writers() == []
+    finally:
+        await pool.close(timeout=0.5)
+        await proxy.close()
