@@ -1,5 +1,5 @@
-"""The socket writer on real loopback connections: a frame goes out at once, a backlog keeps
-its order, and a client that stops reading is cut off with no task left behind."""
+"""The socket writer on real loopback connections: a backlog keeps its order, and a client
+that stops reading is cut off with no task left behind."""
 
 from __future__ import annotations
 
@@ -72,42 +72,17 @@ def writer_tasks() -> list[asyncio.Task[object]]:
     return [task for task in asyncio.all_tasks() if task.get_name().startswith("ws-writer:")]
 
 
-async def test_a_frame_to_a_client_that_reads_is_written_before_send_returns(
-    served: Served,
-) -> None:
-    """No task wakes per frame: the frame is in the kernel when ``send`` returns (the code
-    before queued it for the writer's task, which sent it at the loop's next turn)."""
-    client, out = await connect(served)
-    client.sock.setblocking(False)  # a read finds what is there, or raises at once
-    try:
-        for index in range(3):
-            assert out.send(f'{{"type":"delta","content":"{index}"}}')
-            # No await since send: whatever arrived was written by send itself.
-            try:
-                received = client.sock.recv(65536)
-            except BlockingIOError:
-                received = b""
-            assert received.endswith(f'{{"type":"delta","content":"{index}"}}'.encode())
-        assert writer_tasks() == []
-    finally:
-        client.close()
-
-
 async def test_frames_behind_a_send_that_waits_keep_their_order(served: Served) -> None:
-    """A client that reads late: the send that must wait, and every frame after it, go out
-    in order from a backlog task, which ends once they are sent; then sending is at once
-    again."""
+    """A client that reads late: the frames queued while its window was shut go out in
+    order once it reads, and sending goes on after them."""
     client, out = await connect(served)
     try:
         for index in range(FRAMES):
             assert out.send(f'{{"n":{index},"pad":"{FRAME}"}}')
-        assert len(writer_tasks()) == 1  # the window shut: a backlog waits
         for index in range(FRAMES):
             frame = await asyncio.to_thread(client.read_frame)
             assert frame["n"] == index
         assert await out.flush(10)
-        await asyncio.sleep(0)  # the backlog task's own end, after its last send
-        assert writer_tasks() == []
         assert out.send('{"n":"after"}')
         assert (await asyncio.to_thread(client.read_frame))["n"] == "after"
         assert not out.gone
