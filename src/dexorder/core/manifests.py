@@ -32,7 +32,6 @@ from dexorder.core.useragent import (
 Manifest = dict[str, Any]
 
 TOKEN_KEY = "token"
-AGENT_CONTAINER = "agent"
 TOKEN_MOUNT = "/var/run/dexorder/token"
 DATA_MOUNT = "/data"
 AGENT_UID = 10001
@@ -141,7 +140,7 @@ def deployment(
     selector = {AGENT_LABEL: owner.name}
     probe_action = {"httpGet": {"path": "/healthz", "port": "mcp"}}
     container: Manifest = {
-        "name": AGENT_CONTAINER,
+        "name": "agent",
         "image": spec.image or template.default_image,
         "imagePullPolicy": template.image_pull_policy,
         "ports": [{"name": "mcp", "containerPort": template.port, "protocol": "TCP"}],
@@ -228,11 +227,6 @@ def service(owner: Owner, spec: UserAgentSpec, template: AgentTemplate) -> Manif
         "type": "ClusterIP",
         "selector": {AGENT_LABEL: owner.name},
         "ports": [{"name": "mcp", "port": template.port, "targetPort": "mcp", "protocol": "TCP"}],
-        # The pod's address is published from the start, not once Ready: the gateway (the
-        # only client; the NetworkPolicy admits nothing else) connects when the container
-        # runs (AgentStarted) and retries until the agent listens, instead of waiting a
-        # probe tick and two status writes. Its MCP handshake is the readiness check.
-        "publishNotReadyAddresses": True,
     }
     if template.headless_service:
         service_spec["clusterIP"] = "None"
@@ -440,13 +434,11 @@ def children_drift(
 
 
 def service_owned_fields(body: Mapping[str, Any]) -> Manifest:
-    """The fields of a Service whose drift the operator undoes: its selector, whether it
-    publishes a pod before it is ready, and each port's number and target. (Not the
-    cluster IP: one that exists cannot change.)"""
+    """The fields of a Service whose drift the operator undoes: its selector, and each
+    port's number and target. (Not the cluster IP: one that exists cannot change.)"""
     spec = _object(body, "spec")
     return {
         "selector": spec.get("selector"),
-        "publishNotReadyAddresses": bool(spec.get("publishNotReadyAddresses")),
         "ports": [
             (p.get("port"), p.get("targetPort"))
             for p in spec.get("ports") or []

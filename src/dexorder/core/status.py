@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dexorder.core import quantity
-from dexorder.core.manifests import AGENT_CONTAINER
 from dexorder.core.useragent import (
-    AGENT_STARTED,
     AgentResources,
     Condition,
     Phase,
@@ -161,28 +159,6 @@ def pod_failure(pods: Iterable[Mapping[str, Any]]) -> Failure | None:
     return None
 
 
-def agent_started(deployment: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> bool:
-    """Whether the current template's agent container has started (its process runs; it
-    may not listen yet). Current: the Deployment controller has seen its template and made
-    a pod of it. Its Recreate strategy makes that pod only once the old ones are gone, and a
-    pod being deleted (an old one, or one a suspend stops) never counts."""
-    status = deployment.get("status", {})
-    generation = deployment.get("metadata", {}).get("generation", 0)
-    if status.get("observedGeneration", 0) < generation or status.get("updatedReplicas", 0) < 1:
-        return False
-    return any(
-        agent_running(pod) and not pod.get("metadata", {}).get("deletionTimestamp") for pod in pods
-    )
-
-
-def agent_running(pod: Mapping[str, Any]) -> bool:
-    """Whether the pod's agent container is running (its process started)."""
-    return any(
-        container.get("name") == AGENT_CONTAINER and "running" in (container.get("state") or {})
-        for container in pod.get("status", {}).get("containerStatuses", []) or []
-    )
-
-
 def is_available(deployment: Mapping[str, Any]) -> bool:
     """Available with the current template: rolled out, and at least one pod ready."""
     status = deployment.get("status", {})
@@ -248,12 +224,6 @@ def derive_status(
             # A pod's own reason (the image, the crash) says more than the Deployment's
             # symptom of it, such as its progress deadline passing.
             failure = pod_failure(pods) or deployment_failure(deployment)
-    # An available Deployment has a ready, so started, pod even before its pod is seen.
-    started = (
-        deployment is not None
-        and not spec.suspended
-        and (available or agent_started(deployment, pods))
-    )
 
     if failure is not None:
         phase, ready, reason, message = Phase.FAILED, False, failure.reason, failure.message
@@ -302,17 +272,6 @@ def derive_status(
             storage.ready,
             storage.reason,
             storage.message,
-            generation,
-            previous,
-            now,
-        ),
-        # The gateway connects on this, before Ready, which waits for the startup probe's
-        # next tick and the Deployment's status too (BENCHMARKS.md: a wake's time).
-        _condition(
-            AGENT_STARTED,
-            started,
-            "ContainerRunning" if started else ("Suspended" if spec.suspended else "NotRunning"),
-            "",
             generation,
             previous,
             now,

@@ -23,9 +23,6 @@ TIER_LABEL = "dexorder.ai/tier"
 AGENT_LABEL = "dexorder.ai/agent"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "dexorder-operator"
-# The condition that says the agent's container process runs (it may not listen yet): the
-# gateway connects on it, with a grace for the agent to bind its port, before Ready.
-AGENT_STARTED = "AgentStarted"
 
 
 class Phase(StrEnum):

@@ -216,8 +216,7 @@ class GatewaySettings(BaseSettings):
     # The user's JWT is never sent. (The shared EXTERNAL_MCP_TOKEN of before is refused.)
     external_mcp_secret: Annotated[SecretStr | None, EmptyIsNone] = None
     external_mcp_token: Annotated[SecretStr | None, EmptyIsNone] = Field(None, exclude=True)
-    # An agent just started is taken when its container runs (AgentStarted), before it
-    # listens: its first MCP connection is retried this long (its imports: about 1 s).
+    # A Ready agent may not answer at once (its Service's endpoints lag): retry this long.
     agent_connect_seconds: float = Field(10.0, ge=0, le=120)
     # A read of the agent (preferences, history, tool list) that takes longer fails the
     # turn; the MCP session, shared by the user's other chats, is kept.

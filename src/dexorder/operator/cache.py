@@ -1,5 +1,5 @@
 """What the operator knows of the cluster: slim copies of agents, Deployments, volume claims
-and the pods a status reads (failing, or with their agent container running).
+and failing pods.
 
 The watches feed it, and so do the answers to the operator's own writes, so a status is
 always derived from the newest state seen, whichever of the two arrived first. Only the
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dexorder.core import manifests
-from dexorder.core.status import agent_running, pod_failure
+from dexorder.core.status import pod_failure
 from dexorder.core.useragent import AGENT_LABEL, LAST_ACTIVITY_ANNOTATION, USER_LABEL
 
 Key = tuple[str, str]
@@ -105,18 +105,13 @@ def slim_claim(body: Mapping[str, Any]) -> Json:
     }
 
 
-def slim_pod(body: Mapping[str, Any]) -> Json | None:
-    """The parts of a pod that a status reads, when it is stuck in a state that will not
-    fix itself or its agent container runs (``AgentStarted``); else None: nothing to keep."""
-    if pod_failure([body]) is None and not agent_running(body):
+def failing_pod(body: Mapping[str, Any]) -> Json | None:
+    """The parts of a pod stuck in a state that will not fix itself, else None."""
+    if pod_failure([body]) is None:
         return None
-    metadata = body.get("metadata") or {}
     statuses = (body.get("status") or {}).get("containerStatuses") or []
-    kept: Json = {"name": metadata.get("name")}
-    if metadata.get("deletionTimestamp"):
-        kept["deletionTimestamp"] = metadata["deletionTimestamp"]
     return {
-        "metadata": kept,
+        "metadata": {"name": (body.get("metadata") or {}).get("name")},
         "status": {
             "containerStatuses": [
                 {"name": s.get("name"), "state": s.get("state") or {}} for s in statuses
@@ -126,15 +121,15 @@ def slim_pod(body: Mapping[str, Any]) -> Json | None:
 
 
 class ClusterCache:
-    """Agents, their Deployments and the pods a status reads, keyed by (namespace, agent
-    name); and every volume claim of the watched namespaces, keyed by (namespace, claim name),
-    ours or not, retained after its agent or not (a claim outlives its agent under Retain)."""
+    """Agents, their Deployments and their failing pods, keyed by (namespace, agent name);
+    and every volume claim of the watched namespaces, keyed by (namespace, claim name), ours
+    or not, retained after its agent or not (a claim outlives its agent under Retain)."""
 
     def __init__(self) -> None:
         self.agents: dict[Key, Json] = {}
         self.deployments: dict[Key, Json] = {}
         self.claims: dict[Key, Json] = {}
-        self.pods: dict[Key, dict[str, Json]] = {}
+        self.failing_pods: dict[Key, dict[str, Json]] = {}
 
     def put_agent(self, body: Mapping[str, Any]) -> Json:
         """Store the agent unless an equal or newer version is held; returns the held one."""
@@ -151,7 +146,7 @@ class ClusterCache:
     def forget_agent(self, key: Key) -> None:
         self.agents.pop(key, None)
         self.deployments.pop(key, None)
-        self.pods.pop(key, None)
+        self.failing_pods.pop(key, None)
 
     def put_deployment(self, key: Key, body: Mapping[str, Any]) -> None:
         if newer(body, self.deployments.get(key)):
@@ -178,21 +173,20 @@ class ClusterCache:
     def forget_claim(self, key: Key) -> None:
         self.claims.pop(key, None)
 
-    def put_pod(self, key: Key, name: str, slim: Json | None) -> bool:
-        """Record one pod as :func:`slim_pod` keeps it (None: nothing to keep); True when
-        that changes what the agent's status reads."""
-        pods = self.pods.get(key, {})
-        if slim is None:
+    def put_pod(self, key: Key, name: str, failing: Json | None) -> bool:
+        """Record whether one pod is failing; True when that changes the agent's failures."""
+        pods = self.failing_pods.get(key, {})
+        if failing is None:
             if name not in pods:
                 return False
             del pods[name]
             if not pods:
-                self.pods.pop(key, None)
+                self.failing_pods.pop(key, None)
             return True
-        if pods.get(name) == slim:
+        if pods.get(name) == failing:
             return False
-        self.pods.setdefault(key, {})[name] = slim
+        self.failing_pods.setdefault(key, {})[name] = failing
         return True
 
     def pods_of(self, key: Key) -> list[Json]:
-        return list(self.pods.get(key, {}).values())
+        return list(self.failing_pods.get(key, {}).values())

@@ -60,7 +60,7 @@ from dexorder.core.useragent import (
     UserAgentStatus,
 )
 from dexorder.operator import metrics
-from dexorder.operator.cache import ClusterCache, Json, Key, slim_pod
+from dexorder.operator.cache import ClusterCache, Json, Key, failing_pod
 from dexorder.operator.events import EventKey, EventLog, Posted
 from dexorder.operator.informer import Informer
 from dexorder.operator.reconcile import (
@@ -632,8 +632,8 @@ def pod_changed(state: OperatorState, type: str, body: Json) -> None:
     key = _child_key(body)
     if key is None:
         return
-    slim = None if type == "DELETED" else slim_pod(body)
-    if state.cache.put_pod(key, str(body["metadata"]["name"]), slim):
+    failing = None if type == "DELETED" else failing_pod(body)
+    if state.cache.put_pod(key, str(body["metadata"]["name"]), failing):
         state.queue.add(key)
 
 

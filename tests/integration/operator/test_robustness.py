@@ -151,34 +151,6 @@ async def test_a_pod_that_never_becomes_ready_fails_at_the_progress_deadline(
     await eventually(warning_event, timeout=30, what="a ProgressDeadlineExceeded Event")
 
 
-async def test_a_container_running_before_its_pod_is_ready_is_reported_started(
-    kube: KubeClient, namespace: str, impatient_operator: OperatorProcess
-) -> None:
-    """AgentStarted (what the gateway connects on) comes from the pod's container state,
-    before Ready; a suspend, which stops the pod, turns it False."""
-    image = f"{NEVER_READY_REGISTRY}/agent:0"
-    await kube.create(ua_path(namespace), user_agent("early", namespace, "early", image=image))
-
-    async def started() -> dict[str, Any] | None:
-        body = await kube.get(ua_path(namespace, "early"))
-        status = body.get("status") or {}
-        condition = next(
-            (c for c in status.get("conditions") or [] if c["type"] == "AgentStarted"), None
-        )
-        current = status.get("observedGeneration") == body["metadata"]["generation"]
-        return body if current and condition and condition["status"] == "True" else None
-
-    body = await eventually(started, timeout=PROGRESS_DEADLINE_SECONDS, what="AgentStarted")
-    assert body["status"]["phase"] == "Provisioning"
-    assert ready_condition(body)["status"] == "False"
-    assert body["status"]["endpoint"] == f"http://early-agent.{namespace}.svc:8000/mcp"
-
-    await kube.merge_patch(ua_path(namespace, "early"), {"spec": {"suspended": True}})
-    suspended = await wait_phase(kube, namespace, "early", "Suspended", timeout=30)
-    condition = next(c for c in suspended["status"]["conditions"] if c["type"] == "AgentStarted")
-    assert (condition["status"], condition["reason"]) == ("False", "Suspended")
-
-
 async def test_a_quota_that_refuses_the_volume_is_reported_then_recovered(
     kube: KubeClient, namespace: str, impatient_operator: OperatorProcess
 ) -> None:

@@ -114,22 +114,6 @@ def test_service_targets_the_agent_port() -> None:
     assert service["spec"]["selector"] == {"dexorder.ai/agent": OWNER.name}
 
 
-def test_service_publishes_the_pod_before_it_is_ready() -> None:
-    """The gateway connects once the agent's container runs (AgentStarted), before Ready."""
-    for template in (TEMPLATE, dataclasses.replace(TEMPLATE, headless_service=True)):
-        assert manifests.service(OWNER, spec(), template)["spec"]["publishNotReadyAddresses"]
-
-
-def test_a_service_that_hides_a_pod_until_ready_has_drifted() -> None:
-    built = manifests.service(OWNER, spec(), TEMPLATE)
-    for value in (False, None):
-        edited = copy.deepcopy(built)
-        edited["spec"]["publishNotReadyAddresses"] = value
-        if value is None:
-            del edited["spec"]["publishNotReadyAddresses"]
-        assert manifests.service_drifted(edited, built)
-
-
 def test_service_is_headless_only_when_the_template_asks() -> None:
     assert "clusterIP" not in manifests.service(OWNER, spec(), TEMPLATE)["spec"]
     headless = dataclasses.replace(TEMPLATE, headless_service=True)

@@ -52,7 +52,6 @@ def test_the_written_status_is_the_crds_fields_in_the_order_written_before() -> 
             condition("Ready", "AgentAvailable", "the agent is serving MCP requests"),
             condition("DeploymentReady", "Available"),
             condition("StorageReady", "Bound"),
-            condition("AgentStarted", "ContainerRunning"),
         ],
         "storage": {"requested": "1Gi", "capacity": "2Gi"},
     }

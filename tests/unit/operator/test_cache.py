@@ -1,6 +1,6 @@
 from typing import Any
 
-from dexorder.operator.cache import ClusterCache, newer, slim_deployment, slim_pod
+from dexorder.operator.cache import ClusterCache, failing_pod, newer, slim_deployment
 
 KEY = ("ns", "alice")
 
@@ -115,7 +115,8 @@ def pod(reason: str | None) -> dict[str, Any]:
 
 def test_failing_pods_are_tracked_and_cleared() -> None:
     cache = ClusterCache()
-    failing = slim_pod(pod("ErrImagePull"))
+    assert failing_pod(pod(None)) is None
+    failing = failing_pod(pod("ErrImagePull"))
     assert failing is not None
     assert cache.put_pod(KEY, "p1", failing)
     assert not cache.put_pod(KEY, "p1", failing), "no change, no work"
@@ -133,24 +134,4 @@ def test_forgetting_an_agent_drops_its_children() -> None:
     cache.forget_agent(KEY)
     assert not cache.agents
     assert not cache.deployments
-    assert not cache.pods
-
-
-def test_a_pod_is_kept_while_its_agent_container_runs() -> None:
-    """What ``AgentStarted`` reads: the running container, and whether the pod is going."""
-    created = {
-        "metadata": {"name": "p1"},
-        "status": {"containerStatuses": [{"name": "agent", "state": {"waiting": {}}}]},
-    }
-    assert slim_pod(created) is None, "a pod still being created is not kept"
-    running = pod(None)
-    kept = slim_pod(running)
-    assert kept == {
-        "metadata": {"name": "p1"},
-        "status": {"containerStatuses": [{"name": "agent", "state": {"running": {}}}]},
-    }
-    going = {**running, "metadata": {"name": "p1", "deletionTimestamp": "2026-11-24T12:00:00Z"}}
-    assert (slim_pod(going) or {})["metadata"] == going["metadata"]
-    cache = ClusterCache()
-    assert cache.put_pod(KEY, "p1", kept)
-    assert cache.put_pod(KEY, "p1", slim_pod(going)), "deleting it changes what a status reads"
+    assert not cache.failing_pods

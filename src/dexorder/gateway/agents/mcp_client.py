@@ -69,9 +69,6 @@ CANCEL_NOTICE_SECONDS = 2.0
 in this long means nothing listens at that address any more (its pod is gone, and with it
 the address), which is ``AgentUnavailable``, not a busy agent's ``AgentTimeout``."""
 
-#: The pause between first-open attempts under the connect grace (see ``_first_open``).
-_GRACE_RETRY_SECONDS = 0.05
-
 _Result = TypeVar("_Result", ListToolsResult, CallToolResult, ReadResourceResult)
 
 
@@ -251,22 +248,20 @@ class AgentSession:
     async def _first_open(self) -> None:
         """Open the first session, retrying for ``connect_grace`` seconds.
 
-        An agent just started does not answer yet: the provisioner hands it over once its
-        process runs (``AgentStarted``), while it still imports and binds its port, and its
-        name may not resolve for a moment. A refused connection or an unknown name costs
-        little, so the retries come every ``_GRACE_RETRY_SECONDS``: the session opens
-        within that of the agent listening. Later opens do not wait: an agent that answered
-        once and stopped answering is really gone.
+        An agent reported Ready may not answer yet: its Service's endpoints lag the pod's
+        readiness, and a process may still be binding its port. Later opens do not wait:
+        an agent that answered once and stopped answering is really gone.
         """
         deadline = time.monotonic() + self._connect_grace
+        delay = 0.05
         while True:
             try:
                 await self._open()
             except AgentUnavailable:
-                late = time.monotonic() + _GRACE_RETRY_SECONDS > deadline
-                if self._closed or self.sessions_opened or late:
+                if self._closed or self.sessions_opened or time.monotonic() + delay > deadline:
                     raise
-                await asyncio.sleep(_GRACE_RETRY_SECONDS)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
             else:
                 return
 

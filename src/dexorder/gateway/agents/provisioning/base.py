@@ -30,9 +30,8 @@ class AgentEndpoint:
     url: str
     token: str | None
     # The provisioner has just created, started or woken the agent, so it may not answer its
-    # first request for a few seconds (it is handed over once its process runs, before it
-    # listens): only then is a failed first connection retried. Not part of the endpoint's
-    # identity.
+    # first request for a few seconds (its Service's endpoints lag its readiness): only then
+    # is a failed first connection retried. Not part of the endpoint's identity.
     starting: bool = field(default=False, compare=False)
 
 

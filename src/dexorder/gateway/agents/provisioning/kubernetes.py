@@ -1,9 +1,7 @@
 """Agents as ``UserAgent`` resources, made real by the operator.
 
 Creates the user's UserAgent or patches its tier and overrides, wakes it when
-suspended, waits on a watch (not polling) until its agent has started (``AgentStarted``:
-the container runs, and the MCP session's connect grace covers the rest of its start-up)
-or is Ready, reads the token Secret, and
+suspended, waits on a watch (not polling) for Ready, reads the token Secret, and
 records activity in the annotation the operator's idle timer reads: when a turn starts,
 every ``activity_interval`` while it runs (:meth:`KubernetesProvisioner.busy`) and when it
 ends. An activity write never fails or holds up a turn.
@@ -35,7 +33,6 @@ from dexorder.core import naming
 from dexorder.core.manifests import TOKEN_KEY
 from dexorder.core.status import rfc3339
 from dexorder.core.useragent import (
-    AGENT_STARTED,
     API_VERSION,
     KIND,
     LAST_ACTIVITY_ANNOTATION,
@@ -117,19 +114,6 @@ def _is_ready(body: dict[str, Any]) -> bool:
     )
 
 
-def _is_started(body: dict[str, Any]) -> bool:
-    """The agent's process runs for this generation (it may not listen yet), at an endpoint."""
-    status = _status(body)
-    started = status.condition(AGENT_STARTED)
-    return bool(
-        started is not None
-        and started.status == "True"
-        and status.phase in (Phase.PROVISIONING, Phase.READY)
-        and status.current(body["metadata"].get("generation"))
-        and status.endpoint
-    )
-
-
 def _failure(body: dict[str, Any]) -> ProvisioningError | None:
     status = _status(body)
     if status.phase != Phase.FAILED or not status.current(body["metadata"].get("generation")):
@@ -172,7 +156,7 @@ class KubernetesProvisioner:
             starting = not _is_ready(body)
             if starting:
                 await progress(Stage.STARTING, "starting your agent")
-                body = await self._wait_started(body)
+                body = await self._wait_ready(body)
             endpoint = AgentEndpoint(
                 user_id=license.user_id,
                 url=_status(body).endpoint,
@@ -181,14 +165,7 @@ class KubernetesProvisioner:
             )
         except KubernetesError as error:
             raise ProvisioningError("KubernetesUnavailable", str(error)) from error
-        if _is_ready(body):
-            # Kept without the connect grace: an agent once Ready that does not answer is
-            # gone. One only started is not kept, so the next caller asks again, and gets
-            # the grace while the agent is still starting.
-            self._endpoints[license.user_id] = (
-                time.monotonic(),
-                replace(endpoint, starting=False),
-            )
+        self._endpoints[license.user_id] = (time.monotonic(), replace(endpoint, starting=False))
         await progress(Stage.READY, "your agent is ready")
         return endpoint
 
@@ -255,8 +232,7 @@ class KubernetesProvisioner:
             )
             raise AgentsAtCapacity(f"{count} UserAgents, cap {self._max_agents}")
 
-    async def _wait_started(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The UserAgent once its agent has started or is Ready; raises once it failed."""
+    async def _wait_ready(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body["metadata"]["name"]
         deadline = time.monotonic() + self._timeout
         version = body["metadata"].get("resourceVersion")
@@ -265,13 +241,13 @@ class KubernetesProvisioner:
             failure = _failure(latest)
             if failure is not None:
                 raise failure
-            if _is_ready(latest) or _is_started(latest):
+            if _is_ready(latest):
                 return latest
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProvisioningError(
                     "Timeout",
-                    f"the agent did not start within {self._timeout:.0f}s; try again shortly",
+                    f"the agent was not ready within {self._timeout:.0f}s; try again shortly",
                 )
             try:
                 async with asyncio.timeout(remaining):
@@ -290,7 +266,7 @@ class KubernetesProvisioner:
                             )
                         latest = event["object"]
                         version = latest["metadata"]["resourceVersion"]
-                        if _is_ready(latest) or _is_started(latest) or _failure(latest) is not None:
+                        if _is_ready(latest) or _failure(latest) is not None:
                             break
             except TimeoutError:
                 continue
