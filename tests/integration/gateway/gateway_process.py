@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from dexorder.devenv.fake_llm import FAKE_API_KEY, FakeLLMServer
@@ -129,3 +131,22 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.process.log_tail() if self.process is not None else ""
+
+
+async def start_replicas(
+    tmp_path: Path,
+    started: list[GatewayProcess],
+    env_for: Callable[[Path], dict[str, str]],
+    names: tuple[str, ...] = ("one", "two"),
+) -> list[GatewayProcess]:
+    """Gateway processes side by side, each in a folder of its own under ``tmp_path``
+    (``env_for`` gives its environment from that folder); added to ``started`` before they
+    start, so they are stopped at the end even if one fails to start."""
+    gateways = []
+    for name in names:
+        root = tmp_path / name
+        root.mkdir()
+        gateways.append(GatewayProcess(env_for(root), root / "work", name=f"gateway-{name}"))
+    started.extend(gateways)
+    await asyncio.gather(*(asyncio.to_thread(gateway.start) for gateway in gateways))
+    return gateways

@@ -21,6 +21,7 @@ from tests.integration.gateway.conftest import ChatClient, RunningGateway, conne
 from tests.integration.gateway.gateway_process import (
     GatewayProcess,
     gateway_env,
+    start_replicas,
     stop_orphaned_agents,
 )
 from tests.integration.gateway.test_billing import billed
@@ -121,23 +122,18 @@ async def test_a_reply_whose_replica_was_killed_ends_elsewhere_with_a_notice_wit
     user_id: str,
     started: list[GatewayProcess],
 ) -> None:
-    roots, gateways = [], []
-    for name in ("one", "two"):
-        root = tmp_path / name
-        root.mkdir()
-        env = gateway_env(
+    first, second = await start_replicas(
+        tmp_path,
+        started,
+        lambda root: gateway_env(
             migrated_dsn,
             issuer,
             llm,
             root,
             REDIS_URL=redis_url,
             DEXORDER_GENERATION_LEASE_SECONDS=str(LEASE_SECONDS),
-        )
-        roots.append(root)
-        gateways.append(GatewayProcess(env, root / "work", name=f"gateway-{name}"))
-    started.extend(gateways)  # stopped at the end even if one fails to start
-    await asyncio.gather(*(asyncio.to_thread(gateway.start) for gateway in gateways))
-    first, second = gateways
+        ),
+    )
     llm.queue(TextScript(text=REPLY, tokens_per_second=20))
     headers = {"Authorization": f"Bearer {issuer.mint(user_id)}"}
     try:
@@ -169,7 +165,7 @@ async def test_a_reply_whose_replica_was_killed_ends_elsewhere_with_a_notice_wit
             replayed = await later.until("error", timeout=5)
             await later.ws.close()
     finally:
-        stop_orphaned_agents(roots[0])
+        stop_orphaned_agents(tmp_path / "one")
 
     error = frames[-1]
     assert error["code"] == "service_unavailable"

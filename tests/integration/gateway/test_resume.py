@@ -27,7 +27,11 @@ from tests.integration.gateway.conftest import (
     reply_text,
     serve_gateway,
 )
-from tests.integration.gateway.gateway_process import GatewayProcess, gateway_env
+from tests.integration.gateway.gateway_process import (
+    GatewayProcess,
+    gateway_env,
+    start_replicas,
+)
 
 REPLY = " ".join(f"w{index}" for index in range(60))  # 60 chunks: 3 s at 20 a second
 OWN_TASKS = ("conversation:", "turn:", "follow:")
@@ -368,15 +372,11 @@ async def test_a_second_gateway_process_resumes_a_reply_still_generating_on_the_
     user_id: str,
     started: list[GatewayProcess],
 ) -> None:
-    gateways = []
-    for name in ("one", "two"):
-        root = tmp_path / name
-        root.mkdir()
-        env = gateway_env(migrated_dsn, issuer, llm, root, REDIS_URL=redis_url)
-        gateways.append(GatewayProcess(env, root / "work", name=f"gateway-{name}"))
-    started.extend(gateways)  # stopped at the end even if one fails to start
-    await asyncio.gather(*(asyncio.to_thread(gateway.start) for gateway in gateways))
-    first, second = gateways
+    first, second = await start_replicas(
+        tmp_path,
+        started,
+        lambda root: gateway_env(migrated_dsn, issuer, llm, root, REDIS_URL=redis_url),
+    )
     llm.queue(TextScript(text=REPLY, tokens_per_second=20))
     async with aiohttp.ClientSession() as session:
         headers = {"Authorization": f"Bearer {issuer.mint(user_id)}"}
